@@ -1,0 +1,193 @@
+"""The invalidation bus: one listener thread per process drops L1 entries other processes
+invalidated, and decides whether this process may trust its tiers at all."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import redis
+
+from .conf import conf
+from .tiers.local import local_tier
+
+logger = logging.getLogger("tiered_cache")
+
+
+class Bus:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._stop = threading.Event()
+        self._first = threading.Event()
+        # Both tiers are trusted only until this monotonic time: it moves forward with
+        # every answered heartbeat, so a paused or silent Redis lapses trust on its own.
+        self._trusted_until = 0.0
+        self.connected = False
+        self.reconnects = 0
+        self.messages = 0
+        self.last_latency: float | None = None
+        self._client: Any = None
+
+    def trusted(self) -> bool:
+        return time.monotonic() < self._trusted_until
+
+    def state(self) -> str:
+        if self.trusted():
+            return "live"
+        return "connected, heartbeat late" if self.connected else "down"
+
+    def ensure_started(self, wait: float | None = None) -> None:
+        """Start the listener on first use; the first caller waits briefly for it."""
+        if self._thread is not None and self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._thread is not None and self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._stop.clear()
+            self._first.clear()
+            self._thread = threading.Thread(
+                target=self._run, name="tiered_cache-bus", daemon=True
+            )
+            self._thread.start()
+        if wait is None:
+            wait = conf.SOCKET_CONNECT_TIMEOUT + conf.SOCKET_TIMEOUT
+        self._first.wait(wait)
+
+    def stop(self) -> None:
+        """Stop the listener (tests); trust ends at once."""
+        self._stop.set()
+        self._trusted_until = 0.0
+        t = self._thread
+        if t is not None and t.is_alive() and t is not threading.current_thread():
+            t.join(2)
+        self._thread = None
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._thread = None
+        self._trusted_until = 0.0
+        self.connected = False
+        self._stop = threading.Event()
+        self._first = threading.Event()
+
+    # -- the listener ----------------------------------------------------------
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            try:
+                self._listen()
+                backoff = 0.05
+            except Exception as exc:  # any failure: drop trust, clear L1, retry
+                if self.connected or self.trusted():
+                    logger.warning("tiered_cache: invalidation bus lost (%r); L1 cleared", exc)
+                self._lost()
+                self._first.set()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 1.0)
+        self._lost()
+
+    def _lost(self) -> None:
+        self._trusted_until = 0.0
+        self.connected = False
+        # Messages may have been missed: nothing in L1 can be vouched for.
+        local_tier.clear()
+        if self._client is not None:
+            try:
+                self._client.connection_pool.disconnect()
+            except Exception:
+                pass
+            self._client = None
+
+    def _listen(self) -> None:
+        from .invalidation import channel, origin
+        from .tiers.remote import redis_tier
+
+        heartbeat = conf.BUS_HEARTBEAT
+        window = conf.BUS_TRUST_WINDOW
+        cls, kwargs = redis_tier.connection_kwargs(socket_timeout=max(1.0, window * 4))
+        self._client = client = redis.Redis(
+            connection_pool=redis.ConnectionPool(connection_class=cls, **kwargs)
+        )
+        pubsub = client.pubsub()
+        pubsub.subscribe(channel())
+        self.connected = True
+        self.reconnects += 1
+        # Anything cached before this subscription may have missed a message.
+        local_tier.clear()
+        sent: dict[bytes, float] = {}
+        last_ping = 0.0
+        last_answer = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now - last_ping >= heartbeat:
+                tag = repr(now).encode()
+                sent[tag] = now
+                pubsub.ping(tag)
+                last_ping = now
+            msg = pubsub.get_message(timeout=heartbeat)
+            now = time.monotonic()
+            if msg is None:
+                if now - last_answer > max(1.0, window * 10):
+                    raise TimeoutError("no heartbeat answer")
+                continue
+            kind = msg["type"]
+            if kind == "message":
+                self.messages += 1
+                self._handle(msg["data"], origin["id"])
+            elif kind == "pong":
+                at = sent.pop(bytes(msg["data"]), None)
+                if at is None:
+                    continue
+                for old in [k for k, v in sent.items() if v < at]:
+                    del sent[old]
+                last_answer = now
+                self.last_latency = now - at
+                if now >= self._trusted_until and not self._regain():
+                    continue
+                self._trusted_until = at + window
+                self._first.set()
+
+    def _regain(self) -> bool:
+        """Trust had lapsed (or never began): first apply what writers could not deliver
+        while Redis was away. False if Redis still refuses them: stay untrusted."""
+        from django.db import connection
+
+        from .invalidation import drain_outbox
+        from .tiers.remote import Unavailable
+
+        try:
+            drain_outbox()
+            return True
+        except Unavailable:
+            return False
+        except Exception as exc:  # the database: reads will fail loudly there anyway
+            logger.warning("tiered_cache: could not read the outbox: %r", exc)
+            return True
+        finally:
+            try:
+                connection.close()
+            except Exception:
+                pass
+
+    def _handle(self, data: bytes, own: str) -> None:
+        from .invalidation import apply_locally
+
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            logger.warning("tiered_cache: ignoring a malformed bus message")
+            return
+        if msg.get("o") == own:
+            return
+        label = msg["m"]
+        apply_locally({label: msg.get("r", [])}, [label] if msg.get("f") else [])
+
+
+bus = Bus()

@@ -1,0 +1,136 @@
+"""System checks: every TIERED_CACHE setting and every declared lookup, at startup."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Warning
+from django.core.exceptions import FieldDoesNotExist
+from django.db import models
+
+from .conf import DEFAULTS, conf
+
+_POSITIVE = (
+    "L1_MAX_ENTRIES", "L1_TIMEOUT", "TIMEOUT", "NEGATIVE_TIMEOUT", "SOCKET_TIMEOUT",
+    "SOCKET_CONNECT_TIMEOUT", "BREAKER_FAILURE_THRESHOLD", "BREAKER_RECOVERY_TIME",
+    "BREAKER_SUCCESS_THRESHOLD", "LEASE_TIMEOUT", "LEASE_WAIT", "BUS_HEARTBEAT",
+    "BUS_TRUST_WINDOW", "BULK_INVALIDATION_LIMIT", "STATS_FLUSH_INTERVAL",
+)
+
+
+def check_settings(**kwargs: Any) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    raw = getattr(settings, "TIERED_CACHE", {})
+    if not isinstance(raw, dict):
+        return [Error("TIERED_CACHE must be a dict.", id="tiered_cache.E004")]
+    for name in sorted(set(raw) - set(DEFAULTS)):
+        errors.append(
+            Warning(
+                f"TIERED_CACHE has an unknown key {name!r}.",
+                hint="Known keys: " + ", ".join(sorted(DEFAULTS)),
+                id="tiered_cache.W002",
+            )
+        )
+    alias = conf.CACHE_ALIAS
+    caches = getattr(settings, "CACHES", {})
+    if alias not in caches:
+        errors.append(
+            Error(
+                f"TIERED_CACHE['CACHE_ALIAS'] is {alias!r}, which is not in CACHES.",
+                hint="Name a django-redis cache from CACHES.",
+                id="tiered_cache.E001",
+            )
+        )
+    elif not str(caches[alias].get("BACKEND", "")).startswith("django_redis."):
+        errors.append(
+            Error(
+                f"CACHES[{alias!r}] uses {caches[alias].get('BACKEND')!r}; tiered_cache needs "
+                "django-redis as its L2.",
+                hint='Set BACKEND to "django_redis.cache.RedisCache".',
+                id="tiered_cache.E002",
+            )
+        )
+    for name in _POSITIVE:
+        value = raw.get(name, DEFAULTS[name])
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
+            errors.append(
+                Error(
+                    f"TIERED_CACHE[{name!r}] must be a positive number, not {value!r}.",
+                    id="tiered_cache.E003",
+                )
+            )
+    prefix = raw.get("KEY_PREFIX", DEFAULTS["KEY_PREFIX"])
+    if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "{}| \t\n"):
+        errors.append(
+            Error(
+                f"TIERED_CACHE['KEY_PREFIX'] must be a non-empty string without braces, "
+                f"'|' or spaces, not {prefix!r}.",
+                id="tiered_cache.E006",
+            )
+        )
+    return errors
+
+
+def _unique_sets(model: type[models.Model]) -> list[set[str]]:
+    opts = model._meta
+    sets = [{f.name} for f in opts.concrete_fields if f.unique or f.primary_key]
+    sets += [set(t) for t in opts.unique_together]
+    for c in opts.constraints:
+        if isinstance(c, models.UniqueConstraint) and c.fields and c.condition is None:
+            sets.append(set(c.fields))
+    return sets
+
+
+def check_lookups(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    from .registry import cached_managers
+
+    errors: list[CheckMessage] = []
+    for mgr in cached_managers():
+        model = mgr.model
+        if app_configs is not None and model._meta.app_config not in app_configs:
+            continue
+        label = model._meta.label
+        uniques = _unique_sets(model)
+        for spec in mgr.get_cache_lookups():
+            names = (spec,) if isinstance(spec, str) else tuple(spec)
+            fields = []
+            for name in names:
+                if name == "pk":
+                    fields.append(model._meta.pk)
+                    continue
+                try:
+                    fields.append(model._meta.get_field(name))
+                except FieldDoesNotExist:
+                    errors.append(
+                        Error(
+                            f"{label}.{mgr.name}: cache lookup {names!r} names unknown field "
+                            f"{name!r}.",
+                            obj=model,
+                            id="tiered_cache.E005",
+                        )
+                    )
+            if len(fields) != len(names):
+                continue
+            if any(not f.concrete or f.many_to_many or f.one_to_many for f in fields):
+                errors.append(
+                    Error(
+                        f"{label}.{mgr.name}: cache lookup {names!r} must name concrete fields.",
+                        obj=model,
+                        id="tiered_cache.E007",
+                    )
+                )
+                continue
+            given = {f.name for f in fields}
+            if not any(u <= given for u in uniques):
+                errors.append(
+                    Warning(
+                        f"{label}.{mgr.name}: cache lookup {names!r} is not unique; "
+                        "get_cached() raises MultipleObjectsReturned when it matches several rows.",
+                        hint="Add unique=True or a UniqueConstraint over these fields.",
+                        obj=model,
+                        id="tiered_cache.W001",
+                    )
+                )
+    return errors

@@ -1,0 +1,116 @@
+"""The TIERED_CACHE setting, read live so that override_settings works in tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+DEFAULTS: dict[str, Any] = {
+    "CACHE_ALIAS": "default",
+    "L1_MAX_ENTRIES": 10_000,
+    "L1_TIMEOUT": 300,
+    "TIMEOUT": 3600,
+    "NEGATIVE_TIMEOUT": 60,
+    "KEY_PREFIX": "tc",
+    # Redis is never allowed to hold a request for longer than these (seconds).
+    "SOCKET_TIMEOUT": 0.1,
+    "SOCKET_CONNECT_TIMEOUT": 0.1,
+    # Circuit breaker around every L2 and bus operation.
+    "BREAKER_FAILURE_THRESHOLD": 3,
+    "BREAKER_RECOVERY_TIME": 2.0,
+    "BREAKER_SUCCESS_THRESHOLD": 1,
+    # How long a filler may hold a key's lease, and how long others wait for its fill.
+    "LEASE_TIMEOUT": 2.0,
+    "LEASE_WAIT": 0.1,
+    # The bus listener pings this often; L1 (and L2) are trusted only while a ping
+    # sent less than BUS_TRUST_WINDOW ago has been answered.
+    "BUS_HEARTBEAT": 0.02,
+    "BUS_TRUST_WINDOW": 0.075,
+    # A queryset write touching more rows than this flushes the model instead.
+    "BULK_INVALIDATION_LIMIT": 1000,
+    # Seconds between pushes of this process's counters to Redis.
+    "STATS_FLUSH_INTERVAL": 5.0,
+}
+
+
+class Settings:
+    """Typed view of settings.TIERED_CACHE with the defaults above."""
+
+    def _get(self, name: str) -> Any:
+        return getattr(settings, "TIERED_CACHE", {}).get(name, DEFAULTS[name])
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        return {**DEFAULTS, **getattr(settings, "TIERED_CACHE", {})}
+
+    @property
+    def CACHE_ALIAS(self) -> str:
+        return self._get("CACHE_ALIAS")
+
+    @property
+    def L1_MAX_ENTRIES(self) -> int:
+        return self._get("L1_MAX_ENTRIES")
+
+    @property
+    def L1_TIMEOUT(self) -> float:
+        return self._get("L1_TIMEOUT")
+
+    @property
+    def TIMEOUT(self) -> float:
+        return self._get("TIMEOUT")
+
+    @property
+    def NEGATIVE_TIMEOUT(self) -> float:
+        return self._get("NEGATIVE_TIMEOUT")
+
+    @property
+    def KEY_PREFIX(self) -> str:
+        return self._get("KEY_PREFIX")
+
+    @property
+    def SOCKET_TIMEOUT(self) -> float:
+        return self._get("SOCKET_TIMEOUT")
+
+    @property
+    def SOCKET_CONNECT_TIMEOUT(self) -> float:
+        return self._get("SOCKET_CONNECT_TIMEOUT")
+
+    @property
+    def BREAKER_FAILURE_THRESHOLD(self) -> int:
+        return self._get("BREAKER_FAILURE_THRESHOLD")
+
+    @property
+    def BREAKER_RECOVERY_TIME(self) -> float:
+        return self._get("BREAKER_RECOVERY_TIME")
+
+    @property
+    def BREAKER_SUCCESS_THRESHOLD(self) -> int:
+        return self._get("BREAKER_SUCCESS_THRESHOLD")
+
+    @property
+    def LEASE_TIMEOUT(self) -> float:
+        return self._get("LEASE_TIMEOUT")
+
+    @property
+    def LEASE_WAIT(self) -> float:
+        return self._get("LEASE_WAIT")
+
+    @property
+    def BUS_HEARTBEAT(self) -> float:
+        return self._get("BUS_HEARTBEAT")
+
+    @property
+    def BUS_TRUST_WINDOW(self) -> float:
+        return self._get("BUS_TRUST_WINDOW")
+
+    @property
+    def BULK_INVALIDATION_LIMIT(self) -> int:
+        return self._get("BULK_INVALIDATION_LIMIT")
+
+    @property
+    def STATS_FLUSH_INTERVAL(self) -> float:
+        return self._get("STATS_FLUSH_INTERVAL")
+
+
+conf = Settings()

@@ -1,0 +1,264 @@
+"""What a write drops, and when: now in autocommit, at the outermost commit otherwise."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from django.db import DatabaseError, connections, models, transaction
+
+from . import signals
+from .conf import conf
+from .keys import row_id
+from .registry import ModelCache, first_model_cache
+from .tiers.local import local_tier
+from .tiers.remote import Unavailable, fresh_token, redis_tier
+
+logger = logging.getLogger("tiered_cache")
+
+# Identifies this process's own bus messages (renewed after fork).
+origin = {"id": fresh_token()}
+
+
+class Batch:
+    """Rows and flushes of several models, applied together."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, set[str]] = {}
+        self.flush: set[str] = set()
+        self.caches: dict[str, ModelCache] = {}
+
+    def add_rows(self, mc: ModelCache, rids: Iterable[str]) -> None:
+        self.caches[mc.label] = mc
+        self.rows.setdefault(mc.label, set()).update(rids)
+
+    def add_flush(self, mc: ModelCache) -> None:
+        self.caches[mc.label] = mc
+        self.flush.add(mc.label)
+        self.rows.setdefault(mc.label, set())
+
+    def merge(self, other: Batch) -> None:
+        for label, rids in other.rows.items():
+            self.caches[label] = other.caches[label]
+            self.rows.setdefault(label, set()).update(rids)
+        self.flush |= other.flush
+
+    def __bool__(self) -> bool:
+        return bool(self.rows)
+
+    def models(self) -> set[str]:
+        return set(self.rows)
+
+    # -- applying ----------------------------------------------------------------
+    def apply(self) -> None:
+        if not self.rows:
+            return
+        # This process first, so read-your-writes never waits on Redis.
+        apply_locally(self.rows, self.flush)
+        for label, rids in self.rows.items():
+            mc = self.caches[label]
+            mc.counters.invalidations += max(1, len(rids))
+        try:
+            redis_tier.invalidate_many(self.redis_calls())
+        except Unavailable:
+            self.to_outbox()
+        for label, rids in self.rows.items():
+            if signals.cache_invalidated.receivers:
+                signals.cache_invalidated.send(
+                    sender=self.caches[label].model, rows=sorted(rids), flush=label in self.flush
+                )
+
+    def redis_calls(self) -> list[tuple[list[str], list[Any]]]:
+        calls = []
+        for label, rids in self.rows.items():
+            mc = self.caches[label]
+            flush = label in self.flush
+            rids = sorted(rids)
+            if len(rids) > conf.BULK_INVALIDATION_LIMIT:
+                rids, flush = [], True
+            row_keys = [mc.row_key(r) for r in rids]
+            data_keys = [mc.pk_lookup.key_prefix + _pk_part(r) for r in rids]
+            msg = json.dumps({"o": origin["id"], "m": label, "r": rids, "f": int(flush)})
+            calls.append(
+                (
+                    [mc.gen_key, mc.writes_key, *row_keys, *data_keys],
+                    [channel(), msg, len(row_keys), fresh_token(),
+                     int((mc.timeout + 60) * 1000), "1" if flush else "0", fresh_token()],
+                )
+            )
+        return calls
+
+    def to_outbox(self) -> None:
+        from .models import PendingInvalidation
+
+        try:
+            PendingInvalidation.objects.bulk_create(
+                [
+                    PendingInvalidation(model_label=label, rows=sorted(rids),
+                                        flush=label in self.flush)
+                    for label, rids in self.rows.items()
+                ]
+            )
+            logger.warning(
+                "tiered_cache: Redis unavailable; %d invalidations kept in the outbox",
+                sum(len(r) or 1 for r in self.rows.values()),
+            )
+        except DatabaseError:
+            logger.exception("tiered_cache: could not record invalidations in the outbox")
+
+
+def _pk_part(rid: str) -> str:
+    """A row id is the encoded pk with '|' and '%' escaped; data keys use it unescaped."""
+    return rid.replace("%7C", "|").replace("%25", "%")
+
+
+def channel() -> str:
+    return conf.KEY_PREFIX + ":bus"
+
+
+def apply_locally(rows: dict[str, Iterable[str]], flush: Iterable[str]) -> None:
+    flush = set(flush)
+    for label, rids in rows.items():
+        if label in flush:
+            local_tier.drop_model(label)
+        local_tier.drop_rows(label, list(rids))
+    for hook in local_hooks:
+        hook(set(rows))
+
+
+# Called with the set of model labels written, in every process (derived caches).
+local_hooks: list[Any] = []
+
+
+def drain_outbox(limit: int = 1000) -> int:
+    """Apply invalidations that earlier failed to reach Redis. Raises Unavailable if Redis
+    still cannot take them (they stay in the outbox)."""
+    from django.apps import apps
+
+    from .models import PendingInvalidation
+
+    pending = list(PendingInvalidation.objects.order_by("id")[:limit])
+    if not pending:
+        return 0
+    batch = Batch()
+    for p in pending:
+        try:
+            model = apps.get_model(p.model_label)
+        except LookupError:
+            continue
+        mc = first_model_cache(model)
+        if mc is None:
+            continue
+        if p.flush:
+            batch.add_flush(mc)
+        batch.add_rows(mc, p.rows)
+    if batch:
+        apply_locally(batch.rows, batch.flush)
+        redis_tier.invalidate_many(batch.redis_calls())
+    PendingInvalidation.objects.filter(id__in=[p.id for p in pending]).delete()
+    logger.warning("tiered_cache: applied %d outbox invalidations", len(pending))
+    return len(pending)
+
+
+# -- transactions ---------------------------------------------------------------
+
+_thread = threading.local()
+
+
+class _Pending:
+    """The invalidations of one savepoint level, run by on_commit at the outermost commit."""
+
+    def __init__(self) -> None:
+        self.batch = Batch()
+
+    def __call__(self) -> None:
+        self.batch.apply()
+
+
+def _live_pendings(conn: Any) -> list[_Pending]:
+    registered = {id(item[1]) for item in conn.run_on_commit}
+    return [p for p in getattr(conn, "_tiered_pending", {}).values() if id(p) in registered]
+
+
+def queue(batch: Batch, using: str) -> None:
+    """Apply now in autocommit; inside atomic(), at the outermost commit (none on rollback)."""
+    if not batch:
+        return
+    conn = connections[using]
+    if not conn.in_atomic_block:
+        batch.apply()
+        return
+    table: dict[tuple[str, ...], _Pending] = conn.__dict__.setdefault("_tiered_pending", {})
+    sids = tuple(conn.savepoint_ids)
+    pending = table.get(sids)
+    if pending is None or pending not in _live_pendings(conn):
+        # A rolled-back savepoint dropped its hook; start a fresh one at this level.
+        for stale in [k for k, p in table.items() if p not in _live_pendings(conn)]:
+            del table[stale]
+        pending = table[sids] = _Pending()
+        transaction.on_commit(pending, using=using, robust=True)
+    pending.batch.merge(batch)
+    dbs = _thread.__dict__.setdefault("dbs", set())
+    dbs.add(using)
+
+
+def in_dirty_transaction(label: str, using: str) -> bool:
+    """True inside an atomic() block that has written rows of this model: such reads
+    bypass both tiers, so they see the block's writes and fill nothing."""
+    dbs = _thread.__dict__.get("dbs")
+    if not dbs or using not in dbs:
+        return False
+    conn = connections[using]
+    if not conn.in_atomic_block:
+        dbs.discard(using)
+        return False
+    return any(label in p.batch.rows for p in _live_pendings(conn))
+
+
+# -- what writes touch ----------------------------------------------------------
+
+def _caches_for(model: type[models.Model]) -> list[ModelCache]:
+    """The model's cache and those of its cached concrete parents (multi-table inheritance)."""
+    out = []
+    concrete = model._meta.concrete_model
+    for m in [concrete, *concrete._meta.get_parent_list()]:
+        mc = first_model_cache(m)
+        if mc is not None:
+            out.append(mc)
+    return out
+
+
+def rows_batch(model: type[models.Model], pks: Iterable[Any]) -> Batch:
+    batch = Batch()
+    pks = [pk for pk in pks if pk is not None]
+    for mc in _caches_for(model):
+        batch.add_rows(mc, [row_id(mc.pk_lookup.preps[0](pk)) for pk in pks])
+    return batch
+
+
+def flush_batch(model: type[models.Model]) -> Batch:
+    batch = Batch()
+    for mc in _caches_for(model):
+        batch.add_flush(mc)
+    return batch
+
+
+def model_written_batch(model: type[models.Model]) -> Batch:
+    """A write whose rows we cannot name (new rows with no pk): drop negatives only."""
+    batch = Batch()
+    for mc in _caches_for(model):
+        batch.add_rows(mc, [])
+    return batch
+
+
+def on_save(sender: type[models.Model], instance: models.Model, raw: bool = False,
+            using: str = "default", **kwargs: Any) -> None:
+    queue(rows_batch(sender, [instance.pk]), using)
+
+
+def on_delete(sender: type[models.Model], instance: models.Model, using: str = "default",
+              **kwargs: Any) -> None:
+    queue(rows_batch(sender, [instance.pk]), using)

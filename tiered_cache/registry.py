@@ -1,0 +1,255 @@
+"""Per-model cache options: declared lookups, value normalization, key names, counters."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.apps import apps
+from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
+from django.db import models
+
+from .conf import conf
+from .exceptions import UndeclaredLookup
+from .keys import encode_values, model_tag, row_id, schema_fingerprint
+from .serialization import RowCodec
+
+LookupSpec = str | Sequence[str]
+
+
+@dataclass
+class Counters:
+    l1_hits: int = 0
+    l2_hits: int = 0
+    misses: int = 0
+    negative_hits: int = 0
+    invalidations: int = 0
+    fills: int = 0
+    fills_refused: int = 0
+    corrupt: int = 0
+    bypassed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Lookup:
+    """One declared lookup: the fields, how values are normalized, and its key prefix."""
+
+    names: tuple[str, ...]
+    fields: tuple[models.Field, ...]
+    orm_names: tuple[str, ...]
+    preps: tuple[Callable[[Any], Any], ...]
+    key_prefix: str
+    model: type[models.Model] = field(repr=False)
+
+    def normalize(self, kwargs: dict[str, Any], aliases: dict[str, str]) -> tuple[Any, ...]:
+        by_name = {aliases[k]: v for k, v in kwargs.items()}
+        out = []
+        for name, f, prep in zip(self.names, self.fields, self.preps):
+            value = by_name[name]
+            if isinstance(value, models.Model):
+                value = _instance_value(f, name, value, self.model)
+            out.append(prep(value))
+        return tuple(out)
+
+    def key(self, values: tuple[Any, ...]) -> str:
+        return self.key_prefix + encode_values(values)
+
+    def orm_kwargs(self, values: tuple[Any, ...]) -> dict[str, Any]:
+        return dict(zip(self.orm_names, values))
+
+
+def _instance_value(f: models.Field, name: str, value: models.Model, model: type) -> Any:
+    if f.is_relation and isinstance(value, f.related_model):
+        return value.pk
+    if f.primary_key and isinstance(value, model):
+        return value.pk
+    raise ValueError(
+        f'Cannot query "{value}": Must be "{getattr(f.related_model, "__name__", model.__name__)}" '
+        f"instance."
+    )
+
+
+def _prep_for(f: models.Field) -> Callable[[Any], Any]:
+    """The conversion the ORM applies to an exact lookup's value, errors included."""
+    target = f.target_field if f.is_relation else f
+    return target.get_prep_value
+
+
+class ModelCache:
+    """Everything tiered_cache knows about one cached manager of one model."""
+
+    def __init__(
+        self,
+        model: type[models.Model],
+        manager_name: str,
+        lookups: Iterable[LookupSpec],
+        timeout: float | None = None,
+        l1_timeout: float | None = None,
+        negative_timeout: float | None = None,
+    ):
+        opts = model._meta
+        self.model = model
+        self.label = opts.label_lower
+        self.manager_name = manager_name
+        self._timeout = timeout
+        self._l1_timeout = l1_timeout
+        self._negative_timeout = negative_timeout
+        self.codec = RowCodec(model)
+        self.schema = schema_fingerprint(model)
+        prefix = conf.KEY_PREFIX
+        self.tag = model_tag(prefix, self.label)
+        self.gen_key = self.tag + ":g"
+        self.writes_key = self.tag + ":w"
+        self.row_prefix = self.tag + ":r:"
+        self.data_prefix = f"{self.tag}:{self.schema}:{manager_name}:"
+
+        declared: list[tuple[str, ...]] = [("pk",)]
+        for spec in lookups:
+            names = (spec,) if isinstance(spec, str) else tuple(spec)
+            if not names:
+                raise ImproperlyConfigured(f"{self.label}: an empty cache lookup was declared")
+            names = tuple("pk" if n in ("pk", opts.pk.name) else n for n in names)
+            if names not in declared:
+                declared.append(names)
+        self.declared = declared
+
+        # Every kwarg name a caller may use, mapped to the declared field name.
+        self.aliases: dict[str, str] = {"pk": "pk", opts.pk.name: "pk", opts.pk.attname: "pk"}
+        self.lookups: dict[frozenset[str], Lookup] = {}
+        self.single: dict[str, Lookup] = {}
+        for names in declared:
+            fields = tuple(self._field(n) for n in names)
+            orm_names = tuple("pk" if n == "pk" else f.attname for n, f in zip(names, fields))
+            lk = Lookup(
+                names=names,
+                fields=fields,
+                orm_names=orm_names,
+                preps=tuple(_prep_for(f) for f in fields),
+                key_prefix=self.data_prefix + "+".join(names) + ":",
+                model=model,
+            )
+            alias_sets = []
+            for n, f in zip(names, fields):
+                accepted = {n} if n == "pk" else {n, f.name, f.attname}
+                for a in accepted:
+                    self.aliases[a] = n
+                if n == "pk":
+                    accepted = {"pk", opts.pk.name, opts.pk.attname}
+                alias_sets.append(sorted(accepted))
+            for combo in itertools.product(*alias_sets):
+                self.lookups[frozenset(combo)] = lk
+                if len(combo) == 1:
+                    self.single[combo[0]] = lk
+        self.pk_lookup = self.lookups[frozenset({"pk"})]
+        self.counters = Counters()
+
+    def _field(self, name: str) -> models.Field:
+        if name == "pk":
+            return self.model._meta.pk
+        try:
+            return self.model._meta.get_field(name)
+        except FieldDoesNotExist:
+            raise ImproperlyConfigured(
+                f"{self.label}: cache lookup names unknown field {name!r}"
+            ) from None
+
+    # -- timeouts, read live so override_settings applies ----------------------
+    @property
+    def timeout(self) -> float:
+        return self._timeout if self._timeout is not None else conf.TIMEOUT
+
+    @property
+    def l1_timeout(self) -> float:
+        return self._l1_timeout if self._l1_timeout is not None else conf.L1_TIMEOUT
+
+    @property
+    def negative_timeout(self) -> float:
+        if self._negative_timeout is not None:
+            return self._negative_timeout
+        return conf.NEGATIVE_TIMEOUT
+
+    # -- lookups -----------------------------------------------------------------
+    def resolve(self, kwargs: dict[str, Any]) -> tuple[Lookup, tuple[Any, ...]]:
+        """The declared lookup for these kwargs and their ORM-normalized values."""
+        if len(kwargs) == 1:
+            ((name, value),) = kwargs.items()
+            lk = self.single.get(name)
+            if lk is not None:
+                if isinstance(value, models.Model):
+                    value = _instance_value(lk.fields[0], name, value, self.model)
+                return lk, (lk.preps[0](value),)
+        else:
+            lk = self.lookups.get(frozenset(kwargs))
+            if lk is not None and len(kwargs) == len(lk.names):
+                return lk, lk.normalize(kwargs, self.aliases)
+        raise UndeclaredLookup(self.label, kwargs, self.declared)
+
+    def row_key(self, rid: str) -> str:
+        return self.row_prefix + rid
+
+    def row_id_of(self, pk: Any) -> str:
+        return row_id(self.pk_lookup.preps[0](pk))
+
+
+_registry: dict[tuple[type[models.Model], str], ModelCache] = {}
+_registry_lock = threading.Lock()
+
+
+def model_cache(manager: Any) -> ModelCache:
+    """The ModelCache of a cached manager, built on first use (the model is complete then)."""
+    key = (manager.model, manager.name)
+    mc = _registry.get(key)
+    if mc is None:
+        with _registry_lock:
+            mc = _registry.get(key)
+            if mc is None:
+                mc = ModelCache(
+                    manager.model,
+                    manager.name or "objects",
+                    manager.get_cache_lookups(),
+                    timeout=manager.cache_timeout,
+                    l1_timeout=manager.cache_l1_timeout,
+                    negative_timeout=manager.cache_negative_timeout,
+                )
+                _registry[key] = mc
+    return mc
+
+
+def reset_registry() -> None:
+    """Forget built ModelCaches (tests that change KEY_PREFIX or SECRET_KEY)."""
+    with _registry_lock:
+        _registry.clear()
+
+
+def cached_managers(model: type[models.Model] | None = None) -> list[Any]:
+    """Every cached manager of every installed model (or of one model)."""
+    from .managers import CachedManagerMixin
+
+    found = []
+    for m in [model] if model is not None else apps.get_models():
+        for mgr in m._meta.managers:
+            if isinstance(mgr, CachedManagerMixin):
+                found.append(mgr)
+    return found
+
+
+def cached_models() -> list[type[models.Model]]:
+    seen: dict[type[models.Model], None] = {}
+    for mgr in cached_managers():
+        seen.setdefault(mgr.model, None)
+    return list(seen)
+
+
+def model_caches(model: type[models.Model]) -> list[ModelCache]:
+    return [model_cache(m) for m in cached_managers(model)]
+
+
+def first_model_cache(model: type[models.Model]) -> ModelCache | None:
+    mgrs = cached_managers(model)
+    return model_cache(mgrs[0]) if mgrs else None

@@ -1,0 +1,123 @@
+"""Row payloads: authenticated bytes for Redis, and an immutable form for L1."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import pickle
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+from django.conf import settings
+from django.db import models
+
+logger = logging.getLogger("tiered_cache")
+
+MAC_SIZE = 32
+
+# Fields whose Python values are immutable; anything else (JSON, arrays, custom
+# fields) is copied on the way out of L1 so a caller's mutation never reaches the cache.
+_IMMUTABLE_FIELDS: tuple[type[models.Field], ...] = (
+    models.AutoField,
+    models.BigAutoField,
+    models.SmallAutoField,
+    models.IntegerField,
+    models.BigIntegerField,
+    models.SmallIntegerField,
+    models.PositiveIntegerField,
+    models.PositiveBigIntegerField,
+    models.PositiveSmallIntegerField,
+    models.CharField,
+    models.TextField,
+    models.BooleanField,
+    models.DateTimeField,
+    models.DateField,
+    models.TimeField,
+    models.DurationField,
+    models.DecimalField,
+    models.FloatField,
+    models.UUIDField,
+    models.GenericIPAddressField,
+    models.ForeignKey,
+)
+
+
+class CorruptPayload(Exception):
+    """A payload failed authentication or decoding; treated as a miss."""
+
+
+@lru_cache(maxsize=8)
+def _mac_key(secret: str) -> bytes:
+    return hashlib.sha256(b"tiered_cache.payload:" + secret.encode()).digest()
+
+
+def mac_key() -> bytes:
+    return _mac_key(settings.SECRET_KEY)
+
+
+def sign(key: str, body: bytes) -> bytes:
+    """Bind the payload to its key, so a valid payload moved to another key is rejected too."""
+    return hmac.digest(mac_key(), key.encode() + b"\0" + body, "sha256") + body
+
+
+def verify(key: str, signed: bytes) -> bytes:
+    """Return the body only if its MAC holds; nothing is decoded before this check."""
+    if len(signed) < MAC_SIZE:
+        raise CorruptPayload("truncated payload")
+    mac, body = signed[:MAC_SIZE], signed[MAC_SIZE:]
+    expected = hmac.digest(mac_key(), key.encode() + b"\0" + body, "sha256")
+    if not hmac.compare_digest(mac, expected):
+        raise CorruptPayload("payload MAC does not match")
+    return body
+
+
+def dumps(value: Any) -> bytes:
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def loads_verified(body: bytes) -> Any:
+    """Only ever called on bytes whose MAC was checked with our secret."""
+    try:
+        return pickle.loads(body)
+    except Exception as exc:  # authentic but undecodable: a bug or a changed class
+        raise CorruptPayload(f"authentic payload failed to decode: {exc!r}") from exc
+
+
+class RowCodec:
+    """Turns a model row into a tuple of values and back into a fresh instance."""
+
+    def __init__(self, model: type[models.Model]):
+        self.model = model
+        self.fields = list(model._meta.concrete_fields)
+        self.attnames = [f.attname for f in self.fields]
+        self.pk_index = self.attnames.index(model._meta.pk.attname)
+        self.mutable = tuple(
+            i for i, f in enumerate(self.fields) if not isinstance(f, _IMMUTABLE_FIELDS)
+        )
+
+    def values(self, obj: models.Model) -> tuple[Any, ...] | None:
+        """The row as loaded; None when fields are deferred (such rows are not cached)."""
+        d = obj.__dict__
+        try:
+            return tuple([d[a] for a in self.attnames])
+        except KeyError:
+            return None
+
+    def freeze(self, values: Sequence[Any]) -> tuple[Any, ...]:
+        """Immutable L1 form: mutable values are kept pickled, so each hit unpickles a copy."""
+        if not self.mutable:
+            return tuple(values)
+        out = list(values)
+        for i in self.mutable:
+            out[i] = dumps(out[i])
+        return tuple(out)
+
+    def thaw(self, frozen: tuple[Any, ...], db: str) -> models.Model:
+        if self.mutable:
+            vals = list(frozen)
+            for i in self.mutable:
+                vals[i] = pickle.loads(vals[i])
+            return self.model.from_db(db, None, vals)
+        return self.model.from_db(db, None, frozen)

@@ -1,0 +1,126 @@
+"""L1: a bounded, thread-safe LRU of immutable rows, dropped by key, row or model."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+from ..conf import conf
+
+# Stored in place of a row when the database had none.
+NEGATIVE = object()
+
+# Entry layout (a tuple, for speed): expires_at, label, row id, frozen row or NEGATIVE,
+# flush epoch of the model at fill, and for negatives the model's write count at fill.
+_EXP, _LABEL, _ROW, _VALUE, _EPOCH, _WRITES = range(6)
+
+
+class LocalTier:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._data: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+        self._rows: dict[tuple[str, str], set[str]] = {}
+        self._epoch: dict[str, int] = {}
+        self._writes: dict[str, int] = {}
+        # Bumped by clear(): refuses every fill that started before it.
+        self._clears = 0
+        self.evictions = 0
+
+    # -- reads ---------------------------------------------------------------
+    def get(self, key: str) -> Any:
+        """The frozen row, NEGATIVE, or None for a miss."""
+        with self._lock:
+            e = self._data.get(key)
+            if e is None:
+                return None
+            label = e[_LABEL]
+            if (
+                e[_EXP] < time.monotonic()
+                or e[_EPOCH] != self._epoch.get(label, 0)
+                or (e[_VALUE] is NEGATIVE and e[_WRITES] != self._writes.get(label, 0))
+            ):
+                self._remove(key, e)
+                return None
+            self._data.move_to_end(key)
+            return e[_VALUE]
+
+    def token(self, label: str) -> tuple[int, int, int]:
+        """Taken before reading L2 or the database; a fill is refused if it changed since."""
+        return (self._clears, self._epoch.get(label, 0), self._writes.get(label, 0))
+
+    # -- writes --------------------------------------------------------------
+    def set(
+        self, key: str, label: str, row: str, value: Any, timeout: float, token: tuple[int, int, int]
+    ) -> bool:
+        with self._lock:
+            if token != (self._clears, self._epoch.get(label, 0), self._writes.get(label, 0)):
+                return False
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._unindex(key, old)
+            self._data[key] = (time.monotonic() + timeout, label, row, value, token[1], token[2])
+            if row:
+                self._rows.setdefault((label, row), set()).add(key)
+            limit = conf.L1_MAX_ENTRIES
+            while len(self._data) > limit:
+                k, e = self._data.popitem(last=False)
+                self._unindex(k, e)
+                self.evictions += 1
+            return True
+
+    def drop_rows(self, label: str, rows: list[str]) -> int:
+        """Drop every entry of these rows, whatever lookup it was cached under."""
+        n = 0
+        with self._lock:
+            self._writes[label] = self._writes.get(label, 0) + 1
+            for row in rows:
+                for key in self._rows.pop((label, row), ()):
+                    if self._data.pop(key, None) is not None:
+                        n += 1
+        return n
+
+    def drop_model(self, label: str) -> None:
+        with self._lock:
+            self._epoch[label] = self._epoch.get(label, 0) + 1
+            self._writes[label] = self._writes.get(label, 0) + 1
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._rows.clear()
+            self._clears += 1
+
+    def prune_expired(self) -> int:
+        now = time.monotonic()
+        with self._lock:
+            dead = [k for k, e in self._data.items() if e[_EXP] < now]
+            for k in dead:
+                self._remove(k, self._data[k])
+        return len(dead)
+
+    # -- introspection -------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def count(self, label: str) -> int:
+        with self._lock:
+            return sum(1 for e in self._data.values() if e[_LABEL] == label)
+
+    # -- internals -----------------------------------------------------------
+    def _remove(self, key: str, e: tuple[Any, ...]) -> None:
+        del self._data[key]
+        self._unindex(key, e)
+
+    def _unindex(self, key: str, e: tuple[Any, ...]) -> None:
+        row = e[_ROW]
+        if row:
+            keys = self._rows.get((e[_LABEL], row))
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._rows[(e[_LABEL], row)]
+
+
+local_tier = LocalTier()
