@@ -88,49 +88,55 @@ def check_lookups(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
 
     errors: list[CheckMessage] = []
     for mgr in cached_managers():
-        model = mgr.model
-        if app_configs is not None and model._meta.app_config not in app_configs:
-            continue
-        label = model._meta.label
-        uniques = _unique_sets(model)
-        for spec in mgr.get_cache_lookups():
-            names = (spec,) if isinstance(spec, str) else tuple(spec)
-            fields = []
-            for name in names:
-                if name == "pk":
-                    fields.append(model._meta.pk)
-                    continue
-                try:
-                    fields.append(model._meta.get_field(name))
-                except FieldDoesNotExist:
-                    errors.append(
-                        Error(
-                            f"{label}.{mgr.name}: cache lookup {names!r} names unknown field "
-                            f"{name!r}.",
-                            obj=model,
-                            id="tiered_cache.E005",
-                        )
-                    )
-            if len(fields) != len(names):
+        if app_configs is None or mgr.model._meta.app_config in app_configs:
+            errors.extend(check_manager(mgr))
+    return errors
+
+
+def check_manager(mgr: Any) -> list[CheckMessage]:
+    """The lookups of one cached manager: known concrete fields, and unique ones."""
+    errors: list[CheckMessage] = []
+    model = mgr.model
+    label = model._meta.label
+    uniques = _unique_sets(model)
+    for spec in mgr.get_cache_lookups():
+        names = (spec,) if isinstance(spec, str) else tuple(spec)
+        fields = []
+        for name in names:
+            if name == "pk":
+                fields.append(model._meta.pk)
                 continue
-            if any(not f.concrete or f.many_to_many or f.one_to_many for f in fields):
+            try:
+                fields.append(model._meta.get_field(name))
+            except FieldDoesNotExist:
                 errors.append(
                     Error(
-                        f"{label}.{mgr.name}: cache lookup {names!r} must name concrete fields.",
+                        f"{label}.{mgr.name}: cache lookup {names!r} names unknown field "
+                        f"{name!r}.",
                         obj=model,
-                        id="tiered_cache.E007",
+                        id="tiered_cache.E005",
                     )
                 )
-                continue
-            given = {f.name for f in fields}
-            if not any(u <= given for u in uniques):
-                errors.append(
-                    Warning(
-                        f"{label}.{mgr.name}: cache lookup {names!r} is not unique; "
-                        "get_cached() raises MultipleObjectsReturned when it matches several rows.",
-                        hint="Add unique=True or a UniqueConstraint over these fields.",
-                        obj=model,
-                        id="tiered_cache.W001",
-                    )
+        if len(fields) != len(names):
+            continue
+        if any(not f.concrete or f.many_to_many or f.one_to_many for f in fields):
+            errors.append(
+                Error(
+                    f"{label}.{mgr.name}: cache lookup {names!r} must name concrete fields.",
+                    obj=model,
+                    id="tiered_cache.E007",
                 )
+            )
+            continue
+        given = {f.name for f in fields}
+        if not any(u <= given for u in uniques):
+            errors.append(
+                Warning(
+                    f"{label}.{mgr.name}: cache lookup {names!r} is not unique; "
+                    "get_cached() raises MultipleObjectsReturned when it matches several rows.",
+                    hint="Add unique=True or a UniqueConstraint over these fields.",
+                    obj=model,
+                    id="tiered_cache.W001",
+                )
+            )
     return errors

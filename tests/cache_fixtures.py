@@ -1,0 +1,59 @@
+"""Fixtures shared by the cache tests: a clean cache per test, and ways to look inside it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tiered_cache import clear_local
+from tiered_cache.breaker import breaker
+from tiered_cache.counters import reset_stats
+from tiered_cache.invalidation import flush_batch
+from tiered_cache.registry import cached_models, first_model_cache
+from tiered_cache.tiers import local_tier, redis_tier
+
+
+@pytest.fixture(autouse=True)
+def clean_cache() -> Iterator[None]:
+    """Every test starts with empty tiers for every cached model (a new generation in L2,
+    applied directly so it also works inside a test's own transaction)."""
+    breaker.reset()
+    for model in cached_models():
+        flush_batch(model).apply()
+    clear_local()
+    reset_stats()
+    yield
+    clear_local()
+
+
+@pytest.fixture
+def redis_client() -> Any:
+    return redis_tier.client
+
+
+def l2_keys(model: Any) -> list[bytes]:
+    """The data keys of a model holding entries of the current generation and schema."""
+    mc = first_model_cache(model)
+    assert mc is not None
+    client = redis_tier.client
+    gen = client.get(mc.gen_key) or b""
+    live = []
+    for k in client.scan_iter(match=mc.data_prefix + "*", count=1000):
+        if k.endswith(b"|L"):
+            continue
+        value = client.get(k) or b""
+        if value.split(b"|", 2)[1:2] == [gen]:
+            live.append(k)
+    return live
+
+
+def counters(model: Any) -> dict[str, int]:
+    mc = first_model_cache(model)
+    assert mc is not None
+    return mc.counters.as_dict()
+
+
+def l1_len() -> int:
+    return len(local_tier)

@@ -1,0 +1,118 @@
+"""Each system check, by its ID."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.core import checks
+from django.db import models
+from django.test.utils import isolate_apps
+
+from tiered_cache import CachedManager
+from tiered_cache.checks import check_lookups, check_manager, check_settings
+
+
+def ids(messages: list[Any]) -> list[str]:
+    return [m.id for m in messages]
+
+
+def test_defaults_pass() -> None:
+    assert check_settings() == []
+    assert check_lookups() == []
+
+
+def test_the_whole_check_framework_is_clean() -> None:
+    assert [m for m in checks.run_checks() if m.id and m.id.startswith("tiered_cache")] == []
+
+
+def test_e001_unknown_alias(settings: Any) -> None:
+    settings.TIERED_CACHE = {"CACHE_ALIAS": "nope"}
+    assert ids(check_settings()) == ["tiered_cache.E001"]
+    assert "'nope'" in check_settings()[0].msg
+
+
+def test_e002_alias_not_django_redis(settings: Any) -> None:
+    settings.CACHES = {**settings.CACHES, "local": {
+        "BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    settings.TIERED_CACHE = {"CACHE_ALIAS": "local"}
+    assert ids(check_settings()) == ["tiered_cache.E002"]
+
+
+@pytest.mark.parametrize("name", ["L1_MAX_ENTRIES", "L1_TIMEOUT", "TIMEOUT", "NEGATIVE_TIMEOUT",
+                                  "SOCKET_TIMEOUT", "BREAKER_RECOVERY_TIME"])
+@pytest.mark.parametrize("value", [0, -1, "10", None, True])
+def test_e003_non_positive_numbers(settings: Any, name: str, value: Any) -> None:
+    settings.TIERED_CACHE = {name: value}
+    msgs = check_settings()
+    assert ids(msgs) == ["tiered_cache.E003"]
+    assert name in msgs[0].msg
+
+
+def test_e004_not_a_dict(settings: Any) -> None:
+    settings.TIERED_CACHE = ["KEY_PREFIX"]
+    assert ids(check_settings()) == ["tiered_cache.E004"]
+
+
+@pytest.mark.parametrize("prefix", ["", "a{b}", "a b", 5])
+def test_e006_bad_prefix(settings: Any, prefix: Any) -> None:
+    settings.TIERED_CACHE = {"KEY_PREFIX": prefix}
+    assert ids(check_settings()) == ["tiered_cache.E006"]
+
+
+def test_w002_unknown_key(settings: Any) -> None:
+    settings.TIERED_CACHE = {"L1_MAX_ENTRYS": 5}
+    msgs = check_settings()
+    assert ids(msgs) == ["tiered_cache.W002"]
+    assert "L1_MAX_ENTRYS" in msgs[0].msg
+
+
+@isolate_apps("demo_project.demo")
+def test_e005_unknown_field_and_w001_non_unique() -> None:
+    class Thing(models.Model):
+        code = models.CharField(max_length=10, unique=True)
+        group = models.CharField(max_length=10)
+        kind = models.CharField(max_length=10)
+
+        objects = CachedManager(lookups=["code", "nope", "group", ("group", "kind"),
+                                         ("code", "kind")])
+
+        class Meta:
+            app_label = "demo"
+
+    msgs = check_manager(Thing.objects)
+    assert ids(msgs) == ["tiered_cache.E005", "tiered_cache.W001", "tiered_cache.W001"]
+    assert "'nope'" in msgs[0].msg
+    assert "('group',)" in msgs[1].msg and "('group', 'kind')" in msgs[2].msg
+
+
+@isolate_apps("demo_project.demo")
+def test_unique_constraint_counts_as_unique() -> None:
+    class Pair(models.Model):
+        a = models.CharField(max_length=10)
+        b = models.CharField(max_length=10)
+
+        objects = CachedManager(lookups=[("a", "b")])
+
+        class Meta:
+            app_label = "demo"
+            constraints = [models.UniqueConstraint(fields=["a", "b"], name="pair_ab")]
+
+    assert check_manager(Pair.objects) == []
+
+
+@isolate_apps("demo_project.demo")
+def test_e007_lookup_on_a_reverse_relation() -> None:
+    class Parent(models.Model):
+        objects = CachedManager(lookups=["child"])
+
+        class Meta:
+            app_label = "demo"
+
+    class Child(models.Model):
+        parent = models.ForeignKey(Parent, models.CASCADE, related_name="child")
+
+        class Meta:
+            app_label = "demo"
+
+    assert ids(check_manager(Parent.objects)) == ["tiered_cache.E007"]

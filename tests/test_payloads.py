@@ -1,0 +1,171 @@
+"""What Redis hands back is authenticated before it is decoded (guarantee 6), and a model's
+schema is part of its keys (guarantee 7)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tiered_cache
+from demo_project.demo.factories import UserFactory
+from demo_project.demo.models import User
+from tests.cache_fixtures import counters, l2_keys
+from tiered_cache import keys as tc_keys
+from tiered_cache import serialization
+from tiered_cache.registry import first_model_cache, reset_registry
+from tiered_cache.tiers import redis_tier
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PWNED = Path(f"/tmp/tiered_cache_pwned_{os.getpid()}")
+
+
+class Exploit:
+    """Unpickling this runs code: it must never happen to a payload read from Redis."""
+
+    def __reduce__(self) -> Any:
+        return (os.system, (f"touch {PWNED}",))
+
+
+def cached_user() -> tuple[User, bytes, bytes]:
+    user = UserFactory(first_name="real")
+    User.objects.get_cached(pk=user.pk)
+    tiered_cache.clear_local()
+    (key,) = l2_keys(User)
+    return user, key, redis_tier.client.get(key)
+
+
+def replace_body(value: bytes, body: bytes) -> bytes:
+    head = value.split(b"|", 4)
+    return b"|".join(head[:4]) + b"|" + body
+
+
+@pytest.fixture(autouse=True)
+def no_pwn() -> Any:
+    PWNED.unlink(missing_ok=True)
+    yield
+    assert not PWNED.exists(), "a payload from Redis was unpickled unverified"
+
+
+def assert_miss_read_from_db(user: User, caplog: Any) -> None:
+    before = counters(User)
+    with caplog.at_level(logging.WARNING, logger="tiered_cache"):
+        got = User.objects.get_cached(pk=user.pk)
+    assert got.first_name == "real"
+    after = counters(User)
+    assert after["corrupt"] == before["corrupt"] + 1
+    assert after["l2_hits"] == before["l2_hits"]
+    assert "bad L2 payload" in caplog.text
+
+
+def test_flipped_byte_is_a_miss(caplog: Any) -> None:
+    user, key, value = cached_user()
+    tampered = value[:-1] + bytes([value[-1] ^ 1])
+    redis_tier.client.set(key, tampered)
+    assert_miss_read_from_db(user, caplog)
+
+
+def test_code_running_pickle_is_never_loaded(caplog: Any) -> None:
+    user, key, value = cached_user()
+    evil = pickle.dumps(Exploit())
+    redis_tier.client.set(key, replace_body(value, b"\0" * 32 + evil))
+    assert_miss_read_from_db(user, caplog)
+    assert not PWNED.exists()
+
+
+def test_payload_signed_with_another_secret_is_a_miss(caplog: Any) -> None:
+    import hashlib
+    import hmac
+
+    user, key, value = cached_user()
+    body = pickle.dumps(Exploit())
+    other = hashlib.sha256(b"tiered_cache.payload:someone else's secret").digest()
+    foreign = hmac.digest(other, key + b"\0" + body, "sha256") + body
+    redis_tier.client.set(key, replace_body(value, foreign))
+    assert_miss_read_from_db(user, caplog)
+
+
+def test_valid_payload_moved_to_another_key_is_a_miss(caplog: Any) -> None:
+    user, key, value = cached_user()
+    other = UserFactory(first_name="other")
+    User.objects.get_cached(pk=other.pk)
+    tiered_cache.clear_local()
+    other_key = next(k for k in l2_keys(User) if k != key)
+    other_value = redis_tier.client.get(other_key)
+    # Keep this key's valid header, carry the other key's authentic body over.
+    redis_tier.client.set(key, replace_body(value, other_value.split(b"|", 4)[4]))
+    assert_miss_read_from_db(user, caplog)
+
+
+@pytest.mark.parametrize("junk", [b"", b"P|", b"P|x|y|z|", b"\x00\xff" * 10])
+def test_truncated_or_junk_values_are_misses(junk: bytes) -> None:
+    user, key, _ = cached_user()
+    redis_tier.client.set(key, junk)
+    assert User.objects.get_cached(pk=user.pk).first_name == "real"
+
+
+def test_key_of_another_redis_type_is_a_miss() -> None:
+    user, key, _ = cached_user()
+    redis_tier.client.delete(key)
+    redis_tier.client.hset(key, "field", "value")
+    assert User.objects.get_cached(pk=user.pk).first_name == "real"
+    # The junk was replaced by a real entry.
+    tiered_cache.clear_local()
+    User.objects.get_cached(pk=user.pk)
+    assert counters(User)["l2_hits"] == 1
+
+
+def test_schema_is_part_of_every_key(monkeypatch: Any) -> None:
+    user, old_key, _ = cached_user()
+    mc = first_model_cache(User)
+    assert mc is not None and mc.schema.encode() in old_key
+    # A deploy that changes the model's fields changes the fingerprint...
+    monkeypatch.setattr(
+        "tiered_cache.registry.schema_fingerprint", lambda model: "0ther5chema"
+    )
+    reset_registry()
+    try:
+        before = counters(User)["misses"]
+        got = User.objects.get_cached(pk=user.pk)
+        # ...so the old payload is not even looked at: a miss, read from the database.
+        assert got.pk == user.pk
+        assert counters(User)["misses"] == before + 1
+        assert counters(User)["corrupt"] == 0
+    finally:
+        reset_registry()
+
+
+def test_fingerprint_changes_with_the_fields() -> None:
+    from django.db import models
+
+    class Before(models.Model):
+        name = models.CharField(max_length=10)
+
+        class Meta:
+            app_label = "demo"
+            managed = False
+
+    class After(models.Model):
+        name = models.TextField()
+
+        class Meta:
+            app_label = "demo"
+            managed = False
+
+    a, b = tc_keys.schema_fingerprint(Before), tc_keys.schema_fingerprint(After)
+    assert a != b
+
+
+def test_key_encoding_is_injective() -> None:
+    enc = tc_keys.encode_values
+    assert enc(("a:b", "c")) != enc(("a", "b:c"))
+    assert enc((1,)) != enc(("1",)) != enc((True,))
+    assert enc(("",)) != enc(()) != enc((None,))
+    long = "x" * 500
+    assert enc((long,)) != enc((long + "y",))
+    assert len(enc((long,))) < 100

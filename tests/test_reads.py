@@ -1,0 +1,232 @@
+"""Reads: both tiers, keys (guarantee 5), fresh instances (guarantee 9), negative caching,
+get_many_cached, the L1 bound, and the errors for wrong input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.db.models import QuerySet
+from django.db.models.sql import compiler
+from django.test.utils import CaptureQueriesContext
+
+import tiered_cache
+from demo_project.demo.factories import (
+    FlowInstanceFactory,
+    GlobalModelFactory,
+    ModelFactory,
+    UserFactory,
+)
+from demo_project.demo.models import FlowInstance, GlobalModel, Model, User
+from tests.cache_fixtures import counters, l1_len, l2_keys
+from tiered_cache import UndeclaredLookup
+from tiered_cache.tiers import local_tier
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_miss_then_l1_hit_then_l2_hit() -> None:
+    user = UserFactory()
+    assert User.objects.get_cached(pk=user.pk) == user
+    assert User.objects.get_cached(pk=user.pk).email == user.email
+    tiered_cache.clear_local()
+    assert User.objects.get_cached(pk=user.pk).email == user.email
+    c = counters(User)
+    assert (c["misses"], c["l1_hits"], c["l2_hits"]) == (1, 1, 1)
+
+
+def test_l1_hit_runs_no_query_and_builds_no_queryset(monkeypatch: Any) -> None:
+    user = UserFactory()
+    User.objects.get_cached(pk=user.pk)
+    built: list[Any] = []
+    orig_init = QuerySet.__init__
+    monkeypatch.setattr(QuerySet, "__init__", lambda self, *a, **k: built.append(1) or orig_init(
+        self, *a, **k))
+    monkeypatch.setattr(compiler.SQLCompiler, "as_sql", lambda *a, **k: pytest.fail("compiled"))
+    with CaptureQueriesContext(connection) as queries:
+        assert User.objects.get_cached(pk=user.pk).pk == user.pk
+    assert len(queries) == 0
+    assert built == []
+
+
+def test_lookup_values_normalized_like_the_orm() -> None:
+    user = UserFactory()
+    User.objects.get_cached(pk=user.pk)
+    assert User.objects.get_cached(pk=str(user.pk)).pk == user.pk
+    assert User.objects.get_cached(id=user.pk).pk == user.pk
+    c = counters(User)
+    assert c["misses"] == 1 and c["l1_hits"] == 2
+
+
+def test_composite_keys_are_injective() -> None:
+    a = FlowInstanceFactory(tenant_id="a:b", session_id="c")
+    b = FlowInstanceFactory(tenant_id="a", session_id="b:c")
+    assert FlowInstance.objects.get_cached(tenant_id="a:b", session_id="c").pk == a.pk
+    assert FlowInstance.objects.get_cached(tenant_id="a", session_id="b:c").pk == b.pk
+    tiered_cache.clear_local()
+    assert FlowInstance.objects.get_cached(tenant_id="a", session_id="b:c").pk == b.pk
+    assert FlowInstance.objects.get_cached(session_id="c", tenant_id="a:b").pk == a.pk
+    assert len(l2_keys(FlowInstance)) == 2
+
+
+def test_foreign_key_lookup_by_instance_or_id_shares_one_entry() -> None:
+    m = ModelFactory()
+    got = Model.objects.get_cached(provider=m.provider, global_model=m.global_model)
+    assert got.pk == m.pk
+    got = Model.objects.get_cached(provider_id=m.provider_id, global_model_id=m.global_model_id)
+    assert got.pk == m.pk
+    assert counters(Model)["misses"] == 1
+
+
+def test_malformed_pk_raises_what_get_raises_and_caches_nothing() -> None:
+    with pytest.raises(ValueError) as orm:
+        User.objects.get(pk="abc")
+    before = l1_len()
+    with pytest.raises(ValueError) as cached:
+        User.objects.get_cached(pk="abc")
+    assert str(cached.value) == str(orm.value)
+    assert l1_len() == before
+    assert l2_keys(User) == []
+
+
+def test_wrong_model_instance_is_rejected() -> None:
+    m = ModelFactory()
+    with pytest.raises(ValueError, match="Must be"):
+        Model.objects.get_cached(provider=m.global_model, global_model=m.global_model)
+
+
+def test_undeclared_lookup_names_the_declared_ones() -> None:
+    with pytest.raises(UndeclaredLookup) as exc:
+        User.objects.get_cached(username="x")
+    assert isinstance(exc.value, ValueError)
+    assert "(username)" in str(exc.value) and "(pk), (email)" in str(exc.value)
+    with pytest.raises(UndeclaredLookup, match="tenant_id, session_id"):
+        FlowInstance.objects.get_cached(tenant_id="t1")
+    with pytest.raises(UndeclaredLookup):
+        User.objects.get_cached(pk=1, email="a@b.c")
+
+
+def test_missing_row_is_remembered_and_a_create_ends_it() -> None:
+    with pytest.raises(User.DoesNotExist):
+        User.objects.get_cached(email="ghost@example.com")
+    with pytest.raises(User.DoesNotExist):
+        User.objects.get_cached(email="ghost@example.com")
+    tiered_cache.clear_local()
+    with pytest.raises(User.DoesNotExist):
+        User.objects.get_cached(email="ghost@example.com")
+    c = counters(User)
+    assert c["misses"] == 1 and c["negative_hits"] == 2
+    user = UserFactory(email="ghost@example.com")
+    assert User.objects.get_cached(email="ghost@example.com").pk == user.pk
+
+
+def test_update_to_a_remembered_value_ends_the_negative_entry() -> None:
+    user = UserFactory()
+    with pytest.raises(User.DoesNotExist):
+        User.objects.get_cached(email="later@example.com")
+    user.email = "later@example.com"
+    user.save()
+    assert User.objects.get_cached(email="later@example.com").pk == user.pk
+
+
+def test_negative_timeout_is_honoured(settings: Any) -> None:
+    import time
+
+    from tiered_cache.registry import reset_registry
+
+    settings.TIERED_CACHE = {**settings.TIERED_CACHE, "NEGATIVE_TIMEOUT": 0.3}
+    reset_registry()
+    try:
+        user = UserFactory()
+        with pytest.raises(User.DoesNotExist):
+            User.objects.get_cached(email="soon@example.com")
+        # Raw SQL is invisible to the cache: only the negative timeout ends the entry.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {User._meta.db_table} SET email = %s WHERE id = %s",
+                ["soon@example.com", user.pk],
+            )
+        with pytest.raises(User.DoesNotExist):
+            User.objects.get_cached(email="soon@example.com")
+        time.sleep(0.4)
+        assert User.objects.get_cached(email="soon@example.com").pk == user.pk
+    finally:
+        reset_registry()
+
+
+def test_returned_instances_are_the_callers_own() -> None:
+    user = UserFactory(model_capability_settings={"gpt": {"vision": True}})
+    for _ in range(3):  # miss, L1 hit, then L2 hit
+        got = User.objects.get_cached(pk=user.pk)
+        got.model_capability_settings["gpt"]["vision"] = False
+        got.model_capability_settings["new"] = 1
+        got.first_name = "mutated"
+        again = User.objects.get_cached(pk=user.pk)
+        assert again.model_capability_settings == {"gpt": {"vision": True}}
+        assert again.first_name == user.first_name
+        tiered_cache.clear_local()
+
+
+def test_json_of_other_models_is_copied_too() -> None:
+    gm = GlobalModelFactory()
+    got = GlobalModel.objects.get_cached(name=gm.name)
+    got.supported_capabilities.append("mutated")
+    got.config["context_window"] = 1
+    again = GlobalModel.objects.get_cached(name=gm.name)
+    assert again.supported_capabilities == gm.supported_capabilities
+    assert again.config == gm.config
+
+
+def test_get_many_cached_one_round_trip_one_query(django_assert_num_queries: Any) -> None:
+    users = UserFactory.create_batch(5)
+    pks = [u.pk for u in users]
+    with django_assert_num_queries(1):
+        got = User.objects.get_many_cached([*pks, 10**9])
+    assert set(got) == set(pks)
+    assert all(got[u.pk].email == u.email for u in users)
+    tiered_cache.clear_local()
+    with django_assert_num_queries(0):
+        got = User.objects.get_many_cached(pks + [10**9])
+    assert set(got) == set(pks)
+    with django_assert_num_queries(0):
+        assert set(User.objects.get_many_cached(pks)) == set(pks)
+
+
+def test_l1_holds_at_most_l1_max_entries(settings: Any) -> None:
+    settings.TIERED_CACHE = {**settings.TIERED_CACHE, "L1_MAX_ENTRIES": 5}
+    users = UserFactory.create_batch(12)
+    for u in users:
+        User.objects.get_cached(pk=u.pk)
+    assert l1_len() == 5
+    # The five most recent stay; older ones come from L2.
+    User.objects.get_cached(pk=users[-1].pk)
+    assert counters(User)["l1_hits"] == 1
+    assert local_tier.evictions >= 7
+
+
+def test_l1_entries_expire(settings: Any) -> None:
+    import time
+
+    settings.TIERED_CACHE = {**settings.TIERED_CACHE, "L1_TIMEOUT": 0.05}
+    from tiered_cache.registry import reset_registry
+
+    reset_registry()
+    try:
+        user = UserFactory()
+        User.objects.get_cached(pk=user.pk)
+        time.sleep(0.1)
+        User.objects.get_cached(pk=user.pk)
+        assert counters(User)["l1_hits"] == 0 and counters(User)["l2_hits"] == 1
+    finally:
+        reset_registry()
+
+
+def test_stats_reports_per_model_counters() -> None:
+    user = UserFactory()
+    User.objects.get_cached(pk=user.pk)
+    User.objects.get_cached(pk=user.pk)
+    row = tiered_cache.stats()["demo.user"]
+    assert row["l1_hits"] == 1 and row["misses"] == 1 and row["hit_ratio"] == 0.5
+    assert row["l1_entries"] == 1
+    assert row["breaker"] == "closed" and row["bus"] == "live"

@@ -1,0 +1,320 @@
+"""Writes: read-your-writes (guarantee 1), transactions (guarantee 3) and every write path
+of the default manager (guarantee 4). These tests really commit."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.db import connection, transaction
+
+import tiered_cache
+from demo_project.demo.factories import FlowInstanceFactory, UserFactory
+from demo_project.demo.models import FlowInstance, User
+from tests.cache_fixtures import counters, l2_keys
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def warm(user: User) -> None:
+    """Put the row in both tiers under both lookups."""
+    User.objects.get_cached(pk=user.pk)
+    User.objects.get_cached(email=user.email)
+
+
+def read_elsewhere(fn: Callable[[], Any]) -> Any:
+    """Run a read in another thread: its own database connection, outside our transaction."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except Exception as exc:  # returned for the assertion
+            out["value"] = exc
+        finally:
+            connection.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out["value"]
+
+
+# -- guarantee 1 -------------------------------------------------------------
+
+@pytest.mark.parametrize("tier", ["l1", "l2"])
+def test_save_in_autocommit_is_read_back(tier: str) -> None:
+    user = UserFactory(first_name="old")
+    warm(user)
+    user.first_name = "new"
+    user.save()
+    if tier == "l2":
+        tiered_cache.clear_local()
+    assert User.objects.get_cached(pk=user.pk).first_name == "new"
+    assert User.objects.get_cached(email=user.email).first_name == "new"
+
+
+def test_delete_in_autocommit_is_read_back() -> None:
+    user = UserFactory()
+    warm(user)
+    pk, email = user.pk, user.email
+    user.delete()
+    with pytest.raises(User.DoesNotExist):
+        User.objects.get_cached(pk=pk)
+    tiered_cache.clear_local()
+    with pytest.raises(User.DoesNotExist):
+        User.objects.get_cached(email=email)
+
+
+def test_outermost_commit_is_read_back() -> None:
+    user = UserFactory(first_name="old")
+    warm(user)
+    with transaction.atomic():
+        with transaction.atomic():
+            User.objects.filter(pk=user.pk).update(first_name="new")
+        # Not committed yet: another connection still reads the committed row.
+        assert read_elsewhere(lambda: User.objects.get_cached(pk=user.pk).first_name) == "old"
+    assert User.objects.get_cached(pk=user.pk).first_name == "new"
+    tiered_cache.clear_local()
+    assert User.objects.get_cached(email=user.email).first_name == "new"
+
+
+# -- guarantee 3 -------------------------------------------------------------
+
+def test_reads_in_a_dirty_block_see_its_writes_and_fill_nothing() -> None:
+    user = UserFactory(first_name="old")
+    warm(user)
+    fills = counters(User)["fills"]
+    with transaction.atomic():
+        user.first_name = "uncommitted"
+        user.save()
+        assert User.objects.get_cached(pk=user.pk).first_name == "uncommitted"
+        assert User.objects.get_many_cached([user.pk])[user.pk].first_name == "uncommitted"
+        assert read_elsewhere(lambda: User.objects.get_cached(pk=user.pk).first_name) == "old"
+        assert counters(User)["fills"] == fills
+        assert counters(User)["bypassed"] == 2
+    assert User.objects.get_cached(pk=user.pk).first_name == "uncommitted"
+
+
+def test_rollback_leaves_no_trace() -> None:
+    user = UserFactory(first_name="old")
+    warm(user)
+    before = counters(User)
+    with pytest.raises(RuntimeError), transaction.atomic():
+        user.first_name = "rolled back"
+        user.save()
+        User.objects.get_cached(pk=user.pk)
+        raise RuntimeError
+    after = counters(User)
+    assert after["invalidations"] == before["invalidations"]
+    assert after["fills"] == before["fills"]
+    # Still served from L1: the rollback did not even drop the cached row.
+    assert User.objects.get_cached(pk=user.pk).first_name == "old"
+    assert counters(User)["l1_hits"] == before["l1_hits"] + 1
+
+
+def test_a_block_that_wrote_other_models_still_uses_the_cache() -> None:
+    user = UserFactory()
+    warm(user)
+    with transaction.atomic():
+        FlowInstanceFactory()
+        User.objects.get_cached(pk=user.pk)
+    assert counters(User)["bypassed"] == 0
+
+
+def test_rolled_back_savepoint_keeps_the_outer_invalidation() -> None:
+    a, b = UserFactory(first_name="a0"), UserFactory(first_name="b0")
+    warm(a)
+    warm(b)
+    with transaction.atomic():
+        User.objects.filter(pk=a.pk).update(first_name="a1")
+        with pytest.raises(RuntimeError), transaction.atomic():
+            User.objects.filter(pk=b.pk).update(first_name="b1")
+            raise RuntimeError
+        User.objects.filter(pk=a.pk).update(last_name="still-outer")
+    tiered_cache.clear_local()
+    got_a = User.objects.get_cached(pk=a.pk)
+    assert (got_a.first_name, got_a.last_name) == ("a1", "still-outer")
+    assert User.objects.get_cached(pk=b.pk).first_name == "b0"
+
+
+def test_a_write_in_a_savepoint_after_a_rolled_back_one_is_invalidated() -> None:
+    user = UserFactory(first_name="old")
+    warm(user)
+    with transaction.atomic():
+        with pytest.raises(RuntimeError), transaction.atomic():
+            User.objects.filter(pk=user.pk).update(first_name="gone")
+            raise RuntimeError
+        with transaction.atomic():
+            User.objects.filter(pk=user.pk).update(first_name="new")
+    assert User.objects.get_cached(pk=user.pk).first_name == "new"
+
+
+# -- guarantee 4 -------------------------------------------------------------
+
+def _save(u: User) -> None:
+    u.first_name = "new"
+    u.save()
+
+
+def _save_update_fields(u: User) -> None:
+    u.first_name = "new"
+    u.save(update_fields=["first_name"])
+
+
+def _queryset_update(u: User) -> None:
+    User.objects.filter(email=u.email).update(first_name="new")
+
+
+def _bulk_update(u: User) -> None:
+    u.first_name = "new"
+    User.objects.bulk_update([u], ["first_name"])
+
+
+def _update_or_create(u: User) -> None:
+    User.objects.update_or_create(pk=u.pk, defaults={"first_name": "new"})
+
+
+def _related_manager_style(u: User) -> None:
+    User.objects.all().filter(pk=u.pk).update(first_name="new")
+
+
+def _unloaded_instance_save(u: User) -> None:
+    fresh = User.objects.get(pk=u.pk)
+    fresh.first_name = "new"
+    fresh.save()
+
+
+@pytest.mark.parametrize(
+    "write",
+    [_save, _save_update_fields, _queryset_update, _bulk_update, _update_or_create,
+     _related_manager_style, _unloaded_instance_save],
+)
+@pytest.mark.parametrize("tier", ["l1", "l2"])
+def test_every_update_path_invalidates(write: Callable[[User], None], tier: str) -> None:
+    user = UserFactory(first_name="old")
+    warm(user)
+    write(user)
+    if tier == "l2":
+        tiered_cache.clear_local()
+    assert User.objects.get_cached(pk=user.pk).first_name == "new"
+    assert User.objects.get_cached(email=user.email).first_name == "new"
+
+
+def _delete(u: User) -> None:
+    u.delete()
+
+
+def _queryset_delete(u: User) -> None:
+    User.objects.filter(pk=u.pk).delete()
+
+
+@pytest.mark.parametrize("write", [_delete, _queryset_delete])
+@pytest.mark.parametrize("tier", ["l1", "l2"])
+def test_every_delete_path_invalidates(write: Callable[[User], None], tier: str) -> None:
+    user = UserFactory()
+    warm(user)
+    pk, email = user.pk, user.email
+    write(user)
+    if tier == "l2":
+        tiered_cache.clear_local()
+    with pytest.raises(User.DoesNotExist):
+        User.objects.get_cached(pk=pk)
+    with pytest.raises(User.DoesNotExist):
+        User.objects.get_cached(email=email)
+
+
+@pytest.mark.parametrize("how", ["bulk_create", "create", "get_or_create"])
+def test_creates_end_remembered_absence(how: str) -> None:
+    email = f"{how}@example.com"
+    with pytest.raises(User.DoesNotExist):
+        User.objects.get_cached(email=email)
+    if how == "bulk_create":
+        User.objects.bulk_create([UserFactory.build(email=email)])
+    elif how == "create":
+        UserFactory(email=email)
+    else:
+        User.objects.get_or_create(email=email, defaults={"username": how})
+    assert User.objects.get_cached(email=email).email == email
+
+
+def test_bulk_create_with_update_conflicts_drops_the_model() -> None:
+    flow = FlowInstanceFactory(current_step=1)
+    FlowInstance.objects.get_cached(tenant_id=flow.tenant_id, session_id=flow.session_id)
+    clone = FlowInstanceFactory.build(
+        tenant_id=flow.tenant_id, session_id=flow.session_id, current_step=7
+    )
+    FlowInstance.objects.bulk_create(
+        [clone], update_conflicts=True, unique_fields=["tenant_id", "session_id"],
+        update_fields=["current_step"],
+    )
+    got = FlowInstance.objects.get_cached(tenant_id=flow.tenant_id, session_id=flow.session_id)
+    assert got.current_step == 7
+
+
+@pytest.mark.parametrize("tier", ["l1", "l2"])
+def test_changing_a_unique_field_drops_the_old_value(tier: str) -> None:
+    user = UserFactory(email="before@example.com")
+    warm(user)
+    user.email = "after@example.com"
+    user.save()
+    if tier == "l2":
+        tiered_cache.clear_local()
+    with pytest.raises(User.DoesNotExist):
+        User.objects.get_cached(email="before@example.com")
+    assert User.objects.get_cached(email="after@example.com").pk == user.pk
+
+
+def test_unique_field_change_through_a_stale_instance_drops_the_old_value() -> None:
+    """Another writer changed the email after we loaded the row: the value we never saw
+    is dropped too, because entries are tied to the row's version, not to its old values."""
+    user = UserFactory(email="first@example.com")
+    stale = User.objects.get(pk=user.pk)
+    User.objects.filter(pk=user.pk).update(email="second@example.com")
+    assert User.objects.get_cached(email="second@example.com").pk == user.pk
+    stale.email = "third@example.com"
+    stale.save()
+    for _ in range(2):
+        with pytest.raises(User.DoesNotExist):
+            User.objects.get_cached(email="second@example.com")
+        tiered_cache.clear_local()
+
+
+def test_queryset_update_of_many_rows_flushes_the_model(settings: Any) -> None:
+    settings.TIERED_CACHE = {**settings.TIERED_CACHE, "BULK_INVALIDATION_LIMIT": 2}
+    users = UserFactory.create_batch(4, first_name="old")
+    for u in users:
+        warm(u)
+    assert User.objects.filter(pk__in=[u.pk for u in users]).update(first_name="new") == 4
+    assert l2_keys(User) == []
+    for u in users:
+        assert User.objects.get_cached(email=u.email).first_name == "new"
+
+
+def test_raw_sql_needs_invalidate() -> None:
+    user = UserFactory(first_name="old")
+    warm(user)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {User._meta.db_table} SET first_name = 'raw' WHERE id = %s", [user.pk]
+        )
+    assert User.objects.get_cached(pk=user.pk).first_name == "old"  # documented
+    User.objects.invalidate(user.pk)
+    assert User.objects.get_cached(pk=user.pk).first_name == "raw"
+    assert User.objects.get_cached(email=user.email).first_name == "raw"
+
+
+def test_flush_cache_drops_every_entry_of_the_model() -> None:
+    users = UserFactory.create_batch(3)
+    for u in users:
+        warm(u)
+    flow = FlowInstanceFactory()
+    FlowInstance.objects.get_cached(tenant_id=flow.tenant_id, session_id=flow.session_id)
+    User.objects.flush_cache()
+    assert l2_keys(User) == []
+    assert len(l2_keys(FlowInstance)) == 1
+    misses = counters(User)["misses"]
+    User.objects.get_cached(pk=users[0].pk)
+    assert counters(User)["misses"] == misses + 1
