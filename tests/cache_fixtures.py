@@ -57,3 +57,21 @@ def counters(model: Any) -> dict[str, int]:
 
 def l1_len() -> int:
     return len(local_tier)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def close_stray_connections(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
+    """Threads of asgiref, the bus listener and test helpers keep connections of their own;
+    end them so pytest-django can drop the test database afterwards."""
+    yield
+    from django.db import connection
+
+    with django_db_blocker.unblock():
+        if connection.vendor != "postgresql":
+            return
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                [connection.settings_dict["NAME"]],
+            )

@@ -12,6 +12,7 @@ __all__ = [
     "CachedQuerySet",
     "UncacheableArguments",
     "UndeclaredLookup",
+    "cached",
     "clear_local",
     "stats",
 ]
@@ -23,6 +24,7 @@ _LAZY = {
     "CachedManagerMixin": "managers",
     "CachedQuerySet": "managers",
     "stats": "counters",
+    "cached": "derived",
 }
 
 

@@ -187,6 +187,9 @@ class Bus:
         if msg.get("o") == own:
             return
         label = msg["m"]
+        if "k" in msg:
+            local_tier.drop_key(msg["k"], label)
+            return
         apply_locally({label: msg.get("r", [])}, [label] if msg.get("f") else [])
 
 

@@ -62,7 +62,7 @@ class Batch:
             mc = self.caches[label]
             mc.counters.invalidations += max(1, len(rids))
         try:
-            redis_tier.invalidate_many(self.redis_calls())
+            redis_tier.run_many(self.redis_calls())
         except Unavailable:
             self.to_outbox()
         for label, rids in self.rows.items():
@@ -71,8 +71,12 @@ class Batch:
                     sender=self.caches[label].model, rows=sorted(rids), flush=label in self.flush
                 )
 
-    def redis_calls(self) -> list[tuple[list[str], list[Any]]]:
-        calls = []
+    def redis_calls(self) -> list[tuple[str, list[str], list[Any]]]:
+        calls: list[tuple[str, list[str], list[Any]]] = []
+        # Derived results first: once the bus message below is out, none may still pass.
+        bumps = [key for label in self.rows for key in dependency_counters(label)]
+        if bumps:
+            calls.append(("bump", bumps, []))
         for label, rids in self.rows.items():
             mc = self.caches[label]
             flush = label in self.flush
@@ -84,6 +88,7 @@ class Batch:
             msg = json.dumps({"o": origin["id"], "m": label, "r": rids, "f": int(flush)})
             calls.append(
                 (
+                    "inv",
                     [mc.gen_key, mc.writes_key, *row_keys, *data_keys],
                     [channel(), msg, len(row_keys), fresh_token(),
                      int((mc.timeout + 60) * 1000), "1" if flush else "0", fresh_token()],
@@ -133,6 +138,13 @@ def apply_locally(rows: dict[str, Iterable[str]], flush: Iterable[str]) -> None:
 local_hooks: list[Any] = []
 
 
+def dependency_counters(label: str) -> list[str]:
+    """Redis keys counting writes of this model for the cached functions depending on it."""
+    from .derived import dependency_counters as counters
+
+    return counters(label)
+
+
 def drain_outbox(limit: int = 1000) -> int:
     """Apply invalidations that earlier failed to reach Redis. Raises Unavailable if Redis
     still cannot take them (they stay in the outbox)."""
@@ -144,7 +156,15 @@ def drain_outbox(limit: int = 1000) -> int:
     if not pending:
         return 0
     batch = Batch()
+    extra: list[tuple[str, list[str], list[Any]]] = []
     for p in pending:
+        if p.model_label.startswith("fn:"):
+            from .derived import _functions
+
+            fn = _functions.get(p.model_label)
+            if fn is not None:
+                extra += [fn.drop_key_args(key) for key in p.rows]
+            continue
         try:
             model = apps.get_model(p.model_label)
         except LookupError:
@@ -157,7 +177,8 @@ def drain_outbox(limit: int = 1000) -> int:
         batch.add_rows(mc, p.rows)
     if batch:
         apply_locally(batch.rows, batch.flush)
-        redis_tier.invalidate_many(batch.redis_calls())
+    if batch or extra:
+        redis_tier.run_many(batch.redis_calls() + extra)
     PendingInvalidation.objects.filter(id__in=[p.id for p in pending]).delete()
     logger.warning("tiered_cache: applied %d outbox invalidations", len(pending))
     return len(pending)

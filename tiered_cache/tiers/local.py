@@ -81,6 +81,13 @@ class LocalTier:
                         n += 1
         return n
 
+    def drop_key(self, key: str, label: str) -> None:
+        with self._lock:
+            self._writes[label] = self._writes.get(label, 0) + 1
+            e = self._data.get(key)
+            if e is not None:
+                self._remove(key, e)
+
     def drop_model(self, label: str) -> None:
         with self._lock:
             self._epoch[label] = self._epoch.get(label, 0) + 1

@@ -88,6 +88,56 @@ return 1
 """
 
 
+# KEYS: counters to bump (derived functions' mirrors of model write counts).
+BUMP = _SGET + """
+for i = 1, #KEYS do
+  local w = redis.pcall('INCR', KEYS[i])
+  if type(w) == 'table' and w.err then redis.call('DEL', KEYS[i]); redis.call('INCR', KEYS[i]) end
+end
+return 1
+"""
+
+# Derived (cached function) entries. KEYS: gen, data, then one write counter per dependency.
+# ARGV: fresh gen. A value is "D|gen|w1,w2,...|<mac+payload>", valid while every
+# dependency's counter is unchanged; "T|token" is a tombstone left by fn.invalidate().
+DREAD = _SGET + """
+local g = sget(KEYS[1])
+if not g then g = ARGV[1]; redis.call('SET', KEYS[1], g) end
+local ws = {}
+for i = 3, #KEYS do ws[#ws + 1] = sget(KEYS[i]) or '0' end
+local wstr = table.concat(ws, ',')
+local v = sget(KEYS[2])
+if v then
+  local kind, vg, vw = string.match(v, '^(%u)|([^|]*)|([^|]*)|')
+  if kind == 'D' and vg == g and vw == wstr then return {1, v} end
+  if string.sub(v, 1, 2) == 'T|' then return {0, g, wstr, v} end
+end
+return {0, g, wstr, ''}
+"""
+
+# KEYS as DREAD. ARGV: gen seen, counters seen, tombstone seen ('' = none), body, ttl ms.
+DFILL = _SGET + """
+if sget(KEYS[1]) ~= ARGV[1] then return 0 end
+local ws = {}
+for i = 3, #KEYS do ws[#ws + 1] = sget(KEYS[i]) or '0' end
+if table.concat(ws, ',') ~= ARGV[2] then return 0 end
+local cur = sget(KEYS[2])
+if cur and string.sub(cur, 1, 2) == 'T|' and cur ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[2], 'D|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[4], 'PX', ARGV[5])
+return 1
+"""
+
+# KEYS: data. ARGV: tombstone, ttl ms, channel, message.
+DDROP = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+
+_SOURCES = {"read": READ, "fill": FILL, "inv": INVALIDATE, "bump": BUMP, "dread": DREAD,
+            "dfill": DFILL, "ddrop": DDROP}
+
+
 class Unavailable(Exception):
     """Redis was not used for this call: the breaker is open or the call failed."""
 
@@ -132,7 +182,7 @@ class RedisTier:
                     self._client = redis.Redis(connection_pool=pool)
                     self._scripts = {
                         name: self._client.register_script(src)
-                        for name, src in (("read", READ), ("fill", FILL), ("inv", INVALIDATE))
+                        for name, src in _SOURCES.items()
                     }
                     self._pid = os.getpid()
             c = self._client
@@ -192,16 +242,18 @@ class RedisTier:
 
         return self.call(run)
 
-    def invalidate_many(self, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> None:
-        s = self.script("inv")
+    def run_many(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Several scripts, by name, in one round trip (each script is atomic on its own)."""
+        client = self.client
+        scripts = self._scripts
 
-        def run() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            for keys, args in calls:
-                s(keys=keys, args=args, client=pipe)
-            pipe.execute()
+        def run() -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for name, keys, args in calls:
+                scripts[name](keys=keys, args=args, client=pipe)
+            return pipe.execute()
 
-        self.call(run)
+        return self.call(run)
 
 
 redis_tier = RedisTier()

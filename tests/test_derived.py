@@ -1,0 +1,219 @@
+"""Cached functions with model dependencies (tiered_cache.cached)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import tiered_cache
+from demo_project.demo.factories import (
+    GlobalModelFactory,
+    ModelFactory,
+    ProviderFactory,
+    UserFactory,
+)
+from demo_project.demo.models import GlobalModel, Model, User
+from demo_project.demo.resolvers import resolve_global_model
+from tests.processes import worker
+from tiered_cache import UncacheableArguments, cached
+from tiered_cache.tiers import redis_tier
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+calls: list[Any] = []
+
+
+@cached(depends_on=[User], timeout=60, negative_timeout=0.3)
+def user_names(domain: str, active: bool = True) -> list[str] | None:
+    calls.append(domain)
+    names = sorted(
+        User.objects.filter(email__endswith="@" + domain, is_active=active).values_list(
+            "username", flat=True
+        )
+    )
+    return names or None
+
+
+@cached(depends_on=["demo.User"])
+def first_user(domain: str) -> User | None:
+    calls.append(domain)
+    return User.objects.filter(email__endswith="@" + domain).order_by("pk").first()
+
+
+@pytest.fixture(autouse=True)
+def reset_calls() -> None:
+    calls.clear()
+
+
+def test_result_is_cached_in_both_tiers() -> None:
+    UserFactory(username="ann", email="ann@x.test")
+    assert user_names("x.test") == ["ann"]
+    assert user_names("x.test") == ["ann"]
+    tiered_cache.clear_local()
+    assert user_names("x.test") == ["ann"]
+    assert calls == ["x.test"]
+
+
+def test_positional_keyword_and_default_arguments_share_a_key() -> None:
+    UserFactory(email="b@y.test")
+    user_names("y.test")
+    user_names(domain="y.test")
+    user_names("y.test", True)
+    user_names("y.test", active=True)
+    assert calls == ["y.test"]
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda u: (setattr(u, "username", "changed"), u.save()),
+        lambda u: User.objects.filter(pk=u.pk).update(username="changed"),
+        lambda u: User.objects.bulk_update([setattr(u, "username", "changed") or u],
+                                           ["username"]),
+        lambda u: (u.delete(), UserFactory(username="changed", email="c@z.test")),
+        lambda u: (User.objects.filter(pk=u.pk).update(username="changed"),
+                   User.objects.flush_cache()),
+    ],
+    ids=["save", "update", "bulk_update", "delete+create", "flush"],
+)
+def test_any_write_of_a_dependency_drops_the_result(write: Any) -> None:
+    user = UserFactory(username="before", email="c@z.test")
+    assert user_names("z.test") == ["before"]
+    write(user)
+    assert user_names("z.test") == ["changed"]
+    tiered_cache.clear_local()
+    assert user_names("z.test") == ["changed"]
+
+
+def test_writes_of_other_models_do_not_drop_it() -> None:
+    UserFactory(email="d@w.test")
+    user_names("w.test")
+    GlobalModelFactory()
+    user_names("w.test")
+    assert calls == ["w.test"]
+
+
+def test_none_is_kept_for_the_negative_timeout() -> None:
+    assert user_names("nobody.test") is None
+    assert user_names("nobody.test") is None
+    assert calls == ["nobody.test"]
+    time.sleep(0.35)
+    tiered_cache.clear_local()
+    assert user_names("nobody.test") is None
+    assert calls == ["nobody.test", "nobody.test"]
+
+
+def test_model_instances_come_back_as_fresh_copies() -> None:
+    UserFactory(email="e@v.test", model_capability_settings={"a": 1})
+    got = first_user("v.test")
+    got.model_capability_settings["a"] = 2
+    got.first_name = "mutated"
+    again = first_user("v.test")
+    assert again.model_capability_settings == {"a": 1} and again.first_name != "mutated"
+    assert again is not got
+
+
+def test_invalidate_drops_one_entry_everywhere() -> None:
+    from django.db import connection
+
+    UserFactory(email="f@u.test")
+    t_user = UserFactory(username="t_before", email="g@t.test")
+    user_names("u.test")
+    user_names("t.test")
+    user_names.invalidate("u.test")
+    user_names("u.test")
+    user_names("t.test")
+    assert calls == ["u.test", "t.test", "u.test"]
+    with worker() as other:
+        assert other.call("tests.test_derived.call_user_names", "t.test") == ["t_before"]
+        with connection.cursor() as cursor:  # behind the cache's back
+            cursor.execute(f"UPDATE {User._meta.db_table} SET username = 't_after' "
+                           "WHERE id = %s", [t_user.pk])
+        assert other.call("tests.test_derived.call_user_names", "t.test") == ["t_before"]
+        user_names.invalidate("t.test")
+        time.sleep(0.1)
+        assert other.call("tests.test_derived.call_user_names", "t.test") == ["t_after"]
+
+
+def call_user_names(domain: str) -> Any:
+    return user_names(domain)
+
+
+def test_unkeyable_arguments_raise_type_error_at_call_time() -> None:
+    with pytest.raises(UncacheableArguments) as exc:
+        user_names(object())
+    assert isinstance(exc.value, TypeError)
+    assert "argument 'domain'" in str(exc.value) and "object" in str(exc.value)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        user_names("x", colour="red")
+    with pytest.raises(UncacheableArguments, match="unsaved"):
+        first_user(User(username="unsaved"))
+
+
+def test_a_dependency_write_during_the_computation_is_not_stored(monkeypatch: Any) -> None:
+    user = UserFactory(username="old", email="h@s.test")
+    computing, go_on = threading.Event(), threading.Event()
+    original = user_names.fn
+
+    def slow(domain: str, active: bool = True) -> Any:
+        result = original(domain, active)
+        computing.set()
+        go_on.wait(5)
+        return result
+
+    monkeypatch.setattr(user_names, "fn", slow)
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(user_names("s.test")))
+    t.start()
+    assert computing.wait(5)
+    User.objects.filter(pk=user.pk).update(username="new")
+    go_on.set()
+    t.join(5)
+    assert out == [["old"]]  # the caller gets what it computed...
+    monkeypatch.setattr(user_names, "fn", original)
+    assert user_names("s.test") == ["new"]  # ...but nothing stale was stored
+    tiered_cache.clear_local()
+    assert user_names("s.test") == ["new"]
+
+
+def test_a_dependency_write_in_one_process_drops_the_result_in_another() -> None:
+    provider = ProviderFactory()
+    gm = GlobalModelFactory(name="gpt-x")
+    ModelFactory(provider=provider, global_model=gm, provider_model_name="alias-x")
+    with worker() as other:
+        assert other.call("tests.process_tasks.resolve", "alias-x") == "gpt-x"
+        assert other.call("tests.process_tasks.resolve", "alias-x") == "gpt-x"
+        Model.objects.filter(provider_model_name="alias-x").update(is_active=False)
+        time.sleep(0.1)
+        assert other.call("tests.process_tasks.resolve", "alias-x") is None
+        GlobalModel.objects.filter(pk=gm.pk).update(name="alias-x")
+        time.sleep(0.1)
+        assert other.call("tests.process_tasks.resolve", "alias-x") == "alias-x"
+
+
+def test_resolve_global_model_follows_the_seed_order(caplog: Any) -> None:
+    active, inactive = ProviderFactory(), ProviderFactory(is_active=False)
+    by_name = GlobalModelFactory(name="claude")
+    mapped = GlobalModelFactory(name="claude-sonnet")
+    ModelFactory(provider=inactive, global_model=by_name, provider_model_name="sonnet")
+    ModelFactory(provider=active, global_model=mapped, provider_model_name="sonnet")
+    assert resolve_global_model("sonnet").name == "claude-sonnet"
+    assert resolve_global_model("  claude ").name == "claude"
+    assert resolve_global_model("unknown") is None
+    assert resolve_global_model("") is None
+    other = GlobalModelFactory(name="claude-opus")
+    ModelFactory(provider=ProviderFactory(), global_model=other, provider_model_name="sonnet")
+    with caplog.at_level("WARNING"):
+        assert resolve_global_model("sonnet").name == "claude-sonnet"
+    assert "several global models" in caplog.text
+
+
+def test_derived_entries_live_in_one_hash_slot() -> None:
+    UserFactory(email="i@r.test")
+    user_names("r.test")
+    keys = list(redis_tier.client.scan_iter(match="*:fn}*", count=1000))
+    assert keys
+    assert {k.split(b"}")[0] for k in keys} == {keys[0].split(b"}")[0]}
