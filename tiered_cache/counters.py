@@ -50,7 +50,7 @@ class HotRows:
         self._tick += 1
         if self._tick % self.SAMPLE_EVERY:
             return
-        pk = frozen[mc.codec.pk_index]
+        pk = frozen[2]
         per_model = self.counts.setdefault(mc.label, {})
         per_model[pk] = per_model.get(pk, 0) + 1
 

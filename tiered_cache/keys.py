@@ -48,6 +48,10 @@ def encode_value(value: Any) -> str:
 
 def encode_values(values: Iterable[Any]) -> str:
     """Length-prefixed parts, so ("a:b", "c") and ("a", "b:c") differ."""
+    if type(values) is tuple and len(values) == 1:
+        p = encode_value(values[0])
+        if len(p) < _MAX_PLAIN - 8:
+            return f"{len(p)}.{p}"
     out = []
     for v in values:
         p = encode_value(v)

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db import connections, models, router, transaction
+from django.db import DEFAULT_DB_ALIAS, connections, models, router, transaction
 from django.db.models.query import QuerySet
 
 from . import reads
@@ -135,6 +135,19 @@ class CachedManagerMixin:
         lk, values = mc.resolve(lookup)
         return reads.get(self, mc, lk, values)
 
+    @property
+    def db(self) -> str:
+        # Manager.db asks the router; with no routers that is always the default alias
+        # (or the hinted instance's), and this runs on every cached read.
+        if self._db:
+            return self._db
+        if not router.routers:
+            instance = self._hints.get("instance")
+            if instance is not None and instance._state.db:
+                return instance._state.db
+            return DEFAULT_DB_ALIAS
+        return router.db_for_read(self.model, **self._hints)
+
     def get_many_cached(self, pks: Iterable[Any]) -> dict[Any, Any]:
         """{pk: instance} for the rows that exist: one L2 round trip, one query for misses."""
         return reads.get_many(self, model_cache(self), list(pks))
@@ -143,7 +156,7 @@ class CachedManagerMixin:
         mc = model_cache(self)
         lk, values = mc.resolve(lookup)
         # An L1 hit stays on the event loop: no I/O, no thread hop.
-        found = reads.peek_local(mc, lk.key(values), self.db)
+        found = reads.peek_local(mc, (lk.key_prefix, values), self.db)
         if found is not None:
             return found
         return await sync_to_async(reads.get)(self, mc, lk, values)

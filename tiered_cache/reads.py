@@ -37,7 +37,7 @@ class _Flight:
         self.obj: Any = None
 
 
-_flights: dict[tuple[str, str], _Flight] = {}
+_flights: dict[tuple[str, Any], _Flight] = {}
 _flights_lock = threading.Lock()
 
 # Tests set this to pause a reader between its database read and its fills.
@@ -45,19 +45,20 @@ fill_hook: Any = None
 
 
 def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> Any:
-    key = lk.key(values)
+    # L1 is keyed by the lookup and its values: no string is built on the hot path.
+    l1key = (lk.key_prefix, values)
     db = manager.db
     if in_dirty_transaction(mc.label, db):
         mc.counters.bypassed += 1
         return manager.get_queryset().get(**lk.orm_kwargs(values))
 
-    found = peek_local(mc, key, db)
+    found = peek_local(mc, l1key, db)
     if found is not None:
         return found
 
     if not bus.trusted():
         bus.ensure_started()
-    flight_key = (db, key)
+    flight_key = (db, l1key)
     with _flights_lock:
         flight = _flights.get(flight_key)
         leader = flight is None
@@ -68,10 +69,10 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
         value = flight.value if flight.done.wait(mc_wait()) else None
         if value is not None and value is not UNCACHEABLE:
             return _deliver(mc, flight.value, flight.obj, db)
-        value, obj = _load(manager, mc, lk, values, key, db, fill=False)
+        value, obj = _load(manager, mc, lk, values, l1key, db, fill=False)
         return _deliver(mc, value, obj, db)
     try:
-        value, obj = _load(manager, mc, lk, values, key, db, fill=True)
+        value, obj = _load(manager, mc, lk, values, l1key, db, fill=True)
         flight.value, flight.obj = value, obj
     finally:
         flight.done.set()
@@ -80,12 +81,13 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
     return _deliver(mc, value, obj, db, own=True)
 
 
-def peek_local(mc: ModelCache, key: str, db: str) -> Any:
+def peek_local(mc: ModelCache, key: Any, db: str) -> Any:
     """An instance from L1, None on a miss; raises DoesNotExist for a remembered absence.
     Does no I/O, so async callers use it on the event loop."""
-    if not bus.trusted():
+    now = time.monotonic()
+    if now >= bus._trusted_until:
         return None
-    v = local_tier.get(key)
+    v = local_tier.get(key, now)
     if v is None:
         return None
     if v is NEGATIVE:
@@ -159,12 +161,13 @@ def _corrupt(mc: ModelCache, key: str, exc: Exception) -> None:
 
 
 def _load(
-    manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...], key: str, db: str,
+    manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...], l1key: Any, db: str,
     fill: bool,
 ) -> tuple[Any, Any]:
     """(frozen row | NEGATIVE | UNCACHEABLE, instance read from the database or None)."""
     from .conf import conf
 
+    key = lk.key(values)
     trusted = bus.trusted()
     token = local_tier.token(mc.label)
     lease = fresh_token() if fill else ""
@@ -182,7 +185,7 @@ def _load(
                 else:
                     _count_l2_hit(mc, key, value)
                     if fill:
-                        local_tier.set(key, mc.label, _row_of(mc, value), value,
+                        local_tier.set(l1key, mc.label, _row_of(mc, value), value,
                                        _l1_timeout(mc, value), token)
                     return value, None
             else:
@@ -227,7 +230,7 @@ def _load(
     if code == _LEASE:
         stored = _fill_l2(mc, key, lease, gen, writes, value, row_vals)
     if fill and trusted and stored:
-        local_tier.set(key, mc.label, _row_of(mc, value), value, _l1_timeout(mc, value), token)
+        local_tier.set(l1key, mc.label, _row_of(mc, value), value, _l1_timeout(mc, value), token)
     return value, obj
 
 
@@ -241,7 +244,7 @@ def _count_l2_hit(mc: ModelCache, key: str, value: Any) -> None:
 
 
 def _row_of(mc: ModelCache, value: Any) -> str:
-    return "" if value is NEGATIVE else row_id(value[mc.codec.pk_index])
+    return "" if value is NEGATIVE else row_id(value[2])
 
 
 def _l1_timeout(mc: ModelCache, value: Any) -> float:
@@ -288,7 +291,9 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     wanted: dict[Any, str] = {}
     for pk in pks:
         v = prep(pk.pk if hasattr(pk, "_meta") else pk)
-        wanted.setdefault(v, lk.key((v,)))
+        if v not in wanted:
+            wanted[v] = lk.key((v,))
+    prefix = lk.key_prefix
     if in_dirty_transaction(mc.label, db):
         mc.counters.bypassed += len(wanted)
         return manager.get_queryset().in_bulk(list(wanted))
@@ -301,7 +306,7 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     todo: dict[Any, str] = {}
     if trusted:
         for pk, key in wanted.items():
-            v = local_tier.get(key)
+            v = local_tier.get((prefix, (pk,)))
             if v is None:
                 todo[pk] = key
             elif v is NEGATIVE:
@@ -335,7 +340,8 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
                 missing[pk] = (key, None)
                 continue
             _count_l2_hit(mc, key, value)
-            local_tier.set(key, mc.label, _row_of(mc, value), value, _l1_timeout(mc, value), token)
+            local_tier.set((prefix, (pk,)), mc.label, _row_of(mc, value), value,
+                           _l1_timeout(mc, value), token)
             if value is not NEGATIVE:
                 found[pk] = mc.codec.thaw(value, db)
         else:
@@ -369,7 +375,8 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
             pass
     if trusted and stored_ok:
         for pk, (key, value) in frozen.items():
-            local_tier.set(key, mc.label, _row_of(mc, value), value, _l1_timeout(mc, value), token)
+            local_tier.set((prefix, (pk,)), mc.label, _row_of(mc, value), value,
+                           _l1_timeout(mc, value), token)
     return found
 
 

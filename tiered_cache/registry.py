@@ -75,10 +75,29 @@ def _instance_value(f: models.Field, name: str, value: models.Model, model: type
     )
 
 
+# Fields whose get_prep_value returns a value of this exact type unchanged: the hot path
+# skips the call for them. Only Django's own classes: a subclass may convert differently.
+_PASS_THROUGH: dict[type[models.Field], type] = {
+    models.AutoField: int, models.BigAutoField: int, models.SmallAutoField: int,
+    models.IntegerField: int, models.BigIntegerField: int, models.SmallIntegerField: int,
+    models.PositiveIntegerField: int, models.PositiveBigIntegerField: int,
+    models.PositiveSmallIntegerField: int,
+    models.CharField: str, models.EmailField: str, models.SlugField: str, models.TextField: str,
+}
+
+
 def _prep_for(f: models.Field) -> Callable[[Any], Any]:
     """The conversion the ORM applies to an exact lookup's value, errors included."""
     target = f.target_field if f.is_relation else f
-    return target.get_prep_value
+    prep = target.get_prep_value
+    same = _PASS_THROUGH.get(type(target))
+    if same is None:
+        return prep
+
+    def fast(value: Any) -> Any:
+        return value if type(value) is same else prep(value)
+
+    return fast
 
 
 class ModelCache:

@@ -12,6 +12,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import models
+from django.db.models.base import ModelState
+from django.db.models.signals import post_init, pre_init
+from django.dispatch.dispatcher import NO_RECEIVERS
 
 logger = logging.getLogger("tiered_cache")
 
@@ -96,6 +99,14 @@ class RowCodec:
         self.mutable = tuple(
             i for i, f in enumerate(self.fields) if not isinstance(f, _IMMUTABLE_FIELDS)
         )
+        model = self.model
+        # Building an instance without __init__ is only equivalent to from_db() when the
+        # model keeps Django's own __init__ and from_db and nothing listens to its init
+        # signals; otherwise (field trackers, ImageField dimensions...) from_db() it is.
+        self._plain = (
+            model.__init__ is models.Model.__init__
+            and model.from_db.__func__ is models.Model.from_db.__func__  # type: ignore[attr-defined]
+        )
 
     def values(self, obj: models.Model) -> tuple[Any, ...] | None:
         """The row as loaded; None when fields are deferred (such rows are not cached)."""
@@ -106,18 +117,45 @@ class RowCodec:
             return None
 
     def freeze(self, values: Sequence[Any]) -> tuple[Any, ...]:
-        """Immutable L1 form: mutable values are kept pickled, so each hit unpickles a copy."""
-        if not self.mutable:
-            return tuple(values)
-        out = list(values)
-        for i in self.mutable:
-            out[i] = dumps(out[i])
-        return tuple(out)
+        """Immutable L1 form: (immutable values by attname, pickled mutable values, pk).
+        A hit copies the first into the new instance's __dict__ and unpickles the rest, so
+        every caller gets values of its own."""
+        mutable = self.mutable
+        imm = {}
+        mut = []
+        for i, (attname, value) in enumerate(zip(self.attnames, values)):
+            if i in mutable:
+                mut.append((attname, dumps(value)))
+            else:
+                imm[attname] = value
+        return (imm, tuple(mut), values[self.pk_index])
+
+    @staticmethod
+    def pk_of(frozen: tuple[Any, ...]) -> Any:
+        return frozen[2]
+
+    def _may_skip_init(self) -> bool:
+        if not self._plain:
+            return False
+        cls = self.model
+        for signal in (pre_init, post_init):
+            if signal.receivers and signal.sender_receivers_cache.get(cls) is not NO_RECEIVERS:
+                return False
+        return True
 
     def thaw(self, frozen: tuple[Any, ...], db: str) -> models.Model:
-        if self.mutable:
-            vals = list(frozen)
-            for i in self.mutable:
-                vals[i] = pickle.loads(vals[i])
-            return self.model.from_db(db, None, vals)
-        return self.model.from_db(db, None, frozen)
+        imm, mut, _ = frozen
+        if self._may_skip_init():
+            new = self.model.__new__(self.model)
+            d = new.__dict__
+            state = d["_state"] = ModelState()
+            state.adding = False
+            state.db = db
+            d.update(imm)
+            for attname, blob in mut:
+                d[attname] = pickle.loads(blob)
+            return new
+        by_name = dict(imm)
+        for attname, blob in mut:
+            by_name[attname] = pickle.loads(blob)
+        return self.model.from_db(db, None, [by_name[a] for a in self.attnames])

@@ -29,7 +29,7 @@ class LocalTier:
         self.evictions = 0
 
     # -- reads ---------------------------------------------------------------
-    def get(self, key: str) -> Any:
+    def get(self, key: Any, now: float | None = None) -> Any:
         """The frozen row, NEGATIVE, or None for a miss."""
         with self._lock:
             e = self._data.get(key)
@@ -37,7 +37,7 @@ class LocalTier:
                 return None
             label = e[_LABEL]
             if (
-                e[_EXP] < time.monotonic()
+                e[_EXP] < (now if now is not None else time.monotonic())
                 or e[_EPOCH] != self._epoch.get(label, 0)
                 or (e[_VALUE] is NEGATIVE and e[_WRITES] != self._writes.get(label, 0))
             ):
