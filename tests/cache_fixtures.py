@@ -37,6 +37,7 @@ def l2_keys(model: Any) -> list[bytes]:
     """The data keys of a model holding entries of the current generation and schema."""
     mc = first_model_cache(model)
     assert mc is not None
+    redis_tier.wait_for_fills()
     client = redis_tier.client
     gen = client.get(mc.gen_key) or b""
     live = []
@@ -50,6 +51,7 @@ def l2_keys(model: Any) -> list[bytes]:
 
 
 def counters(model: Any) -> dict[str, int]:
+    redis_tier.wait_for_fills()
     mc = first_model_cache(model)
     assert mc is not None
     return mc.counters.as_dict()

@@ -28,6 +28,14 @@ class TieredCacheConfig(AppConfig):
                 post_save.connect(on_save, sender=model, dispatch_uid=uid, weak=False)
                 post_delete.connect(on_delete, sender=model, dispatch_uid=uid, weak=False)
 
+        from django.core.signals import setting_changed
+
+        from .serialization import forget_mac_key
+
+        from .conf import conf
+
+        setting_changed.connect(forget_mac_key, dispatch_uid="tiered_cache:secret_key")
+        setting_changed.connect(conf.forget, dispatch_uid="tiered_cache:settings")
         os.register_at_fork(after_in_child=_after_fork)
 
 
@@ -45,4 +53,5 @@ def _after_fork() -> None:
     redis_tier._client = None
     breaker.reset()
     reads._flights.clear()
+    fresh_token.renew()
     invalidation.origin["id"] = fresh_token()

@@ -35,14 +35,27 @@ DEFAULTS: dict[str, Any] = {
 
 
 class Settings:
-    """Typed view of settings.TIERED_CACHE with the defaults above."""
+    """Typed view of settings.TIERED_CACHE with the defaults above. Values are read once and
+    again after Django's setting_changed (override_settings in tests): the read path asks
+    for several on every call."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] | None = None
 
     def _get(self, name: str) -> Any:
-        return getattr(settings, "TIERED_CACHE", {}).get(name, DEFAULTS[name])
+        values = self._values
+        if values is None:
+            values = self._values = self.raw
+        return values[name]
 
     @property
     def raw(self) -> dict[str, Any]:
-        return {**DEFAULTS, **getattr(settings, "TIERED_CACHE", {})}
+        given = getattr(settings, "TIERED_CACHE", {})
+        return {**DEFAULTS, **(given if isinstance(given, dict) else {})}
+
+    def forget(self, setting: str = "TIERED_CACHE", **kwargs: Any) -> None:
+        if setting == "TIERED_CACHE":
+            self._values = None
 
     @property
     def CACHE_ALIAS(self) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import os
+import queue
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -11,6 +14,7 @@ from typing import Any, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
 
 from ..breaker import breaker
@@ -28,26 +32,60 @@ local function sget(k)
 end
 """
 
+# Whether value v is valid for generation g and write count w: a row while its row
+# version stands, a "no such row" while the model saw no write since it was stored.
+_VALID = """
+local function valid(v, g, w, rowprefix)
+  local kind, vg, a, b = string.match(v, '^(%u)|([^|]*)|([^|]*)|([^|]*)|')
+  if vg ~= g then return false end
+  if kind == 'N' then return a == w end
+  if kind == 'P' then return sget(rowprefix .. a) == b end
+  return false
+end
+local function generation(k, fresh)
+  local g = sget(k)
+  if not g then g = fresh; redis.call('SET', k, g) end
+  return g
+end
+"""
+
 # KEYS: gen, writes, data, lease. ARGV: lease token ('' = none), lease ms, fresh gen,
 # row-version key prefix. Returns {1, value} on a valid hit, else {code, gen, writes}
 # where code is 0 (no lease asked), 2 (lease granted) or 3 (someone else fills).
 # A value is "P|gen|row|rowver|<mac+payload>" or "N|gen|writes||<mac+payload>": a row is
 # valid while its row version stands, a "no such row" while the model saw no write.
-READ = _SGET + """
-local g = sget(KEYS[1])
-if not g then g = ARGV[3]; redis.call('SET', KEYS[1], g) end
+READ = _SGET + _VALID + """
+local g = generation(KEYS[1], ARGV[3])
 local w = sget(KEYS[2]) or '0'
 local v = sget(KEYS[3])
-if v then
-  local kind, vg, a, b = string.match(v, '^(%u)|([^|]*)|([^|]*)|([^|]*)|')
-  if vg == g then
-    if kind == 'N' and a == w then return {1, v} end
-    if kind == 'P' and sget(ARGV[4] .. a) == b then return {1, v} end
-  end
-end
+if v and valid(v, g, w, ARGV[4]) then return {1, v} end
 if ARGV[1] == '' then return {0, g, w} end
 if redis.call('SET', KEYS[4], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, g, w} end
 return {3, g, w}
+"""
+
+# KEYS: gen, writes, then data keys. ARGV: lease ms, fresh gen, row-version key prefix,
+# then one lease token per data key ('' = none). Returns {gen, writes, r1, r2, ...}: each
+# r is the value of a valid hit, or 2 (lease granted) or 3 (no lease) for a miss.
+# Lease keys are the data keys plus '|L', in the same hash slot.
+READ_MANY = _SGET + _VALID + """
+local g = generation(KEYS[1], ARGV[2])
+local w = sget(KEYS[2]) or '0'
+local out = {g, w}
+for i = 3, #KEYS do
+  local v = sget(KEYS[i])
+  if v and valid(v, g, w, ARGV[3]) then
+    out[#out + 1] = v
+  else
+    local tok = ARGV[i + 1]
+    if tok ~= '' and redis.call('SET', KEYS[i] .. '|L', tok, 'NX', 'PX', ARGV[1]) then
+      out[#out + 1] = 2
+    else
+      out[#out + 1] = 3
+    end
+  end
+end
+return out
 """
 
 # KEYS: gen, writes, data, lease, row-version key (positive fills).
@@ -134,7 +172,7 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
 
-_SOURCES = {"read": READ, "fill": FILL, "inv": INVALIDATE, "bump": BUMP, "dread": DREAD,
+_SOURCES = {"read": READ, "read_many": READ_MANY, "fill": FILL, "inv": INVALIDATE, "bump": BUMP, "dread": DREAD,
             "dfill": DFILL, "ddrop": DDROP}
 
 
@@ -142,8 +180,23 @@ class Unavailable(Exception):
     """Redis was not used for this call: the breaker is open or the call failed."""
 
 
-def fresh_token() -> str:
-    return secrets.token_hex(8)
+class _Tokens:
+    """Unique tokens for leases, generations and row versions: a random prefix per process
+    (new after fork) and a counter. They need to be unique, not secret, and os.urandom
+    costs tens of microseconds on some machines."""
+
+    def __init__(self) -> None:
+        self.renew()
+
+    def renew(self) -> None:
+        self.prefix = secrets.token_hex(6)
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+fresh_token = _Tokens()
 
 
 class RedisTier:
@@ -152,6 +205,14 @@ class RedisTier:
         self._client: redis.Redis | None = None
         self._pid = 0
         self._scripts: dict[str, Any] = {}
+        # Each thread keeps one connection for the scripts of the read and write paths:
+        # taking one from the pool and giving it back costs a third of a round trip.
+        self._local = threading.local()
+        self._shas = {name: hashlib.sha1(src.encode()).hexdigest()
+                      for name, src in _SOURCES.items()}
+        self._fills: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._filler: threading.Thread | None = None
+        self._filler_pid = 0
 
     # -- connection ----------------------------------------------------------
     def connection_kwargs(self, **overrides: Any) -> tuple[type, dict[str, Any]]:
@@ -195,6 +256,118 @@ class RedisTier:
             if self._client is not None and self._pid == os.getpid():
                 self._client.connection_pool.disconnect()
             self._client = None
+        self._local = threading.local()
+
+    def _conn(self) -> Any:
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid() or local.client is not self._client:
+            client = self.client
+            conn = client.connection_pool.make_connection()
+            local.conn, local.pid, local.client = conn, os.getpid(), client
+        return conn
+
+    def _drop_conn(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            try:
+                conn.disconnect()
+            except Exception:
+                pass
+        self._local.conn = None
+
+    def scripts(self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]]) -> list[Any]:
+        """Run scripts by name in one round trip on this thread's connection, through the
+        breaker. Raises Unavailable on any failure (the connection is then dropped)."""
+        if not breaker.allow():
+            raise Unavailable("circuit open")
+        try:
+            out = self._send(calls)
+            missing = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
+            if missing:
+                # Redis restarted or its script cache was flushed: load and run again.
+                conn = self._conn()
+                for name in {calls[i][0] for i in missing}:
+                    conn.send_command("SCRIPT", "LOAD", _SOURCES[name])
+                    conn.read_response()
+                again = self._send([calls[i] for i in missing])
+                for i, r in zip(missing, again):
+                    out[i] = r
+            for r in out:
+                if isinstance(r, ResponseError):
+                    raise r
+        except (redis.RedisError, OSError) as exc:
+            self._drop_conn()
+            breaker.failure()
+            logger.warning("tiered_cache: Redis call failed: %r", exc)
+            raise Unavailable(str(exc)) from exc
+        breaker.success()
+        return out
+
+    def _send(self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]]) -> list[Any]:
+        conn = self._conn()
+        shas = self._shas
+        commands = [("EVALSHA", shas[name], len(keys), *keys, *args) for name, keys, args in calls]
+        if len(commands) == 1:
+            conn.send_command(*commands[0])
+        else:
+            conn.send_packed_command(conn.pack_commands(commands))
+        out: list[Any] = []
+        for _ in commands:
+            try:
+                out.append(conn.read_response())
+            except ResponseError as exc:  # the reply was read whole: the stream stays in step
+                out.append(exc)
+        return out
+
+    def fill_later(self, calls: list[tuple[str, Sequence[Any], Sequence[Any]]],
+                   done: Callable[[list[Any]], None] | None = None) -> None:
+        """Hand fills to this process's filler thread: the caller has its row already, and
+        a fill is checked against the model's writes in Redis whenever it runs."""
+        if self._filler is None or self._filler_pid != os.getpid():
+            with self._lock:
+                if self._filler is None or self._filler_pid != os.getpid():
+                    self._fills = queue.SimpleQueue()
+                    self._filler = threading.Thread(
+                        target=self._fill_loop, name="tiered_cache-filler", daemon=True
+                    )
+                    self._filler_pid = os.getpid()
+                    self._filler.start()
+        self._fills.put((calls, done))
+
+    def _fill_loop(self) -> None:
+        fills = self._fills
+        while True:
+            batch = [fills.get()]
+            while len(batch) < 64:
+                try:
+                    batch.append(fills.get_nowait())
+                except queue.Empty:
+                    break
+            calls = [c for cs, _ in batch for c in cs]
+            try:
+                results: list[Any] = self.scripts(calls)
+            except Unavailable:
+                results = [None] * len(calls)
+            except Exception:  # never let the filler die
+                logger.exception("tiered_cache: filler failed")
+                results = [None] * len(calls)
+            i = 0
+            for cs, done in batch:
+                if done is not None:
+                    try:
+                        done(results[i:i + len(cs)])
+                    except Exception:
+                        logger.exception("tiered_cache: fill callback failed")
+                i += len(cs)
+
+    def wait_for_fills(self, timeout: float = 5.0) -> None:
+        """Block until the fills queued so far ran (tests, warmup)."""
+        event = threading.Event()
+        if self._filler is None or self._filler_pid != os.getpid():
+            return
+        self._fills.put(([], lambda _: event.set()))
+        event.wait(timeout)
 
     def script(self, name: str) -> Any:
         self.client  # noqa: B018 - builds the scripts
@@ -213,47 +386,9 @@ class RedisTier:
         breaker.success()
         return result
 
-    def read(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
-        s = self.script("read")
-        return self.call(lambda: s(keys=keys, args=args))
-
-    def read_many(self, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
-        s = self.script("read")
-
-        def run() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            for keys, args in calls:
-                s(keys=keys, args=args, client=pipe)
-            return pipe.execute()
-
-        return self.call(run)
-
-    def fill_many(self, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
-        s = self.script("fill")
-        if len(calls) == 1:
-            keys, args = calls[0]
-            return [self.call(lambda: s(keys=keys, args=args))]
-
-        def run() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            for keys, args in calls:
-                s(keys=keys, args=args, client=pipe)
-            return pipe.execute()
-
-        return self.call(run)
-
     def run_many(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]) -> list[Any]:
         """Several scripts, by name, in one round trip (each script is atomic on its own)."""
-        client = self.client
-        scripts = self._scripts
-
-        def run() -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            for name, keys, args in calls:
-                scripts[name](keys=keys, args=args, client=pipe)
-            return pipe.execute()
-
-        return self.call(run)
+        return self.scripts(calls)
 
 
 redis_tier = RedisTier()

@@ -1,0 +1,246 @@
+"""Admin: flush actions for cached models, the outbox, and the cache dashboard.
+
+``CacheAdminMixin`` goes in front of any ModelAdmin of a cached model. The dashboard hangs
+off the outbox's admin (so it needs no URLconf entry of its own) and the admin index links
+to it (``admin.site.index_template``, unless the project set its own index template).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from django.contrib import admin, messages
+from django.contrib.admin.options import IS_POPUP_VAR
+from django.contrib.auth import get_permission_codename
+from django.core import checks
+from django.core.exceptions import PermissionDenied
+from django.db import models
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.text import capfirst
+
+from . import ops
+from .models import PendingInvalidation
+from .registry import cached_managers
+
+__all__ = ["CacheAdminMixin", "PendingInvalidationAdmin"]
+
+# Tier colours of the chart (L1, L2, remembered absence, database).
+TIER_COLORS = {"L1": "#2e7d32", "L2": "#1565c0", "negative": "#9e9e9e", "database": "#e65100"}
+_NAMES_SHOWN = 5
+
+
+class CacheAdminMixin:
+    """Adds "Flush selected … from cache" and "Flush all … cache entries" to a ModelAdmin,
+    for users with change permission. Put it first: ``class A(CacheAdminMixin, ModelAdmin)``."""
+
+    cache_actions = ("flush_selected_from_cache", "flush_all_from_cache")
+
+    model: type[models.Model]
+    actions: Any
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)  # type: ignore[misc]
+        if self.actions is None or IS_POPUP_VAR in request.GET:
+            return actions
+        for name in self.cache_actions:
+            func, name, description = self.get_action(name)  # type: ignore[attr-defined]
+            allowed = getattr(func, "allowed_permissions", ())
+            if all(getattr(self, f"has_{p}_permission")(request) for p in allowed):
+                actions[name] = (func, name, description)
+        return actions
+
+    @admin.action(
+        permissions=["change"],
+        description="Flush selected %(verbose_name_plural)s from cache",
+    )
+    def flush_selected_from_cache(self, request: HttpRequest, queryset: Any) -> None:
+        objs = list(queryset)
+        ops.invalidate_rows(self.model, [o.pk for o in objs])
+        opts = self.model._meta
+        noun = opts.verbose_name if len(objs) == 1 else opts.verbose_name_plural
+        names = ", ".join(str(o) for o in objs[:_NAMES_SHOWN])
+        if len(objs) > _NAMES_SHOWN:
+            names += f" and {len(objs) - _NAMES_SHOWN} more"
+        self.message_user(  # type: ignore[attr-defined]
+            request,
+            f"Flushed {len(objs)} {noun} from the cache in every process: {names}.",
+            messages.SUCCESS,
+        )
+
+    @admin.action(permissions=["change"], description="Flush all %(verbose_name)s cache entries")
+    def flush_all_from_cache(self, request: HttpRequest, queryset: Any) -> None:
+        (label,) = ops.flush([self.model])
+        self.message_user(  # type: ignore[attr-defined]
+            request,
+            f"Flushed all {self.model._meta.verbose_name} cache entries ({label}, every "
+            "lookup, every process).",
+            messages.SUCCESS,
+        )
+
+    def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
+        errors = super().check(**kwargs)  # type: ignore[misc]
+        if not cached_managers(self.model):
+            errors.append(
+                checks.Error(
+                    f"{type(self).__name__} uses CacheAdminMixin, but "
+                    f"{self.model._meta.label} has no cached manager.",
+                    hint="Give the model a CachedManager, or drop the mixin.",
+                    obj=type(self),
+                    id="tiered_cache.E100",
+                )
+            )
+        return errors
+
+
+class PendingInvalidationAdmin(admin.ModelAdmin):
+    """The outbox, read-only (deleting a row would lose an invalidation), and the host of
+    the cache dashboard at ``<admin>/tiered_cache/pendinginvalidation/dashboard/``."""
+
+    list_display = ("created_at", "model_label", "flush", "rows")
+    list_filter = ("model_label", "flush")
+    ordering = ("-id",)
+    change_list_template = "tiered_cache/admin/outbox_change_list.html"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_urls(self) -> list[Any]:
+        view = self.admin_site.admin_view(self.dashboard_view)
+        return [path("dashboard/", view, name="tiered_cache_dashboard"), *super().get_urls()]
+
+    # -- the dashboard (staff only: admin_view; CSRF: admin_view's csrf_protect) ------
+    def dashboard_view(self, request: HttpRequest) -> HttpResponse:
+        if request.method == "POST":
+            self._dashboard_post(request)
+            return HttpResponseRedirect(request.path)
+        ops.start_stats_publisher()
+        from .bus import bus
+
+        bus.ensure_started()
+        view = ops.overview()
+        rows = [_row_context(request, row) for row in view["models"]]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Cache dashboard",
+            "subtitle": None,
+            "view": view,
+            "rows": rows,
+            "last_cleanup_at": _at(view["last_cleanup"]),
+            "can_flush_all": all(r["can_change"] for r in rows),
+            "colors": TIER_COLORS,
+            "outbox_url": reverse(f"{self.admin_site.name}:tiered_cache_pendinginvalidation_"
+                                  "changelist"),
+        }
+        return TemplateResponse(request, "tiered_cache/admin/dashboard.html", context)
+
+    def _dashboard_post(self, request: HttpRequest) -> None:
+        action = request.POST.get("action", "")
+        label = request.POST.get("model", "")
+        try:
+            if action in ("flush", "warmup"):
+                (model,) = ops.resolve_models([label])
+                _require_change(request, [model])
+                if action == "flush":
+                    ops.flush([model])
+                    self.message_user(request, f"Flushed every {model._meta.label} entry "
+                                      "(all processes).", messages.SUCCESS)
+                else:
+                    self._start_warmup(request, model)
+            elif action == "flush_all":
+                _require_change(request, ops.cached_models())
+                labels = ops.flush()
+                self.message_user(request, "Flushed every cached model: " + ", ".join(labels)
+                                  + ".", messages.SUCCESS)
+            elif action == "cleanup":
+                _require_change(request, ops.cached_models())
+                r = ops.cleanup()
+                gone = r["old_generation"] + r["stale_rows"] + r["old_schema"]
+                self.message_user(
+                    request,
+                    f"Cleanup scanned {r['scanned']} keys and deleted {gone} that could no "
+                    f"longer be served; pruned {r['l1_expired']} expired L1 entries here.",
+                    messages.SUCCESS,
+                )
+            else:
+                self.message_user(request, f"Unknown action {action!r}.", messages.ERROR)
+        except ops.UnknownModel as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+        except ops.Unavailable as exc:
+            self.message_user(request, f"Redis is unavailable ({exc}); nothing was done.",
+                              messages.ERROR)
+
+    def _start_warmup(self, request: HttpRequest, model: type[models.Model]) -> None:
+        started = ops.start_warmup(model)
+        label = model._meta.label
+        if started["mode"] == "celery":
+            self.message_user(
+                request,
+                f"Warmup of {label} queued on Celery (task {started['task_id']}); a worker "
+                "runs it.",
+                messages.SUCCESS,
+            )
+        else:
+            r = started["result"]
+            self.message_user(
+                request,
+                f"Warmup of {label} ran here, in this web process ({started['reason']}): "
+                f"stored {r['stored']}, refused {r['refused']}.",
+                messages.SUCCESS,
+            )
+
+
+def _require_change(request: HttpRequest, chosen: list[type[models.Model]]) -> None:
+    for model in chosen:
+        if not _can_change(request, model):
+            raise PermissionDenied(f"You may not change {model._meta.verbose_name_plural}.")
+
+
+def _can_change(request: HttpRequest, model: type[models.Model]) -> bool:
+    opts = model._meta
+    return request.user.has_perm(f"{opts.app_label}.{get_permission_codename('change', opts)}")
+
+
+def _at(run: dict[str, Any] | None) -> datetime | None:
+    return datetime.fromtimestamp(run["at"], UTC) if run else None
+
+
+def _row_context(request: HttpRequest, row: dict[str, Any]) -> dict[str, Any]:
+    """A model's dashboard row, with its chart drawn as SVG rectangles (percent widths)."""
+    segments = []
+    x = 0.0
+    for tier, n, share in row["tiers"]:
+        if not n:
+            continue
+        width = share * 100
+        segments.append({
+            "tier": tier, "count": n, "pct": f"{share:.1%}", "x": f"{x:.3f}",
+            "width": f"{width:.3f}", "color": TIER_COLORS[tier],
+        })
+        x += width
+    warm = row["last_warmup"]
+    return {
+        **row,
+        "name": capfirst(row["verbose_name_plural"]),
+        "dom_id": "tc-" + row["label_lower"].replace(".", "-"),
+        "segments": segments,
+        "summary": ", ".join(f"{s['tier']} {s['pct']}" for s in segments) or "no reads yet",
+        "since_at": datetime.fromtimestamp(row["since"], UTC) if row.get("since") else None,
+        "last_warmup_at": _at(warm),
+        "hit_ratio_text": "-" if row["hit_ratio"] is None else f"{row['hit_ratio']:.1%}",
+        "can_change": _can_change(request, row["model"]),
+    }
+
+
+if not admin.site.is_registered(PendingInvalidation):
+    admin.site.register(PendingInvalidation, PendingInvalidationAdmin)
+if admin.site.index_template is None:
+    admin.site.index_template = "tiered_cache/admin/index.html"

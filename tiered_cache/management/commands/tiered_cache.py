@@ -1,0 +1,129 @@
+"""`manage.py tiered_cache stats|flush|warmup|cleanup [app.Model ...]`: thin over ops."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from tiered_cache import ops
+
+
+def _when(run: dict[str, Any] | None) -> str:
+    if not run:
+        return "never"
+    return datetime.fromtimestamp(run["at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+class Command(BaseCommand):
+    help = "Operate the tiered cache: show stats, flush, warm up, clean up."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+        models_help = "models as app_label.ModelName (default: every cached model)"
+
+        stats = sub.add_parser("stats", help="counters of all processes, L1 and L2 sizes")
+        stats.add_argument("models", nargs="*", metavar="app.Model", help=models_help)
+        stats.add_argument("--json", action="store_true", help="print JSON")
+
+        flush = sub.add_parser("flush", help="drop every entry of models in every process")
+        flush.add_argument("models", nargs="*", metavar="app.Model")
+        flush.add_argument("--all", action="store_true", help="flush every cached model")
+
+        warm = sub.add_parser("warmup", help="fill L2 with each model's warmup set")
+        warm.add_argument("models", nargs="*", metavar="app.Model", help=models_help)
+        warm.add_argument("--limit", type=int, default=None, metavar="N",
+                          help="at most N rows per model")
+
+        clean = sub.add_parser("cleanup", help="delete what Redis can no longer serve")
+        clean.add_argument("models", nargs="*", metavar="app.Model", help=models_help)
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        action = options["action"]
+        try:
+            models = ops.resolve_models(options["models"]) if options["models"] else None
+            getattr(self, f"_{action}")(models, options)
+        except ops.UnknownModel as exc:
+            raise CommandError(str(exc)) from None
+        except ops.Unavailable as exc:
+            raise CommandError(f"Redis is unavailable: {exc}") from None
+
+    def _stats(self, models: Any, options: dict[str, Any]) -> None:
+        view = ops.overview(models)
+        if options["json"]:
+            out = {
+                "redis_error": view["redis_error"],
+                "breaker": view["breaker"],
+                "bus": view["bus"],
+                "outbox": view["outbox"],
+                "last_cleanup": view["last_cleanup"],
+                "models": {
+                    row["label"]: {
+                        "lookups": row["lookups"],
+                        "l1_entries": row["l1_entries"],
+                        "l2_entries": row["l2_entries"],
+                        "scope": row["scope"],
+                        "hit_ratio": row["hit_ratio"],
+                        "tiers": {tier: n for tier, n, _ in row["tiers"]},
+                        **{k: v for k, v in row["counters"].items() if k != "hot"},
+                        "hot": row["counters"].get("hot", []),
+                        "last_warmup": row["last_warmup"],
+                    }
+                    for row in view["models"]
+                },
+            }
+            self.stdout.write(json.dumps(out, indent=2, default=str))
+            return
+        if view["redis_error"]:
+            self.stderr.write(f"Redis is unavailable ({view['redis_error']}): "
+                              "counters of this process only.")
+        head = ("model", "lookups", "L1", "L2", "L1 hits", "L2 hits", "negative", "DB reads",
+                "hit ratio", "last warmup")
+        lines = [head]
+        for row in view["models"]:
+            c = row["counters"]
+            ratio = "-" if row["hit_ratio"] is None else f"{row['hit_ratio']:.1%}"
+            lines.append((
+                row["label"], ", ".join(row["lookups"]), str(row["l1_entries"]),
+                "?" if row["l2_entries"] is None else str(row["l2_entries"]),
+                str(c.get("l1_hits", 0)), str(c.get("l2_hits", 0)),
+                str(c.get("negative_hits", 0)), str(c.get("misses", 0)), ratio,
+                _when(row["last_warmup"]),
+            ))
+        widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+        for line in lines:
+            self.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+        self.stdout.write(
+            f"breaker {view['breaker']}, bus {view['bus']}, outbox {view['outbox']}, "
+            f"last cleanup {_when(view['last_cleanup'])}"
+        )
+
+    def _flush(self, models: Any, options: dict[str, Any]) -> None:
+        if models and options["all"]:
+            raise CommandError("Name models to flush or pass --all, not both.")
+        if not models and not options["all"]:
+            raise CommandError("Name the models to flush (app_label.ModelName) or pass --all.")
+        for label in ops.flush(models):
+            self.stdout.write(f"Flushed every {label} entry (all processes).")
+
+    def _warmup(self, models: Any, options: dict[str, Any]) -> None:
+        limit = options["limit"]
+        if limit is not None and limit < 0:
+            raise CommandError("--limit must be zero or more.")
+        for model in models or ops.cached_models():
+            r = ops.warmup(model, limit)
+            self.stdout.write(
+                f"{r['model']}: stored {r['stored']}, refused {r['refused']} "
+                f"({r.get('source')}) in {r['seconds']}s"
+            )
+
+    def _cleanup(self, models: Any, options: dict[str, Any]) -> None:
+        r = ops.cleanup(models)
+        self.stdout.write(
+            f"Scanned {r['scanned']} keys; deleted {r['old_generation']} of old generations, "
+            f"{r['stale_rows']} of replaced rows, {r['old_schema']} of old schemas; dropped "
+            f"{r['hot_members']} cold hot-row samples, {r['stale_processes']} silent "
+            f"processes; pruned {r['l1_expired']} expired L1 entries here."
+        )
