@@ -1,0 +1,71 @@
+# Developer and CI entry points. `make test` is what .ci/run calls.
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Reinstall only when a requirement file or the package metadata changes.
+STAMP := $(VENV)/.requirements.stamp
+REQUIREMENTS := requirements/base.txt requirements/test.txt pyproject.toml
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+
+PG_HOST ?= 127.0.0.1
+REDIS_HOST ?= 127.0.0.1
+REDIS_PORT ?= 6379
+PYTEST_ARGS ?=
+DEMO_ADDR ?= 127.0.0.1:8000
+
+.PHONY: venv services postgres redis broker test demo worker bench clean
+
+venv: $(STAMP)
+
+$(STAMP): $(REQUIREMENTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements/test.txt
+	$(PIP) install -q -e .
+	touch $@
+
+services: postgres redis
+
+postgres:
+	@pg_isready -q -h $(PG_HOST) || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start || true
+	@for _ in $$(seq 40); do pg_isready -q -h $(PG_HOST) && exit 0; sleep 0.5; done; \
+	  echo "PostgreSQL is not answering on $(PG_HOST):5432 after 20s" >&2; exit 1
+
+redis:
+	@[ "$$(redis-cli -h $(REDIS_HOST) -p $(REDIS_PORT) ping 2>/dev/null)" = PONG ] || { \
+	  mkdir -p /var/lib/redis /var/log/redis; \
+	  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port $(REDIS_PORT) --save "" \
+	    --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log || true; }
+	@for _ in $$(seq 40); do \
+	  [ "$$(redis-cli -h $(REDIS_HOST) -p $(REDIS_PORT) ping 2>/dev/null)" = PONG ] && exit 0; sleep 0.5; \
+	done; echo "Redis is not answering on $(REDIS_HOST):$(REDIS_PORT) after 20s" >&2; exit 1
+
+# RabbitMQ is not needed by the tests yet; it boots slowly, hence its own target.
+broker:
+	@rabbitmq-diagnostics -q ping >/dev/null 2>&1 || rabbitmq-server -detached || true
+	@for _ in $$(seq 30); do rabbitmq-diagnostics -q ping >/dev/null 2>&1 && exit 0; sleep 2; done; \
+	  echo "RabbitMQ is not answering after 60s" >&2; exit 1
+
+# pytest's own exit codes carry through: 5 (no tests collected) fails the target.
+test: venv services
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+demo: venv redis
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py load_demo_data
+	$(BIN)/python manage.py ensure_demo_admin
+	$(BIN)/python manage.py runserver $(DEMO_ADDR)
+
+worker: venv redis
+	$(BIN)/celery -A demo_project worker -B -l info
+
+bench: venv services
+	@if [ -e tests/bench.py ] || [ -e tests/bench/__main__.py ]; then \
+	  $(BIN)/python -m tests.bench; \
+	else echo "tests/bench is not written yet"; fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info db.sqlite3 celerybeat-schedule*
+	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""The demo app: the models whose reads tiered_cache serves."""

@@ -1,0 +1,1 @@
+"""Tests of tiered_cache and the demo project."""

@@ -1,0 +1,79 @@
+"""Session-wide checks and cleanup: real services up front, no Redis keys left behind."""
+
+import pytest
+import redis
+from django.conf import settings
+
+# Celery's own fixtures (celery_app, celery_worker, ...) ship in celery itself.
+pytest_plugins = ("celery.contrib.pytest", "tests.cache_fixtures")
+
+_TIMEOUT = 3
+
+
+def _check_postgresql() -> None:
+    db = settings.DATABASES["default"]
+    if db["ENGINE"] != "django.db.backends.postgresql":
+        return
+    import psycopg
+
+    host, port = db.get("HOST") or "127.0.0.1", db.get("PORT") or 5432
+    try:
+        # The maintenance database: the test database is created later by pytest-django.
+        psycopg.connect(
+            host=host,
+            port=port,
+            user=db.get("USER") or None,
+            password=db.get("PASSWORD") or None,
+            dbname="postgres",
+            connect_timeout=_TIMEOUT,
+        ).close()
+    except psycopg.Error as exc:
+        pytest.exit(
+            f"PostgreSQL is not reachable at {host}:{port} ({exc}); start it with: make services",
+            returncode=3,
+        )
+
+
+def _redis_client() -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.CACHES["default"]["LOCATION"],
+        socket_connect_timeout=_TIMEOUT,
+        socket_timeout=_TIMEOUT,
+    )
+
+
+def _check_redis() -> None:
+    location = settings.CACHES["default"]["LOCATION"]
+    try:
+        _redis_client().ping()
+    except redis.RedisError as exc:
+        pytest.exit(
+            f"Redis is not reachable at {location} ({exc}); start it with: make services",
+            returncode=3,
+        )
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _check_postgresql()
+    _check_redis()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tiered_cache.bus import bus
+
+    bus.stop()  # before the test database is dropped under its outbox reads
+    prefix = settings.TEST_KEY_PREFIX
+    try:
+        client = _redis_client()
+        batch = []
+        for key in client.scan_iter(match=f"*{prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                client.unlink(*batch)
+                batch.clear()
+        if batch:
+            client.unlink(*batch)
+    except redis.RedisError as exc:
+        session.config.get_terminal_writer().line(
+            f"Could not delete Redis keys with prefix {prefix}: {exc}", yellow=True
+        )

@@ -1,0 +1,37 @@
+"""Test settings: the demo project against real PostgreSQL and Redis, isolated per run."""
+
+import os
+import secrets
+
+import dj_database_url
+
+from demo_project.settings import *  # noqa: F403
+from demo_project.settings import CACHES as _DEMO_CACHES
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/tiered_cache")
+    ),
+}
+# A test database per run too: two runs on one server must not drop each other's.
+DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
+
+# One prefix per run keeps concurrent runs (and leftovers of dead runs) apart;
+# conftest.py deletes this run's keys at the end.
+# Processes spawned by a test (tests/processes.py) inherit the parent's prefix.
+TEST_KEY_PREFIX = os.environ.get("TC_TEST_KEY_PREFIX") or (
+    f"tc-test-{os.getpid()}-{secrets.token_hex(4)}"
+)
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+CACHES = {
+    "default": {
+        **_DEMO_CACHES["default"],
+        "LOCATION": TEST_REDIS_URL,
+        "KEY_PREFIX": TEST_KEY_PREFIX,
+    },
+}
+
+TIERED_CACHE = {"KEY_PREFIX": TEST_KEY_PREFIX}
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
