@@ -214,6 +214,10 @@ def test_resolve_global_model_follows_the_seed_order(caplog: Any) -> None:
 def test_derived_entries_live_in_one_hash_slot() -> None:
     UserFactory(email="i@r.test")
     user_names("r.test")
-    keys = list(redis_tier.client.scan_iter(match="*:fn}*", count=1000))
+    from django.conf import settings
+
+    redis_tier.wait_for_fills()
+    keys = list(redis_tier.client.scan_iter(match=f"{{{settings.TEST_KEY_PREFIX}:fn}}*",
+                                            count=1000))
     assert keys
     assert {k.split(b"}")[0] for k in keys} == {keys[0].split(b"}")[0]}

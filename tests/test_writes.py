@@ -318,3 +318,12 @@ def test_flush_cache_drops_every_entry_of_the_model() -> None:
     misses = counters(User)["misses"]
     User.objects.get_cached(pk=users[0].pk)
     assert counters(User)["misses"] == misses + 1
+
+
+def test_update_keeps_django_errors_and_return_values() -> None:
+    users = UserFactory.create_batch(3)
+    with pytest.raises(TypeError, match="slice"):
+        User.objects.all()[:1].update(first_name="x")
+    assert User.objects.filter(pk__in=[u.pk for u in users]).update(first_name="y") == 3
+    assert User.objects.filter(pk=-1).update(first_name="z") == 0
+    assert User.objects.bulk_update(users, ["first_name"]) == 3

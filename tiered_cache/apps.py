@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 
 from django.apps import AppConfig, apps
@@ -37,6 +38,14 @@ class TieredCacheConfig(AppConfig):
         setting_changed.connect(forget_mac_key, dispatch_uid="tiered_cache:secret_key")
         setting_changed.connect(conf.forget, dispatch_uid="tiered_cache:settings")
         os.register_at_fork(after_in_child=_after_fork)
+        atexit.register(_at_exit)
+
+
+def _at_exit() -> None:
+    """Stop the listener before the interpreter (and the database) go away under it."""
+    from .bus import bus
+
+    bus.stop()
 
 
 def _after_fork() -> None:

@@ -26,7 +26,8 @@ class CachedQuerySetMixin:
     db: str
 
     def update(self, **kwargs: Any) -> int:
-        if getattr(_thread, "inside_bulk_update", False):
+        if getattr(_thread, "inside_bulk_update", False) or self.query.is_sliced:  # type: ignore[attr-defined]
+            # bulk_update() invalidates its own rows; Django refuses sliced updates itself.
             return super().update(**kwargs)  # type: ignore[misc]
         limit = conf.BULK_INVALIDATION_LIMIT
         with transaction.atomic(using=self.db, savepoint=False):
