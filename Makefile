@@ -16,7 +16,7 @@ REDIS_PORT ?= 6379
 PYTEST_ARGS ?=
 DEMO_ADDR ?= 127.0.0.1:8000
 
-.PHONY: venv services postgres redis broker test demo worker bench clean
+.PHONY: venv venv6 services postgres redis broker test test-django52 test-django6 demo worker bench clean
 
 venv: $(STAMP)
 
@@ -48,9 +48,30 @@ broker:
 	@for _ in $$(seq 30); do rabbitmq-diagnostics -q ping >/dev/null 2>&1 && exit 0; sleep 2; done; \
 	  echo "RabbitMQ is not answering after 60s" >&2; exit 1
 
+# Django 6.x runs on Python 3.12+: a second virtualenv for it.
+PYTHON6 ?= $(shell command -v python3.12 2>/dev/null || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -n 1)
+VENV6 := .venv-django6
+STAMP6 := $(VENV6)/.requirements.stamp
+
+venv6: $(STAMP6)
+
+$(STAMP6): $(REQUIREMENTS) requirements/django6.txt
+	@test -n "$(PYTHON6)" || { echo "Python 3.12 is needed for the Django 6 run (pyenv install 3.12)" >&2; exit 1; }
+	test -x $(VENV6)/bin/python || $(PYTHON6) -m venv $(VENV6)
+	$(VENV6)/bin/python -m pip --disable-pip-version-check install -q -r requirements/test.txt
+	$(VENV6)/bin/python -m pip --disable-pip-version-check install -q -r requirements/django6.txt
+	$(VENV6)/bin/python -m pip --disable-pip-version-check install -q -e .
+	touch $@
+
+# The whole suite on Django 5.2 LTS (Python 3.11) and on Django 6.x (Python 3.12).
 # pytest's own exit codes carry through: 5 (no tests collected) fails the target.
-test: venv services
+test: test-django52 test-django6
+
+test-django52: venv services
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-django6: venv6 services
+	$(VENV6)/bin/pytest $(PYTEST_ARGS)
 
 demo: venv redis
 	$(BIN)/python manage.py migrate --noinput
@@ -67,5 +88,5 @@ bench: venv services
 	else echo "tests/bench is not written yet"; fi
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info db.sqlite3 celerybeat-schedule*
+	rm -rf $(VENV) $(VENV6) .pytest_cache .ruff_cache build dist *.egg-info db.sqlite3 celerybeat-schedule*
 	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +

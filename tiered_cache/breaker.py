@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 from .conf import conf
+
+logger = logging.getLogger("tiered_cache")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
@@ -52,14 +55,20 @@ class CircuitBreaker:
                 if self._successes >= conf.BREAKER_SUCCESS_THRESHOLD:
                     self.state = CLOSED
                     self._failures = 0
+                    logger.warning("tiered_cache: Redis answers again; circuit closed")
 
-    def failure(self) -> None:
+    def failure(self, exc: BaseException | None = None) -> None:
         with self._lock:
             self._probing = False
             self._failures += 1
             if self.state == HALF_OPEN or self._failures >= conf.BREAKER_FAILURE_THRESHOLD:
-                if self.state != OPEN:
+                if self.state == CLOSED:
                     self.opened_count += 1
+                    logger.warning(
+                        "tiered_cache: Redis failed %d times (last: %r); reads go to the "
+                        "database, Redis is tried again every %ss",
+                        self._failures, exc, conf.BREAKER_RECOVERY_TIME,
+                    )
                 self.state = OPEN
                 self._opened_at = time.monotonic()
 

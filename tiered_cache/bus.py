@@ -33,6 +33,7 @@ class Bus:
         self.messages = 0
         self.last_latency: float | None = None
         self._client: Any = None
+        self._warned = False
 
     def trusted(self) -> bool:
         return time.monotonic() < self._trusted_until
@@ -85,8 +86,14 @@ class Bus:
                 self._listen()
                 backoff = 0.05
             except Exception as exc:  # any failure: drop trust, clear L1, retry
-                if self.connected or self.trusted():
-                    logger.warning("tiered_cache: invalidation bus lost (%r); L1 cleared", exc)
+                if not self._warned:
+                    # One warning per outage, however long it lasts.
+                    self._warned = True
+                    logger.warning(
+                        "tiered_cache: cannot use Redis for the invalidation bus (%r); both "
+                        "cache tiers are bypassed and reads go to the database until it answers",
+                        exc,
+                    )
                 self._lost()
                 self._first.set()
                 self._stop.wait(backoff)
@@ -152,6 +159,9 @@ class Bus:
                 if now >= self._trusted_until and not self._regain():
                     continue
                 self._trusted_until = at + window
+                if self._warned:
+                    self._warned = False
+                    logger.warning("tiered_cache: the invalidation bus is back; caching resumed")
                 self._first.set()
 
     def _regain(self) -> bool:

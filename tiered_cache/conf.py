@@ -29,6 +29,8 @@ DEFAULTS: dict[str, Any] = {
     "BUS_TRUST_WINDOW": 0.075,
     # A queryset write touching more rows than this flushes the model instead.
     "BULK_INVALIDATION_LIMIT": 1000,
+    # Rows a process may put in the outbox during one outage; past it, whole models.
+    "OUTBOX_LIMIT": 10_000,
     # Seconds between pushes of this process's counters to Redis.
     "STATS_FLUSH_INTERVAL": 5.0,
 }
@@ -120,6 +122,10 @@ class Settings:
     @property
     def BULK_INVALIDATION_LIMIT(self) -> int:
         return self._get("BULK_INVALIDATION_LIMIT")
+
+    @property
+    def OUTBOX_LIMIT(self) -> int:
+        return self._get("OUTBOX_LIMIT")
 
     @property
     def STATS_FLUSH_INTERVAL(self) -> float:

@@ -65,6 +65,8 @@ class Batch:
             redis_tier.run_many(self.redis_calls())
         except Unavailable:
             self.to_outbox()
+        else:
+            _outbox.reset()
         for label, rids in self.rows.items():
             if signals.cache_invalidated.receivers:
                 signals.cache_invalidated.send(
@@ -97,22 +99,51 @@ class Batch:
         return calls
 
     def to_outbox(self) -> None:
+        """Keep what could not reach Redis in the database, bounded: past OUTBOX_LIMIT rows
+        in one outage a model is recorded as flushed instead of row by row."""
         from .models import PendingInvalidation
 
+        entries = []
+        with _outbox.lock:
+            for label, rids in self.rows.items():
+                if label in _outbox.flushed:
+                    continue  # a pending flush of the model covers these rows
+                flush = label in self.flush or _outbox.rows + len(rids) > conf.OUTBOX_LIMIT
+                if flush:
+                    _outbox.flushed.add(label)
+                    rids = set()
+                _outbox.rows += len(rids) or 1
+                entries.append(PendingInvalidation(model_label=label, rows=sorted(rids),
+                                                   flush=flush))
+        if not entries:
+            return
         try:
-            PendingInvalidation.objects.bulk_create(
-                [
-                    PendingInvalidation(model_label=label, rows=sorted(rids),
-                                        flush=label in self.flush)
-                    for label, rids in self.rows.items()
-                ]
-            )
-            logger.warning(
-                "tiered_cache: Redis unavailable; %d invalidations kept in the outbox",
-                sum(len(r) or 1 for r in self.rows.values()),
-            )
+            PendingInvalidation.objects.bulk_create(entries)
         except DatabaseError:
             logger.exception("tiered_cache: could not record invalidations in the outbox")
+            return
+        if not _outbox.warned:
+            _outbox.warned = True
+            logger.warning(
+                "tiered_cache: Redis is unavailable; invalidations are kept in the outbox "
+                "table and applied before any process reads L2 again"
+            )
+
+
+class _OutboxState:
+    """What this process put in the outbox during the current outage."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows = 0
+        self.flushed: set[str] = set()
+        self.warned = False
+
+
+_outbox = _OutboxState()
 
 
 def _pk_part(rid: str) -> str:
@@ -180,6 +211,7 @@ def drain_outbox(limit: int = 1000) -> int:
     if batch or extra:
         redis_tier.run_many(batch.redis_calls() + extra)
     PendingInvalidation.objects.filter(id__in=[p.id for p in pending]).delete()
+    _outbox.reset()
     logger.warning("tiered_cache: applied %d outbox invalidations", len(pending))
     return len(pending)
 

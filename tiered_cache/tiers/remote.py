@@ -298,8 +298,7 @@ class RedisTier:
                     raise r
         except (redis.RedisError, OSError) as exc:
             self._drop_conn()
-            breaker.failure()
-            logger.warning("tiered_cache: Redis call failed: %r", exc)
+            breaker.failure(exc)
             raise Unavailable(str(exc)) from exc
         breaker.success()
         return out
@@ -380,8 +379,7 @@ class RedisTier:
         try:
             result = fn()
         except (redis.RedisError, OSError) as exc:
-            breaker.failure()
-            logger.warning("tiered_cache: Redis call failed: %r", exc)
+            breaker.failure(exc)
             raise Unavailable(str(exc)) from exc
         breaker.success()
         return result
