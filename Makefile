@@ -79,13 +79,27 @@ demo: venv redis
 	$(BIN)/python manage.py ensure_demo_admin
 	$(BIN)/python manage.py runserver $(DEMO_ADDR)
 
+# A worker with beat (CELERY_BEAT_SCHEDULE) on the demo's broker, Redis by default;
+# CELERY_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// uses RabbitMQ (make broker).
 worker: venv redis
-	$(BIN)/celery -A demo_project worker -B -l info
+	$(BIN)/celery -A demo_project worker -B -l info -s $(VENV)/celerybeat-schedule
 
+# Debian's Chromium for tests/test_browser.py; Playwright drives it and never downloads
+# a browser of its own (no `playwright install`).
+.PHONY: browser
+browser:
+	@test -x /usr/bin/chromium || apt-get install -y chromium \
+	  || { apt-get update && apt-get install -y chromium; }
+	@test -x /usr/bin/chromium || { echo "Chromium is not at /usr/bin/chromium" >&2; exit 1; }
+
+test-django52 test-django6: browser
+
+# The benchmark (tests/bench.py): it recreates and finally drops its own database
+# (tiered_cache_bench) and Redis key prefix. BENCH_ARGS: --quick (smoke run), --json PATH,
+# --profile (cProfile of the L1 and L2 hit paths instead of the table).
+BENCH_ARGS ?=
 bench: venv services
-	@if [ -e tests/bench.py ] || [ -e tests/bench/__main__.py ]; then \
-	  $(BIN)/python -m tests.bench; \
-	else echo "tests/bench is not written yet"; fi
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV6) .pytest_cache .ruff_cache build dist *.egg-info db.sqlite3 celerybeat-schedule*

@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib import admin, messages
-from django.contrib.admin.options import IS_POPUP_VAR
 from django.contrib.auth import get_permission_codename
 from django.core import checks
 from django.core.exceptions import PermissionDenied
@@ -34,23 +33,26 @@ _NAMES_SHOWN = 5
 
 class CacheAdminMixin:
     """Adds "Flush selected … from cache" and "Flush all … cache entries" to a ModelAdmin,
-    for users with change permission. Put it first: ``class A(CacheAdminMixin, ModelAdmin)``."""
+    for users with change permission. Put it first: ``class A(CacheAdminMixin, ModelAdmin)``.
+    An ``actions`` list of the admin's own keeps its actions and gains these two;
+    ``actions = None`` still turns actions off."""
 
     cache_actions = ("flush_selected_from_cache", "flush_all_from_cache")
+    actions: Any = cache_actions
 
     model: type[models.Model]
-    actions: Any
 
-    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
-        actions = super().get_actions(request)  # type: ignore[misc]
-        if self.actions is None or IS_POPUP_VAR in request.GET:
-            return actions
-        for name in self.cache_actions:
-            func, name, description = self.get_action(name)  # type: ignore[attr-defined]
-            allowed = getattr(func, "allowed_permissions", ())
-            if all(getattr(self, f"has_{p}_permission")(request) for p in allowed):
-                actions[name] = (func, name, description)
-        return actions
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The actions the admin would have without the mixin: its own, or inherited.
+        for klass in cls.__mro__:
+            if klass is not CacheAdminMixin and "actions" in klass.__dict__:
+                current = klass.__dict__["actions"]
+                break
+        else:  # pragma: no cover - ModelAdmin always defines actions
+            current = ()
+        if current is not None:
+            cls.actions = [*current, *(a for a in cls.cache_actions if a not in current)]
 
     @admin.action(
         permissions=["change"],

@@ -57,6 +57,10 @@ class Bus:
                 target=self._run, name="tiered_cache-bus", daemon=True
             )
             self._thread.start()
+            # Counters reach Redis in batches from one thread per process, never per hit.
+            from .ops import start_stats_publisher
+
+            start_stats_publisher()
         if wait is None:
             wait = conf.SOCKET_CONNECT_TIMEOUT + conf.SOCKET_TIMEOUT
         self._first.wait(wait)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -120,7 +121,7 @@ class TieredCacheCollector:
     def _buckets() -> list[tuple[str, float]]:
         h = ops.l2_latency
         out, running = [], 0
-        for bound, n in zip(h.BUCKETS, h.counts):
+        for bound, n in zip(h.BUCKETS, h.counts, strict=False):
             running += n
             out.append((repr(bound), running))
         out.append(("+Inf", h.count))

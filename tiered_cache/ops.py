@@ -7,6 +7,7 @@ Every Redis call goes through the circuit breaker: an outage raises Unavailable.
 from __future__ import annotations
 
 import atexit
+import bisect
 import json
 import logging
 import os
@@ -208,9 +209,10 @@ def warmup_set(manager: Any, limit: int | None) -> tuple[Any, dict[str, Any]]:
         return manager.get_queryset().filter(pk__in=pks), {"source": "warmup_queryset"}
     limit = DEFAULT_WARMUP_LIMIT if limit is None else max(limit, 0)
     base = manager.get_queryset()
-    hot_pks = hottest_pks(model, limit)
+    # Twice the limit: some hot rows may have been deleted since they were sampled.
+    hot_pks = hottest_pks(model, 2 * limit)
     found = set(base.filter(pk__in=hot_pks).values_list("pk", flat=True)) if hot_pks else set()
-    chosen = [pk for pk in hot_pks if pk in found]
+    chosen = [pk for pk in hot_pks if pk in found][:limit]
     remaining = limit - len(chosen)
     recent: list[Any] = []
     if remaining > 0:
@@ -374,16 +376,16 @@ def cleanup(
                 )
             if kinds["data"]:
                 old, stale = redis_tier.call(
-                    lambda ks=kinds["data"]: _run_script(
+                    lambda ks=kinds["data"], mc=mc: _run_script(
                         _CLEAN, [mc.gen_key, mc.writes_key, *ks], [mc.row_prefix]
                     )
                 )
                 counts["old_generation"] += old
                 counts["stale_rows"] += stale
         counts["hot_members"] += _decay_hot(mc)
-        cutoff = time.time() - _process_ttl()
+        procs, cutoff = _procs_key(mc), time.time() - _process_ttl()
         counts["stale_processes"] += redis_tier.call(
-            lambda: redis_tier.client.zremrangebyscore(_procs_key(mc), "-inf", cutoff)
+            lambda k=procs, c=cutoff: redis_tier.client.zremrangebyscore(k, "-inf", c)
         )
     counts["l1_expired"] = local_tier.prune_expired()
     counts["seconds"] = round(time.time() - started, 3)
@@ -429,7 +431,7 @@ def l2_entry_counts(
     out: dict[str, int] = {}
     for tag, caches in _by_tag(selected).items():
         mc = caches[0]
-        gen = redis_tier.call(lambda: redis_tier.client.get(mc.gen_key))
+        gen = redis_tier.call(lambda k=mc.gen_key: redis_tier.client.get(k))
         n = 0
         for keys in _scan(_glob_escape(tag) + ":*", batch_size):
             data = [k for k in keys if _classify(k, caches) == "data"]
@@ -629,18 +631,19 @@ class _Latency:
         self.sum = 0.0
         self.count = 0
         self.last: float | None = None
+        self._lock = threading.Lock()
 
     def observe(self, seconds: float) -> None:
-        i = 0
-        while i < len(self.BUCKETS) and seconds > self.BUCKETS[i]:
-            i += 1
-        self.counts[i] += 1
-        self.sum += seconds
-        self.count += 1
-        self.last = seconds
+        i = bisect.bisect_left(self.BUCKETS, seconds)
+        with self._lock:  # every thread's script calls report here
+            self.counts[i] += 1
+            self.sum += seconds
+            self.count += 1
+            self.last = seconds
 
 
 l2_latency = _Latency()
+redis_tier.latency_hook = l2_latency.observe
 
 _publisher_lock = threading.Lock()
 _publisher: dict[str, Any] = {"pid": None, "thread": None, "atexit": False}

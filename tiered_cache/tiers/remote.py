@@ -9,6 +9,7 @@ import os
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -93,8 +94,13 @@ return out
 # ttl ms, fresh row version, row version ttl ms.
 # Refused (0) if the model was flushed or written since the reader's first look: that
 # is what keeps a row read before a commit from being stored after its invalidation.
+# A refused filler still gives its lease back, or every other reader of the key would
+# wait LEASE_WAIT for a fill that never comes, until the lease expires.
 FILL = _SGET + """
-if sget(KEYS[1]) ~= ARGV[2] or (sget(KEYS[2]) or '0') ~= ARGV[3] then return 0 end
+if sget(KEYS[1]) ~= ARGV[2] or (sget(KEYS[2]) or '0') ~= ARGV[3] then
+  if ARGV[1] ~= '' and sget(KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+  return 0
+end
 if ARGV[1] ~= '' and sget(KEYS[4]) ~= ARGV[1] then return 0 end
 local hdr
 if ARGV[4] == 'N' then
@@ -213,6 +219,8 @@ class RedisTier:
         self._fills: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._filler: threading.Thread | None = None
         self._filler_pid = 0
+        # Called with the seconds each successful script round trip took (metrics).
+        self.latency_hook: Callable[[float], None] | None = None
 
     # -- connection ----------------------------------------------------------
     def connection_kwargs(self, **overrides: Any) -> tuple[type, dict[str, Any]]:
@@ -281,6 +289,7 @@ class RedisTier:
         breaker. Raises Unavailable on any failure (the connection is then dropped)."""
         if not breaker.allow():
             raise Unavailable("circuit open")
+        t0 = time.perf_counter()
         try:
             out = self._send(calls)
             missing = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
@@ -301,6 +310,8 @@ class RedisTier:
             breaker.failure(exc)
             raise Unavailable(str(exc)) from exc
         breaker.success()
+        if self.latency_hook is not None:
+            self.latency_hook(time.perf_counter() - t0)
         return out
 
     def _send(self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]]) -> list[Any]:

@@ -94,7 +94,8 @@ class Command(BaseCommand):
             ))
         widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
         for line in lines:
-            self.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+            cells = (cell.ljust(w) for cell, w in zip(line, widths, strict=True))
+            self.stdout.write("  ".join(cells).rstrip())
         self.stdout.write(
             f"breaker {view['breaker']}, bus {view['bus']}, outbox {view['outbox']}, "
             f"last cleanup {_when(view['last_cleanup'])}"

@@ -1,0 +1,60 @@
+"""Helpers shared by the operations tests (commands, tasks, admin, browser)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from django.db import connection
+
+from demo_project.demo.models import User
+from tiered_cache.breaker import breaker
+from tiered_cache.bus import bus
+from tiered_cache.tiers import redis_tier
+
+
+@pytest.fixture
+def live_bus() -> Iterator[None]:
+    """Wait until the invalidation bus is live: until then reads neither trust L1 nor
+    fill L2, and a test that reads to fill the cache would find it empty."""
+    wait_for_bus()
+    yield
+    breaker.reset()
+
+
+@pytest.fixture
+def no_past_runs() -> None:
+    """Forget the warmup and cleanup runs of earlier tests."""
+    from tiered_cache.conf import conf
+
+    redis_tier.client.delete(f"{conf.KEY_PREFIX}:ops")
+
+
+def wait_for_bus(timeout: float = 5.0) -> None:
+    bus.ensure_started()
+    deadline = time.monotonic() + timeout
+    while not bus.trusted():
+        assert time.monotonic() < deadline, f"the invalidation bus is {bus.state()}"
+        time.sleep(0.01)
+
+
+def read(manager: object, **lookup: object) -> object:
+    """get_cached, then wait for its L2 fill (fills run on a filler thread)."""
+    obj = manager.get_cached(**lookup)  # type: ignore[attr-defined]
+    redis_tier.wait_for_fills()
+    return obj
+
+
+def change_behind_the_cache(user: User, first_name: str) -> None:
+    """A write no signal sees (raw SQL): the cache keeps the old row until flushed."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {User._meta.db_table} SET first_name = %s WHERE id = %s",
+            [first_name, user.pk],
+        )
+
+
+def pk_of_key(key: bytes) -> int:
+    """The pk in a pk-lookup data key ("<data prefix>pk:<len>.i<pk>")."""
+    return int(key.rsplit(b".i", 1)[1])

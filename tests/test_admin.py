@@ -1,0 +1,405 @@
+"""The admin: flush actions on cached models and the cache dashboard, through Django's
+test client, with permissions and CSRF. These tests commit, so invalidations apply."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from django.contrib import admin
+from django.contrib.auth.models import Permission
+from django.test import Client
+from django.urls import reverse
+
+import tiered_cache
+from demo_project.demo.admin import PlainFlowInstanceAdmin
+from demo_project.demo.factories import GlobalModelFactory, UserFactory
+from demo_project.demo.models import FlowInstance, GlobalModel, Model, PlainFlowInstance, User
+from tests import celery_fixtures  # noqa: F401 - registers tiered_cache's tasks early
+from tests.cache_fixtures import l2_keys
+from tests.ops_helpers import change_behind_the_cache, live_bus, no_past_runs, read  # noqa: F401
+from tiered_cache import ops
+from tiered_cache.admin import CacheAdminMixin
+from tiered_cache.breaker import breaker
+from tiered_cache.conf import conf
+from tiered_cache.models import PendingInvalidation
+from tiered_cache.tiers import local_tier
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("live_bus", "no_past_runs"),
+]
+
+DASHBOARD = "/admin/tiered_cache/pendinginvalidation/dashboard/"
+CACHED = ("demo.User", "demo.Provider", "demo.GlobalModel", "demo.Model", "demo.FlowInstance")
+
+
+@pytest.fixture(autouse=True)
+def test_celery_app(celery_app: Any) -> Any:
+    """Warmups queued here go to the test app (memory:// broker unless a test's
+    ``celery`` mark says otherwise), never to the demo project's broker."""
+    celery_app.set_current()
+    celery_app.set_default()
+    return celery_app
+
+
+@pytest.fixture
+def superuser() -> User:
+    return UserFactory(username="root", is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def su_client(client: Client, superuser: User) -> Client:
+    client.force_login(superuser)
+    return client
+
+
+def staff(*perms: str) -> User:
+    user = UserFactory(is_staff=True)
+    for perm in perms:
+        app_label, codename = perm.split(".")
+        user.user_permissions.add(
+            Permission.objects.get(content_type__app_label=app_label, codename=codename)
+        )
+    return User.objects.get(pk=user.pk)  # no stale permission cache
+
+
+def messages_of(response: Any) -> list[str]:
+    return [str(m) for m in response.context["messages"]]
+
+
+def row_html(page: str, label: str) -> str:
+    dom_id = "tc-" + label.lower().replace(".", "-")
+    match = re.search(rf'<tr id="{dom_id}".*?</tr>', page, re.S)
+    assert match, f"no dashboard row for {label}"
+    return match.group(0)
+
+
+def cell(row: str, css: str) -> str:
+    match = re.search(rf'<td class="{css}">(.*?)</td>', row, re.S)
+    assert match, css
+    return match.group(1).strip()
+
+
+# -- the index and who may see the dashboard -----------------------------------------
+
+def test_admin_index_links_to_the_dashboard(su_client: Client) -> None:
+    page = su_client.get("/admin/").content.decode()
+    assert reverse("admin:tiered_cache_dashboard") == DASHBOARD
+    assert f'<a href="{DASHBOARD}">Cache dashboard</a>' in page
+    # The rest of the index is still there.
+    assert 'href="/admin/demo/user/"' in page
+
+
+@pytest.mark.parametrize("who", ["anonymous", "not staff"])
+def test_dashboard_is_for_staff_only(client: Client, who: str) -> None:
+    if who == "not staff":
+        client.force_login(UserFactory(is_staff=False))
+    response = client.get(DASHBOARD)
+    assert response.status_code == 302
+    assert response["Location"].startswith("/admin/login/")
+    assert client.post(DASHBOARD, {"action": "flush_all"}).status_code == 302
+
+
+def test_staff_without_change_permission_sees_no_buttons_and_may_not_post(
+    client: Client,
+) -> None:
+    client.force_login(staff())
+    page = client.get(DASHBOARD).content.decode()
+    assert "demo.User" in page
+    assert "Flush everything" not in page and ">Flush</button>" not in page
+    for data in ({"action": "flush", "model": "demo.User"}, {"action": "flush_all"},
+                 {"action": "warmup", "model": "demo.User"}, {"action": "cleanup"}):
+        assert client.post(DASHBOARD, data).status_code == 403, data
+
+
+def test_change_permission_on_one_model_gives_its_buttons_only(client: Client) -> None:
+    user = UserFactory(first_name="old")
+    read(User.objects, pk=user.pk)
+    change_behind_the_cache(user, "new")
+    client.force_login(staff("demo.change_user"))
+
+    page = client.get(DASHBOARD).content.decode()
+    assert 'aria-label="Flush demo.User"' in page
+    assert 'aria-label="Flush demo.GlobalModel"' not in page
+    assert "Flush everything" not in page
+    assert client.post(DASHBOARD, {"action": "flush", "model": "demo.GlobalModel"}
+                       ).status_code == 403
+    response = client.post(DASHBOARD, {"action": "flush", "model": "demo.User"}, follow=True)
+    assert messages_of(response) == ["Flushed every demo.User entry (all processes)."]
+    assert User.objects.get_cached(pk=user.pk).first_name == "new"
+
+
+# -- what the dashboard shows ---------------------------------------------------------
+
+def test_dashboard_shows_every_cached_model(su_client: Client) -> None:
+    users = UserFactory.create_batch(2)
+    for _ in range(3):
+        read(User.objects, pk=users[0].pk)  # a miss, then L1 hits
+    tiered_cache.clear_local()
+    read(User.objects, pk=users[0].pk)  # an L2 hit
+    read(User.objects, email=users[1].email)  # a miss
+
+    page = su_client.get(DASHBOARD).content.decode()
+
+    for label in CACHED:
+        assert f'data-label="{label}"' in page, label
+    assert 'data-label="demo.PlainFlowInstance"' not in page
+    row = row_html(page, "demo.User")
+    assert cell(row, "tc-lookups") == "<code>pk</code>, <code>email</code>"
+    assert cell(row, "tc-l1") == str(local_tier.count("demo.user")) == "2"
+    assert cell(row, "tc-l2") == "2"  # users[0] by pk, users[1] by email
+    # The chart: one SVG rect per tier that served reads, widths adding up to 100%.
+    svg = re.search(r"<svg class=\"tc-chart\".*?</svg>", row, re.S)
+    assert svg
+    rects = re.findall(r'<rect x="([\d.]+)" y="0" width="([\d.]+)" height="10" '
+                       r'fill="#\w+" data-tier="(\w+)"><title>(.*?)</title>', svg.group(0))
+    tiers = {t: title for _, _, t, title in rects}
+    assert set(tiers) == {"L1", "L2", "database"}
+    assert tiers["L1"].startswith("L1: ") and tiers["database"].startswith("database: ")
+    assert abs(sum(float(w) for _, w, _, _ in rects) - 100) < 0.01
+    assert "all processes" in row
+    assert re.search(r'<td class="tc-ratio">\d+\.\d%</td>', row)
+    assert cell(row, "tc-last-warmup") == "never"
+    # A model nobody read: an empty chart.
+    assert 'data-tier="none"' in row_html(page, "demo.FlowInstance")
+    assert '<strong id="tc-breaker">closed</strong>' in page
+    assert '<strong id="tc-bus">live</strong>' in page
+    assert 'id="tc-last-cleanup">never<' in page
+    assert "cdn" not in page.lower() and "<script src=\"http" not in page
+
+
+@pytest.mark.celery(broker_url=None)
+def test_dashboard_without_redis_still_renders(su_client: Client) -> None:
+    for _ in range(conf.BREAKER_FAILURE_THRESHOLD):
+        breaker.failure()
+
+    response = su_client.get(DASHBOARD)
+
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert "Redis is unavailable (circuit open)" in page
+    assert '<strong id="tc-breaker">open</strong>' in page
+    assert cell(row_html(page, "demo.User"), "tc-l2") == "?"
+    assert "this process" in row_html(page, "demo.User")
+    response = su_client.post(DASHBOARD, {"action": "warmup", "model": "demo.User"},
+                              follow=True)
+    assert messages_of(response) == ["Redis is unavailable (circuit open); nothing was done."]
+    # A flush is never lost: it waits in the outbox until Redis answers.
+    response = su_client.post(DASHBOARD, {"action": "flush", "model": "demo.User"},
+                              follow=True)
+    assert messages_of(response) == ["Flushed every demo.User entry (all processes)."]
+    assert PendingInvalidation.objects.filter(model_label="demo.user", flush=True).exists()
+    assert "1 pending invalidation<" in response.content.decode()
+
+
+# -- the dashboard's buttons ------------------------------------------------------------
+
+def test_flush_button_drops_one_model(su_client: Client) -> None:
+    user = UserFactory(first_name="old")
+    gm = GlobalModelFactory()
+    read(User.objects, pk=user.pk)
+    read(GlobalModel.objects, name=gm.name)
+    change_behind_the_cache(user, "new")
+
+    response = su_client.post(DASHBOARD, {"action": "flush", "model": "demo.User"},
+                              follow=True)
+
+    assert response.redirect_chain == [(DASHBOARD, 302)]
+    assert messages_of(response) == ["Flushed every demo.User entry (all processes)."]
+    page = response.content.decode()
+    assert cell(row_html(page, "demo.User"), "tc-l2") == "0"
+    assert cell(row_html(page, "demo.GlobalModel"), "tc-l2") == "1"
+    assert User.objects.get_cached(pk=user.pk).first_name == "new"
+
+
+def test_flush_everything(su_client: Client) -> None:
+    read(User.objects, pk=UserFactory().pk)
+    read(GlobalModel.objects, name=GlobalModelFactory().name)
+
+    response = su_client.post(DASHBOARD, {"action": "flush_all"}, follow=True)
+
+    assert messages_of(response) == [
+        "Flushed every cached model: " + ", ".join(CACHED) + "."
+    ]
+    for model in (User, GlobalModel, Model, FlowInstance):
+        assert l2_keys(model) == []
+
+
+@pytest.mark.celery(broker_url=None)
+def test_warmup_button_runs_inline_without_a_broker(su_client: Client) -> None:
+    UserFactory.create_batch(3)
+    n = User.objects.count()  # and the superuser
+
+    response = su_client.post(DASHBOARD, {"action": "warmup", "model": "demo.User"},
+                              follow=True)
+
+    assert messages_of(response) == [
+        "Warmup of demo.User ran here, in this web process (no Celery broker is "
+        f"configured): stored {n}, refused 0."
+    ]
+    row = row_html(response.content.decode(), "demo.User")
+    assert cell(row, "tc-l2") == str(n)
+    assert f"stored {n}, refused 0" in cell(row, "tc-last-warmup")
+
+
+def test_warmup_button_queues_on_celery_when_a_broker_is_configured(su_client: Client) -> None:
+    # The test app's memory:// broker; no worker here (test_tasks and the browser have one).
+    response = su_client.post(DASHBOARD, {"action": "warmup", "model": "demo.User"},
+                              follow=True)
+
+    (message,) = messages_of(response)
+    assert re.fullmatch(r"Warmup of demo\.User queued on Celery \(task [0-9a-f-]{36}\); "
+                        r"a worker runs it\.", message), message
+
+
+def test_cleanup_button(su_client: Client) -> None:
+    response = su_client.post(DASHBOARD, {"action": "cleanup"}, follow=True)
+
+    (message,) = messages_of(response)
+    assert message.startswith("Cleanup scanned ")
+    assert 'id="tc-last-cleanup">never<' not in response.content.decode()
+    assert ops.last_runs()["cleanup"] is not None
+
+
+def test_unknown_model_or_action_is_reported(su_client: Client) -> None:
+    response = su_client.post(DASHBOARD, {"action": "flush", "model": "demo.Nope"},
+                              follow=True)
+    assert messages_of(response) == ["'demo.Nope': no such model is installed"]
+    response = su_client.post(DASHBOARD, {"action": "drop_tables"}, follow=True)
+    assert messages_of(response) == ["Unknown action 'drop_tables'."]
+
+
+def test_dashboard_posts_need_a_csrf_token(superuser: User) -> None:
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(superuser)
+    page = client.get(DASHBOARD).content.decode()
+
+    assert client.post(DASHBOARD, {"action": "flush_all"}).status_code == 403
+
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
+    assert token
+    response = client.post(DASHBOARD, {"action": "flush_all",
+                                       "csrfmiddlewaretoken": token.group(1)})
+    assert response.status_code == 302
+
+
+# -- flush actions on the changelists ---------------------------------------------------
+
+def action_names(client: Client, url: str) -> list[str]:
+    form = client.get(url).context["action_form"]  # None when no action is allowed
+    return [name for name, _ in form.fields["action"].choices] if form else []
+
+
+def test_actions_are_offered_with_change_permission_only(client: Client) -> None:
+    client.force_login(staff("demo.view_user"))
+    assert "flush_selected_from_cache" not in action_names(client, "/admin/demo/user/")
+
+    client.force_login(staff("demo.view_user", "demo.change_user"))
+    choices = dict(client.get("/admin/demo/user/").context["action_form"]
+                   .fields["action"].choices)
+    assert choices["flush_selected_from_cache"] == "Flush selected users from cache"
+    assert choices["flush_all_from_cache"] == "Flush all user cache entries"
+
+    # Forged without permission: not run.
+    client.force_login(staff("demo.view_user"))
+    user = UserFactory(first_name="old")
+    read(User.objects, pk=user.pk)
+    change_behind_the_cache(user, "new")
+    response = client.post("/admin/demo/user/", {
+        "action": "flush_all_from_cache", "_selected_action": [user.pk], "index": 0,
+    }, follow=True)
+    assert not [m for m in messages_of(response) if m.startswith("Flushed")]
+    assert User.objects.get_cached(pk=user.pk).first_name == "old"
+
+
+def test_every_cached_model_admin_has_the_actions(su_client: Client) -> None:
+    for url in ("/admin/demo/user/", "/admin/demo/provider/", "/admin/demo/globalmodel/",
+                "/admin/demo/model/", "/admin/demo/flowinstance/"):
+        names = action_names(su_client, url)
+        assert {"flush_selected_from_cache", "flush_all_from_cache"} <= set(names), url
+    assert "flush_all_from_cache" not in action_names(su_client, "/admin/demo/plainflowinstance/")
+
+
+def test_flush_selected_drops_those_rows_in_every_lookup(su_client: Client) -> None:
+    a = UserFactory(username="alice", first_name="old")
+    b = UserFactory(username="bob", first_name="old")
+    for u in (a, b):
+        read(User.objects, pk=u.pk)
+        read(User.objects, email=u.email)
+    change_behind_the_cache(a, "new")
+    change_behind_the_cache(b, "new")
+
+    response = su_client.post("/admin/demo/user/", {
+        "action": "flush_selected_from_cache", "_selected_action": [a.pk], "index": 0,
+    }, follow=True)
+
+    assert messages_of(response) == [
+        "Flushed 1 user from the cache in every process: alice."
+    ]
+    assert User.objects.get_cached(pk=a.pk).first_name == "new"
+    assert User.objects.get_cached(email=a.email).first_name == "new"
+    assert User.objects.get_cached(pk=b.pk).first_name == "old"  # not selected
+
+
+def test_flush_selected_names_a_few_and_counts_the_rest(su_client: Client) -> None:
+    users = UserFactory.create_batch(7)
+    response = su_client.post("/admin/demo/user/", {
+        "action": "flush_selected_from_cache", "_selected_action": [u.pk for u in users],
+        "index": 0,
+    }, follow=True)
+    (message,) = messages_of(response)
+    assert message.startswith("Flushed 7 users from the cache in every process: ")
+    assert message.endswith(" and 2 more.")
+
+
+def test_flush_all_action(su_client: Client) -> None:
+    users = [UserFactory(first_name="old") for _ in range(2)]
+    for u in users:
+        read(User.objects, pk=u.pk)
+        change_behind_the_cache(u, "new")
+
+    response = su_client.post("/admin/demo/user/", {
+        "action": "flush_all_from_cache", "_selected_action": [users[0].pk], "index": 0,
+    }, follow=True)
+
+    assert messages_of(response) == [
+        "Flushed all user cache entries (demo.User, every lookup, every process)."
+    ]
+    assert [User.objects.get_cached(pk=u.pk).first_name for u in users] == ["new", "new"]
+
+
+# -- the outbox admin and the mixin's check -------------------------------------------------
+
+def test_outbox_is_read_only_and_links_to_the_dashboard(su_client: Client) -> None:
+    PendingInvalidation.objects.create(model_label="demo.user", rows=["2.i1"], flush=False)
+    page = su_client.get("/admin/tiered_cache/pendinginvalidation/").content.decode()
+    assert f'<a href="{DASHBOARD}">Cache dashboard</a>' in page
+    assert "demo.user" in page
+    assert "/admin/tiered_cache/pendinginvalidation/add/" not in page
+
+
+def test_mixin_on_an_uncached_model_fails_the_check() -> None:
+    class Broken(CacheAdminMixin, PlainFlowInstanceAdmin):
+        pass
+
+    errors = Broken(PlainFlowInstance, admin.site).check()
+    assert [e.id for e in errors] == ["tiered_cache.E100"]
+    assert "demo.PlainFlowInstance has no cached manager" in errors[0].msg
+
+
+def test_mixin_keeps_an_admins_own_actions() -> None:
+    class WithOwn(CacheAdminMixin, admin.ModelAdmin):
+        actions = ["make_inactive"]
+
+    class Subclass(WithOwn):
+        pass
+
+    class Off(CacheAdminMixin, admin.ModelAdmin):
+        actions = None
+
+    assert WithOwn.actions == ["make_inactive", "flush_selected_from_cache",
+                               "flush_all_from_cache"]
+    assert Subclass.actions == WithOwn.actions
+    assert Off.actions is None

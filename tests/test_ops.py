@@ -1,0 +1,250 @@
+"""tiered_cache.ops and tiered_cache.metrics: stats of all processes pushed in batches,
+hot rows, warmup sets, cleanup of hot samples and silent processes, L2 sizes, metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from django.test import Client, override_settings
+
+import tiered_cache
+from demo_project.demo.factories import UserFactory
+from demo_project.demo.models import GlobalModel, User
+from tests.cache_fixtures import l2_keys
+from tests.ops_helpers import live_bus, pk_of_key, read  # noqa: F401
+from tiered_cache import ops
+from tiered_cache.conf import conf
+from tiered_cache.counters import hot
+from tiered_cache.registry import first_model_cache
+from tiered_cache.tiers import redis_tier
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("live_bus")]
+
+
+def user_mc() -> Any:
+    mc = first_model_cache(User)
+    assert mc is not None
+    return mc
+
+
+def forget_hot_rows() -> None:
+    mc = user_mc()
+    redis_tier.client.delete(mc.tag + ":hot", mc.tag + ":p")
+    redis_tier.client.hdel(f"{conf.KEY_PREFIX}:ops", "hot_decay:demo.user")
+
+
+@pytest.fixture(autouse=True)
+def pushed_before() -> None:
+    """Start each test with nothing of earlier tests left to push."""
+    ops.publish_stats()
+    hot.take()
+
+
+def test_reads_make_no_redis_call_and_one_push_carries_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    user = UserFactory()
+    read(User.objects, pk=user.pk)
+    ops.publish_stats()
+    before = ops.cluster_stats([User])["demo.user"]
+    calls = []
+    real_call, real_scripts = redis_tier.call, redis_tier.scripts
+    monkeypatch.setattr(redis_tier, "call", lambda fn: calls.append("call") or real_call(fn))
+    monkeypatch.setattr(redis_tier, "scripts",
+                        lambda c: calls.append("scripts") or real_scripts(c))
+
+    for _ in range(200):
+        User.objects.get_cached(pk=user.pk)  # L1 hits
+    assert calls == []
+
+    pushed = ops.publish_stats()
+    assert calls == ["call"], "one pipeline for counters and hot rows of every model"
+    monkeypatch.undo()
+    assert pushed["counters"]["demo.user"]["l1_hits"] == 200
+    assert pushed["hot"]["demo.user"] in (200 // hot.SAMPLE_EVERY, 200 // hot.SAMPLE_EVERY + 1)
+    after = ops.cluster_stats([User])["demo.user"]
+    assert after["l1_hits"] - before["l1_hits"] == 200
+    assert after["processes"] >= 1
+    assert after["hot"][0][0] == str(user.pk)
+    # Nothing new: nothing to push.
+    assert ops.publish_stats() == {"counters": {}, "hot": {}}
+
+
+def test_a_push_that_fails_is_retried_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    user = UserFactory()
+    hot.take()
+    for _ in range(33):
+        read(User.objects, pk=user.pk)
+    before = ops.cluster_stats([User])["demo.user"]["l1_hits"]
+    samples = sum(hot.counts["demo.user"].values())
+    assert samples >= 1
+
+    def down(fn: Any) -> Any:
+        raise ops.Unavailable("down")
+
+    monkeypatch.setattr(redis_tier, "call", down)
+    with pytest.raises(ops.Unavailable):
+        ops.publish_stats()
+    monkeypatch.undo()
+
+    pushed = ops.publish_stats()
+    assert pushed["counters"]["demo.user"]["l1_hits"] == 32
+    assert pushed["hot"]["demo.user"] == samples  # the samples were kept, not lost
+    assert ops.cluster_stats([User])["demo.user"]["l1_hits"] == before + 32
+
+
+def test_the_publisher_thread_pushes_on_its_own() -> None:
+    user = UserFactory()
+    read(User.objects, pk=user.pk)
+    before = ops.cluster_stats([User])["demo.user"]["l1_hits"]
+    with override_settings(TIERED_CACHE={**conf.raw, "STATS_FLUSH_INTERVAL": 0.05}):
+        ops.start_stats_publisher()
+        ops.start_stats_publisher()  # idempotent
+        for _ in range(5):
+            User.objects.get_cached(pk=user.pk)
+        deadline = time.monotonic() + 5
+        while ops.cluster_stats([User])["demo.user"]["l1_hits"] < before + 5:
+            assert time.monotonic() < deadline, "the publisher thread pushed nothing"
+            time.sleep(0.05)
+    threads = [t for t in __import__("threading").enumerate() if t.name == "tiered_cache-stats"]
+    assert len(threads) == 1
+
+
+def test_warmup_uses_the_managers_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    chosen, other = UserFactory(first_name="vip"), UserFactory()
+    monkeypatch.setattr(User.objects, "warmup_queryset",
+                        lambda: User.objects.filter(first_name="vip"), raising=False)
+
+    result = ops.warmup(User)
+
+    assert result["source"] == "warmup_queryset" and result["stored"] == 1
+    assert [pk_of_key(k) for k in l2_keys(User)] == [chosen.pk]
+    assert other.pk not in [pk_of_key(k) for k in l2_keys(User)]
+    assert ops.warmup(User, limit=0)["stored"] == 0
+
+
+def test_warmup_set_is_hot_rows_then_recent_ones() -> None:
+    forget_hot_rows()
+    a, b, c, d = UserFactory.create_batch(4)
+    redis_tier.client.zadd(user_mc().tag + ":hot",
+                           {str(a.pk): 5, str(b.pk): 9, "junk": 99, str(d.pk + 100): 50})
+
+    qs, how = ops.warmup_set(User.objects, 3)
+
+    assert how == {"source": "hot+recent", "hot": 2, "recent": 1}
+    assert set(qs.values_list("pk", flat=True)) == {a.pk, b.pk, d.pk}
+    # "junk" is no pk, skipped; a deleted row's pk is returned but never warmed.
+    assert ops.hottest_pks(User, 4) == [d.pk + 100, b.pk, a.pk]
+
+
+def test_cleanup_decays_hot_rows_and_forgets_silent_processes() -> None:
+    forget_hot_rows()
+    mc = user_mc()
+    client = redis_tier.client
+    hot_key, procs_key = mc.tag + ":hot", mc.tag + ":p"
+    client.zadd(hot_key, {"1": 8, "2": 1})
+    client.zadd(procs_key, {"gone:1": time.time() - 3600, "here:2": time.time()})
+    ops.cleanup([User])  # first run: no decay yet, only the clock starts
+    assert client.zscore(hot_key, "2") == 1
+    # Two half-lives later: 8 -> 2, 1 -> 0.25 (cold, dropped).
+    client.hset(f"{conf.KEY_PREFIX}:ops", "hot_decay:demo.user",
+                repr(time.time() - 2 * ops.HOT_HALF_LIFE))
+
+    result = ops.cleanup([User])
+
+    assert result["hot_members"] == 1 and result["stale_processes"] == 0
+    assert client.zrange(hot_key, 0, -1, withscores=True) == [(b"1", pytest.approx(2.0, 0.01))]
+    assert client.ttl(hot_key) > 0
+    assert client.zrange(procs_key, 0, -1) == [b"here:2"]
+
+
+def test_l2_entry_count_counts_the_current_generation_only() -> None:
+    users = UserFactory.create_batch(3)
+    for u in users:
+        read(User.objects, pk=u.pk)
+    read(User.objects, email=users[0].email)
+    assert ops.l2_entry_count(User) == 4
+    assert ops.l2_entry_counts()["demo.globalmodel"] == 0
+    User.objects.flush_cache()
+    assert ops.l2_entry_count(User) == 0
+
+
+def test_resolve_models() -> None:
+    assert ops.resolve_models(["demo.user", "demo.GlobalModel", "demo.User"]) == [
+        User, GlobalModel]
+    with pytest.raises(ops.UnknownModel, match="cached models: demo.User, demo.Provider"):
+        ops.resolve_models(["demo.PlainFlowInstance"])
+
+
+def test_flush_inside_atomic_waits_for_the_commit() -> None:
+    from django.db import transaction
+
+    user = UserFactory()
+    read(User.objects, pk=user.pk)
+    with transaction.atomic():
+        assert ops.flush([User]) == ["demo.User"]
+        assert len(l2_keys(User)) == 1
+    assert l2_keys(User) == []
+
+
+def test_metrics_endpoint(client: Client) -> None:
+    user = UserFactory()
+    read(User.objects, pk=user.pk)
+    User.objects.get_cached(pk=user.pk)
+    tiered_cache.clear_local()
+    User.objects.get_cached(pk=user.pk)
+    user.save()
+
+    response = client.get("/metrics")
+
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain")
+    text = response.content.decode()
+    for line in (
+        'tiered_cache_hits_total{model="demo.user",tier="l1"} 1.0',
+        'tiered_cache_hits_total{model="demo.user",tier="l2"} 1.0',
+        'tiered_cache_misses_total{model="demo.user"} 1.0',
+        'tiered_cache_invalidations_total{model="demo.user"} ',
+        'tiered_cache_breaker_state{state="closed"} 1.0',
+        'tiered_cache_breaker_state{state="open"} 0.0',
+        "tiered_cache_bus_trusted 1.0",
+        'tiered_cache_l2_latency_seconds_bucket{le="+Inf"} ',
+        'tiered_cache_cluster_hits_total{model="demo.user",tier="l1"} ',
+        'tiered_cache_l1_entries{model="demo.user"} ',
+    ):
+        assert line in text, line
+    # Scraping twice registers nothing twice.
+    assert client.get("/metrics").status_code == 200
+
+
+def test_signals_for_anyone_else() -> None:
+    from tiered_cache.signals import cache_hit, cache_invalidated, cache_miss
+
+    seen: list[tuple[str, Any, dict[str, Any]]] = []
+
+    def receiver(name: str) -> Any:
+        def got(sender: Any, **kwargs: Any) -> None:
+            seen.append((name, sender, kwargs))
+        return got
+
+    receivers = {"hit": receiver("hit"), "miss": receiver("miss"), "inv": receiver("inv")}
+    cache_hit.connect(receivers["hit"])
+    cache_miss.connect(receivers["miss"])
+    cache_invalidated.connect(receivers["inv"])
+    try:
+        user = UserFactory()
+        seen.clear()
+        read(User.objects, pk=user.pk)
+        User.objects.get_cached(pk=user.pk)
+        user.save()
+    finally:
+        cache_hit.disconnect(receivers["hit"])
+        cache_miss.disconnect(receivers["miss"])
+        cache_invalidated.disconnect(receivers["inv"])
+
+    assert [(name, sender) for name, sender, _ in seen] == [
+        ("miss", User), ("hit", User), ("inv", User)]
+    assert seen[1][2]["tier"] == "l1"
+    assert seen[2][2]["flush"] is False
