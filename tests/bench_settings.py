@@ -1,0 +1,16 @@
+"""Settings of the benchmark (`python -m tests.bench`): the test settings, with the bench's
+own database and Redis key prefix (both set by tests/bench.py through the environment, so
+the processes it spawns share them), DEBUG off as in production, and room in L1 for the
+memory rows (100,000 users)."""
+
+import os
+
+from tests.settings import *  # noqa: F403
+from tests.settings import DATABASES, TEST_KEY_PREFIX
+
+DEBUG = False
+
+# Never the test database nor whatever DATABASE_URL names: the bench drops this one.
+DATABASES["default"]["NAME"] = os.environ.get("TC_BENCH_DB", "tiered_cache_bench")
+
+TIERED_CACHE = {"KEY_PREFIX": TEST_KEY_PREFIX, "L1_MAX_ENTRIES": 250_000}
