@@ -157,7 +157,7 @@ class CachedManagerMixin:
         mc = model_cache(self)
         lk, values = mc.resolve(lookup)
         # An L1 hit stays on the event loop: no I/O, no thread hop.
-        found = reads.peek_local(mc, (lk.key_prefix, values), self.db)
+        found = reads.peek_local(mc, (lk.key_prefix, *values), self.db)
         if found is not None:
             return found
         return await sync_to_async(reads.get)(self, mc, lk, values)

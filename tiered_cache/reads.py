@@ -50,7 +50,7 @@ fill_hook: Any = None
 
 def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> Any:
     # L1 is keyed by the lookup and its values: no string is built on the hot path.
-    l1key = (lk.key_prefix, values)
+    l1key = (lk.key_prefix, *values)
     db = manager.db
     if in_dirty_transaction(mc.label, db):
         mc.counters.bypassed += 1
@@ -309,7 +309,7 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
         todo = []
         now = time.monotonic()
         for pk in wanted:
-            v = local_tier.get((prefix, (pk,)), now)
+            v = local_tier.get((prefix, pk), now)
             if v is None:
                 todo.append(pk)
             elif v is NEGATIVE:
@@ -343,7 +343,7 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
             if value is None:
                 missing.append((pk, keys[i], ""))
                 continue
-            local_tier.set((prefix, (pk,)), mc.label, _row_of(value), value,
+            local_tier.set((prefix, pk), mc.label, _row_of(value), value,
                            _l1_timeout(mc, value), token)
             if value is not NEGATIVE:
                 found[pk] = mc.codec.thaw(value, db)
@@ -368,7 +368,7 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
         if lease:
             fills.append(fill_call(mc, key, lease, gen, writes, value))
         if trusted:
-            local_tier.set((prefix, (pk,)), mc.label, _row_of(value), value,
+            local_tier.set((prefix, pk), mc.label, _row_of(value), value,
                            _l1_timeout(mc, value), token)
     if fills:
         redis_tier.fill_later(fills, _counted(mc))

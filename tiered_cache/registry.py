@@ -166,6 +166,7 @@ class ModelCache:
                 if len(combo) == 1:
                     self.single[combo[0]] = lk
         self.pk_lookup = self.lookups[frozenset({"pk"})]
+        self._orders: dict[tuple[str, ...], tuple[Lookup, tuple[int, ...]]] = {}
         self.counters = Counters()
 
     def _field(self, name: str) -> models.Field:
@@ -204,9 +205,26 @@ class ModelCache:
                     value = _instance_value(lk.fields[0], name, value, self.model)
                 return lk, (lk.preps[0](value),)
         else:
+            # Callers use the same keyword order every time: remember, per order, which
+            # declared field each position is, and skip building a dict and a frozenset.
+            names = tuple(kwargs)
+            known = self._orders.get(names)
+            if known is not None:
+                lk, order = known
+                given = tuple(kwargs.values())
+                out = []
+                for i, prep in zip(order, lk.preps):
+                    value = given[i]
+                    if isinstance(value, models.Model):
+                        value = _instance_value(lk.fields[len(out)], names[i], value, self.model)
+                    out.append(prep(value))
+                return lk, tuple(out)
             lk = self.lookups.get(frozenset(kwargs))
             if lk is not None and len(kwargs) == len(lk.names):
-                return lk, lk.normalize(kwargs, self.aliases)
+                values = lk.normalize(kwargs, self.aliases)
+                canonical = [self.aliases[n] for n in names]
+                self._orders[names] = (lk, tuple(canonical.index(n) for n in lk.names))
+                return lk, values
         raise UndeclaredLookup(self.label, kwargs, self.declared)
 
     def row_key(self, rid: str) -> str:

@@ -131,6 +131,8 @@ class RowCodec:
         self.mutable = tuple(
             i for i, f in enumerate(self.fields) if not isinstance(f, _IMMUTABLE_FIELDS)
         )
+        self.imm_names = tuple(a for i, a in enumerate(self.attnames) if i not in self.mutable)
+        self.mut_names = tuple(a for i, a in enumerate(self.attnames) if i in self.mutable)
         model = self.model
         # Building an instance without __init__ is only equivalent to from_db() when the
         # model keeps Django's own __init__ and from_db and nothing listens to its init
@@ -149,18 +151,21 @@ class RowCodec:
             return None
 
     def freeze(self, values: Sequence[Any]) -> tuple[Any, ...]:
-        """Immutable L1 form: (immutable values by attname, pickled mutable values, pk).
-        A hit copies the first into the new instance's __dict__ and unpickles the rest, so
-        every caller gets values of its own."""
+        """Immutable L1 form: (immutable values, pickled mutable values, pk), each in the
+        order of imm_names and mut_names. A hit copies the first into the new instance's
+        __dict__ and unpickles the rest, so every caller gets values of its own. Tuples,
+        not dicts: L1 holds many thousands of these."""
         mutable = self.mutable
-        imm = {}
+        if not mutable:
+            return (tuple(values), (), values[self.pk_index])
+        imm = []
         mut = []
-        for i, (attname, value) in enumerate(zip(self.attnames, values)):
+        for i, value in enumerate(values):
             if i in mutable:
-                mut.append((attname, dumps(value)))
+                mut.append(dumps(value))
             else:
-                imm[attname] = value
-        return (imm, tuple(mut), values[self.pk_index])
+                imm.append(value)
+        return (tuple(imm), tuple(mut), values[self.pk_index])
 
     @staticmethod
     def pk_of(frozen: tuple[Any, ...]) -> Any:
@@ -172,8 +177,9 @@ class RowCodec:
         return (
             type(payload) is tuple
             and len(payload) == 3
-            and type(payload[0]) is dict
-            and len(payload[0]) + len(payload[1]) == self._count
+            and type(payload[0]) is tuple
+            and len(payload[0]) == len(self.imm_names)
+            and len(payload[1]) == len(self.mut_names)
         )
 
     def _may_skip_init(self) -> bool:
@@ -193,11 +199,11 @@ class RowCodec:
             state = d["_state"] = ModelState()
             state.adding = False
             state.db = db
-            d.update(imm)
-            for attname, blob in mut:
+            d.update(zip(self.imm_names, imm))
+            for attname, blob in zip(self.mut_names, mut):
                 d[attname] = pickle.loads(blob)
             return new
-        by_name = dict(imm)
-        for attname, blob in mut:
+        by_name = dict(zip(self.imm_names, imm))
+        for attname, blob in zip(self.mut_names, mut):
             by_name[attname] = pickle.loads(blob)
         return self.model.from_db(db, None, [by_name[a] for a in self.attnames])

@@ -21,7 +21,9 @@ class LocalTier:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._data: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
-        self._rows: dict[tuple[str, str], set[str]] = {}
+        # (label, row id) -> the key of the row's one entry, or a set when it has several
+        # (a set per row would double what the index costs).
+        self._rows: dict[tuple[str, str], Any] = {}
         self._epoch: dict[str, int] = {}
         self._writes: dict[str, int] = {}
         # Bumped by clear(): refuses every fill that started before it.
@@ -62,7 +64,14 @@ class LocalTier:
                 self._unindex(key, old)
             self._data[key] = (time.monotonic() + timeout, label, row, value, token[1], token[2])
             if row:
-                self._rows.setdefault((label, row), set()).add(key)
+                rk = (label, row)
+                have = self._rows.get(rk)
+                if have is None or have == key:
+                    self._rows[rk] = key
+                elif type(have) is set:
+                    have.add(key)
+                else:
+                    self._rows[rk] = {have, key}
             limit = conf.L1_MAX_ENTRIES
             while len(self._data) > limit:
                 k, e = self._data.popitem(last=False)
@@ -76,7 +85,10 @@ class LocalTier:
         with self._lock:
             self._writes[label] = self._writes.get(label, 0) + 1
             for row in rows:
-                for key in self._rows.pop((label, row), ()):
+                have = self._rows.pop((label, row), None)
+                if have is None:
+                    continue
+                for key in have if type(have) is set else (have,):
                     if self._data.pop(key, None) is not None:
                         n += 1
         return n
@@ -120,14 +132,21 @@ class LocalTier:
         del self._data[key]
         self._unindex(key, e)
 
-    def _unindex(self, key: str, e: tuple[Any, ...]) -> None:
+    def _unindex(self, key: Any, e: tuple[Any, ...]) -> None:
         row = e[_ROW]
         if row:
-            keys = self._rows.get((e[_LABEL], row))
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._rows[(e[_LABEL], row)]
+            rk = (e[_LABEL], row)
+            have = self._rows.get(rk)
+            if have is None:
+                return
+            if type(have) is set:
+                have.discard(key)
+                if len(have) == 1:
+                    self._rows[rk] = next(iter(have))
+                elif not have:
+                    del self._rows[rk]
+            elif have == key:
+                del self._rows[rk]
 
 
 local_tier = LocalTier()
