@@ -5,7 +5,7 @@ import redis
 from django.conf import settings
 
 # Celery's own fixtures (celery_app, celery_worker, ...) ship in celery itself.
-pytest_plugins = ("celery.contrib.pytest", "tests.cache_fixtures")
+pytest_plugins = ("celery.contrib.pytest", "tests.cache_fixtures", "tests.redis_fixtures")
 
 _TIMEOUT = 3
 

@@ -25,6 +25,8 @@ class Bus:
         self._pid = 0
         self._stop = threading.Event()
         self._first = threading.Event()
+        # Cuts a reconnect backoff short (an undelivered write wants the outbox drained).
+        self._wake = threading.Event()
         # Both tiers are trusted only until this monotonic time: it moves forward with
         # every answered heartbeat, so a paused or silent Redis lapses trust on its own.
         self._trusted_until = 0.0
@@ -34,6 +36,9 @@ class Bus:
         self.last_latency: float | None = None
         self._client: Any = None
         self._warned = False
+        # Set when this process put invalidations in the outbox: the listener delivers
+        # them before this process trusts its tiers again.
+        self._drain_due = False
 
     def trusted(self) -> bool:
         return time.monotonic() < self._trusted_until
@@ -68,28 +73,43 @@ class Bus:
     def stop(self) -> None:
         """Stop the listener (tests); trust ends at once."""
         self._stop.set()
+        self._wake.set()
         self._trusted_until = 0.0
         t = self._thread
         if t is not None and t.is_alive() and t is not threading.current_thread():
             t.join(2)
         self._thread = None
 
+    def undelivered(self) -> None:
+        """A write of this process could not reach Redis; its invalidation is in the outbox.
+        L2 still holds the old row, and other processes' L1 too, and they may not lose
+        trust at all (only this process's breaker may be open): stop trusting the tiers
+        here until the listener has delivered the outbox, and make sure a listener runs."""
+        self._drain_due = True
+        self._trusted_until = 0.0
+        self._wake.set()
+        self.ensure_started(wait=0)
+
     def after_fork(self) -> None:
         self._lock = threading.Lock()
         self._thread = None
         self._trusted_until = 0.0
         self.connected = False
+        self._drain_due = False
         self._stop = threading.Event()
         self._first = threading.Event()
+        self._wake = threading.Event()
 
     # -- the listener ----------------------------------------------------------
     def _run(self) -> None:
         backoff = 0.05
+        lost = False
         while not self._stop.is_set():
             try:
-                self._listen()
+                self._listen(reconnect=lost)
                 backoff = 0.05
             except Exception as exc:  # any failure: drop trust, clear L1, retry
+                lost = True
                 if not self._warned:
                     # One warning per outage, however long it lasts.
                     self._warned = True
@@ -100,8 +120,11 @@ class Bus:
                     )
                 self._lost()
                 self._first.set()
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
+                if self._wake.wait(backoff):
+                    self._wake.clear()
+                    backoff = 0.05
+                else:
+                    backoff = min(backoff * 2, 1.0)
         self._lost()
 
     def _lost(self) -> None:
@@ -116,7 +139,7 @@ class Bus:
                 pass
             self._client = None
 
-    def _listen(self) -> None:
+    def _listen(self, reconnect: bool = False) -> None:
         from .invalidation import channel, origin
         from .tiers.remote import redis_tier
 
@@ -129,6 +152,14 @@ class Bus:
         pubsub = client.pubsub()
         pubsub.subscribe(channel())
         self.connected = True
+        # After a lost connection, a writer may still be failing against the Redis that
+        # went away (up to a connect and a read timeout) before it records its
+        # invalidation in the outbox: trust, and the drain that grants it, wait that out.
+        quarantine = 0.0
+        if reconnect:
+            quarantine = time.monotonic() + (
+                conf.SOCKET_CONNECT_TIMEOUT + conf.SOCKET_TIMEOUT + 2 * heartbeat
+            )
         self.reconnects += 1
         # Anything cached before this subscription may have missed a message.
         local_tier.clear()
@@ -160,9 +191,17 @@ class Bus:
                     del sent[old]
                 last_answer = now
                 self.last_latency = now - at
-                if now >= self._trusted_until and not self._regain():
+                if at < quarantine:
                     continue
+                if self._drain_due or now >= self._trusted_until:
+                    self._drain_due = False
+                    if not self._regain():
+                        self._drain_due = True
+                        continue
                 self._trusted_until = at + window
+                if self._drain_due:  # an outbox write landed while we drained
+                    self._trusted_until = 0.0
+                    continue
                 if self._warned:
                     self._warned = False
                     logger.warning("tiered_cache: the invalidation bus is back; caching resumed")
@@ -177,7 +216,9 @@ class Bus:
         from .tiers.remote import Unavailable
 
         try:
-            drain_outbox()
+            # Redis has just answered our heartbeat: deliver even if this process's
+            # breaker is still open, or the other processes wait out its recovery time.
+            drain_outbox(force=True)
             return True
         except Unavailable:
             return False

@@ -62,11 +62,16 @@ class Batch:
             mc = self.caches[label]
             mc.counters.invalidations += max(1, len(rids))
         try:
-            redis_tier.run_many(self.redis_calls())
+            # Never skipped by an open breaker: an invalidation Redis could have taken but
+            # was not sent reaches the other processes only through the outbox, later
+            # (a failure here costs this write at most a connect and a read timeout).
+            redis_tier.run_many(self.redis_calls(), force=True)
         except Unavailable:
             self.to_outbox()
         else:
-            _outbox.reset()
+            with _outbox.lock:
+                if not _outbox.flushed:  # else a drain still owes those models a flush
+                    _outbox.reset()
         for label, rids in self.rows.items():
             if signals.cache_invalidated.receivers:
                 signals.cache_invalidated.send(
@@ -78,7 +83,7 @@ class Batch:
         # Derived results first: once the bus message below is out, none may still pass.
         bumps = [key for label in self.rows for key in dependency_counters(label)]
         if bumps:
-            calls.append(("bump", bumps, []))
+            calls.append(("bump", bumps, [fresh_token()]))
         for label, rids in self.rows.items():
             mc = self.caches[label]
             flush = label in self.flush
@@ -115,13 +120,17 @@ class Batch:
                 _outbox.rows += len(rids) or 1
                 entries.append(PendingInvalidation(model_label=label, rows=sorted(rids),
                                                    flush=flush))
+        from .bus import bus
+
         if not entries:
+            bus.undelivered()  # skipped rows: the drain flushes their models afterwards
             return
         try:
             PendingInvalidation.objects.bulk_create(entries)
         except DatabaseError:
             logger.exception("tiered_cache: could not record invalidations in the outbox")
             return
+        bus.undelivered()
         if not _outbox.warned:
             _outbox.warned = True
             logger.warning(
@@ -176,44 +185,65 @@ def dependency_counters(label: str) -> list[str]:
     return counters(label)
 
 
-def drain_outbox(limit: int = 1000) -> int:
-    """Apply invalidations that earlier failed to reach Redis. Raises Unavailable if Redis
-    still cannot take them (they stay in the outbox)."""
+def drain_outbox(limit: int = 1000, force: bool = False) -> int:
+    """Apply invalidations that earlier failed to reach Redis: every entry of the outbox,
+    `limit` at a time, and a flush of each model this process stopped recording row by
+    row (OUTBOX_LIMIT), since rows it skipped may not be covered by a flush entry another
+    process drained already. Raises Unavailable if Redis still cannot take them (they
+    stay in the outbox). force: past an open breaker (see RedisTier.scripts)."""
     from django.apps import apps
 
     from .models import PendingInvalidation
 
-    pending = list(PendingInvalidation.objects.order_by("id")[:limit])
-    if not pending:
-        return 0
-    batch = Batch()
-    extra: list[tuple[str, list[str], list[Any]]] = []
-    for p in pending:
-        if p.model_label.startswith("fn:"):
-            from .derived import _functions
+    with _outbox.lock:
+        flushed = _outbox.flushed
+        _outbox.reset()
+    total = 0
+    try:
+        while True:
+            pending = list(PendingInvalidation.objects.order_by("id")[:limit])
+            if not pending and not flushed:
+                break
+            batch = Batch()
+            extra: list[tuple[str, list[str], list[Any]]] = []
+            for label in flushed:
+                mc = first_model_cache(apps.get_model(label))
+                if mc is not None:
+                    batch.add_flush(mc)
+            for p in pending:
+                if p.model_label.startswith("fn:"):
+                    from .derived import _functions
 
-            fn = _functions.get(p.model_label)
-            if fn is not None:
-                extra += [fn.drop_key_args(key) for key in p.rows]
-            continue
-        try:
-            model = apps.get_model(p.model_label)
-        except LookupError:
-            continue
-        mc = first_model_cache(model)
-        if mc is None:
-            continue
-        if p.flush:
-            batch.add_flush(mc)
-        batch.add_rows(mc, p.rows)
-    if batch:
-        apply_locally(batch.rows, batch.flush)
-    if batch or extra:
-        redis_tier.run_many(batch.redis_calls() + extra)
-    PendingInvalidation.objects.filter(id__in=[p.id for p in pending]).delete()
-    _outbox.reset()
-    logger.warning("tiered_cache: applied %d outbox invalidations", len(pending))
-    return len(pending)
+                    fn = _functions.get(p.model_label)
+                    if fn is not None:
+                        extra += [fn.drop_key_args(key) for key in p.rows]
+                    continue
+                try:
+                    model = apps.get_model(p.model_label)
+                except LookupError:
+                    continue
+                mc = first_model_cache(model)
+                if mc is None:
+                    continue
+                if p.flush:
+                    batch.add_flush(mc)
+                batch.add_rows(mc, p.rows)
+            if batch:
+                apply_locally(batch.rows, batch.flush)
+            if batch or extra:
+                redis_tier.run_many(batch.redis_calls() + extra, force=force)
+            flushed = set()
+            PendingInvalidation.objects.filter(id__in=[p.id for p in pending]).delete()
+            total += len(pending)
+            if len(pending) < limit:
+                break
+    except BaseException:  # Redis or the database failed: what was not applied is owed
+        with _outbox.lock:
+            _outbox.flushed |= flushed
+        raise
+    if total:
+        logger.warning("tiered_cache: applied %d outbox invalidations", total)
+    return total
 
 
 # -- transactions ---------------------------------------------------------------

@@ -25,6 +25,10 @@ logger = logging.getLogger("tiered_cache")
 T = TypeVar("T")
 
 # Reads a key as a string; a key of another type (someone's junk) is deleted and a miss.
+# A generation must be a token ([%w:_-]): junk there (a '|' would make every value of the
+# model unparsable, a miss forever) is replaced by a fresh one, i.e. the model is flushed.
+# A lease key without an expiry is not a lease (junk, or a lost PX): it is taken over, or
+# every reader of that key would wait LEASE_WAIT for a fill that never comes.
 _SGET = """
 local function sget(k)
   local v = redis.pcall('GET', k)
@@ -45,7 +49,7 @@ local function valid(v, g, w, rowprefix)
 end
 local function generation(k, fresh)
   local g = sget(k)
-  if not g then g = fresh; redis.call('SET', k, g) end
+  if not g or string.find(g, '[^%w:_-]') then g = fresh; redis.call('SET', k, g) end
   return g
 end
 """
@@ -62,6 +66,10 @@ local v = sget(KEYS[3])
 if v and valid(v, g, w, ARGV[4]) then return {1, v} end
 if ARGV[1] == '' then return {0, g, w} end
 if redis.call('SET', KEYS[4], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, g, w} end
+if redis.call('PTTL', KEYS[4]) == -1 then
+  redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
+  return {2, g, w}
+end
 return {3, g, w}
 """
 
@@ -79,7 +87,9 @@ for i = 3, #KEYS do
     out[#out + 1] = v
   else
     local tok = ARGV[i + 1]
-    if tok ~= '' and redis.call('SET', KEYS[i] .. '|L', tok, 'NX', 'PX', ARGV[1]) then
+    if tok ~= '' and (redis.call('SET', KEYS[i] .. '|L', tok, 'NX', 'PX', ARGV[1])
+        or (redis.call('PTTL', KEYS[i] .. '|L') == -1
+            and redis.call('SET', KEYS[i] .. '|L', tok, 'PX', ARGV[1]))) then
       out[#out + 1] = 2
     else
       out[#out + 1] = 3
@@ -107,7 +117,8 @@ if ARGV[4] == 'N' then
   hdr = 'N|' .. ARGV[2] .. '|' .. ARGV[3] .. '||'
 else
   local rv = sget(KEYS[5])
-  if rv then redis.call('PEXPIRE', KEYS[5], ARGV[9])
+  -- A row version is a token too: junk there (a '|') would make the row unservable.
+  if rv and not string.find(rv, '[^%w:_-]') then redis.call('PEXPIRE', KEYS[5], ARGV[9])
   else rv = ARGV[8]; redis.call('SET', KEYS[5], rv, 'PX', ARGV[9]) end
   hdr = 'P|' .. ARGV[2] .. '|' .. ARGV[5] .. '|' .. rv .. '|'
 end
@@ -120,9 +131,14 @@ return 1
 # ARGV: channel, message, number of row keys, fresh token, row version ttl ms,
 # flush '1'/'0', fresh gen. New row versions make every entry of those rows invalid,
 # under whatever lookup it was stored, without knowing the old lookup values.
+# A write counter that cannot be incremented (junk in it, or INCR refused when Redis is
+# out of memory) is replaced by a fresh token, never reset to a value it held before: a
+# fill that saw the old value would then pass although the model was written (ABA).
 INVALIDATE = _SGET + """
 local w = redis.pcall('INCR', KEYS[2])
-if type(w) == 'table' and w.err then redis.call('DEL', KEYS[2]); redis.call('INCR', KEYS[2]) end
+if type(w) == 'table' and w.err then
+  redis.call('DEL', KEYS[2]); redis.call('SET', KEYS[2], ARGV[4] .. ':w')
+end
 local n = tonumber(ARGV[3])
 for i = 3, 2 + n do redis.call('SET', KEYS[i], ARGV[4] .. ':' .. i, 'PX', ARGV[5]) end
 for i = 3 + n, #KEYS do redis.call('DEL', KEYS[i]) end
@@ -133,10 +149,15 @@ return 1
 
 
 # KEYS: counters to bump (derived functions' mirrors of model write counts).
+# ARGV: a fresh token, for a counter that cannot be incremented (as in INVALIDATE).
 BUMP = _SGET + """
 for i = 1, #KEYS do
   local w = redis.pcall('INCR', KEYS[i])
-  if type(w) == 'table' and w.err then redis.call('DEL', KEYS[i]); redis.call('INCR', KEYS[i]) end
+  if type(w) == 'table' and w.err then
+    redis.call('DEL', KEYS[i])
+    if ARGV[1] then redis.call('SET', KEYS[i], ARGV[1] .. ':' .. i)
+    else redis.call('INCR', KEYS[i]) end
+  end
 end
 return 1
 """
@@ -146,7 +167,7 @@ return 1
 # dependency's counter is unchanged; "T|token" is a tombstone left by fn.invalidate().
 DREAD = _SGET + """
 local g = sget(KEYS[1])
-if not g then g = ARGV[1]; redis.call('SET', KEYS[1], g) end
+if not g or string.find(g, '[^%w:_-]') then g = ARGV[1]; redis.call('SET', KEYS[1], g) end
 local ws = {}
 for i = 3, #KEYS do ws[#ws + 1] = sget(KEYS[i]) or '0' end
 local wstr = table.concat(ws, ',')
@@ -184,6 +205,12 @@ _SOURCES = {"read": READ, "read_many": READ_MANY, "fill": FILL, "inv": INVALIDAT
 
 class Unavailable(Exception):
     """Redis was not used for this call: the breaker is open or the call failed."""
+
+
+try:
+    from hiredis import pack_command as _pack
+except ImportError:  # pragma: no cover - hiredis is a dependency, but stay usable without
+    _pack = None
 
 
 class _Tokens:
@@ -247,7 +274,12 @@ class RedisTier:
             with self._lock:
                 if self._client is None or self._pid != os.getpid():
                     cls, kwargs = self.connection_kwargs()
-                    pool = redis.ConnectionPool(connection_class=cls, **kwargs)
+                    # Each thread holds a connection made by make_connection() that never
+                    # goes back to the pool, and a failed one is replaced: redis-py 8's
+                    # default cap of 100 would make every call fail for good after 100
+                    # threads or failures in the life of the process.
+                    pool = redis.ConnectionPool(connection_class=cls, max_connections=2**31,
+                                                **kwargs)
                     self._client = redis.Redis(connection_pool=pool)
                     self._scripts = {
                         name: self._client.register_script(src)
@@ -273,6 +305,16 @@ class RedisTier:
             client = self.client
             conn = client.connection_pool.make_connection()
             local.conn, local.pid, local.client = conn, os.getpid(), client
+        elif getattr(conn, "_sock", None) is not None:
+            # A held connection the server closed (restart, CLIENT KILL, idle timeout)
+            # would fail the next call and count against the breaker: check, as redis-py's
+            # pool does on every checkout, and reconnect on the next send instead.
+            try:
+                dead = conn.can_read()
+            except (redis.RedisError, OSError):
+                dead = True
+            if dead:
+                conn.disconnect()
         return conn
 
     def _drop_conn(self) -> None:
@@ -284,10 +326,13 @@ class RedisTier:
                 pass
         self._local.conn = None
 
-    def scripts(self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]]) -> list[Any]:
+    def scripts(self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]],
+                force: bool = False) -> list[Any]:
         """Run scripts by name in one round trip on this thread's connection, through the
-        breaker. Raises Unavailable on any failure (the connection is then dropped)."""
-        if not breaker.allow():
+        breaker. Raises Unavailable on any failure (the connection is then dropped).
+        force=True tries even while the breaker is open (the bus listener delivering the
+        outbox right after Redis answered its heartbeat); the outcome still counts."""
+        if not breaker.allow() and not force:  # allow() first: it may start a probe
             raise Unavailable("circuit open")
         t0 = time.perf_counter()
         try:
@@ -318,7 +363,9 @@ class RedisTier:
         conn = self._conn()
         shas = self._shas
         commands = [("EVALSHA", shas[name], len(keys), *keys, *args) for name, keys, args in calls]
-        if len(commands) == 1:
+        if _pack is not None:  # hiredis packs in C; redis-py's own packer is Python
+            conn.send_packed_command([b"".join([_pack(c) for c in commands])], check_health=False)
+        elif len(commands) == 1:
             conn.send_command(*commands[0])
         else:
             conn.send_packed_command(conn.pack_commands(commands))
@@ -395,9 +442,10 @@ class RedisTier:
         breaker.success()
         return result
 
-    def run_many(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]) -> list[Any]:
+    def run_many(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]],
+                 force: bool = False) -> list[Any]:
         """Several scripts, by name, in one round trip (each script is atomic on its own)."""
-        return self.scripts(calls)
+        return self.scripts(calls, force=force)
 
 
 redis_tier = RedisTier()

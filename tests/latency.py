@@ -1,0 +1,153 @@
+"""Commit-to-drop latency across processes: from the COMMIT of a write in this process to
+the moment another process's bus listener has dropped the row from its L1.
+
+`measure_commit_to_drop(n)` is what `make bench` prints and tests/test_coherence.py runs.
+It needs Django set up with tests.settings (a worker process shares the run's database
+and key prefix), committed data (not inside a test transaction) and a reachable Redis.
+
+Both timestamps are time.monotonic(), which on Linux is CLOCK_MONOTONIC: one clock for
+every process of the machine. The commit time is taken by an on_commit callback
+registered before the write, so it runs first, right after COMMIT returned; the drop
+time by an invalidation hook in the other process, right after its L1 entry went.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from typing import Any
+
+from django.db import transaction
+
+LABEL = "demo.flowinstance"
+
+# -- the other process's side -------------------------------------------------------------
+
+_drops: list[tuple[float, int]] = []
+_busy_stop = threading.Event()
+
+
+def install_hook() -> None:
+    """Record (time, L1 entries of the model left) each time the bus drops our model."""
+    from tiered_cache import invalidation
+    from tiered_cache.tiers import local_tier
+
+    def hook(labels: set[str]) -> None:
+        if LABEL in labels:
+            _drops.append((time.monotonic(), local_tier.count(LABEL)))
+
+    invalidation.local_hooks.append(hook)
+
+
+def warm(pk: int) -> int:
+    """Put the row in L1 (waiting for a trusted bus); the number of drops seen so far."""
+    from demo_project.demo.models import FlowInstance
+    from tests.coherence_tasks import wait_trusted
+    from tiered_cache.tiers import local_tier
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        wait_trusted()
+        FlowInstance.objects.get_cached(pk=pk)
+        if local_tier.count(LABEL) >= 1:
+            break
+        time.sleep(0.002)
+    return len(_drops)
+
+
+def wait_drop(seen: int, timeout: float = 5.0) -> tuple[float, int] | None:
+    deadline = time.monotonic() + timeout
+    while len(_drops) <= seen:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.0005)
+    return _drops[seen]
+
+
+def start_busy(provider_pk: int, threads: int) -> None:
+    """Threads reading another model's row from L1 in a loop: they compete with the
+    listener for the GIL, as request threads of a busy web process do. (A Provider: the
+    row becomes the hottest of its model in the cluster's stats, and no test looks there.)"""
+    from demo_project.demo.models import Provider
+
+    _busy_stop.clear()
+
+    def loop() -> None:
+        while not _busy_stop.is_set():
+            Provider.objects.get_cached(pk=provider_pk)
+
+    for _ in range(threads):
+        threading.Thread(target=loop, daemon=True).start()
+
+
+def stop_busy() -> None:
+    _busy_stop.set()
+
+
+# -- this process's side ------------------------------------------------------------------
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
+
+
+def measure_commit_to_drop(n: int = 200, busy_threads: int = 0) -> dict[str, Any]:
+    """Commit a write n times and time how long another process takes to drop the row
+    from its L1. busy_threads > 0 keeps that many threads of the other process reading
+    from L1 meanwhile. Returns counts and milliseconds (p50, p90, p99, max)."""
+    from demo_project.demo.models import FlowInstance, Provider
+    from tests.processes import worker
+
+    tag = secrets.token_hex(4)
+    row = FlowInstance.objects.create(tenant_id=f"bench-{tag}", session_id="commit-to-drop")
+    provider = Provider.objects.create(name=f"bench-{tag}", display_name="Bench")
+    samples: list[float] = []
+    missed = not_dropped = 0
+    try:
+        with worker() as other:
+            other.call("tests.latency.install_hook")
+            if busy_threads:
+                other.call("tests.latency.start_busy", provider.pk, busy_threads)
+            for i in range(n):
+                seen = other.call("tests.latency.warm", row.pk)
+                committed: list[float] = []
+                with transaction.atomic():
+                    # Registered before the write, so it runs first after COMMIT.
+                    transaction.on_commit(lambda c=committed: c.append(time.monotonic()))
+                    FlowInstance.objects.filter(pk=row.pk).update(current_step=i + 1)
+                drop = other.call("tests.latency.wait_drop", seen)
+                if drop is None:
+                    missed += 1
+                    continue
+                at, left = drop
+                if left:
+                    not_dropped += 1
+                samples.append(at - committed[0])
+            if busy_threads:
+                other.call("tests.latency.stop_busy")
+    finally:
+        FlowInstance.objects.filter(pk=row.pk).delete()
+        Provider.objects.filter(pk=provider.pk).delete()
+    samples.sort()
+    ms = [s * 1000 for s in samples]
+    return {
+        "n": n,
+        "busy_threads": busy_threads,
+        "measured": len(ms),
+        "missed": missed,
+        "still_in_l1": not_dropped,
+        "p50_ms": round(_percentile(ms, 0.50), 3) if ms else None,
+        "p90_ms": round(_percentile(ms, 0.90), 3) if ms else None,
+        "p99_ms": round(_percentile(ms, 0.99), 3) if ms else None,
+        "max_ms": round(ms[-1], 3) if ms else None,
+        "min_ms": round(ms[0], 3) if ms else None,
+    }
+
+
+def format_result(result: dict[str, Any]) -> str:
+    return (
+        f"commit-to-drop across processes (busy reader threads: {result['busy_threads']}): "
+        f"n={result['measured']}/{result['n']} p50={result['p50_ms']} ms "
+        f"p90={result['p90_ms']} ms p99={result['p99_ms']} ms max={result['max_ms']} ms "
+        f"missed={result['missed']}"
+    )

@@ -1,0 +1,318 @@
+"""Cross-process coherence (issue 3 §5, DESIGN.md guarantee 2) with real spawned processes:
+the bus drops other processes' L1 entries, fills that raced a write are refused in both
+tiers, a lost bus connection clears L1, a forked child starts clean with its own listener.
+
+Run with -s to see the measured figures."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tiered_cache
+from demo_project.demo.factories import FlowInstanceFactory
+from demo_project.demo.models import FlowInstance
+from tests import coherence_tasks as ct
+from tests.cache_fixtures import l2_keys
+from tests.latency import format_result, measure_commit_to_drop
+from tests.processes import Worker, worker
+from tiered_cache.conf import conf
+from tiered_cache.tiers import redis_tier
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+T = "tests.coherence_tasks."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def forget_cluster_stats() -> Iterator[None]:
+    """The workers here push their counters and hot rows to this run's keys in Redis (as
+    every process does); later test modules read cluster-wide stats, so leave none."""
+    yield
+    from tiered_cache import ops
+    from tiered_cache.registry import cached_models, model_caches
+
+    keys = [f(mc) for m in cached_models() for mc in model_caches(m)
+            for f in (ops._stats_key, ops._procs_key, ops._hot_key)]
+    if keys:
+        redis_tier.client.delete(*keys)
+
+
+def report(name: str, **figures: Any) -> None:
+    print(f"\n[coherence] {name}: {json.dumps(figures, sort_keys=True)}")
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, step: float = 0.005) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())
+
+
+@contextmanager
+def workers(n: int) -> Iterator[list[Worker]]:
+    """n workers spawned in parallel (each takes a second or more to set Django up)."""
+    made: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def spawn(i: int) -> None:
+        try:
+            made[i] = Worker()
+        except BaseException as exc:  # raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=spawn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    with ExitStack() as stack:
+        for w in made:
+            if w is not None:
+                stack.callback(w.close)
+        if errors:
+            raise errors[0]
+        yield made
+
+
+def bump(pk: int) -> int:
+    return ct.write_one(pk, "save")
+
+
+# -- B warms, A saves, B reads the new value 100 ms later ----------------------------------
+
+def test_other_process_reads_the_new_value_100ms_after_a_save() -> None:
+    flow = FlowInstanceFactory(current_step=1)
+    with worker() as b:
+        assert b.call(T + "warm", [flow.pk]) == 1
+        assert b.call(T + "read", flow.pk)[0] == 1
+        before = b.call(T + "stats")
+        assert before["l1_hits"] >= 1  # B serves the row from its L1
+        msgs = b.call(T + "bus_info")["messages"]
+
+        obj = FlowInstance.objects.get(pk=flow.pk)
+        obj.current_step = 2
+        obj.save()
+        saved = time.monotonic()
+        time.sleep(0.1)
+
+        assert b.call(T + "read", flow.pk)[0] == 2
+        assert b.call(T + "read_by_session", flow.tenant_id, flow.session_id)[0] == 2
+        after = b.call(T + "stats")
+        # Dropped by the bus (or, were B's listener starved, bypassed), not by a timeout.
+        assert wait_for(lambda: b.call(T + "bus_info")["messages"] > msgs, 5)
+        info = b.call(T + "bus_info")
+        assert after["misses"] == before["misses"] + 2  # both lookups went past L1
+        report("read 100 ms after save", bus_messages=info["messages"] - msgs,
+               read_after_s=round(time.monotonic() - saved, 3))
+
+
+# -- the fill race, forced -------------------------------------------------------------
+
+@pytest.mark.parametrize("via", ["pk", "lookup"])
+@pytest.mark.parametrize("message_first", [True, False], ids=["msg-before-fill", "msg-after-fill"])
+def test_a_row_read_before_a_commit_is_stored_in_neither_tier(
+    tmp_path: Path, via: str, message_first: bool
+) -> None:
+    """B misses, reads v1 from the database and is paused before its fills; A commits v2
+    and invalidates; B resumes. B's caller gets the v1 it read (its read began before the
+    write), but neither B's L1 nor L2 holds v1 afterwards."""
+    flow = FlowInstanceFactory(current_step=1)
+    with worker() as b:
+        b.call(T + "wait_trusted")
+        lookup = (flow.tenant_id, flow.session_id) if via == "lookup" else None
+        b.send(T + "read_with_paused_fill", flow.pk, lookup, str(tmp_path), message_first)
+        assert wait_for(lambda: (tmp_path / "paused").exists(), 20), "reader never paused"
+
+        assert bump(flow.pk) == 2  # commit + invalidation, while B holds v1
+        (tmp_path / "release").write_text("1")
+        info = b.result(30)
+
+        assert info["hooked"] and info["released"]
+        assert info["trusted_at_pause"], "the reader bypassed the tiers: nothing was tested"
+        assert info["value"][0] == 1  # what B read before the write
+        st = info["stats"]
+        assert st["fills"] == 0 and st["fills_refused"] == 1, st  # L2 refused the fill
+        if message_first:
+            assert info["messages_at_fill"] > info["messages_at_pause"]
+            assert info["l1_entries"] == 0  # L1 refused it (its token moved)
+        else:
+            # The L1 fill may land before the message; the message then drops it.
+            assert wait_for(lambda: b.call(T + "l1_count") == 0, 5)
+        assert l2_keys(FlowInstance) == []  # nothing of the model lives in L2
+
+        assert b.call(T + "read", flow.pk)[0] == 2
+        assert b.call(T + "read_by_session", flow.tenant_id, flow.session_id)[0] == 2
+        tiered_cache.clear_local()
+        assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 2
+        report("fill race", via=via, message_first=message_first,
+               l1_entries=info["l1_entries"], fills_refused=st["fills_refused"])
+
+
+def test_a_remembered_absence_read_before_a_create_is_stored_in_neither_tier(
+    tmp_path: Path,
+) -> None:
+    with worker() as b:
+        b.call(T + "wait_trusted")
+        b.send(T + "read_with_paused_fill", None, ("t-new", "s-new"), str(tmp_path), True)
+        assert wait_for(lambda: (tmp_path / "paused").exists(), 20)
+        created = FlowInstanceFactory(tenant_id="t-new", session_id="s-new", current_step=5)
+        (tmp_path / "release").write_text("1")
+        info = b.result(30)
+        assert info["trusted_at_pause"]
+        assert info["value"] == "DoesNotExist"
+        assert info["stats"]["fills_refused"] == 1 and info["stats"]["fills"] == 0
+        assert info["l1_entries"] == 0
+        assert l2_keys(FlowInstance) == []
+        assert b.call(T + "read_by_session", "t-new", "s-new")[0] == 5
+        assert b.call(T + "read", created.pk)[0] == 5
+
+
+# -- randomized: two writers, two readers ---------------------------------------------------
+
+def test_randomized_writers_and_readers_end_with_zero_stale_rows() -> None:
+    flows = [FlowInstanceFactory(current_step=0) for _ in range(12)]
+    rows = [(f.pk, f.tenant_id, f.session_id) for f in flows]
+    pks = [f.pk for f in flows]
+    initial = {f.pk: 0 for f in flows}
+    duration = 5.0
+    with workers(4) as (w1, w2, r1, r2):
+        for r in (r1, r2):
+            r.send(T + "warm", pks)
+        for r in (r1, r2):
+            assert r.result(30) == len(pks)
+        start = time.monotonic() + 0.5
+        until = start + duration
+        r1.send(T + "read_loop", rows, start, until, 1, 2)
+        r2.send(T + "read_loop", rows, start, until, 2, 2)
+        w1.send(T + "write_loop", pks, start, until, 11)
+        w2.send(T + "write_loop", pks, start, until, 12)
+        wres = [w.result(duration + 60) for w in (w1, w2)]
+        rres = [r.result(duration + 60) for r in (r1, r2)]
+        time.sleep(0.3)  # quiet time
+        finals = [r.call(T + "read_all", rows) for r in (r1, r2)]
+        mine = ct.read_all(rows)
+
+    writes = [w for res in wres for w in res["writes"]]
+    obs = [o for res in rres for o in res["obs"]]
+    errors = [e for res in wres + rres for e in res["errors"]]
+    window = conf.BUS_TRUST_WINDOW
+    strict = ct.stale_reads(obs, writes, initial, 0.0)
+    allowed = ct.stale_reads(obs, writes, initial, window + 0.010)
+    lags = [s["lag"] for s in strict if s["lag"] is not None]
+    ratios = [res["stats"]["hit_ratio"] for res in rres]
+    report(
+        "randomized 2 writers x 2 readers",
+        seconds=duration, rows=len(rows), writes=len(writes), reads=len(obs), errors=len(errors),
+        reader_hit_ratios=ratios,
+        reader_stats=[{k: res["stats"][k] for k in ("l1_hits", "l2_hits", "misses",
+                                                      "fills", "fills_refused")}
+                      for res in rres],
+        reads_older_than_a_returned_write=len(strict),
+        max_lag_ms=round(max(lags) * 1000, 3) if lags else 0,
+        stale_beyond_trust_window=len(allowed),
+        final_stale=[len(f["stale"]) for f in finals] + [len(mine["stale"])],
+    )
+    assert not errors, errors[:5]
+    assert len(writes) > 50 and len(obs) > 1000
+    assert [f["stale"] for f in finals] == [[], []]
+    assert mine["stale"] == []
+    # No read returned a version older than one whose write had returned more than the
+    # bus trust window before the read began (the L1 bound the design promises).
+    assert allowed == [], allowed[:5]
+
+
+# -- the listener's connection killed -------------------------------------------------------
+
+def _client_id(addr: tuple[str, int]) -> int | None:
+    for c in redis_tier.client.client_list():
+        if c.get("addr") == f"{addr[0]}:{addr[1]}":
+            assert int(c.get("sub", 0)) >= 1 or "P" in c.get("flags", "")
+            return int(c["id"])
+    return None
+
+
+def test_killing_the_listener_connection_clears_l1_and_no_stale_read_follows() -> None:
+    flow = FlowInstanceFactory(current_step=1)
+    with worker() as b:
+        assert b.call(T + "warm", [flow.pk]) == 1
+        before = b.call(T + "bus_info")
+        addr = b.call(T + "listener_address")
+        assert addr is not None
+        cid = _client_id(tuple(addr))
+        assert cid is not None, "B's pubsub connection is not in CLIENT LIST"
+
+        redis_tier.client.execute_command("CLIENT", "KILL", "ID", cid)
+        bump(flow.pk)  # most likely while B is disconnected: B misses the message
+        after = b.call(T + "wait_reconnected", before["reconnects"])
+
+        assert after["reconnects"] > before["reconnects"] and after["trusted"]
+        assert after["l1_entries"] == 0  # cleared on loss (and again on resubscribe)
+        assert b.call(T + "read", flow.pk)[0] == 2
+        assert b.call(T + "read_by_session", flow.tenant_id, flow.session_id)[0] == 2
+        report("listener connection killed", reconnects=after["reconnects"],
+               message_missed=after["messages"] == before["messages"])
+
+
+# -- fork safety ----------------------------------------------------------------------
+
+def test_a_forked_child_starts_with_empty_l1_and_its_own_listener(tmp_path: Path) -> None:
+    flow = FlowInstanceFactory(current_step=1)
+    with worker() as b:
+        assert b.call(T + "warm", [flow.pk]) == 1
+        assert b.call(T + "bus_info")["listener_alive"]
+        child = b.call(T + "fork_child", flow.pk, str(tmp_path))
+        try:
+            assert wait_for(lambda: (tmp_path / "child.json").exists()
+                            or (tmp_path / "error").exists(), 30)
+            assert not (tmp_path / "error").exists(), (tmp_path / "error").read_text()
+            first = json.loads((tmp_path / "child.json").read_text())
+            assert first["pid"] == child
+            assert first["l1_entries_at_start"] == 0
+            assert not first["trusted_at_start"]
+            assert first["own_listener"]
+            assert first["listener_threads"] == ["tiered_cache-bus"]
+            assert first["first"][0] == 1 and first["second"][0] == 1
+            assert first["stats_after_warm"]["l1_hits"] >= 1  # its own bus vouches for L1
+
+            bump(flow.pk)
+            (tmp_path / "go").write_text("1")
+            assert wait_for(lambda: (tmp_path / "done").exists()
+                            or (tmp_path / "error").exists(), 30)
+            assert not (tmp_path / "error").exists(), (tmp_path / "error").read_text()
+            end = json.loads((tmp_path / "child.json").read_text())
+        finally:
+            code = b.call(T + "reap", child)
+        assert code == 0
+        assert end["after_write"][0] == 2
+        assert end["seconds_until_new"] < 2
+        # The parent's own listener survived the fork.
+        info = b.call(T + "bus_info")
+        assert info["listener_alive"] and info["listener_pid"] == b.pid
+        assert b.call(T + "read", flow.pk)[0] == 2
+        report("fork", child_reads_until_new=end["reads_until_new"],
+               child_seconds_until_new=round(end["seconds_until_new"], 4))
+
+
+# -- commit-to-drop latency -------------------------------------------------------------
+
+def test_commit_to_drop_latency_across_processes() -> None:
+    """Reported, not timed-asserted (the target, p99 <= 5 ms on loopback, is what `make
+    bench` prints on a quiet machine); asserted: every drop arrived and emptied L1."""
+    idle = measure_commit_to_drop(100)
+    busy = measure_commit_to_drop(60, busy_threads=2)
+    print("\n[coherence] " + format_result(idle))
+    print("[coherence] " + format_result(busy))
+    for r in (idle, busy):
+        assert r["missed"] == 0 and r["still_in_l1"] == 0
+        assert r["measured"] == r["n"]
+        assert r["p99_ms"] < 1000

@@ -1,0 +1,538 @@
+"""Resilience (issue 4 §8, DESIGN.md guarantees 8 and 10) against a private redis-server on a
+spare port that the tests kill, pause, restart empty, fill with junk, hide behind a closed
+port, a black hole or an error-answering server, and lock with a password.
+
+Every fault test prints one line `[reliability] {...}` (run with -s) and, when
+TC_RELIABILITY_OUT names a file, appends the same JSON to it; docs/reliability.md is
+written from those lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.db import connection
+
+import tiered_cache
+from demo_project.demo.factories import FlowInstanceFactory, UserFactory
+from demo_project.demo.models import FlowInstance, User
+from tests import coherence_tasks as ct
+from tests.cache_fixtures import counters
+from tests.redis_fixtures import RedisEnv
+from tests.redis_server import RedisServer, free_port
+from tiered_cache.breaker import breaker
+from tiered_cache.bus import bus
+from tiered_cache.conf import conf
+from tiered_cache.models import PendingInvalidation
+from tiered_cache.registry import first_model_cache
+from tiered_cache.tiers import redis_tier
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+T = "tests.coherence_tasks."
+LABEL = ct.LABEL
+# A read or a write may wait for one connect and one reply before the breaker or the bus
+# steps in; the tests allow a generous multiple of that on a loaded 2-core machine.
+READ_BOUND = 1.0
+
+
+def report(fault: str, **figures: Any) -> None:
+    line = {"fault": fault, **figures}
+    print(f"\n[reliability] {json.dumps(line, sort_keys=True)}")
+    out = os.environ.get("TC_RELIABILITY_OUT")
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(line, sort_keys=True) + "\n")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())
+
+
+def sleep_until(t: float) -> None:
+    while (left := t - time.monotonic()) > 0:
+        time.sleep(min(left, 0.05))
+
+
+def outbox() -> int:
+    return PendingInvalidation.objects.count()
+
+
+def data_key(pk: int) -> str:
+    mc = first_model_cache(FlowInstance)
+    assert mc is not None
+    return mc.pk_lookup.key((pk,))
+
+
+# -- a row cached, Redis paused, the row saved, Redis resumed -------------------------------
+
+def test_paused_redis_a_write_meanwhile_is_seen_by_a_process_that_never_saw_it(
+    own_redis: RedisEnv,
+) -> None:
+    server = own_redis.server
+    flow = FlowInstanceFactory(current_step=1)
+    b = own_redis.worker("b")
+    probe = UserFactory()
+    assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 1  # L1 + L2 here
+    redis_tier.wait_for_fills()
+    assert b.call(T + "warm", [flow.pk]) == 1  # B's L1
+    User.objects.get_cached(pk=probe.pk)
+    redis_tier.wait_for_fills()
+    assert server.client().exists(data_key(flow.pk))  # the old row sits in L2
+
+    server.pause()
+    try:
+        t0 = time.monotonic()
+        obj = FlowInstance.objects.get(pk=flow.pk)
+        obj.current_step = 2
+        obj.save()  # Redis cannot take the invalidation: it goes to the outbox
+        save_s = time.monotonic() - t0
+        pending = outbox()
+        during = b.call(T + "read", flow.pk)  # B's trust lapsed: the database
+        mine = FlowInstance.objects.get_cached(pk=flow.pk).current_step
+    finally:
+        server.resume()
+    resumed = time.monotonic()
+
+    after = b.call(T + "read", flow.pk)
+    back = b.call(T + "until_l2_hit", probe.pk, resumed + 10)
+    assert wait_for(lambda: outbox() == 0, 10)
+    tiered_cache.clear_local()
+    assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 2
+    report(
+        "paused, row saved, resumed",
+        save_during_pause_ms=round(save_s * 1000, 1), outbox_rows=pending,
+        read_during_pause=during[0], read_after_resume=after[0],
+        l2_serves_again_after_s=None if back is None else round(back - resumed, 3),
+        breaker_recovery_time_s=conf.BREAKER_RECOVERY_TIME,
+    )
+    assert pending >= 1
+    assert save_s < READ_BOUND
+    assert mine == 2 and during[0] == 2 and after[0] == 2
+    assert back is not None and back - resumed <= conf.BREAKER_RECOVERY_TIME
+
+
+# -- stampede --------------------------------------------------------------------------
+
+def test_twenty_threads_and_a_second_process_missing_one_cold_key_read_the_database_at_most_twice(
+    own_redis: RedisEnv,
+) -> None:
+    flow = FlowInstanceFactory(current_step=7)
+    b = own_redis.worker("b")
+    b.call(T + "wait_trusted")
+    assert ct.wait_trusted()
+    ct.reset_for_test()
+    at = time.monotonic() + 1.0
+    b.send(T + "read_at", flow.pk, at)
+    got: list[Any] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            sleep_until(at - 0.005)
+            while time.monotonic() < at:
+                pass
+            got.append(FlowInstance.objects.get_cached(pk=flow.pk).current_step)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=one) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    other = b.result(30)
+    mine = counters(FlowInstance)
+    reads = mine["misses"] + other["stats"]["misses"]
+    report("stampede: 20 threads + 1 process, one cold key", database_reads=reads,
+           this_process=mine, other_process={k: other["stats"][k] for k in
+                                             ("misses", "l2_hits", "l1_hits", "fills")})
+    assert not errors
+    assert got == [7] * 20 and other["value"][0] == 7
+    assert reads <= 2
+
+
+# -- writes during an outage --------------------------------------------------------------
+
+def test_writes_during_an_outage_are_applied_before_l2_is_read_again(
+    own_redis: RedisEnv,
+) -> None:
+    """Redis unreachable with its data kept (a partition): the stale row stays in L2 all
+    along, so only the outbox stands between it and the next reader."""
+    server = own_redis.server
+    flow = FlowInstanceFactory(current_step=1)
+    b = own_redis.worker("b")
+    assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 1
+    redis_tier.wait_for_fills()
+    assert b.call(T + "warm", [flow.pk]) == 1
+    before = b.call(T + "bus_info")
+
+    server.hide()
+    try:
+        ct.write_one(flow.pk, "save")
+        ct.write_one(flow.pk, "update")
+        pending = outbox()
+        during = b.call(T + "read", flow.pk)
+        assert server.client().exists(data_key(flow.pk))  # the old row is still in L2
+    finally:
+        server.unhide()
+    info = b.call(T + "wait_reconnected", before["reconnects"])
+    left_when_trusted = b.call(T + "outbox_count")
+    after = b.call(T + "read", flow.pk)
+    by_lookup = b.call(T + "read_by_session", flow.tenant_id, flow.session_id)
+    st = b.call(T + "stats")
+    report("partition with data kept, 2 writes meanwhile", outbox_rows=pending,
+           outbox_rows_when_b_trusted_again=left_when_trusted, read_during=during[0],
+           read_after=after[0], b_l2_hits=st["l2_hits"])
+    assert pending >= 1
+    assert info["trusted"]
+    assert left_when_trusted == 0
+    assert during[0] == 3 and after[0] == 3 and by_lookup[0] == 3
+    tiered_cache.clear_local()
+    assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 3
+
+
+def test_a_write_only_this_process_could_not_deliver_is_not_served_stale(
+    own_redis: RedisEnv,
+) -> None:
+    """Redis is fine for everyone but the writer, whose breaker is open (three timeouts a
+    moment ago). Its invalidation goes to the outbox; other processes' buses stay live and
+    nobody loses trust, yet nobody may serve the old row for long: not the writer once
+    its breaker lets it back to L2 (read-your-writes), not the other processes."""
+    flow = FlowInstanceFactory(current_step=1)
+    b = own_redis.worker("b")
+    assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 1
+    redis_tier.wait_for_fills()
+    assert b.call(T + "warm", [flow.pk]) == 1
+    assert ct.open_breaker() == "open"
+
+    ct.write_one(flow.pk, "save")
+    written = time.monotonic()
+    assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 2
+    seen = wait_for(lambda: b.call(T + "read", flow.pk)[0] == 2, 5)
+    b_after = time.monotonic() - written
+    # Past the recovery time the breaker lets this process read L2 again.
+    sleep_until(written + conf.BREAKER_RECOVERY_TIME + 0.1)
+    tiered_cache.clear_local()
+    mine = FlowInstance.objects.get_cached(pk=flow.pk).current_step
+    report("only the writer cannot reach Redis (its breaker open)",
+           other_process_saw_write_after_s=round(b_after, 3) if seen else None,
+           writer_reads_after_recovery=mine, outbox_left=outbox())
+    assert seen, "the other process kept serving the old row"
+    assert mine == 2, "the writer read its own old row back from L2"
+
+
+def test_an_outbox_longer_than_one_drain_batch_is_applied_whole_before_trust(
+    own_redis: RedisEnv,
+) -> None:
+    """1,201 undelivered invalidations (as many writers leave in a long outage), the one
+    of our row last: when Redis is back, the row must not be served stale from L2. Only B
+    drains (this process's listener is stopped), so what B trusts is what B drained."""
+    server = own_redis.server
+    flow = FlowInstanceFactory(current_step=1)
+    b = own_redis.worker("b")
+    assert b.call(T + "warm", [flow.pk]) == 1
+    before = b.call(T + "bus_info")
+    mc = first_model_cache(FlowInstance)
+    assert mc is not None
+    bus.stop()
+    server.hide()
+    try:
+        # As writers would leave them: their rows changed, the invalidations not delivered.
+        PendingInvalidation.objects.bulk_create(
+            [PendingInvalidation(model_label=LABEL, rows=[mc.row_id_of(10**9 + i)])
+             for i in range(1200)]
+            + [PendingInvalidation(model_label=LABEL, rows=[mc.row_id_of(flow.pk)])]
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(f"UPDATE {FlowInstance._meta.db_table} SET current_step = 2 "
+                           "WHERE id = %s", [flow.pk])
+        assert server.client().exists(data_key(flow.pk))  # the old row is in L2
+    finally:
+        server.unhide()
+    info = b.call(T + "wait_reconnected", before["reconnects"])
+    after = b.call(T + "read", flow.pk)
+    left = b.call(T + "outbox_count")
+    report("outbox of 1,201 entries", read_after=after[0], outbox_left_when_trusted=left)
+    assert info["trusted"]
+    assert after[0] == 2
+    assert left == 0
+
+
+def test_overflowed_outbox_still_covers_writes_after_another_process_drained_it(
+    own_redis: RedisEnv, settings: Any
+) -> None:
+    """Past OUTBOX_LIMIT a model is recorded as flushed and its further rows are not
+    written. If another process drains that flush while this one still cannot reach
+    Redis, the rows this one writes next must not be lost."""
+    flows = [FlowInstanceFactory(current_step=1) for _ in range(3)]
+    b = own_redis.worker("b")
+    # Only this process is cut off from Redis: its cache points at a closed port.
+    settings.TIERED_CACHE = {**settings.TIERED_CACHE, "OUTBOX_LIMIT": 1}
+    settings.CACHES = {"default": {**settings.CACHES["default"],
+                                   "LOCATION": f"redis://127.0.0.1:{free_port()}/0"}}
+    ct.reset_core()
+    ct.write_one(flows[0].pk, "save")  # one row: recorded
+    ct.write_one(flows[1].pk, "save")  # over the limit: the model recorded as flushed
+    assert outbox() == 2
+    assert b.call(T + "drain") == 2  # another process applies both
+    assert b.call(T + "warm", [flows[2].pk]) == 1  # ...and caches the third row again
+    ct.write_one(flows[2].pk, "save")  # this process still cannot reach Redis
+    # This process reaches Redis again.
+    settings.CACHES = {"default": {**settings.CACHES["default"],
+                                   "LOCATION": own_redis.server.url}}
+    ct.reset_core()
+    assert ct.wait_trusted()
+    seen = wait_for(lambda: b.call(T + "read", flows[2].pk)[0] == 2, 3)
+    report("overflowed outbox drained by another process", other_process_saw_write=seen)
+    assert seen, "the write made after another process drained the flush was lost"
+
+
+def test_breaker_state_is_visible_in_stats(own_redis: RedisEnv) -> None:
+    server = own_redis.server
+    flow = FlowInstanceFactory(current_step=1)
+    FlowInstance.objects.get_cached(pk=flow.pk)
+    seen = [tiered_cache.stats()[LABEL]["breaker"]]
+    server.hide()
+    try:
+        for _ in range(conf.BREAKER_FAILURE_THRESHOLD):
+            ct.write_one(flow.pk, "save")  # each invalidation fails at once
+        seen.append(tiered_cache.stats()[LABEL]["breaker"])
+        assert breaker.opened_count >= 1
+    finally:
+        server.unhide()
+    sleep_until(time.monotonic() + conf.BREAKER_RECOVERY_TIME)
+    assert wait_for(bus.trusted, 10)
+    ct.write_one(flow.pk, "save")  # the half-open probe succeeds
+    seen.append(tiered_cache.stats()[LABEL]["breaker"])
+    report("breaker in stats()", states=seen)
+    assert seen == ["closed", "open", "closed"]
+    assert tiered_cache.stats()[LABEL]["bus"] == "live"
+
+
+@pytest.mark.parametrize("junk", [b"P|", b"a|b", b"P|x|y|z|" + b"\0" * 100_000, "list"],
+                         ids=["truncated", "bar", "oversized", "list"])
+@pytest.mark.parametrize("which", ["generation", "writes", "row-version", "data", "lease"])
+def test_junk_in_any_key_of_ours_is_a_miss_and_heals(own_redis: RedisEnv, junk: Any,
+                                                      which: str) -> None:
+    """Someone overwrote one of our keys: reads stay correct and L2 serves the row again
+    after at most two misses (not never: a generation or row version with a '|' in it,
+    or a lease with no expiry, used to disable L2 for the model, the row or the key)."""
+    user = UserFactory(first_name="Ada")
+    mc = first_model_cache(User)
+    assert mc is not None
+    User.objects.get_cached(pk=user.pk)
+    redis_tier.wait_for_fills()
+    data = mc.pk_lookup.key((user.pk,))
+    key = {"generation": mc.gen_key, "writes": mc.writes_key,
+           "row-version": mc.row_key(mc.row_id_of(user.pk)), "data": data,
+           "lease": data + "|L"}[which]
+    c = own_redis.server.client()
+    if which == "lease":
+        c.delete(data)  # so that the next reader needs the lease
+    c.delete(key)
+    if junk == "list":
+        c.rpush(key, "junk")
+    else:
+        c.set(key, junk)
+    hits = []
+    for _ in range(4):
+        tiered_cache.clear_local()
+        before = counters(User)["l2_hits"]
+        assert User.objects.get_cached(pk=user.pk).first_name == "Ada"
+        redis_tier.wait_for_fills()
+        hits.append(counters(User)["l2_hits"] - before)
+    assert hits[-2:] == [1, 1], (hits, counters(User))
+
+
+def test_a_reset_write_counter_never_lets_a_fill_of_an_old_row_through(
+    own_redis: RedisEnv,
+) -> None:
+    """The write counter cannot be incremented when it holds junk, or when Redis is out
+    of memory (INCR is refused, the script deletes and sets it again). If every reset
+    gave the same value, a fill that read the counter after one reset would pass after
+    the next reset although a write happened in between (ABA), storing the old row."""
+    from tiered_cache import reads
+
+    server = own_redis.server
+    flow = FlowInstanceFactory(current_step=1)
+    mc = first_model_cache(FlowInstance)
+    assert mc is not None
+    c = server.client()
+
+    def junk_counter() -> None:
+        c.delete(mc.writes_key)
+        c.hset(mc.writes_key, "junk", "1")
+
+    junk_counter()
+    ct.write_one(flow.pk, "save")  # v2; the counter is reset
+    paused, release = threading.Event(), threading.Event()
+
+    def hook(m: Any, key: str) -> None:
+        if m.label == LABEL and not paused.is_set():
+            paused.set()
+            release.wait(10)
+
+    got: list[Any] = []
+    tiered_cache.clear_local()
+    reads.fill_hook = hook
+    try:
+        reader = threading.Thread(target=lambda: got.append(ct.read(flow.pk)))
+        reader.start()
+        assert paused.wait(10)  # the reader holds v2 and the counter it saw
+        junk_counter()
+        ct.write_one(flow.pk, "save")  # v3; the counter is reset again
+        release.set()
+        reader.join(10)
+    finally:
+        reads.fill_hook = None
+    redis_tier.wait_for_fills()
+    tiered_cache.clear_local()
+    after = FlowInstance.objects.get_cached(pk=flow.pk).current_step
+    report("write counter reset twice around a fill", reader_got=got[0][0], read_after=after)
+    assert got[0][0] == 2
+    assert after == 3, "the fill of v2 passed: the counter came back to the value it read"
+
+
+# -- reads and writes during each fault -------------------------------------------------------
+
+FAULT_SECONDS = 2.3  # longer than BREAKER_RECOVERY_TIME: half-open probes happen under it
+RECOVERY_SECONDS = 2.0
+
+
+def _kill(s: RedisServer) -> None:
+    s.kill()
+
+
+def _start_empty(s: RedisServer) -> None:
+    s.start()
+
+
+def _noop(s: RedisServer) -> None:
+    pass
+
+
+FAULTS: dict[str, tuple[Callable[[RedisServer], None], Callable[[RedisServer], None], str]] = {
+    "killed": (_kill, _start_empty, "SIGKILL; started again empty when the fault ends"),
+    "restarted-empty": (RedisServer.restart_empty, _noop, "SIGKILL and an empty server at once"),
+    "paused": (RedisServer.pause, RedisServer.resume, "SIGSTOP, then SIGCONT"),
+    "refusing": (RedisServer.hide, RedisServer.unhide,
+                 "nothing listens on the address (data kept, clients dropped)"),
+    "black-holed": (lambda s: s.start_fault_server("blackhole"), RedisServer.heal,
+                    "a server that accepts connections and never answers"),
+    "answering-errors": (lambda s: s.start_fault_server("errors"), RedisServer.heal,
+                         "a server that answers -ERR to every command"),
+    "requirepass": (RedisServer.require_password, RedisServer.drop_password,
+                    "the real server answers NOAUTH to every new connection"),
+    "junk": (lambda s: s.fill_with_junk(conf.KEY_PREFIX), _noop,
+             "every key of ours overwritten with wrong types, truncated or oversized values"),
+    "flushall": (lambda s: s.client().flushall(), _noop, "FLUSHALL by someone else"),
+    "out-of-memory": (RedisServer.fill_memory, RedisServer.free_memory,
+                      "maxmemory reached with noeviction: commands that write fail with OOM"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_reads_and_writes_during_a_fault(own_redis: RedisEnv, fault: str) -> None:
+    inject, heal, what = FAULTS[fault]
+    server = own_redis.server
+    flows = [FlowInstanceFactory(current_step=0) for _ in range(10)]
+    rows = [(f.pk, f.tenant_id, f.session_id) for f in flows]
+    pks = [f.pk for f in flows]
+    probe = UserFactory()
+    b, w = own_redis.worker("b"), own_redis.worker("w")
+    assert ct.warm(pks) == len(pks)
+    assert b.call(T + "warm", pks) == len(pks)
+    w.call(T + "wait_trusted")
+    User.objects.get_cached(pk=probe.pk)
+    redis_tier.wait_for_fills()
+
+    start = time.monotonic() + 0.3
+    inject_at = start + 0.5
+    heal_at = inject_at + FAULT_SECONDS
+    until = heal_at + RECOVERY_SECONDS
+    b.send(T + "read_loop", rows, start, until, 1, 1)
+    w.send(T + "write_loop", pks, start, until, 7, 0.05)
+    mine: dict[str, Any] = {}
+    reader = threading.Thread(target=lambda: mine.update(ct.read_loop(rows, start, until, 2, 2)))
+    reader.start()
+
+    states: set[tuple[str, str]] = set()
+    outbox_max = 0
+    try:
+        sleep_until(inject_at)
+        t_inject = time.monotonic()
+        inject(server)
+        while time.monotonic() < heal_at:
+            st = tiered_cache.stats()[LABEL]
+            states.add((st["breaker"], st["bus"]))
+            outbox_max = max(outbox_max, outbox())
+            time.sleep(0.05)
+        t_heal = time.monotonic()
+        heal(server)
+        healed = time.monotonic()
+        back = ct.until_l2_hit(probe.pk, until + 5)
+    finally:
+        server.heal()
+        reader.join(60)
+    theirs = b.result(60)
+    writes = w.result(60)
+    w_info = w.call(T + "bus_info")
+    time.sleep(0.3)  # quiet time
+    assert wait_for(lambda: outbox() == 0, 10), "undelivered invalidations left behind"
+    finals = [ct.read_all(rows), b.call(T + "read_all", rows), w.call(T + "read_all", rows)]
+
+    obs = mine["obs"] + theirs["obs"]
+    errors = mine["errors"] + theirs["errors"] + writes["errors"]
+    initial = {pk: 0 for pk in pks}
+    strict = ct.stale_reads(obs, writes["writes"], initial, 0.0)
+    stale = ct.stale_reads(obs, writes["writes"], initial, conf.BUS_TRUST_WINDOW + 0.010)
+    under = ct.latency_summary(obs, t_inject, t_heal)
+    overall = ct.latency_summary(obs)
+    w_under = sorted(d - b0 for _, _, b0, d in writes["writes"] if t_inject <= b0 < t_heal)
+    figures = {
+        "what": what,
+        "fault_seconds": round(t_heal - t_inject, 2),
+        "reads_under_fault": under["reads"],
+        "reads_total": overall["reads"],
+        "writes_under_fault": len(w_under),
+        "writes_total": len(writes["writes"]),
+        "errors": len(errors),
+        "stale_reads": len(stale),
+        "reads_older_than_a_returned_write": len(strict),
+        "max_lag_ms": round(max([x["lag"] for x in strict if x["lag"] is not None] or [0])
+                            * 1000, 1),
+        "slowest_read_under_fault_ms": under["slowest_ms"],
+        "p99_read_under_fault_ms": under["p99_ms"],
+        "slowest_read_ms": overall["slowest_ms"],
+        "slowest_write_under_fault_ms": round(w_under[-1] * 1000, 1) if w_under else None,
+        "outbox_max": outbox_max,
+        "states_seen": sorted(f"{b_}/{s_}" for b_, s_ in states),
+        "writer_breaker_opened": w_info["breaker_opened"],
+        "l2_serves_again_after_s": None if back is None else round(back - healed, 3),
+        "final_stale_rows": sum(len(f["stale"]) for f in finals),
+        "stale_detail": [
+            {**x, "read_at": round(x["read_at"] - t_heal, 3),
+             "lag": None if x["lag"] is None else round(x["lag"], 3)} for x in stale[:3]
+        ],
+        "hit_ratio_this_process": mine["stats"].get("hit_ratio"),
+    }
+    report(fault, **figures)
+    assert not errors, errors[:5]
+    assert stale == [], stale[:5]
+    assert [f["stale"] for f in finals] == [[], [], []]
+    assert under["reads"] > 0 and overall["slowest_ms"] < READ_BOUND * 1000
+    assert not w_under or w_under[-1] < READ_BOUND
+    assert back is not None and back - healed <= conf.BREAKER_RECOVERY_TIME + 1.5
