@@ -69,11 +69,12 @@ def close_stray_connections(django_db_setup: Any, django_db_blocker: Any) -> Ite
     from django.db import connection
 
     with django_db_blocker.unblock():
-        if connection.vendor != "postgresql":
-            return
+        name = connection.settings_dict["NAME"]
+        if connection.vendor != "postgresql" or not str(name).startswith("test_"):
+            return  # no test database was set up in this session
         with connection.cursor() as cursor:
             cursor.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = %s AND pid <> pg_backend_pid()",
-                [connection.settings_dict["NAME"]],
+                [name],
             )

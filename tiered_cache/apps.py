@@ -50,16 +50,25 @@ def _at_exit() -> None:
 
 def _after_fork() -> None:
     """A forked child (gunicorn --preload, Celery prefork) starts with an empty L1, its own
-    Redis connections and its own listener, started on its first read."""
+    Redis connections and its own listener, started on its first read. Every lock is made
+    anew: the parent may have forked while another of its threads held one."""
+    import threading
+
     from . import invalidation, reads
     from .breaker import breaker
     from .bus import bus
     from .tiers.local import local_tier
     from .tiers.remote import fresh_token, redis_tier
 
+    local_tier._lock = threading.Lock()
+    breaker._lock = threading.Lock()
+    redis_tier._lock = threading.Lock()
+    reads._flights_lock = threading.Lock()
+    invalidation._outbox.lock = threading.Lock()
     bus.after_fork()
     local_tier.clear()
     redis_tier._client = None
+    redis_tier._local = threading.local()
     breaker.reset()
     reads._flights.clear()
     fresh_token.renew()

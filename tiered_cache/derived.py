@@ -257,13 +257,14 @@ class CachedFunction:
         key = self.key(*args, **kwargs)
         local_tier.drop_key(key, self.label)
         try:
-            redis_tier.run_many([self.drop_key_args(key)])
+            redis_tier.run_many([self.drop_key_args(key)], force=True)
         except Unavailable:
             # No process trusts its tiers while Redis is away; the drop is applied from
             # the outbox before any of them trusts L2 again.
             from .models import PendingInvalidation
 
             PendingInvalidation.objects.create(model_label=self.label, rows=[key])
+            bus.undelivered()
 
     def drop_key_args(self, key: str) -> tuple[str, list[str], list[Any]]:
         msg = json.dumps({"o": origin["id"], "k": key, "m": self.label})

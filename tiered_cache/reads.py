@@ -182,9 +182,11 @@ def _load(
             else:
                 gen, writes = res[1], res[2]
             if code == _BUSY:
-                value = _wait_for_fill(mc, key)
+                value, res = _wait_for_fill(mc, key, lease_token)
                 if value is not None:
                     return value, None
+                if res is not None:  # the holder let go without a fill: the lease is ours
+                    code, gen, writes = res[0], res[1], res[2]
         except Unavailable:
             code = _NO_LEASE
 
@@ -228,18 +230,23 @@ def _l2_value(mc: ModelCache, key: str, raw: bytes) -> Any:
     return value
 
 
-def _wait_for_fill(mc: ModelCache, key: str) -> Any:
+def _wait_for_fill(mc: ModelCache, key: str, lease: str) -> tuple[Any, Any]:
     """Another process is filling this key: take its value when it lands, or give up after
-    LEASE_WAIT and read the database ourselves (its holder may be dead)."""
+    LEASE_WAIT and read the database ourselves (its holder may be dead). Polls asking for
+    the lease: if the holder let go without filling (its fill was refused), the lease is
+    granted to us and we fill instead of waiting out LEASE_WAIT for nothing.
+    (value or None, the READ reply granting us the lease or None)."""
     deadline = time.monotonic() + conf.LEASE_WAIT
     pause = 0.001
     while time.monotonic() < deadline:
         time.sleep(pause)
         pause = min(pause * 2, 0.01)
-        res = redis_tier.scripts([_read_call(mc, key, "")])[0]
+        res = redis_tier.scripts([_read_call(mc, key, lease)])[0]
         if res[0] == _HIT:
-            return _l2_value(mc, key, res[1])
-    return None
+            return _l2_value(mc, key, res[1]), None
+        if res[0] == _LEASE:
+            return None, res
+    return None, None
 
 
 def _counted(mc: ModelCache) -> Any:
