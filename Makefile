@@ -16,7 +16,7 @@ REDIS_PORT ?= 6379
 PYTEST_ARGS ?=
 DEMO_ADDR ?= 127.0.0.1:8000
 
-.PHONY: venv venv6 services postgres redis broker test test-django52 test-django6 demo worker bench clean
+.PHONY: venv venv6 services postgres redis broker test test-django52 test-django6 demo worker bench bench-peers clean
 
 venv: $(STAMP)
 
@@ -49,7 +49,9 @@ broker:
 	  echo "RabbitMQ is not answering after 60s" >&2; exit 1
 
 # Django 6.x runs on Python 3.12+: a second virtualenv for it.
-PYTHON6 ?= $(shell command -v python3.12 2>/dev/null || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -n 1)
+# The first interpreter that really runs and is 3.12+ (a pyenv shim may exist and refuse).
+PYTHON6 ?= $(shell for p in $$(ls -d $(HOME)/.pyenv/versions/3.1[2-9]*/bin/python3 2>/dev/null) $$(command -v python3.13 python3.12 2>/dev/null); do \
+  $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; done)
 VENV6 := .venv-django6
 STAMP6 := $(VENV6)/.requirements.stamp
 
@@ -101,6 +103,21 @@ BENCH_ARGS ?=
 bench: venv services
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
+# django-cachalot and django-cacheops on the same models, database and Redis, each in a
+# process of its own virtualenv, beside tiered_cache's hits (tests/bench_peers.py).
+VENV_PEERS := .venv-peers
+STAMP_PEERS := $(VENV_PEERS)/.requirements.stamp
+PEERS_ARGS ?=
+
+$(STAMP_PEERS): $(REQUIREMENTS) requirements/peers.txt
+	test -x $(VENV_PEERS)/bin/python || $(PYTHON) -m venv $(VENV_PEERS)
+	$(VENV_PEERS)/bin/python -m pip --disable-pip-version-check install -q -r requirements/peers.txt
+	$(VENV_PEERS)/bin/python -m pip --disable-pip-version-check install -q -e .
+	touch $@
+
+bench-peers: $(STAMP_PEERS) services
+	$(VENV_PEERS)/bin/python -m tests.bench_peers $(PEERS_ARGS)
+
 clean:
-	rm -rf $(VENV) $(VENV6) .pytest_cache .ruff_cache build dist *.egg-info db.sqlite3 celerybeat-schedule*
+	rm -rf $(VENV) $(VENV6) $(VENV_PEERS) .pytest_cache .ruff_cache build dist *.egg-info db.sqlite3 celerybeat-schedule*
 	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +
