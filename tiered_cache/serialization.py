@@ -119,6 +119,17 @@ def loads_verified(body: bytes) -> Any:
         raise CorruptPayload(f"authentic payload failed to decode: {exc!r}") from exc
 
 
+def _dict_builder(names: tuple[str, ...]) -> Any:
+    """A function returning an instance __dict__ from a tuple of values: a dict display
+    with constant keys is the fastest way CPython builds one (as namedtuple and
+    dataclasses generate code for the same reason). The names are attnames of model
+    fields, so they are valid identifiers; repr() quotes them anyway."""
+    items = ", ".join(f"{name!r}: v[{i}]" for i, name in enumerate(names))
+    namespace: dict[str, Any] = {}
+    exec(f"def build(v, state):\n    return {{'_state': state, {items}}}\n", namespace)
+    return namespace["build"]
+
+
 class RowCodec:
     """Turns a model row into a tuple of values and back into a fresh instance."""
 
@@ -133,6 +144,7 @@ class RowCodec:
         )
         self.imm_names = tuple(a for i, a in enumerate(self.attnames) if i not in self.mutable)
         self.mut_names = tuple(a for i, a in enumerate(self.attnames) if i in self.mutable)
+        self._build = _dict_builder(self.imm_names)
         model = self.model
         # Building an instance without __init__ is only equivalent to from_db() when the
         # model keeps Django's own __init__ and from_db and nothing listens to its init
@@ -195,11 +207,10 @@ class RowCodec:
         imm, mut, _ = frozen
         if self._may_skip_init():
             new = self.model.__new__(self.model)
-            d = new.__dict__
-            state = d["_state"] = ModelState()
+            state = ModelState()
             state.adding = False
             state.db = db
-            d.update(zip(self.imm_names, imm))
+            d = new.__dict__ = self._build(imm, state)
             for attname, blob in zip(self.mut_names, mut):
                 d[attname] = pickle.loads(blob)
             return new
