@@ -6,8 +6,9 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -94,3 +95,13 @@ def worker(extra_env: dict[str, str] | None = None) -> Iterator[Worker]:
         yield w
     finally:
         w.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.005) -> bool:
+    """Poll until predicate() holds (True) or the timeout passes (its last answer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())

@@ -22,7 +22,7 @@ from demo_project.demo.models import FlowInstance
 from tests import coherence_tasks as ct
 from tests.cache_fixtures import l2_keys
 from tests.latency import format_result, measure_commit_to_drop
-from tests.processes import Worker, worker
+from tests.processes import Worker, wait_for, worker
 from tiered_cache.conf import conf
 from tiered_cache.tiers import redis_tier
 
@@ -48,14 +48,6 @@ def forget_cluster_stats() -> Iterator[None]:
 def report(name: str, **figures: Any) -> None:
     print(f"\n[coherence] {name}: {json.dumps(figures, sort_keys=True)}")
 
-
-def wait_for(predicate: Any, timeout: float = 10.0, step: float = 0.005) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from django.db import connection
 import tiered_cache
 from demo_project.demo.factories import FlowInstanceFactory, UserFactory
 from demo_project.demo.models import FlowInstance, User
+from tests.processes import wait_for
 from tests import coherence_tasks as ct
 from tests.cache_fixtures import counters
 from tests.redis_fixtures import RedisEnv
@@ -49,14 +50,6 @@ def report(fault: str, **figures: Any) -> None:
         with open(out, "a") as f:
             f.write(json.dumps(line, sort_keys=True) + "\n")
 
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
 
 
 def sleep_until(t: float) -> None:

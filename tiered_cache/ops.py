@@ -30,7 +30,7 @@ from .counters import hot, stats
 from .invalidation import queue, rows_batch
 from .registry import ModelCache, cached_managers, cached_models, model_cache
 from .tiers.local import local_tier
-from .tiers.remote import Unavailable, fresh_token, redis_tier
+from .tiers.remote import _SGET, Unavailable, fresh_token, redis_tier
 
 __all__ = [
     "UnknownModel",
@@ -274,12 +274,7 @@ def start_warmup(model: type[models.Model], limit: int | None = None) -> dict[st
 # Deletes every entry a read would not serve (the test READ applies): another
 # generation, a negative older than the model's last write, a row whose version moved,
 # anything unparsable. Returns {old generation, stale}.
-_CLEAN = """
-local function sget(k)
-  local v = redis.pcall('GET', k)
-  if type(v) == 'table' and v.err then redis.call('DEL', k) return false end
-  return v
-end
+_CLEAN = _SGET + """
 local g = sget(KEYS[1])
 local w = sget(KEYS[2]) or '0'
 local old, stale = 0, 0
