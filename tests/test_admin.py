@@ -18,7 +18,13 @@ from demo_project.demo.factories import GlobalModelFactory, UserFactory
 from demo_project.demo.models import FlowInstance, GlobalModel, Model, PlainFlowInstance, User
 from tests import celery_fixtures  # noqa: F401 - registers tiered_cache's tasks early
 from tests.cache_fixtures import l2_keys
-from tests.ops_helpers import change_behind_the_cache, live_bus, no_past_runs, read  # noqa: F401
+from tests.ops_helpers import (  # noqa: F401 - fixtures
+    change_behind_the_cache,
+    live_bus,
+    no_past_runs,
+    read,
+    read_cached,
+)
 from tiered_cache import ops
 from tiered_cache.admin import CacheAdminMixin
 from tiered_cache.breaker import breaker
@@ -314,7 +320,7 @@ def test_actions_are_offered_with_change_permission_only(client: Client) -> None
         "action": "flush_all_from_cache", "_selected_action": [user.pk], "index": 0,
     }, follow=True)
     assert not [m for m in messages_of(response) if m.startswith("Flushed")]
-    assert User.objects.get_cached(pk=user.pk).first_name == "old"
+    assert read_cached(User.objects, pk=user.pk).first_name == "old"
 
 
 def test_every_cached_model_admin_has_the_actions(su_client: Client) -> None:
@@ -343,7 +349,7 @@ def test_flush_selected_drops_those_rows_in_every_lookup(su_client: Client) -> N
     ]
     assert User.objects.get_cached(pk=a.pk).first_name == "new"
     assert User.objects.get_cached(email=a.email).first_name == "new"
-    assert User.objects.get_cached(pk=b.pk).first_name == "old"  # not selected
+    assert read_cached(User.objects, pk=b.pk).first_name == "old"  # not selected
 
 
 def test_flush_selected_names_a_few_and_counts_the_rest(su_client: Client) -> None:

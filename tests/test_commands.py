@@ -18,7 +18,13 @@ import tiered_cache
 from demo_project.demo.factories import GlobalModelFactory, UserFactory
 from demo_project.demo.models import GlobalModel, User
 from tests.cache_fixtures import l2_keys
-from tests.ops_helpers import change_behind_the_cache, live_bus, pk_of_key, read  # noqa: F401
+from tests.ops_helpers import (  # noqa: F401 - fixtures
+    change_behind_the_cache,
+    live_bus,
+    pk_of_key,
+    read,
+    read_cached,
+)
 from tiered_cache import ops
 from tiered_cache.breaker import breaker
 from tiered_cache.conf import conf
@@ -96,7 +102,7 @@ def test_flush_one_model_drops_its_entries_only() -> None:
     read(User.objects, pk=user.pk)
     read(GlobalModel.objects, name=gm.name)
     change_behind_the_cache(user, "new")
-    assert User.objects.get_cached(pk=user.pk).first_name == "old"
+    assert read_cached(User.objects, pk=user.pk).first_name == "old"
 
     out = run("flush", "demo.User")
 
