@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
 from django.db import connection
 
 from demo_project.demo.models import User
+from tests.processes import wait_for
 from tiered_cache.breaker import breaker
 from tiered_cache.bus import bus
 from tiered_cache.tiers import redis_tier
@@ -33,10 +33,7 @@ def no_past_runs() -> None:
 
 def wait_for_bus(timeout: float = 5.0) -> None:
     bus.ensure_started()
-    deadline = time.monotonic() + timeout
-    while not bus.trusted():
-        assert time.monotonic() < deadline, f"the invalidation bus is {bus.state()}"
-        time.sleep(0.01)
+    assert wait_for(bus.trusted, timeout, step=0.01), f"the invalidation bus is {bus.state()}"
 
 
 def read(manager: object, **lookup: object) -> object:
@@ -50,16 +47,18 @@ def read_cached(manager: object, **lookup: object) -> object:
     """get_cached while this process trusts its tiers. A read during a trust lapse (a loaded
     machine can starve the bus thread for a heartbeat) rightly goes to the database, which
     would hide what the cache holds; so read when trust holds before and after the read."""
-    from tiered_cache.bus import bus
+    found: list[object] = []
 
-    deadline = time.monotonic() + 10
-    while True:
+    def trusted_read() -> bool:
         if bus.trusted():
             obj = manager.get_cached(**lookup)  # type: ignore[attr-defined]
             if bus.trusted():
-                return obj
-        assert time.monotonic() < deadline, "the bus never became trusted"
-        time.sleep(0.01)
+                found.append(obj)
+                return True
+        return False
+
+    assert wait_for(trusted_read, 10, step=0.01), "the bus never became trusted"
+    return found[0]
 
 
 def change_behind_the_cache(user: User, first_name: str) -> None:

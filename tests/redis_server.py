@@ -21,11 +21,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import redis
+
+from tests.processes import wait_for
 
 REDIS_SERVER = os.environ.get("REDIS_SERVER_BIN", "redis-server")
 
@@ -37,12 +38,8 @@ def free_port() -> int:
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise TimeoutError(what)
+    if not wait_for(predicate, timeout, step=0.02):
+        raise TimeoutError(what)
 
 
 class RedisServer:

@@ -5,7 +5,6 @@ on a real Celery worker), and checks the page and the cache afterwards."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +27,7 @@ from tests.ops_helpers import (  # noqa: F401 - fixtures
     read,
     read_cached,
 )
+from tests.processes import wait_for
 from tiered_cache import ops
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("live_bus")]
@@ -78,11 +78,6 @@ def message(page: Page) -> Any:
     return expect(page.locator("ul.messagelist"))
 
 
-def eventually(check: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_flush_selected_action(page: Page) -> None:
@@ -145,7 +140,7 @@ def test_dashboard_buttons(page: Page, tmp_path: Any) -> None:
     # Warm up: queued on Celery, run by the worker.
     page.locator("#tc-demo-user").get_by_role("button", name="Warm up demo.User").click()
     message(page).to_contain_text("Warmup of demo.User queued on Celery (task ")
-    eventually(lambda: "demo.user" in ops.last_runs()["warmup"])
+    assert wait_for(lambda: "demo.user" in ops.last_runs()["warmup"], 30), "timed out"
     n = User.objects.count()
     assert ops.last_runs()["warmup"]["demo.user"]["stored"] == n
     assert len(l2_keys(User)) == n
