@@ -387,8 +387,8 @@ class Bench:
             from tiered_cache.registry import model_cache
             from tiered_cache.tiers.remote import redis_tier
 
-            lk = model_cache(User.objects).pk_lookup
-            keys = ring([lk.key((pk,)) for pk in hot], n)
+            mc = model_cache(User.objects)
+            keys = ring([mc.key(mc.pk_lookup, (pk,)) for pk in hot], n)
             client = redis_tier.client
             t = now()
             for key in keys:

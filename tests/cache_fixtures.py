@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from django.conf import settings
 
 from tiered_cache import clear_local
 from tiered_cache.breaker import breaker
@@ -21,7 +23,8 @@ def clean_cache() -> Iterator[None]:
     applied directly so it also works inside a test's own transaction)."""
     breaker.reset()
     for model in cached_models():
-        flush_batch(model).apply()
+        for alias in settings.DATABASES:
+            flush_batch(model, alias).apply()
     clear_local()
     reset_stats()
     yield
@@ -39,9 +42,11 @@ def l2_keys(model: Any) -> list[bytes]:
     assert mc is not None
     redis_tier.wait_for_fills()
     client = redis_tier.client
-    gen = client.get(mc.gen_key) or b""
+    g = mc.home
+    gen = client.get(g.gen_key) or b""
     live = []
-    for k in client.scan_iter(match=mc.data_prefix + "*", count=1000):
+    prefix = f"{g.tag}:{mc.schema}:{mc.label}:".replace("[", "[[]")
+    for k in client.scan_iter(match=prefix + "*", count=1000):
         if k.endswith(b"|L"):
             continue
         value = client.get(k) or b""
@@ -78,3 +83,40 @@ def close_stray_connections(django_db_setup: Any, django_db_blocker: Any) -> Ite
                 "WHERE datname = %s AND pid <> pg_backend_pid()",
                 [name],
             )
+
+
+def write_outside_django(sql: str, params: list[Any]) -> None:
+    """Run a write on a connection Django does not own (another application, psql): the
+    one kind of write tiered_cache cannot see."""
+    import psycopg
+    from django.db import connection
+
+    s = connection.settings_dict
+    with psycopg.connect(
+        host=s.get("HOST") or "127.0.0.1", port=s.get("PORT") or 5432,
+        user=s.get("USER") or None, password=s.get("PASSWORD") or None,
+        dbname=s["NAME"], autocommit=True,
+    ) as conn:
+        conn.execute(sql, params)
+
+
+def in_thread(fn: Callable[[], Any]) -> Any:
+    """Run fn in a new thread (its own database connections, outside our transaction);
+    return its result or the exception it raised."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except Exception as exc:  # returned for the assertion
+            out["value"] = exc
+        finally:
+            from django.db import connections
+
+            connections.close_all()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the thread did not finish within 30 s"
+    return out["value"]

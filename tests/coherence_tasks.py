@@ -21,7 +21,9 @@ from tiered_cache.bus import bus
 from tiered_cache.counters import reset_stats
 from tiered_cache.tiers import local_tier, redis_tier
 
-LABEL = "demo.flowinstance"
+# L1 entries are labelled by invalidation group: "<database alias>:<root model label>".
+MODEL = "demo.flowinstance"
+LABEL = "default:" + MODEL
 
 # A row as the tests compare it: the version counter and two other fields.
 Row = tuple[int, str, str]
@@ -77,7 +79,7 @@ def wait_trusted(timeout: float = 10.0) -> bool:
 
 def stats() -> dict[str, Any]:
     redis_tier.wait_for_fills()
-    return tiered_cache.stats().get(LABEL, {})
+    return tiered_cache.stats().get(MODEL, {})
 
 
 def l1_count() -> int:
@@ -172,7 +174,7 @@ def read_loop(rows: list[tuple[int, str, str]], start: float, until: float,
     for t in workers:
         t.join()
     redis_tier.wait_for_fills()
-    out["stats"] = tiered_cache.stats().get(LABEL, {})
+    out["stats"] = tiered_cache.stats().get(MODEL, {})
     return out
 
 
@@ -228,7 +230,7 @@ def read_with_paused_fill(pk: int | None, lookup: tuple[str, str] | None, signal
     info: dict[str, Any] = {"hooked": False}
 
     def hook(mc: Any, key: str) -> None:
-        if mc.label != LABEL or info["hooked"]:
+        if mc.label != MODEL or info["hooked"]:
             return
         info["hooked"] = True
         info["trusted_at_pause"] = bus.trusted()
@@ -256,7 +258,7 @@ def read_with_paused_fill(pk: int | None, lookup: tuple[str, str] | None, signal
         reads.fill_hook = None
     redis_tier.wait_for_fills()
     info["l1_entries"] = local_tier.count(LABEL)
-    info["stats"] = tiered_cache.stats().get(LABEL, {})
+    info["stats"] = tiered_cache.stats().get(MODEL, {})
     return info
 
 
@@ -310,7 +312,7 @@ def fork_child(pk: int, signal_dir: str) -> int:
         read(pk)  # fills L1 if the first read came before the listener was trusted
         second = read(pk)
         report["first"], report["second"] = first, second
-        report["stats_after_warm"] = tiered_cache.stats().get(LABEL, {})
+        report["stats_after_warm"] = tiered_cache.stats().get(MODEL, {})
         t = bus._thread
         report["own_listener"] = bool(t is not None and t.is_alive() and bus._pid == os.getpid())
         report["listener_threads"] = [th.name for th in threading.enumerate()
@@ -331,7 +333,7 @@ def fork_child(pk: int, signal_dir: str) -> int:
         report["after_write"] = seen[-1]
         report["reads_until_new"] = len(seen)
         report["seconds_until_new"] = time.monotonic() - t0
-        report["stats_end"] = tiered_cache.stats().get(LABEL, {})
+        report["stats_end"] = tiered_cache.stats().get(MODEL, {})
         (d / "child.json").write_text(json.dumps(report))
         (d / "done").write_text("1")
     except BaseException as exc:  # reported to the test through the file
@@ -363,7 +365,7 @@ def read_at(pk: int, at: float) -> dict[str, Any]:
         pass
     value = read(pk)
     redis_tier.wait_for_fills()
-    return {"value": value, "stats": tiered_cache.stats().get(LABEL, {})}
+    return {"value": value, "stats": tiered_cache.stats().get(MODEL, {})}
 
 
 # -- judging reads against writes (in the test process) ------------------------------------

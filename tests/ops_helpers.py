@@ -62,12 +62,13 @@ def read_cached(manager: object, **lookup: object) -> object:
 
 
 def change_behind_the_cache(user: User, first_name: str) -> None:
-    """A write no signal sees (raw SQL): the cache keeps the old row until flushed."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {User._meta.db_table} SET first_name = %s WHERE id = %s",
-            [first_name, user.pk],
-        )
+    """A write outside Django (another application): the cache keeps the old row until
+    flushed."""
+    from tests.cache_fixtures import write_outside_django
+
+    write_outside_django(
+        f"UPDATE {User._meta.db_table} SET first_name = %s WHERE id = %s", [first_name, user.pk]
+    )
 
 
 def pk_of_key(key: bytes) -> int:

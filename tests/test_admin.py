@@ -30,6 +30,7 @@ from tiered_cache.admin import CacheAdminMixin
 from tiered_cache.breaker import breaker
 from tiered_cache.conf import conf
 from tiered_cache.models import PendingInvalidation
+from tiered_cache.registry import cached_models
 from tiered_cache.tiers import local_tier
 
 pytestmark = [
@@ -108,10 +109,19 @@ def test_dashboard_is_for_staff_only(client: Client, who: str) -> None:
     assert client.post(DASHBOARD, {"action": "flush_all"}).status_code == 302
 
 
+def test_dashboard_shows_a_model_only_with_its_view_permission(client: Client) -> None:
+    client.force_login(staff())
+    page = client.get(DASHBOARD).content.decode()
+    assert 'data-label="demo.User"' not in page and "demo.GlobalModel" not in page
+    client.force_login(staff("demo.view_user"))
+    page = client.get(DASHBOARD).content.decode()
+    assert 'data-label="demo.User"' in page and "demo.GlobalModel" not in page
+
+
 def test_staff_without_change_permission_sees_no_buttons_and_may_not_post(
     client: Client,
 ) -> None:
-    client.force_login(staff())
+    client.force_login(staff("demo.view_user"))
     page = client.get(DASHBOARD).content.decode()
     assert "demo.User" in page
     assert "Flush everything" not in page and ">Flush</button>" not in page
@@ -154,7 +164,7 @@ def test_dashboard_shows_every_cached_model(su_client: Client) -> None:
     assert 'data-label="demo.PlainFlowInstance"' not in page
     row = row_html(page, "demo.User")
     assert cell(row, "tc-lookups") == "<code>pk</code>, <code>email</code>"
-    assert cell(row, "tc-l1") == str(local_tier.count("demo.user")) == "2"
+    assert cell(row, "tc-l1") == str(local_tier.count("default:demo.user")) == "2"
     assert cell(row, "tc-l2") == "2"  # users[0] by pk, users[1] by email
     # The chart: one SVG rect per tier that served reads, widths adding up to 100%.
     svg = re.search(r"<svg class=\"tc-chart\".*?</svg>", row, re.S)
@@ -199,7 +209,7 @@ def test_dashboard_without_redis_still_renders(su_client: Client, redis_unreacha
     response = su_client.post(DASHBOARD, {"action": "flush", "model": "demo.User"},
                               follow=True)
     assert messages_of(response) == ["Flushed every demo.User entry (all processes)."]
-    assert PendingInvalidation.objects.filter(model_label="demo.user", flush=True).exists()
+    assert PendingInvalidation.objects.filter(model_label="default:demo.user", flush=True).exists()
     assert "1 pending invalidation<" in response.content.decode()
 
 
@@ -230,7 +240,8 @@ def test_flush_everything(su_client: Client) -> None:
     response = su_client.post(DASHBOARD, {"action": "flush_all"}, follow=True)
 
     assert messages_of(response) == [
-        "Flushed every cached model: " + ", ".join(CACHED) + "."
+        "Flushed every cached model: "
+        + ", ".join(m._meta.label for m in cached_models()) + "."
     ]
     for model in (User, GlobalModel, Model, FlowInstance):
         assert l2_keys(model) == []
@@ -382,7 +393,7 @@ def test_flush_all_action(su_client: Client) -> None:
 # -- the outbox admin and the mixin's check -------------------------------------------------
 
 def test_outbox_is_read_only_and_links_to_the_dashboard(su_client: Client) -> None:
-    PendingInvalidation.objects.create(model_label="demo.user", rows=["2.i1"], flush=False)
+    PendingInvalidation.objects.create(model_label="default:demo.user", rows=["2.i1"], flush=False)
     page = su_client.get("/admin/tiered_cache/pendinginvalidation/").content.decode()
     assert f'<a href="{DASHBOARD}">Cache dashboard</a>' in page
     assert "demo.user" in page

@@ -13,6 +13,7 @@ from django.test import AsyncClient
 import tiered_cache
 from demo_project.demo.factories import UserFactory
 from demo_project.demo.models import User
+from tests.cache_fixtures import write_outside_django
 from tiered_cache import cached
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
@@ -48,12 +49,9 @@ async def test_aget_many_and_ainvalidate() -> None:
     )()
     # Queryset updates invalidate on their own; ainvalidate is for what signals miss.
     assert (await User.objects.aget_cached(pk=users[0].pk)).first_name == "after"
-    from django.db import connection
-
     def raw() -> None:
-        with connection.cursor() as cursor:
-            cursor.execute(f"UPDATE {User._meta.db_table} SET first_name = 'raw' "
-                           "WHERE id = %s", [users[1].pk])
+        write_outside_django(f"UPDATE {User._meta.db_table} SET first_name = 'raw' "
+                             "WHERE id = %s", [users[1].pk])
 
     await sync_to_async(raw)()
     assert (await User.objects.aget_cached(pk=users[1].pk)).first_name == "before"

@@ -235,13 +235,13 @@ def test_cleanup_deletes_only_what_can_no_longer_be_served() -> None:
     gone_user, stale_user, live_user = UserFactory.create_batch(3)
     read(User.objects, pk=gone_user.pk)
     run("flush", "demo.User")  # its entry is now of an old generation
-    old_generation = [mc.pk_lookup.key((gone_user.pk,))]
+    old_generation = [mc.key(mc.pk_lookup, (gone_user.pk,))]
     assert client.exists(*old_generation)
     for u in (stale_user, live_user):
         read(User.objects, pk=u.pk)
         read(User.objects, email=u.email)
     User.objects.invalidate(stale_user)  # its email entry stays behind, unservable
-    old_schema = [f"{mc.tag}:0123456789:objects:pk:3.i42", f"{mc.tag}:{mc.schema}:gone:pk:1"]
+    old_schema = [f"{mc.home.tag}:0123456789:{mc.label}:objects:pk:default:3.i42", f"{mc.home.tag}:{mc.schema}:{mc.label}:gone:pk:default:1"]
     for key in old_schema:
         client.set(key, b"P|x|y|z|payload")
 
@@ -253,11 +253,11 @@ def test_cleanup_deletes_only_what_can_no_longer_be_served() -> None:
     live = {k.decode() for k in l2_keys(User)}
     email = mc.lookups[frozenset({"email"})]
     assert live == {
-        mc.pk_lookup.key((live_user.pk,)),
-        email.key((live_user.email,)),
+        mc.key(mc.pk_lookup, (live_user.pk,)),
+        mc.key(email, (live_user.email,)),
     }
-    assert client.exists(mc.gen_key) and client.exists(mc.writes_key)
-    assert not client.exists(email.key((stale_user.email,)))
+    assert client.exists(mc.home.gen_key) and client.exists(mc.home.writes_key)
+    assert not client.exists(mc.key(email, (stale_user.email,)))
     last = ops.last_runs()["cleanup"]
     assert last["old_schema"] >= 2 and last["old_generation"] >= 1 and last["stale_rows"] >= 1
     # What cleanup kept is still served from L2.
@@ -271,7 +271,7 @@ def test_cleanup_of_one_model_leaves_the_others_alone() -> None:
     client = redis_tier.client
     user_mc, gm_mc = first_model_cache(User), first_model_cache(GlobalModel)
     assert user_mc is not None and gm_mc is not None
-    junk = [f"{user_mc.tag}:0123456789:objects:pk:1", f"{gm_mc.tag}:0123456789:objects:pk:1"]
+    junk = [f"{user_mc.home.tag}:0123456789:{user_mc.label}:objects:pk:default:1", f"{gm_mc.home.tag}:0123456789:{gm_mc.label}:objects:pk:default:1"]
     for key in junk:
         client.set(key, b"x")
 

@@ -17,8 +17,10 @@ from demo_project.demo.factories import (
 )
 from demo_project.demo.models import GlobalModel, Model, User
 from demo_project.demo.resolvers import resolve_global_model
+from tests.cache_fixtures import write_outside_django
 from tests.processes import worker
 from tiered_cache import UncacheableArguments, cached
+from tiered_cache.groups import fn_tag
 from tiered_cache.tiers import redis_tier
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -129,9 +131,9 @@ def test_invalidate_drops_one_entry_everywhere() -> None:
     assert calls == ["u.test", "t.test", "u.test"]
     with worker() as other:
         assert other.call("tests.test_derived.call_user_names", "t.test") == ["t_before"]
-        with connection.cursor() as cursor:  # behind the cache's back
-            cursor.execute(f"UPDATE {User._meta.db_table} SET username = 't_after' "
-                           "WHERE id = %s", [t_user.pk])
+        write_outside_django(  # behind the cache's back
+            f"UPDATE {User._meta.db_table} SET username = 't_after' WHERE id = %s", [t_user.pk]
+        )
         assert other.call("tests.test_derived.call_user_names", "t.test") == ["t_before"]
         user_names.invalidate("t.test")
         time.sleep(0.1)
@@ -217,7 +219,7 @@ def test_derived_entries_live_in_one_hash_slot() -> None:
     from django.conf import settings
 
     redis_tier.wait_for_fills()
-    keys = list(redis_tier.client.scan_iter(match=f"{{{settings.TEST_KEY_PREFIX}:fn}}*",
+    keys = list(redis_tier.client.scan_iter(match=fn_tag().replace("[", "[[]") + "*",
                                             count=1000))
     assert keys
     assert {k.split(b"}")[0] for k in keys} == {keys[0].split(b"}")[0]}

@@ -31,7 +31,7 @@ def user_mc() -> Any:
 
 def forget_hot_rows() -> None:
     mc = user_mc()
-    redis_tier.client.delete(mc.tag + ":hot", mc.tag + ":p")
+    redis_tier.client.delete(ops._hot_key(mc), ops._procs_key(mc))
     redis_tier.client.hdel(f"{conf.KEY_PREFIX}:ops", "hot_decay:demo.user")
 
 
@@ -128,7 +128,7 @@ def test_warmup_uses_the_managers_hook(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_warmup_set_is_hot_rows_then_recent_ones() -> None:
     forget_hot_rows()
     a, b, c, d = UserFactory.create_batch(4)
-    redis_tier.client.zadd(user_mc().tag + ":hot",
+    redis_tier.client.zadd(ops._hot_key(user_mc()),
                            {str(a.pk): 5, str(b.pk): 9, "junk": 99, str(d.pk + 100): 50})
 
     qs, how = ops.warmup_set(User.objects, 3)
@@ -143,7 +143,7 @@ def test_cleanup_decays_hot_rows_and_forgets_silent_processes() -> None:
     forget_hot_rows()
     mc = user_mc()
     client = redis_tier.client
-    hot_key, procs_key = mc.tag + ":hot", mc.tag + ":p"
+    hot_key, procs_key = ops._hot_key(mc), ops._procs_key(mc)
     client.zadd(hot_key, {"1": 8, "2": 1})
     client.zadd(procs_key, {"gone:1": time.time() - 3600, "here:2": time.time()})
     ops.cleanup([User])  # first run: no decay yet, only the clock starts

@@ -19,7 +19,7 @@ from demo_project.demo.factories import (
     UserFactory,
 )
 from demo_project.demo.models import FlowInstance, GlobalModel, Model, User
-from tests.cache_fixtures import counters, l1_len, l2_keys
+from tests.cache_fixtures import counters, l1_len, l2_keys, write_outside_django
 from tiered_cache import UndeclaredLookup
 from tiered_cache.tiers import local_tier, redis_tier
 
@@ -141,12 +141,12 @@ def test_negative_timeout_is_honoured(settings: Any) -> None:
         user = UserFactory()
         with pytest.raises(User.DoesNotExist):
             User.objects.get_cached(email="soon@example.com")
-        # Raw SQL is invisible to the cache: only the negative timeout ends the entry.
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"UPDATE {User._meta.db_table} SET email = %s WHERE id = %s",
-                ["soon@example.com", user.pk],
-            )
+        # A write outside Django is invisible to the cache: only the negative timeout
+        # ends the entry.
+        write_outside_django(
+            f"UPDATE {User._meta.db_table} SET email = %s WHERE id = %s",
+            ["soon@example.com", user.pk],
+        )
         with pytest.raises(User.DoesNotExist):
             User.objects.get_cached(email="soon@example.com")
         time.sleep(0.4)

@@ -21,9 +21,9 @@ from django.db import connection
 import tiered_cache
 from demo_project.demo.factories import FlowInstanceFactory, UserFactory
 from demo_project.demo.models import FlowInstance, User
-from tests.processes import wait_for
 from tests import coherence_tasks as ct
 from tests.cache_fixtures import counters
+from tests.processes import wait_for
 from tests.redis_fixtures import RedisEnv
 from tests.redis_server import RedisServer, free_port
 from tiered_cache.breaker import breaker
@@ -36,7 +36,8 @@ from tiered_cache.tiers import redis_tier
 pytestmark = pytest.mark.django_db(transaction=True)
 
 T = "tests.coherence_tasks."
-LABEL = ct.LABEL
+LABEL = ct.LABEL  # the model's invalidation group (outbox rows, L1)
+MODEL = ct.MODEL
 # A read or a write may wait for one connect and one reply before the breaker or the bus
 # steps in; the tests allow a generous multiple of that on a loaded 2-core machine.
 READ_BOUND = 1.0
@@ -64,7 +65,7 @@ def outbox() -> int:
 def data_key(pk: int) -> str:
     mc = first_model_cache(FlowInstance)
     assert mc is not None
-    return mc.pk_lookup.key((pk,))
+    return mc.key(mc.pk_lookup, (pk,))
 
 
 # -- a row cached, Redis paused, the row saved, Redis resumed -------------------------------
@@ -297,22 +298,22 @@ def test_breaker_state_is_visible_in_stats(own_redis: RedisEnv) -> None:
     server = own_redis.server
     flow = FlowInstanceFactory(current_step=1)
     FlowInstance.objects.get_cached(pk=flow.pk)
-    seen = [tiered_cache.stats()[LABEL]["breaker"]]
+    seen = [tiered_cache.stats()[MODEL]["breaker"]]
     server.hide()
     try:
         for _ in range(conf.BREAKER_FAILURE_THRESHOLD):
             ct.write_one(flow.pk, "save")  # each invalidation fails at once
-        seen.append(tiered_cache.stats()[LABEL]["breaker"])
+        seen.append(tiered_cache.stats()[MODEL]["breaker"])
         assert breaker.opened_count >= 1
     finally:
         server.unhide()
     sleep_until(time.monotonic() + conf.BREAKER_RECOVERY_TIME)
     assert wait_for(bus.trusted, 10)
     ct.write_one(flow.pk, "save")  # the half-open probe succeeds
-    seen.append(tiered_cache.stats()[LABEL]["breaker"])
+    seen.append(tiered_cache.stats()[MODEL]["breaker"])
     report("breaker in stats()", states=seen)
     assert seen == ["closed", "open", "closed"]
-    assert tiered_cache.stats()[LABEL]["bus"] == "live"
+    assert tiered_cache.stats()[MODEL]["bus"] == "live"
 
 
 @pytest.mark.parametrize("junk", [b"P|", b"a|b", b"P|x|y|z|" + b"\0" * 100_000, "list"],
@@ -328,9 +329,9 @@ def test_junk_in_any_key_of_ours_is_a_miss_and_heals(own_redis: RedisEnv, junk: 
     assert mc is not None
     User.objects.get_cached(pk=user.pk)
     redis_tier.wait_for_fills()
-    data = mc.pk_lookup.key((user.pk,))
-    key = {"generation": mc.gen_key, "writes": mc.writes_key,
-           "row-version": mc.row_key(mc.row_id_of(user.pk)), "data": data,
+    data = mc.key(mc.pk_lookup, (user.pk,))
+    key = {"generation": mc.home.gen_key, "writes": mc.home.writes_key,
+           "row-version": mc.home.row_key(mc.row_id_of(user.pk)), "data": data,
            "lease": data + "|L"}[which]
     c = own_redis.server.client()
     if which == "lease":
@@ -366,15 +367,15 @@ def test_a_reset_write_counter_never_lets_a_fill_of_an_old_row_through(
     c = server.client()
 
     def junk_counter() -> None:
-        c.delete(mc.writes_key)
-        c.hset(mc.writes_key, "junk", "1")
+        c.delete(mc.home.writes_key)
+        c.hset(mc.home.writes_key, "junk", "1")
 
     junk_counter()
     ct.write_one(flow.pk, "save")  # v2; the counter is reset
     paused, release = threading.Event(), threading.Event()
 
     def hook(m: Any, key: str) -> None:
-        if m.label == LABEL and not paused.is_set():
+        if m.label == MODEL and not paused.is_set():
             paused.set()
             release.wait(10)
 
@@ -469,7 +470,7 @@ def test_reads_and_writes_during_a_fault(own_redis: RedisEnv, fault: str) -> Non
         t_inject = time.monotonic()
         inject(server)
         while time.monotonic() < heal_at:
-            st = tiered_cache.stats()[LABEL]
+            st = tiered_cache.stats()[MODEL]
             states.add((st["breaker"], st["bus"]))
             outbox_max = max(outbox_max, outbox())
             time.sleep(0.05)

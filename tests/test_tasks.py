@@ -145,8 +145,8 @@ def test_cleanup_through_a_worker() -> None:
     user = UserFactory()
     ops.warmup(User)
     User.objects.flush_cache()
-    old = mc.pk_lookup.key((user.pk,))
-    junk = f"{mc.tag}:0123456789:objects:pk:1"
+    old = mc.key(mc.pk_lookup, (user.pk,))
+    junk = f"{mc.home.tag}:0123456789:{mc.label}:objects:pk:default:1"
     client.set(junk, b"x")
     assert client.exists(old)
 

@@ -3,7 +3,6 @@ of the default manager (guarantee 4). These tests really commit."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +12,7 @@ from django.db import connection, transaction
 import tiered_cache
 from demo_project.demo.factories import FlowInstanceFactory, UserFactory
 from demo_project.demo.models import FlowInstance, User
-from tests.cache_fixtures import counters, l2_keys
+from tests.cache_fixtures import counters, in_thread, l2_keys, write_outside_django
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -24,22 +23,7 @@ def warm(user: User) -> None:
     User.objects.get_cached(email=user.email)
 
 
-def read_elsewhere(fn: Callable[[], Any]) -> Any:
-    """Run a read in another thread: its own database connection, outside our transaction."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except Exception as exc:  # returned for the assertion
-            out["value"] = exc
-        finally:
-            connection.close()
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    return out["value"]
+read_elsewhere = in_thread  # its own database connection, outside our transaction
 
 
 # -- guarantee 1 -------------------------------------------------------------
@@ -293,13 +277,23 @@ def test_queryset_update_of_many_rows_flushes_the_model(settings: Any) -> None:
         assert User.objects.get_cached(email=u.email).first_name == "new"
 
 
-def test_raw_sql_needs_invalidate() -> None:
+def test_raw_sql_through_djangos_connection_is_seen() -> None:
     user = UserFactory(first_name="old")
     warm(user)
     with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {User._meta.db_table} SET first_name = 'raw' WHERE id = %s", [user.pk]
         )
+    assert User.objects.get_cached(pk=user.pk).first_name == "raw"
+    assert User.objects.get_cached(email=user.email).first_name == "raw"
+
+
+def test_writes_outside_django_need_invalidate() -> None:
+    user = UserFactory(first_name="old")
+    warm(user)
+    write_outside_django(
+        f"UPDATE {User._meta.db_table} SET first_name = 'raw' WHERE id = %s", [user.pk]
+    )
     assert User.objects.get_cached(pk=user.pk).first_name == "old"  # documented
     User.objects.invalidate(user.pk)
     assert User.objects.get_cached(pk=user.pk).first_name == "raw"

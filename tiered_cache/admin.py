@@ -128,7 +128,7 @@ class PendingInvalidationAdmin(admin.ModelAdmin):
         from .bus import bus
 
         bus.ensure_started()
-        view = ops.overview()
+        view = ops.overview([m for m in ops.cached_models() if _can_view(request, m)])
         rows = [_row_context(request, row) for row in view["models"]]
         context = {
             **self.admin_site.each_context(request),
@@ -137,7 +137,7 @@ class PendingInvalidationAdmin(admin.ModelAdmin):
             "view": view,
             "rows": rows,
             "last_cleanup_at": _at(view["last_cleanup"]),
-            "can_flush_all": all(r["can_change"] for r in rows),
+            "can_flush_all": all(_can_change(request, m) for m in ops.cached_models()),
             "colors": TIER_COLORS,
             "outbox_url": reverse(f"{self.admin_site.name}:tiered_cache_pendinginvalidation_"
                                   "changelist"),
@@ -204,6 +204,15 @@ def _require_change(request: HttpRequest, chosen: list[type[models.Model]]) -> N
     for model in chosen:
         if not _can_change(request, model):
             raise PermissionDenied(f"You may not change {model._meta.verbose_name_plural}.")
+
+
+def _can_view(request: HttpRequest, model: type[models.Model]) -> bool:
+    """The dashboard lists a model only to users who may see its rows in the admin."""
+    opts = model._meta
+    return any(
+        request.user.has_perm(f"{opts.app_label}.{get_permission_codename(action, opts)}")
+        for action in ("view", "change")
+    )
 
 
 def _can_change(request: HttpRequest, model: type[models.Model]) -> bool:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import atexit
 import os
 
-from django.apps import AppConfig, apps
+from django.apps import AppConfig
 from django.core import checks
-from django.db.models.signals import post_delete, post_save
 
 
 class TieredCacheConfig(AppConfig):
@@ -16,29 +15,40 @@ class TieredCacheConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from django.core.signals import setting_changed
+        from django.db import connections
+        from django.db.backends.signals import connection_created
+
         from . import checks as tc_checks
-        from .invalidation import _caches_for, on_delete, on_save
+        from . import transactions
+        from .conf import conf
+        from .serialization import forget_mac_key
 
         checks.register(tc_checks.check_settings, checks.Tags.caches)
         checks.register(tc_checks.check_lookups, checks.Tags.models)
 
-        # Proxies and multi-table children of a cached model write its rows too.
-        for model in apps.get_models():
-            if _caches_for(model):
-                uid = f"tiered_cache:{model._meta.label_lower}"
-                post_save.connect(on_save, sender=model, dispatch_uid=uid, weak=False)
-                post_delete.connect(on_delete, sender=model, dispatch_uid=uid, weak=False)
-
-        from django.core.signals import setting_changed
-
-        from .serialization import forget_mac_key
-
-        from .conf import conf
+        # Every write statement on every connection is seen, whatever runs it.
+        connection_created.connect(transactions.install, dispatch_uid="tiered_cache:watch")
+        for conn in connections.all(initialized_only=True):
+            transactions.install(conn)
 
         setting_changed.connect(forget_mac_key, dispatch_uid="tiered_cache:secret_key")
         setting_changed.connect(conf.forget, dispatch_uid="tiered_cache:settings")
+        setting_changed.connect(_key_space_changed, dispatch_uid="tiered_cache:key_space")
+        setting_changed.connect(transactions.forget_databases,
+                                dispatch_uid="tiered_cache:databases")
         os.register_at_fork(after_in_child=_after_fork)
         atexit.register(_at_exit)
+
+
+def _key_space_changed(setting: str, **kwargs: object) -> None:
+    """CACHES or TIERED_CACHE changed (override_settings in tests): key names anew."""
+    if setting in ("CACHES", "TIERED_CACHE"):
+        from .groups import forget
+        from .registry import reset_registry
+
+        forget()
+        reset_registry()
 
 
 def _at_exit() -> None:

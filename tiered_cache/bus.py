@@ -29,7 +29,7 @@ class Bus:
         self._wake = threading.Event()
         # Both tiers are trusted only until this monotonic time: it moves forward with
         # every answered heartbeat, so a paused or silent Redis lapses trust on its own.
-        self._trusted_until = 0.0
+        self.trusted_until = 0.0
         self.connected = False
         self.reconnects = 0
         self.messages = 0
@@ -41,7 +41,7 @@ class Bus:
         self._drain_due = False
 
     def trusted(self) -> bool:
-        return time.monotonic() < self._trusted_until
+        return time.monotonic() < self.trusted_until
 
     def state(self) -> str:
         if self.trusted():
@@ -74,7 +74,7 @@ class Bus:
         """Stop the listener (tests); trust ends at once."""
         self._stop.set()
         self._wake.set()
-        self._trusted_until = 0.0
+        self.trusted_until = 0.0
         t = self._thread
         if t is not None and t.is_alive() and t is not threading.current_thread():
             t.join(2)
@@ -86,14 +86,14 @@ class Bus:
         trust at all (only this process's breaker may be open): stop trusting the tiers
         here until the listener has delivered the outbox, and make sure a listener runs."""
         self._drain_due = True
-        self._trusted_until = 0.0
+        self.trusted_until = 0.0
         self._wake.set()
         self.ensure_started(wait=0)
 
     def after_fork(self) -> None:
         self._lock = threading.Lock()
         self._thread = None
-        self._trusted_until = 0.0
+        self.trusted_until = 0.0
         self.connected = False
         self._drain_due = False
         self._stop = threading.Event()
@@ -128,7 +128,7 @@ class Bus:
         self._lost()
 
     def _lost(self) -> None:
-        self._trusted_until = 0.0
+        self.trusted_until = 0.0
         self.connected = False
         # Messages may have been missed: nothing in L1 can be vouched for.
         local_tier.clear()
@@ -140,7 +140,8 @@ class Bus:
             self._client = None
 
     def _listen(self, reconnect: bool = False) -> None:
-        from .invalidation import channel, origin
+        from .groups import channel
+        from .invalidation import origin
         from .tiers.remote import redis_tier
 
         heartbeat = conf.BUS_HEARTBEAT
@@ -193,14 +194,14 @@ class Bus:
                 self.last_latency = now - at
                 if at < quarantine:
                     continue
-                if self._drain_due or now >= self._trusted_until:
+                if self._drain_due or now >= self.trusted_until:
                     self._drain_due = False
                     if not self._regain():
                         self._drain_due = True
                         continue
-                self._trusted_until = at + window
+                self.trusted_until = at + window
                 if self._drain_due:  # an outbox write landed while we drained
-                    self._trusted_until = 0.0
+                    self.trusted_until = 0.0
                     continue
                 if self._warned:
                     self._warned = False
@@ -234,18 +235,37 @@ class Bus:
     def _handle(self, data: bytes, own: str) -> None:
         from .invalidation import apply_locally
 
-        try:
-            msg = json.loads(data)
-        except ValueError:
-            logger.warning("tiered_cache: ignoring a malformed bus message")
+        msg = parse_message(data)
+        if msg is None:
+            logger.warning("tiered_cache: ignoring a bus message that is not ours: %r",
+                           bytes(data)[:200])
             return
         if msg.get("o") == own:
             return
-        label = msg["m"]
         if "k" in msg:
-            local_tier.drop_key(msg["k"], label)
+            apply_locally({}, [], {msg["k"]: msg["m"]})
             return
-        apply_locally({label: msg.get("r", [])}, [label] if msg.get("f") else [])
+        gid = msg["g"]
+        apply_locally({gid: msg["r"]}, [gid] if msg["f"] else [])
+
+
+def parse_message(data: bytes) -> dict[str, Any] | None:
+    """A bus message as published by invalidation.py, or None for anything else (valid
+    JSON of another shape must not kill the listener: it would clear every L1)."""
+    try:
+        msg = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(msg, dict) or not isinstance(msg.get("o"), str):
+        return None
+    if "k" in msg:
+        ok = isinstance(msg["k"], str) and isinstance(msg.get("m"), str)
+        return msg if ok else None
+    rows = msg.get("r")
+    if (isinstance(msg.get("g"), str) and isinstance(rows, list)
+            and all(isinstance(r, str) for r in rows) and msg.get("f") in (0, 1)):
+        return msg
+    return None
 
 
 bus = Bus()

@@ -74,30 +74,74 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
 
 
 def _unique_sets(model: type[models.Model]) -> list[set[str]]:
-    opts = model._meta
-    sets = [{f.name} for f in opts.concrete_fields if f.unique or f.primary_key]
-    sets += [set(t) for t in opts.unique_together]
-    for c in opts.constraints:
-        if isinstance(c, models.UniqueConstraint) and c.fields and c.condition is None:
-            sets.append(set(c.fields))
+    """Unique field sets, from the concrete model and its parents (a proxy's own Meta
+    carries none of them)."""
+    concrete = model._meta.concrete_model
+    sets = [{f.name} for f in concrete._meta.concrete_fields if f.unique or f.primary_key]
+    for m in [concrete, *concrete._meta.get_parent_list()]:
+        opts = m._meta
+        sets += [set(t) for t in opts.unique_together]
+        for c in opts.constraints:
+            if isinstance(c, models.UniqueConstraint) and c.fields and c.condition is None:
+                sets.append(set(c.fields))
     return sets
 
 
 def check_lookups(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    from .derived import _functions
     from .registry import cached_managers
 
     errors: list[CheckMessage] = []
     for mgr in cached_managers():
         if app_configs is None or mgr.model._meta.app_config in app_configs:
             errors.extend(check_manager(mgr))
+    for fn in list(_functions.values()):
+        try:
+            missing = fn.unwatched()
+        except LookupError as exc:
+            missing = [str(exc)]
+        if missing:
+            errors.append(
+                Error(
+                    f"@cached function {fn.qualname} depends on {', '.join(missing)}, which "
+                    "has no cached manager: writes to it in processes that never imported "
+                    "the function would not drop its results.",
+                    hint="Give the model a CachedManager (a second manager is enough).",
+                    id="tiered_cache.E009",
+                )
+            )
     return errors
 
 
 def check_manager(mgr: Any) -> list[CheckMessage]:
     """The lookups of one cached manager: known concrete fields, and unique ones."""
+    from .registry import _scope, is_composite_pk
+
     errors: list[CheckMessage] = []
     model = mgr.model
     label = model._meta.label
+    if is_composite_pk(model):
+        return [
+            Error(
+                f"{label}.{mgr.name}: tiered_cache does not cache models with a composite "
+                "primary key (CompositePrimaryKey).",
+                hint="Use a plain models.Manager for this model.",
+                obj=model,
+                id="tiered_cache.E008",
+            )
+        ]
+    reason = _scope(mgr)
+    if reason is not None:
+        errors.append(
+            Warning(
+                f"{label}.{mgr.name}: {reason}, so get_cached() on it always reads the "
+                "database (writes to those tables could not drop its entries).",
+                hint="Cache through a manager whose queryset filters only this model's "
+                "own columns.",
+                obj=model,
+                id="tiered_cache.W003",
+            )
+        )
     uniques = _unique_sets(model)
     for spec in mgr.get_cache_lookups():
         names = (spec,) if isinstance(spec, str) else tuple(spec)

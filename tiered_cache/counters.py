@@ -19,11 +19,12 @@ def stats() -> dict[str, dict[str, Any]]:
         row = out.setdefault(mc.label, {})
         for name, value in mc.counters.as_dict().items():
             row[name] = row.get(name, 0) + value
+    homes = {model_cache(m).label: model_cache(m).home.id for m in cached_managers()}
     for label, row in out.items():
         hits = row["l1_hits"] + row["l2_hits"] + row["negative_hits"]
         total = hits + row["misses"]
         row["hit_ratio"] = round(hits / total, 4) if total else None
-        row["l1_entries"] = local_tier.count(label)
+        row["l1_entries"] = local_tier.count(homes[label])
         row["breaker"] = breaker.state
         row["bus"] = bus.state()
     return out

@@ -9,25 +9,29 @@ import enum
 import functools
 import hashlib
 import inspect
-import json
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.apps import apps
-from django.db import DEFAULT_DB_ALIAS, models
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS, models, router
 
 from .bus import bus
 from .conf import conf
 from .exceptions import UncacheableArguments
-from .invalidation import channel, in_dirty_transaction, local_hooks, origin
+from .groups import Group, database_of, fn_tag, group, root_label
+from .invalidation import Batch, local_hooks
 from .keys import encode_value, encode_values, schema_fingerprint
-from .serialization import CorruptPayload, dumps, loads_verified, sign, verify
+from .registry import cached_managers
+from .serialization import CorruptPayload, dumps, loads_verified, open_signed, sign
 from .tiers.local import local_tier
 from .tiers.remote import Unavailable, fresh_token, redis_tier
+from .transactions import bypass_any, queue
 
-# model label -> labels of the cached functions that depend on it
+# group id -> labels of the cached functions (known to this process) that depend on it
 _dependents: dict[str, set[str]] = {}
 _functions: dict[str, CachedFunction] = {}
 
@@ -35,25 +39,13 @@ _PLAIN = (type(None), bool, int, float, str, bytes, decimal.Decimal, uuid.UUID,
           datetime.datetime, datetime.date, datetime.time, datetime.timedelta)
 
 
-def _tag() -> str:
-    # All derived entries share one hash slot with the write counters they are checked
-    # against, so a read or a fill is one atomic script even on Redis Cluster.
-    return "{" + conf.KEY_PREFIX + ":fn}"
-
-
-def dependency_counters(label: str) -> list[str]:
-    if label not in _dependents:
-        return []
-    return [f"{_tag()}:w:{label}"]
-
-
-def _on_models_written(labels: set[str]) -> None:
-    for label in labels:
-        for fn_label in _dependents.get(label, ()):
+def _on_groups_written(gids: set[str]) -> None:
+    for gid in gids:
+        for fn_label in _dependents.get(gid, ()):
             local_tier.drop_model(fn_label)
 
 
-local_hooks.append(_on_models_written)
+local_hooks.append(_on_groups_written)
 
 
 def _stable(value: Any, where: str) -> str:
@@ -107,8 +99,8 @@ class CachedFunction:
         self.dep_labels = sorted(
             d._meta.label_lower if isinstance(d, type) else str(d).lower() for d in self._deps
         )
-        for label in self.dep_labels:
-            _dependents.setdefault(label, set()).add(self.label)
+        # (alias, group) of each dependency, resolved on first use (models load later).
+        self._dep_groups: list[Group] | None = None
         self._timeout = timeout
         self._negative_timeout = negative_timeout
         self._l1_timeout = l1_timeout
@@ -116,12 +108,39 @@ class CachedFunction:
         _functions[self.label] = self
 
     # -- keys ----------------------------------------------------------------------
+    def dep_models(self) -> list[type[models.Model]]:
+        return [apps.get_model(lbl) for lbl in self.dep_labels]
+
+    def unwatched(self) -> list[str]:
+        """Dependencies without a cached manager: their writes bump no counter that every
+        process sees, so the function cannot depend on them."""
+        return [m._meta.label for m in self.dep_models() if not cached_managers(m)]
+
+    def dep_groups(self) -> list[Group]:
+        groups = self._dep_groups
+        if groups is None:
+            missing = self.unwatched()
+            if missing:
+                raise ImproperlyConfigured(
+                    f"@cached on {self.qualname}: depends_on model(s) {', '.join(missing)} "
+                    "have no cached manager, so writes to them in other processes are not "
+                    "seen. Give each one a CachedManager (a second manager is enough)."
+                )
+            groups = []
+            for model in self.dep_models():
+                alias = router.db_for_write(model) if router.routers else DEFAULT_DB_ALIAS
+                g = group(database_of(alias), root_label(model))
+                _dependents.setdefault(g.id, set()).add(self.label)
+                groups.append(g)
+            self._dep_groups = groups
+        return groups
+
     def _key_prefix(self) -> str:
         if self._prefix is None:
             # The dependencies' schemas are part of the key: results may hold their rows.
-            schemas = ",".join(schema_fingerprint(apps.get_model(lbl)) for lbl in self.dep_labels)
+            schemas = ",".join(schema_fingerprint(m) for m in self.dep_models())
             digest = hashlib.sha256(schemas.encode()).hexdigest()[:10]
-            self._prefix = f"{_tag()}:{self.qualname}:{digest}:"
+            self._prefix = f"{fn_tag()}:{self.qualname}:{digest}:"
         return self._prefix
 
     def key(self, *args: Any, **kwargs: Any) -> str:
@@ -137,7 +156,7 @@ class CachedFunction:
         return self._key_prefix() + encode_values(parts)
 
     def _keys(self, key: str) -> list[str]:
-        return [_tag() + ":g", key, *(f"{_tag()}:w:{lbl}" for lbl in self.dep_labels)]
+        return [fn_tag() + ":g", key, *(g.fn_counter for g in self.dep_groups())]
 
     @property
     def timeout(self) -> float:
@@ -163,7 +182,7 @@ class CachedFunction:
         return self._call(args, kwargs)
 
     def _dirty(self) -> bool:
-        return any(in_dirty_transaction(lbl, DEFAULT_DB_ALIAS) for lbl in self.dep_labels)
+        return bypass_any([(g.alias, g.id) for g in self.dep_groups()]) is not None
 
     def _peek(self, key: str) -> tuple[bool, Any]:
         if bus.trusted():
@@ -188,9 +207,11 @@ class CachedFunction:
             return False, None, ("local", token)
         if res[0] == 1:
             try:
-                body = verify(key, res[1].split(b"|", 3)[3])
+                (_kind, _gen, _counters, expires), body = open_signed(key, res[1], 4)
+                if int(expires) < time.time():
+                    raise CorruptPayload("expired")
                 result = loads_verified(body)
-            except (CorruptPayload, IndexError):
+            except (CorruptPayload, ValueError):
                 return False, None, ("local", token)
             local_tier.set(key, self.label, "", body, self._l1_ttl(result), token)
             return True, result, None
@@ -203,11 +224,13 @@ class CachedFunction:
         body = dumps(result)
         if state[0] == "l2":
             _, token, g, wstr, tomb = state
-            signed = sign(key, body)
+            ttl = self._ttl(result)
+            header = f"D|{g}|{wstr}|{int(time.time() + ttl) + 1}|".encode()
+            signed = sign(key, header, body)
             try:
                 ok = redis_tier.run_many([(
                     "dfill", self._keys(key),
-                    [g, wstr, tomb, signed, int(self._ttl(result) * 1000)],
+                    [g, wstr, tomb, signed, int(ttl * 1000)],
                 )])[0]
             except Unavailable:
                 ok = 1
@@ -253,22 +276,13 @@ class CachedFunction:
 
     # -- invalidation ------------------------------------------------------------------
     def invalidate(self, *args: Any, **kwargs: Any) -> None:
-        """Drop the result for these arguments in both tiers of every process."""
-        key = self.key(*args, **kwargs)
-        local_tier.drop_key(key, self.label)
-        try:
-            redis_tier.run_many([self.drop_key_args(key)], force=True)
-        except Unavailable:
-            # No process trusts its tiers while Redis is away; the drop is applied from
-            # the outbox before any of them trusts L2 again.
-            from .models import PendingInvalidation
-
-            PendingInvalidation.objects.create(model_label=self.label, rows=[key])
-            bus.undelivered()
-
-    def drop_key_args(self, key: str) -> tuple[str, list[str], list[Any]]:
-        msg = json.dumps({"o": origin["id"], "k": key, "m": self.label})
-        return ("ddrop", [key], ["T|" + fresh_token(), int(self.timeout * 1000), channel(), msg])
+        """Drop the result for these arguments in both tiers of every process; inside a
+        transaction, at its commit (a result computed from its uncommitted rows is then
+        dropped too, and a rollback drops nothing that was right)."""
+        batch = Batch()
+        batch.add_fn_key(self.label, self.key(*args, **kwargs))
+        groups = self.dep_groups()
+        queue(batch, groups[0].alias if groups else DEFAULT_DB_ALIAS)
 
 
 def cached(

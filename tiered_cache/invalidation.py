@@ -1,4 +1,5 @@
-"""What a write drops, and when: now in autocommit, at the outermost commit otherwise."""
+"""What an invalidation does: the Redis scripts and bus message, this process's L1, and the
+outbox for what Redis could not take."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from django.db import DatabaseError, connections, models, transaction
+from django.db import DatabaseError, models
 
 from . import signals
 from .conf import conf
+from .groups import Group, channel, database_of, group, group_by_id, root_label
 from .keys import row_id
-from .registry import ModelCache, first_model_cache
 from .tiers.local import local_tier
 from .tiers.remote import Unavailable, fresh_token, redis_tier
 
@@ -24,43 +25,44 @@ origin = {"id": fresh_token()}
 
 
 class Batch:
-    """Rows and flushes of several models, applied together."""
+    """Rows, flushes and derived-result drops of several groups, applied together."""
 
     def __init__(self) -> None:
+        # group id -> row ids; an empty set still counts as a write (negatives drop).
         self.rows: dict[str, set[str]] = {}
         self.flush: set[str] = set()
-        self.caches: dict[str, ModelCache] = {}
+        self.groups: dict[str, Group] = {}
+        # Keys of derived results dropped by fn.invalidate().
+        self.fn_keys: dict[str, str] = {}
 
-    def add_rows(self, mc: ModelCache, rids: Iterable[str]) -> None:
-        self.caches[mc.label] = mc
-        self.rows.setdefault(mc.label, set()).update(rids)
+    def add_rows(self, g: Group, rids: Iterable[str]) -> None:
+        self.groups[g.id] = g
+        self.rows.setdefault(g.id, set()).update(rids)
 
-    def add_flush(self, mc: ModelCache) -> None:
-        self.caches[mc.label] = mc
-        self.flush.add(mc.label)
-        self.rows.setdefault(mc.label, set())
+    def add_flush(self, g: Group) -> None:
+        self.add_rows(g, ())
+        self.flush.add(g.id)
+
+    def add_fn_key(self, fn_label: str, key: str) -> None:
+        self.fn_keys[key] = fn_label
 
     def merge(self, other: Batch) -> None:
-        for label, rids in other.rows.items():
-            self.caches[label] = other.caches[label]
-            self.rows.setdefault(label, set()).update(rids)
+        for gid, rids in other.rows.items():
+            self.groups[gid] = other.groups[gid]
+            self.rows.setdefault(gid, set()).update(rids)
         self.flush |= other.flush
+        self.fn_keys.update(other.fn_keys)
 
     def __bool__(self) -> bool:
-        return bool(self.rows)
-
-    def models(self) -> set[str]:
-        return set(self.rows)
+        return bool(self.rows or self.fn_keys)
 
     # -- applying ----------------------------------------------------------------
     def apply(self) -> None:
-        if not self.rows:
+        """Redis first, then this process's L1: a thread of ours that refills L1 from L2
+        in between took its fill token before the local drop, which refuses the fill.
+        (Dropping locally first let such a thread put the old row back.)"""
+        if not self:
             return
-        # This process first, so read-your-writes never waits on Redis.
-        apply_locally(self.rows, self.flush)
-        for label, rids in self.rows.items():
-            mc = self.caches[label]
-            mc.counters.invalidations += max(1, len(rids))
         try:
             # Never skipped by an open breaker: an invalidation Redis could have taken but
             # was not sent reaches the other processes only through the outbox, later
@@ -70,60 +72,63 @@ class Batch:
             self.to_outbox()
         else:
             with _outbox.lock:
-                if not _outbox.flushed:  # else a drain still owes those models a flush
+                if not _outbox.flushed:  # else a drain still owes those groups a flush
                     _outbox.reset()
-        for label, rids in self.rows.items():
-            if signals.cache_invalidated.receivers:
-                signals.cache_invalidated.send(
-                    sender=self.caches[label].model, rows=sorted(rids), flush=label in self.flush
-                )
+        finally:
+            apply_locally(self.rows, self.flush, self.fn_keys)
+        _count_and_signal(self)
 
     def redis_calls(self) -> list[tuple[str, list[str], list[Any]]]:
         calls: list[tuple[str, list[str], list[Any]]] = []
-        # Derived results first: once the bus message below is out, none may still pass.
-        bumps = [key for label in self.rows for key in dependency_counters(label)]
-        if bumps:
-            calls.append(("bump", bumps, [fresh_token()]))
-        for label, rids in self.rows.items():
-            mc = self.caches[label]
-            flush = label in self.flush
-            rids = sorted(rids)
-            if len(rids) > conf.BULK_INVALIDATION_LIMIT:
-                rids, flush = [], True
-            row_keys = [mc.row_key(r) for r in rids]
-            data_keys = [mc.pk_lookup.key_prefix + _pk_part(r) for r in rids]
-            msg = json.dumps({"o": origin["id"], "m": label, "r": rids, "f": int(flush)})
+        ch = channel()
+        if self.rows:
+            # Derived results first: once the bus message below is out, none may still pass.
+            # Every written group is bumped, whether or not this process knows a function
+            # that depends on it: the one that does may live in another process.
+            calls.append(("bump", [self.groups[gid].fn_counter for gid in self.rows],
+                          [fresh_token()]))
+        for key, fn_label in self.fn_keys.items():
+            calls.append(drop_fn_call(fn_label, key))
+        for gid, rids in self.rows.items():
+            g = self.groups[gid]
+            flush = gid in self.flush
+            ordered = sorted(rids)
+            if len(ordered) > conf.BULK_INVALIDATION_LIMIT:
+                ordered, flush = [], True
+            msg = json.dumps({"o": origin["id"], "g": gid, "r": ordered, "f": int(flush)})
             calls.append(
                 (
                     "inv",
-                    [mc.gen_key, mc.writes_key, *row_keys, *data_keys],
-                    [channel(), msg, len(row_keys), fresh_token(),
-                     int((mc.timeout + 60) * 1000), "1" if flush else "0", fresh_token()],
+                    [g.gen_key, g.writes_key, *[g.row_key(r) for r in ordered]],
+                    [ch, msg, len(ordered), fresh_token(),
+                     int((conf.TIMEOUT + 60) * 1000), "1" if flush else "0", fresh_token()],
                 )
             )
         return calls
 
     def to_outbox(self) -> None:
         """Keep what could not reach Redis in the database, bounded: past OUTBOX_LIMIT rows
-        in one outage a model is recorded as flushed instead of row by row."""
+        in one outage a group is recorded as flushed instead of row by row."""
         from .models import PendingInvalidation
 
         entries = []
         with _outbox.lock:
-            for label, rids in self.rows.items():
-                if label in _outbox.flushed:
-                    continue  # a pending flush of the model covers these rows
-                flush = label in self.flush or _outbox.rows + len(rids) > conf.OUTBOX_LIMIT
+            for gid, rids in self.rows.items():
+                if gid in _outbox.flushed:
+                    continue  # a pending flush of the group covers these rows
+                flush = gid in self.flush or _outbox.rows + len(rids) > conf.OUTBOX_LIMIT
                 if flush:
-                    _outbox.flushed.add(label)
+                    _outbox.flushed.add(gid)
                     rids = set()
                 _outbox.rows += len(rids) or 1
-                entries.append(PendingInvalidation(model_label=label, rows=sorted(rids),
+                entries.append(PendingInvalidation(model_label=gid, rows=sorted(rids),
                                                    flush=flush))
+            for key, fn_label in self.fn_keys.items():
+                entries.append(PendingInvalidation(model_label=fn_label, rows=[key]))
         from .bus import bus
 
         if not entries:
-            bus.undelivered()  # skipped rows: the drain flushes their models afterwards
+            bus.undelivered()  # skipped rows: the drain flushes their groups afterwards
             return
         try:
             PendingInvalidation.objects.bulk_create(entries)
@@ -136,6 +141,19 @@ class Batch:
             logger.warning(
                 "tiered_cache: Redis is unavailable; invalidations are kept in the outbox "
                 "table and applied before any process reads L2 again"
+            )
+
+
+def _count_and_signal(batch: Batch) -> None:
+    from .registry import model_caches_of_group
+
+    for gid, rids in batch.rows.items():
+        caches = model_caches_of_group(batch.groups[gid])
+        for mc in caches:
+            mc.counters.invalidations += max(1, len(rids))
+        if signals.cache_invalidated.receivers and caches:
+            signals.cache_invalidated.send(
+                sender=caches[0].model, rows=sorted(rids), flush=gid in batch.flush
             )
 
 
@@ -155,34 +173,30 @@ class _OutboxState:
 _outbox = _OutboxState()
 
 
-def _pk_part(rid: str) -> str:
-    """A row id is the encoded pk with '|' and '%' escaped; data keys use it unescaped."""
-    return rid.replace("%7C", "|").replace("%25", "%")
-
-
-def channel() -> str:
-    return conf.KEY_PREFIX + ":bus"
-
-
-def apply_locally(rows: dict[str, Iterable[str]], flush: Iterable[str]) -> None:
+def apply_locally(rows: dict[str, Iterable[str]], flush: Iterable[str],
+                  fn_keys: dict[str, str] | None = None) -> None:
+    """Drop what a batch invalidated from this process's L1 (own writes and bus messages)."""
     flush = set(flush)
-    for label, rids in rows.items():
-        if label in flush:
-            local_tier.drop_model(label)
-        local_tier.drop_rows(label, list(rids))
-    for hook in local_hooks:
-        hook(set(rows))
+    for gid, rids in rows.items():
+        if gid in flush:
+            local_tier.drop_model(gid)
+        local_tier.drop_rows(gid, list(rids))
+    for key, fn_label in (fn_keys or {}).items():
+        local_tier.drop_key(key, fn_label)
+    if rows:
+        for hook in local_hooks:
+            hook(set(rows))
 
 
-# Called with the set of model labels written, in every process (derived caches).
+# Called with the set of group ids written, in every process (derived caches).
 local_hooks: list[Any] = []
 
-
-def dependency_counters(label: str) -> list[str]:
-    """Redis keys counting writes of this model for the cached functions depending on it."""
-    from .derived import dependency_counters as counters
-
-    return counters(label)
+def drop_fn_call(fn_label: str, key: str, ttl: float | None = None) -> tuple[str, list[str],
+                                                                          list[Any]]:
+    """Replace one derived result by a tombstone, which refuses fills begun before it."""
+    msg = json.dumps({"o": origin["id"], "k": key, "m": fn_label})
+    ttl_ms = int((ttl if ttl is not None else conf.TIMEOUT) * 1000)
+    return ("ddrop", [key], ["T|" + fresh_token(), ttl_ms, channel(), msg])
 
 
 def drain_outbox(limit: int = 1000, force: bool = False) -> int:
@@ -191,8 +205,6 @@ def drain_outbox(limit: int = 1000, force: bool = False) -> int:
     row (OUTBOX_LIMIT), since rows it skipped may not be covered by a flush entry another
     process drained already. Raises Unavailable if Redis still cannot take them (they
     stay in the outbox). force: past an open breaker (see RedisTier.scripts)."""
-    from django.apps import apps
-
     from .models import PendingInvalidation
 
     with _outbox.lock:
@@ -205,33 +217,24 @@ def drain_outbox(limit: int = 1000, force: bool = False) -> int:
             if not pending and not flushed:
                 break
             batch = Batch()
-            extra: list[tuple[str, list[str], list[Any]]] = []
-            for label in flushed:
-                mc = first_model_cache(apps.get_model(label))
-                if mc is not None:
-                    batch.add_flush(mc)
+            for gid in flushed:
+                g = group_by_id(gid)
+                if g is not None:
+                    batch.add_flush(g)
             for p in pending:
                 if p.model_label.startswith("fn:"):
-                    from .derived import _functions
-
-                    fn = _functions.get(p.model_label)
-                    if fn is not None:
-                        extra += [fn.drop_key_args(key) for key in p.rows]
+                    for key in p.rows:
+                        batch.add_fn_key(p.model_label, key)
                     continue
-                try:
-                    model = apps.get_model(p.model_label)
-                except LookupError:
-                    continue
-                mc = first_model_cache(model)
-                if mc is None:
+                g = group_by_id(p.model_label)
+                if g is None:
                     continue
                 if p.flush:
-                    batch.add_flush(mc)
-                batch.add_rows(mc, p.rows)
+                    batch.add_flush(g)
+                batch.add_rows(g, p.rows)
             if batch:
-                apply_locally(batch.rows, batch.flush)
-            if batch or extra:
-                redis_tier.run_many(batch.redis_calls() + extra, force=force)
+                redis_tier.run_many(batch.redis_calls(), force=force)
+                apply_locally(batch.rows, batch.flush, batch.fn_keys)
             flushed = set()
             PendingInvalidation.objects.filter(id__in=[p.id for p in pending]).delete()
             total += len(pending)
@@ -246,102 +249,34 @@ def drain_outbox(limit: int = 1000, force: bool = False) -> int:
     return total
 
 
-# -- transactions ---------------------------------------------------------------
-
-_thread = threading.local()
-
-
-class _Pending:
-    """The invalidations of one savepoint level, run by on_commit at the outermost commit."""
-
-    def __init__(self) -> None:
-        self.batch = Batch()
-
-    def __call__(self) -> None:
-        self.batch.apply()
-
-
-def _live_pendings(conn: Any) -> list[_Pending]:
-    registered = {id(item[1]) for item in conn.run_on_commit}
-    return [p for p in getattr(conn, "_tiered_pending", {}).values() if id(p) in registered]
-
-
-def queue(batch: Batch, using: str) -> None:
-    """Apply now in autocommit; inside atomic(), at the outermost commit (none on rollback)."""
-    if not batch:
-        return
-    conn = connections[using]
-    if not conn.in_atomic_block:
-        batch.apply()
-        return
-    table: dict[tuple[str, ...], _Pending] = conn.__dict__.setdefault("_tiered_pending", {})
-    sids = tuple(conn.savepoint_ids)
-    pending = table.get(sids)
-    if pending is None or pending not in _live_pendings(conn):
-        # A rolled-back savepoint dropped its hook; start a fresh one at this level.
-        for stale in [k for k, p in table.items() if p not in _live_pendings(conn)]:
-            del table[stale]
-        pending = table[sids] = _Pending()
-        transaction.on_commit(pending, using=using, robust=True)
-    pending.batch.merge(batch)
-    dbs = _thread.__dict__.setdefault("dbs", set())
-    dbs.add(using)
-
-
-def in_dirty_transaction(label: str, using: str) -> bool:
-    """True inside an atomic() block that has written rows of this model: such reads
-    bypass both tiers, so they see the block's writes and fill nothing."""
-    dbs = _thread.__dict__.get("dbs")
-    if not dbs or using not in dbs:
-        return False
-    conn = connections[using]
-    if not conn.in_atomic_block:
-        dbs.discard(using)
-        return False
-    return any(label in p.batch.rows for p in _live_pendings(conn))
-
-
 # -- what writes touch ----------------------------------------------------------
 
-def _caches_for(model: type[models.Model]) -> list[ModelCache]:
-    """The model's cache and those of its cached concrete parents (multi-table inheritance)."""
-    out = []
-    concrete = model._meta.concrete_model
-    for m in [concrete, *concrete._meta.get_parent_list()]:
-        mc = first_model_cache(m)
-        if mc is not None:
-            out.append(mc)
-    return out
+def batch_of(alias: str, effects: Iterable[Any]) -> Batch:
+    """The batch for a statement's effects on the connection `alias`."""
+    from .capture import FLUSH
 
-
-def rows_batch(model: type[models.Model], pks: Iterable[Any]) -> Batch:
     batch = Batch()
-    pks = [pk for pk in pks if pk is not None]
-    for mc in _caches_for(model):
-        batch.add_rows(mc, [row_id(mc.pk_lookup.preps[0](pk)) for pk in pks])
+    alias = database_of(alias)
+    for e in effects:
+        g = group(alias, e.label)
+        if e.kind == FLUSH:
+            batch.add_flush(g)
+        else:
+            batch.add_rows(g, e.rids)
     return batch
 
 
-def flush_batch(model: type[models.Model]) -> Batch:
+def rows_batch(model: type[models.Model], pks: Iterable[Any], alias: str) -> Batch:
     batch = Batch()
-    for mc in _caches_for(model):
-        batch.add_flush(mc)
+    alias = database_of(alias)
+    pk = model._meta.pk
+    target = pk.target_field if pk.is_relation else pk
+    batch.add_rows(group(alias, root_label(model)),
+                   [row_id(target.get_prep_value(p)) for p in pks if p is not None])
     return batch
 
 
-def model_written_batch(model: type[models.Model]) -> Batch:
-    """A write whose rows we cannot name (new rows with no pk): drop negatives only."""
+def flush_batch(model: type[models.Model], alias: str) -> Batch:
     batch = Batch()
-    for mc in _caches_for(model):
-        batch.add_rows(mc, [])
+    batch.add_flush(group(database_of(alias), root_label(model)))
     return batch
-
-
-def on_save(sender: type[models.Model], instance: models.Model, raw: bool = False,
-            using: str = "default", **kwargs: Any) -> None:
-    queue(rows_batch(sender, [instance.pk]), using)
-
-
-def on_delete(sender: type[models.Model], instance: models.Model, using: str = "default",
-              **kwargs: Any) -> None:
-    queue(rows_batch(sender, [instance.pk]), using)

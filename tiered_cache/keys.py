@@ -74,9 +74,3 @@ def schema_fingerprint(model: type[models.Model]) -> str:
         cls = type(f)
         parts.append(f"{f.attname}/{f.column}/{cls.__module__}.{cls.__qualname__}/{f.null}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
-
-
-def model_tag(prefix: str, label: str) -> str:
-    """A Redis Cluster hash tag: every key of one model lands in one slot, so scripts may
-    touch the generation, write counter, row versions and data of a model together."""
-    return "{" + prefix + ":" + label + "}"

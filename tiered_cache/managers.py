@@ -1,108 +1,24 @@
-"""CachedManager and CachedManagerMixin: the public read API, and a queryset whose bulk
-writes invalidate like save() and delete() do."""
+"""CachedManager and CachedManagerMixin: the public read and invalidation API."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db import DEFAULT_DB_ALIAS, connections, models, router, transaction
+from django.db import DEFAULT_DB_ALIAS, connections, models, router
 from django.db.models.query import QuerySet
 
 from . import reads
-from .conf import conf
-from .invalidation import flush_batch, queue, rows_batch
+from .groups import database_of
+from .invalidation import flush_batch, rows_batch
 from .registry import LookupSpec, model_cache
-
-_thread = threading.local()
-
-
-class CachedQuerySetMixin:
-    """update() and bulk_create()/bulk_update() send no signals; these invalidate anyway."""
-
-    model: type[models.Model]
-    db: str
-
-    def update(self, **kwargs: Any) -> int:
-        if getattr(_thread, "inside_bulk_update", False) or self.query.is_sliced:  # type: ignore[attr-defined]
-            # bulk_update() invalidates its own rows; Django refuses sliced updates itself.
-            return super().update(**kwargs)  # type: ignore[misc]
-        limit = conf.BULK_INVALIDATION_LIMIT
-        with transaction.atomic(using=self.db, savepoint=False):
-            qs: Any = self
-            q = qs.query
-            if (
-                connections[self.db].features.has_select_for_update
-                and not q.distinct
-                and not q.group_by
-                and not q.annotations
-            ):
-                # Lock the rows, so the ones we name are the ones we change.
-                qs = qs.select_for_update()
-            pks = list(qs.values_list("pk", flat=True).order_by()[: limit + 1])
-            if len(pks) > limit:
-                n = super().update(**kwargs)  # type: ignore[misc]
-                batch = flush_batch(self.model)
-            else:
-                n = QuerySet.update(
-                    QuerySet(self.model, using=self.db).filter(pk__in=pks), **kwargs
-                )
-                batch = rows_batch(self.model, pks)
-            queue(batch, self.db)
-        return n
-
-    update.alters_data = True  # type: ignore[attr-defined]
-
-    def bulk_create(self, objs: Iterable[models.Model], *args: Any, **kwargs: Any) -> Any:
-        created = super().bulk_create(objs, *args, **kwargs)  # type: ignore[misc]
-        if kwargs.get("update_conflicts"):
-            # Existing rows changed and we cannot name them all: drop the model.
-            batch = flush_batch(self.model)
-        else:
-            # Rows with no pk back from the database can only be behind negatives,
-            # which any write of the model drops.
-            batch = rows_batch(self.model, [o.pk for o in created])
-        queue(batch, self.db)
-        return created
-
-    bulk_create.alters_data = True  # type: ignore[attr-defined]
-
-    def bulk_update(self, objs: Iterable[models.Model], fields: Sequence[str], *args: Any,
-                    **kwargs: Any) -> int:
-        objs = list(objs)
-        _thread.inside_bulk_update = True
-        try:
-            with transaction.atomic(using=self.db, savepoint=False):
-                n = super().bulk_update(objs, fields, *args, **kwargs)  # type: ignore[misc]
-                queue(rows_batch(self.model, [o.pk for o in objs]), self.db)
-        finally:
-            _thread.inside_bulk_update = False
-        return n
-
-    bulk_update.alters_data = True  # type: ignore[attr-defined]
+from .transactions import in_transaction, queue, snapshot_aliases
 
 
-class CachedQuerySet(CachedQuerySetMixin, QuerySet):
-    pass
-
-
-_queryset_classes: dict[type, type] = {QuerySet: CachedQuerySet}
-
-
-def _cached_queryset_class(base: type) -> type:
-    """A subclass of the manager's own queryset class with the invalidating writes mixed in.
-    Registered in this module so querysets of it still pickle."""
-    if issubclass(base, CachedQuerySetMixin):
-        return base
-    cls = _queryset_classes.get(base)
-    if cls is None:
-        name = f"Cached_{base.__module__.replace('.', '_')}_{base.__qualname__}"
-        cls = type(name, (CachedQuerySetMixin, base), {"__module__": __name__})
-        globals()[name] = cls
-        _queryset_classes[base] = cls
-    return cls
+class CachedQuerySet(QuerySet):
+    """The queryset of a CachedManager. Its writes are Django's own, unchanged: every write
+    statement is seen on the connection (see capture.py), whichever manager runs it."""
 
 
 class CachedManagerMixin:
@@ -122,19 +38,22 @@ class CachedManagerMixin:
     def get_cache_lookups(self) -> list[LookupSpec]:
         return list(self.cache_lookups)
 
-    def get_queryset(self) -> QuerySet:
-        qs = super().get_queryset()  # type: ignore[misc]
-        cls = _cached_queryset_class(type(qs))
-        if cls is not type(qs):
-            qs.__class__ = cls
-        return qs
-
     # -- reads -------------------------------------------------------------------
     def get_cached(self, **lookup: Any) -> Any:
         """The row for one declared lookup; raises DoesNotExist (and remembers it)."""
+        if getattr(self, "core_filters", None) is not None:
+            return _related_get(self, lookup)
         mc = model_cache(self)
         lk, values = mc.resolve(lookup)
         return reads.get(self, mc, lk, values)
+
+    def cache_group_alias(self, read_alias: str) -> str:
+        """The database whose writes invalidate what this manager reads from read_alias:
+        an alias given with db_manager()/using() is its own; with routers, a read replica
+        shares the alias its model is written to."""
+        if self._db or not router.routers:
+            return database_of(read_alias)
+        return database_of(router.db_for_write(self.model, **self._hints))
 
     @property
     def db(self) -> str:
@@ -151,15 +70,22 @@ class CachedManagerMixin:
 
     def get_many_cached(self, pks: Iterable[Any]) -> dict[Any, Any]:
         """{pk: instance} for the rows that exist: one L2 round trip, one query for misses."""
+        if getattr(self, "core_filters", None) is not None:
+            return _related_get_many(self, list(pks))
         return reads.get_many(self, model_cache(self), list(pks))
 
     async def aget_cached(self, **lookup: Any) -> Any:
+        if getattr(self, "core_filters", None) is not None:
+            return await sync_to_async(self.get_cached)(**lookup)
         mc = model_cache(self)
         lk, values = mc.resolve(lookup)
-        # An L1 hit stays on the event loop: no I/O, no thread hop.
-        found = reads.peek_local(mc, (lk.key_prefix, *values), self.db)
-        if found is not None:
-            return found
+        db = self.db
+        g = mc.group(self.cache_group_alias(db))
+        if mc.bypass_reason is None and not in_transaction_somewhere(db, g.alias):
+            # An L1 hit stays on the event loop: no I/O, no thread hop.
+            found = reads.peek_local(mc, g, (lk.key_prefix, db, *values), db)
+            if found is not None:
+                return found
         return await sync_to_async(reads.get)(self, mc, lk, values)
 
     async def aget_many_cached(self, pks: Iterable[Any]) -> dict[Any, Any]:
@@ -169,14 +95,14 @@ class CachedManagerMixin:
     def invalidate(self, obj_or_pk: Any) -> None:
         """Drop every cached key of one row in every process (at commit inside atomic())."""
         pk = obj_or_pk.pk if isinstance(obj_or_pk, models.Model) else obj_or_pk
-        queue(rows_batch(self.model, [pk]), self._write_db())
+        queue(rows_batch(self.model, [pk], self._write_db()), self._write_db())
 
     async def ainvalidate(self, obj_or_pk: Any) -> None:
         await sync_to_async(self.invalidate)(obj_or_pk)
 
     def flush_cache(self) -> None:
         """Drop every entry of the model in every process: O(1), a new generation."""
-        queue(flush_batch(self.model), self._write_db())
+        queue(flush_batch(self.model, self._write_db()), self._write_db())
 
     def _write_db(self) -> str:
         return self._db or router.db_for_write(self.model, **self._hints)
@@ -184,6 +110,8 @@ class CachedManagerMixin:
 
 class CachedManager(CachedManagerMixin, models.Manager):
     """``objects = CachedManager(lookups=["email", ("tenant_id", "session_id")])``"""
+
+    _queryset_class = CachedQuerySet
 
     def __init__(
         self,
@@ -197,3 +125,62 @@ class CachedManager(CachedManagerMixin, models.Manager):
         self.cache_timeout = timeout
         self.cache_l1_timeout = l1_timeout
         self.cache_negative_timeout = negative_timeout
+
+
+def in_transaction_somewhere(read_alias: str, group_alias: str) -> bool:
+    """Cheap test for the async fast path: may this read need the bypass checks (which
+    touch connections, so they run in the sync path)?"""
+    if read_alias in snapshot_aliases():
+        return True
+    return in_transaction(connections[group_alias])
+
+
+# -- related managers ------------------------------------------------------------------
+# Django builds a related manager class on the default manager's class, so it inherits
+# get_cached; its queryset adds the relation's filter. A reverse foreign key is checked
+# on the cached row itself; any other relation (many-to-many, generic) depends on rows
+# of other tables, and is read from the database.
+
+def _is_reverse_fk(manager: Any) -> bool:
+    return (hasattr(manager, "field") and hasattr(manager, "instance")
+            and not hasattr(manager, "through") and not hasattr(manager, "content_type"))
+
+
+def _base_of(manager: Any) -> Any:
+    base = manager.model._default_manager
+    if not isinstance(base, CachedManagerMixin):
+        return None
+    return base.db_manager(manager._db, hints=manager._hints)
+
+
+def _related_value(manager: Any) -> tuple[Any, ...] | None:
+    value = manager.field.get_foreign_related_value(manager.instance)
+    return None if any(v is None for v in value) else value
+
+
+def _related_get(manager: Any, lookup: dict[str, Any]) -> Any:
+    base = _base_of(manager)
+    if base is None or not _is_reverse_fk(manager):
+        if base is not None:
+            model_cache(base).resolve(lookup)  # an undeclared lookup is still refused
+            model_cache(base).counters.bypassed += 1
+        return manager.get(**lookup)
+    want = _related_value(manager)
+    obj = base.get_cached(**lookup)
+    if want is None or manager.field.get_local_related_value(obj) != want:
+        raise manager.model.DoesNotExist(
+            f"{manager.model._meta.object_name} matching query does not exist."
+        )
+    return obj
+
+
+def _related_get_many(manager: Any, pks: list[Any]) -> dict[Any, Any]:
+    base = _base_of(manager)
+    if base is None or not _is_reverse_fk(manager):
+        return manager.get_queryset().in_bulk(pks)
+    want = _related_value(manager)
+    if want is None:
+        return {}
+    found = base.get_many_cached(pks)
+    return {pk: obj for pk, obj in found.items()
+            if manager.field.get_local_related_value(obj) == want}

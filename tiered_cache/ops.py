@@ -27,10 +27,11 @@ from .breaker import breaker
 from .bus import bus
 from .conf import conf
 from .counters import hot, stats
-from .invalidation import queue, rows_batch
+from .invalidation import rows_batch
 from .registry import ModelCache, cached_managers, cached_models, model_cache
 from .tiers.local import local_tier
 from .tiers.remote import _SGET, Unavailable, fresh_token, redis_tier
+from .transactions import queue
 
 __all__ = [
     "UnknownModel",
@@ -127,15 +128,15 @@ def lookups(model: type[models.Model]) -> list[str]:
 # -- keys kept next to a model's entries (same hash tag) --------------------------
 
 def _stats_key(mc: ModelCache) -> str:
-    return mc.tag + ":s"
+    return f"{mc.home.tag}:s:{mc.label}"
 
 
 def _procs_key(mc: ModelCache) -> str:
-    return mc.tag + ":p"
+    return f"{mc.home.tag}:p:{mc.label}"
 
 
 def _hot_key(mc: ModelCache) -> str:
-    return mc.tag + ":hot"
+    return f"{mc.home.tag}:hot:{mc.label}"
 
 
 def _ops_key() -> str:
@@ -166,7 +167,8 @@ def invalidate_rows(model: type[models.Model], pks: Iterable[Any]) -> int:
     """Drop every cached key of these rows in every process: one Redis round trip."""
     pks = list(pks)
     if pks:
-        queue(rows_batch(model, pks), router.db_for_write(model))
+        alias = router.db_for_write(model)
+        queue(rows_batch(model, pks, alias), alias)
     return len(pks)
 
 
@@ -225,9 +227,26 @@ def warmup_set(manager: Any, limit: int | None) -> tuple[Any, dict[str, Any]]:
     }
 
 
+def warmup_limit(limit: Any) -> int | None:
+    """A limit from a task argument, a command line or a form: None or a whole number
+    >= 0 ("3" is 3); anything else is refused with a message naming the limit."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool):
+        raise ValueError(f"warmup limit must be a whole number >= 0, not {limit!r}")
+    try:
+        n = int(str(limit).strip()) if not isinstance(limit, int) else limit
+    except ValueError:
+        raise ValueError(f"warmup limit must be a whole number >= 0, not {limit!r}") from None
+    if n < 0:
+        raise ValueError(f"warmup limit must be a whole number >= 0, not {limit!r}")
+    return n
+
+
 def warmup(model: type[models.Model], limit: int | None = None) -> dict[str, Any]:
     """Store the model's warmup set in L2 (pk keys) in pipelined batches. A row written
     meanwhile is refused, never stored stale. Records the run; returns its counts."""
+    limit = warmup_limit(limit)
     started = time.time()
     result: dict[str, Any] = {"model": model._meta.label, "stored": 0, "refused": 0}
     for manager in cached_managers(model):
@@ -286,7 +305,7 @@ for i = 3, #KEYS do
     local kind, vg, a, b = string.match(v, '^(%u)|([^|]*)|([^|]*)|([^|]*)|')
     if kind and vg ~= g then
       redis.call('DEL', KEYS[i]); old = old + 1
-    elseif not (kind == 'N' and a == w) and not (kind == 'P' and sget(ARGV[1] .. a) == b) then
+    elseif not (kind == 'N' and b == w) and not (kind == 'P' and sget(ARGV[1] .. a) == b) then
       redis.call('DEL', KEYS[i]); stale = stale + 1
     end
   end
@@ -315,19 +334,29 @@ def _by_tag(selected: Sequence[type[models.Model]] | None) -> dict[str, list[Mod
     out: dict[str, list[ModelCache]] = {}
     for model in _models_or_all(selected):
         for mc in _caches(model):
-            out.setdefault(mc.tag, []).append(mc)
+            out.setdefault(mc.home.tag, []).append(mc)
     return out
+
+
+def _owner(key: str, caches: list[ModelCache]) -> ModelCache | None:
+    """The model cache whose data key this is (None for another schema or manager)."""
+    g = caches[0].home
+    for c in caches:
+        if key.startswith(f"{g.tag}:{c.schema}:{c.label}:{c.manager_name}:"):
+            return c
+    return None
 
 
 def _classify(key: str, caches: list[ModelCache]) -> str:
     """'keep', 'data' (check the entry), or 'schema' (another schema or manager: delete)."""
-    mc = caches[0]
-    if key in (mc.gen_key, mc.writes_key, _stats_key(mc), _procs_key(mc), _hot_key(mc)):
+    g = caches[0].home
+    if key in (g.gen_key, g.writes_key) or key.startswith((g.tag + ":s:", g.tag + ":p:",
+                                                          g.tag + ":hot:")):
         return "keep"
-    if key.startswith(mc.row_prefix):
+    if key.startswith(g.row_prefix):
         return "keep"  # row versions expire by themselves
     for c in caches:
-        if key.startswith(c.data_prefix):
+        if key.startswith(f"{g.tag}:{c.schema}:{c.label}:{c.manager_name}:"):
             return "keep" if key.endswith("|L") else "data"  # leases expire by themselves
     return "schema"
 
@@ -372,7 +401,7 @@ def cleanup(
             if kinds["data"]:
                 old, stale = redis_tier.call(
                     lambda ks=kinds["data"], mc=mc: _run_script(
-                        _CLEAN, [mc.gen_key, mc.writes_key, *ks], [mc.row_prefix]
+                        _CLEAN, [mc.home.gen_key, mc.home.writes_key, *ks], [mc.home.row_prefix]
                     )
                 )
                 counts["old_generation"] += old
@@ -426,8 +455,9 @@ def l2_entry_counts(
     out: dict[str, int] = {}
     for tag, caches in _by_tag(selected).items():
         mc = caches[0]
-        gen = redis_tier.call(lambda k=mc.gen_key: redis_tier.client.get(k))
-        n = 0
+        for c in caches:
+            out.setdefault(c.label, 0)
+        gen = redis_tier.call(lambda k=mc.home.gen_key: redis_tier.client.get(k))
         for keys in _scan(_glob_escape(tag) + ":*", batch_size):
             data = [k for k in keys if _classify(k, caches) == "data"]
             if not data or gen is None:
@@ -439,10 +469,10 @@ def l2_entry_counts(
                     pipe.getrange(k, 0, 47)
                 return pipe.execute(raise_on_error=False)
 
-            for head in redis_tier.call(heads):
-                if isinstance(head, bytes) and head.split(b"|", 2)[1:2] == [gen]:
-                    n += 1
-        out[mc.label] = out.get(mc.label, 0) + n
+            for k, head in zip(data, redis_tier.call(heads)):
+                owner = _owner(k, caches)
+                if owner and isinstance(head, bytes) and head.split(b"|", 2)[1:2] == [gen]:
+                    out[owner.label] += 1
     return out
 
 
@@ -536,8 +566,9 @@ def cluster_stats(selected: Sequence[type[models.Model]] | None = None) -> dict[
     """Per model label: the counters every process pushed, when counting began, how many
     processes reported recently, and the hottest sampled rows."""
     by_label: dict[str, ModelCache] = {}
-    for caches in _by_tag(selected).values():
-        by_label[caches[0].label] = caches[0]
+    for model in _models_or_all(selected):
+        mc = _first(model)
+        by_label[mc.label] = mc
     cutoff = time.time() - _process_ttl()
 
     def run() -> list[Any]:
@@ -716,7 +747,7 @@ def overview(selected: Sequence[type[models.Model]] | None = None) -> dict[str, 
             "label_lower": label,
             "verbose_name_plural": str(model._meta.verbose_name_plural),
             "lookups": lookups(model),
-            "l1_entries": local_tier.count(label),
+            "l1_entries": mine.get("l1_entries", 0),
             "l2_entries": None if l2 is None else l2.get(label, 0),
             "counters": counters,
             "scope": "all processes" if cluster is not None else "this process",

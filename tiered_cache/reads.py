@@ -11,12 +11,13 @@ from . import signals
 from .bus import bus
 from .conf import conf
 from .counters import hot
-from .invalidation import in_dirty_transaction
+from .groups import Group
 from .keys import row_id
 from .registry import Lookup, ModelCache
-from .serialization import CorruptPayload, dumps, loads_verified, sign, verify
+from .serialization import CorruptPayload, dumps, loads_verified, open_signed, sign
 from .tiers.local import NEGATIVE, local_tier
 from .tiers.remote import Unavailable, fresh_token, redis_tier
+from .transactions import bypass
 
 logger = logging.getLogger("tiered_cache")
 
@@ -46,23 +47,63 @@ _flights_lock = threading.Lock()
 fill_hook: Any = None
 
 
+class Fill:
+    """One FILL of a frozen row or NEGATIVE under key, signed once the row version is
+    known (see RedisTier.run_fills)."""
+
+    __slots__ = ("g", "key", "lease", "gen", "writes", "kind", "rid", "body", "ttl", "version")
+
+    def __init__(self, g: Group, key: str, lease: str, gen: Any, writes: Any, value: Any,
+                 ttl: float) -> None:
+        self.g, self.key, self.lease = g, key, lease
+        self.gen, self.writes = _text(gen), _text(writes)
+        if value is NEGATIVE:
+            self.kind, self.rid, self.body = "N", "", dumps(None)
+            self.version = self.writes
+        else:
+            self.kind, self.rid, self.body = "P", row_id(value[2]), dumps(value)
+            self.version = fresh_token()
+        self.ttl = ttl
+
+    def call(self, version: str) -> tuple[str, list[str], list[Any]]:
+        g, key = self.g, self.key
+        expires = int(time.time() + self.ttl) + 1
+        header = f"{self.kind}|{self.gen}|{self.rid}|{version}|{expires}|".encode()
+        row_key = g.row_key(self.rid) if self.rid else key + "|R"
+        return (
+            "fill",
+            [g.gen_key, g.writes_key, key, key + "|L", row_key],
+            [self.lease, self.gen, self.writes, self.kind, sign(key, header, self.body),
+             int(self.ttl * 1000), version, int((conf.TIMEOUT + 60) * 1000)],
+        )
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 # -- one row ---------------------------------------------------------------------
 
 def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> Any:
-    # L1 is keyed by the lookup and its values: no string is built on the hot path.
-    l1key = (lk.key_prefix, *values)
     db = manager.db
-    if in_dirty_transaction(mc.label, db):
+    g = mc.group(manager.cache_group_alias(db))
+    why = mc.bypass_reason or bypass(db, g.alias, g.id)
+    if why is not None:
         mc.counters.bypassed += 1
         return manager.get_queryset().get(**lk.orm_kwargs(values))
 
-    found = peek_local(mc, l1key, db)
+    # L1 is keyed by the lookup, the database and the values: no string is built here.
+    l1key = (lk.key_prefix, db, *values)
+    found = peek_local(mc, g, l1key, db)
     if found is not None:
         return found
     if not bus.trusted():
         bus.ensure_started()
 
-    flight_key = (db, l1key)
+    # The token is part of the flight: a thread whose own save dropped this group since
+    # a load began must not be handed that load's (older) row.
+    token = local_tier.token(g.id)
+    flight_key = (l1key, token)
     with _flights_lock:
         flight = _flights.get(flight_key)
         leader = flight is None
@@ -76,10 +117,10 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
         value = flight.value if done.wait(conf.LEASE_TIMEOUT) else None
         if value is not None and value is not UNCACHEABLE:
             return _deliver(mc, value, None, db)
-        value, obj = _load(manager, mc, lk, values, l1key, db, lease=False)
+        value, obj = _load(manager, mc, g, lk, values, l1key, db, token, lease=False)
         return _deliver(mc, value, obj, db)
     try:
-        value, obj = _load(manager, mc, lk, values, l1key, db, lease=True)
+        value, obj = _load(manager, mc, g, lk, values, l1key, db, token, lease=True)
         flight.value = value
     finally:
         with _flights_lock:
@@ -89,11 +130,11 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
     return _deliver(mc, value, obj, db)
 
 
-def peek_local(mc: ModelCache, key: Any, db: str) -> Any:
+def peek_local(mc: ModelCache, g: Group, key: Any, db: str) -> Any:
     """An instance from L1, None on a miss; raises DoesNotExist for a remembered absence.
     Does no I/O, so async callers use it on the event loop."""
     now = time.monotonic()
-    if now >= bus._trusted_until:
+    if now >= bus.trusted_until:
         return None
     v = local_tier.get(key, now)
     if v is None:
@@ -126,25 +167,32 @@ def _signal_hit(mc: ModelCache, tier: str, key: Any) -> None:
         signals.cache_hit.send(sender=mc.model, tier=tier, key=key)
 
 
-def _read_call(mc: ModelCache, key: str, lease: str) -> tuple[str, list[str], list[Any]]:
+def _read_call(g: Group, key: str, lease: str) -> tuple[str, list[str], list[Any]]:
     return (
         "read",
-        [mc.gen_key, mc.writes_key, key, key + "|L"],
-        [lease, int(conf.LEASE_TIMEOUT * 1000), fresh_token(), mc.row_prefix],
+        [g.gen_key, g.writes_key, key, key + "|L"],
+        [lease, int(conf.LEASE_TIMEOUT * 1000), fresh_token(), g.row_prefix],
     )
 
 
+_EXPIRED = object()
+
+
 def decode(mc: ModelCache, key: str, raw: bytes) -> Any:
-    """A verified L2 value as a frozen row or NEGATIVE; CorruptPayload otherwise."""
-    parts = raw.split(b"|", 4)
-    if len(parts) != 5:
-        raise CorruptPayload("malformed header")
-    payload = loads_verified(verify(key, parts[4]))
-    if parts[0] == b"N":
+    """A verified L2 value as a frozen row or NEGATIVE, _EXPIRED past the expiry its MAC
+    covers (an old entry put back with a fresh Redis TTL); CorruptPayload otherwise."""
+    (kind, _gen, _rid, _ver, expires), body = open_signed(key, raw, 5)
+    try:
+        if int(expires) < time.time():
+            return _EXPIRED
+    except ValueError:
+        raise CorruptPayload("malformed expiry") from None
+    payload = loads_verified(body)
+    if kind == b"N":
         if payload is not None:
             raise CorruptPayload("negative entry with a row")
         return NEGATIVE
-    if not mc.codec.is_frozen(payload):
+    if kind != b"P" or not mc.codec.is_frozen(payload):
         raise CorruptPayload("row of the wrong shape")
     return payload
 
@@ -159,30 +207,29 @@ def _corrupt(mc: ModelCache, key: str, exc: Exception) -> None:
 
 
 def _load(
-    manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...], l1key: Any, db: str,
-    lease: bool,
+    manager: Any, mc: ModelCache, g: Group, lk: Lookup, values: tuple[Any, ...], l1key: Any,
+    db: str, token: Any, lease: bool,
 ) -> tuple[Any, Any]:
     """(frozen row | NEGATIVE | UNCACHEABLE, instance read from the database or None)."""
-    key = lk.key(values)
+    key = lk.key(g, mc.schema, db, values)
     trusted = bus.trusted()
-    token = local_tier.token(mc.label)
     lease_token = fresh_token() if lease else ""
     code, gen, writes = _NO_LEASE, None, None
     if trusted:
         try:
-            res = redis_tier.scripts([_read_call(mc, key, lease_token)])[0]
+            res = redis_tier.scripts([_read_call(g, key, lease_token)])[0]
             code = res[0]
             if code == _HIT:
                 value = _l2_value(mc, key, res[1])
                 if value is not None:
-                    local_tier.set(l1key, mc.label, _row_of(value), value,
+                    local_tier.set(l1key, g.id, _row_of(value), value,
                                    _l1_timeout(mc, value), token)
                     return value, None
                 code = _NO_LEASE
             else:
                 gen, writes = res[1], res[2]
             if code == _BUSY:
-                value, res = _wait_for_fill(mc, key, lease_token)
+                value, res = _wait_for_fill(mc, g, key, lease_token)
                 if value is not None:
                     return value, None
                 if res is not None:  # the holder let go without a fill: the lease is ours
@@ -208,10 +255,10 @@ def _load(
     if code == _LEASE:
         # The caller has its row; the fill runs on the filler thread, and Redis refuses it
         # if the model was written since our read.
-        redis_tier.fill_later([fill_call(mc, key, lease_token, gen, writes, value)],
+        redis_tier.fill_later([Fill(g, key, lease_token, gen, writes, value, _ttl(mc, value))],
                               _counted(mc))
     if trusted:
-        local_tier.set(l1key, mc.label, _row_of(value), value, _l1_timeout(mc, value), token)
+        local_tier.set(l1key, g.id, _row_of(value), value, _l1_timeout(mc, value), token)
     return value, obj
 
 
@@ -220,6 +267,8 @@ def _l2_value(mc: ModelCache, key: str, raw: bytes) -> Any:
         value = decode(mc, key, raw)
     except CorruptPayload as exc:
         _corrupt(mc, key, exc)
+        return None
+    if value is _EXPIRED:
         return None
     if value is NEGATIVE:
         mc.counters.negative_hits += 1
@@ -230,7 +279,7 @@ def _l2_value(mc: ModelCache, key: str, raw: bytes) -> Any:
     return value
 
 
-def _wait_for_fill(mc: ModelCache, key: str, lease: str) -> tuple[Any, Any]:
+def _wait_for_fill(mc: ModelCache, g: Group, key: str, lease: str) -> tuple[Any, Any]:
     """Another process is filling this key: take its value when it lands, or give up after
     LEASE_WAIT and read the database ourselves (its holder may be dead). Polls asking for
     the lease: if the holder let go without filling (its fill was refused), the lease is
@@ -241,7 +290,7 @@ def _wait_for_fill(mc: ModelCache, key: str, lease: str) -> tuple[Any, Any]:
     while time.monotonic() < deadline:
         time.sleep(pause)
         pause = min(pause * 2, 0.01)
-        res = redis_tier.scripts([_read_call(mc, key, lease)])[0]
+        res = redis_tier.scripts([_read_call(g, key, lease)])[0]
         if res[0] == _HIT:
             return _l2_value(mc, key, res[1]), None
         if res[0] == _LEASE:
@@ -264,29 +313,14 @@ def _row_of(value: Any) -> str:
     return "" if value is NEGATIVE else row_id(value[2])
 
 
+def _ttl(mc: ModelCache, value: Any) -> float:
+    return mc.negative_timeout if value is NEGATIVE else mc.timeout
+
+
 def _l1_timeout(mc: ModelCache, value: Any) -> float:
     if value is NEGATIVE:
         return min(mc.l1_timeout, mc.negative_timeout)
     return mc.l1_timeout
-
-
-def fill_call(
-    mc: ModelCache, key: str, lease: str, gen: Any, writes: Any, value: Any
-) -> tuple[str, list[str], list[Any]]:
-    """The FILL script call storing a frozen row (or NEGATIVE) under key."""
-    if value is NEGATIVE:
-        body = sign(key, dumps(None))
-        rid, kind, ttl = "", "N", mc.negative_timeout
-    else:
-        body = sign(key, dumps(value))
-        rid, kind, ttl = row_id(value[2]), "P", mc.timeout
-    row_key = mc.row_key(rid) if rid else key + "|R"
-    return (
-        "fill",
-        [mc.gen_key, mc.writes_key, key, key + "|L", row_key],
-        [lease, gen, writes, kind, rid, body, int(ttl * 1000), fresh_token(),
-         int((mc.timeout + 60) * 1000)],
-    )
 
 
 # -- many rows by pk ---------------------------------------------------------------
@@ -296,14 +330,17 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     prep = lk.preps[0]
     prefix = lk.key_prefix
     db = manager.db
+    g = mc.group(manager.cache_group_alias(db))
     wanted: list[Any] = []
     seen: set[Any] = set()
     for pk in pks:
-        v = prep(pk.pk if hasattr(pk, "_meta") else pk)
+        if hasattr(pk, "_meta"):
+            pk = lk.normalize({"pk": pk}, mc.aliases)[0]
+        v = prep(pk)
         if v not in seen:
             seen.add(v)
             wanted.append(v)
-    if in_dirty_transaction(mc.label, db):
+    if (mc.bypass_reason or bypass(db, g.alias, g.id)) is not None:
         mc.counters.bypassed += len(wanted)
         return manager.get_queryset().in_bulk(wanted)
 
@@ -316,7 +353,7 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
         todo = []
         now = time.monotonic()
         for pk in wanted:
-            v = local_tier.get((prefix, pk), now)
+            v = local_tier.get((prefix, db, pk), now)
             if v is None:
                 todo.append(pk)
             elif v is NEGATIVE:
@@ -327,8 +364,8 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     if not todo:
         return found
 
-    token = local_tier.token(mc.label)
-    keys = [lk.key((pk,)) for pk in todo]
+    token = local_tier.token(g.id)
+    keys = [lk.key(g, mc.schema, db, (pk,)) for pk in todo]
     leases = [fresh_token() for _ in todo]
     results: list[Any] = []
     gen = writes = None
@@ -336,8 +373,8 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
         try:
             res = redis_tier.scripts([(
                 "read_many",
-                [mc.gen_key, mc.writes_key, *keys],
-                [int(conf.LEASE_TIMEOUT * 1000), fresh_token(), mc.row_prefix, *leases],
+                [g.gen_key, g.writes_key, *keys],
+                [int(conf.LEASE_TIMEOUT * 1000), fresh_token(), g.row_prefix, *leases],
             )])[0]
             gen, writes, results = res[0], res[1], res[2:]
         except Unavailable:
@@ -350,7 +387,7 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
             if value is None:
                 missing.append((pk, keys[i], ""))
                 continue
-            local_tier.set((prefix, pk), mc.label, _row_of(value), value,
+            local_tier.set((prefix, db, pk), g.id, _row_of(value), value,
                            _l1_timeout(mc, value), token)
             if value is not NEGATIVE:
                 found[pk] = mc.codec.thaw(value, db)
@@ -373,9 +410,9 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
                 continue
             value = mc.codec.freeze(row)
         if lease:
-            fills.append(fill_call(mc, key, lease, gen, writes, value))
+            fills.append(Fill(g, key, lease, gen, writes, value, _ttl(mc, value)))
         if trusted:
-            local_tier.set((prefix, pk), mc.label, _row_of(value), value,
+            local_tier.set((prefix, db, pk), g.id, _row_of(value), value,
                            _l1_timeout(mc, value), token)
     if fills:
         redis_tier.fill_later(fills, _counted(mc))
@@ -389,12 +426,14 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
     counter are read before the rows, so a write committed meanwhile refuses the fills."""
     stored = refused = 0
     lk = mc.pk_lookup
+    db = manager.db
+    g = mc.group(manager.cache_group_alias(db))
     last_pk = None
     while True:
         # An empty read makes sure the generation exists and tells us the counters.
         head = redis_tier.scripts([(
-            "read_many", [mc.gen_key, mc.writes_key],
-            [int(conf.LEASE_TIMEOUT * 1000), fresh_token(), mc.row_prefix],
+            "read_many", [g.gen_key, g.writes_key],
+            [int(conf.LEASE_TIMEOUT * 1000), fresh_token(), g.row_prefix],
         )])[0]
         gen, writes = head[0], head[1]
         page = queryset.order_by("pk")
@@ -408,9 +447,10 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
             row = mc.codec.values(obj)
             if row is not None:
                 value = mc.codec.freeze(row)
-                fills.append(fill_call(mc, lk.key((value[2],)), "", gen, writes, value))
+                fills.append(Fill(g, lk.key(g, mc.schema, db, (value[2],)), "", gen, writes,
+                                  value, mc.timeout))
         if fills:
-            oks = redis_tier.scripts(fills)
+            oks = redis_tier.run_fills(fills)
             stored += sum(1 for ok in oks if ok)
             refused += sum(1 for ok in oks if not ok)
         last_pk = rows[-1].pk

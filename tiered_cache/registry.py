@@ -10,11 +10,12 @@ from typing import Any
 
 from django.apps import apps
 from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
-from django.db import models
+from django.db import DEFAULT_DB_ALIAS, models, router
 
 from .conf import conf
 from .exceptions import UndeclaredLookup
-from .keys import encode_values, model_tag, row_id, schema_fingerprint
+from .groups import Group, group, root_label
+from .keys import encode_values, row_id, schema_fingerprint
 from .serialization import RowCodec
 
 LookupSpec = str | Sequence[str]
@@ -57,14 +58,20 @@ class Lookup:
             out.append(prep(value))
         return tuple(out)
 
-    def key(self, values: tuple[Any, ...]) -> str:
-        return self.key_prefix + encode_values(values)
+    def key(self, g: Group, schema: str, alias: str, values: tuple[Any, ...]) -> str:
+        """The Redis key: the group's tag (its hash slot), the model's schema, this model,
+        manager and lookup, the database read, and the values."""
+        return f"{g.tag}:{schema}:{self.key_prefix}{alias}:{encode_values(values)}"
 
     def orm_kwargs(self, values: tuple[Any, ...]) -> dict[str, Any]:
         return dict(zip(self.orm_names, values))
 
 
 def _instance_value(f: models.Field, name: str, value: models.Model, model: type) -> Any:
+    if value.pk is None:
+        # What the ORM raises for an unsaved instance in a filter (it would otherwise
+        # match the rows whose foreign key is NULL).
+        raise ValueError("Model instances passed to related filters must be saved.")
     if f.is_relation and isinstance(value, f.related_model):
         return value.pk
     if f.primary_key and isinstance(value, model):
@@ -113,20 +120,22 @@ class ModelCache:
         negative_timeout: float | None = None,
     ):
         opts = model._meta
+        if is_composite_pk(model):
+            raise ImproperlyConfigured(
+                f"{opts.label_lower}: tiered_cache does not cache models with a composite "
+                "primary key (CompositePrimaryKey); use a plain manager for this model."
+            )
         self.model = model
         self.label = opts.label_lower
+        self.root = root_label(model)
         self.manager_name = manager_name
         self._timeout = timeout
         self._l1_timeout = l1_timeout
         self._negative_timeout = negative_timeout
         self.codec = RowCodec(model)
         self.schema = schema_fingerprint(model)
-        prefix = conf.KEY_PREFIX
-        self.tag = model_tag(prefix, self.label)
-        self.gen_key = self.tag + ":g"
-        self.writes_key = self.tag + ":w"
-        self.row_prefix = self.tag + ":r:"
-        self.data_prefix = f"{self.tag}:{self.schema}:{manager_name}:"
+        # Why every read of this manager goes to the database, if it must (see _scope).
+        self.bypass_reason: str | None = None
 
         declared: list[tuple[str, ...]] = [("pk",)]
         for spec in lookups:
@@ -150,7 +159,7 @@ class ModelCache:
                 fields=fields,
                 orm_names=orm_names,
                 preps=tuple(_prep_for(f) for f in fields),
-                key_prefix=self.data_prefix + "+".join(names) + ":",
+                key_prefix=f"{self.label}:{manager_name}:{'+'.join(names)}:",
                 model=model,
             )
             alias_sets = []
@@ -227,14 +236,26 @@ class ModelCache:
                 return lk, values
         raise UndeclaredLookup(self.label, kwargs, self.declared)
 
-    def row_key(self, rid: str) -> str:
-        return self.row_prefix + rid
+    def group(self, alias: str) -> Group:
+        return group(alias, self.root)
+
+    def key(self, lk: Lookup, values: tuple[Any, ...], alias: str | None = None) -> str:
+        """The L2 key of one lookup's values, read from `alias` (the home database)."""
+        g = self.home if alias is None else self.group(alias)
+        return lk.key(g, self.schema, alias or g.alias, values)
+
+    @property
+    def home(self) -> Group:
+        """The group of the database the model is written to (operations, stats)."""
+        alias = router.db_for_write(self.model) if router.routers else DEFAULT_DB_ALIAS
+        return group(alias, self.root)
 
     def row_id_of(self, pk: Any) -> str:
         return row_id(self.pk_lookup.preps[0](pk))
 
 
 _registry: dict[tuple[type[models.Model], str], ModelCache] = {}
+_by_root: dict[str, list[ModelCache]] = {}
 _registry_lock = threading.Lock()
 
 
@@ -254,14 +275,43 @@ def model_cache(manager: Any) -> ModelCache:
                     l1_timeout=manager.cache_l1_timeout,
                     negative_timeout=manager.cache_negative_timeout,
                 )
+                mc.bypass_reason = _scope(manager)
                 _registry[key] = mc
+                _by_root.setdefault(mc.root, []).append(mc)
     return mc
+
+
+def _scope(manager: Any) -> str | None:
+    """A manager whose queryset reads other tables (a join or subquery in its filter) has
+    answers that writes to those tables change: its reads are not cached."""
+    try:
+        query = manager.get_queryset().query
+        tables = {t.table_name for t in query.alias_map.values()}
+        own = {m._meta.db_table for m in [manager.model._meta.concrete_model,
+                                          *manager.model._meta.get_parent_list()]}
+        sql = str(query) if query.where else ""
+    except Exception:  # an unusual queryset: be safe
+        return "its queryset could not be inspected"
+    if tables - own or " SELECT " in sql.upper():
+        return "its queryset reads other tables"
+    return None
+
+
+def is_composite_pk(model: type[models.Model]) -> bool:
+    pk = model._meta.pk
+    return pk is not None and type(pk).__name__ == "CompositePrimaryKey"
+
+
+def model_caches_of_group(g: Group) -> list[ModelCache]:
+    """The built ModelCaches whose rows belong to this group's table hierarchy."""
+    return _by_root.get(g.label, [])
 
 
 def reset_registry() -> None:
     """Forget built ModelCaches (tests that change KEY_PREFIX or SECRET_KEY)."""
     with _registry_lock:
         _registry.clear()
+        _by_root.clear()
 
 
 def cached_managers(model: type[models.Model] | None = None) -> list[Any]:
@@ -277,9 +327,11 @@ def cached_managers(model: type[models.Model] | None = None) -> list[Any]:
 
 
 def cached_models() -> list[type[models.Model]]:
+    """Models with a cached manager (composite-pk models are refused by a check)."""
     seen: dict[type[models.Model], None] = {}
     for mgr in cached_managers():
-        seen.setdefault(mgr.model, None)
+        if not is_composite_pk(mgr.model):
+            seen.setdefault(mgr.model, None)
     return list(seen)
 
 

@@ -22,31 +22,25 @@ logger = logging.getLogger("tiered_cache")
 
 MAC_SIZE = 32
 
-# Fields whose Python values are immutable; anything else (JSON, arrays, custom
-# fields) is copied on the way out of L1 so a caller's mutation never reaches the cache.
-_IMMUTABLE_FIELDS: tuple[type[models.Field], ...] = (
-    models.AutoField,
-    models.BigAutoField,
-    models.SmallAutoField,
-    models.IntegerField,
-    models.BigIntegerField,
-    models.SmallIntegerField,
-    models.PositiveIntegerField,
-    models.PositiveBigIntegerField,
+# Fields whose Python values are immutable, by exact class: a subclass may return anything
+# from from_db_value() (a list behind a CharField), so subclasses are copied on the way out
+# of L1 like JSON, arrays and custom fields, and a caller's mutation never reaches the cache.
+_IMMUTABLE_FIELDS: frozenset[type[models.Field]] = frozenset({
+    models.AutoField, models.BigAutoField, models.SmallAutoField,
+    models.IntegerField, models.BigIntegerField, models.SmallIntegerField,
+    models.PositiveIntegerField, models.PositiveBigIntegerField,
     models.PositiveSmallIntegerField,
-    models.CharField,
-    models.TextField,
-    models.BooleanField,
-    models.DateTimeField,
-    models.DateField,
-    models.TimeField,
-    models.DurationField,
-    models.DecimalField,
-    models.FloatField,
-    models.UUIDField,
-    models.GenericIPAddressField,
-    models.ForeignKey,
-)
+    models.CharField, models.TextField, models.EmailField, models.SlugField,
+    models.URLField, models.BooleanField, models.DateTimeField, models.DateField,
+    models.TimeField, models.DurationField, models.DecimalField, models.FloatField,
+    models.UUIDField, models.GenericIPAddressField,
+})
+
+
+def _immutable(f: models.Field) -> bool:
+    while f.is_relation:  # a foreign key holds its target field's value
+        f = f.target_field  # type: ignore[attr-defined]
+    return type(f) in _IMMUTABLE_FIELDS
 
 
 class CorruptPayload(Exception):
@@ -71,20 +65,29 @@ def forget_mac_key(setting: str = "SECRET_KEY", **kwargs: Any) -> None:
         _mac_key.clear()
 
 
-def sign(key: str, body: bytes) -> bytes:
-    """Bind the payload to its key, so a valid payload moved to another key is rejected too."""
-    return hmac.digest(mac_key(), key.encode() + b"\0" + body, "sha256") + body
+def sign(key: str, header: bytes, body: bytes) -> bytes:
+    """header + MAC + body. The MAC binds the body to its key (a valid payload moved to
+    another key is refused) and to its header: everything that decides whether the entry
+    is served (kind, generation, row id, row version or write count, expiry), so an old
+    authentic body cannot be served under a current header."""
+    mac = hmac.digest(mac_key(), key.encode() + b"\0" + header + body, "sha256")
+    return header + mac + body
 
 
-def verify(key: str, signed: bytes) -> bytes:
-    """Return the body only if its MAC holds; nothing is decoded before this check."""
-    if len(signed) < MAC_SIZE:
+def open_signed(key: str, raw: bytes, fields: int) -> tuple[list[bytes], bytes]:
+    """(the header's fields, the body) if the MAC holds; nothing is decoded before this."""
+    parts = raw.split(b"|", fields)
+    if len(parts) != fields + 1:
+        raise CorruptPayload("malformed header")
+    rest = parts[fields]
+    if len(rest) < MAC_SIZE:
         raise CorruptPayload("truncated payload")
-    body = signed[MAC_SIZE:]
-    expected = hmac.digest(mac_key(), key.encode() + b"\0" + body, "sha256")
-    if not hmac.compare_digest(signed[:MAC_SIZE], expected):
+    header = raw[: len(raw) - len(rest)]
+    mac, body = rest[:MAC_SIZE], rest[MAC_SIZE:]
+    expected = hmac.digest(mac_key(), key.encode() + b"\0" + header + body, "sha256")
+    if not hmac.compare_digest(mac, expected):
         raise CorruptPayload("payload MAC does not match")
-    return body
+    return parts[:fields], body
 
 
 def _utc() -> datetime.timezone:
@@ -139,9 +142,7 @@ class RowCodec:
         self.attnames = [f.attname for f in self.fields]
         self.pk_index = self.attnames.index(model._meta.pk.attname)
         self._count = len(self.attnames)
-        self.mutable = tuple(
-            i for i, f in enumerate(self.fields) if not isinstance(f, _IMMUTABLE_FIELDS)
-        )
+        self.mutable = tuple(i for i, f in enumerate(self.fields) if not _immutable(f))
         self.imm_names = tuple(a for i, a in enumerate(self.attnames) if i not in self.mutable)
         self.mut_names = tuple(a for i, a in enumerate(self.attnames) if i in self.mutable)
         self._build = _dict_builder(self.imm_names)

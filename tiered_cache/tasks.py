@@ -33,6 +33,7 @@ def warmup(model_label: str, limit: int | None = None) -> dict[str, Any]:
     """Fill L2 with the model's warmup set; returns {"model", "stored", "refused", ...},
     or {"model", "skipped": "locked"} while another warmup of the model runs."""
     (model,) = ops.resolve_models([model_label])
+    limit = ops.warmup_limit(limit)
     ops.start_stats_publisher()
     label = model._meta.label
     with ops.exclusive(f"warmup:{model._meta.label_lower}",

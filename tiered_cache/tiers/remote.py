@@ -39,12 +39,14 @@ end
 
 # Whether value v is valid for generation g and write count w: a row while its row
 # version stands, a "no such row" while the model saw no write since it was stored.
+# A value is "kind|gen|row id|version|expiry|" + MAC + body; for "no such row" (N) the row
+# id is empty and the version is the write count it was stored under.
 _VALID = """
 local function valid(v, g, w, rowprefix)
-  local kind, vg, a, b = string.match(v, '^(%u)|([^|]*)|([^|]*)|([^|]*)|')
+  local kind, vg, rid, ver = string.match(v, '^(%u)|([^|]*)|([^|]*)|([^|]*)|')
   if vg ~= g then return false end
-  if kind == 'N' then return a == w end
-  if kind == 'P' then return sget(rowprefix .. a) == b end
+  if kind == 'N' then return ver == w end
+  if kind == 'P' then return sget(rowprefix .. rid) == ver end
   return false
 end
 local function generation(k, fresh)
@@ -100,34 +102,36 @@ return out
 """
 
 # KEYS: gen, writes, data, lease, row-version key (positive fills).
-# ARGV: lease token ('' = none), gen seen, writes seen, kind 'P'/'N', row id, body,
-# ttl ms, fresh row version, row version ttl ms.
-# Refused (0) if the model was flushed or written since the reader's first look: that
-# is what keeps a row read before a commit from being stored after its invalidation.
-# A refused filler still gives its lease back, or every other reader of the key would
-# wait LEASE_WAIT for a fill that never comes, until the lease expires.
+# ARGV: lease token ('' = none), gen seen, writes seen, kind 'P'/'N', value (header, MAC
+# and body, signed by the filler), ttl ms, row version in the value's header, row version
+# ttl ms. Returns 1 (stored), 0 (refused) or {2, current row version}: the row already has
+# a version other than the one signed, and the filler signs again with it.
+# Refused if the model was flushed or written since the reader's first look: that is what
+# keeps a row read before a commit from being stored after its invalidation. A refused
+# filler still gives its lease back, or every other reader of the key would wait
+# LEASE_WAIT for a fill that never comes, until the lease expires.
 FILL = _SGET + """
 if sget(KEYS[1]) ~= ARGV[2] or (sget(KEYS[2]) or '0') ~= ARGV[3] then
   if ARGV[1] ~= '' and sget(KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
   return 0
 end
 if ARGV[1] ~= '' and sget(KEYS[4]) ~= ARGV[1] then return 0 end
-local hdr
-if ARGV[4] == 'N' then
-  hdr = 'N|' .. ARGV[2] .. '|' .. ARGV[3] .. '||'
-else
+if ARGV[4] == 'P' then
   local rv = sget(KEYS[5])
   -- A row version is a token too: junk there (a '|') would make the row unservable.
-  if rv and not string.find(rv, '[^%w:_-]') then redis.call('PEXPIRE', KEYS[5], ARGV[9])
-  else rv = ARGV[8]; redis.call('SET', KEYS[5], rv, 'PX', ARGV[9]) end
-  hdr = 'P|' .. ARGV[2] .. '|' .. ARGV[5] .. '|' .. rv .. '|'
+  if rv and not string.find(rv, '[^%w:_-]') then
+    if rv ~= ARGV[7] then return {2, rv} end
+    redis.call('PEXPIRE', KEYS[5], ARGV[8])
+  else
+    redis.call('SET', KEYS[5], ARGV[7], 'PX', ARGV[8])
+  end
 end
-redis.call('SET', KEYS[3], hdr .. ARGV[6], 'PX', ARGV[7])
+redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
 if ARGV[1] ~= '' then redis.call('DEL', KEYS[4]) end
 return 1
 """
 
-# KEYS: gen, writes, row-version keys (ARGV[3] of them), then data keys to delete.
+# KEYS: gen, writes, then row-version keys (ARGV[3] of them).
 # ARGV: channel, message, number of row keys, fresh token, row version ttl ms,
 # flush '1'/'0', fresh gen. New row versions make every entry of those rows invalid,
 # under whatever lookup it was stored, without knowing the old lookup values.
@@ -141,7 +145,6 @@ if type(w) == 'table' and w.err then
 end
 local n = tonumber(ARGV[3])
 for i = 3, 2 + n do redis.call('SET', KEYS[i], ARGV[4] .. ':' .. i, 'PX', ARGV[5]) end
-for i = 3 + n, #KEYS do redis.call('DEL', KEYS[i]) end
 if ARGV[6] == '1' then redis.call('SET', KEYS[1], ARGV[7]) end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
@@ -180,7 +183,8 @@ end
 return {0, g, wstr, ''}
 """
 
-# KEYS as DREAD. ARGV: gen seen, counters seen, tombstone seen ('' = none), body, ttl ms.
+# KEYS as DREAD. ARGV: gen seen, counters seen, tombstone seen ('' = none), value (the
+# "D|gen|counters|expiry|" header, MAC and body, signed by the caller), ttl ms.
 DFILL = _SGET + """
 if sget(KEYS[1]) ~= ARGV[1] then return 0 end
 local ws = {}
@@ -188,7 +192,7 @@ for i = 3, #KEYS do ws[#ws + 1] = sget(KEYS[i]) or '0' end
 if table.concat(ws, ',') ~= ARGV[2] then return 0 end
 local cur = sget(KEYS[2])
 if cur and string.sub(cur, 1, 2) == 'T|' and cur ~= ARGV[3] then return 0 end
-redis.call('SET', KEYS[2], 'D|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[4], 'PX', ARGV[5])
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
 return 1
 """
 
@@ -377,10 +381,26 @@ class RedisTier:
                 out.append(exc)
         return out
 
-    def fill_later(self, calls: list[tuple[str, Sequence[Any], Sequence[Any]]],
+    def run_fills(self, fills: Sequence[Any]) -> list[Any]:
+        """Run FILL scripts for objects with .version and .call(version): one round trip,
+        and a second for the fills whose row already had another version (signed again
+        with it; the write counter check still guards them). 1 stored, 0 refused."""
+        out = self.scripts([f.call(f.version) for f in fills])
+        retry = [i for i, r in enumerate(out) if isinstance(r, list)]
+        if retry:
+            for i in retry:
+                v = out[i][1]
+                fills[i].version = v.decode() if isinstance(v, bytes) else str(v)
+            again = self.scripts([fills[i].call(fills[i].version) for i in retry])
+            for i, r in zip(retry, again):
+                out[i] = 0 if isinstance(r, list) else r
+        return out
+
+    def fill_later(self, fills: list[Any],
                    done: Callable[[list[Any]], None] | None = None) -> None:
-        """Hand fills to this process's filler thread: the caller has its row already, and
-        a fill is checked against the model's writes in Redis whenever it runs."""
+        """Hand fills (see run_fills) to this process's filler thread: the caller has its
+        row already, and a fill is checked against the model's writes in Redis whenever
+        it runs."""
         if self._filler is None or self._filler_pid != os.getpid():
             with self._lock:
                 if self._filler is None or self._filler_pid != os.getpid():
@@ -390,7 +410,7 @@ class RedisTier:
                     )
                     self._filler_pid = os.getpid()
                     self._filler.start()
-        self._fills.put((calls, done))
+        self._fills.put((fills, done))
 
     def _fill_loop(self) -> None:
         fills = self._fills
@@ -403,7 +423,7 @@ class RedisTier:
                     break
             calls = [c for cs, _ in batch for c in cs]
             try:
-                results: list[Any] = self.scripts(calls)
+                results: list[Any] = self.run_fills(calls) if calls else []
             except Unavailable:
                 results = [None] * len(calls)
             except Exception:  # never let the filler die
