@@ -4,9 +4,14 @@ import os
 import secrets
 
 import dj_database_url
+import psycopg
 
 from demo_project.settings import *  # noqa: F403
 from demo_project.settings import CACHES as _DEMO_CACHES
+from demo_project.settings import INSTALLED_APPS as _DEMO_APPS
+
+# The suite's own app (tests/testapp): every model shape Django has.
+INSTALLED_APPS = [*_DEMO_APPS, "tests.testapp"]
 
 DATABASES = {
     "default": dj_database_url.parse(
@@ -15,6 +20,23 @@ DATABASES = {
 }
 # A test database per run too: two runs on one server must not drop each other's.
 DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
+# A second database (tests/test_orm_parity.py): no router, tests name it with
+# using("other") / db_manager("other").
+DATABASES["other"] = {
+    **DATABASES["default"],
+    "NAME": "tiered_cache_other",
+    "TEST": {"NAME": f"test_tiered_cache_other_{os.getpid()}"},
+}
+# The default database again, through connections in REPEATABLE READ: a transaction on it
+# reads one snapshot (tests/test_orm_parity.py).
+DATABASES["snapshot"] = {
+    **DATABASES["default"],
+    "OPTIONS": {
+        **DATABASES["default"].get("OPTIONS", {}),
+        "isolation_level": psycopg.IsolationLevel.REPEATABLE_READ,
+    },
+    "TEST": {**DATABASES["default"]["TEST"], "MIRROR": "default"},
+}
 
 # One prefix per run keeps concurrent runs (and leftovers of dead runs) apart;
 # conftest.py deletes this run's keys at the end.

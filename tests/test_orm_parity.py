@@ -1,0 +1,1237 @@
+"""get_cached() answers exactly what the ORM's own .get() on the same manager answers
+(guarantee 11), on every model shape of the test app (tests/testapp): related managers,
+proxies, multi-table inheritance, write paths that send no signals, several databases,
+threads, on_commit, derived functions, manual transactions, snapshots, odd primary keys.
+
+Each test names the behaviour it checks; a failure says what get_cached() and .get()
+answered. "tier" runs a read from L1 (as warmed) or from L2 (this process's L1 emptied
+first, as another process would read it).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connection, connections, models, transaction
+from django.db.models import F, Q
+from django.test import override_settings
+from django.test.utils import CaptureQueriesContext, isolate_apps
+
+import tiered_cache
+from demo_project.demo.models import User as ProjectUser
+from tests.cache_fixtures import in_thread
+from tests.testapp.factories import (
+    AccountFactory,
+    CachedUserFactory,
+    CodeFactory,
+    DocumentFactory,
+    GadgetFactory,
+    ItalianRestaurantFactory,
+    ItemFactory,
+    LabelFactory,
+    NoteFactory,
+    OwnerFactory,
+    TenantFactory,
+)
+from tests.testapp.models import (
+    Account,
+    CachedUser,
+    Code,
+    Document,
+    Gadget,
+    ItalianRestaurant,
+    Item,
+    Note,
+    Place,
+    ProxyAccount,
+    Restaurant,
+    Shipment,
+    Tenant,
+)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TIERS = ["l1", "l2"]
+MULTI_DB = pytest.mark.django_db(transaction=True, databases=["default", "other"])
+SNAPSHOT_DB = pytest.mark.django_db(transaction=True, databases=["default", "snapshot"])
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+def at(tier: str) -> None:
+    """Make the next read come from the given tier: "l1" leaves this process's L1 as it
+    is; "l2" empties it (after pending L2 fills landed), as if another process read."""
+    if tier == "l2":
+        from tiered_cache.tiers import redis_tier
+
+        wait = getattr(redis_tier, "wait_for_fills", None)
+        if callable(wait):
+            wait()
+        tiered_cache.clear_local()
+
+
+def row(obj: models.Model) -> tuple[str, str | None, dict[str, Any]]:
+    """What a read returned: its class, its database, and every concrete field's value."""
+    return (
+        type(obj).__qualname__,
+        obj._state.db,
+        {f.attname: f.value_from_object(obj) for f in obj._meta.concrete_fields},
+    )
+
+
+def outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
+    try:
+        value = fn()
+    except Exception as exc:  # compared, not hidden
+        return ("raises", type(exc).__qualname__)
+    if isinstance(value, models.Model):
+        return ("row", row(value))
+    return ("value", value)
+
+
+def assert_same(cached: Callable[[], Any], orm: Callable[[], Any], what: str) -> tuple[str, Any]:
+    """get_cached() first (the tier under test), then the ORM as the oracle."""
+    got = outcome(cached)
+    expected = outcome(orm)
+    assert got == expected, (
+        f"{what}: get_cached() answered {got!r} but .get() answered {expected!r}"
+    )
+    return expected
+
+
+def start_loop(fn: Callable[[], Any], stop: threading.Event, errors: list[Any]
+               ) -> threading.Thread:
+    def run() -> None:
+        try:
+            while not stop.is_set():
+                fn()
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+class Boom(Exception):
+    pass
+
+
+# -- 1. related managers ---------------------------------------------------------------
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_related_manager_get_cached_applies_the_relation_filter(tier: str) -> None:
+    tenant_a, tenant_b = TenantFactory(), TenantFactory()
+    acc_of_b = AccountFactory(tenant=tenant_b)
+    Account.objects.get_cached(pk=acc_of_b.pk)  # warm, unscoped
+    at(tier)
+    expected = assert_same(
+        lambda: tenant_a.accounts.get_cached(pk=acc_of_b.pk),
+        lambda: tenant_a.accounts.get(pk=acc_of_b.pk),
+        "tenant_a.accounts, row of tenant_b",
+    )
+    assert expected == ("raises", "Account.DoesNotExist")  # the oracle, as Django defines it
+    at(tier)
+    assert_same(
+        lambda: tenant_b.accounts.get_cached(pk=acc_of_b.pk),
+        lambda: tenant_b.accounts.get(pk=acc_of_b.pk),
+        "tenant_b.accounts, its own row",
+    )
+    at(tier)
+    assert_same(
+        lambda: Account.objects.get_cached(pk=acc_of_b.pk),
+        lambda: Account.objects.get(pk=acc_of_b.pk),
+        "Account.objects after a scoped miss",
+    )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_scoped_miss_is_not_remembered_as_missing_for_the_unscoped_manager(tier: str) -> None:
+    tenant_a, tenant_b = TenantFactory(), TenantFactory()
+    acc_of_b = AccountFactory(tenant=tenant_b)
+    # Cold cache: the first read of the row goes through the related manager and misses.
+    assert_same(
+        lambda: tenant_a.accounts.get_cached(pk=acc_of_b.pk),
+        lambda: tenant_a.accounts.get(pk=acc_of_b.pk),
+        "tenant_a.accounts, row of tenant_b, cold cache",
+    )
+    at(tier)
+    assert_same(
+        lambda: Account.objects.get_cached(pk=acc_of_b.pk),
+        lambda: Account.objects.get(pk=acc_of_b.pk),
+        "Account.objects after a scoped miss on a cold cache",
+    )
+    at(tier)
+    assert_same(
+        lambda: tenant_a.accounts.get_cached(email=acc_of_b.email),
+        lambda: tenant_a.accounts.get(email=acc_of_b.email),
+        "tenant_a.accounts by email, row of tenant_b",
+    )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_many_to_many_related_manager_get_cached_follows_add_and_remove(tier: str) -> None:
+    label = LabelFactory()
+    item = ItemFactory()
+    Item.objects.get_cached(pk=item.pk)  # warm, unscoped
+
+    def check(when: str) -> None:
+        at(tier)
+        assert_same(
+            lambda: label.items.get_cached(pk=item.pk),
+            lambda: label.items.get(pk=item.pk),
+            f"label.items {when}",
+        )
+        at(tier)
+        assert_same(
+            lambda: Item.objects.get_cached(pk=item.pk),
+            lambda: Item.objects.get(pk=item.pk),
+            f"Item.objects {when}",
+        )
+
+    check("before add()")
+    label.items.add(item)
+    check("after add()")
+    label.items.remove(item)
+    check("after remove()")
+    item.tags.add(label)  # the other side of the relation
+    check("after item.tags.add()")
+
+
+# -- 2. proxies --------------------------------------------------------------------------
+
+PROXY_WRITES = ["account_save", "account_queryset_update", "proxy_save",
+                "proxy_queryset_update"]
+
+
+def _write_account(how: str, pk: int, balance: int, email: str) -> None:
+    if how == "account_save":
+        obj = Account.objects.get(pk=pk)
+        obj.balance, obj.email = balance, email
+        obj.save()
+    elif how == "account_queryset_update":
+        Account.objects.filter(pk=pk).update(balance=balance, email=email)
+    elif how == "proxy_save":
+        pobj = ProxyAccount.objects.get(pk=pk)
+        pobj.balance, pobj.email = balance, email
+        pobj.save()
+    elif how == "proxy_queryset_update":
+        ProxyAccount.objects.filter(pk=pk).update(balance=balance, email=email)
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("how", PROXY_WRITES)
+def test_proxy_and_concrete_model_see_each_others_writes(how: str, tier: str) -> None:
+    acc = AccountFactory(balance=1)
+    old_email = acc.email
+    for model in (Account, ProxyAccount):
+        model.objects.get_cached(pk=acc.pk)
+        model.objects.get_cached(email=old_email)
+    _write_account(how, acc.pk, balance=2, email="renamed-" + old_email)
+    for model in (Account, ProxyAccount):
+        at(tier)
+        assert_same(
+            lambda m=model: m.objects.get_cached(pk=acc.pk),
+            lambda m=model: m.objects.get(pk=acc.pk),
+            f"{model.__name__} by pk after {how}",
+        )
+        at(tier)
+        assert_same(
+            lambda m=model: m.objects.get_cached(email=old_email),
+            lambda m=model: m.objects.get(email=old_email),
+            f"{model.__name__} by the old email after {how}",
+        )
+        at(tier)
+        assert_same(
+            lambda m=model: m.objects.get_cached(email="renamed-" + old_email),
+            lambda m=model: m.objects.get(email="renamed-" + old_email),
+            f"{model.__name__} by the new email after {how}",
+        )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("how", ["account_instance", "account_queryset", "proxy_instance"])
+def test_proxy_sees_a_delete(how: str, tier: str) -> None:
+    acc = AccountFactory()
+    ProxyAccount.objects.get_cached(pk=acc.pk)
+    ProxyAccount.objects.get_cached(email=acc.email)
+    Account.objects.get_cached(pk=acc.pk)
+    if how == "account_instance":
+        Account.objects.get(pk=acc.pk).delete()
+    elif how == "account_queryset":
+        Account.objects.filter(pk=acc.pk).delete()
+    else:
+        ProxyAccount.objects.get(pk=acc.pk).delete()
+    at(tier)
+    expected = assert_same(
+        lambda: ProxyAccount.objects.get_cached(pk=acc.pk),
+        lambda: ProxyAccount.objects.get(pk=acc.pk),
+        f"ProxyAccount by pk after delete via {how}",
+    )
+    assert expected == ("raises", "ProxyAccount.DoesNotExist")
+    at(tier)
+    assert_same(
+        lambda: ProxyAccount.objects.get_cached(email=acc.email),
+        lambda: ProxyAccount.objects.get(email=acc.email),
+        f"ProxyAccount by email after delete via {how}",
+    )
+
+
+def _user_via(via: str, pk: int) -> ProjectUser:
+    return (ProjectUser if via == "project_user" else CachedUser).objects.get(pk=pk)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("via", ["project_user", "proxy"])
+def test_cached_user_proxy_sees_deactivation(via: str, tier: str) -> None:
+    user = CachedUserFactory(is_active=True)
+    assert CachedUser.objects.get_cached(pk=user.pk).is_active
+    assert CachedUser.objects.get_cached(username=user.username).is_active
+    u = _user_via(via, user.pk)
+    u.is_active = False
+    u.save()
+    at(tier)
+    got = CachedUser.objects.get_cached(pk=user.pk)
+    assert got.is_active is False, f"cached proxy user by pk still active after save via {via}"
+    at(tier)
+    got = CachedUser.objects.get_cached(username=user.username)
+    assert got.is_active is False, (
+        f"cached proxy user by username still active after save via {via}"
+    )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("via", ["project_user", "proxy"])
+def test_cached_user_proxy_sees_a_new_password(via: str, tier: str) -> None:
+    user = CachedUserFactory()
+    assert CachedUser.objects.get_cached(pk=user.pk).check_password("password")
+    u = _user_via(via, user.pk)
+    u.set_password("new")
+    u.save()
+    at(tier)
+    got = CachedUser.objects.get_cached(pk=user.pk)
+    assert got.password == CachedUser.objects.get(pk=user.pk).password, (
+        f"cached proxy user serves the old password hash after set_password via {via}"
+    )
+    assert got.check_password("new")
+
+
+def test_proxy_models_raise_no_non_unique_lookup_warning() -> None:
+    proxies = {ProxyAccount, CachedUser}
+    found = [
+        m for m in checks.run_checks()
+        if m.id == "tiered_cache.W001" and getattr(m, "obj", None) in proxies
+    ]
+    assert found == [], f"system checks warn about the proxies' unique lookups: {found}"
+
+
+# -- 3. multi-table inheritance ------------------------------------------------------------
+
+MTI_WRITES = [
+    "place_save",
+    "place_queryset_update",
+    "restaurant_save",
+    "restaurant_queryset_update",
+    "italian_save",
+    "italian_queryset_update",
+]
+
+
+def _write_mti(how: str, pk: int) -> None:
+    if how == "place_save":
+        p = Place.objects.get(pk=pk)
+        p.name, p.address = "renamed", "1 New Street"
+        p.save()
+    elif how == "place_queryset_update":
+        Place.objects.filter(pk=pk).update(name="renamed", address="1 New Street")
+    elif how == "restaurant_save":
+        r = Restaurant.objects.get(pk=pk)
+        r.name, r.serves_pizza = "renamed", True
+        r.save()
+    elif how == "restaurant_queryset_update":
+        # serves_pizza is Restaurant's own field, name is the parent's: two UPDATEs.
+        Restaurant.objects.filter(pk=pk).update(serves_pizza=True, name="renamed")
+    elif how == "italian_save":
+        i = ItalianRestaurant.objects.get(pk=pk)
+        i.name, i.serves_pizza, i.has_oven = "renamed", True, True
+        i.save()
+    elif how == "italian_queryset_update":
+        ItalianRestaurant.objects.filter(pk=pk).update(
+            name="renamed", serves_pizza=True, has_oven=True
+        )
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("how", MTI_WRITES)
+def test_multi_table_inheritance_writes_reach_every_level(how: str, tier: str) -> None:
+    it = ItalianRestaurantFactory(name="old", address="1 Old Street")
+    for model in (Place, Restaurant, ItalianRestaurant):
+        model.objects.get_cached(pk=it.pk)
+    _write_mti(how, it.pk)
+    for model in (Place, Restaurant, ItalianRestaurant):
+        at(tier)
+        assert_same(
+            lambda m=model: m.objects.get_cached(pk=it.pk),
+            lambda m=model: m.objects.get(pk=it.pk),
+            f"{model.__name__} after {how}",
+        )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("how", ["place_instance", "place_queryset", "restaurant_instance"])
+def test_deleting_the_parent_row_deletes_every_level(how: str, tier: str) -> None:
+    it = ItalianRestaurantFactory()
+    for model in (Place, Restaurant, ItalianRestaurant):
+        model.objects.get_cached(pk=it.pk)
+    if how == "place_instance":
+        Place.objects.get(pk=it.pk).delete()
+    elif how == "place_queryset":
+        Place.objects.filter(pk=it.pk).delete()
+    else:
+        Restaurant.objects.get(pk=it.pk).delete()
+    for model in (Place, Restaurant, ItalianRestaurant):
+        at(tier)
+        expected = assert_same(
+            lambda m=model: m.objects.get_cached(pk=it.pk),
+            lambda m=model: m.objects.get(pk=it.pk),
+            f"{model.__name__} after deleting via {how}",
+        )
+        assert expected[0] == "raises"
+
+
+# -- 4. write paths that send no signals ----------------------------------------------------
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("field", ["owner_set_null", "owner_set_default", "owner_set"])
+def test_on_delete_set_null_set_default_and_set_reach_the_cache(field: str, tier: str) -> None:
+    owner = OwnerFactory()
+    item = ItemFactory(**{field: owner})
+    assert getattr(Item.objects.get_cached(pk=item.pk), field + "_id") == owner.pk
+    owner.delete()
+    at(tier)
+    assert_same(
+        lambda: Item.objects.get_cached(pk=item.pk),
+        lambda: Item.objects.get(pk=item.pk),
+        f"Item after deleting the Owner its {field} pointed to",
+    )
+    assert getattr(Item.objects.get_cached(pk=item.pk), field + "_id") is None
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_on_delete_cascade_reaches_the_cache(tier: str) -> None:
+    item = ItemFactory()
+    Item.objects.get_cached(pk=item.pk)
+    item.owner_cascade.delete()
+    at(tier)
+    expected = assert_same(
+        lambda: Item.objects.get_cached(pk=item.pk),
+        lambda: Item.objects.get(pk=item.pk),
+        "Item after deleting its owner_cascade",
+    )
+    assert expected == ("raises", "Item.DoesNotExist")
+
+
+REVERSE_FK_OPS = ["add", "set", "remove", "clear"]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("op", REVERSE_FK_OPS)
+def test_reverse_foreign_key_manager_bulk_writes_reach_the_cache(op: str, tier: str) -> None:
+    owner = OwnerFactory()
+    in_set = ItemFactory(owner_set_null=owner if op in ("set", "remove", "clear") else None)
+    other = ItemFactory()
+    items = [in_set, other]
+    for it in items:
+        Item.objects.get_cached(pk=it.pk)
+    if op == "add":
+        owner.set_null_items.add(in_set)  # bulk=True: an UPDATE through _base_manager
+    elif op == "set":
+        owner.set_null_items.set([other])  # in_set leaves, other joins
+    elif op == "remove":
+        owner.set_null_items.remove(in_set)
+    else:
+        owner.set_null_items.clear()
+    for it in items:
+        at(tier)
+        assert_same(
+            lambda i=it: Item.objects.get_cached(pk=i.pk).owner_set_null_id,
+            lambda i=it: Item.objects.get(pk=i.pk).owner_set_null_id,
+            f"Item {it.name}.owner_set_null_id after owner.set_null_items.{op}()",
+        )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_remembered_missing_row_is_found_after_bulk_create(tier: str) -> None:
+    owner = OwnerFactory()
+    pk = (Item.objects.order_by("-pk").values_list("pk", flat=True).first() or 0) + 1000
+    assert_same(
+        lambda: Item.objects.get_cached(pk=pk),
+        lambda: Item.objects.get(pk=pk),
+        "a pk that does not exist yet",
+    )
+    Item.objects.bulk_create([Item(pk=pk, name="bulk", owner_cascade=owner)])
+    at(tier)
+    expected = assert_same(
+        lambda: Item.objects.get_cached(pk=pk),
+        lambda: Item.objects.get(pk=pk),
+        "the pk after bulk_create() created it",
+    )
+    assert expected[0] == "row"
+
+
+# -- 5. several databases ------------------------------------------------------------------
+
+@MULTI_DB
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("first", ["default", "other"])
+def test_database_alias_is_part_of_the_key(first: str, tier: str) -> None:
+    t = Tenant.objects.create(name="default-row")
+    Tenant.objects.using("other").create(pk=t.pk, name="other-row")
+    order = ["default", "other"] if first == "default" else ["other", "default"]
+    for alias in order + order:  # the second round reads what the first one cached
+        at(tier)
+        expected = assert_same(
+            lambda a=alias: Tenant.objects.db_manager(a).get_cached(pk=t.pk),
+            lambda a=alias: Tenant.objects.db_manager(a).get(pk=t.pk),
+            f"Tenant pk={t.pk} on {alias!r} (read {first!r} first)",
+        )
+        assert expected[1][1] == alias  # _state.db, as Django sets it
+    for alias, name in (("default", "default-row"), ("other", "other-row")):
+        at(tier)
+        assert_same(
+            lambda a=alias, n=name: Tenant.objects.db_manager(a).get_cached(name=n),
+            lambda a=alias, n=name: Tenant.objects.db_manager(a).get(name=n),
+            f"Tenant name={name!r} on {alias!r}",
+        )
+        at(tier)
+        wrong = "other-row" if alias == "default" else "default-row"
+        assert_same(
+            lambda a=alias, n=wrong: Tenant.objects.db_manager(a).get_cached(name=n),
+            lambda a=alias, n=wrong: Tenant.objects.db_manager(a).get(name=n),
+            f"Tenant name={wrong!r} on {alias!r} (only in the other database)",
+        )
+
+
+@MULTI_DB
+@pytest.mark.parametrize("tier", TIERS)
+def test_saving_an_instance_read_from_another_database_changes_only_that_one(tier: str) -> None:
+    t = Tenant.objects.create(name="default-row")
+    Tenant.objects.using("other").create(pk=t.pk, name="other-row")
+    Tenant.objects.get_cached(pk=t.pk)
+    got = Tenant.objects.db_manager("other").get_cached(pk=t.pk)
+    assert (got.name, got._state.db) == ("other-row", "other")
+    got.name = "other-renamed"
+    got.save()
+    assert Tenant.objects.get(pk=t.pk).name == "default-row"  # plain Django, the oracle
+    assert Tenant.objects.using("other").get(pk=t.pk).name == "other-renamed"
+    for alias in ("default", "other"):
+        at(tier)
+        assert_same(
+            lambda a=alias: Tenant.objects.db_manager(a).get_cached(pk=t.pk),
+            lambda a=alias: Tenant.objects.db_manager(a).get(pk=t.pk),
+            f"Tenant on {alias!r} after saving the instance read from 'other'",
+        )
+
+
+# -- 6. the writer's own L1, with reader threads -------------------------------------------
+
+def test_writer_thread_reads_its_own_saves_while_readers_load() -> None:
+    acc = AccountFactory(balance=0)
+    Account.objects.get_cached(pk=acc.pk)
+    stop = threading.Event()
+    errors: list[Any] = []
+    readers = [
+        start_loop(lambda: Account.objects.get_cached(pk=acc.pk), stop, errors)
+        for _ in range(2)
+    ]
+    stale: list[tuple[str, int, Any]] = []
+
+    def writer() -> None:
+        obj = Account.objects.get(pk=acc.pk)
+        for i in range(1, 201):
+            obj.balance = i
+            obj.save()
+            mine = Account.objects.get_cached(pk=acc.pk).balance
+            if mine != i:
+                stale.append(("writer", i, mine))
+            fresh = in_thread(lambda: Account.objects.get_cached(pk=acc.pk).balance)
+            if fresh != i:
+                stale.append(("new reader thread", i, fresh))
+
+    try:
+        result = in_thread(writer)
+    finally:
+        stop.set()
+        for r in readers:
+            r.join(10)
+    assert not isinstance(result, Exception), f"the writer thread failed: {result!r}"
+    assert errors == [], f"reader threads failed: {errors[:3]}"
+    assert stale == [], (
+        f"{len(stale)} stale reads right after save() returned "
+        f"(who, saved, read), first ones: {stale[:5]}"
+    )
+
+
+# -- 7. on_commit order --------------------------------------------------------------------
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("how", ["save", "queryset_update"])
+def test_on_commit_callback_registered_before_the_write_reads_the_new_value(
+    how: str, tier: str
+) -> None:
+    acc = AccountFactory(balance=1)
+    Account.objects.get_cached(pk=acc.pk)
+    seen: list[Any] = []
+
+    def callback() -> None:
+        at(tier)
+        seen.append(outcome(lambda: Account.objects.get_cached(pk=acc.pk).balance))
+
+    with transaction.atomic():
+        transaction.on_commit(callback)
+        if how == "save":
+            obj = Account.objects.get(pk=acc.pk)
+            obj.balance = 2
+            obj.save()
+        else:
+            Account.objects.filter(pk=acc.pk).update(balance=2)
+    assert seen == [("value", 2)], (
+        f"an on_commit callback registered before the write read {seen}, not balance 2"
+    )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("how", ["save", "queryset_update"])
+def test_raising_on_commit_callback_does_not_keep_the_old_value_cached(
+    how: str, tier: str
+) -> None:
+    acc = AccountFactory(balance=1)
+    Account.objects.get_cached(pk=acc.pk)
+
+    def boom() -> None:
+        raise Boom("a callback that is not robust")
+
+    with pytest.raises(Boom):
+        with transaction.atomic():
+            transaction.on_commit(boom)  # not robust: Django runs no later callback
+            if how == "save":
+                obj = Account.objects.get(pk=acc.pk)
+                obj.balance = 2
+                obj.save()
+            else:
+                Account.objects.filter(pk=acc.pk).update(balance=2)
+    assert Account.objects.get(pk=acc.pk).balance == 2  # committed: the oracle
+    at(tier)
+    assert_same(
+        lambda: Account.objects.get_cached(pk=acc.pk),
+        lambda: Account.objects.get(pk=acc.pk),
+        "after a commit whose first on_commit callback raised",
+    )
+    elsewhere = in_thread(lambda: Account.objects.get_cached(pk=acc.pk).balance)
+    assert elsewhere == 2, f"another thread read {elsewhere!r} after the commit, not 2"
+
+
+# -- 8. derived functions ------------------------------------------------------------------
+
+@tiered_cache.cached(depends_on=[Account])
+def tenant_balance(tenant_id: int) -> int:
+    return sum(Account.objects.filter(tenant_id=tenant_id).values_list("balance", flat=True))
+
+
+def _orm_tenant_balance(tenant_id: int) -> int:
+    return sum(Account.objects.filter(tenant_id=tenant_id).values_list("balance", flat=True))
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_derived_result_dropped_by_a_queryset_update_committed_in_atomic(tier: str) -> None:
+    acc = AccountFactory(balance=1)
+    assert tenant_balance(acc.tenant_id) == 1
+    with transaction.atomic():
+        Account.objects.filter(pk=acc.pk).update(balance=5)
+    at(tier)
+    got = tenant_balance(acc.tenant_id)
+    assert got == _orm_tenant_balance(acc.tenant_id) == 5, (
+        f"the derived function returned {got} after the committed update to 5"
+    )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_derived_invalidate_inside_rolled_back_block_leaves_no_uncommitted_result(
+    tier: str,
+) -> None:
+    acc = AccountFactory(balance=1)
+    assert tenant_balance(acc.tenant_id) == 1
+    inside: dict[str, Any] = {}
+    with pytest.raises(Boom):
+        with transaction.atomic():
+            Account.objects.filter(pk=acc.pk).update(balance=99)
+            tenant_balance.invalidate(acc.tenant_id)
+            inside["cached"] = tenant_balance(acc.tenant_id)
+            inside["orm"] = _orm_tenant_balance(acc.tenant_id)
+            raise Boom("roll back")
+    at(tier)
+    after = tenant_balance(acc.tenant_id)
+    assert after == _orm_tenant_balance(acc.tenant_id) == 1, (
+        f"after the rollback the derived function returned {after}, computed from "
+        "uncommitted data (the committed value is 1)"
+    )
+    elsewhere = in_thread(lambda: tenant_balance(acc.tenant_id))
+    assert elsewhere == 1, f"another thread got {elsewhere!r} after the rollback, not 1"
+    assert inside["cached"] == inside["orm"] == 99, (
+        f"inside the block the derived function returned {inside['cached']}, "
+        f"the ORM {inside['orm']}"
+    )
+
+
+def _forget_derived(fn: Any) -> None:
+    """Best effort: unregister a cached function defined by a test, so later system
+    checks do not report it (the registry's internals may change)."""
+    from tiered_cache import derived
+
+    label = getattr(fn, "label", None)
+    functions = getattr(derived, "_functions", None)
+    if isinstance(functions, dict) and label is not None:
+        functions.pop(label, None)
+    dependents = getattr(derived, "_dependents", None)
+    if isinstance(dependents, dict) and label is not None:
+        for labels in dependents.values():
+            if isinstance(labels, set):
+                labels.discard(label)
+
+
+def test_derived_function_depending_on_a_model_without_cached_manager_is_refused_clearly(
+) -> None:
+    Shipment.objects.create(tenant_code="T", number=1)  # behind a plain models.Manager
+    fn: Any = None
+    try:
+        try:
+            @tiered_cache.cached(depends_on=[Shipment])
+            def shipment_count() -> int:
+                return Shipment.objects.count()
+
+            fn = shipment_count
+        except ImproperlyConfigured as exc:
+            assert "shipment" in str(exc).lower(), f"the error does not name the model: {exc}"
+            return
+        messages = [
+            m for m in checks.run_checks()
+            if (m.id or "").startswith("tiered_cache.") and "shipment" in m.msg.lower()
+        ]
+        if messages:
+            assert any(m.is_serious() for m in messages), (
+                f"the check reports the uncached dependency only as {messages}"
+            )
+            return
+        with pytest.raises(ImproperlyConfigured) as info:
+            fn()
+        assert "shipment" in str(info.value).lower(), (
+            f"the error does not name the model: {info.value}"
+        )
+    finally:
+        if fn is not None:
+            _forget_derived(fn)
+
+
+# -- 9. autocommit off ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("how", ["save", "queryset_update"])
+def test_manual_transaction_rollback_leaves_the_committed_value(how: str, tier: str) -> None:
+    acc = AccountFactory(balance=1)
+    Account.objects.get_cached(pk=acc.pk)
+    transaction.set_autocommit(False)
+    try:
+        if how == "save":
+            obj = Account.objects.get(pk=acc.pk)
+            obj.balance = 2
+            obj.save()
+        else:
+            Account.objects.filter(pk=acc.pk).update(balance=2)
+        assert_same(
+            lambda: Account.objects.get_cached(pk=acc.pk),
+            lambda: Account.objects.get(pk=acc.pk),
+            "in the manual transaction, after the uncommitted write",
+        )
+        transaction.rollback()
+    finally:
+        if not transaction.get_autocommit():
+            transaction.rollback()
+            transaction.set_autocommit(True)
+    elsewhere = in_thread(lambda: Account.objects.get_cached(pk=acc.pk).balance)
+    assert elsewhere == 1, f"another thread read {elsewhere!r} after the rollback, not 1"
+    at(tier)
+    assert_same(
+        lambda: Account.objects.get_cached(pk=acc.pk),
+        lambda: Account.objects.get(pk=acc.pk),
+        "after the rollback, autocommit on again",
+    )
+    at(tier)
+    elsewhere = in_thread(lambda: Account.objects.get_cached(pk=acc.pk).balance)
+    assert elsewhere == 1, f"another thread read {elsewhere!r} after the rollback, not 1"
+
+
+# -- 10. queryset update() filtered across joins -------------------------------------------
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_queryset_update_filtered_on_a_nullable_join_works_like_django(tier: str) -> None:
+    acc = AccountFactory(balance=0)
+    Account.objects.get_cached(pk=acc.pk)
+    qs = Account.objects.filter(tenant__name__isnull=True)
+    expected = qs.count()
+    n = qs.update(balance=1)
+    assert n == expected
+    at(tier)
+    assert_same(
+        lambda: Account.objects.get_cached(pk=acc.pk),
+        lambda: Account.objects.get(pk=acc.pk),
+        "after update() filtered on tenant__name__isnull",
+    )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_queryset_update_filtered_with_or_across_a_join_works_like_django(tier: str) -> None:
+    in_a = AccountFactory(tenant=TenantFactory(name="a"), balance=0)
+    x = AccountFactory(email="x", balance=0)
+    neither = AccountFactory(balance=0)
+    accounts = [in_a, x, neither]
+    for acc in accounts:
+        Account.objects.get_cached(pk=acc.pk)
+    n = Account.objects.filter(Q(tenant__name="a") | Q(email="x")).update(balance=2)
+    assert n == 2
+    for acc in accounts:
+        at(tier)
+        assert_same(
+            lambda a=acc: Account.objects.get_cached(pk=a.pk),
+            lambda a=acc: Account.objects.get(pk=a.pk),
+            f"account {acc.email} after update() filtered with Q(...) | Q(...)",
+        )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("filter_kind", ["isnull", "or"])
+def test_queryset_update_filtered_across_a_left_outer_join_works_like_django(
+    filter_kind: str, tier: str
+) -> None:
+    # Account.tenant is NOT NULL, so Django joins it with an INNER JOIN; Item.owner_set_null
+    # is nullable: these filters make a LEFT OUTER JOIN (where SELECT ... FOR UPDATE fails).
+    owner_a = OwnerFactory(name="a")
+    with_a = ItemFactory(owner_set_null=owner_a)
+    without = ItemFactory()
+    named_x = ItemFactory(name="x", owner_set_null=OwnerFactory(name="b"))
+    items = [with_a, without, named_x]
+    for it in items:
+        Item.objects.get_cached(pk=it.pk)
+    if filter_kind == "isnull":
+        qs = Item.objects.filter(owner_set_null__name__isnull=True)
+    else:
+        qs = Item.objects.filter(Q(owner_set_null__name="a") | Q(name="x"))
+    expected = qs.count()
+    assert expected == (1 if filter_kind == "isnull" else 2)
+    n = qs.update(owner_protect=owner_a)
+    assert n == expected, f"update() changed {n} rows, the filter matches {expected}"
+    for it in items:
+        at(tier)
+        assert_same(
+            lambda i=it: Item.objects.get_cached(pk=i.pk),
+            lambda i=it: Item.objects.get(pk=i.pk),
+            f"item {it.name} after update() filtered by {filter_kind} across a LEFT OUTER JOIN",
+        )
+
+
+# -- 11. single flight ------------------------------------------------------------------------
+
+def test_own_committed_save_is_not_hidden_by_an_in_flight_load() -> None:
+    acc = AccountFactory(balance=0)
+    Account.objects.get_cached(pk=acc.pk)
+    stop = threading.Event()
+    errors: list[Any] = []
+
+    def cold_read() -> None:
+        tiered_cache.clear_local()  # more misses: more loads in flight
+        Account.objects.get_cached(pk=acc.pk)
+
+    readers = [
+        start_loop(lambda: Account.objects.get_cached(pk=acc.pk), stop, errors)
+        for _ in range(3)
+    ] + [start_loop(cold_read, stop, errors)]
+    stale: list[tuple[int, Any]] = []
+    obj = Account.objects.get(pk=acc.pk)
+    try:
+        for i in range(1, 151):
+            obj.balance = i
+            obj.save()
+            got = Account.objects.get_cached(pk=acc.pk).balance
+            if got != i:
+                stale.append((i, got))
+    finally:
+        stop.set()
+        for r in readers:
+            r.join(10)
+    assert errors == [], f"reader threads failed: {errors[:3]}"
+    assert stale == [], f"{len(stale)} stale reads of our own save (saved, read): {stale[:5]}"
+
+
+# -- 12. two projects on one Redis database -------------------------------------------------
+
+def _rebuild_caches() -> None:
+    """Make tiered_cache pick up changed CACHES settings. ASSUMPTION (tiered_cache at the
+    time of writing): registry.ModelCache objects hold the key prefixes and are built once
+    per manager, reset_registry() forgets them; redis_tier.reset() drops the L2 client
+    built from the old CACHES. clear_local(): each project is a process of its own, with an
+    L1 of its own, so project B never sees project A's L1 (only Redis is shared)."""
+    from tiered_cache.registry import reset_registry
+    from tiered_cache.tiers import redis_tier
+
+    wait = getattr(redis_tier, "wait_for_fills", None)
+    if callable(wait):
+        wait()
+    reset_registry()
+    redis_tier.reset()
+    tiered_cache.clear_local()
+
+
+@contextmanager
+def as_project(**cache_options: Any) -> Iterator[None]:
+    caches = {"default": {**settings.CACHES["default"], **cache_options}}
+    _rebuild_caches()
+    try:
+        with override_settings(CACHES=caches):
+            _rebuild_caches()
+            try:
+                yield
+            finally:
+                _rebuild_caches()
+    finally:
+        _rebuild_caches()
+
+
+def _queries_of(fn: Callable[[], Any]) -> int:
+    with CaptureQueriesContext(connection) as queries:
+        fn()
+    return len(queries)
+
+
+@pytest.mark.parametrize("setting", ["KEY_PREFIX", "VERSION"])
+def test_projects_sharing_a_redis_database_are_kept_apart(setting: str) -> None:
+    t = TenantFactory(name="shared")
+    if setting == "KEY_PREFIX":
+        a = {"KEY_PREFIX": settings.TEST_KEY_PREFIX + "-project-a"}
+        b = {"KEY_PREFIX": settings.TEST_KEY_PREFIX + "-project-b"}
+    else:
+        a, b = {"VERSION": 1001}, {"VERSION": 1002}
+    # TIERED_CACHE["KEY_PREFIX"] stays the same in both projects (settings.TIERED_CACHE).
+    with as_project(**a):
+        Tenant.objects.get_cached(pk=t.pk)  # project A caches the row in L2
+        _rebuild_caches()  # another process of project A
+        served_from_l2 = _queries_of(lambda: Tenant.objects.get_cached(pk=t.pk)) == 0
+    with as_project(**b):
+        n = _queries_of(lambda: Tenant.objects.get_cached(pk=t.pk))
+    assert n == 1, (
+        f"project B (CACHES {setting}={b[setting]!r}) read the row with {n} queries: it was "
+        f"served project A's entry (CACHES {setting}={a[setting]!r}) from the shared Redis"
+    )
+    # The premise: project A itself is served from L2 (otherwise the check above proves
+    # nothing about keys).
+    assert served_from_l2, "project A's second process did not read its own entry from L2"
+
+
+# -- 13. mutable values behind immutable field classes ---------------------------------------
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_mutating_a_returned_list_field_does_not_change_the_cache(tier: str) -> None:
+    acc = AccountFactory(tags=["a", "b"])
+    Account.objects.get_cached(pk=acc.pk)
+    at(tier)
+    got = Account.objects.get_cached(pk=acc.pk)
+    assert got.tags == ["a", "b"]
+    got.tags.append("zzz")
+    again = Account.objects.get_cached(pk=acc.pk)
+    assert again.tags == ["a", "b"], f"the next read served the caller's mutation: {again.tags}"
+    again.tags.clear()
+    assert Account.objects.get_cached(pk=acc.pk).tags == ["a", "b"]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_mutating_a_returned_json_field_does_not_change_the_cache(tier: str) -> None:
+    acc = AccountFactory(data={"x": 0, "nested": {"list": [1]}})
+    Account.objects.get_cached(pk=acc.pk)
+    at(tier)
+    got = Account.objects.get_cached(pk=acc.pk)
+    got.data["k"] = 1
+    got.data["nested"]["list"].append(2)
+    again = Account.objects.get_cached(pk=acc.pk)
+    assert again.data == {"x": 0, "nested": {"list": [1]}}, (
+        f"the next read served the caller's mutation: {again.data}"
+    )
+
+
+# -- 15. an unsaved (or wrong) instance as a lookup value ------------------------------------
+
+@pytest.mark.parametrize("value", ["unsaved_tenant", "instance_of_another_model"])
+def test_instance_as_lookup_value_raises_like_get(value: str) -> None:
+    def make() -> models.Model:
+        return Tenant(name="x") if value == "unsaved_tenant" else OwnerFactory()
+
+    owner_or_tenant = make()
+    expected = assert_same(
+        lambda: Account.objects.get_cached(tenant=owner_or_tenant, email="e"),
+        lambda: Account.objects.get(tenant=owner_or_tenant, email="e"),
+        f"tenant={value}",
+    )
+    assert expected == ("raises", "ValueError")
+
+
+# -- 17. update() on annotated / distinct querysets under concurrency ------------------------
+
+@pytest.mark.parametrize("variant", ["annotate", "distinct"])
+def test_queryset_update_on_annotated_or_distinct_queryset_keeps_concurrent_increments(
+    variant: str,
+) -> None:
+    acc = AccountFactory(balance=0)
+    Account.objects.get_cached(pk=acc.pk)
+    barrier = threading.Barrier(2)
+    errors: list[Any] = []
+
+    def qs() -> Any:
+        if variant == "annotate":
+            return Account.objects.annotate(x=F("balance")).filter(pk=acc.pk)
+        return Account.objects.filter(pk=acc.pk).distinct()
+
+    def worker() -> None:
+        try:
+            barrier.wait(10)
+            for _ in range(5):
+                qs().update(balance=F("balance") + 1)
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [], f"update() failed: {errors}"
+    final = Account.objects.get(pk=acc.pk).balance
+    assert final == 10, f"{10 - final} of 10 concurrent increments were lost ({variant})"
+    for tier in TIERS:
+        at(tier)
+        assert_same(
+            lambda: Account.objects.get_cached(pk=acc.pk),
+            lambda: Account.objects.get(pk=acc.pk),
+            f"after the concurrent increments ({variant}), {tier}",
+        )
+
+
+# -- 18. snapshot isolation ------------------------------------------------------------------
+
+@SNAPSHOT_DB
+@pytest.mark.parametrize("tier", TIERS)
+def test_repeatable_read_transaction_reads_its_snapshot_and_leaves_no_trace(tier: str) -> None:
+    t = TenantFactory(name="old")
+    snap = Tenant.objects.db_manager("snapshot")
+    Tenant.objects.get_cached(pk=t.pk)
+    snap.get_cached(pk=t.pk)
+
+    def rename() -> None:
+        obj = Tenant.objects.get(pk=t.pk)
+        obj.name = "new"
+        obj.save()
+
+    def create() -> int:
+        return Tenant.objects.create(name="created-after-snapshot").pk
+
+    with transaction.atomic(using="snapshot"):
+        assert snap.get(pk=t.pk).name == "old"  # the snapshot is taken here
+        result = in_thread(rename)
+        assert not isinstance(result, Exception), f"the other thread failed: {result!r}"
+        new_pk = in_thread(create)
+        assert isinstance(new_pk, int), f"the other thread failed: {new_pk!r}"
+        at(tier)
+        expected = assert_same(
+            lambda: snap.get_cached(pk=t.pk),
+            lambda: snap.get(pk=t.pk),
+            "inside the REPEATABLE READ block, after another connection committed a rename",
+        )
+        assert expected[1][2]["name"] == "old"
+        at(tier)
+        expected = assert_same(
+            lambda: snap.get_cached(pk=new_pk),
+            lambda: snap.get(pk=new_pk),
+            "inside the REPEATABLE READ block, a row created after the snapshot",
+        )
+        assert expected == ("raises", "Tenant.DoesNotExist")
+    for alias in ("default", "snapshot"):
+        for pk in (t.pk, new_pk):
+            at(tier)
+            assert_same(
+                lambda a=alias, p=pk: Tenant.objects.db_manager(a).get_cached(pk=p),
+                lambda a=alias, p=pk: Tenant.objects.db_manager(a).get(pk=p),
+                f"Tenant pk={pk} on {alias!r} after the REPEATABLE READ block",
+            )
+    elsewhere = in_thread(lambda: Tenant.objects.get_cached(pk=t.pk).name)
+    assert elsewhere == "new", f"another thread read {elsewhere!r} after the block, not 'new'"
+
+
+# -- 19. composite primary keys ----------------------------------------------------------------
+
+def test_cached_manager_on_a_composite_primary_key_is_a_check_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from django.apps import apps as global_apps
+
+    from tiered_cache import CachedManager
+    from tiered_cache import checks as tc_checks
+
+    with isolate_apps("tests.testapp"):
+
+        class CachedShipment(models.Model):
+            pk = models.CompositePrimaryKey("tenant_code", "number")
+            tenant_code = models.CharField(max_length=20)
+            number = models.IntegerField()
+
+            objects = CachedManager()
+
+            class Meta:
+                app_label = "testapp"
+
+        # System checks walk the global app registry; make it list the isolated model too.
+        real_get_models = global_apps.get_models
+
+        def get_models(*args: Any, **kwargs: Any) -> list[type[models.Model]]:
+            return [*real_get_models(*args, **kwargs), CachedShipment]
+
+        monkeypatch.setattr(global_apps, "get_models", get_models)
+        messages = list(tc_checks.check_lookups())
+        messages += [m for m in checks.run_checks() if m not in messages]
+        monkeypatch.undo()
+
+    found = [
+        m for m in messages
+        if (m.id or "").startswith("tiered_cache.")
+        and m.is_serious()
+        and "composite" in m.msg.lower()
+    ]
+    assert found, (
+        "no tiered_cache Error about the composite primary key of a model with a "
+        f"CachedManager; tiered_cache messages: "
+        f"{[(m.id, m.msg) for m in messages if (m.id or '').startswith('tiered_cache')]}"
+    )
+
+
+# -- 20. warmup's limit --------------------------------------------------------------------------
+
+def test_warmup_task_takes_a_numeric_string_limit() -> None:
+    from tiered_cache.tasks import warmup
+
+    TenantFactory.create_batch(5)
+    try:
+        result = warmup.run("testapp.tenant", limit="3")
+    except (ValueError, TypeError) as exc:
+        assert "limit" in str(exc), f"warmup(limit='3') failed without naming 'limit': {exc!r}"
+        return
+    assert isinstance(result, dict) and "stored" in result, f"unexpected result {result!r}"
+    assert result["stored"] <= 3, f"warmup(limit='3') stored {result['stored']} rows"
+
+
+# -- odd primary keys ------------------------------------------------------------------------------
+
+def _make(model: type[models.Model]) -> models.Model:
+    if model is Account:
+        return AccountFactory()
+    if model is Document:
+        return DocumentFactory()
+    if model is Code:
+        return CodeFactory(code="1")
+    if model is Gadget:
+        return GadgetFactory()
+    raise AssertionError(model)
+
+
+@pytest.mark.parametrize("model", [Account, Document, Code, Gadget], ids=lambda m: m.__name__)
+def test_string_and_native_pk_share_one_entry(model: type[models.Model]) -> None:
+    obj = _make(model)
+    native = 1 if model is Code else obj.pk  # Code's pk is the string "1"
+    spellings: list[dict[str, Any]] = [{"pk": native}, {"pk": str(obj.pk)}]
+    if model is Gadget:
+        spellings += [{"gadget_no": obj.pk}, {"gadget_no": str(obj.pk)}]
+    if model is Document:
+        spellings += [{"id": obj.pk}, {"pk": str(obj.pk).upper()}]
+    first = spellings[0]
+    assert_same(
+        lambda: model.objects.get_cached(**first),
+        lambda: model.objects.get(**first),
+        f"{model.__name__} {first}",
+    )
+    for kwargs in spellings[1:]:
+        expected = outcome(lambda k=kwargs: model.objects.get(**k))
+        with CaptureQueriesContext(connection) as queries:
+            got = outcome(lambda k=kwargs: model.objects.get_cached(**k))
+        assert got == expected, (
+            f"{model.__name__} {kwargs}: get_cached() answered {got!r} but .get() answered "
+            f"{expected!r}"
+        )
+        assert len(queries) == 0, (
+            f"{model.__name__}.objects.get_cached(**{kwargs}) ran {len(queries)} queries "
+            f"after get_cached(**{first}): the spellings do not share one entry"
+        )
+
+
+# (model, lookup, what .get() raises for it: the oracle, checked too)
+MALFORMED = [
+    (Account, {"pk": "abc"}, "ValueError"),
+    (Gadget, {"pk": "abc"}, "ValueError"),
+    (Gadget, {"gadget_no": "abc"}, "ValueError"),
+    (Document, {"pk": "not-a-uuid"}, "ValidationError"),
+    (Document, {"pk": 12}, "Document.DoesNotExist"),  # UUID(int=12): valid, no such row
+    (Code, {"pk": None}, "Code.DoesNotExist"),
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "raises"),
+    MALFORMED,
+    ids=[f"{m.__name__}-" + ",".join(f"{k}={v}" for k, v in kw.items()) for m, kw, _ in MALFORMED],
+)
+def test_malformed_pk_raises_what_get_raises(
+    model: type[models.Model], kwargs: dict[str, Any], raises: str
+) -> None:
+    _make(model)
+    for attempt in ("first", "second"):  # the second one must not be served from a tier
+        expected = assert_same(
+            lambda: model.objects.get_cached(**kwargs),
+            lambda: model.objects.get(**kwargs),
+            f"{model.__name__}.objects.get_cached(**{kwargs}), {attempt} call",
+        )
+        assert expected == ("raises", raises)
+
+
+# -- the abstract base carrying the manager --------------------------------------------------
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_manager_inherited_from_an_abstract_base_reads_like_get(tier: str) -> None:
+    note = NoteFactory(text="old")
+    Note.objects.get_cached(pk=note.pk)
+    note.text = "new"
+    note.save()
+    at(tier)
+    assert_same(
+        lambda: Note.objects.get_cached(pk=note.pk),
+        lambda: Note.objects.get(pk=note.pk),
+        "Note after save()",
+    )
+
