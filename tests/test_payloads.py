@@ -14,7 +14,7 @@ import pytest
 import tiered_cache
 from demo_project.demo.factories import UserFactory
 from demo_project.demo.models import User
-from tests.cache_fixtures import counters, l2_keys
+from tests.cache_fixtures import counters, l2_keys, write_outside_django
 from tiered_cache import keys as tc_keys
 from tiered_cache import serialization
 from tiered_cache.registry import first_model_cache, reset_registry
@@ -41,8 +41,9 @@ def cached_user() -> tuple[User, bytes, bytes]:
 
 
 def replace_body(value: bytes, body: bytes) -> bytes:
-    head = value.split(b"|", 4)
-    return b"|".join(head[:4]) + b"|" + body
+    """Keep the header ("kind|gen|row|version|expiry|"), put `body` where MAC + body were."""
+    head = value.split(b"|", 5)
+    return b"|".join(head[:5]) + b"|" + body
 
 
 @pytest.fixture(autouse=True)
@@ -169,3 +170,50 @@ def test_key_encoding_is_injective() -> None:
     long = "x" * 500
     assert enc((long,)) != enc((long + "y",))
     assert len(enc((long,))) < 100
+
+
+def test_old_body_under_the_current_header_is_a_miss(caplog: Any) -> None:
+    """A replay: the authentic payload of an earlier version of the row, put back under the
+    header (generation, row version) the current entry was stored with."""
+    user, key, old = cached_user()
+    User.objects.filter(pk=user.pk).update(first_name="newer")
+    User.objects.get_cached(pk=user.pk)  # stores the new version's entry
+    redis_tier.wait_for_fills()
+    new = redis_tier.client.get(key)
+    assert new is not None and new != old
+    header = b"|".join(new.split(b"|", 5)[:5]) + b"|"
+    redis_tier.client.set(key, header + old.split(b"|", 5)[5])
+    tiered_cache.clear_local()
+    with caplog.at_level(logging.WARNING, logger="tiered_cache"):
+        assert User.objects.get_cached(pk=user.pk).first_name == "newer"
+    assert counters(User)["corrupt"] == 1
+    assert "MAC does not match" in caplog.text
+
+
+def test_entry_put_back_after_its_expiry_is_not_served(settings: Any) -> None:
+    """The expiry is inside the MAC: restoring an old entry (and its row version) with a
+    fresh Redis TTL does not make it servable past the TIMEOUT it was stored for."""
+    import time
+
+    settings.TIERED_CACHE = {**settings.TIERED_CACHE, "TIMEOUT": 1}
+    reset_registry()
+    try:
+        user = UserFactory(first_name="real")
+        User.objects.get_cached(pk=user.pk)
+        redis_tier.wait_for_fills()
+        mc = first_model_cache(User)
+        assert mc is not None
+        key = mc.key(mc.pk_lookup, (user.pk,))
+        row_key = mc.home.row_key(mc.row_id_of(user.pk))
+        saved = redis_tier.client.get(key), redis_tier.client.get(row_key)
+        assert saved[0] is not None and saved[1] is not None
+        time.sleep(2.2)
+        write_outside_django(
+            f"UPDATE {User._meta.db_table} SET first_name = 'later' WHERE id = %s", [user.pk]
+        )
+        redis_tier.client.set(key, saved[0])
+        redis_tier.client.set(row_key, saved[1])
+        tiered_cache.clear_local()
+        assert User.objects.get_cached(pk=user.pk).first_name == "later"
+    finally:
+        reset_registry()

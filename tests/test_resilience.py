@@ -530,3 +530,28 @@ def test_reads_and_writes_during_a_fault(own_redis: RedisEnv, fault: str) -> Non
     assert under["reads"] > 0 and overall["slowest_ms"] < READ_BOUND * 1000
     assert not w_under or w_under[-1] < READ_BOUND
     assert back is not None and back - healed <= conf.BREAKER_RECOVERY_TIME + 1.5
+
+
+# -- bad input on the bus -------------------------------------------------------------
+
+@pytest.mark.parametrize("junk", [b"[]", b"null", b'{"o": "x"}', b'{"o": "x", "g": 1, "r": []}',
+                                  b'{"o": "x", "k": 5, "m": "fn:x"}', b"\xff not json"])
+def test_a_bus_message_that_is_not_ours_is_ignored_with_a_warning(junk: bytes,
+                                                                  caplog: Any) -> None:
+    """Valid JSON of another shape must neither kill the listener (which clears every L1 and
+    drops trust in every process) nor drop anything."""
+    from tiered_cache.groups import channel
+    from tiered_cache.tiers import local_tier
+
+    user = UserFactory()
+    assert ct.wait_trusted()
+    User.objects.get_cached(pk=user.pk)
+    entries, reconnects, messages = len(local_tier), bus.reconnects, bus.messages
+    assert entries >= 1
+    with caplog.at_level("WARNING", logger="tiered_cache"):
+        redis_tier.client.publish(channel(), junk)
+        assert wait_for(lambda: bus.messages > messages, 5), "the message never arrived"
+        time.sleep(0.05)
+    assert bus.reconnects == reconnects and bus.trusted()
+    assert len(local_tier) == entries
+    assert "not ours" in caplog.text
