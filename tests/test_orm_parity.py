@@ -783,6 +783,42 @@ def test_manual_transaction_rollback_leaves_the_committed_value(how: str, tier: 
     assert elsewhere == 1, f"another thread read {elsewhere!r} after the rollback, not 1"
 
 
+def test_manual_transaction_commit_invalidates_at_commit_for_other_threads() -> None:
+    """Under set_autocommit(False) Django runs no hook at commit(); the invalidation must
+    still land at the COMMIT, not when autocommit is turned back on."""
+    acc = AccountFactory(balance=1)
+    assert in_thread(lambda: Account.objects.get_cached(pk=acc.pk).balance) == 1
+    transaction.set_autocommit(False)
+    try:
+        Account.objects.filter(pk=acc.pk).update(balance=2)
+        transaction.commit()
+        elsewhere = in_thread(lambda: Account.objects.get_cached(pk=acc.pk).balance)
+        assert elsewhere == 2, f"another thread read {elsewhere!r} after commit(), not 2"
+    finally:
+        if not transaction.get_autocommit():
+            transaction.rollback()
+            transaction.set_autocommit(True)
+
+
+def test_capture_on_commit_callbacks_sees_only_the_projects_own_callbacks() -> None:
+    """The invalidation is no on_commit callback: Django's captureOnCommitCallbacks (and
+    pytest-django's django_capture_on_commit_callbacks) list exactly what the project
+    registered, before and after a write."""
+    from django.test import TestCase
+
+    acc = AccountFactory(balance=1)
+    seen: list[str] = []
+    with transaction.atomic():
+        transaction.on_commit(lambda: seen.append("before"))
+        with TestCase.captureOnCommitCallbacks() as callbacks:
+            Account.objects.filter(pk=acc.pk).update(balance=2)
+            transaction.on_commit(lambda: seen.append("mine"))
+        assert len(callbacks) == 1
+        callbacks[0]()
+    assert seen == ["mine", "before", "mine"]
+    assert Account.objects.get_cached(pk=acc.pk).balance == 2
+
+
 # -- 10. queryset update() filtered across joins -------------------------------------------
 
 @pytest.mark.parametrize("tier", TIERS)

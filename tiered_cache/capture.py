@@ -119,7 +119,8 @@ def _pk_bound(sql: str, params: Any, many: bool, role: TableRole) -> list[Any] |
     if _placeholders(sql) != len(params):
         return None
     start = at + 7
-    where = sql[start:].rstrip().rstrip(";").rstrip()
+    end = low.find(" returning ", start)  # refreshed fields (GeneratedField, db_default)
+    where = sql[start:end if end >= 0 else len(sql)].rstrip().rstrip(";").rstrip()
     if where.startswith("(") and where.endswith(")") and _wrapped(where):
         where, start = where[1:-1], start + 1
     wl = where.lower()

@@ -1,9 +1,9 @@
 """When a write's invalidation runs, and which reads must skip the tiers.
 
 In autocommit a statement's invalidation runs as soon as it returns. Inside a transaction
-it waits for the commit and then runs first, before every on_commit callback (a callback
-that reads must see the new row; one that raises must not cancel the invalidation). A
-rollback drops it. Until then, reads of what the transaction wrote go to the database, and
+(atomic(), or autocommit turned off) it runs right after the COMMIT, before every on_commit
+callback (a callback that reads must see the new row; one that raises must not cancel the
+invalidation). A rollback drops it. Until then, reads of what the transaction wrote go to the database, and
 so do all reads inside a transaction whose snapshot may predate other commits
 (REPEATABLE READ, SERIALIZABLE, SQLite): the cache holds the latest committed rows, which
 such a transaction must not see.
@@ -26,19 +26,15 @@ _local = threading.local()
 
 
 class Pending:
-    """The invalidations of one transaction on one connection; Django calls it at commit."""
+    """The invalidations of one transaction on one connection, applied right after its
+    COMMIT and dropped by its ROLLBACK."""
 
-    __slots__ = ("alias", "atomic", "batch", "done")
+    __slots__ = ("alias", "batch", "done")
 
-    def __init__(self, alias: str, atomic: bool) -> None:
+    def __init__(self, alias: str) -> None:
         self.alias = alias
-        # Made inside atomic(); otherwise under set_autocommit(False).
-        self.atomic = atomic
         self.batch = Batch()
         self.done = False
-
-    def __call__(self) -> None:
-        self.finish(apply=True)
 
     def finish(self, apply: bool) -> None:
         if self.done:
@@ -55,54 +51,21 @@ def in_transaction(conn: Any) -> bool:
     return bool(conn.in_atomic_block or (conn.connection is not None and not conn.autocommit))
 
 
-def _registered(conn: Any, pending: Pending) -> bool:
-    return any(entry[1] is pending for entry in conn.run_on_commit)
-
-
-def _driver_in_transaction(conn: Any) -> bool | None:
-    """Whether the DB-API connection is inside a transaction; None when it cannot tell."""
-    raw = conn.connection
-    if raw is None:
-        return False
-    info = getattr(raw, "info", None)  # psycopg 3: TransactionStatus.IDLE is 0
-    status = getattr(info, "transaction_status", None)
-    if status is not None:
-        return int(status) != 0
-    get_status = getattr(raw, "get_transaction_status", None)  # psycopg 2
-    if get_status is not None:
-        return int(get_status()) != 0
-    flag = getattr(raw, "in_transaction", None)  # sqlite3, mysqlclient has none
-    return flag if isinstance(flag, bool) else None
-
-
 def current(conn: Any) -> Pending | None:
-    """The connection's pending invalidations while its transaction is open. One whose
-    transaction ended is settled here: applied if it may have committed, dropped if it was
-    rolled back."""
+    """The connection's pending invalidations while its transaction is open. One left over
+    from a transaction that ended without a commit() we saw (the connection was closed or
+    lost mid-transaction) is dropped: that transaction rolled back."""
     pending: Pending | None = conn.__dict__.get(_ATTR)
     if pending is None or pending.done:
         return None
-    if _registered(conn, pending):
-        if conn.in_atomic_block:
-            return pending
-        if conn.connection is not None and not conn.autocommit:
-            # set_autocommit(False) then commit(): Django runs commit hooks only when
-            # autocommit is turned back on, so ask the driver whether the transaction is
-            # over (a rollback() would have unregistered us).
-            if _driver_in_transaction(conn) is not False:
-                return pending
-        conn.run_on_commit[:] = [e for e in conn.run_on_commit if e[1] is not pending]
-        pending.finish(apply=True)
-        return None
-    # Unregistered: Django cleared the hooks on rollback, or on close(). An atomic block's
-    # close means its transaction died uncommitted; under autocommit off a commit() may
-    # have come first, and an extra invalidation is harmless.
-    pending.finish(apply=not pending.atomic)
+    if in_transaction(conn):
+        return pending
+    pending.finish(apply=False)
     return None
 
 
 def record(conn: Any, batch: Batch) -> None:
-    """Apply now in autocommit; otherwise at the commit, before every on_commit callback."""
+    """Apply now in autocommit; otherwise right after the transaction's COMMIT."""
     if not batch:
         return
     if not in_transaction(conn):
@@ -110,13 +73,8 @@ def record(conn: Any, batch: Batch) -> None:
         return
     pending = current(conn)
     if pending is None:
-        pending = Pending(conn.alias, atomic=bool(conn.in_atomic_block))
-        conn.__dict__[_ATTR] = pending
-        # First in the list and in no savepoint (so a savepoint rollback keeps it: the
-        # extra drops are harmless); robust, so it never stops the callbacks after it.
-        conn.run_on_commit.insert(0, (set(), pending, True))
-        dirty = _local.__dict__.setdefault("dirty", {})
-        dirty[conn.alias] = pending
+        pending = conn.__dict__[_ATTR] = Pending(conn.alias)
+        _local.__dict__.setdefault("dirty", {})[conn.alias] = pending
     pending.batch.merge(batch)
 
 
@@ -127,20 +85,48 @@ def queue(batch: Batch, using: str) -> None:
 
 def watch(execute: Any, sql: str, params: Any, many: bool, context: dict[str, Any]) -> Any:
     """The execute wrapper installed on every connection."""
-    conn = context["connection"]
-    if _ATTR in conn.__dict__ and not conn.in_atomic_block:
-        current(conn)  # a transaction under autocommit off may have committed meanwhile
     effects = classify(sql, params, many)
     result = execute(sql, params, many, context)
     if effects:
+        conn = context["connection"]
         record(conn, batch_of(conn.alias, effects))
     return result
 
 
 def install(connection: Any, **kwargs: Any) -> None:
-    """connection_created receiver: watch this connection's statements."""
+    """connection_created receiver: watch this connection's statements and transactions.
+
+    Statements go through Django's documented execute_wrapper(). For the end of a
+    transaction Django offers only on_commit(), whose callbacks run in registration order
+    (one registered before our first write would run before the invalidation and read the
+    old row; one that raises would cancel it), and an entry of ours in run_on_commit would
+    show up in every captureOnCommitCallbacks() of the project's tests. So this
+    connection's own commit() and rollback() are wrapped: the invalidation runs right
+    after COMMIT returns, before Django runs any callback, and also under
+    set_autocommit(False), where Django runs no hook at commit() at all."""
     if watch not in connection.execute_wrappers:
         connection.execute_wrappers.append(watch)
+    if connection.__dict__.get("tiered_cache_hooked"):
+        return
+    connection.tiered_cache_hooked = True
+    commit, rollback = connection.commit, connection.rollback
+
+    def commit_then_invalidate() -> None:
+        commit()
+        pending = connection.__dict__.get(_ATTR)
+        if pending is not None:
+            pending.finish(apply=True)
+
+    def rollback_and_forget() -> None:
+        try:
+            rollback()
+        finally:
+            pending = connection.__dict__.get(_ATTR)
+            if pending is not None:
+                pending.finish(apply=False)
+
+    connection.commit = commit_then_invalidate
+    connection.rollback = rollback_and_forget
 
 
 # -- reads ------------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""What each write statement drops (tiered_cache.capture): rows by primary key when the
+statement is bounded by a pk list, the whole group otherwise, negatives for inserts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tiered_cache.capture import FLUSH, INSERT, ROWS, classify
+
+ACC = "testapp.account"
+
+
+@pytest.mark.parametrize(
+    ("sql", "params", "expected"),
+    [
+        # Model.save()
+        ('UPDATE "testapp_account" SET "balance" = %s WHERE "testapp_account"."id" = %s',
+         [1, 5], [(ACC, ROWS, ("2.i5",))]),
+        # Django 6 refreshes generated fields with RETURNING
+        ('UPDATE "testapp_account" SET "balance" = %s WHERE "testapp_account"."id" = %s '
+         'RETURNING "testapp_account"."balance"', [1, 5], [(ACC, ROWS, ("2.i5",))]),
+        # related manager remove()/set(), bulk: a conjunction with a pk list
+        ('UPDATE "testapp_item" SET "owner_set_null_id" = %s WHERE ("testapp_item".'
+         '"owner_set_null_id" = %s AND "testapp_item"."id" IN (%s, %s))', [None, 3, 7, 8],
+         [("testapp.item", ROWS, ("2.i7", "2.i8"))]),
+        # Collector.delete()
+        ('DELETE FROM "testapp_account" WHERE "testapp_account"."id" IN (%s, %s)', [1, 2],
+         [(ACC, ROWS, ("2.i1", "2.i2"))]),
+        # a fast delete by another column: rows unknown
+        ('DELETE FROM "testapp_account" WHERE "testapp_account"."tenant_id" IN (%s)', [1],
+         [(ACC, FLUSH, ())]),
+        # OR is not a bound
+        ('UPDATE "testapp_account" SET "balance" = %s WHERE ("testapp_account"."id" = %s OR '
+         '"testapp_account"."id" = %s)', [1, 2, 3], [(ACC, FLUSH, ())]),
+        # a subquery could hold the WHERE we would read
+        ('UPDATE "testapp_account" SET "balance" = %s WHERE "testapp_account"."id" IN '
+         '(SELECT U0."id" FROM "testapp_account" U0 WHERE U0."email" = %s)', [1, "a"],
+         [(ACC, FLUSH, ())]),
+        # no WHERE at all
+        ('UPDATE "testapp_account" SET "balance" = %s', [1], [(ACC, FLUSH, ())]),
+        # inserts: negatives only; upserts change existing rows
+        ('INSERT INTO "testapp_account" ("email") VALUES (%s)', ["a"], [(ACC, INSERT, ())]),
+        ('INSERT INTO "testapp_account" ("email") VALUES (%s) ON CONFLICT DO NOTHING', ["a"],
+         [(ACC, INSERT, ())]),
+        ('INSERT INTO "testapp_account" ("email") VALUES (%s) ON CONFLICT("email") DO UPDATE '
+         'SET "email" = EXCLUDED."email"', ["a"], [(ACC, FLUSH, ())]),
+        # raw SQL as people write it
+        ("update testapp_account set balance = 3 where id = %s", [9], [(ACC, ROWS, ("2.i9",))]),
+        ("delete from public.testapp_account where id = %s", [9], [(ACC, ROWS, ("2.i9",))]),
+        # named parameters: rows unknown
+        ("update testapp_account set balance = 3 where id = %(pk)s", {"pk": 9},
+         [(ACC, FLUSH, ())]),
+        # statements whose target we do not parse flush every cached table they name
+        ('TRUNCATE "testapp_account", "testapp_tenant"', None,
+         [(ACC, FLUSH, ()), ("testapp.tenant", FLUSH, ())]),
+        # multi-table inheritance: both tables are the root's rows, by the same pk
+        ('UPDATE "testapp_place" SET "name" = %s WHERE "testapp_place"."id" = %s', ["x", 4],
+         [("testapp.place", ROWS, ("2.i4",))]),
+        ('UPDATE "testapp_restaurant" SET "serves_pizza" = %s WHERE '
+         '"testapp_restaurant"."place_ptr_id" = %s', [True, 4],
+         [("testapp.place", ROWS, ("2.i4",))]),
+        # UUID and char primary keys, as the database driver gets them
+        ('UPDATE "testapp_code" SET "description" = %s WHERE "testapp_code"."code" = %s',
+         ["d", "A-1"], [("testapp.code", ROWS, ("4.sA-1",))]),
+        # reads and tables that are not cached
+        ("SELECT 1", None, []),
+        ('UPDATE "tiered_cache_pendinginvalidation" SET "flush" = %s', [True], []),
+        ('INSERT INTO "testapp_item_tags" ("item_id", "label_id") VALUES (%s, %s)', [1, 2], []),
+    ],
+)
+def test_what_a_statement_drops(sql: str, params: Any, expected: list[tuple[Any, ...]]) -> None:
+    got = sorted((e.label, e.kind, e.rids) for e in classify(sql, params, False))
+    assert got == sorted(expected)
+
+
+def test_executemany_updates_flush() -> None:
+    sql = 'UPDATE "testapp_account" SET "balance" = %s WHERE "testapp_account"."id" = %s'
+    assert [(e.kind, e.rids) for e in classify(sql, [[1, 2], [3, 4]], True)] == [(FLUSH, ())]
+
+
+def test_more_rows_than_the_bulk_limit_flush(settings: Any) -> None:
+    settings.TIERED_CACHE = {**settings.TIERED_CACHE, "BULK_INVALIDATION_LIMIT": 2}
+    sql = 'DELETE FROM "testapp_account" WHERE "testapp_account"."id" IN (%s, %s, %s)'
+    assert [e.kind for e in classify(sql, [1, 2, 3], False)] == [FLUSH]
