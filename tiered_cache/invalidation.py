@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from django.db import DatabaseError, models
+from django.db import DatabaseError, connections, models, router
 
 from . import signals
 from .conf import conf
@@ -131,7 +131,7 @@ class Batch:
             bus.undelivered()  # skipped rows: the drain flushes their groups afterwards
             return
         try:
-            PendingInvalidation.objects.bulk_create(entries)
+            _write_outbox(entries)
         except DatabaseError:
             logger.exception("tiered_cache: could not record invalidations in the outbox")
             return
@@ -142,6 +142,39 @@ class Batch:
                 "tiered_cache: Redis is unavailable; invalidations are kept in the outbox "
                 "table and applied before any process reads L2 again"
             )
+
+
+def _write_outbox(entries: list[Any]) -> None:
+    """Insert outbox rows, committed at once. Right after a COMMIT (inside atomic()'s exit,
+    before Django turns autocommit back on) or under set_autocommit(False), the rows must
+    not open or join a transaction of the caller's connection: they go through a
+    connection of their own."""
+    from .models import PendingInvalidation
+
+    alias = router.db_for_write(PendingInvalidation)
+    conn = connections[alias]
+    if conn.get_autocommit() and not conn.in_atomic_block:
+        PendingInvalidation.objects.using(alias).bulk_create(entries)
+        return
+    own = connections.create_connection(alias)
+    try:
+        opts = PendingInvalidation._meta
+        fields = [f for f in opts.concrete_fields if not f.primary_key]
+        for e in entries:
+            for f in fields:
+                f.pre_save(e, add=True)  # created_at's auto_now_add
+        qn = own.ops.quote_name
+        sql = "INSERT INTO {} ({}) VALUES ({})".format(
+            qn(opts.db_table), ", ".join(qn(f.column) for f in fields),
+            ", ".join(["%s"] * len(fields)),
+        )
+        with own.cursor() as cursor:
+            cursor.executemany(sql, [
+                [f.get_db_prep_save(getattr(e, f.attname), own) for f in fields]
+                for e in entries
+            ])
+    finally:
+        own.close()
 
 
 def _count_and_signal(batch: Batch) -> None:
