@@ -48,6 +48,7 @@ from tests.testapp.models import (
     Gadget,
     ItalianRestaurant,
     Item,
+    Label,
     Note,
     Place,
     ProxyAccount,
@@ -176,6 +177,49 @@ def test_scoped_miss_is_not_remembered_as_missing_for_the_unscoped_manager(tier:
         lambda: tenant_a.accounts.get(email=acc_of_b.email),
         "tenant_a.accounts by email, row of tenant_b",
     )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_related_manager_built_on_a_named_manager_applies_that_managers_filter(
+    tier: str,
+) -> None:
+    tenant = TenantFactory()
+    poor, rich = AccountFactory(tenant=tenant, balance=1), AccountFactory(tenant=tenant,
+                                                                          balance=500)
+    for acc in (poor, rich):
+        Account.objects.get_cached(pk=acc.pk)  # warm the default manager's entries
+        at(tier)
+        assert_same(
+            lambda a=acc: tenant.accounts(manager="rich").get_cached(pk=a.pk),
+            lambda a=acc: tenant.accounts(manager="rich").get(pk=a.pk),
+            f"tenant.accounts(manager='rich'), balance {acc.balance}",
+        )
+        assert_same(
+            lambda a=acc: tenant.accounts.get_cached(pk=a.pk),
+            lambda a=acc: tenant.accounts.get(pk=a.pk),
+            f"tenant.accounts, balance {acc.balance}",
+        )
+
+
+def test_derived_function_sees_many_to_many_add_and_remove() -> None:
+    item, label = ItemFactory(), LabelFactory()
+
+    def names(pk: int) -> list[str]:
+        return sorted(Item.objects.get(pk=pk).tags.values_list("name", flat=True))
+
+    cached_names = tiered_cache.cached(depends_on=[Item, Label])(names)
+    try:
+        assert cached_names(item.pk) == names(item.pk) == []
+        item.tags.add(label)
+        assert cached_names(item.pk) == names(item.pk) == [label.name]
+        tiered_cache.clear_local()
+        assert in_thread(lambda: cached_names(item.pk)) == [label.name]
+        label.items.remove(item)
+        assert cached_names(item.pk) == names(item.pk) == []
+    finally:
+        from tiered_cache import derived
+
+        derived._functions.pop(cached_names.label, None)
 
 
 @pytest.mark.parametrize("tier", TIERS)

@@ -71,6 +71,10 @@ def classify(sql: str, params: Any, many: bool) -> list[Effect]:
     if not roles:
         return []
     verb = m.group(1).lower()
+    touched = [Effect(r.label, INSERT) for r in roles if r.touch]
+    roles = [r for r in roles if not r.touch]
+    if not roles:
+        return touched
     if verb.startswith("insert"):
         low = sql.lower()
         # ON CONFLICT DO NOTHING (ignore_conflicts) changes no existing row.
@@ -95,7 +99,8 @@ def _flush_named(sql: str, tables: dict[str, list[TableRole]]) -> list[Effect]:
     out: dict[str, Effect] = {}
     for name in names:
         for role in tables.get(name) or tables.get(name.lower()) or ():
-            out[role.label] = Effect(role.label, FLUSH)
+            if role.label not in out or not role.touch:
+                out[role.label] = Effect(role.label, INSERT if role.touch else FLUSH)
     return list(out.values())
 
 

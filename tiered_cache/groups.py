@@ -142,12 +142,15 @@ def channel() -> str:
 class TableRole:
     """What a write to one table does to one group: rows by pk (the table's pk column is
     the group's row id), or the whole group (a secondary parent of a multiple-inheritance
-    child, whose pk is not the child's)."""
+    child, whose pk is not the child's), or only the group's write counter (`touch`: an
+    auto-created many-to-many table, whose rows no entry holds but whose changes the
+    group's derived functions and "no such row" entries must see)."""
 
     label: str
     pk_column: str
     pk_field: Any
     by_row: bool
+    touch: bool = False
 
 
 _tables: dict[str, list[TableRole]] | None = None
@@ -177,6 +180,18 @@ def table_roles() -> dict[str, list[TableRole]]:
             have = out.setdefault(m._meta.db_table, {}).get(label)
             if have is None or (have.by_row and not role.by_row):
                 out[m._meta.db_table][label] = role
+    cached_roots = {root_label(m) for m in cached_models()}
+    for model in apps.get_models():
+        for f in model._meta.local_many_to_many:
+            through = f.remote_field.through
+            if not through._meta.auto_created:
+                continue  # an explicit through model is a model of its own
+            for end in (model, f.related_model):
+                label = root_label(end)
+                if label in cached_roots:
+                    pk = through._meta.pk
+                    out.setdefault(through._meta.db_table, {}).setdefault(
+                        label, TableRole(label, pk.column, pk, by_row=False, touch=True))
     with _lock:
         _tables = {t: list(roles.values()) for t, roles in out.items()}
     return _tables

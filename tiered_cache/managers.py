@@ -147,7 +147,11 @@ def _is_reverse_fk(manager: Any) -> bool:
 
 
 def _base_of(manager: Any) -> Any:
-    base = manager.model._default_manager
+    """The model's manager this related manager was built on (Django subclasses that
+    manager's class: the default one, or the one named in `tenant.accounts(manager=...)`)."""
+    built_on = type(manager).__mro__[1]
+    candidates = [manager.model._default_manager, *manager.model._meta.managers]
+    base = next((m for m in candidates if type(m) is built_on), None)
     if not isinstance(base, CachedManagerMixin):
         return None
     return base.db_manager(manager._db, hints=manager._hints)

@@ -56,6 +56,13 @@ class Tenant(models.Model):
         return self.name
 
 
+class RichAccountManager(CachedManager):
+    """A cached manager whose queryset filters on the model's own columns."""
+
+    def get_queryset(self) -> models.QuerySet:
+        return super().get_queryset().filter(balance__gte=100)
+
+
 class Account(models.Model):
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="accounts")
     email = models.CharField(max_length=200, unique=True)
@@ -64,6 +71,7 @@ class Account(models.Model):
     tags = ListField(max_length=200, default=list, blank=True)
 
     objects = CachedManager(lookups=["email", ("tenant", "email")])
+    rich = RichAccountManager(lookups=["email"])
 
     def __str__(self) -> str:
         return self.email
