@@ -215,7 +215,8 @@ class CachedFunction:
                 return False, None, ("local", token)
             local_tier.set(key, self.label, "", body, self._l1_ttl(result), token)
             return True, result, None
-        g, wstr, tomb = (x.decode() if isinstance(x, bytes) else x for x in res[1:4])
+        # Bytes as Redis gave them: junk in a counter must fail the fill there, not raise here.
+        g, wstr, tomb = (x if isinstance(x, bytes) else str(x).encode() for x in res[1:4])
         return False, None, ("l2", token, g, wstr, tomb)
 
     def _store(self, key: str, result: Any, state: Any) -> None:
@@ -225,7 +226,7 @@ class CachedFunction:
         if state[0] == "l2":
             _, token, g, wstr, tomb = state
             ttl = self._ttl(result)
-            header = f"D|{g}|{wstr}|{int(time.time() + ttl) + 1}|".encode()
+            header = b"|".join([b"D", g, wstr, str(int(time.time() + ttl) + 1).encode(), b""])
             signed = sign(key, header, body)
             try:
                 ok = redis_tier.run_many([(

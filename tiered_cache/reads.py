@@ -49,26 +49,29 @@ fill_hook: Any = None
 
 class Fill:
     """One FILL of a frozen row or NEGATIVE under key, signed once the row version is
-    known (see RedisTier.run_fills)."""
+    known (see RedisTier.run_fills). Generations, counters and versions stay bytes as
+    Redis gave them: junk in a counter key must make a fill fail in Redis, never raise
+    here."""
 
     __slots__ = ("g", "key", "lease", "gen", "writes", "kind", "rid", "body", "ttl", "version")
 
     def __init__(self, g: Group, key: str, lease: str, gen: Any, writes: Any, value: Any,
                  ttl: float) -> None:
         self.g, self.key, self.lease = g, key, lease
-        self.gen, self.writes = _text(gen), _text(writes)
+        self.gen, self.writes = _raw(gen), _raw(writes)
         if value is NEGATIVE:
             self.kind, self.rid, self.body = "N", "", dumps(None)
-            self.version = self.writes
+            self.version: bytes = self.writes
         else:
             self.kind, self.rid, self.body = "P", row_id(value[2]), dumps(value)
-            self.version = fresh_token()
+            self.version = fresh_token().encode()
         self.ttl = ttl
 
-    def call(self, version: str) -> tuple[str, list[str], list[Any]]:
+    def call(self, version: bytes) -> tuple[str, list[str], list[Any]]:
         g, key = self.g, self.key
-        expires = int(time.time() + self.ttl) + 1
-        header = f"{self.kind}|{self.gen}|{self.rid}|{version}|{expires}|".encode()
+        expires = str(int(time.time() + self.ttl) + 1).encode()
+        header = b"|".join([self.kind.encode(), self.gen, self.rid.encode(), version,
+                            expires, b""])
         row_key = g.row_key(self.rid) if self.rid else key + "|R"
         return (
             "fill",
@@ -78,8 +81,8 @@ class Fill:
         )
 
 
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+def _raw(v: Any) -> bytes:
+    return v if isinstance(v, bytes) else str(v).encode()
 
 
 # -- one row ---------------------------------------------------------------------

@@ -390,7 +390,7 @@ class RedisTier:
         if retry:
             for i in retry:
                 v = out[i][1]
-                fills[i].version = v.decode() if isinstance(v, bytes) else str(v)
+                fills[i].version = v if isinstance(v, bytes) else str(v).encode()
             again = self.scripts([fills[i].call(fills[i].version) for i in retry])
             for i, r in zip(retry, again):
                 out[i] = 0 if isinstance(r, list) else r
