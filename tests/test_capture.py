@@ -64,6 +64,24 @@ ACC = "testapp.account"
         # UUID and char primary keys, as the database driver gets them
         ('UPDATE "testapp_code" SET "description" = %s WHERE "testapp_code"."code" = %s',
          ["d", "A-1"], [("testapp.code", ROWS, ("4.sA-1",))]),
+        # MySQL's forms: INSERT IGNORE (ignore_conflicts), a multi-table DELETE
+        ("INSERT IGNORE INTO `testapp_account` (`email`) VALUES (%s)", ["a"],
+         [(ACC, INSERT, ())]),
+        ("DELETE `testapp_account` FROM `testapp_account` INNER JOIN `testapp_tenant` ON "
+         "(`testapp_account`.`tenant_id` = `testapp_tenant`.`id`) WHERE "
+         "`testapp_tenant`.`name` = %s", ["t"],
+         [(ACC, FLUSH, ()), ("testapp.tenant", FLUSH, ())]),
+        # several statements in one execute: none is read, every cached table named drops
+        ('UPDATE "testapp_tenant" SET "name" = %s WHERE "testapp_tenant"."id" = %s; '
+         'DELETE FROM "testapp_account"', ["x", 1],
+         [(ACC, FLUSH, ()), ("testapp.tenant", FLUSH, ())]),
+        # a WITH that only reads is no write; one that writes drops what it names
+        ('WITH t AS (SELECT 1) SELECT * FROM "testapp_account"', None, []),
+        ('WITH t AS (SELECT 1) UPDATE "testapp_account" SET "balance" = 1', None,
+         [(ACC, FLUSH, ())]),
+        # a value the database will refuse: the database says so, we only drop more
+        ('UPDATE "testapp_account" SET "balance" = 1 WHERE "testapp_account"."id" = %s',
+         ["abc"], [(ACC, FLUSH, ())]),
         # reads and tables that are not cached
         ("SELECT 1", None, []),
         ('UPDATE "tiered_cache_pendinginvalidation" SET "flush" = %s', [True], []),
@@ -89,3 +107,28 @@ def test_more_rows_than_the_bulk_limit_flush(settings: Any) -> None:
     settings.TIERED_CACHE = {**settings.TIERED_CACHE, "BULK_INVALIDATION_LIMIT": 2}
     sql = 'DELETE FROM "testapp_account" WHERE "testapp_account"."id" IN (%s, %s, %s)'
     assert [e.kind for e in classify(sql, [1, 2, 3], False)] == [FLUSH]
+
+
+def test_a_schema_qualified_db_table_is_recognised(monkeypatch: Any) -> None:
+    from tiered_cache import groups
+
+    roles = dict(groups.table_roles())
+    roles['billing"."invoice'] = roles["testapp_account"]
+    monkeypatch.setattr(groups, "_tables", roles)
+    sql = 'UPDATE "billing"."invoice" SET "balance" = %s WHERE "billing"."invoice"."id" = %s'
+    assert [(e.label, e.kind) for e in classify(sql, [1, 2], False)] == [(ACC, ROWS)]
+
+
+def test_a_composed_statement_is_read(db: Any) -> None:
+    from django.db import connection
+    from psycopg import sql as psql
+
+    from tiered_cache.transactions import sql_text
+
+    q = psql.SQL("UPDATE {} SET balance = %s WHERE id = %s").format(
+        psql.Identifier("testapp_account"))
+    connection.ensure_connection()
+    text = sql_text(q, connection)
+    assert [(e.label, e.kind) for e in classify(text, [1, 2], False)] == [(ACC, ROWS)]
+    with connection.cursor() as cursor:
+        cursor.execute(q, [9, 12345])  # runs like plain Django

@@ -62,9 +62,10 @@ def _after_fork() -> None:
     """A forked child (gunicorn --preload, Celery prefork) starts with an empty L1, its own
     Redis connections and its own listener, started on its first read. Every lock is made
     anew: the parent may have forked while another of its threads held one."""
+    import sys
     import threading
 
-    from . import invalidation, reads
+    from . import groups, invalidation, reads, registry, transactions
     from .breaker import breaker
     from .bus import bus
     from .tiers.local import local_tier
@@ -74,6 +75,19 @@ def _after_fork() -> None:
     breaker._lock = threading.Lock()
     redis_tier._lock = threading.Lock()
     reads._flights_lock = threading.Lock()
+    registry._registry_lock = threading.Lock()
+    groups._lock = threading.Lock()
+    transactions._open_lock = threading.Lock()
+    transactions._open[0] = 0  # the parent's transactions are not the child's
+    # Optional front ends: renew their locks only if this process loaded them.
+    metrics = sys.modules.get("tiered_cache.metrics")
+    if metrics is not None:
+        metrics._lock = threading.Lock()
+    ops = sys.modules.get("tiered_cache.ops")
+    if ops is not None:
+        ops._publish_lock = threading.Lock()
+        ops._publisher_lock = threading.Lock()
+        ops.l2_latency._lock = threading.Lock()
     invalidation._outbox.lock = threading.Lock()
     bus.after_fork()
     local_tier.clear()

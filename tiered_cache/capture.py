@@ -23,20 +23,23 @@ from typing import Any
 
 from .conf import conf
 from .groups import TableRole, table_roles
-from .keys import row_id
+from .keys import pk_row_id
 
 ROWS, FLUSH, INSERT = "rows", "flush", "insert"
 
 _IDENT = r'(?:"((?:[^"]|"")+)"|`([^`]+)`|\[([^\]]+)\]|([A-Za-z_][\w$]*))'
 _HEAD = re.compile(
-    r"\s*(update|delete\s+from|insert\s+(?:or\s+\w+\s+)?into|replace\s+into)\s+"
+    r"\s*(update|delete\s+from|insert\s+(?:ignore\s+)?(?:or\s+\w+\s+)?into|replace\s+into)\s+"
     + r"(?:" + _IDENT + r"\s*\.\s*)?" + _IDENT,
     re.IGNORECASE,
 )
 _ANY_IDENT = re.compile(_IDENT)
-# Statements that may write but whose target we do not parse: every watched table they
-# name is flushed.
-_OTHER_WRITES = ("truncate", "with", "merge", "copy", "alter", "drop")
+# Statements that may write but whose target we do not parse (MySQL's multi-table
+# "DELETE t FROM t JOIN ...", TRUNCATE, MERGE, ...): every watched table they name is
+# flushed. A WITH counts only when it holds a write.
+_OTHER_WRITES = ("update", "delete", "insert", "replace", "truncate", "with", "merge",
+                 "copy", "alter", "drop")
+_WRITE_WORD = re.compile(r"\b(update|delete|insert|merge|truncate)\b", re.IGNORECASE)
 _FIRST = frozenset("udirtwmcaUDIRTWMCA \t\n(")
 
 
@@ -49,25 +52,43 @@ class Effect:
 
 def _name(groups: Sequence[str | None]) -> str:
     for g in groups:
-        if g is not None:
+        if g:  # match.groups() gives None for an alternative not taken, findall() ""
             return g.replace('""', '"')
     return ""
 
 
 def classify(sql: str, params: Any, many: bool) -> list[Effect]:
-    """The effects of one statement on cached groups (empty for everything else)."""
+    """The effects of one statement on cached groups (empty for everything else). Never
+    raises: a statement it cannot read drops every cached table it names."""
     if not sql or sql[0] not in _FIRST:
         return []
     tables = table_roles()
     if not tables:
         return []
+    try:
+        body = sql.strip().rstrip(";")
+        if ";" in body:  # several statements: read none of them, drop all they name
+            return _flush_named(sql, tables)
+        return _classify(sql, params, many, tables)
+    except Exception:
+        return _flush_named(sql, tables)
+
+
+def _classify(sql: str, params: Any, many: bool,
+              tables: dict[str, list[TableRole]]) -> list[Effect]:
     m = _HEAD.match(sql)
     if m is None:
         word = sql.lstrip(" \t\n(").split(None, 1)[:1]
         if not word or word[0].lower() not in _OTHER_WRITES:
             return []
+        if word[0].lower() == "with" and not _WRITE_WORD.search(sql):
+            return []
         return _flush_named(sql, tables)
-    roles = tables.get(_name(m.groups()[5:])) or tables.get(_name(m.groups()[5:]).lower())
+    groups = m.groups()
+    schema, name = _name(groups[1:5]), _name(groups[5:])
+    roles = tables.get(name) or tables.get(name.lower())
+    if schema and not roles:  # a db_table with a schema in it: 'billing"."invoice'
+        roles = tables.get(f'{schema}"."{name}') or tables.get(f"{schema}.{name}")
     if not roles:
         return []
     verb = m.group(1).lower()
@@ -77,7 +98,8 @@ def classify(sql: str, params: Any, many: bool) -> list[Effect]:
         return touched
     if verb.startswith("insert"):
         low = sql.lower()
-        # ON CONFLICT DO NOTHING (ignore_conflicts) changes no existing row.
+        # ON CONFLICT DO NOTHING and INSERT IGNORE (ignore_conflicts) change no existing
+        # row; an upsert does.
         upsert = (" on conflict" in low and not low.rstrip("; ").endswith("do nothing")) or (
             " on duplicate key" in low)
         kind = FLUSH if upsert else INSERT
@@ -89,8 +111,13 @@ def classify(sql: str, params: Any, many: bool) -> list[Effect]:
         pks = _pk_bound(sql, params, many, role) if role.by_row else None
         if pks is None or len(pks) > conf.BULK_INVALIDATION_LIMIT:
             out.append(Effect(role.label, FLUSH))
-        else:
-            out.append(Effect(role.label, ROWS, tuple(_rid(role, pk) for pk in pks)))
+            continue
+        try:
+            rids = tuple(_rid(role, pk) for pk in pks)
+        except Exception:  # a value the database will refuse: let it say so
+            out.append(Effect(role.label, FLUSH))
+            continue
+        out.append(Effect(role.label, ROWS, rids))
     return out
 
 
@@ -105,9 +132,7 @@ def _flush_named(sql: str, tables: dict[str, list[TableRole]]) -> list[Effect]:
 
 
 def _rid(role: TableRole, value: Any) -> str:
-    f = role.pk_field
-    target = f.target_field if f.is_relation else f
-    return row_id(target.get_prep_value(target.to_python(value)))
+    return pk_row_id(role.pk_field, value)
 
 
 def _pk_bound(sql: str, params: Any, many: bool, role: TableRole) -> list[Any] | None:
@@ -133,7 +158,7 @@ def _pk_bound(sql: str, params: Any, many: bool, role: TableRole) -> list[Any] |
         return None
     col = re.escape(role.pk_column)
     pattern = re.compile(
-        r'\s*(?:' + _IDENT + r'\s*\.\s*)?(?:"' + col + r'"|`' + col + r'`|\[' + col + r'\]|'
+        r'\s*(?:' + _IDENT + r'\s*\.\s*){0,2}(?:"' + col + r'"|`' + col + r'`|\[' + col + r'\]|'
         + col + r')\s*(?:=\s*%s|in\s*\(\s*%s(?:\s*,\s*%s)*\s*\))\s*',
         re.IGNORECASE,
     )

@@ -8,7 +8,6 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
 from django.core.exceptions import FieldDoesNotExist
-from django.db import models
 
 from .conf import DEFAULTS, conf
 
@@ -73,20 +72,6 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
     return errors
 
 
-def _unique_sets(model: type[models.Model]) -> list[set[str]]:
-    """Unique field sets, from the concrete model and its parents (a proxy's own Meta
-    carries none of them)."""
-    concrete = model._meta.concrete_model
-    sets = [{f.name} for f in concrete._meta.concrete_fields if f.unique or f.primary_key]
-    for m in [concrete, *concrete._meta.get_parent_list()]:
-        opts = m._meta
-        sets += [set(t) for t in opts.unique_together]
-        for c in opts.constraints:
-            if isinstance(c, models.UniqueConstraint) and c.fields and c.condition is None:
-                sets.append(set(c.fields))
-    return sets
-
-
 def check_lookups(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     from .derived import _functions
     from .registry import cached_managers
@@ -115,7 +100,7 @@ def check_lookups(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
 
 def check_manager(mgr: Any) -> list[CheckMessage]:
     """The lookups of one cached manager: known concrete fields, and unique ones."""
-    from .registry import _scope, is_composite_pk
+    from .registry import _scope, is_composite_pk, unique_sets
 
     errors: list[CheckMessage] = []
     model = mgr.model
@@ -142,7 +127,7 @@ def check_manager(mgr: Any) -> list[CheckMessage]:
                 id="tiered_cache.W003",
             )
         )
-    uniques = _unique_sets(model)
+    uniques = unique_sets(model)
     for spec in mgr.get_cache_lookups():
         names = (spec,) if isinstance(spec, str) else tuple(spec)
         fields = []
@@ -176,8 +161,9 @@ def check_manager(mgr: Any) -> list[CheckMessage]:
         if not any(u <= given for u in uniques):
             errors.append(
                 Warning(
-                    f"{label}.{mgr.name}: cache lookup {names!r} is not unique; "
-                    "get_cached() raises MultipleObjectsReturned when it matches several rows.",
+                    f"{label}.{mgr.name}: cache lookup {names!r} is not unique, so get_cached() "
+                    "reads the database for it (a cached row would hide a second match, "
+                    "where .get() raises MultipleObjectsReturned).",
                     hint="Add unique=True or a UniqueConstraint over these fields.",
                     obj=model,
                     id="tiered_cache.W001",

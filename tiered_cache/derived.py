@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import markcoroutinefunction, sync_to_async
 from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, models, router
@@ -29,7 +29,7 @@ from .registry import cached_managers
 from .serialization import CorruptPayload, dumps, loads_verified, open_signed, sign
 from .tiers.local import local_tier
 from .tiers.remote import Unavailable, fresh_token, redis_tier
-from .transactions import bypass_any, queue
+from .transactions import bypass_any, open_writes, queue, snapshot_aliases
 
 # group id -> labels of the cached functions (known to this process) that depend on it
 _dependents: dict[str, set[str]] = {}
@@ -92,6 +92,8 @@ class CachedFunction:
         self.qualname = f"{fn.__module__}.{fn.__qualname__}"
         self.label = "fn:" + self.qualname
         self.is_async = inspect.iscoroutinefunction(fn)
+        if self.is_async:  # so async_to_sync() and Django's view machinery see a coroutine
+            markcoroutinefunction(self)
         self.signature = inspect.signature(fn)
         self._deps = list(depends_on)
         if not self._deps:
@@ -253,11 +255,20 @@ class CachedFunction:
         self._store(key, result, state)
         return result
 
+    def _loop_may_peek(self) -> bool:
+        """Whether an async caller may use L1 on the event loop: only while no transaction
+        of this process holds writes and no alias reads from a snapshot. The transaction an
+        async caller runs in lives on the thread sync_to_async hops to, not on the loop."""
+        return open_writes() == 0 and not snapshot_aliases()
+
     async def _acall(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         key = self.key(*args, **kwargs)
-        found, result = self._peek(key)
-        if found:
-            return result
+        if self._loop_may_peek():
+            found, result = self._peek(key)
+            if found:
+                return result
+        elif await sync_to_async(self._dirty)():
+            return await self.fn(*args, **kwargs)
         found, result, state = await sync_to_async(self._lookup)(key)
         if found:
             return result
@@ -270,9 +281,10 @@ class CachedFunction:
         """Await a sync cached function: L1 hits stay on the loop, the rest is one hop."""
         if self.is_async:
             return await self._acall(args, kwargs)
-        found, result = self._peek(self.key(*args, **kwargs))
-        if found:
-            return result
+        if self._loop_may_peek():
+            found, result = self._peek(self.key(*args, **kwargs))
+            if found:
+                return result
         return await sync_to_async(self._call)(args, kwargs)
 
     # -- invalidation ------------------------------------------------------------------

@@ -14,7 +14,7 @@ from django.db import DatabaseError, connections, models, router
 from . import signals
 from .conf import conf
 from .groups import Group, channel, database_of, group, group_by_id, root_label
-from .keys import row_id
+from .keys import pk_row_id
 from .tiers.local import local_tier
 from .tiers.remote import Unavailable, fresh_token, redis_tier
 
@@ -57,7 +57,7 @@ class Batch:
         return bool(self.rows or self.fn_keys)
 
     # -- applying ----------------------------------------------------------------
-    def apply(self) -> None:
+    def apply(self, notify: bool = True) -> None:
         """Redis first, then this process's L1: a thread of ours that refills L1 from L2
         in between took its fill token before the local drop, which refuses the fill.
         (Dropping locally first let such a thread put the old row back.)"""
@@ -76,6 +76,11 @@ class Batch:
                     _outbox.reset()
         finally:
             apply_locally(self.rows, self.flush, self.fn_keys)
+        if notify:
+            self.send_signals()
+
+    def send_signals(self) -> None:
+        """Count the invalidations and send cache_invalidated (receivers may query)."""
         _count_and_signal(self)
 
     def redis_calls(self) -> list[tuple[str, list[str], list[Any]]]:
@@ -301,11 +306,9 @@ def batch_of(alias: str, effects: Iterable[Any]) -> Batch:
 
 def rows_batch(model: type[models.Model], pks: Iterable[Any], alias: str) -> Batch:
     batch = Batch()
-    alias = database_of(alias)
     pk = model._meta.pk
-    target = pk.target_field if pk.is_relation else pk
-    batch.add_rows(group(alias, root_label(model)),
-                   [row_id(target.get_prep_value(p)) for p in pks if p is not None])
+    batch.add_rows(group(database_of(alias), root_label(model)),
+                   [pk_row_id(pk, p) for p in pks if p is not None])
     return batch
 
 

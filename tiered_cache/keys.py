@@ -67,6 +67,15 @@ def row_id(pk: Any) -> str:
     return encode_values((pk,)).replace("%", "%25").replace("|", "%7C")
 
 
+def pk_row_id(pk_field: Any, value: Any) -> str:
+    """The row id of a pk value, the same whether it comes from an instance (a read) or
+    from a statement's parameters (a write): the value as the ORM prepares it."""
+    f = pk_field
+    while f.is_relation:  # a multi-table child's pk is its parent link
+        f = f.target_field
+    return row_id(f.get_prep_value(f.to_python(value)))
+
+
 def schema_fingerprint(model: type[models.Model]) -> str:
     """Changes whenever the model's stored fields change, so a deploy never decodes old rows."""
     parts = [FORMAT_VERSION, model._meta.label_lower]

@@ -6,14 +6,14 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db import DEFAULT_DB_ALIAS, connections, models, router
+from django.db import DEFAULT_DB_ALIAS, models, router
 from django.db.models.query import QuerySet
 
 from . import reads
 from .groups import database_of
 from .invalidation import flush_batch, rows_batch
 from .registry import LookupSpec, model_cache
-from .transactions import in_transaction, queue, snapshot_aliases
+from .transactions import open_writes, queue, snapshot_aliases
 
 
 class CachedQuerySet(QuerySet):
@@ -80,12 +80,16 @@ class CachedManagerMixin:
         mc = model_cache(self)
         lk, values = mc.resolve(lookup)
         db = self.db
-        g = mc.group(self.cache_group_alias(db))
-        if mc.bypass_reason is None and not in_transaction_somewhere(db, g.alias):
-            # An L1 hit stays on the event loop: no I/O, no thread hop.
-            found = reads.peek_local(mc, g, (lk.key_prefix, db, *values), db)
-            if found is not None:
-                return found
+        # An L1 hit stays on the event loop (no I/O, no thread hop) only while no
+        # transaction of this process holds writes: the caller's transaction lives on the
+        # thread sync_to_async hops to, where reads.get() checks it.
+        if open_writes() == 0 and db not in snapshot_aliases() and lk.unique:
+            scope = mc.scope(self)
+            if scope is not None:
+                g = mc.group(self.cache_group_alias(db))
+                found = reads.peek_local(mc, g, (lk.key_prefix, db, scope, *values), db)
+                if found is not None:
+                    return found
         return await sync_to_async(reads.get)(self, mc, lk, values)
 
     async def aget_many_cached(self, pks: Iterable[Any]) -> dict[Any, Any]:
@@ -125,14 +129,6 @@ class CachedManager(CachedManagerMixin, models.Manager):
         self.cache_timeout = timeout
         self.cache_l1_timeout = l1_timeout
         self.cache_negative_timeout = negative_timeout
-
-
-def in_transaction_somewhere(read_alias: str, group_alias: str) -> bool:
-    """Cheap test for the async fast path: may this read need the bypass checks (which
-    touch connections, so they run in the sync path)?"""
-    if read_alias in snapshot_aliases():
-        return True
-    return in_transaction(connections[group_alias])
 
 
 # -- related managers ------------------------------------------------------------------

@@ -331,10 +331,15 @@ def _run_script(source: str, keys: list[str], args: list[Any]) -> Any:
 
 
 def _by_tag(selected: Sequence[type[models.Model]] | None) -> dict[str, list[ModelCache]]:
+    """The model caches of each group the selected models belong to: every model of a
+    group (a proxy, an MTI relative), so that one's entries are never taken for another
+    schema's."""
+    tags = {mc.home.tag for model in _models_or_all(selected) for mc in _caches(model)}
     out: dict[str, list[ModelCache]] = {}
-    for model in _models_or_all(selected):
+    for model in cached_models():
         for mc in _caches(model):
-            out.setdefault(mc.home.tag, []).append(mc)
+            if mc.home.tag in tags:
+                out.setdefault(mc.home.tag, []).append(mc)
     return out
 
 
@@ -469,11 +474,12 @@ def l2_entry_counts(
                     pipe.getrange(k, 0, 47)
                 return pipe.execute(raise_on_error=False)
 
-            for k, head in zip(data, redis_tier.call(heads)):
+            for k, head in zip(data, redis_tier.call(heads), strict=True):
                 owner = _owner(k, caches)
                 if owner and isinstance(head, bytes) and head.split(b"|", 2)[1:2] == [gen]:
                     out[owner.label] += 1
-    return out
+    wanted = {m._meta.label_lower for m in _models_or_all(selected)}
+    return {label: n for label, n in out.items() if label in wanted}
 
 
 def l2_entry_count(model: type[models.Model]) -> int:

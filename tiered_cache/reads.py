@@ -12,7 +12,6 @@ from .bus import bus
 from .conf import conf
 from .counters import hot
 from .groups import Group
-from .keys import row_id
 from .registry import Lookup, ModelCache
 from .serialization import CorruptPayload, dumps, loads_verified, open_signed, sign
 from .tiers.local import NEGATIVE, local_tier
@@ -56,14 +55,14 @@ class Fill:
     __slots__ = ("g", "key", "lease", "gen", "writes", "kind", "rid", "body", "ttl", "version")
 
     def __init__(self, g: Group, key: str, lease: str, gen: Any, writes: Any, value: Any,
-                 ttl: float) -> None:
+                 ttl: float, rid: str) -> None:
         self.g, self.key, self.lease = g, key, lease
         self.gen, self.writes = _raw(gen), _raw(writes)
         if value is NEGATIVE:
             self.kind, self.rid, self.body = "N", "", dumps(None)
             self.version: bytes = self.writes
         else:
-            self.kind, self.rid, self.body = "P", row_id(value[2]), dumps(value)
+            self.kind, self.rid, self.body = "P", rid, dumps(value)
             self.version = fresh_token().encode()
         self.ttl = ttl
 
@@ -90,13 +89,14 @@ def _raw(v: Any) -> bytes:
 def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> Any:
     db = manager.db
     g = mc.group(manager.cache_group_alias(db))
-    why = mc.bypass_reason or bypass(db, g.alias, g.id)
+    why, scope = _read_scope(manager, mc, lk, db, g)
     if why is not None:
         mc.counters.bypassed += 1
         return manager.get_queryset().get(**lk.orm_kwargs(values))
 
-    # L1 is keyed by the lookup, the database and the values: no string is built here.
-    l1key = (lk.key_prefix, db, *values)
+    # L1 is keyed by the lookup, the database, the manager's filter and the values: no
+    # string is built here.
+    l1key = (lk.key_prefix, db, scope, *values)
     found = peek_local(mc, g, l1key, db)
     if found is not None:
         return found
@@ -120,10 +120,10 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
         value = flight.value if done.wait(conf.LEASE_TIMEOUT) else None
         if value is not None and value is not UNCACHEABLE:
             return _deliver(mc, value, None, db)
-        value, obj = _load(manager, mc, g, lk, values, l1key, db, token, lease=False)
+        value, obj = _load(manager, mc, g, lk, values, l1key, db, scope, token, lease=False)
         return _deliver(mc, value, obj, db)
     try:
-        value, obj = _load(manager, mc, g, lk, values, l1key, db, token, lease=True)
+        value, obj = _load(manager, mc, g, lk, values, l1key, db, scope, token, lease=True)
         flight.value = value
     finally:
         with _flights_lock:
@@ -211,10 +211,10 @@ def _corrupt(mc: ModelCache, key: str, exc: Exception) -> None:
 
 def _load(
     manager: Any, mc: ModelCache, g: Group, lk: Lookup, values: tuple[Any, ...], l1key: Any,
-    db: str, token: Any, lease: bool,
+    db: str, scope: str, token: Any, lease: bool,
 ) -> tuple[Any, Any]:
     """(frozen row | NEGATIVE | UNCACHEABLE, instance read from the database or None)."""
-    key = lk.key(g, mc.schema, db, values)
+    key = lk.key(g, mc.schema, _alias_part(db, scope), values)
     trusted = bus.trusted()
     lease_token = fresh_token() if lease else ""
     code, gen, writes = _NO_LEASE, None, None
@@ -225,7 +225,7 @@ def _load(
             if code == _HIT:
                 value = _l2_value(mc, key, res[1])
                 if value is not None:
-                    local_tier.set(l1key, g.id, _row_of(value), value,
+                    local_tier.set(l1key, g.id, _row_of(mc, value), value,
                                    _l1_timeout(mc, value), token)
                     return value, None
                 code = _NO_LEASE
@@ -258,10 +258,11 @@ def _load(
     if code == _LEASE:
         # The caller has its row; the fill runs on the filler thread, and Redis refuses it
         # if the model was written since our read.
-        redis_tier.fill_later([Fill(g, key, lease_token, gen, writes, value, _ttl(mc, value))],
+        redis_tier.fill_later([Fill(g, key, lease_token, gen, writes, value, _ttl(mc, value),
+                                    _row_of(mc, value))],
                               _counted(mc))
     if trusted:
-        local_tier.set(l1key, g.id, _row_of(value), value, _l1_timeout(mc, value), token)
+        local_tier.set(l1key, g.id, _row_of(mc, value), value, _l1_timeout(mc, value), token)
     return value, obj
 
 
@@ -312,8 +313,23 @@ def _counted(mc: ModelCache) -> Any:
     return done
 
 
-def _row_of(value: Any) -> str:
-    return "" if value is NEGATIVE else row_id(value[2])
+def _row_of(mc: ModelCache, value: Any) -> str:
+    return "" if value is NEGATIVE else mc.row_id_of(value[2])
+
+
+def _read_scope(manager: Any, mc: ModelCache, lk: Lookup, db: str,
+                g: Group) -> tuple[str | None, str]:
+    """(why this read skips the tiers, or None; the key part of the manager's filter)."""
+    if not lk.unique:
+        return "the lookup is not unique", ""
+    scope = mc.scope(manager)
+    if scope is None:
+        return "the manager's queryset is not cacheable", ""
+    return bypass(db, g.alias, g.id), scope
+
+
+def _alias_part(db: str, scope: str) -> str:
+    return f"{db}~{scope}" if scope else db
 
 
 def _ttl(mc: ModelCache, value: Any) -> float:
@@ -343,7 +359,8 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
         if v not in seen:
             seen.add(v)
             wanted.append(v)
-    if (mc.bypass_reason or bypass(db, g.alias, g.id)) is not None:
+    why, scope = _read_scope(manager, mc, lk, db, g)
+    if why is not None:
         mc.counters.bypassed += len(wanted)
         return manager.get_queryset().in_bulk(wanted)
 
@@ -356,7 +373,7 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
         todo = []
         now = time.monotonic()
         for pk in wanted:
-            v = local_tier.get((prefix, db, pk), now)
+            v = local_tier.get((prefix, db, scope, pk), now)
             if v is None:
                 todo.append(pk)
             elif v is NEGATIVE:
@@ -368,7 +385,7 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
         return found
 
     token = local_tier.token(g.id)
-    keys = [lk.key(g, mc.schema, db, (pk,)) for pk in todo]
+    keys = [lk.key(g, mc.schema, _alias_part(db, scope), (pk,)) for pk in todo]
     leases = [fresh_token() for _ in todo]
     results: list[Any] = []
     gen = writes = None
@@ -390,7 +407,7 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
             if value is None:
                 missing.append((pk, keys[i], ""))
                 continue
-            local_tier.set((prefix, db, pk), g.id, _row_of(value), value,
+            local_tier.set((prefix, db, scope, pk), g.id, _row_of(mc, value), value,
                            _l1_timeout(mc, value), token)
             if value is not NEGATIVE:
                 found[pk] = mc.codec.thaw(value, db)
@@ -413,9 +430,10 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
                 continue
             value = mc.codec.freeze(row)
         if lease:
-            fills.append(Fill(g, key, lease, gen, writes, value, _ttl(mc, value)))
+            fills.append(Fill(g, key, lease, gen, writes, value, _ttl(mc, value),
+                              _row_of(mc, value)))
         if trusted:
-            local_tier.set((prefix, db, pk), g.id, _row_of(value), value,
+            local_tier.set((prefix, db, scope, pk), g.id, _row_of(mc, value), value,
                            _l1_timeout(mc, value), token)
     if fills:
         redis_tier.fill_later(fills, _counted(mc))
@@ -431,6 +449,9 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
     lk = mc.pk_lookup
     db = manager.db
     g = mc.group(manager.cache_group_alias(db))
+    why, scope = _read_scope(manager, mc, lk, db, g)
+    if why is not None:  # e.g. inside a transaction that wrote the model: nothing to store
+        return {"stored": 0, "refused": 0}
     last_pk = None
     while True:
         # An empty read makes sure the generation exists and tells us the counters.
@@ -450,8 +471,8 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
             row = mc.codec.values(obj)
             if row is not None:
                 value = mc.codec.freeze(row)
-                fills.append(Fill(g, lk.key(g, mc.schema, db, (value[2],)), "", gen, writes,
-                                  value, mc.timeout))
+                fills.append(Fill(g, lk.key(g, mc.schema, _alias_part(db, scope), (value[2],)),
+                                  "", gen, writes, value, mc.timeout, _row_of(mc, value)))
         if fills:
             oks = redis_tier.run_fills(fills)
             stored += sum(1 for ok in oks if ok)

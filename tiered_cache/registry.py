@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -15,7 +16,7 @@ from django.db import DEFAULT_DB_ALIAS, models, router
 from .conf import conf
 from .exceptions import UndeclaredLookup
 from .groups import Group, group, root_label
-from .keys import encode_values, row_id, schema_fingerprint
+from .keys import encode_values, pk_row_id, schema_fingerprint
 from .serialization import RowCodec
 
 LookupSpec = str | Sequence[str]
@@ -47,6 +48,9 @@ class Lookup:
     preps: tuple[Callable[[Any], Any], ...]
     key_prefix: str
     model: type[models.Model] = field(repr=False)
+    # Only a unique lookup is cached: a cached row would hide a second match, where
+    # .get() raises MultipleObjectsReturned.
+    unique: bool = True
 
     def normalize(self, kwargs: dict[str, Any], aliases: dict[str, str]) -> tuple[Any, ...]:
         by_name = {aliases[k]: v for k, v in kwargs.items()}
@@ -73,7 +77,7 @@ def _instance_value(f: models.Field, name: str, value: models.Model, model: type
         # match the rows whose foreign key is NULL).
         raise ValueError("Model instances passed to related filters must be saved.")
     if f.is_relation and isinstance(value, f.related_model):
-        return value.pk
+        return getattr(value, f.target_field.attname)  # the to_field's value, as the ORM
     if f.primary_key and isinstance(value, model):
         return value.pk
     raise ValueError(
@@ -134,9 +138,11 @@ class ModelCache:
         self._negative_timeout = negative_timeout
         self.codec = RowCodec(model)
         self.schema = schema_fingerprint(model)
-        # Why every read of this manager goes to the database, if it must (see _scope).
-        self.bypass_reason: str | None = None
+        # Whether the manager overrides get_queryset(): its filter is then part of the key,
+        # read at every call (see scope()).
+        self.custom_queryset = False
 
+        uniques = unique_sets(model)
         declared: list[tuple[str, ...]] = [("pk",)]
         for spec in lookups:
             names = (spec,) if isinstance(spec, str) else tuple(spec)
@@ -161,6 +167,7 @@ class ModelCache:
                 preps=tuple(_prep_for(f) for f in fields),
                 key_prefix=f"{self.label}:{manager_name}:{'+'.join(names)}:",
                 model=model,
+                unique=names == ("pk",) or any(u <= {f.name for f in fields} for u in uniques),
             )
             alias_sets = []
             for n, f in zip(names, fields):
@@ -251,7 +258,19 @@ class ModelCache:
         return group(alias, self.root)
 
     def row_id_of(self, pk: Any) -> str:
-        return row_id(self.pk_lookup.preps[0](pk))
+        return pk_row_id(self.model._meta.pk, pk)
+
+    def scope(self, manager: Any) -> str | None:
+        """The part of a key that stands for the manager's own filter: "" for a manager that
+        keeps Django's get_queryset(). One that overrides it may filter on values known at
+        run time (the current tenant): its filter, values included, is part of the key.
+        None when reads must go to the database (see _scope)."""
+        if not self.custom_queryset:
+            return ""
+        query = manager.get_queryset().query
+        if _scope_reason(manager.model, query) is not None:
+            return None
+        return hashlib.sha1(str(query.where).encode()).hexdigest()[:12]
 
 
 _registry: dict[tuple[type[models.Model], str], ModelCache] = {}
@@ -275,26 +294,58 @@ def model_cache(manager: Any) -> ModelCache:
                     l1_timeout=manager.cache_l1_timeout,
                     negative_timeout=manager.cache_negative_timeout,
                 )
-                mc.bypass_reason = _scope(manager)
+                mc.custom_queryset = _overrides_get_queryset(manager)
                 _registry[key] = mc
                 _by_root.setdefault(mc.root, []).append(mc)
     return mc
 
 
+def _overrides_get_queryset(manager: Any) -> bool:
+    from django.db.models.manager import BaseManager
+
+    for klass in type(manager).__mro__:
+        if "get_queryset" in vars(klass):
+            return not (klass is BaseManager or klass.__module__.startswith("tiered_cache."))
+    return False
+
+
 def _scope(manager: Any) -> str | None:
-    """A manager whose queryset reads other tables (a join or subquery in its filter) has
-    answers that writes to those tables change: its reads are not cached."""
+    """Why get_cached() on this manager can never be cached (system check W003), or None."""
     try:
-        query = manager.get_queryset().query
-        tables = {t.table_name for t in query.alias_map.values()}
-        own = {m._meta.db_table for m in [manager.model._meta.concrete_model,
-                                          *manager.model._meta.get_parent_list()]}
-        sql = str(query) if query.where else ""
+        return _scope_reason(manager.model, manager.get_queryset().query)
     except Exception:  # an unusual queryset: be safe
         return "its queryset could not be inspected"
+
+
+def _scope_reason(model: type[models.Model], query: Any) -> str | None:
+    """A queryset that reads other tables (a join or subquery in its filter) has answers
+    that writes to those tables change; one that annotates, aggregates, slices or selects
+    only some columns returns rows the cache does not hold."""
+    if query.annotations or query.extra or query.distinct or query.is_sliced or (
+            query.group_by is not None) or query.values_select or query.combinator:
+        return "its queryset annotates, groups, slices or selects values"
+    # Aliases Django trimmed (a filter on a foreign key column) are left with no refs.
+    tables = {t.table_name for a, t in query.alias_map.items() if query.alias_refcount.get(a)}
+    own = {m._meta.db_table for m in [model._meta.concrete_model,
+                                      *model._meta.get_parent_list()]}
+    sql = str(query) if query.where else ""
     if tables - own or " SELECT " in sql.upper():
         return "its queryset reads other tables"
     return None
+
+
+def unique_sets(model: type[models.Model]) -> list[set[str]]:
+    """Unique field sets, from the concrete model and its parents (a proxy's own Meta
+    carries none of them)."""
+    concrete = model._meta.concrete_model
+    sets = [{f.name} for f in concrete._meta.concrete_fields if f.unique or f.primary_key]
+    for m in [concrete, *concrete._meta.get_parent_list()]:
+        opts = m._meta
+        sets += [set(t) for t in opts.unique_together]
+        for c in opts.constraints:
+            if isinstance(c, models.UniqueConstraint) and c.fields and c.condition is None:
+                sets.append(set(c.fields))
+    return sets
 
 
 def is_composite_pk(model: type[models.Model]) -> bool:

@@ -22,29 +22,53 @@ from .invalidation import Batch, batch_of
 
 # Set on a DatabaseWrapper while its transaction has writes waiting for the commit.
 _ATTR = "tiered_cache_pending"
+# This thread's connections with such writes (a thread may hold several per alias).
 _local = threading.local()
+# Transactions with pending writes in the whole process: async fast paths, which run on
+# another thread than the transaction, may skip the per-thread checks only when it is 0.
+_open = [0]
+_open_lock = threading.Lock()
 
 
 class Pending:
     """The invalidations of one transaction on one connection, applied right after its
     COMMIT and dropped by its ROLLBACK."""
 
-    __slots__ = ("alias", "batch", "done")
+    __slots__ = ("batch", "conn", "done")
 
-    def __init__(self, alias: str) -> None:
-        self.alias = alias
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
         self.batch = Batch()
         self.done = False
+        with _open_lock:
+            _open[0] += 1
+        _local.__dict__.setdefault("dirty", {})[id(conn)] = self
 
     def finish(self, apply: bool) -> None:
         if self.done:
             return
         self.done = True
+        with _open_lock:
+            _open[0] -= 1
         dirty = getattr(_local, "dirty", None)
-        if dirty and dirty.get(self.alias) is self:
-            del dirty[self.alias]
+        if dirty and dirty.get(id(self.conn)) is self:
+            del dirty[id(self.conn)]
         if apply:
-            self.batch.apply()
+            # Signals wait until Django has turned autocommit back on: a receiver that
+            # queries would otherwise open a transaction inside atomic()'s exit.
+            self.batch.apply(notify=False)
+            owed = self.conn.__dict__.setdefault(_OWED, [])
+            owed.append(self.batch)
+            if len(owed) > 100:  # autocommit kept off for long: do not hold them forever
+                owed.pop(0).send_signals()
+
+
+_OWED = "tiered_cache_signals_owed"
+
+
+def open_writes() -> int:
+    """How many transactions of this process hold writes not yet committed."""
+    return _open[0]
 
 
 def in_transaction(conn: Any) -> bool:
@@ -73,8 +97,7 @@ def record(conn: Any, batch: Batch) -> None:
         return
     pending = current(conn)
     if pending is None:
-        pending = conn.__dict__[_ATTR] = Pending(conn.alias)
-        _local.__dict__.setdefault("dirty", {})[conn.alias] = pending
+        pending = conn.__dict__[_ATTR] = Pending(conn)
     pending.batch.merge(batch)
 
 
@@ -83,39 +106,58 @@ def queue(batch: Batch, using: str) -> None:
     record(connections[using], batch)
 
 
-def watch(execute: Any, sql: str, params: Any, many: bool, context: dict[str, Any]) -> Any:
-    """The execute wrapper installed on every connection."""
-    effects = classify(sql, params, many)
-    result = execute(sql, params, many, context)
-    if effects:
-        conn = context["connection"]
-        record(conn, batch_of(conn.alias, effects))
-    return result
+def watch(execute: Any, sql: Any, params: Any, many: bool, context: dict[str, Any]) -> Any:
+    """The execute wrapper installed on every connection. The effects are recorded even
+    when the statement raises: the server may have applied it (a lost reply), and an
+    extra invalidation is harmless where a missing one is not."""
+    conn = context["connection"]
+    effects = classify(sql_text(sql, conn), params, many)
+    try:
+        return execute(sql, params, many, context)
+    finally:
+        if effects:
+            record(conn, batch_of(conn.alias, effects))
+
+
+def sql_text(sql: Any, conn: Any) -> str:
+    """The statement as text; psycopg's sql.Composed objects are rendered for reading."""
+    if isinstance(sql, str):
+        return sql
+    try:
+        return str(sql.as_string(conn.connection))
+    except Exception:
+        return str(sql)
 
 
 def install(connection: Any, **kwargs: Any) -> None:
     """connection_created receiver: watch this connection's statements and transactions.
 
-    Statements go through Django's documented execute_wrapper(). For the end of a
-    transaction Django offers only on_commit(), whose callbacks run in registration order
-    (one registered before our first write would run before the invalidation and read the
-    old row; one that raises would cancel it), and an entry of ours in run_on_commit would
-    show up in every captureOnCommitCallbacks() of the project's tests. So this
-    connection's own commit() and rollback() are wrapped: the invalidation runs right
-    after COMMIT returns, before Django runs any callback, and also under
-    set_autocommit(False), where Django runs no hook at commit() at all."""
+    Statements go through Django's documented execute_wrapper(); ours goes first in the
+    list (the outermost), because the context manager execute_wrapper() pops the last
+    one: a connection first opened inside a user's block must not lose ours at its exit.
+    For the end of a transaction Django offers only on_commit(), whose callbacks run in
+    registration order (one registered before our first write would run before the
+    invalidation and read the old row; one that raises would cancel it), and an entry of
+    ours in run_on_commit would show up in every captureOnCommitCallbacks() of the
+    project's tests. So this connection's own commit() and rollback() are wrapped: the
+    invalidation runs right after COMMIT, before Django runs any callback, and also under
+    set_autocommit(False), where Django runs no hook at commit() at all. A commit() that
+    raises may still have committed (a lost reply): its invalidation runs anyway."""
     if watch not in connection.execute_wrappers:
-        connection.execute_wrappers.append(watch)
+        connection.execute_wrappers.insert(0, watch)
     if connection.__dict__.get("tiered_cache_hooked"):
         return
     connection.tiered_cache_hooked = True
     commit, rollback = connection.commit, connection.rollback
+    run_hooks = connection.run_and_clear_commit_hooks
 
     def commit_then_invalidate() -> None:
-        commit()
-        pending = connection.__dict__.get(_ATTR)
-        if pending is not None:
-            pending.finish(apply=True)
+        try:
+            commit()
+        finally:
+            pending = connection.__dict__.get(_ATTR)
+            if pending is not None:
+                pending.finish(apply=True)
 
     def rollback_and_forget() -> None:
         try:
@@ -125,8 +167,15 @@ def install(connection: Any, **kwargs: Any) -> None:
             if pending is not None:
                 pending.finish(apply=False)
 
+    def signals_then_hooks() -> None:
+        owed = connection.__dict__.pop(_OWED, None)
+        for batch in owed or ():
+            batch.send_signals()
+        run_hooks()
+
     connection.commit = commit_then_invalidate
     connection.rollback = rollback_and_forget
+    connection.run_and_clear_commit_hooks = signals_then_hooks
 
 
 # -- reads ------------------------------------------------------------------------------
@@ -165,11 +214,11 @@ def forget_databases(setting: str = "DATABASES", **kwargs: Any) -> None:
         _snapshot.clear()
 
 
-def _written(dirty: dict[str, Pending], gids: list[str]) -> bool:
+def _written(dirty: dict[int, Pending], gids: list[str]) -> bool:
     """Whether an open transaction of this thread (on any connection) wrote these groups."""
-    for alias in list(dirty):
-        pending = current(connections[alias])
-        if pending is not None and any(gid in pending.batch.rows for gid in gids):
+    for pending in list(dirty.values()):
+        live = current(pending.conn)
+        if live is not None and any(gid in live.batch.rows for gid in gids):
             return True
     return False
 

@@ -1,0 +1,112 @@
+"""Managers: get_cached answers what .get() on the same manager answers, whatever the
+manager filters on, and refuses to cache what it cannot keep exact."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import models
+from django.db.models import F
+from django.test.utils import isolate_apps
+
+import tiered_cache
+from tests.testapp.factories import AccountFactory, TenantFactory
+from tests.testapp.models import Account
+from tiered_cache import CachedManager
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+current_domain: contextvars.ContextVar[str] = contextvars.ContextVar("domain", default="a.test")
+
+
+class DomainManager(CachedManager):
+    """Scoped at run time, as multi-tenant projects do with a request's tenant."""
+
+    def get_queryset(self) -> models.QuerySet:
+        return super().get_queryset().filter(email__endswith="@" + current_domain.get())
+
+
+class DoubledManager(CachedManager):
+    def get_queryset(self) -> models.QuerySet:
+        return super().get_queryset().annotate(doubled=F("balance") * 2)
+
+
+class ByBalanceManager(CachedManager):
+    """A lookup that is not unique (system check W001)."""
+
+
+@pytest.fixture
+def extra_managers() -> Iterator[None]:
+    added = {"by_domain": DomainManager(), "doubled": DoubledManager(),
+             "by_balance": ByBalanceManager(lookups=["balance"])}
+    for name, manager in added.items():
+        Account.add_to_class(name, manager)
+    yield
+    for name, manager in added.items():
+        Account._meta.local_managers.remove(manager)
+        delattr(Account, name)
+    Account._meta._expire_cache()
+
+
+def outcome(fn: Any) -> Any:
+    try:
+        obj = fn()
+    except Exception as exc:
+        return type(exc).__name__
+    return (obj.pk, obj.balance, getattr(obj, "doubled", None))
+
+
+@pytest.mark.parametrize("tier", ["l1", "l2"])
+def test_a_manager_scoped_at_run_time_keys_its_filter(extra_managers: None, tier: str) -> None:
+    tenant = TenantFactory()
+    a = AccountFactory(tenant=tenant, email="x@a.test")
+    for domain in ("a.test", "b.test", "a.test", "b.test"):
+        token = current_domain.set(domain)
+        try:
+            assert outcome(lambda: Account.by_domain.get_cached(pk=a.pk)) == outcome(
+                lambda: Account.by_domain.get(pk=a.pk)), domain
+        finally:
+            current_domain.reset(token)
+        if tier == "l2":
+            tiered_cache.clear_local()
+
+
+def test_an_annotating_manager_reads_the_database(extra_managers: None) -> None:
+    a = AccountFactory(balance=21)
+    for _ in range(2):
+        assert Account.doubled.get_cached(pk=a.pk).doubled == 42
+
+
+def test_a_lookup_that_is_not_unique_reads_the_database(extra_managers: None) -> None:
+    tenant = TenantFactory()
+    first = AccountFactory(tenant=tenant, balance=500)
+    assert Account.by_balance.get_cached(balance=500).pk == first.pk
+    AccountFactory(tenant=tenant, balance=500)
+    with pytest.raises(Account.MultipleObjectsReturned):
+        Account.by_balance.get(balance=500)
+    with pytest.raises(Account.MultipleObjectsReturned):
+        Account.by_balance.get_cached(balance=500)
+
+
+@isolate_apps("tests.testapp")
+def test_an_instance_as_a_to_field_foreign_key_value_uses_that_field() -> None:
+    from tests.testapp.models import Tenant
+
+    class Membership(models.Model):
+        tenant = models.ForeignKey(Tenant, to_field="name", on_delete=models.CASCADE)
+        note = models.CharField(max_length=20)
+        objects = CachedManager(lookups=["tenant"])
+
+        class Meta:
+            app_label = "testapp"
+            managed = False
+
+    from tiered_cache.registry import model_cache
+
+    tenant = TenantFactory(name="acme")
+    lk, values = model_cache(Membership.objects).resolve({"tenant": tenant})
+    assert values == ("acme",)  # the to_field's value, as .get(tenant=tenant) filters by
+    assert lk.orm_kwargs(values) == {"tenant_id": "acme"}
