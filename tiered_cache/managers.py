@@ -150,7 +150,9 @@ def _base_of(manager: Any) -> Any:
     base = next((m for m in candidates if type(m) is built_on), None)
     if not isinstance(base, CachedManagerMixin):
         return None
-    return base.db_manager(manager._db, hints=manager._hints)
+    # A related manager reads from its instance's database (Django's routing hint); it
+    # keeps the instance as an attribute, not in _hints.
+    return base.db_manager(manager._db, hints={**manager._hints, "instance": manager.instance})
 
 
 def _related_value(manager: Any) -> tuple[Any, ...] | None:
