@@ -16,7 +16,7 @@ REDIS_PORT ?= 6379
 PYTEST_ARGS ?=
 DEMO_ADDR ?= 127.0.0.1:8000
 
-.PHONY: venv venv6 services postgres redis broker test test-django52 test-django6 demo worker bench bench-peers clean
+.PHONY: venv venv6 services postgres redis broker test test-django52 test-django6 demo worker bench bench-peers clean fuzz
 
 venv: $(STAMP)
 
@@ -74,6 +74,12 @@ test-django52: venv services
 
 test-django6: venv6 services
 	$(VENV6)/bin/pytest $(PYTEST_ARGS)
+
+# The differential fuzzer (tests/fuzz_machine.py) for a time budget, random seeds; it prints
+# how many examples and steps ran, and Hypothesis prints any shrunk counterexample.
+FUZZ_MINUTES ?= 10
+fuzz: venv services
+	$(BIN)/python -m tests.test_fuzz --minutes $(FUZZ_MINUTES)
 
 demo: venv redis
 	$(BIN)/python manage.py migrate --noinput
