@@ -39,3 +39,10 @@ def resolve(name: str) -> Any:
 
     gm = resolve_global_model(name)
     return None if gm is None else gm.name
+
+
+def imported(module: str) -> bool:
+    """Whether this process has imported `module` (tests of what a process never loaded)."""
+    import sys
+
+    return module in sys.modules

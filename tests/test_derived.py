@@ -10,15 +10,16 @@ import pytest
 
 import tiered_cache
 from demo_project.demo.factories import (
+    FlowInstanceFactory,
     GlobalModelFactory,
     ModelFactory,
     ProviderFactory,
     UserFactory,
 )
-from demo_project.demo.models import GlobalModel, Model, User
+from demo_project.demo.models import FlowInstance, GlobalModel, Model, User
 from demo_project.demo.resolvers import resolve_global_model
 from tests.cache_fixtures import write_outside_django
-from tests.processes import worker
+from tests.processes import wait_for, worker
 from tiered_cache import UncacheableArguments, cached
 from tiered_cache.groups import fn_tag
 from tiered_cache.tiers import redis_tier
@@ -223,3 +224,24 @@ def test_derived_entries_live_in_one_hash_slot() -> None:
                                             count=1000))
     assert keys
     assert {k.split(b"}")[0] for k in keys} == {keys[0].split(b"}")[0]}
+
+
+@cached(depends_on=[FlowInstance])
+def step_of(pk: int) -> int:
+    return int(FlowInstance.objects.get(pk=pk).current_step)
+
+
+def test_a_write_in_a_process_that_never_imported_the_function_drops_its_results() -> None:
+    """A Celery worker or a management command writes without ever importing the module
+    that defines the function: the write still reaches the function's results, in both
+    tiers of every process."""
+    flow = FlowInstanceFactory(current_step=1)
+    assert step_of(flow.pk) == 1
+    assert step_of(flow.pk) == 1  # cached
+    with worker() as other:
+        assert not other.call("tests.process_tasks.imported", __name__)
+        assert other.call("tests.coherence_tasks.write_one", flow.pk, "update") == 2
+        assert not other.call("tests.process_tasks.imported", __name__)
+    assert wait_for(lambda: step_of(flow.pk) == 2, 2)
+    tiered_cache.clear_local()
+    assert step_of(flow.pk) == 2
