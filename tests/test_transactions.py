@@ -145,3 +145,16 @@ def test_a_commit_whose_reply_is_lost_still_invalidates() -> None:
     assert Account.objects.get(pk=acc.pk).balance == 7
     assert Account.objects.get_cached(pk=acc.pk).balance == 7
     assert committed(acc.pk) == 7
+
+
+def test_aliases_of_one_database_share_invalidation(monkeypatch: Any) -> None:
+    """A read replica named without a router, or the same server spelled another way, is
+    the same database for invalidation: writes through one drop what the other cached."""
+    from tiered_cache.groups import database_of
+
+    default = connections.settings["default"]
+    monkeypatch.setitem(connections.settings, "replica",
+                        {**default, "HOST": "replica.internal", "PORT": "6432"})
+    monkeypatch.setitem(connections.settings, "elsewhere", {**default, "NAME": "another_db"})
+    assert database_of("replica") == "default"
+    assert database_of("elsewhere") == "elsewhere"

@@ -46,15 +46,16 @@ _canonical: dict[str, tuple[tuple[Any, ...], str]] = {}
 
 
 def _ident(settings_dict: dict[str, Any]) -> tuple[Any, ...]:
-    s = settings_dict
-    return (s.get("ENGINE"), s.get("HOST") or "", str(s.get("PORT") or ""), s.get("NAME"))
+    return (settings_dict.get("ENGINE"), settings_dict.get("NAME"))
 
 
 def database_of(alias: str) -> str:
-    """The first alias naming the same database as `alias` (same engine, host, port and
-    name): several aliases of one database, such as one with another isolation level or
-    a test mirror, share one invalidation group, so a write through any of them drops
-    what reads through the others cached."""
+    """The first alias naming a database of the same engine and name as `alias`. Several
+    aliases of one database (another isolation level, a test mirror, a read replica
+    without a router, "localhost" against "127.0.0.1") share one invalidation group, so a
+    write through any of them drops what reads through the others cached. Host and port
+    are left out on purpose: merging two databases that only share a name costs extra
+    drops of equal pks (keys still carry the alias read), never a missed one."""
     settings_dicts = connections.settings
     ident = _ident(settings_dicts[alias])
     hit = _canonical.get(alias)
