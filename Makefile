@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Reinstall only when a requirement file or the package metadata changes.
 STAMP := $(VENV)/.requirements.stamp
-REQUIREMENTS := requirements/base.txt requirements/test.txt pyproject.toml
+REQUIREMENTS := requirements/base.txt requirements/test.txt requirements/lint.txt pyproject.toml
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
 PG_HOST ?= 127.0.0.1

@@ -46,10 +46,25 @@ DEFAULT_DB = "tiered_cache_bench"
 
 # Operations per case per round in a full run (--quick runs a tenth): about 10-40 ms each.
 OPS = {
-    "orm_pk": 40, "l1_pk": 4000, "from_db": 4000, "l2_pk": 100, "redis_get": 100, "miss_pk": 40,
-    "neg_l1": 4000, "neg_l2": 100, "orm_email": 40, "l1_email": 4000, "l2_email": 100,
-    "orm_flow": 40, "l1_flow": 4000, "l2_flow": 100, "in_bulk": 10, "many_l2": 10,
-    "save_plain": 20, "save_cached": 20, "breaker": 40,
+    "orm_pk": 40,
+    "l1_pk": 4000,
+    "from_db": 4000,
+    "l2_pk": 100,
+    "redis_get": 100,
+    "miss_pk": 40,
+    "neg_l1": 4000,
+    "neg_l2": 100,
+    "orm_email": 40,
+    "l1_email": 4000,
+    "l2_email": 100,
+    "orm_flow": 40,
+    "l1_flow": 4000,
+    "l2_flow": 100,
+    "in_bulk": 10,
+    "many_l2": 10,
+    "save_plain": 20,
+    "save_cached": 20,
+    "breaker": 40,
 }
 NS = 1_000.0  # nanoseconds per microsecond
 
@@ -70,16 +85,19 @@ class Plan:
         return max(2, int(OPS[case_id] * self.scale))
 
 
-FULL = Plan(rounds=31, scale=1.0, user_pool=2000, memory_sizes=(10_000, 100_000),
-            latency_samples=300)
+FULL = Plan(
+    rounds=31, scale=1.0, user_pool=2000, memory_sizes=(10_000, 100_000), latency_samples=300
+)
 QUICK = Plan(rounds=3, scale=0.1, user_pool=300, memory_sizes=(10_000,), latency_samples=30)
 
 
 def configure_django(db_name: str, settings_module: str = "tests.bench_settings") -> str:
     """Point Django at the bench settings; returns the Redis key prefix of this run."""
     if "bench" not in db_name:
-        raise SystemExit(f"refusing to use database {db_name!r}: its name must contain 'bench' "
-                         "(the bench drops and recreates it)")
+        raise SystemExit(
+            f"refusing to use database {db_name!r}: its name must contain 'bench' "
+            "(the bench drops and recreates it)"
+        )
     prefix = f"tc-bench-{os.getpid()}-{secrets.token_hex(3)}"
     os.environ["TC_BENCH_DB"] = db_name
     os.environ["TC_TEST_KEY_PREFIX"] = prefix
@@ -96,9 +114,13 @@ def _maintenance_connection() -> Any:
 
     db = settings.DATABASES["default"]
     return psycopg.connect(
-        host=db.get("HOST") or "127.0.0.1", port=db.get("PORT") or 5432,
-        user=db.get("USER") or None, password=db.get("PASSWORD") or None,
-        dbname="postgres", autocommit=True, connect_timeout=5,
+        host=db.get("HOST") or "127.0.0.1",
+        port=db.get("PORT") or 5432,
+        user=db.get("USER") or None,
+        password=db.get("PASSWORD") or None,
+        dbname="postgres",
+        autocommit=True,
+        connect_timeout=5,
     )
 
 
@@ -232,9 +254,16 @@ def make_data(plan: Plan, cold_needed: int) -> Data:
             cur.execute(f'ANALYZE "{m._meta.db_table}"')
     top = max(users)
     return Data(
-        users=users, hot=hot, hot_emails=hot_emails, hot_values=hot_values, many=many,
-        cold=cold, memory=memory, absent=[top + 1_000_000 + i for i in range(plan.hot)],
-        flows=[(f.tenant_id, f.session_id) for f in flows], save_cached=save_cached,
+        users=users,
+        hot=hot,
+        hot_emails=hot_emails,
+        hot_values=hot_values,
+        many=many,
+        cold=cold,
+        memory=memory,
+        absent=[top + 1_000_000 + i for i in range(plan.hot)],
+        flows=[(f.tenant_id, f.session_id) for f in flows],
+        save_cached=save_cached,
         save_plain=save_plain,
     )
 
@@ -363,8 +392,9 @@ class Bench:
             return (now() - t) / n / NS
 
         # L2 hits: L1 is emptied before every read; only the read is timed.
-        def l2(fn: Callable[[Any], Any], items: list[Any], negative: bool = False
-               ) -> Callable[[int], float]:
+        def l2(
+            fn: Callable[[Any], Any], items: list[Any], negative: bool = False
+        ) -> Callable[[int], float]:
             def sample(n: int) -> float:
                 seq = ring(items, n)
                 DoesNotExist = User.DoesNotExist
@@ -470,27 +500,53 @@ class Bench:
             Case("l2_pk", "get_cached(pk) L2 hit", l2(pk_get, hot), p_hot, (User, "l2_hits", 1)),
             Case("redis_get", "  Redis GET of the same payload (redis-py)", redis_get, p_hot),
             Case("miss_pk", "get_cached(pk) miss", miss_pk, None, (User, "misses", 1)),
-            Case("neg_l1", "get_cached(pk) negative, L1", l1_negative, p_absent,
-                 (User, "negative_hits", 1)),
-            Case("neg_l2", "get_cached(pk) negative, L2", l2(pk_get, absent, negative=True),
-                 p_absent, (User, "negative_hits", 1)),
+            Case(
+                "neg_l1",
+                "get_cached(pk) negative, L1",
+                l1_negative,
+                p_absent,
+                (User, "negative_hits", 1),
+            ),
+            Case(
+                "neg_l2",
+                "get_cached(pk) negative, L2",
+                l2(pk_get, absent, negative=True),
+                p_absent,
+                (User, "negative_hits", 1),
+            ),
             Case("orm_email", "ORM get(email)", orm_email),
-            Case("l1_email", "get_cached(email) L1 hit", l1_email, p_emails,
-                 (User, "l1_hits", 1)),
-            Case("l2_email", "get_cached(email) L2 hit", l2(email_get, emails), p_emails,
-                 (User, "l2_hits", 1)),
+            Case("l1_email", "get_cached(email) L1 hit", l1_email, p_emails, (User, "l1_hits", 1)),
+            Case(
+                "l2_email",
+                "get_cached(email) L2 hit",
+                l2(email_get, emails),
+                p_emails,
+                (User, "l2_hits", 1),
+            ),
             Case("orm_flow", "ORM get(tenant_id, session_id)", orm_flow),
-            Case("l1_flow", "get_cached(tenant, session) L1 hit", l1_flow, p_flows,
-                 (Flow, "l1_hits", 1)),
-            Case("l2_flow", "get_cached(tenant, session) L2 hit", l2(flow_get, flows), p_flows,
-                 (Flow, "l2_hits", 1)),
+            Case(
+                "l1_flow",
+                "get_cached(tenant, session) L1 hit",
+                l1_flow,
+                p_flows,
+                (Flow, "l1_hits", 1),
+            ),
+            Case(
+                "l2_flow",
+                "get_cached(tenant, session) L2 hit",
+                l2(flow_get, flows),
+                p_flows,
+                (Flow, "l2_hits", 1),
+            ),
             Case("in_bulk", "ORM in_bulk(100 pks)", in_bulk),
-            Case("many_l2", "get_many_cached(100) warm L2", many_l2, p_many,
-                 (User, "l2_hits", 100)),
+            Case(
+                "many_l2", "get_many_cached(100) warm L2", many_l2, p_many, (User, "l2_hits", 100)
+            ),
             Case("save_plain", "save() PlainFlowInstance", saver(d.save_plain)),
             Case("save_cached", "save() FlowInstance (cached)", saver(d.save_cached)),
-            Case("breaker", "get_cached(pk), breaker open", breaker_open, None,
-                 (User, "misses", 1)),
+            Case(
+                "breaker", "get_cached(pk), breaker open", breaker_open, None, (User, "misses", 1)
+            ),
         ]
 
     def run(self, log: Callable[[str], None]) -> None:
@@ -564,7 +620,7 @@ def fill_l1(pks: list[int]) -> dict[str, int]:
     before = mc.counters.as_dict()
     start = len(local_tier)
     for i in range(0, len(pks), 200):
-        chunk = pks[i:i + 200]
+        chunk = pks[i : i + 200]
         for _ in range(20):
             User.objects.get_many_cached(chunk)
             if len(local_tier) >= start + i + len(chunk):
@@ -601,8 +657,12 @@ def l1_bytes_per_entry(pks: list[int]) -> dict[str, Any]:
             tracemalloc.stop()
             gc.enable()
         entries = len(local_tier)
-        out[source] = {"entries": entries, "bytes": used, "reads": reads,
-                       "per_entry": used / entries if entries else float("nan")}
+        out[source] = {
+            "entries": entries,
+            "bytes": used,
+            "reads": reads,
+            "per_entry": used / entries if entries else float("nan"),
+        }
     tiered_cache.clear_local()
     gc.collect()
     return out
@@ -647,37 +707,63 @@ def _fmt_vs(r: float) -> str:
     return f"{r:.2f}x"
 
 
-def build_rows(cases: list[Case], latency: dict[int, dict[str, Any]] | None,
-               memory: dict[int, dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
+def build_rows(
+    cases: list[Case],
+    latency: dict[int, dict[str, Any]] | None,
+    memory: dict[int, dict[str, Any]],
+    plan: Plan,
+) -> list[dict[str, Any]]:
     by = {c.id: c for c in cases}
     orm = by["orm_pk"]
     rows: list[dict[str, Any]] = []
 
-    def row(case: Case | None, label: str, target: str = "", measured: str = "",
-            ok: bool | None = None, **extra: Any) -> None:
+    def row(
+        case: Case | None,
+        label: str,
+        target: str = "",
+        measured: str = "",
+        ok: bool | None = None,
+        **extra: Any,
+    ) -> None:
         med = _median(case.samples) if case else extra.pop("median_us", float("nan"))
         vs = _paired_ratio(case, orm) if case else extra.pop("vs_orm", float("nan"))
-        rows.append({
-            "id": extra.pop("id", case.id if case else label), "case": label,
-            "median_us": med,
-            "p25_us": _quantile(case.samples, 0.25) if case else float("nan"),
-            "p75_us": _quantile(case.samples, 0.75) if case else float("nan"),
-            "vs_orm": vs, "target": target, "measured": measured,
-            "result": "" if ok is None else ("PASS" if ok else "MISS"),
-            "rounds": len(case.samples) if case else 0,
-            "off_tier": case.off_tier if case else 0, **extra,
-        })
+        rows.append(
+            {
+                "id": extra.pop("id", case.id if case else label),
+                "case": label,
+                "median_us": med,
+                "p25_us": _quantile(case.samples, 0.25) if case else float("nan"),
+                "p75_us": _quantile(case.samples, 0.75) if case else float("nan"),
+                "vs_orm": vs,
+                "target": target,
+                "measured": measured,
+                "result": "" if ok is None else ("PASS" if ok else "MISS"),
+                "rounds": len(case.samples) if case else 0,
+                "off_tier": case.off_tier if case else 0,
+                **extra,
+            }
+        )
 
     def faster(cid: str, base: str, times: float, label: str | None = None) -> None:
         r = _paired_ratio(by[base], by[cid])
-        row(by[cid], label or by[cid].label, f">= {times:g}x faster than {by[base].label}",
-            f"{r:,.1f}x faster", r >= times)
+        row(
+            by[cid],
+            label or by[cid].label,
+            f">= {times:g}x faster than {by[base].label}",
+            f"{r:,.1f}x faster",
+            r >= times,
+        )
 
     def at_most(cid: str, base: str, times: float, label: str | None = None) -> None:
         r = _paired_ratio(by[cid], by[base])
         # Three decimals: 1.104x must not print as a passing-looking 1.10x.
-        row(by[cid], label or by[cid].label, f"<= {times:g}x {by[base].label}", f"{r:.3f}x",
-            r <= times)
+        row(
+            by[cid],
+            label or by[cid].label,
+            f"<= {times:g}x {by[base].label}",
+            f"{r:.3f}x",
+            r <= times,
+        )
 
     row(orm, orm.label, measured="baseline")
     faster("l1_pk", "orm_pk", 100)
@@ -705,15 +791,34 @@ def build_rows(cases: list[Case], latency: dict[int, dict[str, Any]] | None,
         who = f"busy listener ({busy} threads)" if busy else "idle listener"
         n = f"n={res['measured']}"
         if res["p50_ms"] is None:
-            row(None, f"commit-to-drop p99, {who}", "<= 5 ms p99", "no samples", False,
-                id=f"drop_p99_busy{busy}")
+            row(
+                None,
+                f"commit-to-drop p99, {who}",
+                "<= 5 ms p99",
+                "no samples",
+                False,
+                id=f"drop_p99_busy{busy}",
+            )
             continue
-        row(None, f"commit-to-drop p50, {who}, {n}", measured=f"{res['p50_ms']:.2f} ms",
-            median_us=res["p50_ms"] * 1000, id=f"drop_p50_busy{busy}")
+        row(
+            None,
+            f"commit-to-drop p50, {who}, {n}",
+            measured=f"{res['p50_ms']:.2f} ms",
+            median_us=res["p50_ms"] * 1000,
+            id=f"drop_p50_busy{busy}",
+        )
         ok = res["p99_ms"] <= 5.0 and not res["missed"] and not res["still_in_l1"]
-        row(None, f"commit-to-drop p99, {who}, {n}", "<= 5 ms p99", f"{res['p99_ms']:.2f} ms",
-            ok, median_us=res["p99_ms"] * 1000, id=f"drop_p99_busy{busy}",
-            missed=res["missed"], still_in_l1=res["still_in_l1"])
+        row(
+            None,
+            f"commit-to-drop p99, {who}, {n}",
+            "<= 5 ms p99",
+            f"{res['p99_ms']:.2f} ms",
+            ok,
+            median_us=res["p99_ms"] * 1000,
+            id=f"drop_p99_busy{busy}",
+            missed=res["missed"],
+            still_in_l1=res["still_in_l1"],
+        )
     for size in (10_000, 100_000):
         m = memory.get(size)
         for source, how in (("db", "filled from DB"), ("l2", "filled from L2")):
@@ -725,8 +830,16 @@ def build_rows(cases: list[Case], latency: dict[int, dict[str, Any]] | None,
             measured = f"{b:,.0f} B"
             if source == "l2" and m[source]["reads"]["misses"]:
                 measured += f" ({m[source]['reads']['misses']:,} read from DB)"
-            row(None, label, "<= 1.5 KB", measured, b <= 1536, id=f"mem_{size}_{source}",
-                bytes_per_entry=b, entries=m[source]["entries"])
+            row(
+                None,
+                label,
+                "<= 1.5 KB",
+                measured,
+                b <= 1536,
+                id=f"mem_{size}_{source}",
+                bytes_per_entry=b,
+                entries=m[source]["entries"],
+            )
     return rows
 
 
@@ -734,23 +847,40 @@ def render(rows: list[dict[str, Any]]) -> str:
     head = ["case", "median µs", "p25–p75 µs", "vs ORM get", "target", "measured", "result"]
     body = []
     for r in rows:
-        spread = ("—" if math.isnan(r["p25_us"])
-                  else f"{_fmt_us(r['p25_us'])}–{_fmt_us(r['p75_us'])}")
+        spread = (
+            "—" if math.isnan(r["p25_us"]) else f"{_fmt_us(r['p25_us'])}–{_fmt_us(r['p75_us'])}"
+        )
         result = r["result"]
         if r["off_tier"]:
             result = (result + " *").strip()
-        body.append([r["case"], _fmt_us(r["median_us"]), spread, _fmt_vs(r["vs_orm"]),
-                     r["target"] or "—", r["measured"] or "—", result or "—"])
+        body.append(
+            [
+                r["case"],
+                _fmt_us(r["median_us"]),
+                spread,
+                _fmt_vs(r["vs_orm"]),
+                r["target"] or "—",
+                r["measured"] or "—",
+                result or "—",
+            ]
+        )
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     right = {1, 2, 3}
 
     def line(cells: list[str]) -> str:
-        padded = (c.rjust(w) if i in right else c.ljust(w)
-                  for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        padded = (
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
         return "| " + " | ".join(padded) + " |"
 
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2))
-                         for i, w in enumerate(widths)) + "|"
+    sep = (
+        "|"
+        + "|".join(
+            ("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)
+        )
+        + "|"
+    )
     return "\n".join([line(head), sep, *(line(b) for b in body)])
 
 
@@ -771,10 +901,14 @@ def machine() -> dict[str, Any]:
         pg = cur.fetchone()[0]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "host": platform.node(), "cores": os.cpu_count(), "cpu": cpu,
+        "host": platform.node(),
+        "cores": os.cpu_count(),
+        "cpu": cpu,
         "load": os.getloadavg(),
-        "python": platform.python_version(), "django": django.get_version(),
-        "postgresql": pg.split()[0], "redis": redis_tier.client.info("server")["redis_version"],
+        "python": platform.python_version(),
+        "django": django.get_version(),
+        "postgresql": pg.split()[0],
+        "redis": redis_tier.client.info("server")["redis_version"],
     }
 
 
@@ -794,8 +928,10 @@ def profile_paths(data: Data, l1_hits: int, l2_hits: int, many_calls: int) -> No
 
     def show(title: str, prof: cProfile.Profile, n: int, el: float, answered: Any = None) -> None:
         how = f"; answered: {answered}" if answered else ""
-        print(f"\n== {title}: {n:,} calls, {el / n * 1e6:,.1f} µs each under cProfile{how}; "
-              "top 25 by tottime ==")
+        print(
+            f"\n== {title}: {n:,} calls, {el / n * 1e6:,.1f} µs each under cProfile{how}; "
+            "top 25 by tottime =="
+        )
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
 
     def answered(mc: Any, before: dict[str, int]) -> dict[str, int]:
@@ -803,8 +939,9 @@ def profile_paths(data: Data, l1_hits: int, l2_hits: int, many_calls: int) -> No
         delta = {k: now[k] - before[k] for k in ("l1_hits", "l2_hits", "misses")}
         return {k: v for k, v in delta.items() if v}
 
-    def loop(fn: Callable[[Any], Any], items: list[Any],
-             before_each: Callable[[], Any] | None = None) -> tuple[cProfile.Profile, float]:
+    def loop(
+        fn: Callable[[Any], Any], items: list[Any], before_each: Callable[[], Any] | None = None
+    ) -> tuple[cProfile.Profile, float]:
         prof = cProfile.Profile()
         el = 0.0
         if before_each is None:
@@ -830,17 +967,25 @@ def profile_paths(data: Data, l1_hits: int, l2_hits: int, many_calls: int) -> No
     for pk in hot:
         User.objects.get_cached(pk=pk)
     before = users.counters.as_dict()
-    prof, el = loop(lambda pk: User.objects.get_cached(pk=pk),
-                    [hot[i % len(hot)] for i in range(l1_hits)])
+    prof, el = loop(
+        lambda pk: User.objects.get_cached(pk=pk), [hot[i % len(hot)] for i in range(l1_hits)]
+    )
     show("L1 hit, User.objects.get_cached(pk=...)", prof, l1_hits, el, answered(users, before))
 
     for tenant, session in data.flows:
         FlowInstance.objects.get_cached(tenant_id=tenant, session_id=session)
     before = flows.counters.as_dict()
-    prof, el = loop(lambda f: FlowInstance.objects.get_cached(tenant_id=f[0], session_id=f[1]),
-                    [data.flows[i % len(data.flows)] for i in range(l1_hits)])
-    show("L1 hit, FlowInstance.objects.get_cached(tenant_id=..., session_id=...)", prof, l1_hits,
-         el, answered(flows, before))
+    prof, el = loop(
+        lambda f: FlowInstance.objects.get_cached(tenant_id=f[0], session_id=f[1]),
+        [data.flows[i % len(data.flows)] for i in range(l1_hits)],
+    )
+    show(
+        "L1 hit, FlowInstance.objects.get_cached(tenant_id=..., session_id=...)",
+        prof,
+        l1_hits,
+        el,
+        answered(flows, before),
+    )
 
     # L2 hits: distinct rows warm in L2, never seen by this L1 (no clear between reads).
     pks = [pk for group in data.memory for pk in group][:l2_hits]
@@ -849,23 +994,38 @@ def profile_paths(data: Data, l1_hits: int, l2_hits: int, many_calls: int) -> No
     tiered_cache.clear_local()
     before = users.counters.as_dict()
     prof, el = loop(lambda pk: User.objects.get_cached(pk=pk), pks)
-    show("L2 hit, User.objects.get_cached(pk=...) of distinct rows", prof, len(pks), el,
-         answered(users, before))
+    show(
+        "L2 hit, User.objects.get_cached(pk=...) of distinct rows",
+        prof,
+        len(pks),
+        el,
+        answered(users, before),
+    )
 
     many = data.many
     User.objects.get_many_cached(many)
     redis_tier.wait_for_fills()
     before = users.counters.as_dict()
     prof, el = loop(User.objects.get_many_cached, [many] * many_calls, tiered_cache.clear_local)
-    show(f"get_many_cached of {len(many)} rows warm in L2, L1 cleared before each (unprofiled)",
-         prof, many_calls, el, answered(users, before))
+    show(
+        f"get_many_cached of {len(many)} rows warm in L2, L1 cleared before each (unprofiled)",
+        prof,
+        many_calls,
+        el,
+        answered(users, before),
+    )
 
     # Misses: rows neither tier has seen.
     before = users.counters.as_dict()
     prof, el = loop(lambda pk: User.objects.get_cached(pk=pk), data.cold)
     redis_tier.wait_for_fills()
-    show("miss, User.objects.get_cached(pk=...) of rows never read", prof, len(data.cold), el,
-         answered(users, before))
+    show(
+        "miss, User.objects.get_cached(pk=...) of rows never read",
+        prof,
+        len(data.cold),
+        el,
+        answered(users, before),
+    )
 
     # save(): the cached model, then the uncached twin's time for comparison.
     def save(obj: Any) -> None:
@@ -879,8 +1039,12 @@ def profile_paths(data: Data, l1_hits: int, l2_hits: int, many_calls: int) -> No
         save(obj)
     plain_us = (time.perf_counter() - t) / n_saves * 1e6
     prof, el = loop(save, [data.save_cached[i % len(data.save_cached)] for i in range(n_saves)])
-    show(f"save() of a cached FlowInstance (PlainFlowInstance, unprofiled: {plain_us:,.0f} µs)",
-         prof, n_saves, el)
+    show(
+        f"save() of a cached FlowInstance (PlainFlowInstance, unprofiled: {plain_us:,.0f} µs)",
+        prof,
+        n_saves,
+        el,
+    )
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -901,11 +1065,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="few repetitions: a smoke run for CI")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--rounds", type=int, help="measured rounds (default 31, 3 with --quick)")
-    p.add_argument("--db", default=os.environ.get("TC_BENCH_DB", DEFAULT_DB),
-                   help=f"database to recreate and drop (default {DEFAULT_DB})")
+    p.add_argument(
+        "--db",
+        default=os.environ.get("TC_BENCH_DB", DEFAULT_DB),
+        help=f"database to recreate and drop (default {DEFAULT_DB})",
+    )
     p.add_argument("--keep-db", action="store_true", help="leave the database in place")
-    p.add_argument("--profile", action="store_true",
-                   help="profile the L1 and L2 hit paths (cProfile) instead of the table")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the L1 and L2 hit paths (cProfile) instead of the table",
+    )
     args = p.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.rounds:
@@ -935,10 +1105,12 @@ def main(argv: list[str] | None = None) -> int:
         # Cold rows: one per miss, every round including the warm-up.
         cold = plan.ops("miss_pk") * (plan.rounds + 1)
         data = make_data(plan, cold)
-        log(f"demo data: {len(data.users):,} users "
+        log(
+            f"demo data: {len(data.users):,} users "
             f"({min(plan.user_pool, len(data.users)):,} from UserFactory), "
             f"{len(data.flows) + len(data.save_cached)} flows, "
-            f"{len(data.save_plain)} plain flows")
+            f"{len(data.save_plain)} plain flows"
+        )
         if not _wait_for_trust(5):
             raise RuntimeError("the invalidation bus did not become trusted within 5 s")
         gc.collect()
@@ -959,35 +1131,54 @@ def main(argv: list[str] | None = None) -> int:
             memory[size] = l1_bytes_per_entry(pks)
 
         meta = machine()
-        meta.update(mode="quick" if args.quick else "full", rounds=plan.rounds,
-                    users=len(data.users))
+        meta.update(
+            mode="quick" if args.quick else "full", rounds=plan.rounds, users=len(data.users)
+        )
         rows = build_rows(bench.cases, latency, memory, plan)
-        print(f"tiered_cache benchmark, {meta['date']}: {meta['host']}, {meta['cores']} cores "
-              f"({meta['cpu']}), load {meta['load'][0]:.2f}; Python {meta['python']}, "
-              f"Django {meta['django']}, PostgreSQL {meta['postgresql']} and Redis "
-              f"{meta['redis']} on loopback; {meta['mode']} run, {plan.rounds} rounds.")
+        print(
+            f"tiered_cache benchmark, {meta['date']}: {meta['host']}, {meta['cores']} cores "
+            f"({meta['cpu']}), load {meta['load'][0]:.2f}; Python {meta['python']}, "
+            f"Django {meta['django']}, PostgreSQL {meta['postgresql']} and Redis "
+            f"{meta['redis']} on loopback; {meta['mode']} run, {plan.rounds} rounds."
+        )
         print(render(rows))
-        print("median µs: median over rounds of the mean time of one operation in a round; "
-              "ratios: median over rounds of the ratio within a round.")
+        print(
+            "median µs: median over rounds of the mean time of one operation in a round; "
+            "ratios: median over rounds of the ratio within a round."
+        )
         off = [r for r in rows if r["off_tier"]]
         if off:
-            print("* read another tier than the case names, in "
-                  + ", ".join(f"{r['case'].strip()} ({r['off_tier']} reads)" for r in off)
-                  + ": the bus lost trust or an entry expired meanwhile.")
+            print(
+                "* read another tier than the case names, in "
+                + ", ".join(f"{r['case'].strip()} ({r['off_tier']} reads)" for r in off)
+                + ": the bus lost trust or an entry expired meanwhile."
+            )
         for busy, res in latency.items():
             if res["missed"] or res["still_in_l1"]:
-                print(f"commit-to-drop ({busy} busy threads): {res['missed']} writes not "
-                      f"dropped within 5 s, {res['still_in_l1']} left the row in L1.")
+                print(
+                    f"commit-to-drop ({busy} busy threads): {res['missed']} writes not "
+                    f"dropped within 5 s, {res['still_in_l1']} left the row in L1."
+                )
         missed = [r["case"].strip() for r in rows if r["result"] == "MISS"]
-        print(f"{len([r for r in rows if r['result'] == 'PASS'])} targets met, "
-              f"{len(missed)} missed" + (f": {', '.join(missed)}." if missed else "."))
+        print(
+            f"{len([r for r in rows if r['result'] == 'PASS'])} targets met, "
+            f"{len(missed)} missed" + (f": {', '.join(missed)}." if missed else ".")
+        )
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(_json_safe({
-                    "meta": meta, "rows": rows,
-                    "samples_us": {c.id: c.samples for c in bench.cases},
-                    "commit_to_drop": latency, "l1_memory": memory,
-                }), f, indent=2)
+                json.dump(
+                    _json_safe(
+                        {
+                            "meta": meta,
+                            "rows": rows,
+                            "samples_us": {c.id: c.samples for c in bench.cases},
+                            "commit_to_drop": latency,
+                            "l1_memory": memory,
+                        }
+                    ),
+                    f,
+                    indent=2,
+                )
             log(f"wrote {args.json}")
     except Exception:
         traceback.print_exc()

@@ -35,8 +35,7 @@ def measure(peer: str, rounds: int) -> dict[str, Any]:
     import tiered_cache
     from demo_project.demo.models import User
 
-    plan = bench.Plan(rounds=rounds, scale=1.0, user_pool=500, memory_sizes=(),
-                      latency_samples=0)
+    plan = bench.Plan(rounds=rounds, scale=1.0, user_pool=500, memory_sizes=(), latency_samples=0)
     data = bench.make_data(plan, 0)
     if not bench._wait_for_trust(5):
         raise RuntimeError("the invalidation bus did not become trusted within 5 s")
@@ -53,6 +52,7 @@ def measure(peer: str, rounds: int) -> dict[str, Any]:
         def cached(pk: int) -> Any:
             return User.objects.get(pk=pk)  # every query goes through cachalot
     else:
+
         def orm(pk: int) -> Any:
             return User.objects.nocache().get(pk=pk)
 
@@ -120,8 +120,9 @@ def measure(peer: str, rounds: int) -> dict[str, Any]:
 
 def child(peer: str, rounds: int, out: str) -> int:
     os.environ["TC_BENCH_PEER"] = peer
-    prefix = bench.configure_django(os.environ.get("TC_BENCH_DB", "tiered_cache_bench_peers"),
-                                    "tests.bench_peers_settings")
+    prefix = bench.configure_django(
+        os.environ.get("TC_BENCH_DB", "tiered_cache_bench_peers"), "tests.bench_peers_settings"
+    )
     atexit.register(bench._delete_keys_quietly, prefix)  # after the stats publisher's last push
     status = 0
     try:
@@ -160,8 +161,19 @@ def main(argv: list[str] | None = None) -> int:
         for peer in PEERS:
             out = os.path.join(tmp, f"{peer}.json")
             print(f"[{peer}] measuring ({args.rounds} rounds)...", file=sys.stderr, flush=True)
-            proc = subprocess.run([sys.executable, "-m", "tests.bench_peers", "--peer", peer,
-                                   "--rounds", str(args.rounds), "--out", out])
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.bench_peers",
+                    "--peer",
+                    peer,
+                    "--rounds",
+                    str(args.rounds),
+                    "--out",
+                    out,
+                ]
+            )
             if proc.returncode:
                 print(f"[{peer}] failed (exit {proc.returncode})", file=sys.stderr)
                 return 1
@@ -175,27 +187,42 @@ def main(argv: list[str] | None = None) -> int:
     for res in results:
         s = res["samples"]
         run = f"{res['peer']} {res['version']} run"
-        for key, label in (("orm", "ORM get(pk), peer off"),
-                           ("peer", f"django-{res['peer']} cached get(pk), warm"),
-                           ("l1", "tiered_cache get_cached(pk) L1 hit"),
-                           ("l2", "tiered_cache get_cached(pk) L2 hit")):
+        for key, label in (
+            ("orm", "ORM get(pk), peer off"),
+            ("peer", f"django-{res['peer']} cached get(pk), warm"),
+            ("l1", "tiered_cache get_cached(pk) L1 hit"),
+            ("l2", "tiered_cache get_cached(pk) L2 hit"),
+        ):
             ratio = med([x / y for x, y in zip(s[key], s["orm"], strict=True)])
             rows.append({"run": run, "case": label, "median_us": med(s[key]), "vs_orm": ratio})
-    print(f"Peers, same models, database and Redis; Django {django.get_version()}, "
-          f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} cores, "
-          f"{args.rounds} rounds per process.")
+    print(
+        f"Peers, same models, database and Redis; Django {django.get_version()}, "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} cores, "
+        f"{args.rounds} rounds per process."
+    )
     head = ["process", "case", "median µs", "vs ORM get"]
-    body = [[r["run"], r["case"], bench._fmt_us(r["median_us"]), bench._fmt_vs(r["vs_orm"])]
-            for r in rows]
+    body = [
+        [r["run"], r["case"], bench._fmt_us(r["median_us"]), bench._fmt_vs(r["vs_orm"])]
+        for r in rows
+    ]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(4)]
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if i >= 2 else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
+        return (
+            "| "
+            + " | ".join(
+                c.rjust(w) if i >= 2 else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+            + " |"
+        )
 
     print(line(head))
-    print("|" + "|".join(("-" * (w + 1) + ":") if i >= 2 else "-" * (w + 2)
-                         for i, w in enumerate(widths)) + "|")
+    print(
+        "|"
+        + "|".join(("-" * (w + 1) + ":") if i >= 2 else "-" * (w + 2) for i, w in enumerate(widths))
+        + "|"
+    )
     for b in body:
         print(line(b))
     if args.json:

@@ -93,9 +93,12 @@ def write_outside_django(sql: str, params: list[Any]) -> None:
 
     s = connection.settings_dict
     with psycopg.connect(
-        host=s.get("HOST") or "127.0.0.1", port=s.get("PORT") or 5432,
-        user=s.get("USER") or None, password=s.get("PASSWORD") or None,
-        dbname=s["NAME"], autocommit=True,
+        host=s.get("HOST") or "127.0.0.1",
+        port=s.get("PORT") or 5432,
+        user=s.get("USER") or None,
+        password=s.get("PASSWORD") or None,
+        dbname=s["NAME"],
+        autocommit=True,
     ) as conn:
         conn.execute(sql, params)
 

@@ -49,8 +49,10 @@ def broker() -> str:
     try:
         redis.Redis.from_url(BROKER_URL, socket_connect_timeout=3, socket_timeout=3).ping()
     except redis.RedisError as exc:
-        pytest.fail(f"The Celery broker (Redis at {BROKER_URL}) is not reachable: {exc}; "
-                    "start it with: make services")
+        pytest.fail(
+            f"The Celery broker (Redis at {BROKER_URL}) is not reachable: {exc}; "
+            "start it with: make services"
+        )
     return BROKER_URL
 
 

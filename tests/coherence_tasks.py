@@ -35,6 +35,7 @@ def row_of(obj: FlowInstance) -> Row:
 
 # -- state of this process --------------------------------------------------------------
 
+
 def reset_core() -> None:
     """Forget connections, listener, breaker, L1 and counters (the cache was re-pointed)."""
     bus.stop()
@@ -88,6 +89,7 @@ def l1_count() -> int:
 
 # -- reads and writes -------------------------------------------------------------------
 
+
 def read(pk: int) -> Row | str:
     try:
         return row_of(FlowInstance.objects.get_cached(pk=pk))
@@ -120,8 +122,10 @@ def read_all(rows: list[tuple[int, str, str]]) -> dict[str, Any]:
     database, in this process: what differs is stale."""
     cached_pk = {pk: read(pk) for pk, _, _ in rows}
     cached_lk = {pk: read_by_session(t, s) for pk, t, s in rows}
-    many = {pk: row_of(o) for pk, o in
-            FlowInstance.objects.get_many_cached([pk for pk, _, _ in rows]).items()}
+    many = {
+        pk: row_of(o)
+        for pk, o in FlowInstance.objects.get_many_cached([pk for pk, _, _ in rows]).items()
+    }
     db = {o.pk: row_of(o) for o in FlowInstance.objects.filter(pk__in=[r[0] for r in rows])}
     stale = []
     for pk, _, _ in rows:
@@ -131,8 +135,9 @@ def read_all(rows: list[tuple[int, str, str]]) -> dict[str, Any]:
     return {"stale": stale, "rows": len(rows), "pid": os.getpid()}
 
 
-def read_loop(rows: list[tuple[int, str, str]], start: float, until: float,
-              seed: int = 0, threads: int = 1) -> dict[str, Any]:
+def read_loop(
+    rows: list[tuple[int, str, str]], start: float, until: float, seed: int = 0, threads: int = 1
+) -> dict[str, Any]:
     """Read random rows through the cache from `start` to `until` (time.monotonic(), which is
     one clock for every process of the machine). Each read is (start, end, pk, version);
     errors are counted, never raised."""
@@ -156,7 +161,8 @@ def read_loop(rows: list[tuple[int, str, str]], start: float, until: float,
                     got = FlowInstance.objects.get_cached(pk=pk).current_step
                 elif how < 0.9:
                     got = FlowInstance.objects.get_cached(
-                        tenant_id=tenant, session_id=session).current_step
+                        tenant_id=tenant, session_id=session
+                    ).current_step
                 else:
                     got = FlowInstance.objects.get_many_cached([pk])[pk].current_step
             except Exception as exc:  # counted: a cache must never raise
@@ -194,8 +200,9 @@ def write_one(pk: int, how: str) -> int:
     return new
 
 
-def write_loop(pks: list[int], start: float, until: float, seed: int = 0,
-               pause: float = 0.01) -> dict[str, Any]:
+def write_loop(
+    pks: list[int], start: float, until: float, seed: int = 0, pause: float = 0.01
+) -> dict[str, Any]:
     """Bump random rows from `start` to `until`; each write is (pk, version, began, done),
     `done` taken once save()/update() returned, i.e. after the invalidation was sent."""
     rng = random.Random(seed)
@@ -220,8 +227,10 @@ def write_loop(pks: list[int], start: float, until: float, seed: int = 0,
 
 # -- the fill race ------------------------------------------------------------------------
 
-def read_with_paused_fill(pk: int | None, lookup: tuple[str, str] | None, signal_dir: str,
-                          wait_for_message: bool = True) -> dict[str, Any]:
+
+def read_with_paused_fill(
+    pk: int | None, lookup: tuple[str, str] | None, signal_dir: str, wait_for_message: bool = True
+) -> dict[str, Any]:
     """Read one row through the cache, pausing between the database read and the fills
     until the test creates `<signal_dir>/release`. With wait_for_message, the reader also
     waits until the writer's invalidation reached this process's bus, so the L1 fill is
@@ -264,6 +273,7 @@ def read_with_paused_fill(pk: int | None, lookup: tuple[str, str] | None, signal
 
 # -- the listener's connection --------------------------------------------------------------
 
+
 def listener_address() -> tuple[str, int] | None:
     """The local address of this process's bus connection, as CLIENT LIST shows it."""
     client = bus._client
@@ -288,6 +298,7 @@ def wait_reconnected(after: int, timeout: float = 10.0) -> dict[str, Any]:
 
 
 # -- fork safety ------------------------------------------------------------------------
+
 
 def fork_child(pk: int, signal_dir: str) -> int:
     """Fork this (warm, listening) process. The child reports what it inherited, reads the
@@ -315,8 +326,9 @@ def fork_child(pk: int, signal_dir: str) -> int:
         report["stats_after_warm"] = tiered_cache.stats().get(MODEL, {})
         t = bus._thread
         report["own_listener"] = bool(t is not None and t.is_alive() and bus._pid == os.getpid())
-        report["listener_threads"] = [th.name for th in threading.enumerate()
-                                      if th.name == "tiered_cache-bus"]
+        report["listener_threads"] = [
+            th.name for th in threading.enumerate() if th.name == "tiered_cache-bus"
+        ]
         (d / "child.json").write_text(json.dumps(report))
         deadline = time.monotonic() + 20
         while not (d / "go").exists() and time.monotonic() < deadline:
@@ -357,6 +369,7 @@ def reap(pid: int, timeout: float = 10.0) -> int | None:
 
 # -- stampede ------------------------------------------------------------------------------
 
+
 def read_at(pk: int, at: float) -> dict[str, Any]:
     """Wait for monotonic time `at`, then read the row once; this process's counters."""
     wait_trusted()
@@ -370,9 +383,13 @@ def read_at(pk: int, at: float) -> dict[str, Any]:
 
 # -- judging reads against writes (in the test process) ------------------------------------
 
-def stale_reads(obs: list[tuple[float, float, int, int]],
-                writes: list[tuple[int, int, float, float]],
-                initial: dict[int, int], bound: float) -> list[dict[str, Any]]:
+
+def stale_reads(
+    obs: list[tuple[float, float, int, int]],
+    writes: list[tuple[int, int, float, float]],
+    initial: dict[int, int],
+    bound: float,
+) -> list[dict[str, Any]]:
     """Reads that returned a version older than one whose write had returned more than
     `bound` seconds before the read began. Versions of a row only grow (row lock + 1), so
     "older" is "smaller". bound=0 is linearizability across processes; the design allows
@@ -396,13 +413,23 @@ def stale_reads(obs: list[tuple[float, float, int, int]],
         i = bisect.bisect_left(times, t0 - bound)
         need = best[i - 1] if i else initial[pk]
         if got < need:
-            out.append({"pk": pk, "got": got, "expected_at_least": need, "read_at": t0,
-                        "lag": t0 - times[best.index(need)] if need != initial[pk] else None})
+            out.append(
+                {
+                    "pk": pk,
+                    "got": got,
+                    "expected_at_least": need,
+                    "read_at": t0,
+                    "lag": t0 - times[best.index(need)] if need != initial[pk] else None,
+                }
+            )
     return out
 
 
-def latency_summary(obs: list[tuple[float, float, int, int]],
-                    start: float = float("-inf"), end: float = float("inf")) -> dict[str, Any]:
+def latency_summary(
+    obs: list[tuple[float, float, int, int]],
+    start: float = float("-inf"),
+    end: float = float("inf"),
+) -> dict[str, Any]:
     """Count and slowest of the reads that began in [start, end)."""
     durations = sorted(t1 - t0 for t0, t1, _, _ in obs if start <= t0 < end)
     if not durations:

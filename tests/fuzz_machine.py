@@ -87,8 +87,20 @@ NEVER: dict[type[models.Model], list[Any]] = {
     Gadget: [0],
 }
 FAMILY = {ProxyAccount: Account, Restaurant: Place, ItalianRestaurant: Place}
-PK_MODELS = [Tenant, Account, ProxyAccount, Place, Restaurant, ItalianRestaurant, Owner, Item,
-             Label, Document, Code, Gadget]
+PK_MODELS = [
+    Tenant,
+    Account,
+    ProxyAccount,
+    Place,
+    Restaurant,
+    ItalianRestaurant,
+    Owner,
+    Item,
+    Label,
+    Document,
+    Code,
+    Gadget,
+]
 # Deleting everything through Django, children first (the cache must see it).
 CLEAR_ORDER = [Item, Owner, Label, Account, Tenant, Place, Document, Code, Gadget]
 
@@ -105,6 +117,7 @@ SKIPPED = (IntegrityError, ProtectedError, RestrictedError, ObjectDoesNotExist)
 
 
 # -- what a read answered ---------------------------------------------------------------
+
 
 def row(obj: models.Model) -> tuple[Any, ...]:
     return (
@@ -134,6 +147,7 @@ def outcome(fn: Callable[[], Any]) -> Any:
 
 # -- a cached function of two models ---------------------------------------------------
 
+
 @tiered_cache.cached(depends_on=[Account, Tenant])
 def tenant_summary(tenant_pk: int, alias: str) -> Any:
     tenant = Tenant.objects.using(alias).filter(pk=tenant_pk).first()
@@ -144,6 +158,7 @@ def tenant_summary(tenant_pk: int, alias: str) -> Any:
 
 
 # -- a second process ------------------------------------------------------------------
+
 
 def child_read(label: str, alias: str, lookup: dict[str, Any]) -> Any:
     """Runs in the spawned worker: one read through get_cached there."""
@@ -177,6 +192,7 @@ def close_worker() -> None:
 
 
 # -- helpers -----------------------------------------------------------------------------
+
 
 def wait_for_fills() -> None:
     from tiered_cache.tiers import redis_tier
@@ -235,6 +251,7 @@ class Probe:
 
 # -- the machine -------------------------------------------------------------------------
 
+
 class CacheMachine(RuleBasedStateMachine):
     READ_ALIAS = "default"
     # Counted across examples (printed by the test).
@@ -292,87 +309,110 @@ class CacheMachine(RuleBasedStateMachine):
                 continue
             pks = self.candidates(model)
             for pk in pks:
-                out.append(Probe(
-                    f"{model.__name__}.get_cached(pk={pk!r})",
-                    lambda m=model, p=pk: self.mgr(m).get_cached(pk=p),
-                    lambda m=model, p=pk: self.mgr(m).get(pk=p),
-                ))
-            out.append(Probe(
-                f"{model.__name__}.get_many_cached({pks!r})",
-                lambda m=model, p=pks: self.mgr(m).get_many_cached(p),
-                lambda m=model, p=pks: self.orm(m).in_bulk(p),
-            ))
+                out.append(
+                    Probe(
+                        f"{model.__name__}.get_cached(pk={pk!r})",
+                        lambda m=model, p=pk: self.mgr(m).get_cached(pk=p),
+                        lambda m=model, p=pk: self.mgr(m).get(pk=p),
+                    )
+                )
+            out.append(
+                Probe(
+                    f"{model.__name__}.get_many_cached({pks!r})",
+                    lambda m=model, p=pks: self.mgr(m).get_many_cached(p),
+                    lambda m=model, p=pks: self.orm(m).in_bulk(p),
+                )
+            )
         tenant_pks = self.candidates(Tenant) if want(Tenant) or want(Account) else []
         if want(Tenant):
             for name in TENANT_NAMES:
-                out.append(Probe(
-                    f"Tenant.get_cached(name={name!r})",
-                    lambda n=name: self.mgr(Tenant).get_cached(name=n),
-                    lambda n=name: self.mgr(Tenant).get(name=n),
-                ))
+                out.append(
+                    Probe(
+                        f"Tenant.get_cached(name={name!r})",
+                        lambda n=name: self.mgr(Tenant).get_cached(name=n),
+                        lambda n=name: self.mgr(Tenant).get(name=n),
+                    )
+                )
         if want(Account):
             for model in (Account, ProxyAccount):
                 for email in EMAILS:
-                    out.append(Probe(
-                        f"{model.__name__}.get_cached(email={email!r})",
-                        lambda m=model, e=email: self.mgr(m).get_cached(email=e),
-                        lambda m=model, e=email: self.mgr(m).get(email=e),
-                    ))
+                    out.append(
+                        Probe(
+                            f"{model.__name__}.get_cached(email={email!r})",
+                            lambda m=model, e=email: self.mgr(m).get_cached(email=e),
+                            lambda m=model, e=email: self.mgr(m).get(email=e),
+                        )
+                    )
             for tpk in tenant_pks:
                 for email in EMAILS:
-                    out.append(Probe(
-                        f"Account.get_cached(tenant={tpk!r}, email={email!r})",
-                        lambda t=tpk, e=email: self.mgr(Account).get_cached(tenant=t, email=e),
-                        lambda t=tpk, e=email: self.mgr(Account).get(tenant=t, email=e),
-                    ))
+                    out.append(
+                        Probe(
+                            f"Account.get_cached(tenant={tpk!r}, email={email!r})",
+                            lambda t=tpk, e=email: self.mgr(Account).get_cached(tenant=t, email=e),
+                            lambda t=tpk, e=email: self.mgr(Account).get(tenant=t, email=e),
+                        )
+                    )
             # Reverse foreign key: every account through every tenant.
             tenants = list(self.orm(Tenant).order_by("pk"))
             acc_pks = self.candidates(Account)
             for tenant in tenants:
                 for pk in acc_pks:
-                    out.append(Probe(
-                        f"Tenant({tenant.pk}).accounts.get_cached(pk={pk!r})",
-                        lambda t=tenant, p=pk: t.accounts.get_cached(pk=p),
-                        lambda t=tenant, p=pk: t.accounts.get(pk=p),
-                    ))
-                out.append(Probe(
-                    f"Tenant({tenant.pk}).accounts.get_many_cached({acc_pks!r})",
-                    lambda t=tenant, p=acc_pks: t.accounts.get_many_cached(p),
-                    lambda t=tenant, p=acc_pks: t.accounts.in_bulk(p),
-                ))
+                    out.append(
+                        Probe(
+                            f"Tenant({tenant.pk}).accounts.get_cached(pk={pk!r})",
+                            lambda t=tenant, p=pk: t.accounts.get_cached(pk=p),
+                            lambda t=tenant, p=pk: t.accounts.get(pk=p),
+                        )
+                    )
+                out.append(
+                    Probe(
+                        f"Tenant({tenant.pk}).accounts.get_many_cached({acc_pks!r})",
+                        lambda t=tenant, p=acc_pks: t.accounts.get_many_cached(p),
+                        lambda t=tenant, p=acc_pks: t.accounts.in_bulk(p),
+                    )
+                )
             for tpk in tenant_pks:
-                out.append(Probe(
-                    f"tenant_summary({tpk!r})",
-                    lambda t=tpk: tenant_summary(t, alias),
-                    lambda t=tpk: tenant_summary.fn(t, alias),
-                ))
+                out.append(
+                    Probe(
+                        f"tenant_summary({tpk!r})",
+                        lambda t=tpk: tenant_summary(t, alias),
+                        lambda t=tpk: tenant_summary.fn(t, alias),
+                    )
+                )
         if want(Label):
             for name in LABEL_NAMES:
-                out.append(Probe(
-                    f"Label.get_cached(name={name!r})",
-                    lambda n=name: self.mgr(Label).get_cached(name=n),
-                    lambda n=name: self.mgr(Label).get(name=n),
-                ))
+                out.append(
+                    Probe(
+                        f"Label.get_cached(name={name!r})",
+                        lambda n=name: self.mgr(Label).get_cached(name=n),
+                        lambda n=name: self.mgr(Label).get(name=n),
+                    )
+                )
         if want(Item) or want(Owner) or want(Label):
             item_pks = self.candidates(Item)
             for owner in self.orm(Owner).order_by("pk"):
                 for pk in item_pks:
-                    out.append(Probe(
-                        f"Owner({owner.pk}).set_null_items.get_cached(pk={pk!r})",
-                        lambda o=owner, p=pk: o.set_null_items.get_cached(pk=p),
-                        lambda o=owner, p=pk: o.set_null_items.get(pk=p),
-                    ))
+                    out.append(
+                        Probe(
+                            f"Owner({owner.pk}).set_null_items.get_cached(pk={pk!r})",
+                            lambda o=owner, p=pk: o.set_null_items.get_cached(pk=p),
+                            lambda o=owner, p=pk: o.set_null_items.get(pk=p),
+                        )
+                    )
             for label in self.orm(Label).order_by("pk"):
                 for pk in item_pks:
-                    out.append(Probe(
-                        f"Label({label.pk}).items.get_cached(pk={pk!r})",
-                        lambda lb=label, p=pk: lb.items.get_cached(pk=p),
-                        lambda lb=label, p=pk: lb.items.get(pk=p),
-                    ))
+                    out.append(
+                        Probe(
+                            f"Label({label.pk}).items.get_cached(pk={pk!r})",
+                            lambda lb=label, p=pk: lb.items.get_cached(pk=p),
+                            lambda lb=label, p=pk: lb.items.get(pk=p),
+                        )
+                    )
         return out
 
-    def check(self, where: str, models_only: Iterable[type[models.Model]] | None = None,
-              l2: bool = True) -> None:
+    def check(
+        self, where: str, models_only: Iterable[type[models.Model]] | None = None, l2: bool = True
+    ) -> None:
         probes = self.probes(models_only)
         expected = []
         for p in probes:
@@ -410,14 +450,25 @@ class CacheMachine(RuleBasedStateMachine):
         self.saw(Tenant, t.pk)
         return t.pk
 
-    @rule(target=accounts, tenant=tenants, email=emails, balance=balances, data=json_values,
-          tags=tag_lists, proxy=st.booleans())
-    def create_account(self, tenant: int, email: str, balance: int, data: Any, tags: list[str],
-                       proxy: bool) -> Any:
+    @rule(
+        target=accounts,
+        tenant=tenants,
+        email=emails,
+        balance=balances,
+        data=json_values,
+        tags=tag_lists,
+        proxy=st.booleans(),
+    )
+    def create_account(
+        self, tenant: int, email: str, balance: int, data: Any, tags: list[str], proxy: bool
+    ) -> Any:
         self.step("create_account")
         model = ProxyAccount if proxy else Account
-        a = guarded(lambda: model.objects.create(
-            tenant_id=tenant, email=email, balance=balance, data=data, tags=tags))
+        a = guarded(
+            lambda: model.objects.create(
+                tenant_id=tenant, email=email, balance=balance, data=data, tags=tags
+            )
+        )
         if isinstance(a, Exception):
             return multiple()
         self.saw(Account, a.pk)
@@ -446,29 +497,43 @@ class CacheMachine(RuleBasedStateMachine):
         self.saw(Owner, o.pk)
         return o.pk
 
-    @rule(target=items, cascade=owners, others=st.lists(st.one_of(st.none(), owners),
-                                                          min_size=4, max_size=4),
-          name=names)
+    @rule(
+        target=items,
+        cascade=owners,
+        others=st.lists(st.one_of(st.none(), owners), min_size=4, max_size=4),
+        name=names,
+    )
     def create_item(self, cascade: int, others: list[int | None], name: str) -> Any:
         self.step("create_item")
-        kw = dict(zip(["owner_set_null_id", "owner_set_default_id", "owner_set_id",
-                       "owner_protect_id"], others, strict=True))
+        kw = dict(
+            zip(
+                ["owner_set_null_id", "owner_set_default_id", "owner_set_id", "owner_protect_id"],
+                others,
+                strict=True,
+            )
+        )
         i = guarded(lambda: Item.objects.create(name=name, owner_cascade_id=cascade, **kw))
         if isinstance(i, Exception):
             return multiple()
         self.saw(Item, i.pk)
         return i.pk
 
-    @rule(target=items, owner=owners, n=st.integers(1, 3), roles=st.lists(
-        st.sampled_from(["set_null", "set_default", "set", "protect"]), max_size=4, unique=True),
-          other=st.one_of(st.none(), owners))
-    def create_items_of_owner(self, owner: int, n: int, roles: list[str],
-                              other: int | None) -> Any:
+    @rule(
+        target=items,
+        owner=owners,
+        n=st.integers(1, 3),
+        roles=st.lists(
+            st.sampled_from(["set_null", "set_default", "set", "protect"]), max_size=4, unique=True
+        ),
+        other=st.one_of(st.none(), owners),
+    )
+    def create_items_of_owner(self, owner: int, n: int, roles: list[str], other: int | None) -> Any:
         """Items that point at one owner through several foreign keys, the rest at another
         owner (or none): what deleting either owner changes is then interesting."""
         self.step("create_items_of_owner")
         if not Owner.objects.filter(pk=owner).exists() or (
-                other is not None and not Owner.objects.filter(pk=other).exists()):
+            other is not None and not Owner.objects.filter(pk=other).exists()
+        ):
             return multiple()
         made = []
         for i in range(n):
@@ -477,8 +542,12 @@ class CacheMachine(RuleBasedStateMachine):
         self.saw(Item, *made)
         return multiple(*made)
 
-    @rule(target=owners, n_items=st.integers(1, 4), protect=st.booleans(),
-          label=st.one_of(st.none(), label_names))
+    @rule(
+        target=owners,
+        n_items=st.integers(1, 4),
+        protect=st.booleans(),
+        label=st.one_of(st.none(), label_names),
+    )
     def create_owner_family(self, n_items: int, protect: bool, label: str | None) -> Any:
         """Two owners and items pointing at them through every kind of foreign key (and
         maybe a label): later deletes, related-manager writes and m2m writes bite."""
@@ -489,9 +558,13 @@ class CacheMachine(RuleBasedStateMachine):
         for i in range(n_items):
             x, y = (a, b) if i % 2 == 0 else (b, a)
             item = Item.objects.create(
-                name=NAMES[i % len(NAMES)], owner_cascade=x, owner_set_null=y,
-                owner_set_default=x if i % 3 else y, owner_set=y,
-                owner_protect=b if protect and i == n_items - 1 else None)
+                name=NAMES[i % len(NAMES)],
+                owner_cascade=x,
+                owner_set_null=y,
+                owner_set_default=x if i % 3 else y,
+                owner_set=y,
+                owner_protect=b if protect and i == n_items - 1 else None,
+            )
             made.append(item.pk)
             if lb is not None and i % 2 == 0:
                 item.tags.add(lb)
@@ -538,8 +611,11 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(target=accounts, email=emails, tenant=tenants, balance=balances)
     def get_or_create_account(self, email: str, tenant: int, balance: int) -> Any:
         self.step("get_or_create_account")
-        res = guarded(lambda: Account.objects.get_or_create(
-            email=email, defaults={"tenant_id": tenant, "balance": balance}))
+        res = guarded(
+            lambda: Account.objects.get_or_create(
+                email=email, defaults={"tenant_id": tenant, "balance": balance}
+            )
+        )
         if isinstance(res, Exception):
             return multiple()
         self.saw(Account, res[0].pk)
@@ -548,8 +624,11 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(target=accounts, email=emails, tenant=tenants, balance=balances)
     def update_or_create_account(self, email: str, tenant: int, balance: int) -> Any:
         self.step("update_or_create_account")
-        res = guarded(lambda: Account.objects.update_or_create(
-            email=email, defaults={"tenant_id": tenant, "balance": balance}))
+        res = guarded(
+            lambda: Account.objects.update_or_create(
+                email=email, defaults={"tenant_id": tenant, "balance": balance}
+            )
+        )
         if isinstance(res, Exception):
             return multiple()
         self.saw(Account, res[0].pk)
@@ -565,18 +644,26 @@ class CacheMachine(RuleBasedStateMachine):
         self.saw(Label, res[0].pk)
         return res[0].pk
 
-    @rule(target=accounts, tenant=tenants,
-          rows=st.lists(st.tuples(emails, balances), min_size=1, max_size=3,
-                        unique_by=lambda r: r[0]),
-          upsert=st.booleans())
-    def bulk_create_accounts(self, tenant: int, rows: list[tuple[str, int]],
-                             upsert: bool) -> Any:
+    @rule(
+        target=accounts,
+        tenant=tenants,
+        rows=st.lists(
+            st.tuples(emails, balances), min_size=1, max_size=3, unique_by=lambda r: r[0]
+        ),
+        upsert=st.booleans(),
+    )
+    def bulk_create_accounts(self, tenant: int, rows: list[tuple[str, int]], upsert: bool) -> Any:
         self.step("bulk_create_accounts" + ("_upsert" if upsert else ""))
         objs = [Account(tenant_id=tenant, email=e, balance=b) for e, b in rows]
         if upsert:
-            res = guarded(lambda: Account.objects.bulk_create(
-                objs, update_conflicts=True, unique_fields=["email"],
-                update_fields=["balance", "tenant"]))
+            res = guarded(
+                lambda: Account.objects.bulk_create(
+                    objs,
+                    update_conflicts=True,
+                    unique_fields=["email"],
+                    update_fields=["balance", "tenant"],
+                )
+            )
         else:
             res = guarded(lambda: Account.objects.bulk_create(objs))
         if isinstance(res, Exception):
@@ -596,7 +683,10 @@ class CacheMachine(RuleBasedStateMachine):
         self.step("bulk_create_codes_upsert")
         Code.objects.bulk_create(
             [Code(code=c, description=description) for c in codes_],
-            update_conflicts=True, unique_fields=["code"], update_fields=["description"])
+            update_conflicts=True,
+            unique_fields=["code"],
+            update_fields=["description"],
+        )
         self.saw(Code, *codes_)
 
     # -- writes: the op catalogue (top-level rules and atomic blocks share it) ----------
@@ -618,7 +708,7 @@ class CacheMachine(RuleBasedStateMachine):
             return
         setattr(obj, field, value)
         # Another field changed in memory but not saved: update_fields must win.
-        obj.balance = (obj.balance if field == "balance" else obj.balance + 100)
+        obj.balance = obj.balance if field == "balance" else obj.balance + 100
         guarded(lambda: obj.save(update_fields=[field]))
 
     def op_proxy_save(self, pk: int, email: str, balance: int) -> None:
@@ -665,7 +755,8 @@ class CacheMachine(RuleBasedStateMachine):
 
     def op_qs_update_q_join(self, tenant_name: str, email: str, balance: int) -> None:
         Account.objects.filter(Q(tenant__name=tenant_name) | Q(email=email)).update(
-            balance=balance, data={"q": balance})
+            balance=balance, data={"q": balance}
+        )
 
     def op_qs_update_isnull(self, name: str) -> None:
         Item.objects.filter(owner_set_null__name__isnull=True).update(name=name)
@@ -673,7 +764,8 @@ class CacheMachine(RuleBasedStateMachine):
 
     def op_qs_update_annotated(self, at_least: int, delta: int) -> None:
         Account.objects.annotate(n=Count("tenant__accounts")).filter(n__gte=at_least).update(
-            balance=F("balance") + delta)
+            balance=F("balance") + delta
+        )
 
     def op_qs_update_email(self, pk: int, email: str) -> None:
         guarded(lambda: Account.objects.filter(pk=pk).update(email=email))
@@ -759,7 +851,8 @@ class CacheMachine(RuleBasedStateMachine):
     def op_raw_sql(self, pk: int, balance: int) -> None:
         with connection.cursor() as cursor:
             cursor.execute(
-                f"UPDATE {Account._meta.db_table} SET balance = %s WHERE id = %s", [balance, pk])
+                f"UPDATE {Account._meta.db_table} SET balance = %s WHERE id = %s", [balance, pk]
+            )
         Account.objects.invalidate(pk)
 
     def op_flush(self, model_name: str) -> None:
@@ -788,9 +881,12 @@ class CacheMachine(RuleBasedStateMachine):
         a, t, pl = st.sampled_from(acc), st.sampled_from(ten), st.sampled_from(places_)
         it = st.lists(st.sampled_from(items_), max_size=3, unique=True)
         account_field = st.one_of(
-            st.tuples(st.just("balance"), balances), st.tuples(st.just("email"), emails),
-            st.tuples(st.just("data"), json_values), st.tuples(st.just("tags"), tag_lists),
-            st.tuples(st.just("tenant_id"), t))
+            st.tuples(st.just("balance"), balances),
+            st.tuples(st.just("email"), emails),
+            st.tuples(st.just("data"), json_values),
+            st.tuples(st.just("tags"), tag_lists),
+            st.tuples(st.just("tenant_id"), t),
+        )
         return st.one_of(
             st.builds(lambda p, fv: ("account_save", p, *fv), a, account_field),
             st.builds(lambda p, fv: ("account_update_fields", p, *fv), a, account_field),
@@ -809,36 +905,57 @@ class CacheMachine(RuleBasedStateMachine):
             st.tuples(st.just("qs_update_annotated"), st.integers(1, 3), balances),
             st.tuples(st.just("qs_update_email"), a, emails),
             st.tuples(st.just("qs_delete_join"), tenant_names),
-            st.tuples(st.just("bulk_update"),
-                      st.lists(st.tuples(a, emails, balances), min_size=1, max_size=3)),
+            st.tuples(
+                st.just("bulk_update"),
+                st.lists(st.tuples(a, emails, balances), min_size=1, max_size=3),
+            ),
             st.tuples(st.just("place_parent_update"), pl, names),
             st.tuples(st.just("child_update"), pl, names, st.booleans()),
-            st.tuples(st.just("owner_fk"), st.sampled_from(["add", "remove", "set", "clear"]),
-                      st.sampled_from(owners_), it),
-            st.tuples(st.just("label_m2m"), st.sampled_from(["add", "remove", "set", "clear"]),
-                      st.sampled_from(labels_), it),
+            st.tuples(
+                st.just("owner_fk"),
+                st.sampled_from(["add", "remove", "set", "clear"]),
+                st.sampled_from(owners_),
+                it,
+            ),
+            st.tuples(
+                st.just("label_m2m"),
+                st.sampled_from(["add", "remove", "set", "clear"]),
+                st.sampled_from(labels_),
+                it,
+            ),
             st.tuples(st.just("raw_sql"), a, balances),
             st.tuples(st.just("flush"), st.sampled_from(["Account", "Tenant", "Place"])),
         )
 
     # -- single writes (autocommit) -----------------------------------------------------------
-    @rule(pk=accounts, field=st.sampled_from(["balance", "email", "data", "tags", "tenant_id"]),
-          data=st.data())
+    @rule(
+        pk=accounts,
+        field=st.sampled_from(["balance", "email", "data", "tags", "tenant_id"]),
+        data=st.data(),
+    )
     def account_save(self, pk: int, field: str, data: st.DataObject) -> None:
         self.step("account_save")
         value = data.draw(self.field_values(field), label="value")
         self.apply(("account_save", pk, field, value))
 
-    @rule(pk=accounts, field=st.sampled_from(["balance", "email", "data", "tenant_id"]),
-          data=st.data())
+    @rule(
+        pk=accounts,
+        field=st.sampled_from(["balance", "email", "data", "tenant_id"]),
+        data=st.data(),
+    )
     def account_save_update_fields(self, pk: int, field: str, data: st.DataObject) -> None:
         self.step("account_save_update_fields")
         value = data.draw(self.field_values(field), label="value")
         self.apply(("account_update_fields", pk, field, value))
 
     def field_values(self, field: str) -> st.SearchStrategy[Any]:
-        return {"balance": balances, "email": emails, "data": json_values, "tags": tag_lists,
-                "tenant_id": st.sampled_from(pks_of(Tenant) or [0])}[field]
+        return {
+            "balance": balances,
+            "email": emails,
+            "data": json_values,
+            "tags": tag_lists,
+            "tenant_id": st.sampled_from(pks_of(Tenant) or [0]),
+        }[field]
 
     @rule(pk=accounts, email=emails, balance=balances, how=st.sampled_from(["save", "update"]))
     def proxy_write(self, pk: int, email: str, balance: int, how: str) -> None:
@@ -863,8 +980,10 @@ class CacheMachine(RuleBasedStateMachine):
         self.step("delete_tenant")
         self.apply(("delete", "Tenant", pk))
 
-    @rule(pk=places, through=st.sampled_from(["Place", "Restaurant", "ItalianRestaurant",
-                                               "keep_parents"]))
+    @rule(
+        pk=places,
+        through=st.sampled_from(["Place", "Restaurant", "ItalianRestaurant", "keep_parents"]),
+    )
     def delete_place(self, pk: int, through: str) -> None:
         self.step("delete_place")
         if through == "keep_parents":
@@ -962,9 +1081,11 @@ class CacheMachine(RuleBasedStateMachine):
         self.step("qs_update_tenant")
         self.apply(("qs_update_tenant", pk, tenant))
 
-    @rule(tenant_name=tenant_names,
-          what=st.sampled_from(["accounts", "tenant", "items_by_label", "places_with_pizza"]),
-          label_name=label_names)
+    @rule(
+        tenant_name=tenant_names,
+        what=st.sampled_from(["accounts", "tenant", "items_by_label", "places_with_pizza"]),
+        label_name=label_names,
+    )
     def qs_delete(self, tenant_name: str, what: str, label_name: str) -> None:
         self.step("qs_delete_" + what)
         if what == "accounts":
@@ -998,20 +1119,23 @@ class CacheMachine(RuleBasedStateMachine):
         if not owners_:
             return
         owner = data.draw(st.sampled_from(owners_), label="owner")
-        item_pks = data.draw(st.lists(st.sampled_from(items_), max_size=3, unique=True)
-                             if items_ else st.just([]), label="items")
+        item_pks = data.draw(
+            st.lists(st.sampled_from(items_), max_size=3, unique=True) if items_ else st.just([]),
+            label="items",
+        )
         self.apply(("owner_fk", action, owner, item_pks))
 
-    @rule(action=st.sampled_from(["add", "remove", "set", "clear", "forward_add"]),
-          data=st.data())
+    @rule(action=st.sampled_from(["add", "remove", "set", "clear", "forward_add"]), data=st.data())
     def label_items(self, action: str, data: st.DataObject) -> None:
         self.step("label_items_" + action)
         labels_, items_ = pks_of(Label), pks_of(Item)
         if not labels_:
             return
         label = data.draw(st.sampled_from(labels_), label="label")
-        item_pks = data.draw(st.lists(st.sampled_from(items_), max_size=3, unique=True)
-                             if items_ else st.just([]), label="items")
+        item_pks = data.draw(
+            st.lists(st.sampled_from(items_), max_size=3, unique=True) if items_ else st.just([]),
+            label="items",
+        )
         self.apply(("label_m2m", action, label, item_pks))
 
     @rule(pk=accounts, balance=balances)
@@ -1025,10 +1149,15 @@ class CacheMachine(RuleBasedStateMachine):
         self.apply(("flush", model))
 
     # -- transactions ----------------------------------------------------------------------
-    @rule(data=st.data(), commit=st.booleans(),
-          nested=st.sampled_from([None, "commit", "rollback"]), thread_probe=st.booleans())
-    def atomic_block(self, data: st.DataObject, commit: bool, nested: str | None,
-                     thread_probe: bool) -> None:
+    @rule(
+        data=st.data(),
+        commit=st.booleans(),
+        nested=st.sampled_from([None, "commit", "rollback"]),
+        thread_probe=st.booleans(),
+    )
+    def atomic_block(
+        self, data: st.DataObject, commit: bool, nested: str | None, thread_probe: bool
+    ) -> None:
         self.step(f"atomic_block_{'commit' if commit else 'rollback'}_{nested}")
         ops = data.draw(st.lists(self.op_strategy(), min_size=1, max_size=3), label="ops")
         inner = data.draw(self.op_strategy(), label="savepoint op") if nested else None
@@ -1057,8 +1186,7 @@ class CacheMachine(RuleBasedStateMachine):
         if thread_probe:
             self.check_in_thread("another thread, after the block")
 
-    @rule(data=st.data(), pk=accounts, boom=st.booleans(),
-          lookup=st.sampled_from(["pk", "email"]))
+    @rule(data=st.data(), pk=accounts, boom=st.booleans(), lookup=st.sampled_from(["pk", "email"]))
     def on_commit_reads(self, data: st.DataObject, pk: int, boom: bool, lookup: str) -> None:
         """An on_commit callback registered before the block's writes reads through the
         cache: it runs after the commit, so it must read the committed row."""
@@ -1070,8 +1198,11 @@ class CacheMachine(RuleBasedStateMachine):
 
         def callback() -> None:
             recorded.append(outcome(lambda: self.mgr(Account).get_cached(**key)))
-            recorded.append(outcome(lambda: tenant_summary(obj.tenant_id, self.READ_ALIAS))
-                            if obj is not None else None)
+            recorded.append(
+                outcome(lambda: tenant_summary(obj.tenant_id, self.READ_ALIAS))
+                if obj is not None
+                else None
+            )
             if boom:
                 raise CallbackBoom
 
@@ -1090,12 +1221,14 @@ class CacheMachine(RuleBasedStateMachine):
         want = outcome(lambda: self.mgr(Account).get(**key))
         assert recorded[0] == want, (
             f"on_commit callback read Account.get_cached({key!r}) = {recorded[0]!r}, "
-            f"but the committed row is {want!r}")
+            f"but the committed row is {want!r}"
+        )
         if obj is not None:
             want_fn = outcome(lambda: tenant_summary.fn(obj.tenant_id, self.READ_ALIAS))
             assert recorded[1] == want_fn, (
                 f"on_commit callback read tenant_summary({obj.tenant_id}) = {recorded[1]!r}, "
-                f"but after the commit it is {want_fn!r}")
+                f"but after the commit it is {want_fn!r}"
+            )
 
     # -- threads -------------------------------------------------------------------------
     def check_in_thread(self, where: str) -> None:
@@ -1116,13 +1249,16 @@ class CacheMachine(RuleBasedStateMachine):
         assert not bad, f"{where}:\n  " + "\n  ".join(bad)
 
     @rule(pk=accounts, balance=balances, data=st.data(), in_atomic=st.booleans())
-    def write_while_thread_reads(self, pk: int, balance: int, data: st.DataObject,
-                                 in_atomic: bool) -> None:
+    def write_while_thread_reads(
+        self, pk: int, balance: int, data: st.DataObject, in_atomic: bool
+    ) -> None:
         """A reader thread hammers get_cached while this thread writes; once the write
         committed, this thread (and a new one) read the new row."""
         self.step("write_while_thread_reads")
-        op = data.draw(st.one_of(st.just(("account_save", pk, "balance", balance)),
-                                 self.op_strategy()), label="op")
+        op = data.draw(
+            st.one_of(st.just(("account_save", pk, "balance", balance)), self.op_strategy()),
+            label="op",
+        )
         stop = threading.Event()
         errors: list[str] = []
         obj = Account.objects.filter(pk=pk).first()
@@ -1132,8 +1268,10 @@ class CacheMachine(RuleBasedStateMachine):
         def reader() -> None:
             try:
                 while not stop.is_set():
-                    for read in (lambda: mgr.get_cached(pk=pk),
-                                 lambda: mgr.get_cached(email=email)):
+                    for read in (
+                        lambda: mgr.get_cached(pk=pk),
+                        lambda: mgr.get_cached(email=email),
+                    ):
                         try:
                             read()
                         except ObjectDoesNotExist:
@@ -1154,14 +1292,19 @@ class CacheMachine(RuleBasedStateMachine):
             else:
                 self.apply(op)
             # Committed: this thread reads the new row at once.
-            for probe in (Probe("Account pk", lambda: mgr.get_cached(pk=pk),
-                                lambda: mgr.get(pk=pk)),
-                          Probe("Account email", lambda: mgr.get_cached(email=email),
-                                lambda: mgr.get(email=email))):
+            for probe in (
+                Probe("Account pk", lambda: mgr.get_cached(pk=pk), lambda: mgr.get(pk=pk)),
+                Probe(
+                    "Account email",
+                    lambda: mgr.get_cached(email=email),
+                    lambda: mgr.get(email=email),
+                ),
+            ):
                 got, want = outcome(probe.cached), outcome(probe.orm)
                 assert got == want, (
                     f"after the commit, with a reader thread running: {probe.what}\n"
-                    f"  get_cached: {got!r}\n  ORM:        {want!r}")
+                    f"  get_cached: {got!r}\n  ORM:        {want!r}"
+                )
             time.sleep(0.002)
         finally:
             stop.set()
@@ -1179,8 +1322,11 @@ class CacheMachine(RuleBasedStateMachine):
         op = data.draw(self.op_strategy(), label="op")
         w = get_worker()
         alias = self.READ_ALIAS
-        targets = [("testapp.Account", {"pk": pk}), ("testapp.Tenant", {"pk": pk}),
-                   ("testapp.Account", {"email": EMAILS[0]})]
+        targets = [
+            ("testapp.Account", {"pk": pk}),
+            ("testapp.Tenant", {"pk": pk}),
+            ("testapp.Account", {"email": EMAILS[0]}),
+        ]
         for label, lookup in targets:
             w.call("tests.fuzz_machine.child_read", label, alias, lookup)
         self.apply(op)
@@ -1195,7 +1341,8 @@ class CacheMachine(RuleBasedStateMachine):
                 time.sleep(0.01)
             assert got == want, (
                 f"another process, 2 s after the commit of {op!r}: {label}.get_cached"
-                f"({lookup!r})\n  there: {got!r}\n  ORM:   {want!r}")
+                f"({lookup!r})\n  there: {got!r}\n  ORM:   {want!r}"
+            )
 
 
 class ReadCommittedMachine(CacheMachine):
@@ -1220,5 +1367,8 @@ class RepeatableReadMachine(CacheMachine):
             list(Account.objects.using("snapshot").values_list("pk"))  # the snapshot
             for op in ops:
                 self.apply(op)
-            self.check("inside a REPEATABLE READ block after another connection's commit",
-                       models_only=[Account, Tenant, Place], l2=False)
+            self.check(
+                "inside a REPEATABLE READ block after another connection's commit",
+                models_only=[Account, Tenant, Place],
+                l2=False,
+            )

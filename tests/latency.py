@@ -88,6 +88,7 @@ def stop_busy() -> None:
 
 # -- this process's side ------------------------------------------------------------------
 
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
 

@@ -43,8 +43,10 @@ def _serve(conn: Any, env: dict[str, str]) -> None:
 class Worker:
     def __init__(self, extra_env: dict[str, str] | None = None) -> None:
         db = connection.settings_dict
-        url = f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:" \
-              f"{db['PORT'] or 5432}/{db['NAME']}"
+        url = (
+            f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:"
+            f"{db['PORT'] or 5432}/{db['NAME']}"
+        )
         env = {
             "DJANGO_SETTINGS_MODULE": "tests.settings",
             "TC_TEST_KEY_PREFIX": settings.TEST_KEY_PREFIX,

@@ -49,8 +49,7 @@ class RedisEnv:
 
 
 @pytest.fixture(scope="module")
-def redis_env(django_db_setup: Any, tmp_path_factory: pytest.TempPathFactory
-              ) -> Iterator[RedisEnv]:
+def redis_env(django_db_setup: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisEnv]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     caches = {"default": {**settings.CACHES["default"], "LOCATION": server.url}}

@@ -61,10 +61,23 @@ class RedisServer:
         self.starts += 1
         log = open(self.workdir / f"redis-{self.starts}.log", "wb")
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-             "--protected-mode", "no"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--protected-mode",
+                "no",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         self.paused = False
@@ -81,9 +94,11 @@ class RedisServer:
     def client(self, port: int | None = None, timeout: float = 2.0) -> redis.Redis:
         """A plain client straight to the server (not through the cache)."""
         return redis.Redis(
-            host="127.0.0.1", port=port or self.hidden_port or self.port,
+            host="127.0.0.1",
+            port=port or self.hidden_port or self.port,
             password=self.password or None,
-            socket_timeout=timeout, socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
         )
 
     def kill(self) -> None:
@@ -154,7 +169,8 @@ class RedisServer:
         self.fault = subprocess.Popen(
             [sys.executable, "-m", "tests.redis_server", kind, str(self.port)],
             cwd=str(Path(__file__).resolve().parent.parent),
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
         assert self.fault.stdout is not None
         line = self.fault.stdout.readline()
@@ -212,7 +228,6 @@ class RedisServer:
         pipe.execute()
         return n + extra_keys
 
-
     def fill_memory(self) -> int:
         """maxmemory just above what is used, noeviction, then junk until writes are
         refused with OOM: every command that could grow memory fails, reads still work."""
@@ -237,6 +252,7 @@ class RedisServer:
 
 
 # -- fake servers, run as `python -m tests.redis_server {blackhole,errors} PORT` ----------
+
 
 def _serve_fault(kind: str, port: int) -> None:
     import threading
@@ -278,7 +294,7 @@ def _take_command(buf: bytes) -> tuple[int | None, bytes]:
         return None, buf
     if not buf.startswith(b"*"):
         i = buf.find(b"\r\n")
-        return (None, buf) if i < 0 else (1, buf[i + 2:])
+        return (None, buf) if i < 0 else (1, buf[i + 2 :])
     i = buf.find(b"\r\n")
     if i < 0:
         return None, buf
@@ -287,7 +303,7 @@ def _take_command(buf: bytes) -> tuple[int | None, bytes]:
         j = buf.find(b"\r\n", pos)
         if j < 0:
             return None, buf
-        size = int(buf[pos + 1:j])
+        size = int(buf[pos + 1 : j])
         pos = j + 2 + size + 2
         if pos > len(buf):
             return None, buf

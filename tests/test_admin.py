@@ -91,6 +91,7 @@ def cell(row: str, css: str) -> str:
 
 # -- the index and who may see the dashboard -----------------------------------------
 
+
 def test_admin_index_links_to_the_dashboard(su_client: Client) -> None:
     page = su_client.get("/admin/").content.decode()
     assert reverse("admin:tiered_cache_dashboard") == DASHBOARD
@@ -125,8 +126,12 @@ def test_staff_without_change_permission_sees_no_buttons_and_may_not_post(
     page = client.get(DASHBOARD).content.decode()
     assert "demo.User" in page
     assert "Flush everything" not in page and ">Flush</button>" not in page
-    for data in ({"action": "flush", "model": "demo.User"}, {"action": "flush_all"},
-                 {"action": "warmup", "model": "demo.User"}, {"action": "cleanup"}):
+    for data in (
+        {"action": "flush", "model": "demo.User"},
+        {"action": "flush_all"},
+        {"action": "warmup", "model": "demo.User"},
+        {"action": "cleanup"},
+    ):
         assert client.post(DASHBOARD, data).status_code == 403, data
 
 
@@ -140,14 +145,16 @@ def test_change_permission_on_one_model_gives_its_buttons_only(client: Client) -
     assert 'aria-label="Flush demo.User"' in page
     assert 'aria-label="Flush demo.GlobalModel"' not in page
     assert "Flush everything" not in page
-    assert client.post(DASHBOARD, {"action": "flush", "model": "demo.GlobalModel"}
-                       ).status_code == 403
+    assert (
+        client.post(DASHBOARD, {"action": "flush", "model": "demo.GlobalModel"}).status_code == 403
+    )
     response = client.post(DASHBOARD, {"action": "flush", "model": "demo.User"}, follow=True)
     assert messages_of(response) == ["Flushed every demo.User entry (all processes)."]
     assert User.objects.get_cached(pk=user.pk).first_name == "new"
 
 
 # -- what the dashboard shows ---------------------------------------------------------
+
 
 def test_dashboard_shows_every_cached_model(su_client: Client) -> None:
     users = UserFactory.create_batch(2)
@@ -169,8 +176,11 @@ def test_dashboard_shows_every_cached_model(su_client: Client) -> None:
     # The chart: one SVG rect per tier that served reads, widths adding up to 100%.
     svg = re.search(r"<svg class=\"tc-chart\".*?</svg>", row, re.S)
     assert svg
-    rects = re.findall(r'<rect x="([\d.]+)" y="0" width="([\d.]+)" height="10" '
-                       r'fill="#\w+" data-tier="(\w+)"><title>(.*?)</title>', svg.group(0))
+    rects = re.findall(
+        r'<rect x="([\d.]+)" y="0" width="([\d.]+)" height="10" '
+        r'fill="#\w+" data-tier="(\w+)"><title>(.*?)</title>',
+        svg.group(0),
+    )
     tiers = {t: title for _, _, t, title in rects}
     assert set(tiers) == {"L1", "L2", "database"}
     assert tiers["L1"].startswith("L1: ") and tiers["database"].startswith("database: ")
@@ -183,12 +193,11 @@ def test_dashboard_shows_every_cached_model(su_client: Client) -> None:
     assert '<strong id="tc-breaker">closed</strong>' in page
     assert '<strong id="tc-bus">live</strong>' in page
     assert 'id="tc-last-cleanup">never<' in page
-    assert "cdn" not in page.lower() and "<script src=\"http" not in page
+    assert "cdn" not in page.lower() and '<script src="http' not in page
 
 
 @pytest.mark.celery(broker_url=None)
-def test_dashboard_without_redis_still_renders(su_client: Client, redis_unreachable: str
-                                              ) -> None:
+def test_dashboard_without_redis_still_renders(su_client: Client, redis_unreachable: str) -> None:
     # Redis really gone (a closed port), not only the breaker open: an invalidation is sent
     # past an open breaker, and the outbox is drained as soon as Redis answers the bus.
     for _ in range(conf.BREAKER_FAILURE_THRESHOLD):
@@ -202,18 +211,17 @@ def test_dashboard_without_redis_still_renders(su_client: Client, redis_unreacha
     assert '<strong id="tc-breaker">open</strong>' in page
     assert cell(row_html(page, "demo.User"), "tc-l2") == "?"
     assert "this process" in row_html(page, "demo.User")
-    response = su_client.post(DASHBOARD, {"action": "warmup", "model": "demo.User"},
-                              follow=True)
+    response = su_client.post(DASHBOARD, {"action": "warmup", "model": "demo.User"}, follow=True)
     assert messages_of(response) == ["Redis is unavailable (circuit open); nothing was done."]
     # A flush is never lost: it waits in the outbox until Redis answers.
-    response = su_client.post(DASHBOARD, {"action": "flush", "model": "demo.User"},
-                              follow=True)
+    response = su_client.post(DASHBOARD, {"action": "flush", "model": "demo.User"}, follow=True)
     assert messages_of(response) == ["Flushed every demo.User entry (all processes)."]
     assert PendingInvalidation.objects.filter(model_label="default:demo.user", flush=True).exists()
     assert "1 pending invalidation<" in response.content.decode()
 
 
 # -- the dashboard's buttons ------------------------------------------------------------
+
 
 def test_flush_button_drops_one_model(su_client: Client) -> None:
     user = UserFactory(first_name="old")
@@ -222,8 +230,7 @@ def test_flush_button_drops_one_model(su_client: Client) -> None:
     read(GlobalModel.objects, name=gm.name)
     change_behind_the_cache(user, "new")
 
-    response = su_client.post(DASHBOARD, {"action": "flush", "model": "demo.User"},
-                              follow=True)
+    response = su_client.post(DASHBOARD, {"action": "flush", "model": "demo.User"}, follow=True)
 
     assert response.redirect_chain == [(DASHBOARD, 302)]
     assert messages_of(response) == ["Flushed every demo.User entry (all processes)."]
@@ -240,8 +247,7 @@ def test_flush_everything(su_client: Client) -> None:
     response = su_client.post(DASHBOARD, {"action": "flush_all"}, follow=True)
 
     assert messages_of(response) == [
-        "Flushed every cached model: "
-        + ", ".join(m._meta.label for m in cached_models()) + "."
+        "Flushed every cached model: " + ", ".join(m._meta.label for m in cached_models()) + "."
     ]
     for model in (User, GlobalModel, Model, FlowInstance):
         assert l2_keys(model) == []
@@ -252,8 +258,7 @@ def test_warmup_button_runs_inline_without_a_broker(su_client: Client) -> None:
     UserFactory.create_batch(3)
     n = User.objects.count()  # and the superuser
 
-    response = su_client.post(DASHBOARD, {"action": "warmup", "model": "demo.User"},
-                              follow=True)
+    response = su_client.post(DASHBOARD, {"action": "warmup", "model": "demo.User"}, follow=True)
 
     assert messages_of(response) == [
         "Warmup of demo.User ran here, in this web process (no Celery broker is "
@@ -266,12 +271,14 @@ def test_warmup_button_runs_inline_without_a_broker(su_client: Client) -> None:
 
 def test_warmup_button_queues_on_celery_when_a_broker_is_configured(su_client: Client) -> None:
     # The test app's memory:// broker; no worker here (test_tasks and the browser have one).
-    response = su_client.post(DASHBOARD, {"action": "warmup", "model": "demo.User"},
-                              follow=True)
+    response = su_client.post(DASHBOARD, {"action": "warmup", "model": "demo.User"}, follow=True)
 
     (message,) = messages_of(response)
-    assert re.fullmatch(r"Warmup of demo\.User queued on Celery \(task [0-9a-f-]{36}\); "
-                        r"a worker runs it\.", message), message
+    assert re.fullmatch(
+        r"Warmup of demo\.User queued on Celery \(task [0-9a-f-]{36}\); "
+        r"a worker runs it\.",
+        message,
+    ), message
 
 
 def test_cleanup_button(su_client: Client) -> None:
@@ -284,8 +291,7 @@ def test_cleanup_button(su_client: Client) -> None:
 
 
 def test_unknown_model_or_action_is_reported(su_client: Client) -> None:
-    response = su_client.post(DASHBOARD, {"action": "flush", "model": "demo.Nope"},
-                              follow=True)
+    response = su_client.post(DASHBOARD, {"action": "flush", "model": "demo.Nope"}, follow=True)
     assert messages_of(response) == ["'demo.Nope': no such model is installed"]
     response = su_client.post(DASHBOARD, {"action": "drop_tables"}, follow=True)
     assert messages_of(response) == ["Unknown action 'drop_tables'."]
@@ -300,12 +306,14 @@ def test_dashboard_posts_need_a_csrf_token(superuser: User) -> None:
 
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
     assert token
-    response = client.post(DASHBOARD, {"action": "flush_all",
-                                       "csrfmiddlewaretoken": token.group(1)})
+    response = client.post(
+        DASHBOARD, {"action": "flush_all", "csrfmiddlewaretoken": token.group(1)}
+    )
     assert response.status_code == 302
 
 
 # -- flush actions on the changelists ---------------------------------------------------
+
 
 def action_names(client: Client, url: str) -> list[str]:
     form = client.get(url).context["action_form"]  # None when no action is allowed
@@ -317,8 +325,7 @@ def test_actions_are_offered_with_change_permission_only(client: Client) -> None
     assert "flush_selected_from_cache" not in action_names(client, "/admin/demo/user/")
 
     client.force_login(staff("demo.view_user", "demo.change_user"))
-    choices = dict(client.get("/admin/demo/user/").context["action_form"]
-                   .fields["action"].choices)
+    choices = dict(client.get("/admin/demo/user/").context["action_form"].fields["action"].choices)
     assert choices["flush_selected_from_cache"] == "Flush selected users from cache"
     assert choices["flush_all_from_cache"] == "Flush all user cache entries"
 
@@ -327,16 +334,27 @@ def test_actions_are_offered_with_change_permission_only(client: Client) -> None
     user = UserFactory(first_name="old")
     read(User.objects, pk=user.pk)
     change_behind_the_cache(user, "new")
-    response = client.post("/admin/demo/user/", {
-        "action": "flush_all_from_cache", "_selected_action": [user.pk], "index": 0,
-    }, follow=True)
+    response = client.post(
+        "/admin/demo/user/",
+        {
+            "action": "flush_all_from_cache",
+            "_selected_action": [user.pk],
+            "index": 0,
+        },
+        follow=True,
+    )
     assert not [m for m in messages_of(response) if m.startswith("Flushed")]
     assert read_cached(User.objects, pk=user.pk).first_name == "old"
 
 
 def test_every_cached_model_admin_has_the_actions(su_client: Client) -> None:
-    for url in ("/admin/demo/user/", "/admin/demo/provider/", "/admin/demo/globalmodel/",
-                "/admin/demo/model/", "/admin/demo/flowinstance/"):
+    for url in (
+        "/admin/demo/user/",
+        "/admin/demo/provider/",
+        "/admin/demo/globalmodel/",
+        "/admin/demo/model/",
+        "/admin/demo/flowinstance/",
+    ):
         names = action_names(su_client, url)
         assert {"flush_selected_from_cache", "flush_all_from_cache"} <= set(names), url
     assert "flush_all_from_cache" not in action_names(su_client, "/admin/demo/plainflowinstance/")
@@ -351,13 +369,17 @@ def test_flush_selected_drops_those_rows_in_every_lookup(su_client: Client) -> N
     change_behind_the_cache(a, "new")
     change_behind_the_cache(b, "new")
 
-    response = su_client.post("/admin/demo/user/", {
-        "action": "flush_selected_from_cache", "_selected_action": [a.pk], "index": 0,
-    }, follow=True)
+    response = su_client.post(
+        "/admin/demo/user/",
+        {
+            "action": "flush_selected_from_cache",
+            "_selected_action": [a.pk],
+            "index": 0,
+        },
+        follow=True,
+    )
 
-    assert messages_of(response) == [
-        "Flushed 1 user from the cache in every process: alice."
-    ]
+    assert messages_of(response) == ["Flushed 1 user from the cache in every process: alice."]
     assert User.objects.get_cached(pk=a.pk).first_name == "new"
     assert User.objects.get_cached(email=a.email).first_name == "new"
     assert read_cached(User.objects, pk=b.pk).first_name == "old"  # not selected
@@ -365,10 +387,15 @@ def test_flush_selected_drops_those_rows_in_every_lookup(su_client: Client) -> N
 
 def test_flush_selected_names_a_few_and_counts_the_rest(su_client: Client) -> None:
     users = UserFactory.create_batch(7)
-    response = su_client.post("/admin/demo/user/", {
-        "action": "flush_selected_from_cache", "_selected_action": [u.pk for u in users],
-        "index": 0,
-    }, follow=True)
+    response = su_client.post(
+        "/admin/demo/user/",
+        {
+            "action": "flush_selected_from_cache",
+            "_selected_action": [u.pk for u in users],
+            "index": 0,
+        },
+        follow=True,
+    )
     (message,) = messages_of(response)
     assert message.startswith("Flushed 7 users from the cache in every process: ")
     assert message.endswith(" and 2 more.")
@@ -380,9 +407,15 @@ def test_flush_all_action(su_client: Client) -> None:
         read(User.objects, pk=u.pk)
         change_behind_the_cache(u, "new")
 
-    response = su_client.post("/admin/demo/user/", {
-        "action": "flush_all_from_cache", "_selected_action": [users[0].pk], "index": 0,
-    }, follow=True)
+    response = su_client.post(
+        "/admin/demo/user/",
+        {
+            "action": "flush_all_from_cache",
+            "_selected_action": [users[0].pk],
+            "index": 0,
+        },
+        follow=True,
+    )
 
     assert messages_of(response) == [
         "Flushed all user cache entries (demo.User, every lookup, every process)."
@@ -391,6 +424,7 @@ def test_flush_all_action(su_client: Client) -> None:
 
 
 # -- the outbox admin and the mixin's check -------------------------------------------------
+
 
 def test_outbox_is_read_only_and_links_to_the_dashboard(su_client: Client) -> None:
     PendingInvalidation.objects.create(model_label="default:demo.user", rows=["2.i1"], flush=False)
@@ -419,7 +453,6 @@ def test_mixin_keeps_an_admins_own_actions() -> None:
     class Off(CacheAdminMixin, admin.ModelAdmin):
         actions = None
 
-    assert WithOwn.actions == ["make_inactive", "flush_selected_from_cache",
-                               "flush_all_from_cache"]
+    assert WithOwn.actions == ["make_inactive", "flush_selected_from_cache", "flush_all_from_cache"]
     assert Subclass.actions == WithOwn.actions
     assert Off.actions is None

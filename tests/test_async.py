@@ -45,14 +45,14 @@ async def test_aget_many_and_ainvalidate() -> None:
     users = await sync_to_async(UserFactory.create_batch)(3, first_name="before")
     got = await User.objects.aget_many_cached([u.pk for u in users] + [10**9])
     assert sorted(got) == sorted(u.pk for u in users)
-    await sync_to_async(
-        lambda: User.objects.filter(pk=users[0].pk).update(first_name="after")
-    )()
+    await sync_to_async(lambda: User.objects.filter(pk=users[0].pk).update(first_name="after"))()
     # Queryset updates invalidate on their own; ainvalidate is for what signals miss.
     assert (await User.objects.aget_cached(pk=users[0].pk)).first_name == "after"
+
     def raw() -> None:
-        write_outside_django(f"UPDATE {User._meta.db_table} SET first_name = 'raw' "
-                             "WHERE id = %s", [users[1].pk])
+        write_outside_django(
+            f"UPDATE {User._meta.db_table} SET first_name = 'raw' WHERE id = %s", [users[1].pk]
+        )
 
     await sync_to_async(raw)()
     assert (await User.objects.aget_cached(pk=users[1].pk)).first_name == "before"

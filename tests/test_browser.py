@@ -35,8 +35,14 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("
 CHROMIUM = "/usr/bin/chromium"
 # As root, in a sandbox with no outside network: no sandbox, no background traffic.
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 PASSWORD = "password"  # the factories' password
 
@@ -76,8 +82,6 @@ def log_in(page: Page) -> None:
 
 def message(page: Page) -> Any:
     return expect(page.locator("ul.messagelist"))
-
-
 
 
 def test_flush_selected_action(page: Page) -> None:

@@ -16,81 +16,139 @@ ACC = "testapp.account"
     ("sql", "params", "expected"),
     [
         # Model.save()
-        ('UPDATE "testapp_account" SET "balance" = %s WHERE "testapp_account"."id" = %s',
-         [1, 5], [(ACC, ROWS, ("2.i5",))]),
+        (
+            'UPDATE "testapp_account" SET "balance" = %s WHERE "testapp_account"."id" = %s',
+            [1, 5],
+            [(ACC, ROWS, ("2.i5",))],
+        ),
         # Django 6 refreshes generated fields with RETURNING
-        ('UPDATE "testapp_account" SET "balance" = %s WHERE "testapp_account"."id" = %s '
-         'RETURNING "testapp_account"."balance"', [1, 5], [(ACC, ROWS, ("2.i5",))]),
+        (
+            'UPDATE "testapp_account" SET "balance" = %s WHERE "testapp_account"."id" = %s '
+            'RETURNING "testapp_account"."balance"',
+            [1, 5],
+            [(ACC, ROWS, ("2.i5",))],
+        ),
         # related manager remove()/set(), bulk: a conjunction with a pk list
-        ('UPDATE "testapp_item" SET "owner_set_null_id" = %s WHERE ("testapp_item".'
-         '"owner_set_null_id" = %s AND "testapp_item"."id" IN (%s, %s))', [None, 3, 7, 8],
-         [("testapp.item", ROWS, ("2.i7", "2.i8"))]),
+        (
+            'UPDATE "testapp_item" SET "owner_set_null_id" = %s WHERE ("testapp_item".'
+            '"owner_set_null_id" = %s AND "testapp_item"."id" IN (%s, %s))',
+            [None, 3, 7, 8],
+            [("testapp.item", ROWS, ("2.i7", "2.i8"))],
+        ),
         # Collector.delete()
-        ('DELETE FROM "testapp_account" WHERE "testapp_account"."id" IN (%s, %s)', [1, 2],
-         [(ACC, ROWS, ("2.i1", "2.i2"))]),
+        (
+            'DELETE FROM "testapp_account" WHERE "testapp_account"."id" IN (%s, %s)',
+            [1, 2],
+            [(ACC, ROWS, ("2.i1", "2.i2"))],
+        ),
         # a fast delete by another column: rows unknown
-        ('DELETE FROM "testapp_account" WHERE "testapp_account"."tenant_id" IN (%s)', [1],
-         [(ACC, FLUSH, ())]),
+        (
+            'DELETE FROM "testapp_account" WHERE "testapp_account"."tenant_id" IN (%s)',
+            [1],
+            [(ACC, FLUSH, ())],
+        ),
         # OR is not a bound
-        ('UPDATE "testapp_account" SET "balance" = %s WHERE ("testapp_account"."id" = %s OR '
-         '"testapp_account"."id" = %s)', [1, 2, 3], [(ACC, FLUSH, ())]),
+        (
+            'UPDATE "testapp_account" SET "balance" = %s WHERE ("testapp_account"."id" = %s OR '
+            '"testapp_account"."id" = %s)',
+            [1, 2, 3],
+            [(ACC, FLUSH, ())],
+        ),
         # a subquery could hold the WHERE we would read
-        ('UPDATE "testapp_account" SET "balance" = %s WHERE "testapp_account"."id" IN '
-         '(SELECT U0."id" FROM "testapp_account" U0 WHERE U0."email" = %s)', [1, "a"],
-         [(ACC, FLUSH, ())]),
+        (
+            'UPDATE "testapp_account" SET "balance" = %s WHERE "testapp_account"."id" IN '
+            '(SELECT U0."id" FROM "testapp_account" U0 WHERE U0."email" = %s)',
+            [1, "a"],
+            [(ACC, FLUSH, ())],
+        ),
         # no WHERE at all
         ('UPDATE "testapp_account" SET "balance" = %s', [1], [(ACC, FLUSH, ())]),
         # inserts: negatives only; upserts change existing rows
         ('INSERT INTO "testapp_account" ("email") VALUES (%s)', ["a"], [(ACC, INSERT, ())]),
-        ('INSERT INTO "testapp_account" ("email") VALUES (%s) ON CONFLICT DO NOTHING', ["a"],
-         [(ACC, INSERT, ())]),
-        ('INSERT INTO "testapp_account" ("email") VALUES (%s) ON CONFLICT("email") DO UPDATE '
-         'SET "email" = EXCLUDED."email"', ["a"], [(ACC, FLUSH, ())]),
+        (
+            'INSERT INTO "testapp_account" ("email") VALUES (%s) ON CONFLICT DO NOTHING',
+            ["a"],
+            [(ACC, INSERT, ())],
+        ),
+        (
+            'INSERT INTO "testapp_account" ("email") VALUES (%s) ON CONFLICT("email") DO UPDATE '
+            'SET "email" = EXCLUDED."email"',
+            ["a"],
+            [(ACC, FLUSH, ())],
+        ),
         # raw SQL as people write it
         ("update testapp_account set balance = 3 where id = %s", [9], [(ACC, ROWS, ("2.i9",))]),
         ("delete from public.testapp_account where id = %s", [9], [(ACC, ROWS, ("2.i9",))]),
         # named parameters: rows unknown
-        ("update testapp_account set balance = 3 where id = %(pk)s", {"pk": 9},
-         [(ACC, FLUSH, ())]),
+        ("update testapp_account set balance = 3 where id = %(pk)s", {"pk": 9}, [(ACC, FLUSH, ())]),
         # statements whose target we do not parse flush every cached table they name
-        ('TRUNCATE "testapp_account", "testapp_tenant"', None,
-         [(ACC, FLUSH, ()), ("testapp.tenant", FLUSH, ())]),
+        (
+            'TRUNCATE "testapp_account", "testapp_tenant"',
+            None,
+            [(ACC, FLUSH, ()), ("testapp.tenant", FLUSH, ())],
+        ),
         # multi-table inheritance: both tables are the root's rows, by the same pk
-        ('UPDATE "testapp_place" SET "name" = %s WHERE "testapp_place"."id" = %s', ["x", 4],
-         [("testapp.place", ROWS, ("2.i4",))]),
-        ('UPDATE "testapp_restaurant" SET "serves_pizza" = %s WHERE '
-         '"testapp_restaurant"."place_ptr_id" = %s', [True, 4],
-         [("testapp.place", ROWS, ("2.i4",))]),
+        (
+            'UPDATE "testapp_place" SET "name" = %s WHERE "testapp_place"."id" = %s',
+            ["x", 4],
+            [("testapp.place", ROWS, ("2.i4",))],
+        ),
+        (
+            'UPDATE "testapp_restaurant" SET "serves_pizza" = %s WHERE '
+            '"testapp_restaurant"."place_ptr_id" = %s',
+            [True, 4],
+            [("testapp.place", ROWS, ("2.i4",))],
+        ),
         # UUID and char primary keys, as the database driver gets them
-        ('UPDATE "testapp_code" SET "description" = %s WHERE "testapp_code"."code" = %s',
-         ["d", "A-1"], [("testapp.code", ROWS, ("4.sA-1",))]),
+        (
+            'UPDATE "testapp_code" SET "description" = %s WHERE "testapp_code"."code" = %s',
+            ["d", "A-1"],
+            [("testapp.code", ROWS, ("4.sA-1",))],
+        ),
         # MySQL's forms: INSERT IGNORE (ignore_conflicts), a multi-table DELETE
-        ("INSERT IGNORE INTO `testapp_account` (`email`) VALUES (%s)", ["a"],
-         [(ACC, INSERT, ())]),
-        ("DELETE `testapp_account` FROM `testapp_account` INNER JOIN `testapp_tenant` ON "
-         "(`testapp_account`.`tenant_id` = `testapp_tenant`.`id`) WHERE "
-         "`testapp_tenant`.`name` = %s", ["t"],
-         [(ACC, FLUSH, ()), ("testapp.tenant", FLUSH, ())]),
+        ("INSERT IGNORE INTO `testapp_account` (`email`) VALUES (%s)", ["a"], [(ACC, INSERT, ())]),
+        (
+            "DELETE `testapp_account` FROM `testapp_account` INNER JOIN `testapp_tenant` ON "
+            "(`testapp_account`.`tenant_id` = `testapp_tenant`.`id`) WHERE "
+            "`testapp_tenant`.`name` = %s",
+            ["t"],
+            [(ACC, FLUSH, ()), ("testapp.tenant", FLUSH, ())],
+        ),
         # several statements in one execute: none is read, every cached table named drops
-        ('UPDATE "testapp_tenant" SET "name" = %s WHERE "testapp_tenant"."id" = %s; '
-         'DELETE FROM "testapp_account"', ["x", 1],
-         [(ACC, FLUSH, ()), ("testapp.tenant", FLUSH, ())]),
+        (
+            'UPDATE "testapp_tenant" SET "name" = %s WHERE "testapp_tenant"."id" = %s; '
+            'DELETE FROM "testapp_account"',
+            ["x", 1],
+            [(ACC, FLUSH, ()), ("testapp.tenant", FLUSH, ())],
+        ),
         # a WITH that only reads is no write; one that writes drops what it names
         ('WITH t AS (SELECT 1) SELECT * FROM "testapp_account"', None, []),
-        ('WITH t AS (SELECT 1) UPDATE "testapp_account" SET "balance" = 1', None,
-         [(ACC, FLUSH, ())]),
+        (
+            'WITH t AS (SELECT 1) UPDATE "testapp_account" SET "balance" = 1',
+            None,
+            [(ACC, FLUSH, ())],
+        ),
         # a value the database will refuse: the database says so, we only drop more
-        ('UPDATE "testapp_account" SET "balance" = 1 WHERE "testapp_account"."id" = %s',
-         ["abc"], [(ACC, FLUSH, ())]),
+        (
+            'UPDATE "testapp_account" SET "balance" = 1 WHERE "testapp_account"."id" = %s',
+            ["abc"],
+            [(ACC, FLUSH, ())],
+        ),
         # reads and tables that are not cached
         ("SELECT 1", None, []),
         ('UPDATE "tiered_cache_pendinginvalidation" SET "flush" = %s', [True], []),
         # an auto-created many-to-many table: no entry holds its rows, but both ends' write
         # counters move (derived functions and "no such row" entries see the change)
-        ('INSERT INTO "testapp_item_tags" ("item_id", "label_id") VALUES (%s, %s)', [1, 2],
-         [("testapp.item", INSERT, ()), ("testapp.label", INSERT, ())]),
-        ('DELETE FROM "testapp_item_tags" WHERE "testapp_item_tags"."item_id" = %s', [1],
-         [("testapp.item", INSERT, ()), ("testapp.label", INSERT, ())]),
+        (
+            'INSERT INTO "testapp_item_tags" ("item_id", "label_id") VALUES (%s, %s)',
+            [1, 2],
+            [("testapp.item", INSERT, ()), ("testapp.label", INSERT, ())],
+        ),
+        (
+            'DELETE FROM "testapp_item_tags" WHERE "testapp_item_tags"."item_id" = %s',
+            [1],
+            [("testapp.item", INSERT, ()), ("testapp.label", INSERT, ())],
+        ),
     ],
 )
 def test_what_a_statement_drops(sql: str, params: Any, expected: list[tuple[Any, ...]]) -> None:
@@ -126,7 +184,8 @@ def test_a_composed_statement_is_read(db: Any) -> None:
     from tiered_cache.transactions import sql_text
 
     q = psql.SQL("UPDATE {} SET balance = %s WHERE id = %s").format(
-        psql.Identifier("testapp_account"))
+        psql.Identifier("testapp_account")
+    )
     connection.ensure_connection()
     text = sql_text(q, connection)
     assert [(e.label, e.kind) for e in classify(text, [1, 2], False)] == [(ACC, ROWS)]

@@ -33,14 +33,25 @@ def test_e001_unknown_alias(settings: Any) -> None:
 
 
 def test_e002_alias_not_django_redis(settings: Any) -> None:
-    settings.CACHES = {**settings.CACHES, "local": {
-        "BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    settings.CACHES = {
+        **settings.CACHES,
+        "local": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    }
     settings.TIERED_CACHE = {"CACHE_ALIAS": "local"}
     assert ids(check_settings()) == ["tiered_cache.E002"]
 
 
-@pytest.mark.parametrize("name", ["L1_MAX_ENTRIES", "L1_TIMEOUT", "TIMEOUT", "NEGATIVE_TIMEOUT",
-                                  "SOCKET_TIMEOUT", "BREAKER_RECOVERY_TIME"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "L1_MAX_ENTRIES",
+        "L1_TIMEOUT",
+        "TIMEOUT",
+        "NEGATIVE_TIMEOUT",
+        "SOCKET_TIMEOUT",
+        "BREAKER_RECOVERY_TIME",
+    ],
+)
 @pytest.mark.parametrize("value", [0, -1, "10", None, True])
 def test_e003_non_positive_numbers(settings: Any, name: str, value: Any) -> None:
     settings.TIERED_CACHE = {name: value}
@@ -74,8 +85,9 @@ def test_e005_unknown_field_and_w001_non_unique() -> None:
         group = models.CharField(max_length=10)
         kind = models.CharField(max_length=10)
 
-        objects = CachedManager(lookups=["code", "nope", "group", ("group", "kind"),
-                                         ("code", "kind")])
+        objects = CachedManager(
+            lookups=["code", "nope", "group", ("group", "kind"), ("code", "kind")]
+        )
 
         class Meta:
             app_label = "demo"

@@ -39,15 +39,18 @@ def forget_cluster_stats() -> Iterator[None]:
     from tiered_cache import ops
     from tiered_cache.registry import cached_models, model_caches
 
-    keys = [f(mc) for m in cached_models() for mc in model_caches(m)
-            for f in (ops._stats_key, ops._procs_key, ops._hot_key)]
+    keys = [
+        f(mc)
+        for m in cached_models()
+        for mc in model_caches(m)
+        for f in (ops._stats_key, ops._procs_key, ops._hot_key)
+    ]
     if keys:
         redis_tier.client.delete(*keys)
 
 
 def report(name: str, **figures: Any) -> None:
     print(f"\n[coherence] {name}: {json.dumps(figures, sort_keys=True)}")
-
 
 
 @contextmanager
@@ -82,6 +85,7 @@ def bump(pk: int) -> int:
 
 # -- B warms, A saves, B reads the new value 100 ms later ----------------------------------
 
+
 def test_other_process_reads_the_new_value_100ms_after_a_save() -> None:
     flow = FlowInstanceFactory(current_step=1)
     with worker() as b:
@@ -104,11 +108,15 @@ def test_other_process_reads_the_new_value_100ms_after_a_save() -> None:
         assert wait_for(lambda: b.call(T + "bus_info")["messages"] > msgs, 5)
         info = b.call(T + "bus_info")
         assert after["misses"] == before["misses"] + 2  # both lookups went past L1
-        report("read 100 ms after save", bus_messages=info["messages"] - msgs,
-               read_after_s=round(time.monotonic() - saved, 3))
+        report(
+            "read 100 ms after save",
+            bus_messages=info["messages"] - msgs,
+            read_after_s=round(time.monotonic() - saved, 3),
+        )
 
 
 # -- the fill race, forced -------------------------------------------------------------
+
 
 @pytest.mark.parametrize("via", ["pk", "lookup"])
 @pytest.mark.parametrize("message_first", [True, False], ids=["msg-before-fill", "msg-after-fill"])
@@ -146,8 +154,13 @@ def test_a_row_read_before_a_commit_is_stored_in_neither_tier(
         assert b.call(T + "read_by_session", flow.tenant_id, flow.session_id)[0] == 2
         tiered_cache.clear_local()
         assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 2
-        report("fill race", via=via, message_first=message_first,
-               l1_entries=info["l1_entries"], fills_refused=st["fills_refused"])
+        report(
+            "fill race",
+            via=via,
+            message_first=message_first,
+            l1_entries=info["l1_entries"],
+            fills_refused=st["fills_refused"],
+        )
 
 
 def test_a_remembered_absence_read_before_a_create_is_stored_in_neither_tier(
@@ -170,6 +183,7 @@ def test_a_remembered_absence_read_before_a_create_is_stored_in_neither_tier(
 
 
 # -- randomized: two writers, two readers ---------------------------------------------------
+
 
 def test_randomized_writers_and_readers_end_with_zero_stale_rows() -> None:
     flows = [FlowInstanceFactory(current_step=0) for _ in range(12)]
@@ -204,11 +218,16 @@ def test_randomized_writers_and_readers_end_with_zero_stale_rows() -> None:
     ratios = [res["stats"]["hit_ratio"] for res in rres]
     report(
         "randomized 2 writers x 2 readers",
-        seconds=duration, rows=len(rows), writes=len(writes), reads=len(obs), errors=len(errors),
+        seconds=duration,
+        rows=len(rows),
+        writes=len(writes),
+        reads=len(obs),
+        errors=len(errors),
         reader_hit_ratios=ratios,
-        reader_stats=[{k: res["stats"][k] for k in ("l1_hits", "l2_hits", "misses",
-                                                      "fills", "fills_refused")}
-                      for res in rres],
+        reader_stats=[
+            {k: res["stats"][k] for k in ("l1_hits", "l2_hits", "misses", "fills", "fills_refused")}
+            for res in rres
+        ],
         reads_older_than_a_returned_write=len(strict),
         max_lag_ms=round(max(lags) * 1000, 3) if lags else 0,
         stale_beyond_trust_window=len(allowed),
@@ -224,6 +243,7 @@ def test_randomized_writers_and_readers_end_with_zero_stale_rows() -> None:
 
 
 # -- the listener's connection killed -------------------------------------------------------
+
 
 def _client_id(addr: tuple[str, int]) -> int | None:
     for c in redis_tier.client.client_list():
@@ -251,11 +271,15 @@ def test_killing_the_listener_connection_clears_l1_and_no_stale_read_follows() -
         assert after["l1_entries"] == 0  # cleared on loss (and again on resubscribe)
         assert b.call(T + "read", flow.pk)[0] == 2
         assert b.call(T + "read_by_session", flow.tenant_id, flow.session_id)[0] == 2
-        report("listener connection killed", reconnects=after["reconnects"],
-               message_missed=after["messages"] == before["messages"])
+        report(
+            "listener connection killed",
+            reconnects=after["reconnects"],
+            message_missed=after["messages"] == before["messages"],
+        )
 
 
 # -- fork safety ----------------------------------------------------------------------
+
 
 def test_a_forked_child_starts_with_empty_l1_and_its_own_listener(tmp_path: Path) -> None:
     flow = FlowInstanceFactory(current_step=1)
@@ -264,8 +288,9 @@ def test_a_forked_child_starts_with_empty_l1_and_its_own_listener(tmp_path: Path
         assert b.call(T + "bus_info")["listener_alive"]
         child = b.call(T + "fork_child", flow.pk, str(tmp_path))
         try:
-            assert wait_for(lambda: (tmp_path / "child.json").exists()
-                            or (tmp_path / "error").exists(), 30)
+            assert wait_for(
+                lambda: (tmp_path / "child.json").exists() or (tmp_path / "error").exists(), 30
+            )
             assert not (tmp_path / "error").exists(), (tmp_path / "error").read_text()
             first = json.loads((tmp_path / "child.json").read_text())
             assert first["pid"] == child
@@ -278,8 +303,9 @@ def test_a_forked_child_starts_with_empty_l1_and_its_own_listener(tmp_path: Path
 
             bump(flow.pk)
             (tmp_path / "go").write_text("1")
-            assert wait_for(lambda: (tmp_path / "done").exists()
-                            or (tmp_path / "error").exists(), 30)
+            assert wait_for(
+                lambda: (tmp_path / "done").exists() or (tmp_path / "error").exists(), 30
+            )
             assert not (tmp_path / "error").exists(), (tmp_path / "error").read_text()
             end = json.loads((tmp_path / "child.json").read_text())
         finally:
@@ -291,11 +317,15 @@ def test_a_forked_child_starts_with_empty_l1_and_its_own_listener(tmp_path: Path
         info = b.call(T + "bus_info")
         assert info["listener_alive"] and info["listener_pid"] == b.pid
         assert b.call(T + "read", flow.pk)[0] == 2
-        report("fork", child_reads_until_new=end["reads_until_new"],
-               child_seconds_until_new=round(end["seconds_until_new"], 4))
+        report(
+            "fork",
+            child_reads_until_new=end["reads_until_new"],
+            child_seconds_until_new=round(end["seconds_until_new"], 4),
+        )
 
 
 # -- commit-to-drop latency -------------------------------------------------------------
+
 
 def test_commit_to_drop_latency_across_processes() -> None:
     """Reported, not timed-asserted (the target, p99 <= 5 ms on loopback, is what `make

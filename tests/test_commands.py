@@ -44,6 +44,7 @@ def run(*args: str) -> str:
 
 # -- stats -----------------------------------------------------------------------
 
+
 def test_stats_lists_every_cached_model_with_lookups_and_sizes() -> None:
     user = UserFactory()
     for _ in range(3):
@@ -54,8 +55,13 @@ def test_stats_lists_every_cached_model_with_lookups_and_sizes() -> None:
 
     lines = out.splitlines()
     assert lines[0].split()[:4] == ["model", "lookups", "L1", "L2"]
-    for label in ("demo.User", "demo.Provider", "demo.GlobalModel", "demo.Model",
-                  "demo.FlowInstance"):
+    for label in (
+        "demo.User",
+        "demo.Provider",
+        "demo.GlobalModel",
+        "demo.Model",
+        "demo.FlowInstance",
+    ):
         assert any(line.startswith(label + " ") for line in lines), out
     user_line = next(line for line in lines if line.startswith("demo.User "))
     assert "pk, email" in user_line
@@ -95,6 +101,7 @@ def test_stats_without_redis_falls_back_to_this_process() -> None:
 
 
 # -- flush -------------------------------------------------------------------------
+
 
 def test_flush_one_model_drops_its_entries_only() -> None:
     user = UserFactory(first_name="old")
@@ -156,7 +163,11 @@ def test_error_exits_non_zero_from_the_command_line() -> None:
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
     proc = subprocess.run(
         [sys.executable, "manage.py", "tiered_cache", "warmup", "demo.Nope"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "CommandError: 'demo.Nope': no such model is installed" in proc.stderr
@@ -168,6 +179,7 @@ def test_unknown_subcommand_is_an_error() -> None:
 
 
 # -- warmup --------------------------------------------------------------------------
+
 
 def test_warmup_with_limit_fills_l2_with_the_most_recent_rows() -> None:
     users = UserFactory.create_batch(5)
@@ -228,6 +240,7 @@ def test_warmup_while_redis_is_unavailable_is_an_error() -> None:
 
 # -- cleanup ---------------------------------------------------------------------------
 
+
 def test_cleanup_deletes_only_what_can_no_longer_be_served() -> None:
     client = redis_tier.client
     mc = first_model_cache(User)
@@ -241,7 +254,10 @@ def test_cleanup_deletes_only_what_can_no_longer_be_served() -> None:
         read(User.objects, pk=u.pk)
         read(User.objects, email=u.email)
     User.objects.invalidate(stale_user)  # its email entry stays behind, unservable
-    old_schema = [f"{mc.home.tag}:0123456789:{mc.label}:objects:pk:default:3.i42", f"{mc.home.tag}:{mc.schema}:{mc.label}:gone:pk:default:1"]
+    old_schema = [
+        f"{mc.home.tag}:0123456789:{mc.label}:objects:pk:default:3.i42",
+        f"{mc.home.tag}:{mc.schema}:{mc.label}:gone:pk:default:1",
+    ]
     for key in old_schema:
         client.set(key, b"P|x|y|z|payload")
 
@@ -271,7 +287,10 @@ def test_cleanup_of_one_model_leaves_the_others_alone() -> None:
     client = redis_tier.client
     user_mc, gm_mc = first_model_cache(User), first_model_cache(GlobalModel)
     assert user_mc is not None and gm_mc is not None
-    junk = [f"{user_mc.home.tag}:0123456789:{user_mc.label}:objects:pk:default:1", f"{gm_mc.home.tag}:0123456789:{gm_mc.label}:objects:pk:default:1"]
+    junk = [
+        f"{user_mc.home.tag}:0123456789:{user_mc.label}:objects:pk:default:1",
+        f"{gm_mc.home.tag}:0123456789:{gm_mc.label}:objects:pk:default:1",
+    ]
     for key in junk:
         client.set(key, b"x")
 

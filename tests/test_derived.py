@@ -74,11 +74,12 @@ def test_positional_keyword_and_default_arguments_share_a_key() -> None:
     [
         lambda u: (setattr(u, "username", "changed"), u.save()),
         lambda u: User.objects.filter(pk=u.pk).update(username="changed"),
-        lambda u: User.objects.bulk_update([setattr(u, "username", "changed") or u],
-                                           ["username"]),
+        lambda u: User.objects.bulk_update([setattr(u, "username", "changed") or u], ["username"]),
         lambda u: (u.delete(), UserFactory(username="changed", email="c@z.test")),
-        lambda u: (User.objects.filter(pk=u.pk).update(username="changed"),
-                   User.objects.flush_cache()),
+        lambda u: (
+            User.objects.filter(pk=u.pk).update(username="changed"),
+            User.objects.flush_cache(),
+        ),
     ],
     ids=["save", "update", "bulk_update", "delete+create", "flush"],
 )
@@ -120,7 +121,6 @@ def test_model_instances_come_back_as_fresh_copies() -> None:
 
 
 def test_invalidate_drops_one_entry_everywhere() -> None:
-    from django.db import connection
 
     UserFactory(email="f@u.test")
     t_user = UserFactory(username="t_before", email="g@t.test")
@@ -217,11 +217,9 @@ def test_resolve_global_model_follows_the_seed_order(caplog: Any) -> None:
 def test_derived_entries_live_in_one_hash_slot() -> None:
     UserFactory(email="i@r.test")
     user_names("r.test")
-    from django.conf import settings
 
     redis_tier.wait_for_fills()
-    keys = list(redis_tier.client.scan_iter(match=fn_tag().replace("[", "[[]") + "*",
-                                            count=1000))
+    keys = list(redis_tier.client.scan_iter(match=fn_tag().replace("[", "[[]") + "*", count=1000))
     assert keys
     assert {k.split(b"}")[0] for k in keys} == {keys[0].split(b"}")[0]}
 

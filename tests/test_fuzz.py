@@ -30,8 +30,12 @@ HAS_SNAPSHOT = "snapshot" in settings.DATABASES
 DATABASES = ["default", "snapshot"] if HAS_SNAPSHOT else ["default"]
 FUZZ_MINUTES = float(os.environ.get("TC_FUZZ_MINUTES") or 0)
 
-SUPPRESS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-            HealthCheck.filter_too_much, HealthCheck.data_too_large]
+SUPPRESS = [
+    HealthCheck.too_slow,
+    HealthCheck.function_scoped_fixture,
+    HealthCheck.filter_too_much,
+    HealthCheck.data_too_large,
+]
 
 # The bounded run of `make test`: the same examples every time.
 BOUNDED = hsettings(
@@ -53,7 +57,8 @@ def fuzz_settings() -> hsettings:
         stateful_step_count=int(os.environ.get("TC_FUZZ_STEPS") or 40),
         derandomize=False,
         database=DirectoryBasedExampleDatabase(
-            os.environ.get("TC_FUZZ_DB") or ".venv/hypothesis-fuzz"),
+            os.environ.get("TC_FUZZ_DB") or ".venv/hypothesis-fuzz"
+        ),
         deadline=None,
         suppress_health_check=SUPPRESS,
         print_blob=True,
@@ -63,8 +68,9 @@ def fuzz_settings() -> hsettings:
 def _machine(variant: str) -> type:
     from tests.fuzz_machine import ReadCommittedMachine, RepeatableReadMachine
 
-    return {"read_committed": ReadCommittedMachine,
-            "repeatable_read": RepeatableReadMachine}[variant]
+    return {"read_committed": ReadCommittedMachine, "repeatable_read": RepeatableReadMachine}[
+        variant
+    ]
 
 
 def _summary(variant: str, counts: dict[str, int], elapsed: float, batches: int) -> str:
@@ -102,14 +108,20 @@ def test_cached_reads_agree_with_the_orm_after_random_writes(variant: str) -> No
             batches = 1
     finally:
         close_worker()
-        print("\n" + _summary(variant, dict(CacheMachine.counts), time.monotonic() - start,
-                              batches), flush=True)
+        print(
+            "\n" + _summary(variant, dict(CacheMachine.counts), time.monotonic() - start, batches),
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=10.0,
-                        help="time budget, shared by the two variants (default 10)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=10.0,
+        help="time budget, shared by the two variants (default 10)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="steps per example")
     parser.add_argument("pytest_args", nargs="*", help="more arguments for pytest")
     args = parser.parse_args(argv)
@@ -118,8 +130,20 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TC_FUZZ_STEPS"] = str(args.steps)
     # pytest in a process of its own: processes it spawns re-import the parent's __main__,
     # and this module reads the settings at import, before a child could set its own.
-    return subprocess.call([sys.executable, "-m", "pytest", os.path.abspath(__file__),
-                            "-p", "no:cacheprovider", "-x", "-s", "-q", *args.pytest_args])
+    return subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            os.path.abspath(__file__),
+            "-p",
+            "no:cacheprovider",
+            "-x",
+            "-s",
+            "-q",
+            *args.pytest_args,
+        ]
+    )
 
 
 if __name__ == "__main__":

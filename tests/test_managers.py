@@ -40,8 +40,11 @@ class ByBalanceManager(CachedManager):
 
 @pytest.fixture
 def extra_managers() -> Iterator[None]:
-    added = {"by_domain": DomainManager(), "doubled": DoubledManager(),
-             "by_balance": ByBalanceManager(lookups=["balance"])}
+    added = {
+        "by_domain": DomainManager(),
+        "doubled": DoubledManager(),
+        "by_balance": ByBalanceManager(lookups=["balance"]),
+    }
     for name, manager in added.items():
         Account.add_to_class(name, manager)
     yield
@@ -67,7 +70,8 @@ def test_a_manager_scoped_at_run_time_keys_its_filter(extra_managers: None, tier
         token = current_domain.set(domain)
         try:
             assert outcome(lambda: Account.by_domain.get_cached(pk=a.pk)) == outcome(
-                lambda: Account.by_domain.get(pk=a.pk)), domain
+                lambda: Account.by_domain.get(pk=a.pk)
+            ), domain
         finally:
             current_domain.reset(token)
         if tier == "l2":

@@ -52,8 +52,7 @@ def test_reads_make_no_redis_call_and_one_push_carries_them(
     calls = []
     real_call, real_scripts = redis_tier.call, redis_tier.scripts
     monkeypatch.setattr(redis_tier, "call", lambda fn: calls.append("call") or real_call(fn))
-    monkeypatch.setattr(redis_tier, "scripts",
-                        lambda c: calls.append("scripts") or real_scripts(c))
+    monkeypatch.setattr(redis_tier, "scripts", lambda c: calls.append("scripts") or real_scripts(c))
 
     for _ in range(200):
         User.objects.get_cached(pk=user.pk)  # L1 hits
@@ -114,8 +113,12 @@ def test_the_publisher_thread_pushes_on_its_own() -> None:
 
 def test_warmup_uses_the_managers_hook(monkeypatch: pytest.MonkeyPatch) -> None:
     chosen, other = UserFactory(first_name="vip"), UserFactory()
-    monkeypatch.setattr(User.objects, "warmup_queryset",
-                        lambda: User.objects.filter(first_name="vip"), raising=False)
+    monkeypatch.setattr(
+        User.objects,
+        "warmup_queryset",
+        lambda: User.objects.filter(first_name="vip"),
+        raising=False,
+    )
 
     result = ops.warmup(User)
 
@@ -128,8 +131,9 @@ def test_warmup_uses_the_managers_hook(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_warmup_set_is_hot_rows_then_recent_ones() -> None:
     forget_hot_rows()
     a, b, c, d = UserFactory.create_batch(4)
-    redis_tier.client.zadd(ops._hot_key(user_mc()),
-                           {str(a.pk): 5, str(b.pk): 9, "junk": 99, str(d.pk + 100): 50})
+    redis_tier.client.zadd(
+        ops._hot_key(user_mc()), {str(a.pk): 5, str(b.pk): 9, "junk": 99, str(d.pk + 100): 50}
+    )
 
     qs, how = ops.warmup_set(User.objects, 3)
 
@@ -149,8 +153,9 @@ def test_cleanup_decays_hot_rows_and_forgets_silent_processes() -> None:
     ops.cleanup([User])  # first run: no decay yet, only the clock starts
     assert client.zscore(hot_key, "2") == 1
     # Two half-lives later: 8 -> 2, 1 -> 0.25 (cold, dropped).
-    client.hset(f"{conf.KEY_PREFIX}:ops", "hot_decay:demo.user",
-                repr(time.time() - 2 * ops.HOT_HALF_LIFE))
+    client.hset(
+        f"{conf.KEY_PREFIX}:ops", "hot_decay:demo.user", repr(time.time() - 2 * ops.HOT_HALF_LIFE)
+    )
 
     result = ops.cleanup([User])
 
@@ -172,8 +177,7 @@ def test_l2_entry_count_counts_the_current_generation_only() -> None:
 
 
 def test_resolve_models() -> None:
-    assert ops.resolve_models(["demo.user", "demo.GlobalModel", "demo.User"]) == [
-        User, GlobalModel]
+    assert ops.resolve_models(["demo.user", "demo.GlobalModel", "demo.User"]) == [User, GlobalModel]
     with pytest.raises(ops.UnknownModel, match="cached models: demo.User, demo.Provider"):
         ops.resolve_models(["demo.PlainFlowInstance"])
 
@@ -227,6 +231,7 @@ def test_signals_for_anyone_else() -> None:
     def receiver(name: str) -> Any:
         def got(sender: Any, **kwargs: Any) -> None:
             seen.append((name, sender, kwargs))
+
         return got
 
     receivers = {"hit": receiver("hit"), "miss": receiver("miss"), "inv": receiver("inv")}
@@ -245,6 +250,9 @@ def test_signals_for_anyone_else() -> None:
         cache_invalidated.disconnect(receivers["inv"])
 
     assert [(name, sender) for name, sender, _ in seen] == [
-        ("miss", User), ("hit", User), ("inv", User)]
+        ("miss", User),
+        ("hit", User),
+        ("inv", User),
+    ]
     assert seen[1][2]["tier"] == "l1"
     assert seen[2][2]["flush"] is False

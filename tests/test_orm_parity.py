@@ -66,6 +66,7 @@ SNAPSHOT_DB = pytest.mark.django_db(transaction=True, databases=["default", "sna
 
 # -- helpers ---------------------------------------------------------------------------
 
+
 def at(tier: str) -> None:
     """Make the next read come from the given tier: "l1" leaves this process's L1 as it
     is; "l2" empties it (after pending L2 fills landed), as if another process read."""
@@ -107,8 +108,7 @@ def assert_same(cached: Callable[[], Any], orm: Callable[[], Any], what: str) ->
     return expected
 
 
-def start_loop(fn: Callable[[], Any], stop: threading.Event, errors: list[Any]
-               ) -> threading.Thread:
+def start_loop(fn: Callable[[], Any], stop: threading.Event, errors: list[Any]) -> threading.Thread:
     def run() -> None:
         try:
             while not stop.is_set():
@@ -128,6 +128,7 @@ class Boom(Exception):
 
 
 # -- 1. related managers ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("tier", TIERS)
 def test_related_manager_get_cached_applies_the_relation_filter(tier: str) -> None:
@@ -184,8 +185,10 @@ def test_related_manager_built_on_a_named_manager_applies_that_managers_filter(
     tier: str,
 ) -> None:
     tenant = TenantFactory()
-    poor, rich = AccountFactory(tenant=tenant, balance=1), AccountFactory(tenant=tenant,
-                                                                          balance=500)
+    poor, rich = (
+        AccountFactory(tenant=tenant, balance=1),
+        AccountFactory(tenant=tenant, balance=500),
+    )
     for acc in (poor, rich):
         Account.objects.get_cached(pk=acc.pk)  # warm the default manager's entries
         at(tier)
@@ -253,8 +256,7 @@ def test_many_to_many_related_manager_get_cached_follows_add_and_remove(tier: st
 
 # -- 2. proxies --------------------------------------------------------------------------
 
-PROXY_WRITES = ["account_save", "account_queryset_update", "proxy_save",
-                "proxy_queryset_update"]
+PROXY_WRITES = ["account_save", "account_queryset_update", "proxy_save", "proxy_queryset_update"]
 
 
 def _write_account(how: str, pk: int, balance: int, email: str) -> None:
@@ -374,7 +376,8 @@ def test_cached_user_proxy_sees_a_new_password(via: str, tier: str) -> None:
 def test_proxy_models_raise_no_non_unique_lookup_warning() -> None:
     proxies = {ProxyAccount, CachedUser}
     found = [
-        m for m in checks.run_checks()
+        m
+        for m in checks.run_checks()
         if m.id == "tiered_cache.W001" and getattr(m, "obj", None) in proxies
     ]
     assert found == [], f"system checks warn about the proxies' unique lookups: {found}"
@@ -458,6 +461,7 @@ def test_deleting_the_parent_row_deletes_every_level(how: str, tier: str) -> Non
 
 # -- 4. write paths that send no signals ----------------------------------------------------
 
+
 @pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("field", ["owner_set_null", "owner_set_default", "owner_set"])
 def test_on_delete_set_null_set_default_and_set_reach_the_cache(field: str, tier: str) -> None:
@@ -538,6 +542,7 @@ def test_remembered_missing_row_is_found_after_bulk_create(tier: str) -> None:
 
 # -- 5. several databases ------------------------------------------------------------------
 
+
 @MULTI_DB
 @pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("first", ["default", "other"])
@@ -592,14 +597,14 @@ def test_saving_an_instance_read_from_another_database_changes_only_that_one(tie
 
 # -- 6. the writer's own L1, with reader threads -------------------------------------------
 
+
 def test_writer_thread_reads_its_own_saves_while_readers_load() -> None:
     acc = AccountFactory(balance=0)
     Account.objects.get_cached(pk=acc.pk)
     stop = threading.Event()
     errors: list[Any] = []
     readers = [
-        start_loop(lambda: Account.objects.get_cached(pk=acc.pk), stop, errors)
-        for _ in range(2)
+        start_loop(lambda: Account.objects.get_cached(pk=acc.pk), stop, errors) for _ in range(2)
     ]
     stale: list[tuple[str, int, Any]] = []
 
@@ -631,6 +636,7 @@ def test_writer_thread_reads_its_own_saves_while_readers_load() -> None:
 
 # -- 7. on_commit order --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("how", ["save", "queryset_update"])
 def test_on_commit_callback_registered_before_the_write_reads_the_new_value(
@@ -659,9 +665,7 @@ def test_on_commit_callback_registered_before_the_write_reads_the_new_value(
 
 @pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("how", ["save", "queryset_update"])
-def test_raising_on_commit_callback_does_not_keep_the_old_value_cached(
-    how: str, tier: str
-) -> None:
+def test_raising_on_commit_callback_does_not_keep_the_old_value_cached(how: str, tier: str) -> None:
     acc = AccountFactory(balance=1)
     Account.objects.get_cached(pk=acc.pk)
 
@@ -689,6 +693,7 @@ def test_raising_on_commit_callback_does_not_keep_the_old_value_cached(
 
 
 # -- 8. derived functions ------------------------------------------------------------------
+
 
 @tiered_cache.cached(depends_on=[Account])
 def tenant_balance(tenant_id: int) -> int:
@@ -756,12 +761,12 @@ def _forget_derived(fn: Any) -> None:
                 labels.discard(label)
 
 
-def test_derived_function_depending_on_a_model_without_cached_manager_is_refused_clearly(
-) -> None:
+def test_derived_function_depending_on_a_model_without_cached_manager_is_refused_clearly() -> None:
     Shipment.objects.create(tenant_code="T", number=1)  # behind a plain models.Manager
     fn: Any = None
     try:
         try:
+
             @tiered_cache.cached(depends_on=[Shipment])
             def shipment_count() -> int:
                 return Shipment.objects.count()
@@ -771,7 +776,8 @@ def test_derived_function_depending_on_a_model_without_cached_manager_is_refused
             assert "shipment" in str(exc).lower(), f"the error does not name the model: {exc}"
             return
         messages = [
-            m for m in checks.run_checks()
+            m
+            for m in checks.run_checks()
             if (m.id or "").startswith("tiered_cache.") and "shipment" in m.msg.lower()
         ]
         if messages:
@@ -790,6 +796,7 @@ def test_derived_function_depending_on_a_model_without_cached_manager_is_refused
 
 
 # -- 9. autocommit off ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("how", ["save", "queryset_update"])
@@ -865,6 +872,7 @@ def test_capture_on_commit_callbacks_sees_only_the_projects_own_callbacks() -> N
 
 # -- 10. queryset update() filtered across joins -------------------------------------------
 
+
 @pytest.mark.parametrize("tier", TIERS)
 def test_queryset_update_filtered_on_a_nullable_join_works_like_django(tier: str) -> None:
     acc = AccountFactory(balance=0)
@@ -933,6 +941,7 @@ def test_queryset_update_filtered_across_a_left_outer_join_works_like_django(
 
 # -- 11. single flight ------------------------------------------------------------------------
 
+
 def test_own_committed_save_is_not_hidden_by_an_in_flight_load() -> None:
     acc = AccountFactory(balance=0)
     Account.objects.get_cached(pk=acc.pk)
@@ -944,8 +953,7 @@ def test_own_committed_save_is_not_hidden_by_an_in_flight_load() -> None:
         Account.objects.get_cached(pk=acc.pk)
 
     readers = [
-        start_loop(lambda: Account.objects.get_cached(pk=acc.pk), stop, errors)
-        for _ in range(3)
+        start_loop(lambda: Account.objects.get_cached(pk=acc.pk), stop, errors) for _ in range(3)
     ] + [start_loop(cold_read, stop, errors)]
     stale: list[tuple[int, Any]] = []
     obj = Account.objects.get(pk=acc.pk)
@@ -965,6 +973,7 @@ def test_own_committed_save_is_not_hidden_by_an_in_flight_load() -> None:
 
 
 # -- 12. two projects on one Redis database -------------------------------------------------
+
 
 def _rebuild_caches() -> None:
     """Make tiered_cache pick up changed CACHES settings. ASSUMPTION (tiered_cache at the
@@ -1030,6 +1039,7 @@ def test_projects_sharing_a_redis_database_are_kept_apart(setting: str) -> None:
 
 # -- 13. mutable values behind immutable field classes ---------------------------------------
 
+
 @pytest.mark.parametrize("tier", TIERS)
 def test_mutating_a_returned_list_field_does_not_change_the_cache(tier: str) -> None:
     acc = AccountFactory(tags=["a", "b"])
@@ -1060,6 +1070,7 @@ def test_mutating_a_returned_json_field_does_not_change_the_cache(tier: str) -> 
 
 # -- 15. an unsaved (or wrong) instance as a lookup value ------------------------------------
 
+
 @pytest.mark.parametrize("value", ["unsaved_tenant", "instance_of_another_model"])
 def test_instance_as_lookup_value_raises_like_get(value: str) -> None:
     def make() -> models.Model:
@@ -1075,6 +1086,7 @@ def test_instance_as_lookup_value_raises_like_get(value: str) -> None:
 
 
 # -- 17. update() on annotated / distinct querysets under concurrency ------------------------
+
 
 @pytest.mark.parametrize("variant", ["annotate", "distinct"])
 def test_queryset_update_on_annotated_or_distinct_queryset_keeps_concurrent_increments(
@@ -1118,6 +1130,7 @@ def test_queryset_update_on_annotated_or_distinct_queryset_keeps_concurrent_incr
 
 
 # -- 18. snapshot isolation ------------------------------------------------------------------
+
 
 @SNAPSHOT_DB
 @pytest.mark.parametrize("tier", TIERS)
@@ -1169,6 +1182,7 @@ def test_repeatable_read_transaction_reads_its_snapshot_and_leaves_no_trace(tier
 
 # -- 19. composite primary keys ----------------------------------------------------------------
 
+
 def test_cached_manager_on_a_composite_primary_key_is_a_check_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1201,7 +1215,8 @@ def test_cached_manager_on_a_composite_primary_key_is_a_check_error(
         monkeypatch.undo()
 
     found = [
-        m for m in messages
+        m
+        for m in messages
         if (m.id or "").startswith("tiered_cache.")
         and m.is_serious()
         and "composite" in m.msg.lower()
@@ -1214,6 +1229,7 @@ def test_cached_manager_on_a_composite_primary_key_is_a_check_error(
 
 
 # -- 20. warmup's limit --------------------------------------------------------------------------
+
 
 def test_warmup_task_takes_a_numeric_string_limit() -> None:
     from tiered_cache.tasks import warmup
@@ -1229,6 +1245,7 @@ def test_warmup_task_takes_a_numeric_string_limit() -> None:
 
 
 # -- odd primary keys ------------------------------------------------------------------------------
+
 
 def _make(model: type[models.Model]) -> models.Model:
     if model is Account:
@@ -1302,6 +1319,7 @@ def test_malformed_pk_raises_what_get_raises(
 
 # -- the abstract base carrying the manager --------------------------------------------------
 
+
 @pytest.mark.parametrize("tier", TIERS)
 def test_manager_inherited_from_an_abstract_base_reads_like_get(tier: str) -> None:
     note = NoteFactory(text="old")
@@ -1314,4 +1332,3 @@ def test_manager_inherited_from_an_abstract_base_reads_like_get(tier: str) -> No
         lambda: Note.objects.get(pk=note.pk),
         "Note after save()",
     )
-

@@ -16,7 +16,6 @@ from demo_project.demo.factories import UserFactory
 from demo_project.demo.models import User
 from tests.cache_fixtures import counters, l2_keys, write_outside_django
 from tiered_cache import keys as tc_keys
-from tiered_cache import serialization
 from tiered_cache.registry import first_model_cache, reset_registry
 from tiered_cache.tiers import redis_tier
 
@@ -126,9 +125,7 @@ def test_schema_is_part_of_every_key(monkeypatch: Any) -> None:
     mc = first_model_cache(User)
     assert mc is not None and mc.schema.encode() in old_key
     # A deploy that changes the model's fields changes the fingerprint...
-    monkeypatch.setattr(
-        "tiered_cache.registry.schema_fingerprint", lambda model: "0ther5chema"
-    )
+    monkeypatch.setattr("tiered_cache.registry.schema_fingerprint", lambda model: "0ther5chema")
     reset_registry()
     try:
         before = counters(User)["misses"]

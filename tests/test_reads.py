@@ -41,8 +41,9 @@ def test_l1_hit_runs_no_query_and_builds_no_queryset(monkeypatch: Any) -> None:
     User.objects.get_cached(pk=user.pk)
     built: list[Any] = []
     orig_init = QuerySet.__init__
-    monkeypatch.setattr(QuerySet, "__init__", lambda self, *a, **k: built.append(1) or orig_init(
-        self, *a, **k))
+    monkeypatch.setattr(
+        QuerySet, "__init__", lambda self, *a, **k: built.append(1) or orig_init(self, *a, **k)
+    )
     monkeypatch.setattr(compiler.SQLCompiler, "as_sql", lambda *a, **k: pytest.fail("compiled"))
     with CaptureQueriesContext(connection) as queries:
         assert User.objects.get_cached(pk=user.pk).pk == user.pk

@@ -52,7 +52,6 @@ def report(fault: str, **figures: Any) -> None:
             f.write(json.dumps(line, sort_keys=True) + "\n")
 
 
-
 def sleep_until(t: float) -> None:
     while (left := t - time.monotonic()) > 0:
         time.sleep(min(left, 0.05))
@@ -69,6 +68,7 @@ def data_key(pk: int) -> str:
 
 
 # -- a row cached, Redis paused, the row saved, Redis resumed -------------------------------
+
 
 def test_paused_redis_a_write_meanwhile_is_seen_by_a_process_that_never_saw_it(
     own_redis: RedisEnv,
@@ -105,8 +105,10 @@ def test_paused_redis_a_write_meanwhile_is_seen_by_a_process_that_never_saw_it(
     assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 2
     report(
         "paused, row saved, resumed",
-        save_during_pause_ms=round(save_s * 1000, 1), outbox_rows=pending,
-        read_during_pause=during[0], read_after_resume=after[0],
+        save_during_pause_ms=round(save_s * 1000, 1),
+        outbox_rows=pending,
+        read_during_pause=during[0],
+        read_after_resume=after[0],
         l2_serves_again_after_s=None if back is None else round(back - resumed, 3),
         breaker_recovery_time_s=conf.BREAKER_RECOVERY_TIME,
     )
@@ -117,6 +119,7 @@ def test_paused_redis_a_write_meanwhile_is_seen_by_a_process_that_never_saw_it(
 
 
 # -- stampede --------------------------------------------------------------------------
+
 
 def test_twenty_threads_and_a_second_process_missing_one_cold_key_read_the_database_at_most_twice(
     own_redis: RedisEnv,
@@ -150,15 +153,19 @@ def test_twenty_threads_and_a_second_process_missing_one_cold_key_read_the_datab
     other = b.result(30)
     mine = counters(FlowInstance)
     reads = mine["misses"] + other["stats"]["misses"]
-    report("stampede: 20 threads + 1 process, one cold key", database_reads=reads,
-           this_process=mine, other_process={k: other["stats"][k] for k in
-                                             ("misses", "l2_hits", "l1_hits", "fills")})
+    report(
+        "stampede: 20 threads + 1 process, one cold key",
+        database_reads=reads,
+        this_process=mine,
+        other_process={k: other["stats"][k] for k in ("misses", "l2_hits", "l1_hits", "fills")},
+    )
     assert not errors
     assert got == [7] * 20 and other["value"][0] == 7
     assert reads <= 2
 
 
 # -- writes during an outage --------------------------------------------------------------
+
 
 def test_writes_during_an_outage_are_applied_before_l2_is_read_again(
     own_redis: RedisEnv,
@@ -187,9 +194,14 @@ def test_writes_during_an_outage_are_applied_before_l2_is_read_again(
     after = b.call(T + "read", flow.pk)
     by_lookup = b.call(T + "read_by_session", flow.tenant_id, flow.session_id)
     st = b.call(T + "stats")
-    report("partition with data kept, 2 writes meanwhile", outbox_rows=pending,
-           outbox_rows_when_b_trusted_again=left_when_trusted, read_during=during[0],
-           read_after=after[0], b_l2_hits=st["l2_hits"])
+    report(
+        "partition with data kept, 2 writes meanwhile",
+        outbox_rows=pending,
+        outbox_rows_when_b_trusted_again=left_when_trusted,
+        read_during=during[0],
+        read_after=after[0],
+        b_l2_hits=st["l2_hits"],
+    )
     assert pending >= 1
     assert info["trusted"]
     assert left_when_trusted == 0
@@ -221,9 +233,12 @@ def test_a_write_only_this_process_could_not_deliver_is_not_served_stale(
     sleep_until(written + conf.BREAKER_RECOVERY_TIME + 0.1)
     tiered_cache.clear_local()
     mine = FlowInstance.objects.get_cached(pk=flow.pk).current_step
-    report("only the writer cannot reach Redis (its breaker open)",
-           other_process_saw_write_after_s=round(b_after, 3) if seen else None,
-           writer_reads_after_recovery=mine, outbox_left=outbox())
+    report(
+        "only the writer cannot reach Redis (its breaker open)",
+        other_process_saw_write_after_s=round(b_after, 3) if seen else None,
+        writer_reads_after_recovery=mine,
+        outbox_left=outbox(),
+    )
     assert seen, "the other process kept serving the old row"
     assert mine == 2, "the writer read its own old row back from L2"
 
@@ -246,13 +261,17 @@ def test_an_outbox_longer_than_one_drain_batch_is_applied_whole_before_trust(
     try:
         # As writers would leave them: their rows changed, the invalidations not delivered.
         PendingInvalidation.objects.bulk_create(
-            [PendingInvalidation(model_label=LABEL, rows=[mc.row_id_of(10**9 + i)])
-             for i in range(1200)]
+            [
+                PendingInvalidation(model_label=LABEL, rows=[mc.row_id_of(10**9 + i)])
+                for i in range(1200)
+            ]
             + [PendingInvalidation(model_label=LABEL, rows=[mc.row_id_of(flow.pk)])]
         )
         with connection.cursor() as cursor:
-            cursor.execute(f"UPDATE {FlowInstance._meta.db_table} SET current_step = 2 "
-                           "WHERE id = %s", [flow.pk])
+            cursor.execute(
+                f"UPDATE {FlowInstance._meta.db_table} SET current_step = 2 WHERE id = %s",
+                [flow.pk],
+            )
         assert server.client().exists(data_key(flow.pk))  # the old row is in L2
     finally:
         server.unhide()
@@ -275,8 +294,9 @@ def test_overflowed_outbox_still_covers_writes_after_another_process_drained_it(
     b = own_redis.worker("b")
     # Only this process is cut off from Redis: its cache points at a closed port.
     settings.TIERED_CACHE = {**settings.TIERED_CACHE, "OUTBOX_LIMIT": 1}
-    settings.CACHES = {"default": {**settings.CACHES["default"],
-                                   "LOCATION": f"redis://127.0.0.1:{free_port()}/0"}}
+    settings.CACHES = {
+        "default": {**settings.CACHES["default"], "LOCATION": f"redis://127.0.0.1:{free_port()}/0"}
+    }
     ct.reset_core()
     ct.write_one(flows[0].pk, "save")  # one row: recorded
     ct.write_one(flows[1].pk, "save")  # over the limit: the model recorded as flushed
@@ -285,8 +305,7 @@ def test_overflowed_outbox_still_covers_writes_after_another_process_drained_it(
     assert b.call(T + "warm", [flows[2].pk]) == 1  # ...and caches the third row again
     ct.write_one(flows[2].pk, "save")  # this process still cannot reach Redis
     # This process reaches Redis again.
-    settings.CACHES = {"default": {**settings.CACHES["default"],
-                                   "LOCATION": own_redis.server.url}}
+    settings.CACHES = {"default": {**settings.CACHES["default"], "LOCATION": own_redis.server.url}}
     ct.reset_core()
     assert ct.wait_trusted()
     seen = wait_for(lambda: b.call(T + "read", flows[2].pk)[0] == 2, 3)
@@ -316,11 +335,15 @@ def test_breaker_state_is_visible_in_stats(own_redis: RedisEnv) -> None:
     assert tiered_cache.stats()[MODEL]["bus"] == "live"
 
 
-@pytest.mark.parametrize("junk", [b"P|", b"a|b", b"P|x|y|z|" + b"\0" * 100_000, "list"],
-                         ids=["truncated", "bar", "oversized", "list"])
+@pytest.mark.parametrize(
+    "junk",
+    [b"P|", b"a|b", b"P|x|y|z|" + b"\0" * 100_000, "list"],
+    ids=["truncated", "bar", "oversized", "list"],
+)
 @pytest.mark.parametrize("which", ["generation", "writes", "row-version", "data", "lease"])
-def test_junk_in_any_key_of_ours_is_a_miss_and_heals(own_redis: RedisEnv, junk: Any,
-                                                      which: str) -> None:
+def test_junk_in_any_key_of_ours_is_a_miss_and_heals(
+    own_redis: RedisEnv, junk: Any, which: str
+) -> None:
     """Someone overwrote one of our keys: reads stay correct and L2 serves the row again
     after at most two misses (not never: a generation or row version with a '|' in it,
     or a lease with no expiry, used to disable L2 for the model, the row or the key)."""
@@ -330,9 +353,13 @@ def test_junk_in_any_key_of_ours_is_a_miss_and_heals(own_redis: RedisEnv, junk: 
     User.objects.get_cached(pk=user.pk)
     redis_tier.wait_for_fills()
     data = mc.key(mc.pk_lookup, (user.pk,))
-    key = {"generation": mc.home.gen_key, "writes": mc.home.writes_key,
-           "row-version": mc.home.row_key(mc.row_id_of(user.pk)), "data": data,
-           "lease": data + "|L"}[which]
+    key = {
+        "generation": mc.home.gen_key,
+        "writes": mc.home.writes_key,
+        "row-version": mc.home.row_key(mc.row_id_of(user.pk)),
+        "data": data,
+        "lease": data + "|L",
+    }[which]
     c = own_redis.server.client()
     if which == "lease":
         c.delete(data)  # so that the next reader needs the lease
@@ -422,19 +449,37 @@ FAULTS: dict[str, tuple[Callable[[RedisServer], None], Callable[[RedisServer], N
     "killed": (_kill, _start_empty, "SIGKILL; started again empty when the fault ends"),
     "restarted-empty": (RedisServer.restart_empty, _noop, "SIGKILL and an empty server at once"),
     "paused": (RedisServer.pause, RedisServer.resume, "SIGSTOP, then SIGCONT"),
-    "refusing": (RedisServer.hide, RedisServer.unhide,
-                 "nothing listens on the address (data kept, clients dropped)"),
-    "black-holed": (lambda s: s.start_fault_server("blackhole"), RedisServer.heal,
-                    "a server that accepts connections and never answers"),
-    "answering-errors": (lambda s: s.start_fault_server("errors"), RedisServer.heal,
-                         "a server that answers -ERR to every command"),
-    "requirepass": (RedisServer.require_password, RedisServer.drop_password,
-                    "the real server answers NOAUTH to every new connection"),
-    "junk": (lambda s: s.fill_with_junk(conf.KEY_PREFIX), _noop,
-             "every key of ours overwritten with wrong types, truncated or oversized values"),
+    "refusing": (
+        RedisServer.hide,
+        RedisServer.unhide,
+        "nothing listens on the address (data kept, clients dropped)",
+    ),
+    "black-holed": (
+        lambda s: s.start_fault_server("blackhole"),
+        RedisServer.heal,
+        "a server that accepts connections and never answers",
+    ),
+    "answering-errors": (
+        lambda s: s.start_fault_server("errors"),
+        RedisServer.heal,
+        "a server that answers -ERR to every command",
+    ),
+    "requirepass": (
+        RedisServer.require_password,
+        RedisServer.drop_password,
+        "the real server answers NOAUTH to every new connection",
+    ),
+    "junk": (
+        lambda s: s.fill_with_junk(conf.KEY_PREFIX),
+        _noop,
+        "every key of ours overwritten with wrong types, truncated or oversized values",
+    ),
     "flushall": (lambda s: s.client().flushall(), _noop, "FLUSHALL by someone else"),
-    "out-of-memory": (RedisServer.fill_memory, RedisServer.free_memory,
-                      "maxmemory reached with noeviction: commands that write fail with OOM"),
+    "out-of-memory": (
+        RedisServer.fill_memory,
+        RedisServer.free_memory,
+        "maxmemory reached with noeviction: commands that write fail with OOM",
+    ),
 }
 
 
@@ -506,8 +551,9 @@ def test_reads_and_writes_during_a_fault(own_redis: RedisEnv, fault: str) -> Non
         "errors": len(errors),
         "stale_reads": len(stale),
         "reads_older_than_a_returned_write": len(strict),
-        "max_lag_ms": round(max([x["lag"] for x in strict if x["lag"] is not None] or [0])
-                            * 1000, 1),
+        "max_lag_ms": round(
+            max([x["lag"] for x in strict if x["lag"] is not None] or [0]) * 1000, 1
+        ),
         "slowest_read_under_fault_ms": under["slowest_ms"],
         "p99_read_under_fault_ms": under["p99_ms"],
         "slowest_read_ms": overall["slowest_ms"],
@@ -518,8 +564,12 @@ def test_reads_and_writes_during_a_fault(own_redis: RedisEnv, fault: str) -> Non
         "l2_serves_again_after_s": None if back is None else round(back - healed, 3),
         "final_stale_rows": sum(len(f["stale"]) for f in finals),
         "stale_detail": [
-            {**x, "read_at": round(x["read_at"] - t_heal, 3),
-             "lag": None if x["lag"] is None else round(x["lag"], 3)} for x in stale[:3]
+            {
+                **x,
+                "read_at": round(x["read_at"] - t_heal, 3),
+                "lag": None if x["lag"] is None else round(x["lag"], 3),
+            }
+            for x in stale[:3]
         ],
         "hit_ratio_this_process": mine["stats"].get("hit_ratio"),
     }
@@ -534,10 +584,19 @@ def test_reads_and_writes_during_a_fault(own_redis: RedisEnv, fault: str) -> Non
 
 # -- bad input on the bus -------------------------------------------------------------
 
-@pytest.mark.parametrize("junk", [b"[]", b"null", b'{"o": "x"}', b'{"o": "x", "g": 1, "r": []}',
-                                  b'{"o": "x", "k": 5, "m": "fn:x"}', b"\xff not json"])
-def test_a_bus_message_that_is_not_ours_is_ignored_with_a_warning(junk: bytes,
-                                                                  caplog: Any) -> None:
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"[]",
+        b"null",
+        b'{"o": "x"}',
+        b'{"o": "x", "g": 1, "r": []}',
+        b'{"o": "x", "k": 5, "m": "fn:x"}',
+        b"\xff not json",
+    ],
+)
+def test_a_bus_message_that_is_not_ours_is_ignored_with_a_warning(junk: bytes, caplog: Any) -> None:
     """Valid JSON of another shape must neither kill the listener (which clears every L1 and
     drops trust in every process) nor drop anything."""
     from tiered_cache.groups import channel

@@ -35,8 +35,10 @@ WAIT = 30
 
 
 def test_tasks_are_declared_for_late_acks_and_expiry() -> None:
-    for task, name in ((tasks.warmup, "tiered_cache.tasks.warmup"),
-                       (tasks.cleanup_expired, "tiered_cache.tasks.cleanup_expired")):
+    for task, name in (
+        (tasks.warmup, "tiered_cache.tasks.warmup"),
+        (tasks.cleanup_expired, "tiered_cache.tasks.cleanup_expired"),
+    ):
         assert task.name == name
         assert task.acks_late is True
         assert 0 < task.expires <= task.time_limit
@@ -159,6 +161,7 @@ def test_cleanup_through_a_worker() -> None:
 
 # -- the demo's beat schedule ------------------------------------------------------
 
+
 def demo_schedule() -> dict[str, beat.ScheduleEntry]:
     from demo_project.celery import app
 
@@ -171,8 +174,12 @@ def test_beat_schedule_loads_and_names_existing_tasks() -> None:
 
     entries = {name: e for name, e in demo_schedule().items() if name.startswith("tiered-cache")}
 
-    assert set(entries) == {"tiered-cache-warm-users", "tiered-cache-warm-models",
-                            "tiered-cache-warm-global-models", "tiered-cache-cleanup"}
+    assert set(entries) == {
+        "tiered-cache-warm-users",
+        "tiered-cache-warm-models",
+        "tiered-cache-warm-global-models",
+        "tiered-cache-cleanup",
+    }
     for name, entry in entries.items():
         assert entry.task in app.tasks, f"{name} names {entry.task}, which is not registered"
         assert isinstance(entry.schedule, every)
@@ -195,8 +202,9 @@ def test_beat_entries_run_on_the_worker(celery_app: Any) -> None:
     for name, entry in demo_schedule().items():
         if not name.startswith("tiered-cache"):
             continue
-        res = celery_app.send_task(entry.task, args=entry.args, kwargs=entry.kwargs,
-                                   **entry.options)
+        res = celery_app.send_task(
+            entry.task, args=entry.args, kwargs=entry.kwargs, **entry.options
+        )
         out = res.get(timeout=WAIT)
         assert "skipped" not in out, (name, out)
     assert len(l2_keys(User)) == 2
@@ -235,6 +243,7 @@ assert not [m for m in sys.modules if m.split(".")[0] == "celery"]
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
     assert proc.stdout.strip() == "ok", proc.stderr

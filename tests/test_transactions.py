@@ -63,8 +63,10 @@ def test_a_second_connection_committing_does_not_end_the_first_ones_bypass() -> 
                 Account.objects.filter(pk=acc.pk).update(balance=7)
                 side.set_autocommit(False)
                 with side.cursor() as cursor:
-                    cursor.execute('UPDATE "testapp_tenant" SET "name" = %s WHERE '
-                                   '"testapp_tenant"."id" = %s', ["x", other.pk])
+                    cursor.execute(
+                        'UPDATE "testapp_tenant" SET "name" = %s WHERE "testapp_tenant"."id" = %s',
+                        ["x", other.pk],
+                    )
                 side.commit()
                 side.set_autocommit(True)
                 assert Account.objects.get_cached(pk=acc.pk).balance == 7  # its own write
@@ -153,8 +155,9 @@ def test_aliases_of_one_database_share_invalidation(monkeypatch: Any) -> None:
     from tiered_cache.groups import database_of
 
     default = connections.settings["default"]
-    monkeypatch.setitem(connections.settings, "replica",
-                        {**default, "HOST": "replica.internal", "PORT": "6432"})
+    monkeypatch.setitem(
+        connections.settings, "replica", {**default, "HOST": "replica.internal", "PORT": "6432"}
+    )
     monkeypatch.setitem(connections.settings, "elsewhere", {**default, "NAME": "another_db"})
     assert database_of("replica") == "default"
     assert database_of("elsewhere") == "elsewhere"

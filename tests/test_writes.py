@@ -28,6 +28,7 @@ read_elsewhere = in_thread  # its own database connection, outside our transacti
 
 # -- guarantee 1 -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("tier", ["l1", "l2"])
 def test_save_in_autocommit_is_read_back(tier: str) -> None:
     user = UserFactory(first_name="old")
@@ -66,6 +67,7 @@ def test_outermost_commit_is_read_back() -> None:
 
 
 # -- guarantee 3 -------------------------------------------------------------
+
 
 def test_reads_in_a_dirty_block_see_its_writes_and_fill_nothing() -> None:
     user = UserFactory(first_name="old")
@@ -138,6 +140,7 @@ def test_a_write_in_a_savepoint_after_a_rolled_back_one_is_invalidated() -> None
 
 # -- guarantee 4 -------------------------------------------------------------
 
+
 def _save(u: User) -> None:
     u.first_name = "new"
     u.save()
@@ -173,8 +176,15 @@ def _unloaded_instance_save(u: User) -> None:
 
 @pytest.mark.parametrize(
     "write",
-    [_save, _save_update_fields, _queryset_update, _bulk_update, _update_or_create,
-     _related_manager_style, _unloaded_instance_save],
+    [
+        _save,
+        _save_update_fields,
+        _queryset_update,
+        _bulk_update,
+        _update_or_create,
+        _related_manager_style,
+        _unloaded_instance_save,
+    ],
 )
 @pytest.mark.parametrize("tier", ["l1", "l2"])
 def test_every_update_path_invalidates(write: Callable[[User], None], tier: str) -> None:
@@ -231,7 +241,9 @@ def test_bulk_create_with_update_conflicts_drops_the_model() -> None:
         tenant_id=flow.tenant_id, session_id=flow.session_id, current_step=7
     )
     FlowInstance.objects.bulk_create(
-        [clone], update_conflicts=True, unique_fields=["tenant_id", "session_id"],
+        [clone],
+        update_conflicts=True,
+        unique_fields=["tenant_id", "session_id"],
         update_fields=["current_step"],
     )
     got = FlowInstance.objects.get_cached(tenant_id=flow.tenant_id, session_id=flow.session_id)

@@ -139,8 +139,9 @@ class PendingInvalidationAdmin(admin.ModelAdmin):
             "last_cleanup_at": _at(view["last_cleanup"]),
             "can_flush_all": all(_can_change(request, m) for m in ops.cached_models()),
             "colors": TIER_COLORS,
-            "outbox_url": reverse(f"{self.admin_site.name}:tiered_cache_pendinginvalidation_"
-                                  "changelist"),
+            "outbox_url": reverse(
+                f"{self.admin_site.name}:tiered_cache_pendinginvalidation_changelist"
+            ),
         }
         return TemplateResponse(request, "tiered_cache/admin/dashboard.html", context)
 
@@ -153,15 +154,21 @@ class PendingInvalidationAdmin(admin.ModelAdmin):
                 _require_change(request, [model])
                 if action == "flush":
                     ops.flush([model])
-                    self.message_user(request, f"Flushed every {model._meta.label} entry "
-                                      "(all processes).", messages.SUCCESS)
+                    self.message_user(
+                        request,
+                        f"Flushed every {model._meta.label} entry (all processes).",
+                        messages.SUCCESS,
+                    )
                 else:
                     self._start_warmup(request, model)
             elif action == "flush_all":
                 _require_change(request, ops.cached_models())
                 labels = ops.flush()
-                self.message_user(request, "Flushed every cached model: " + ", ".join(labels)
-                                  + ".", messages.SUCCESS)
+                self.message_user(
+                    request,
+                    "Flushed every cached model: " + ", ".join(labels) + ".",
+                    messages.SUCCESS,
+                )
             elif action == "cleanup":
                 _require_change(request, ops.cached_models())
                 r = ops.cleanup()
@@ -177,8 +184,9 @@ class PendingInvalidationAdmin(admin.ModelAdmin):
         except ops.UnknownModel as exc:
             self.message_user(request, str(exc), messages.ERROR)
         except ops.Unavailable as exc:
-            self.message_user(request, f"Redis is unavailable ({exc}); nothing was done.",
-                              messages.ERROR)
+            self.message_user(
+                request, f"Redis is unavailable ({exc}); nothing was done.", messages.ERROR
+            )
 
     def _start_warmup(self, request: HttpRequest, model: type[models.Model]) -> None:
         started = ops.start_warmup(model)
@@ -232,10 +240,16 @@ def _row_context(request: HttpRequest, row: dict[str, Any]) -> dict[str, Any]:
         if not n:
             continue
         width = share * 100
-        segments.append({
-            "tier": tier, "count": n, "pct": f"{share:.1%}", "x": f"{x:.3f}",
-            "width": f"{width:.3f}", "color": TIER_COLORS[tier],
-        })
+        segments.append(
+            {
+                "tier": tier,
+                "count": n,
+                "pct": f"{share:.1%}",
+                "x": f"{x:.3f}",
+                "width": f"{width:.3f}",
+                "color": TIER_COLORS[tier],
+            }
+        )
         x += width
     warm = row["last_warmup"]
     return {

@@ -35,8 +35,9 @@ class TieredCacheConfig(AppConfig):
         setting_changed.connect(forget_mac_key, dispatch_uid="tiered_cache:secret_key")
         setting_changed.connect(conf.forget, dispatch_uid="tiered_cache:settings")
         setting_changed.connect(_key_space_changed, dispatch_uid="tiered_cache:key_space")
-        setting_changed.connect(transactions.forget_databases,
-                                dispatch_uid="tiered_cache:databases")
+        setting_changed.connect(
+            transactions.forget_databases, dispatch_uid="tiered_cache:databases"
+        )
         os.register_at_fork(after_in_child=_after_fork)
         atexit.register(_at_exit)
 

@@ -67,7 +67,9 @@ class CircuitBreaker:
                     logger.warning(
                         "tiered_cache: Redis failed %d times (last: %r); reads go to the "
                         "database, Redis is tried again every %ss",
-                        self._failures, exc, conf.BREAKER_RECOVERY_TIME,
+                        self._failures,
+                        exc,
+                        conf.BREAKER_RECOVERY_TIME,
                     )
                 self.state = OPEN
                 self._opened_at = time.monotonic()

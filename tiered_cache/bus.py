@@ -58,9 +58,7 @@ class Bus:
             self._pid = os.getpid()
             self._stop.clear()
             self._first.clear()
-            self._thread = threading.Thread(
-                target=self._run, name="tiered_cache-bus", daemon=True
-            )
+            self._thread = threading.Thread(target=self._run, name="tiered_cache-bus", daemon=True)
             self._thread.start()
             # Counters reach Redis in batches from one thread per process, never per hit.
             from .ops import start_stats_publisher
@@ -237,8 +235,9 @@ class Bus:
 
         msg = parse_message(data)
         if msg is None:
-            logger.warning("tiered_cache: ignoring a bus message that is not ours: %r",
-                           bytes(data)[:200])
+            logger.warning(
+                "tiered_cache: ignoring a bus message that is not ours: %r", bytes(data)[:200]
+            )
             return
         if msg.get("o") == own:
             return
@@ -262,8 +261,12 @@ def parse_message(data: bytes) -> dict[str, Any] | None:
         ok = isinstance(msg["k"], str) and isinstance(msg.get("m"), str)
         return msg if ok else None
     rows = msg.get("r")
-    if (isinstance(msg.get("g"), str) and isinstance(rows, list)
-            and all(isinstance(r, str) for r in rows) and msg.get("f") in (0, 1)):
+    if (
+        isinstance(msg.get("g"), str)
+        and isinstance(rows, list)
+        and all(isinstance(r, str) for r in rows)
+        and msg.get("f") in (0, 1)
+    ):
         return msg
     return None
 

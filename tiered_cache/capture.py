@@ -30,15 +30,28 @@ ROWS, FLUSH, INSERT = "rows", "flush", "insert"
 _IDENT = r'(?:"((?:[^"]|"")+)"|`([^`]+)`|\[([^\]]+)\]|([A-Za-z_][\w$]*))'
 _HEAD = re.compile(
     r"\s*(update|delete\s+from|insert\s+(?:ignore\s+)?(?:or\s+\w+\s+)?into|replace\s+into)\s+"
-    + r"(?:" + _IDENT + r"\s*\.\s*)?" + _IDENT,
+    + r"(?:"
+    + _IDENT
+    + r"\s*\.\s*)?"
+    + _IDENT,
     re.IGNORECASE,
 )
 _ANY_IDENT = re.compile(_IDENT)
 # Statements that may write but whose target we do not parse (MySQL's multi-table
 # "DELETE t FROM t JOIN ...", TRUNCATE, MERGE, ...): every watched table they name is
 # flushed. A WITH counts only when it holds a write.
-_OTHER_WRITES = ("update", "delete", "insert", "replace", "truncate", "with", "merge",
-                 "copy", "alter", "drop")
+_OTHER_WRITES = (
+    "update",
+    "delete",
+    "insert",
+    "replace",
+    "truncate",
+    "with",
+    "merge",
+    "copy",
+    "alter",
+    "drop",
+)
 _WRITE_WORD = re.compile(r"\b(update|delete|insert|merge|truncate)\b", re.IGNORECASE)
 _FIRST = frozenset("udirtwmcaUDIRTWMCA \t\n(")
 
@@ -74,8 +87,9 @@ def classify(sql: str, params: Any, many: bool) -> list[Effect]:
         return _flush_named(sql, tables)
 
 
-def _classify(sql: str, params: Any, many: bool,
-              tables: dict[str, list[TableRole]]) -> list[Effect]:
+def _classify(
+    sql: str, params: Any, many: bool, tables: dict[str, list[TableRole]]
+) -> list[Effect]:
     m = _HEAD.match(sql)
     if m is None:
         word = sql.lstrip(" \t\n(").split(None, 1)[:1]
@@ -101,7 +115,8 @@ def _classify(sql: str, params: Any, many: bool,
         # ON CONFLICT DO NOTHING and INSERT IGNORE (ignore_conflicts) change no existing
         # row; an upsert does.
         upsert = (" on conflict" in low and not low.rstrip("; ").endswith("do nothing")) or (
-            " on duplicate key" in low)
+            " on duplicate key" in low
+        )
         kind = FLUSH if upsert else INSERT
         return [Effect(r.label, kind) for r in roles]
     if verb.startswith("replace"):
@@ -150,7 +165,7 @@ def _pk_bound(sql: str, params: Any, many: bool, role: TableRole) -> list[Any] |
         return None
     start = at + 7
     end = low.find(" returning ", start)  # refreshed fields (GeneratedField, db_default)
-    where = sql[start:end if end >= 0 else len(sql)].rstrip().rstrip(";").rstrip()
+    where = sql[start : end if end >= 0 else len(sql)].rstrip().rstrip(";").rstrip()
     if where.startswith("(") and where.endswith(")") and _wrapped(where):
         where, start = where[1:-1], start + 1
     wl = where.lower()
@@ -158,8 +173,17 @@ def _pk_bound(sql: str, params: Any, many: bool, role: TableRole) -> list[Any] |
         return None
     col = re.escape(role.pk_column)
     pattern = re.compile(
-        r'\s*(?:' + _IDENT + r'\s*\.\s*){0,2}(?:"' + col + r'"|`' + col + r'`|\[' + col + r'\]|'
-        + col + r')\s*(?:=\s*%s|in\s*\(\s*%s(?:\s*,\s*%s)*\s*\))\s*',
+        r"\s*(?:"
+        + _IDENT
+        + r'\s*\.\s*){0,2}(?:"'
+        + col
+        + r'"|`'
+        + col
+        + r"`|\["
+        + col
+        + r"\]|"
+        + col
+        + r")\s*(?:=\s*%s|in\s*\(\s*%s(?:\s*,\s*%s)*\s*\))\s*",
         re.IGNORECASE,
     )
     pos = start
@@ -168,7 +192,7 @@ def _pk_bound(sql: str, params: Any, many: bool, role: TableRole) -> list[Any] |
         if m is not None:
             offset = _placeholders(sql[:pos])
             n = _placeholders(conjunct)
-            return list(params[offset:offset + n])
+            return list(params[offset : offset + n])
         pos += len(conjunct) + 3
     return None
 

@@ -12,10 +12,22 @@ from django.core.exceptions import FieldDoesNotExist
 from .conf import DEFAULTS, conf
 
 _POSITIVE = (
-    "L1_MAX_ENTRIES", "L1_TIMEOUT", "TIMEOUT", "NEGATIVE_TIMEOUT", "SOCKET_TIMEOUT",
-    "SOCKET_CONNECT_TIMEOUT", "BREAKER_FAILURE_THRESHOLD", "BREAKER_RECOVERY_TIME",
-    "BREAKER_SUCCESS_THRESHOLD", "LEASE_TIMEOUT", "LEASE_WAIT", "BUS_HEARTBEAT",
-    "BUS_TRUST_WINDOW", "BULK_INVALIDATION_LIMIT", "OUTBOX_LIMIT", "STATS_FLUSH_INTERVAL",
+    "L1_MAX_ENTRIES",
+    "L1_TIMEOUT",
+    "TIMEOUT",
+    "NEGATIVE_TIMEOUT",
+    "SOCKET_TIMEOUT",
+    "SOCKET_CONNECT_TIMEOUT",
+    "BREAKER_FAILURE_THRESHOLD",
+    "BREAKER_RECOVERY_TIME",
+    "BREAKER_SUCCESS_THRESHOLD",
+    "LEASE_TIMEOUT",
+    "LEASE_WAIT",
+    "BUS_HEARTBEAT",
+    "BUS_TRUST_WINDOW",
+    "BULK_INVALIDATION_LIMIT",
+    "OUTBOX_LIMIT",
+    "STATS_FLUSH_INTERVAL",
 )
 
 
@@ -140,8 +152,7 @@ def check_manager(mgr: Any) -> list[CheckMessage]:
             except FieldDoesNotExist:
                 errors.append(
                     Error(
-                        f"{label}.{mgr.name}: cache lookup {names!r} names unknown field "
-                        f"{name!r}.",
+                        f"{label}.{mgr.name}: cache lookup {names!r} names unknown field {name!r}.",
                         obj=model,
                         id="tiered_cache.E005",
                     )

@@ -35,8 +35,20 @@ from .transactions import bypass_any, open_writes, queue, snapshot_aliases
 _dependents: dict[str, set[str]] = {}
 _functions: dict[str, CachedFunction] = {}
 
-_PLAIN = (type(None), bool, int, float, str, bytes, decimal.Decimal, uuid.UUID,
-          datetime.datetime, datetime.date, datetime.time, datetime.timedelta)
+_PLAIN = (
+    type(None),
+    bool,
+    int,
+    float,
+    str,
+    bytes,
+    decimal.Decimal,
+    uuid.UUID,
+    datetime.datetime,
+    datetime.date,
+    datetime.time,
+    datetime.timedelta,
+)
 
 
 def _on_groups_written(gids: set[str]) -> None:
@@ -231,10 +243,15 @@ class CachedFunction:
             header = b"|".join([b"D", g, wstr, str(int(time.time() + ttl) + 1).encode(), b""])
             signed = sign(key, header, body)
             try:
-                ok = redis_tier.run_many([(
-                    "dfill", self._keys(key),
-                    [g, wstr, tomb, signed, int(ttl * 1000)],
-                )])[0]
+                ok = redis_tier.run_many(
+                    [
+                        (
+                            "dfill",
+                            self._keys(key),
+                            [g, wstr, tomb, signed, int(ttl * 1000)],
+                        )
+                    ]
+                )[0]
             except Unavailable:
                 ok = 1
             if not ok:

@@ -114,8 +114,14 @@ def group(alias: str, label: str) -> Group:
         gid = f"{alias}:{label}"
         tag = "{" + base + ":" + gid + "}"
         g = Group(
-            id=gid, alias=alias, label=label, tag=tag, gen_key=tag + ":g",
-            writes_key=tag + ":w", row_prefix=tag + ":r:", fn_counter=fn_tag() + ":w:" + gid,
+            id=gid,
+            alias=alias,
+            label=label,
+            tag=tag,
+            gen_key=tag + ":g",
+            writes_key=tag + ":w",
+            row_prefix=tag + ":r:",
+            fn_counter=fn_tag() + ":w:" + gid,
         )
         _groups[(alias, label)] = g
     return g
@@ -138,6 +144,7 @@ def channel() -> str:
 
 
 # -- which tables belong to which groups ------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TableRole:
@@ -192,7 +199,8 @@ def table_roles() -> dict[str, list[TableRole]]:
                 if label in cached_roots:
                     pk = through._meta.pk
                     out.setdefault(through._meta.db_table, {}).setdefault(
-                        label, TableRole(label, pk.column, pk, by_row=False, touch=True))
+                        label, TableRole(label, pk.column, pk, by_row=False, touch=True)
+                    )
     with _lock:
         _tables = {t: list(roles.values()) for t, roles in out.items()}
     return _tables

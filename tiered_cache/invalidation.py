@@ -90,8 +90,9 @@ class Batch:
             # Derived results first: once the bus message below is out, none may still pass.
             # Every written group is bumped, whether or not this process knows a function
             # that depends on it: the one that does may live in another process.
-            calls.append(("bump", [self.groups[gid].fn_counter for gid in self.rows],
-                          [fresh_token()]))
+            calls.append(
+                ("bump", [self.groups[gid].fn_counter for gid in self.rows], [fresh_token()])
+            )
         for key, fn_label in self.fn_keys.items():
             calls.append(drop_fn_call(fn_label, key))
         for gid, rids in self.rows.items():
@@ -105,8 +106,15 @@ class Batch:
                 (
                     "inv",
                     [g.gen_key, g.writes_key, *[g.row_key(r) for r in ordered]],
-                    [ch, msg, len(ordered), fresh_token(),
-                     int((conf.TIMEOUT + 60) * 1000), "1" if flush else "0", fresh_token()],
+                    [
+                        ch,
+                        msg,
+                        len(ordered),
+                        fresh_token(),
+                        int((conf.TIMEOUT + 60) * 1000),
+                        "1" if flush else "0",
+                        fresh_token(),
+                    ],
                 )
             )
         return calls
@@ -126,8 +134,7 @@ class Batch:
                     _outbox.flushed.add(gid)
                     rids = set()
                 _outbox.rows += len(rids) or 1
-                entries.append(PendingInvalidation(model_label=gid, rows=sorted(rids),
-                                                   flush=flush))
+                entries.append(PendingInvalidation(model_label=gid, rows=sorted(rids), flush=flush))
             for key, fn_label in self.fn_keys.items():
                 entries.append(PendingInvalidation(model_label=fn_label, rows=[key]))
         from .bus import bus
@@ -170,14 +177,15 @@ def _write_outbox(entries: list[Any]) -> None:
                 f.pre_save(e, add=True)  # created_at's auto_now_add
         qn = own.ops.quote_name
         sql = "INSERT INTO {} ({}) VALUES ({})".format(
-            qn(opts.db_table), ", ".join(qn(f.column) for f in fields),
+            qn(opts.db_table),
+            ", ".join(qn(f.column) for f in fields),
             ", ".join(["%s"] * len(fields)),
         )
         with own.cursor() as cursor:
-            cursor.executemany(sql, [
-                [f.get_db_prep_save(getattr(e, f.attname), own) for f in fields]
-                for e in entries
-            ])
+            cursor.executemany(
+                sql,
+                [[f.get_db_prep_save(getattr(e, f.attname), own) for f in fields] for e in entries],
+            )
     finally:
         own.close()
 
@@ -211,8 +219,9 @@ class _OutboxState:
 _outbox = _OutboxState()
 
 
-def apply_locally(rows: dict[str, Iterable[str]], flush: Iterable[str],
-                  fn_keys: dict[str, str] | None = None) -> None:
+def apply_locally(
+    rows: dict[str, Iterable[str]], flush: Iterable[str], fn_keys: dict[str, str] | None = None
+) -> None:
     """Drop what a batch invalidated from this process's L1 (own writes and bus messages)."""
     flush = set(flush)
     for gid, rids in rows.items():
@@ -229,8 +238,10 @@ def apply_locally(rows: dict[str, Iterable[str]], flush: Iterable[str],
 # Called with the set of group ids written, in every process (derived caches).
 local_hooks: list[Any] = []
 
-def drop_fn_call(fn_label: str, key: str, ttl: float | None = None) -> tuple[str, list[str],
-                                                                          list[Any]]:
+
+def drop_fn_call(
+    fn_label: str, key: str, ttl: float | None = None
+) -> tuple[str, list[str], list[Any]]:
     """Replace one derived result by a tombstone, which refuses fills begun before it."""
     msg = json.dumps({"o": origin["id"], "k": key, "m": fn_label})
     ttl_ms = int((ttl if ttl is not None else conf.TIMEOUT) * 1000)
@@ -289,6 +300,7 @@ def drain_outbox(limit: int = 1000, force: bool = False) -> int:
 
 # -- what writes touch ----------------------------------------------------------
 
+
 def batch_of(alias: str, effects: Iterable[Any]) -> Batch:
     """The batch for a statement's effects on the connection `alias`."""
     from .capture import FLUSH
@@ -307,8 +319,10 @@ def batch_of(alias: str, effects: Iterable[Any]) -> Batch:
 def rows_batch(model: type[models.Model], pks: Iterable[Any], alias: str) -> Batch:
     batch = Batch()
     pk = model._meta.pk
-    batch.add_rows(group(database_of(alias), root_label(model)),
-                   [pk_row_id(pk, p) for p in pks if p is not None])
+    batch.add_rows(
+        group(database_of(alias), root_label(model)),
+        [pk_row_id(pk, p) for p in pks if p is not None],
+    )
     return batch
 
 

@@ -137,9 +137,14 @@ class CachedManager(CachedManagerMixin, models.Manager):
 # on the cached row itself; any other relation (many-to-many, generic) depends on rows
 # of other tables, and is read from the database.
 
+
 def _is_reverse_fk(manager: Any) -> bool:
-    return (hasattr(manager, "field") and hasattr(manager, "instance")
-            and not hasattr(manager, "through") and not hasattr(manager, "content_type"))
+    return (
+        hasattr(manager, "field")
+        and hasattr(manager, "instance")
+        and not hasattr(manager, "through")
+        and not hasattr(manager, "content_type")
+    )
 
 
 def _base_of(manager: Any) -> Any:
@@ -184,5 +189,6 @@ def _related_get_many(manager: Any, pks: list[Any]) -> dict[Any, Any]:
     if want is None:
         return {}
     found = base.get_many_cached(pks)
-    return {pk: obj for pk, obj in found.items()
-            if manager.field.get_local_related_value(obj) == want}
+    return {
+        pk: obj for pk, obj in found.items() if manager.field.get_local_related_value(obj) == want
+    }

@@ -44,45 +44,80 @@ class TieredCacheCollector:
 
     def _families(self, with_samples: bool) -> Iterator[Metric]:
         hits = CounterMetricFamily(
-            "tiered_cache_hits", "Reads served from a cache tier (this process).",
-            labels=["model", "tier"])
+            "tiered_cache_hits",
+            "Reads served from a cache tier (this process).",
+            labels=["model", "tier"],
+        )
         negative = CounterMetricFamily(
-            "tiered_cache_negative_hits", "Reads answered by a remembered absence.",
-            labels=["model"])
+            "tiered_cache_negative_hits",
+            "Reads answered by a remembered absence.",
+            labels=["model"],
+        )
         misses = CounterMetricFamily(
-            "tiered_cache_misses", "Reads that went to the database.", labels=["model"])
+            "tiered_cache_misses", "Reads that went to the database.", labels=["model"]
+        )
         invalidations = CounterMetricFamily(
-            "tiered_cache_invalidations", "Rows or models invalidated by this process.",
-            labels=["model"])
+            "tiered_cache_invalidations",
+            "Rows or models invalidated by this process.",
+            labels=["model"],
+        )
         fills = CounterMetricFamily(
-            "tiered_cache_fills", "L2 fills, stored or refused (a write won the race).",
-            labels=["model", "result"])
+            "tiered_cache_fills",
+            "L2 fills, stored or refused (a write won the race).",
+            labels=["model", "result"],
+        )
         corrupt = CounterMetricFamily(
-            "tiered_cache_corrupt_payloads", "L2 payloads that failed authentication.",
-            labels=["model"])
+            "tiered_cache_corrupt_payloads",
+            "L2 payloads that failed authentication.",
+            labels=["model"],
+        )
         l1 = GaugeMetricFamily(
-            "tiered_cache_l1_entries", "Entries in this process's L1.", labels=["model"])
+            "tiered_cache_l1_entries", "Entries in this process's L1.", labels=["model"]
+        )
         state = GaugeMetricFamily(
-            "tiered_cache_breaker_state", "Circuit breaker state around Redis (1 = current).",
-            labels=["state"])
+            "tiered_cache_breaker_state",
+            "Circuit breaker state around Redis (1 = current).",
+            labels=["state"],
+        )
         opened = CounterMetricFamily(
-            "tiered_cache_breaker_opened", "Times the circuit breaker opened.")
+            "tiered_cache_breaker_opened", "Times the circuit breaker opened."
+        )
         trusted = GaugeMetricFamily(
-            "tiered_cache_bus_trusted", "1 while the invalidation bus is live (L1 trusted).")
+            "tiered_cache_bus_trusted", "1 while the invalidation bus is live (L1 trusted)."
+        )
         heartbeat = GaugeMetricFamily(
-            "tiered_cache_bus_heartbeat_seconds", "Last bus heartbeat round trip to Redis.")
+            "tiered_cache_bus_heartbeat_seconds", "Last bus heartbeat round trip to Redis."
+        )
         latency = HistogramMetricFamily(
-            "tiered_cache_l2_latency_seconds", "Round trips of batched L2 calls (stats pushes).",
+            "tiered_cache_l2_latency_seconds",
+            "Round trips of batched L2 calls (stats pushes).",
             buckets=self._buckets() if with_samples else None,
-            sum_value=ops.l2_latency.sum if with_samples else None)
-        families: list[Metric] = [hits, negative, misses, invalidations, fills, corrupt, l1,
-                                  state, opened, trusted, heartbeat, latency]
+            sum_value=ops.l2_latency.sum if with_samples else None,
+        )
+        families: list[Metric] = [
+            hits,
+            negative,
+            misses,
+            invalidations,
+            fills,
+            corrupt,
+            l1,
+            state,
+            opened,
+            trusted,
+            heartbeat,
+            latency,
+        ]
         cluster_hits = CounterMetricFamily(
-            "tiered_cache_cluster_hits", "Reads served from a cache tier, all processes.",
-            labels=["model", "tier"])
+            "tiered_cache_cluster_hits",
+            "Reads served from a cache tier, all processes.",
+            labels=["model", "tier"],
+        )
         cluster_misses = CounterMetricFamily(
-            "tiered_cache_cluster_misses", "Reads that went to the database, all processes.",
-            labels=["model"])
+            "tiered_cache_cluster_misses",
+            "Reads that went to the database, all processes.",
+            labels=["model"],
+        )
         if self.cluster:
             families += [cluster_hits, cluster_misses]
         if not with_samples:

@@ -69,8 +69,15 @@ HOT_MIN = 0.5
 HOT_KEEP = 10_000
 
 _COUNTER_NAMES = (
-    "l1_hits", "l2_hits", "misses", "negative_hits", "invalidations", "fills",
-    "fills_refused", "corrupt", "bypassed",
+    "l1_hits",
+    "l2_hits",
+    "misses",
+    "negative_hits",
+    "invalidations",
+    "fills",
+    "fills_refused",
+    "corrupt",
+    "bypassed",
 )
 
 
@@ -79,6 +86,7 @@ class UnknownModel(ValueError):
 
 
 # -- models ----------------------------------------------------------------------
+
 
 def resolve_models(labels: Iterable[str]) -> list[type[models.Model]]:
     """Cached models for "app_label.ModelName" labels (model name case-insensitive)."""
@@ -127,6 +135,7 @@ def lookups(model: type[models.Model]) -> list[str]:
 
 # -- keys kept next to a model's entries (same hash tag) --------------------------
 
+
 def _stats_key(mc: ModelCache) -> str:
     return f"{mc.home.tag}:s:{mc.label}"
 
@@ -153,6 +162,7 @@ def _process_name() -> str:
 
 # -- flush -------------------------------------------------------------------------
 
+
 def flush(selected: Sequence[type[models.Model]] | None = None) -> list[str]:
     """Drop every entry of these models (all cached models when None) in every process.
     Inside atomic() it happens when the outermost block commits, like any invalidation."""
@@ -173,6 +183,7 @@ def invalidate_rows(model: type[models.Model], pks: Iterable[Any]) -> int:
 
 
 # -- warmup ------------------------------------------------------------------------
+
 
 def hottest_pks(model: type[models.Model], limit: int) -> list[Any]:
     """The rows read most across processes (sampled), best first, as pk values."""
@@ -219,11 +230,14 @@ def warmup_set(manager: Any, limit: int | None) -> tuple[Any, dict[str, Any]]:
     recent: list[Any] = []
     if remaining > 0:
         recent = list(
-            base.exclude(pk__in=chosen).order_by(*_recent_order(model))
+            base.exclude(pk__in=chosen)
+            .order_by(*_recent_order(model))
             .values_list("pk", flat=True)[:remaining]
         )
     return base.filter(pk__in=chosen + recent), {
-        "source": "hot+recent", "hot": len(chosen), "recent": len(recent),
+        "source": "hot+recent",
+        "hot": len(chosen),
+        "recent": len(recent),
     }
 
 
@@ -267,8 +281,11 @@ def start_warmup(model: type[models.Model], limit: int | None = None) -> dict[st
     try:
         from celery import current_app
     except ImportError:
-        return {"mode": "inline", "reason": "Celery is not installed",
-                "result": warmup(model, limit)}
+        return {
+            "mode": "inline",
+            "reason": "Celery is not installed",
+            "result": warmup(model, limit),
+        }
     celery_conf = current_app.conf
     if not celery_conf.broker_url:
         reason = "no Celery broker is configured"
@@ -293,7 +310,9 @@ def start_warmup(model: type[models.Model], limit: int | None = None) -> dict[st
 # Deletes every entry a read would not serve (the test READ applies): another
 # generation, a negative older than the model's last write, a row whose version moved,
 # anything unparsable. Returns {old generation, stale}.
-_CLEAN = _SGET + """
+_CLEAN = (
+    _SGET
+    + """
 local g = sget(KEYS[1])
 local w = sget(KEYS[2]) or '0'
 local old, stale = 0, 0
@@ -312,6 +331,7 @@ for i = 3, #KEYS do
 end
 return {old, stale}
 """
+)
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -355,8 +375,9 @@ def _owner(key: str, caches: list[ModelCache]) -> ModelCache | None:
 def _classify(key: str, caches: list[ModelCache]) -> str:
     """'keep', 'data' (check the entry), or 'schema' (another schema or manager: delete)."""
     g = caches[0].home
-    if key in (g.gen_key, g.writes_key) or key.startswith((g.tag + ":s:", g.tag + ":p:",
-                                                          g.tag + ":hot:")):
+    if key in (g.gen_key, g.writes_key) or key.startswith(
+        (g.tag + ":s:", g.tag + ":p:", g.tag + ":hot:")
+    ):
         return "keep"
     if key.startswith(g.row_prefix):
         return "keep"  # row versions expire by themselves
@@ -387,8 +408,13 @@ def cleanup(
     prune this process's expired L1 entries. Records the run; returns its counts."""
     started = time.time()
     counts = {
-        "scanned": 0, "old_generation": 0, "stale_rows": 0, "old_schema": 0,
-        "hot_members": 0, "stale_processes": 0, "l1_expired": 0,
+        "scanned": 0,
+        "old_generation": 0,
+        "stale_rows": 0,
+        "old_schema": 0,
+        "hot_members": 0,
+        "stale_processes": 0,
+        "l1_expired": 0,
     }
     for tag, caches in _by_tag(selected).items():
         mc = caches[0]
@@ -451,6 +477,7 @@ def _decay_hot(mc: ModelCache) -> int:
 
 
 # -- L2 size ------------------------------------------------------------------------
+
 
 def l2_entry_counts(
     selected: Sequence[type[models.Model]] | None = None, batch_size: int = BATCH_SIZE
@@ -588,7 +615,7 @@ def cluster_stats(selected: Sequence[type[models.Model]] | None = None) -> dict[
     res = redis_tier.call(run)
     out: dict[str, Any] = {}
     for i, label in enumerate(by_label):
-        raw, procs, top = res[3 * i: 3 * i + 3]
+        raw, procs, top = res[3 * i : 3 * i + 3]
         row: dict[str, Any] = {name: int(raw.get(name.encode(), 0)) for name in _COUNTER_NAMES}
         since = raw.get(b"since")
         row["since"] = float(since) if since else None
@@ -609,6 +636,7 @@ def tier_split(row: dict[str, Any]) -> list[tuple[str, int]]:
 
 
 # -- last runs and locks ---------------------------------------------------------------
+
 
 def _record(field: str, result: dict[str, Any], started: float) -> None:
     value = json.dumps({"at": started, "host": _process_name(), **result}, default=str)
@@ -652,6 +680,7 @@ def exclusive(name: str, ttl: float) -> Iterator[bool]:
 
 
 # -- the publisher thread ----------------------------------------------------------------
+
 
 class _Latency:
     """A small histogram of L2 round trips in seconds, for the metrics."""
@@ -718,6 +747,7 @@ def _publish_quietly() -> None:
 
 # -- everything at once, for the dashboard and `manage.py tiered_cache stats` ------------
 
+
 def overview(selected: Sequence[type[models.Model]] | None = None) -> dict[str, Any]:
     """Per model: lookups, L1 entries here, L2 entries, counters of all processes (or of
     this one while Redis is away), tier split, last warmup; plus breaker, bus, last
@@ -747,23 +777,25 @@ def overview(selected: Sequence[type[models.Model]] | None = None) -> dict[str, 
         counters = cluster[label] if cluster is not None else mine
         split = tier_split(counters)
         total = sum(n for _, n in split)
-        rows.append({
-            "model": model,
-            "label": model._meta.label,
-            "label_lower": label,
-            "verbose_name_plural": str(model._meta.verbose_name_plural),
-            "lookups": lookups(model),
-            "l1_entries": mine.get("l1_entries", 0),
-            "l2_entries": None if l2 is None else l2.get(label, 0),
-            "counters": counters,
-            "scope": "all processes" if cluster is not None else "this process",
-            "processes": counters.get("processes"),
-            "since": counters.get("since"),
-            "tiers": [(tier, n, n / total if total else 0.0) for tier, n in split],
-            "reads": total,
-            "hit_ratio": (total - counters.get("misses", 0)) / total if total else None,
-            "last_warmup": runs["warmup"].get(label),
-        })
+        rows.append(
+            {
+                "model": model,
+                "label": model._meta.label,
+                "label_lower": label,
+                "verbose_name_plural": str(model._meta.verbose_name_plural),
+                "lookups": lookups(model),
+                "l1_entries": mine.get("l1_entries", 0),
+                "l2_entries": None if l2 is None else l2.get(label, 0),
+                "counters": counters,
+                "scope": "all processes" if cluster is not None else "this process",
+                "processes": counters.get("processes"),
+                "since": counters.get("since"),
+                "tiers": [(tier, n, n / total if total else 0.0) for tier, n in split],
+                "reads": total,
+                "hit_ratio": (total - counters.get("misses", 0)) / total if total else None,
+                "last_warmup": runs["warmup"].get(label),
+            }
+        )
     try:
         outbox = PendingInvalidation.objects.count()
     except Exception:  # the dashboard still shows the cache without the database

@@ -54,8 +54,17 @@ class Fill:
 
     __slots__ = ("g", "key", "lease", "gen", "writes", "kind", "rid", "body", "ttl", "version")
 
-    def __init__(self, g: Group, key: str, lease: str, gen: Any, writes: Any, value: Any,
-                 ttl: float, rid: str) -> None:
+    def __init__(
+        self,
+        g: Group,
+        key: str,
+        lease: str,
+        gen: Any,
+        writes: Any,
+        value: Any,
+        ttl: float,
+        rid: str,
+    ) -> None:
         self.g, self.key, self.lease = g, key, lease
         self.gen, self.writes = _raw(gen), _raw(writes)
         if value is NEGATIVE:
@@ -69,14 +78,21 @@ class Fill:
     def call(self, version: bytes) -> tuple[str, list[str], list[Any]]:
         g, key = self.g, self.key
         expires = str(int(time.time() + self.ttl) + 1).encode()
-        header = b"|".join([self.kind.encode(), self.gen, self.rid.encode(), version,
-                            expires, b""])
+        header = b"|".join([self.kind.encode(), self.gen, self.rid.encode(), version, expires, b""])
         row_key = g.row_key(self.rid) if self.rid else key + "|R"
         return (
             "fill",
             [g.gen_key, g.writes_key, key, key + "|L", row_key],
-            [self.lease, self.gen, self.writes, self.kind, sign(key, header, self.body),
-             int(self.ttl * 1000), version, int((conf.TIMEOUT + 60) * 1000)],
+            [
+                self.lease,
+                self.gen,
+                self.writes,
+                self.kind,
+                sign(key, header, self.body),
+                int(self.ttl * 1000),
+                version,
+                int((conf.TIMEOUT + 60) * 1000),
+            ],
         )
 
 
@@ -85,6 +101,7 @@ def _raw(v: Any) -> bytes:
 
 
 # -- one row ---------------------------------------------------------------------
+
 
 def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> Any:
     db = manager.db
@@ -210,8 +227,16 @@ def _corrupt(mc: ModelCache, key: str, exc: Exception) -> None:
 
 
 def _load(
-    manager: Any, mc: ModelCache, g: Group, lk: Lookup, values: tuple[Any, ...], l1key: Any,
-    db: str, scope: str, token: Any, lease: bool,
+    manager: Any,
+    mc: ModelCache,
+    g: Group,
+    lk: Lookup,
+    values: tuple[Any, ...],
+    l1key: Any,
+    db: str,
+    scope: str,
+    token: Any,
+    lease: bool,
 ) -> tuple[Any, Any]:
     """(frozen row | NEGATIVE | UNCACHEABLE, instance read from the database or None)."""
     key = lk.key(g, mc.schema, _alias_part(db, scope), values)
@@ -225,8 +250,9 @@ def _load(
             if code == _HIT:
                 value = _l2_value(mc, key, res[1])
                 if value is not None:
-                    local_tier.set(l1key, g.id, _row_of(mc, value), value,
-                                   _l1_timeout(mc, value), token)
+                    local_tier.set(
+                        l1key, g.id, _row_of(mc, value), value, _l1_timeout(mc, value), token
+                    )
                     return value, None
                 code = _NO_LEASE
             else:
@@ -258,9 +284,10 @@ def _load(
     if code == _LEASE:
         # The caller has its row; the fill runs on the filler thread, and Redis refuses it
         # if the model was written since our read.
-        redis_tier.fill_later([Fill(g, key, lease_token, gen, writes, value, _ttl(mc, value),
-                                    _row_of(mc, value))],
-                              _counted(mc))
+        redis_tier.fill_later(
+            [Fill(g, key, lease_token, gen, writes, value, _ttl(mc, value), _row_of(mc, value))],
+            _counted(mc),
+        )
     if trusted:
         local_tier.set(l1key, g.id, _row_of(mc, value), value, _l1_timeout(mc, value), token)
     return value, obj
@@ -317,8 +344,9 @@ def _row_of(mc: ModelCache, value: Any) -> str:
     return "" if value is NEGATIVE else mc.row_id_of(value[2])
 
 
-def _read_scope(manager: Any, mc: ModelCache, lk: Lookup, db: str,
-                g: Group) -> tuple[str | None, str]:
+def _read_scope(
+    manager: Any, mc: ModelCache, lk: Lookup, db: str, g: Group
+) -> tuple[str | None, str]:
     """(why this read skips the tiers, or None; the key part of the manager's filter)."""
     if not lk.unique:
         return "the lookup is not unique", ""
@@ -343,6 +371,7 @@ def _l1_timeout(mc: ModelCache, value: Any) -> float:
 
 
 # -- many rows by pk ---------------------------------------------------------------
+
 
 def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     lk = mc.pk_lookup
@@ -391,11 +420,15 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     gen = writes = None
     if trusted:
         try:
-            res = redis_tier.scripts([(
-                "read_many",
-                [g.gen_key, g.writes_key, *keys],
-                [int(conf.LEASE_TIMEOUT * 1000), fresh_token(), g.row_prefix, *leases],
-            )])[0]
+            res = redis_tier.scripts(
+                [
+                    (
+                        "read_many",
+                        [g.gen_key, g.writes_key, *keys],
+                        [int(conf.LEASE_TIMEOUT * 1000), fresh_token(), g.row_prefix, *leases],
+                    )
+                ]
+            )[0]
             gen, writes, results = res[0], res[1], res[2:]
         except Unavailable:
             results = []
@@ -407,8 +440,14 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
             if value is None:
                 missing.append((pk, keys[i], ""))
                 continue
-            local_tier.set((prefix, db, scope, pk), g.id, _row_of(mc, value), value,
-                           _l1_timeout(mc, value), token)
+            local_tier.set(
+                (prefix, db, scope, pk),
+                g.id,
+                _row_of(mc, value),
+                value,
+                _l1_timeout(mc, value),
+                token,
+            )
             if value is not NEGATIVE:
                 found[pk] = mc.codec.thaw(value, db)
         else:
@@ -430,17 +469,25 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
                 continue
             value = mc.codec.freeze(row)
         if lease:
-            fills.append(Fill(g, key, lease, gen, writes, value, _ttl(mc, value),
-                              _row_of(mc, value)))
+            fills.append(
+                Fill(g, key, lease, gen, writes, value, _ttl(mc, value), _row_of(mc, value))
+            )
         if trusted:
-            local_tier.set((prefix, db, scope, pk), g.id, _row_of(mc, value), value,
-                           _l1_timeout(mc, value), token)
+            local_tier.set(
+                (prefix, db, scope, pk),
+                g.id,
+                _row_of(mc, value),
+                value,
+                _l1_timeout(mc, value),
+                token,
+            )
     if fills:
         redis_tier.fill_later(fills, _counted(mc))
     return found
 
 
 # -- warmup -------------------------------------------------------------------------
+
 
 def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> dict[str, int]:
     """Store rows in L2 under their pk key, in pipelined batches. The generation and write
@@ -455,10 +502,15 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
     last_pk = None
     while True:
         # An empty read makes sure the generation exists and tells us the counters.
-        head = redis_tier.scripts([(
-            "read_many", [g.gen_key, g.writes_key],
-            [int(conf.LEASE_TIMEOUT * 1000), fresh_token(), g.row_prefix],
-        )])[0]
+        head = redis_tier.scripts(
+            [
+                (
+                    "read_many",
+                    [g.gen_key, g.writes_key],
+                    [int(conf.LEASE_TIMEOUT * 1000), fresh_token(), g.row_prefix],
+                )
+            ]
+        )[0]
         gen, writes = head[0], head[1]
         page = queryset.order_by("pk")
         if last_pk is not None:
@@ -471,8 +523,18 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
             row = mc.codec.values(obj)
             if row is not None:
                 value = mc.codec.freeze(row)
-                fills.append(Fill(g, lk.key(g, mc.schema, _alias_part(db, scope), (value[2],)),
-                                  "", gen, writes, value, mc.timeout, _row_of(mc, value)))
+                fills.append(
+                    Fill(
+                        g,
+                        lk.key(g, mc.schema, _alias_part(db, scope), (value[2],)),
+                        "",
+                        gen,
+                        writes,
+                        value,
+                        mc.timeout,
+                        _row_of(mc, value),
+                    )
+                )
         if fills:
             oks = redis_tier.run_fills(fills)
             stored += sum(1 for ok in oks if ok)

@@ -55,7 +55,7 @@ class Lookup:
     def normalize(self, kwargs: dict[str, Any], aliases: dict[str, str]) -> tuple[Any, ...]:
         by_name = {aliases[k]: v for k, v in kwargs.items()}
         out = []
-        for name, f, prep in zip(self.names, self.fields, self.preps):
+        for name, f, prep in zip(self.names, self.fields, self.preps, strict=False):
             value = by_name[name]
             if isinstance(value, models.Model):
                 value = _instance_value(f, name, value, self.model)
@@ -68,7 +68,7 @@ class Lookup:
         return f"{g.tag}:{schema}:{self.key_prefix}{alias}:{encode_values(values)}"
 
     def orm_kwargs(self, values: tuple[Any, ...]) -> dict[str, Any]:
-        return dict(zip(self.orm_names, values))
+        return dict(zip(self.orm_names, values, strict=False))
 
 
 def _instance_value(f: models.Field, name: str, value: models.Model, model: type) -> Any:
@@ -89,11 +89,19 @@ def _instance_value(f: models.Field, name: str, value: models.Model, model: type
 # Fields whose get_prep_value returns a value of this exact type unchanged: the hot path
 # skips the call for them. Only Django's own classes: a subclass may convert differently.
 _PASS_THROUGH: dict[type[models.Field], type] = {
-    models.AutoField: int, models.BigAutoField: int, models.SmallAutoField: int,
-    models.IntegerField: int, models.BigIntegerField: int, models.SmallIntegerField: int,
-    models.PositiveIntegerField: int, models.PositiveBigIntegerField: int,
+    models.AutoField: int,
+    models.BigAutoField: int,
+    models.SmallAutoField: int,
+    models.IntegerField: int,
+    models.BigIntegerField: int,
+    models.SmallIntegerField: int,
+    models.PositiveIntegerField: int,
+    models.PositiveBigIntegerField: int,
     models.PositiveSmallIntegerField: int,
-    models.CharField: str, models.EmailField: str, models.SlugField: str, models.TextField: str,
+    models.CharField: str,
+    models.EmailField: str,
+    models.SlugField: str,
+    models.TextField: str,
 }
 
 
@@ -159,7 +167,9 @@ class ModelCache:
         self.single: dict[str, Lookup] = {}
         for names in declared:
             fields = tuple(self._field(n) for n in names)
-            orm_names = tuple("pk" if n == "pk" else f.attname for n, f in zip(names, fields))
+            orm_names = tuple(
+                "pk" if n == "pk" else f.attname for n, f in zip(names, fields, strict=False)
+            )
             lk = Lookup(
                 names=names,
                 fields=fields,
@@ -170,7 +180,7 @@ class ModelCache:
                 unique=names == ("pk",) or any(u <= {f.name for f in fields} for u in uniques),
             )
             alias_sets = []
-            for n, f in zip(names, fields):
+            for n, f in zip(names, fields, strict=False):
                 accepted = {n} if n == "pk" else {n, f.name, f.attname}
                 for a in accepted:
                     self.aliases[a] = n
@@ -229,7 +239,7 @@ class ModelCache:
                 lk, order = known
                 given = tuple(kwargs.values())
                 out = []
-                for i, prep in zip(order, lk.preps):
+                for i, prep in zip(order, lk.preps, strict=False):
                     value = given[i]
                     if isinstance(value, models.Model):
                         value = _instance_value(lk.fields[len(out)], names[i], value, self.model)
@@ -321,13 +331,19 @@ def _scope_reason(model: type[models.Model], query: Any) -> str | None:
     """A queryset that reads other tables (a join or subquery in its filter) has answers
     that writes to those tables change; one that annotates, aggregates, slices or selects
     only some columns returns rows the cache does not hold."""
-    if query.annotations or query.extra or query.distinct or query.is_sliced or (
-            query.group_by is not None) or query.values_select or query.combinator:
+    if (
+        query.annotations
+        or query.extra
+        or query.distinct
+        or query.is_sliced
+        or (query.group_by is not None)
+        or query.values_select
+        or query.combinator
+    ):
         return "its queryset annotates, groups, slices or selects values"
     # Aliases Django trimmed (a filter on a foreign key column) are left with no refs.
     tables = {t.table_name for a, t in query.alias_map.items() if query.alias_refcount.get(a)}
-    own = {m._meta.db_table for m in [model._meta.concrete_model,
-                                      *model._meta.get_parent_list()]}
+    own = {m._meta.db_table for m in [model._meta.concrete_model, *model._meta.get_parent_list()]}
     sql = str(query) if query.where else ""
     if tables - own or " SELECT " in sql.upper():
         return "its queryset reads other tables"

@@ -25,16 +25,33 @@ MAC_SIZE = 32
 # Fields whose Python values are immutable, by exact class: a subclass may return anything
 # from from_db_value() (a list behind a CharField), so subclasses are copied on the way out
 # of L1 like JSON, arrays and custom fields, and a caller's mutation never reaches the cache.
-_IMMUTABLE_FIELDS: frozenset[type[models.Field]] = frozenset({
-    models.AutoField, models.BigAutoField, models.SmallAutoField,
-    models.IntegerField, models.BigIntegerField, models.SmallIntegerField,
-    models.PositiveIntegerField, models.PositiveBigIntegerField,
-    models.PositiveSmallIntegerField,
-    models.CharField, models.TextField, models.EmailField, models.SlugField,
-    models.URLField, models.BooleanField, models.DateTimeField, models.DateField,
-    models.TimeField, models.DurationField, models.DecimalField, models.FloatField,
-    models.UUIDField, models.GenericIPAddressField,
-})
+_IMMUTABLE_FIELDS: frozenset[type[models.Field]] = frozenset(
+    {
+        models.AutoField,
+        models.BigAutoField,
+        models.SmallAutoField,
+        models.IntegerField,
+        models.BigIntegerField,
+        models.SmallIntegerField,
+        models.PositiveIntegerField,
+        models.PositiveBigIntegerField,
+        models.PositiveSmallIntegerField,
+        models.CharField,
+        models.TextField,
+        models.EmailField,
+        models.SlugField,
+        models.URLField,
+        models.BooleanField,
+        models.DateTimeField,
+        models.DateField,
+        models.TimeField,
+        models.DurationField,
+        models.DecimalField,
+        models.FloatField,
+        models.UUIDField,
+        models.GenericIPAddressField,
+    }
+)
 
 
 def _immutable(f: models.Field) -> bool:
@@ -91,13 +108,13 @@ def open_signed(key: str, raw: bytes, fields: int) -> tuple[list[bytes], bytes]:
 
 
 def _utc() -> datetime.timezone:
-    return datetime.timezone.utc
+    return datetime.UTC
 
 
 def _reduce_timezone(tz: datetime.timezone) -> Any:
     # Aware datetimes are mostly UTC: refer to the singleton instead of rebuilding it
     # (a third of the cost of unpickling a row otherwise).
-    if tz is datetime.timezone.utc:
+    if tz is datetime.UTC:
         return (_utc, ())
     return tz.__reduce__()
 
@@ -212,10 +229,10 @@ class RowCodec:
             state.adding = False
             state.db = db
             d = new.__dict__ = self._build(imm, state)
-            for attname, blob in zip(self.mut_names, mut):
+            for attname, blob in zip(self.mut_names, mut, strict=False):
                 d[attname] = pickle.loads(blob)
             return new
-        by_name = dict(zip(self.imm_names, imm))
-        for attname, blob in zip(self.mut_names, mut):
+        by_name = dict(zip(self.imm_names, imm, strict=False))
+        for attname, blob in zip(self.mut_names, mut, strict=False):
             by_name[attname] = pickle.loads(blob)
         return self.model.from_db(db, None, [by_name[a] for a in self.attnames])

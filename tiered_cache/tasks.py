@@ -36,8 +36,9 @@ def warmup(model_label: str, limit: int | None = None) -> dict[str, Any]:
     limit = ops.warmup_limit(limit)
     ops.start_stats_publisher()
     label = model._meta.label
-    with ops.exclusive(f"warmup:{model._meta.label_lower}",
-                       WARMUP_TIME_LIMIT + _LOCK_MARGIN) as acquired:
+    with ops.exclusive(
+        f"warmup:{model._meta.label_lower}", WARMUP_TIME_LIMIT + _LOCK_MARGIN
+    ) as acquired:
         if not acquired:
             return {"model": label, "skipped": "locked"}
         return ops.warmup(model, limit)

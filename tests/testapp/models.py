@@ -103,6 +103,7 @@ class CachedUser(ProjectUser):
 
 # -- multi-table inheritance, two levels ---------------------------------------------
 
+
 class Place(models.Model):
     name = models.CharField(max_length=100)
     address = models.CharField(max_length=200, default="")
@@ -133,6 +134,7 @@ class ItalianRestaurant(Restaurant):
 
 # -- an abstract base that carries the manager -------------------------------------
 
+
 class Stamped(models.Model):
     created = models.DateTimeField(auto_now_add=True)
 
@@ -151,6 +153,7 @@ class Note(Stamped):
 
 # -- every on_delete, and many-to-many ---------------------------------------------
 
+
 class Owner(models.Model):
     name = models.CharField(max_length=100)
 
@@ -167,9 +170,7 @@ def get_sentinel_owner_none() -> None:
 
 class Item(models.Model):
     name = models.CharField(max_length=100)
-    owner_cascade = models.ForeignKey(
-        Owner, on_delete=models.CASCADE, related_name="cascade_items"
-    )
+    owner_cascade = models.ForeignKey(Owner, on_delete=models.CASCADE, related_name="cascade_items")
     owner_set_null = models.ForeignKey(
         Owner, on_delete=models.SET_NULL, null=True, blank=True, related_name="set_null_items"
     )
@@ -209,6 +210,7 @@ class Label(models.Model):
 
 
 # -- odd primary keys ----------------------------------------------------------------
+
 
 class Document(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4)

@@ -54,7 +54,13 @@ class LocalTier:
 
     # -- writes --------------------------------------------------------------
     def set(
-        self, key: str, label: str, row: str, value: Any, timeout: float, token: tuple[int, int, int]
+        self,
+        key: str,
+        label: str,
+        row: str,
+        value: Any,
+        timeout: float,
+        token: tuple[int, int, int],
     ) -> bool:
         with self._lock:
             if token != (self._clears, self._epoch.get(label, 0), self._writes.get(label, 0)):

@@ -61,7 +61,10 @@ end
 # where code is 0 (no lease asked), 2 (lease granted) or 3 (someone else fills).
 # A value is "P|gen|row|rowver|<mac+payload>" or "N|gen|writes||<mac+payload>": a row is
 # valid while its row version stands, a "no such row" while the model saw no write.
-READ = _SGET + _VALID + """
+READ = (
+    _SGET
+    + _VALID
+    + """
 local g = generation(KEYS[1], ARGV[3])
 local w = sget(KEYS[2]) or '0'
 local v = sget(KEYS[3])
@@ -74,12 +77,16 @@ if redis.call('PTTL', KEYS[4]) == -1 then
 end
 return {3, g, w}
 """
+)
 
 # KEYS: gen, writes, then data keys. ARGV: lease ms, fresh gen, row-version key prefix,
 # then one lease token per data key ('' = none). Returns {gen, writes, r1, r2, ...}: each
 # r is the value of a valid hit, or 2 (lease granted) or 3 (no lease) for a miss.
 # Lease keys are the data keys plus '|L', in the same hash slot.
-READ_MANY = _SGET + _VALID + """
+READ_MANY = (
+    _SGET
+    + _VALID
+    + """
 local g = generation(KEYS[1], ARGV[2])
 local w = sget(KEYS[2]) or '0'
 local out = {g, w}
@@ -100,6 +107,7 @@ for i = 3, #KEYS do
 end
 return out
 """
+)
 
 # KEYS: gen, writes, data, lease, row-version key (positive fills).
 # ARGV: lease token ('' = none), gen seen, writes seen, kind 'P'/'N', value (header, MAC
@@ -110,7 +118,9 @@ return out
 # keeps a row read before a commit from being stored after its invalidation. A refused
 # filler still gives its lease back, or every other reader of the key would wait
 # LEASE_WAIT for a fill that never comes, until the lease expires.
-FILL = _SGET + """
+FILL = (
+    _SGET
+    + """
 if sget(KEYS[1]) ~= ARGV[2] or (sget(KEYS[2]) or '0') ~= ARGV[3] then
   if ARGV[1] ~= '' and sget(KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
   return 0
@@ -130,6 +140,7 @@ redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
 if ARGV[1] ~= '' then redis.call('DEL', KEYS[4]) end
 return 1
 """
+)
 
 # KEYS: gen, writes, then row-version keys (ARGV[3] of them).
 # ARGV: channel, message, number of row keys, fresh token, row version ttl ms,
@@ -138,7 +149,9 @@ return 1
 # A write counter that cannot be incremented (junk in it, or INCR refused when Redis is
 # out of memory) is replaced by a fresh token, never reset to a value it held before: a
 # fill that saw the old value would then pass although the model was written (ABA).
-INVALIDATE = _SGET + """
+INVALIDATE = (
+    _SGET
+    + """
 local w = redis.pcall('INCR', KEYS[2])
 if type(w) == 'table' and w.err then
   redis.call('DEL', KEYS[2]); redis.call('SET', KEYS[2], ARGV[4] .. ':w')
@@ -149,11 +162,14 @@ if ARGV[6] == '1' then redis.call('SET', KEYS[1], ARGV[7]) end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
 """
+)
 
 
 # KEYS: counters to bump (derived functions' mirrors of model write counts).
 # ARGV: a fresh token, for a counter that cannot be incremented (as in INVALIDATE).
-BUMP = _SGET + """
+BUMP = (
+    _SGET
+    + """
 for i = 1, #KEYS do
   local w = redis.pcall('INCR', KEYS[i])
   if type(w) == 'table' and w.err then
@@ -164,11 +180,14 @@ for i = 1, #KEYS do
 end
 return 1
 """
+)
 
 # Derived (cached function) entries. KEYS: gen, data, then one write counter per dependency.
 # ARGV: fresh gen. A value is "D|gen|w1,w2,...|<mac+payload>", valid while every
 # dependency's counter is unchanged; "T|token" is a tombstone left by fn.invalidate().
-DREAD = _SGET + """
+DREAD = (
+    _SGET
+    + """
 local g = sget(KEYS[1])
 if not g or string.find(g, '[^%w:_-]') then g = ARGV[1]; redis.call('SET', KEYS[1], g) end
 local ws = {}
@@ -182,10 +201,13 @@ if v then
 end
 return {0, g, wstr, ''}
 """
+)
 
 # KEYS as DREAD. ARGV: gen seen, counters seen, tombstone seen ('' = none), value (the
 # "D|gen|counters|expiry|" header, MAC and body, signed by the caller), ttl ms.
-DFILL = _SGET + """
+DFILL = (
+    _SGET
+    + """
 if sget(KEYS[1]) ~= ARGV[1] then return 0 end
 local ws = {}
 for i = 3, #KEYS do ws[#ws + 1] = sget(KEYS[i]) or '0' end
@@ -195,6 +217,7 @@ if cur and string.sub(cur, 1, 2) == 'T|' and cur ~= ARGV[3] then return 0 end
 redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
 return 1
 """
+)
 
 # KEYS: data. ARGV: tombstone, ttl ms, channel, message.
 DDROP = """
@@ -203,8 +226,16 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
 
-_SOURCES = {"read": READ, "read_many": READ_MANY, "fill": FILL, "inv": INVALIDATE, "bump": BUMP, "dread": DREAD,
-            "dfill": DFILL, "ddrop": DDROP}
+_SOURCES = {
+    "read": READ,
+    "read_many": READ_MANY,
+    "fill": FILL,
+    "inv": INVALIDATE,
+    "bump": BUMP,
+    "dread": DREAD,
+    "dfill": DFILL,
+    "ddrop": DDROP,
+}
 
 
 class Unavailable(Exception):
@@ -245,8 +276,9 @@ class RedisTier:
         # Each thread keeps one connection for the scripts of the read and write paths:
         # taking one from the pool and giving it back costs a third of a round trip.
         self._local = threading.local()
-        self._shas = {name: hashlib.sha1(src.encode()).hexdigest()
-                      for name, src in _SOURCES.items()}
+        self._shas = {
+            name: hashlib.sha1(src.encode()).hexdigest() for name, src in _SOURCES.items()
+        }
         self._fills: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._filler: threading.Thread | None = None
         self._filler_pid = 0
@@ -282,12 +314,12 @@ class RedisTier:
                     # goes back to the pool, and a failed one is replaced: redis-py 8's
                     # default cap of 100 would make every call fail for good after 100
                     # threads or failures in the life of the process.
-                    pool = redis.ConnectionPool(connection_class=cls, max_connections=2**31,
-                                                **kwargs)
+                    pool = redis.ConnectionPool(
+                        connection_class=cls, max_connections=2**31, **kwargs
+                    )
                     self._client = redis.Redis(connection_pool=pool)
                     self._scripts = {
-                        name: self._client.register_script(src)
-                        for name, src in _SOURCES.items()
+                        name: self._client.register_script(src) for name, src in _SOURCES.items()
                     }
                     self._pid = os.getpid()
             c = self._client
@@ -330,8 +362,9 @@ class RedisTier:
                 pass
         self._local.conn = None
 
-    def scripts(self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]],
-                force: bool = False) -> list[Any]:
+    def scripts(
+        self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]], force: bool = False
+    ) -> list[Any]:
         """Run scripts by name in one round trip on this thread's connection, through the
         breaker. Raises Unavailable on any failure (the connection is then dropped).
         force=True tries even while the breaker is open (the bus listener delivering the
@@ -349,7 +382,7 @@ class RedisTier:
                     conn.send_command("SCRIPT", "LOAD", _SOURCES[name])
                     conn.read_response()
                 again = self._send([calls[i] for i in missing])
-                for i, r in zip(missing, again):
+                for i, r in zip(missing, again, strict=False):
                     out[i] = r
             for r in out:
                 if isinstance(r, ResponseError):
@@ -392,12 +425,11 @@ class RedisTier:
                 v = out[i][1]
                 fills[i].version = v if isinstance(v, bytes) else str(v).encode()
             again = self.scripts([fills[i].call(fills[i].version) for i in retry])
-            for i, r in zip(retry, again):
+            for i, r in zip(retry, again, strict=False):
                 out[i] = 0 if isinstance(r, list) else r
         return out
 
-    def fill_later(self, fills: list[Any],
-                   done: Callable[[list[Any]], None] | None = None) -> None:
+    def fill_later(self, fills: list[Any], done: Callable[[list[Any]], None] | None = None) -> None:
         """Hand fills (see run_fills) to this process's filler thread: the caller has its
         row already, and a fill is checked against the model's writes in Redis whenever
         it runs."""
@@ -433,7 +465,7 @@ class RedisTier:
             for cs, done in batch:
                 if done is not None:
                     try:
-                        done(results[i:i + len(cs)])
+                        done(results[i : i + len(cs)])
                     except Exception:
                         logger.exception("tiered_cache: fill callback failed")
                 i += len(cs)
@@ -462,8 +494,9 @@ class RedisTier:
         breaker.success()
         return result
 
-    def run_many(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]],
-                 force: bool = False) -> list[Any]:
+    def run_many(
+        self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]], force: bool = False
+    ) -> list[Any]:
         """Several scripts, by name, in one round trip (each script is atomic on its own)."""
         return self.scripts(calls, force=force)
 

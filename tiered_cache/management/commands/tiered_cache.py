@@ -34,8 +34,9 @@ class Command(BaseCommand):
 
         warm = sub.add_parser("warmup", help="fill L2 with each model's warmup set")
         warm.add_argument("models", nargs="*", metavar="app.Model", help=models_help)
-        warm.add_argument("--limit", type=int, default=None, metavar="N",
-                          help="at most N rows per model")
+        warm.add_argument(
+            "--limit", type=int, default=None, metavar="N", help="at most N rows per model"
+        )
 
         clean = sub.add_parser("cleanup", help="delete what Redis can no longer serve")
         clean.add_argument("models", nargs="*", metavar="app.Model", help=models_help)
@@ -77,21 +78,39 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(out, indent=2, default=str))
             return
         if view["redis_error"]:
-            self.stderr.write(f"Redis is unavailable ({view['redis_error']}): "
-                              "counters of this process only.")
-        head = ("model", "lookups", "L1", "L2", "L1 hits", "L2 hits", "negative", "DB reads",
-                "hit ratio", "last warmup")
+            self.stderr.write(
+                f"Redis is unavailable ({view['redis_error']}): counters of this process only."
+            )
+        head = (
+            "model",
+            "lookups",
+            "L1",
+            "L2",
+            "L1 hits",
+            "L2 hits",
+            "negative",
+            "DB reads",
+            "hit ratio",
+            "last warmup",
+        )
         lines = [head]
         for row in view["models"]:
             c = row["counters"]
             ratio = "-" if row["hit_ratio"] is None else f"{row['hit_ratio']:.1%}"
-            lines.append((
-                row["label"], ", ".join(row["lookups"]), str(row["l1_entries"]),
-                "?" if row["l2_entries"] is None else str(row["l2_entries"]),
-                str(c.get("l1_hits", 0)), str(c.get("l2_hits", 0)),
-                str(c.get("negative_hits", 0)), str(c.get("misses", 0)), ratio,
-                _when(row["last_warmup"]),
-            ))
+            lines.append(
+                (
+                    row["label"],
+                    ", ".join(row["lookups"]),
+                    str(row["l1_entries"]),
+                    "?" if row["l2_entries"] is None else str(row["l2_entries"]),
+                    str(c.get("l1_hits", 0)),
+                    str(c.get("l2_hits", 0)),
+                    str(c.get("negative_hits", 0)),
+                    str(c.get("misses", 0)),
+                    ratio,
+                    _when(row["last_warmup"]),
+                )
+            )
         widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
         for line in lines:
             cells = (cell.ljust(w) for cell, w in zip(line, widths, strict=True))
