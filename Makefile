@@ -16,7 +16,7 @@ REDIS_PORT ?= 6379
 PYTEST_ARGS ?=
 DEMO_ADDR ?= 127.0.0.1:8000
 
-.PHONY: venv venv6 services postgres redis broker test test-django52 test-django6 demo worker bench bench-peers clean fuzz
+.PHONY: venv venv6 services postgres redis broker lint test test-django52 test-django6 demo worker bench bench-peers clean fuzz
 
 venv: $(STAMP)
 
@@ -65,9 +65,17 @@ $(STAMP6): $(REQUIREMENTS) requirements/django6.txt
 	$(VENV6)/bin/python -m pip --disable-pip-version-check install -q -e .
 	touch $@
 
-# The whole suite on Django 5.2 LTS (Python 3.11) and on Django 6.x (Python 3.12).
-# pytest's own exit codes carry through: 5 (no tests collected) fails the target.
-test: test-django52 test-django6
+# Lint, formatting, the layers of .importlinter and mypy --strict (pyproject.toml), in the
+# Django 5.2 virtualenv (django-stubs 5.2 describes Django 5.2).
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+# Lint first, then the whole suite on Django 5.2 LTS (Python 3.11) and on Django 6.x
+# (Python 3.12). pytest's own exit codes carry through: 5 (no tests collected) fails.
+test: lint test-django52 test-django6
 
 test-django52: venv services
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -102,15 +110,15 @@ browser:
 
 test-django52 test-django6: browser
 
-# The benchmark (tests/bench.py): it recreates and finally drops its own database
+# The benchmark (benchmarks/bench.py): it recreates and finally drops its own database
 # (tiered_cache_bench) and Redis key prefix. BENCH_ARGS: --quick (smoke run), --json PATH,
 # --profile (cProfile of the L1 and L2 hit paths instead of the table).
 BENCH_ARGS ?=
 bench: venv services
-	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 
 # django-cachalot and django-cacheops on the same models, database and Redis, each in a
-# process of its own virtualenv, beside tiered_cache's hits (tests/bench_peers.py).
+# process of its own virtualenv, beside tiered_cache's hits (benchmarks/bench_peers.py).
 VENV_PEERS := .venv-peers
 STAMP_PEERS := $(VENV_PEERS)/.requirements.stamp
 PEERS_ARGS ?=
@@ -122,8 +130,8 @@ $(STAMP_PEERS): $(REQUIREMENTS) requirements/peers.txt
 	touch $@
 
 bench-peers: $(STAMP_PEERS) services
-	$(VENV_PEERS)/bin/python -m tests.bench_peers $(PEERS_ARGS)
+	$(VENV_PEERS)/bin/python -m benchmarks.bench_peers $(PEERS_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VENV6) $(VENV_PEERS) .pytest_cache .ruff_cache build dist *.egg-info db.sqlite3 celerybeat-schedule*
+	rm -rf $(VENV) $(VENV6) $(VENV_PEERS) .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info db.sqlite3 celerybeat-schedule*
 	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from .exceptions import UncacheableArguments, UndeclaredLookup
 
@@ -18,13 +19,20 @@ __all__ = [
 ]
 
 # Managers import the ORM; loading them lazily keeps `import tiered_cache` cheap and safe
-# before settings are configured.
+# before settings are configured. Type checkers see the real names.
+if TYPE_CHECKING:
+    from .derived import cached
+    from .managers import CachedManager, CachedManagerMixin, CachedQuerySet
+    from .reporting import stats
+    from .tiers.local import clear_local
+
 _LAZY = {
     "CachedManager": "managers",
     "CachedManagerMixin": "managers",
     "CachedQuerySet": "managers",
-    "stats": "counters",
+    "stats": "reporting",
     "cached": "derived",
+    "clear_local": "tiers.local",
 }
 
 
@@ -32,15 +40,6 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'tiered_cache' has no attribute {name!r}")
-    from importlib import import_module
-
     value = getattr(import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
-
-
-def clear_local() -> None:
-    """Empty this process's L1 (tests, benchmarks). Other processes are not touched."""
-    from .tiers.local import local_tier
-
-    local_tier.clear()

@@ -20,9 +20,13 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.text import capfirst
 
-from . import ops
+from . import maintenance
+from .bus import bus
+from .dashboard import overview
 from .models import PendingInvalidation
-from .registry import cached_managers
+from .registry import UnknownModel, cached_managers, cached_models, resolve_models
+from .reporting import publisher
+from .tiers.remote import Unavailable
 
 __all__ = ["CacheAdminMixin", "PendingInvalidationAdmin"]
 
@@ -60,13 +64,13 @@ class CacheAdminMixin:
     )
     def flush_selected_from_cache(self, request: HttpRequest, queryset: Any) -> None:
         objs = list(queryset)
-        ops.invalidate_rows(self.model, [o.pk for o in objs])
+        maintenance.invalidate_rows(self.model, [o.pk for o in objs])
         opts = self.model._meta
         noun = opts.verbose_name if len(objs) == 1 else opts.verbose_name_plural
         names = ", ".join(str(o) for o in objs[:_NAMES_SHOWN])
         if len(objs) > _NAMES_SHOWN:
             names += f" and {len(objs) - _NAMES_SHOWN} more"
-        self.message_user(  # type: ignore[attr-defined]
+        self.message_user(  # type: ignore[attr-defined]  # the ModelAdmin mixed into has it
             request,
             f"Flushed {len(objs)} {noun} from the cache in every process: {names}.",
             messages.SUCCESS,
@@ -74,8 +78,8 @@ class CacheAdminMixin:
 
     @admin.action(permissions=["change"], description="Flush all %(verbose_name)s cache entries")
     def flush_all_from_cache(self, request: HttpRequest, queryset: Any) -> None:
-        (label,) = ops.flush([self.model])
-        self.message_user(  # type: ignore[attr-defined]
+        (label,) = maintenance.flush([self.model])
+        self.message_user(  # type: ignore[attr-defined]  # the ModelAdmin mixed into has it
             request,
             f"Flushed all {self.model._meta.verbose_name} cache entries ({label}, every "
             "lookup, every process).",
@@ -83,7 +87,8 @@ class CacheAdminMixin:
         )
 
     def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
-        errors = super().check(**kwargs)  # type: ignore[misc]
+        # The ModelAdmin mixed into has check(); the mixin alone does not.
+        errors: list[checks.CheckMessage] = super().check(**kwargs)  # type: ignore[misc]
         if not cached_managers(self.model):
             errors.append(
                 checks.Error(
@@ -97,7 +102,8 @@ class CacheAdminMixin:
         return errors
 
 
-class PendingInvalidationAdmin(admin.ModelAdmin):
+# ModelAdmin[...] needs django_stubs_ext.monkeypatch() at run time: not a dependency of ours.
+class PendingInvalidationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     """The outbox, read-only (deleting a row would lose an invalidation), and the host of
     the cache dashboard at ``<admin>/tiered_cache/pendinginvalidation/dashboard/``."""
 
@@ -124,11 +130,9 @@ class PendingInvalidationAdmin(admin.ModelAdmin):
         if request.method == "POST":
             self._dashboard_post(request)
             return HttpResponseRedirect(request.path)
-        ops.start_stats_publisher()
-        from .bus import bus
-
+        publisher.start()
         bus.ensure_started()
-        view = ops.overview([m for m in ops.cached_models() if _can_view(request, m)])
+        view = overview([m for m in cached_models() if _can_view(request, m)])
         rows = [_row_context(request, row) for row in view["models"]]
         context = {
             **self.admin_site.each_context(request),
@@ -137,7 +141,7 @@ class PendingInvalidationAdmin(admin.ModelAdmin):
             "view": view,
             "rows": rows,
             "last_cleanup_at": _at(view["last_cleanup"]),
-            "can_flush_all": all(_can_change(request, m) for m in ops.cached_models()),
+            "can_flush_all": all(_can_change(request, m) for m in cached_models()),
             "colors": TIER_COLORS,
             "outbox_url": reverse(
                 f"{self.admin_site.name}:tiered_cache_pendinginvalidation_changelist"
@@ -150,10 +154,10 @@ class PendingInvalidationAdmin(admin.ModelAdmin):
         label = request.POST.get("model", "")
         try:
             if action in ("flush", "warmup"):
-                (model,) = ops.resolve_models([label])
+                (model,) = resolve_models([label])
                 _require_change(request, [model])
                 if action == "flush":
-                    ops.flush([model])
+                    maintenance.flush([model])
                     self.message_user(
                         request,
                         f"Flushed every {model._meta.label} entry (all processes).",
@@ -162,16 +166,16 @@ class PendingInvalidationAdmin(admin.ModelAdmin):
                 else:
                     self._start_warmup(request, model)
             elif action == "flush_all":
-                _require_change(request, ops.cached_models())
-                labels = ops.flush()
+                _require_change(request, cached_models())
+                labels = maintenance.flush()
                 self.message_user(
                     request,
                     "Flushed every cached model: " + ", ".join(labels) + ".",
                     messages.SUCCESS,
                 )
             elif action == "cleanup":
-                _require_change(request, ops.cached_models())
-                r = ops.cleanup()
+                _require_change(request, cached_models())
+                r = maintenance.cleanup()
                 gone = r["old_generation"] + r["stale_rows"] + r["old_schema"]
                 self.message_user(
                     request,
@@ -181,15 +185,15 @@ class PendingInvalidationAdmin(admin.ModelAdmin):
                 )
             else:
                 self.message_user(request, f"Unknown action {action!r}.", messages.ERROR)
-        except ops.UnknownModel as exc:
+        except UnknownModel as exc:
             self.message_user(request, str(exc), messages.ERROR)
-        except ops.Unavailable as exc:
+        except Unavailable as exc:
             self.message_user(
                 request, f"Redis is unavailable ({exc}); nothing was done.", messages.ERROR
             )
 
     def _start_warmup(self, request: HttpRequest, model: type[models.Model]) -> None:
-        started = ops.start_warmup(model)
+        started = maintenance.start_warmup(model)
         label = model._meta.label
         if started["mode"] == "celery":
             self.message_user(

@@ -1,12 +1,18 @@
-"""App config: system checks, invalidation receivers and fork safety, set up in ready()."""
+"""App config: system checks, the connection watcher, and the wiring between layers."""
 
 from __future__ import annotations
 
 import atexit
-import os
 
 from django.apps import AppConfig
 from django.core import checks
+from django.core.signals import setting_changed
+from django.db import connections
+from django.db.backends.signals import connection_created
+
+from . import capture, groups, keys, registry
+from .conf import conf
+from .serialization import forget_mac_key
 
 
 class TieredCacheConfig(AppConfig):
@@ -15,14 +21,10 @@ class TieredCacheConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from django.core.signals import setting_changed
-        from django.db import connections
-        from django.db.backends.signals import connection_created
-
+        # Imported here, as Django asks of anything that reaches models: these modules
+        # import the outbox model, which cannot load before the app registry is ready.
+        from . import bus, invalidation, reporting, transactions
         from . import checks as tc_checks
-        from . import transactions
-        from .conf import conf
-        from .serialization import forget_mac_key
 
         checks.register(tc_checks.check_settings, checks.Tags.caches)
         checks.register(tc_checks.check_lookups, checks.Tags.models)
@@ -32,69 +34,27 @@ class TieredCacheConfig(AppConfig):
         for conn in connections.all(initialized_only=True):
             transactions.install(conn)
 
+        # Lower layers call up through these, never by import: the bus starts the
+        # statistics publisher with its listener, and an invalidation that went to the
+        # outbox makes the bus stop trusting the tiers until it is delivered.
+        if reporting.publisher.start not in bus.bus.on_start:
+            bus.bus.on_start.append(reporting.publisher.start)
+        if bus.bus.undelivered not in invalidation.undelivered_hooks:
+            invalidation.undelivered_hooks.append(bus.bus.undelivered)
+
+        def key_space_changed(setting: str, **kwargs: object) -> None:
+            """CACHES or TIERED_CACHE changed (override_settings in tests): key names anew."""
+            if setting in ("CACHES", "TIERED_CACHE"):
+                keys.forget()
+                groups.forget()
+                capture.forget()
+                registry.reset_registry()
+
         setting_changed.connect(forget_mac_key, dispatch_uid="tiered_cache:secret_key")
         setting_changed.connect(conf.forget, dispatch_uid="tiered_cache:settings")
-        setting_changed.connect(_key_space_changed, dispatch_uid="tiered_cache:key_space")
+        setting_changed.connect(key_space_changed, weak=False, dispatch_uid="tiered_cache:keys")
         setting_changed.connect(
             transactions.forget_databases, dispatch_uid="tiered_cache:databases"
         )
-        os.register_at_fork(after_in_child=_after_fork)
-        atexit.register(_at_exit)
-
-
-def _key_space_changed(setting: str, **kwargs: object) -> None:
-    """CACHES or TIERED_CACHE changed (override_settings in tests): key names anew."""
-    if setting in ("CACHES", "TIERED_CACHE"):
-        from .groups import forget
-        from .registry import reset_registry
-
-        forget()
-        reset_registry()
-
-
-def _at_exit() -> None:
-    """Stop the listener before the interpreter (and the database) go away under it."""
-    from .bus import bus
-
-    bus.stop()
-
-
-def _after_fork() -> None:
-    """A forked child (gunicorn --preload, Celery prefork) starts with an empty L1, its own
-    Redis connections and its own listener, started on its first read. Every lock is made
-    anew: the parent may have forked while another of its threads held one."""
-    import sys
-    import threading
-
-    from . import groups, invalidation, reads, registry, transactions
-    from .breaker import breaker
-    from .bus import bus
-    from .tiers.local import local_tier
-    from .tiers.remote import fresh_token, redis_tier
-
-    local_tier._lock = threading.Lock()
-    breaker._lock = threading.Lock()
-    redis_tier._lock = threading.Lock()
-    reads._flights_lock = threading.Lock()
-    registry._registry_lock = threading.Lock()
-    groups._lock = threading.Lock()
-    transactions._open_lock = threading.Lock()
-    transactions._open[0] = 0  # the parent's transactions are not the child's
-    # Optional front ends: renew their locks only if this process loaded them.
-    metrics = sys.modules.get("tiered_cache.metrics")
-    if metrics is not None:
-        metrics._lock = threading.Lock()
-    ops = sys.modules.get("tiered_cache.ops")
-    if ops is not None:
-        ops._publish_lock = threading.Lock()
-        ops._publisher_lock = threading.Lock()
-        ops.l2_latency._lock = threading.Lock()
-    invalidation._outbox.lock = threading.Lock()
-    bus.after_fork()
-    local_tier.clear()
-    redis_tier._client = None
-    redis_tier._local = threading.local()
-    breaker.reset()
-    reads._flights.clear()
-    fresh_token.renew()
-    invalidation.origin["id"] = fresh_token()
+        # Stop the listener before the interpreter (and the database) go away under it.
+        atexit.register(bus.bus.stop)

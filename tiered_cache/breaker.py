@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -22,6 +23,12 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._probing = False
         self.opened_count = 0
+        os.register_at_fork(after_in_child=self.after_fork)
+
+    def after_fork(self) -> None:
+        """A forked child judges Redis by its own calls, with a lock of its own."""
+        self._lock = threading.Lock()
+        self.reset()
 
     def allow(self) -> bool:
         """True if a call may go to Redis now. Open costs one attribute read and a clock read."""

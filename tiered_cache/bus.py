@@ -3,26 +3,31 @@ invalidated, and decides whether this process may trust its tiers at all."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
+from django.db import connection
 
 from .conf import conf
+from .invalidation import apply_message, drain_outbox, origin
+from .keys import channel, parse_message
+from .threads import ProcessThread
 from .tiers.local import local_tier
+from .tiers.remote import Unavailable, redis_tier
+
+__all__ = ["Bus", "bus"]
 
 logger = logging.getLogger("tiered_cache")
 
 
 class Bus:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._listener = ProcessThread("tiered_cache-bus", self._run, prepare=self._prepare)
         self._stop = threading.Event()
         self._first = threading.Event()
         # Cuts a reconnect backoff short (an undelivered write wants the outbox drained).
@@ -39,6 +44,10 @@ class Bus:
         # Set when this process put invalidations in the outbox: the listener delivers
         # them before this process trusts its tiers again.
         self._drain_due = False
+        # Called in the caller's thread whenever a listener starts (AppConfig.ready() wires
+        # the statistics publisher here: one thread per process, started with the bus).
+        self.on_start: list[Callable[[], None]] = []
+        os.register_at_fork(after_in_child=self.after_fork)
 
     def trusted(self) -> bool:
         return time.monotonic() < self.trusted_until
@@ -50,33 +59,48 @@ class Bus:
 
     def ensure_started(self, wait: float | None = None) -> None:
         """Start the listener on first use; the first caller waits briefly for it."""
-        if self._thread is not None and self._pid == os.getpid():
+        if not self._listener.start():
             return
-        with self._lock:
-            if self._thread is not None and self._pid == os.getpid():
-                return
-            self._pid = os.getpid()
-            self._stop.clear()
-            self._first.clear()
-            self._thread = threading.Thread(target=self._run, name="tiered_cache-bus", daemon=True)
-            self._thread.start()
-            # Counters reach Redis in batches from one thread per process, never per hit.
-            from .ops import start_stats_publisher
-
-            start_stats_publisher()
+        for hook in self.on_start:
+            hook()
         if wait is None:
             wait = conf.SOCKET_CONNECT_TIMEOUT + conf.SOCKET_TIMEOUT
         self._first.wait(wait)
+
+    def wait_trusted(self, timeout: float = 10.0) -> bool:
+        """Start the listener if needed and wait until this process may use its tiers (a
+        warmup script, a benchmark or a test that wants the cache live, not bypassed)."""
+        deadline = time.monotonic() + timeout
+        self.ensure_started()
+        while time.monotonic() < deadline:
+            if self.trusted():
+                return True
+            time.sleep(0.005)
+        return self.trusted()
+
+    def listening(self) -> bool:
+        """Whether this process's listener thread runs."""
+        return self._listener.running()
+
+    def local_address(self) -> tuple[str, int] | None:
+        """The local address of the listener's connection, as Redis's CLIENT LIST shows
+        it (operations and tests use it to find, or kill, that connection)."""
+        client = self._client
+        if client is None:
+            return None
+        for conn in list(getattr(client.connection_pool, "_in_use_connections", ())):
+            sock = getattr(conn, "_sock", None)
+            if sock is not None:
+                host, port = sock.getsockname()[:2]
+                return host, port
+        return None
 
     def stop(self) -> None:
         """Stop the listener (tests); trust ends at once."""
         self._stop.set()
         self._wake.set()
         self.trusted_until = 0.0
-        t = self._thread
-        if t is not None and t.is_alive() and t is not threading.current_thread():
-            t.join(2)
-        self._thread = None
+        self._listener.join(2)
 
     def undelivered(self) -> None:
         """A write of this process could not reach Redis; its invalidation is in the outbox.
@@ -89,8 +113,7 @@ class Bus:
         self.ensure_started(wait=0)
 
     def after_fork(self) -> None:
-        self._lock = threading.Lock()
-        self._thread = None
+        """A forked child starts its own listener on its first read."""
         self.trusted_until = 0.0
         self.connected = False
         self._drain_due = False
@@ -99,6 +122,10 @@ class Bus:
         self._wake = threading.Event()
 
     # -- the listener ----------------------------------------------------------
+    def _prepare(self) -> None:
+        self._stop.clear()
+        self._first.clear()
+
     def _run(self) -> None:
         backoff = 0.05
         lost = False
@@ -138,17 +165,13 @@ class Bus:
             self._client = None
 
     def _listen(self, reconnect: bool = False) -> None:
-        from .groups import channel
-        from .invalidation import origin
-        from .tiers.remote import redis_tier
-
         heartbeat = conf.BUS_HEARTBEAT
         window = conf.BUS_TRUST_WINDOW
         cls, kwargs = redis_tier.connection_kwargs(socket_timeout=max(1.0, window * 4))
         self._client = client = redis.Redis(
             connection_pool=redis.ConnectionPool(connection_class=cls, **kwargs)
         )
-        pubsub = client.pubsub()
+        pubsub = client.pubsub()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
         pubsub.subscribe(channel())
         self.connected = True
         # After a lost connection, a writer may still be failing against the Redis that
@@ -181,7 +204,7 @@ class Bus:
             kind = msg["type"]
             if kind == "message":
                 self.messages += 1
-                self._handle(msg["data"], origin["id"])
+                self._handle(msg["data"], origin.id)
             elif kind == "pong":
                 at = sent.pop(bytes(msg["data"]), None)
                 if at is None:
@@ -209,11 +232,6 @@ class Bus:
     def _regain(self) -> bool:
         """Trust had lapsed (or never began): first apply what writers could not deliver
         while Redis was away. False if Redis still refuses them: stay untrusted."""
-        from django.db import connection
-
-        from .invalidation import drain_outbox
-        from .tiers.remote import Unavailable
-
         try:
             # Redis has just answered our heartbeat: deliver even if this process's
             # breaker is still open, or the other processes wait out its recovery time.
@@ -231,44 +249,13 @@ class Bus:
                 pass
 
     def _handle(self, data: bytes, own: str) -> None:
-        from .invalidation import apply_locally
-
-        msg = parse_message(data)
-        if msg is None:
+        message = parse_message(data)
+        if message is None:
             logger.warning(
                 "tiered_cache: ignoring a bus message that is not ours: %r", bytes(data)[:200]
             )
-            return
-        if msg.get("o") == own:
-            return
-        if "k" in msg:
-            apply_locally({}, [], {msg["k"]: msg["m"]})
-            return
-        gid = msg["g"]
-        apply_locally({gid: msg["r"]}, [gid] if msg["f"] else [])
-
-
-def parse_message(data: bytes) -> dict[str, Any] | None:
-    """A bus message as published by invalidation.py, or None for anything else (valid
-    JSON of another shape must not kill the listener: it would clear every L1)."""
-    try:
-        msg = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(msg, dict) or not isinstance(msg.get("o"), str):
-        return None
-    if "k" in msg:
-        ok = isinstance(msg["k"], str) and isinstance(msg.get("m"), str)
-        return msg if ok else None
-    rows = msg.get("r")
-    if (
-        isinstance(msg.get("g"), str)
-        and isinstance(rows, list)
-        and all(isinstance(r, str) for r in rows)
-        and msg.get("f") in (0, 1)
-    ):
-        return msg
-    return None
+        elif message.origin != own:
+            apply_message(message)
 
 
 bus = Bus()

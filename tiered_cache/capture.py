@@ -21,9 +21,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from django.apps import apps
+from django.db import models
+
 from .conf import conf
-from .groups import TableRole, table_roles
+from .groups import concrete_of, primary_parent, root_label
 from .keys import pk_row_id
+from .registry import cached_models
+
+__all__ = ["FLUSH", "INSERT", "ROWS", "Effect", "TableRole", "classify", "forget", "table_roles"]
 
 ROWS, FLUSH, INSERT = "rows", "flush", "insert"
 
@@ -54,6 +60,73 @@ _OTHER_WRITES = (
 )
 _WRITE_WORD = re.compile(r"\b(update|delete|insert|merge|truncate)\b", re.IGNORECASE)
 _FIRST = frozenset("udirtwmcaUDIRTWMCA \t\n(")
+
+
+# -- which tables belong to which groups ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableRole:
+    """What a write to one table does to one group: rows by pk (the table's pk column is
+    the group's row id), or the whole group (a secondary parent of a multiple-inheritance
+    child, whose pk is not the child's), or only the group's write counter (`touch`: an
+    auto-created many-to-many table, whose rows no entry holds but whose changes the
+    group's derived functions and "no such row" entries must see)."""
+
+    label: str
+    pk_column: str
+    pk_field: Any
+    by_row: bool
+    touch: bool = False
+
+
+_tables: dict[str, list[TableRole]] | None = None
+
+
+def table_roles() -> dict[str, list[TableRole]]:
+    """db_table -> roles, for every table a cached model's rows are stored in."""
+    global _tables
+    if _tables is not None:
+        return _tables
+    if not apps.ready:
+        return {}
+    out: dict[str, dict[str, TableRole]] = {}
+    for model in cached_models():
+        label = root_label(model)
+        primary = set()
+        m: type[models.Model] | None = model._meta.concrete_model
+        while m is not None:
+            primary.add(m)
+            m = primary_parent(m)
+        concrete = concrete_of(model)
+        for m in [concrete, *concrete._meta.get_parent_list()]:
+            pk = m._meta.pk
+            role = TableRole(label, pk.column, pk, by_row=m in primary)
+            have = out.setdefault(m._meta.db_table, {}).get(label)
+            if have is None or (have.by_row and not role.by_row):
+                out[m._meta.db_table][label] = role
+    cached_roots = {root_label(m) for m in cached_models()}
+    for model in apps.get_models():
+        for f in model._meta.local_many_to_many:
+            through = f.remote_field.through
+            assert through is not None  # set once the field is bound to its model
+            if not through._meta.auto_created:
+                continue  # an explicit through model is a model of its own
+            for end in (model, f.remote_field.model):  # f.related_model, resolved
+                label = root_label(end)
+                if label in cached_roots:
+                    pk = through._meta.pk
+                    out.setdefault(through._meta.db_table, {}).setdefault(
+                        label, TableRole(label, pk.column, pk, by_row=False, touch=True)
+                    )
+    _tables = {t: list(roles.values()) for t, roles in out.items()}
+    return _tables
+
+
+def forget(**kwargs: Any) -> None:
+    """Models or settings changed (tests): map the tables again on next use."""
+    global _tables
+    _tables = None
 
 
 @dataclass(frozen=True)

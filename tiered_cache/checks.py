@@ -10,6 +10,10 @@ from django.core.checks import CheckMessage, Error, Warning
 from django.core.exceptions import FieldDoesNotExist
 
 from .conf import DEFAULTS, conf
+from .derived import cached_functions
+from .registry import cached_managers, is_composite_pk, uncacheable_reason, unique_sets
+
+__all__ = ["check_lookups", "check_manager", "check_settings"]
 
 _POSITIVE = (
     "L1_MAX_ENTRIES",
@@ -85,14 +89,11 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
 
 
 def check_lookups(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    from .derived import _functions
-    from .registry import cached_managers
-
     errors: list[CheckMessage] = []
     for mgr in cached_managers():
         if app_configs is None or mgr.model._meta.app_config in app_configs:
             errors.extend(check_manager(mgr))
-    for fn in list(_functions.values()):
+    for fn in cached_functions():
         try:
             missing = fn.unwatched()
         except LookupError as exc:
@@ -112,8 +113,6 @@ def check_lookups(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
 
 def check_manager(mgr: Any) -> list[CheckMessage]:
     """The lookups of one cached manager: known concrete fields, and unique ones."""
-    from .registry import _scope, is_composite_pk, unique_sets
-
     errors: list[CheckMessage] = []
     model = mgr.model
     label = model._meta.label
@@ -127,7 +126,7 @@ def check_manager(mgr: Any) -> list[CheckMessage]:
                 id="tiered_cache.E008",
             )
         ]
-    reason = _scope(mgr)
+    reason = uncacheable_reason(mgr)
     if reason is not None:
         errors.append(
             Warning(

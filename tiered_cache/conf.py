@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 
@@ -44,6 +44,7 @@ class Settings:
     def __init__(self) -> None:
         self._values: dict[str, Any] | None = None
 
+    # The system checks (checks.py) hold each value to its type: the properties cast to it.
     def _get(self, name: str) -> Any:
         values = self._values
         if values is None:
@@ -61,75 +62,75 @@ class Settings:
 
     @property
     def CACHE_ALIAS(self) -> str:
-        return self._get("CACHE_ALIAS")
+        return cast(str, self._get("CACHE_ALIAS"))
 
     @property
     def L1_MAX_ENTRIES(self) -> int:
-        return self._get("L1_MAX_ENTRIES")
+        return cast(int, self._get("L1_MAX_ENTRIES"))
 
     @property
     def L1_TIMEOUT(self) -> float:
-        return self._get("L1_TIMEOUT")
+        return cast(float, self._get("L1_TIMEOUT"))
 
     @property
     def TIMEOUT(self) -> float:
-        return self._get("TIMEOUT")
+        return cast(float, self._get("TIMEOUT"))
 
     @property
     def NEGATIVE_TIMEOUT(self) -> float:
-        return self._get("NEGATIVE_TIMEOUT")
+        return cast(float, self._get("NEGATIVE_TIMEOUT"))
 
     @property
     def KEY_PREFIX(self) -> str:
-        return self._get("KEY_PREFIX")
+        return cast(str, self._get("KEY_PREFIX"))
 
     @property
     def SOCKET_TIMEOUT(self) -> float:
-        return self._get("SOCKET_TIMEOUT")
+        return cast(float, self._get("SOCKET_TIMEOUT"))
 
     @property
     def SOCKET_CONNECT_TIMEOUT(self) -> float:
-        return self._get("SOCKET_CONNECT_TIMEOUT")
+        return cast(float, self._get("SOCKET_CONNECT_TIMEOUT"))
 
     @property
     def BREAKER_FAILURE_THRESHOLD(self) -> int:
-        return self._get("BREAKER_FAILURE_THRESHOLD")
+        return cast(int, self._get("BREAKER_FAILURE_THRESHOLD"))
 
     @property
     def BREAKER_RECOVERY_TIME(self) -> float:
-        return self._get("BREAKER_RECOVERY_TIME")
+        return cast(float, self._get("BREAKER_RECOVERY_TIME"))
 
     @property
     def BREAKER_SUCCESS_THRESHOLD(self) -> int:
-        return self._get("BREAKER_SUCCESS_THRESHOLD")
+        return cast(int, self._get("BREAKER_SUCCESS_THRESHOLD"))
 
     @property
     def LEASE_TIMEOUT(self) -> float:
-        return self._get("LEASE_TIMEOUT")
+        return cast(float, self._get("LEASE_TIMEOUT"))
 
     @property
     def LEASE_WAIT(self) -> float:
-        return self._get("LEASE_WAIT")
+        return cast(float, self._get("LEASE_WAIT"))
 
     @property
     def BUS_HEARTBEAT(self) -> float:
-        return self._get("BUS_HEARTBEAT")
+        return cast(float, self._get("BUS_HEARTBEAT"))
 
     @property
     def BUS_TRUST_WINDOW(self) -> float:
-        return self._get("BUS_TRUST_WINDOW")
+        return cast(float, self._get("BUS_TRUST_WINDOW"))
 
     @property
     def BULK_INVALIDATION_LIMIT(self) -> int:
-        return self._get("BULK_INVALIDATION_LIMIT")
+        return cast(int, self._get("BULK_INVALIDATION_LIMIT"))
 
     @property
     def OUTBOX_LIMIT(self) -> int:
-        return self._get("OUTBOX_LIMIT")
+        return cast(int, self._get("OUTBOX_LIMIT"))
 
     @property
     def STATS_FLUSH_INTERVAL(self) -> float:
-        return self._get("STATS_FLUSH_INTERVAL")
+        return cast(float, self._get("STATS_FLUSH_INTERVAL"))
 
 
 conf = Settings()

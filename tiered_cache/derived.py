@@ -12,7 +12,7 @@ import inspect
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from asgiref.sync import markcoroutinefunction, sync_to_async
 from django.apps import apps
@@ -22,9 +22,20 @@ from django.db import DEFAULT_DB_ALIAS, models, router
 from .bus import bus
 from .conf import conf
 from .exceptions import UncacheableArguments
-from .groups import Group, database_of, fn_tag, group, root_label
+from .groups import group_of
 from .invalidation import Batch, local_hooks
-from .keys import encode_value, encode_values, schema_fingerprint
+from .keys import (
+    DerivedHeader,
+    DerivedRead,
+    Group,
+    derived_fill_call,
+    derived_header,
+    derived_read_call,
+    encode_value,
+    encode_values,
+    fn_key_prefix,
+    schema_fingerprint,
+)
 from .registry import cached_managers
 from .serialization import CorruptPayload, dumps, loads_verified, open_signed, sign
 from .tiers.local import local_tier
@@ -34,6 +45,20 @@ from .transactions import bypass_any, open_writes, queue, snapshot_aliases
 # group id -> labels of the cached functions (known to this process) that depend on it
 _dependents: dict[str, set[str]] = {}
 _functions: dict[str, CachedFunction] = {}
+
+
+def cached_functions() -> list[CachedFunction]:
+    """Every @cached function this process has defined."""
+    return list(_functions.values())
+
+
+class _FillState(NamedTuple):
+    """What a fill of a derived result must match: this process's L1 token, and what L2
+    answered (None: Redis was not asked, or its entry was unusable: L1 only)."""
+
+    token: Any
+    seen: DerivedRead | None
+
 
 _PLAIN = (
     type(None),
@@ -143,7 +168,7 @@ class CachedFunction:
             groups = []
             for model in self.dep_models():
                 alias = router.db_for_write(model) if router.routers else DEFAULT_DB_ALIAS
-                g = group(database_of(alias), root_label(model))
+                g = group_of(model, alias)
                 _dependents.setdefault(g.id, set()).add(self.label)
                 groups.append(g)
             self._dep_groups = groups
@@ -154,7 +179,7 @@ class CachedFunction:
             # The dependencies' schemas are part of the key: results may hold their rows.
             schemas = ",".join(schema_fingerprint(m) for m in self.dep_models())
             digest = hashlib.sha256(schemas.encode()).hexdigest()[:10]
-            self._prefix = f"{fn_tag()}:{self.qualname}:{digest}:"
+            self._prefix = fn_key_prefix(self.qualname, digest)
         return self._prefix
 
     def key(self, *args: Any, **kwargs: Any) -> str:
@@ -169,8 +194,9 @@ class CachedFunction:
         ]
         return self._key_prefix() + encode_values(parts)
 
-    def _keys(self, key: str) -> list[str]:
-        return [fn_tag() + ":g", key, *(g.fn_counter for g in self.dep_groups())]
+    def _counters(self) -> list[str]:
+        """The write counters of the dependencies, as the derived entries mirror them."""
+        return [g.fn_counter for g in self.dep_groups()]
 
     @property
     def timeout(self) -> float:
@@ -205,7 +231,7 @@ class CachedFunction:
                 return True, loads_verified(body)
         return False, None
 
-    def _lookup(self, key: str) -> tuple[Any, Any, Any]:
+    def _lookup(self, key: str) -> tuple[bool, Any, _FillState | None]:
         """(found, result, fill state): from L1, then L2; state is what a fill must match."""
         found, result = self._peek(key)
         if found:
@@ -216,50 +242,42 @@ class CachedFunction:
             return False, None, None
         token = local_tier.token(self.label)
         try:
-            res = redis_tier.run_many([("dread", self._keys(key), [fresh_token()])])[0]
+            res = DerivedRead.of(
+                redis_tier.scripts([derived_read_call(key, self._counters(), fresh_token())])[0]
+            )
         except Unavailable:
-            return False, None, ("local", token)
-        if res[0] == 1:
+            return False, None, _FillState(token, None)
+        if res.value is not None:
             try:
-                (_kind, _gen, _counters, expires), body = open_signed(key, res[1], 4)
-                if int(expires) < time.time():
+                header, body = open_signed(key, res.value, DerivedHeader)
+                if int(header.expires) < time.time():
                     raise CorruptPayload("expired")
                 result = loads_verified(body)
             except (CorruptPayload, ValueError):
-                return False, None, ("local", token)
+                return False, None, _FillState(token, None)
             local_tier.set(key, self.label, "", body, self._l1_ttl(result), token)
             return True, result, None
-        # Bytes as Redis gave them: junk in a counter must fail the fill there, not raise here.
-        g, wstr, tomb = (x if isinstance(x, bytes) else str(x).encode() for x in res[1:4])
-        return False, None, ("l2", token, g, wstr, tomb)
+        return False, None, _FillState(token, res)
 
-    def _store(self, key: str, result: Any, state: Any) -> None:
+    def _store(self, key: str, result: Any, state: _FillState | None) -> None:
         if state is None:
             return
         body = dumps(result)
-        if state[0] == "l2":
-            _, token, g, wstr, tomb = state
+        seen = state.seen
+        if seen is not None:
             ttl = self._ttl(result)
-            header = b"|".join([b"D", g, wstr, str(int(time.time() + ttl) + 1).encode(), b""])
-            signed = sign(key, header, body)
+            header = derived_header(seen.gen, seen.counters, int(time.time() + ttl) + 1)
+            call = derived_fill_call(
+                key, self._counters(), seen, sign(key, header, body), int(ttl * 1000)
+            )
             try:
-                ok = redis_tier.run_many(
-                    [
-                        (
-                            "dfill",
-                            self._keys(key),
-                            [g, wstr, tomb, signed, int(ttl * 1000)],
-                        )
-                    ]
-                )[0]
+                ok = redis_tier.scripts([call])[0]
             except Unavailable:
                 ok = 1
             if not ok:
                 return  # a dependency was written meanwhile: the result may be stale
-        else:
-            token = state[1]
         if bus.trusted():
-            local_tier.set(key, self.label, "", body, self._l1_ttl(result), token)
+            local_tier.set(key, self.label, "", body, self._l1_ttl(result), state.token)
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         key = self.key(*args, **kwargs)
@@ -303,6 +321,13 @@ class CachedFunction:
             if found:
                 return result
         return await sync_to_async(self._call)(args, kwargs)
+
+    def unregister(self) -> None:
+        """Forget this function (one defined inside a test): system checks and the
+        invalidation of its dependencies no longer know it."""
+        _functions.pop(self.label, None)
+        for labels in _dependents.values():
+            labels.discard(self.label)
 
     # -- invalidation ------------------------------------------------------------------
     def invalidate(self, *args: Any, **kwargs: Any) -> None:

@@ -1,15 +1,65 @@
-"""Injective cache keys: prefix, model, schema fingerprint, manager, lookup and values."""
+"""Every Redis key name tiered_cache uses, and the wire format of what it stores and sends.
+
+The one owner of the key space: lookup values made injective (encode_values), the keys of
+an invalidation group, of derived functions, statistics, operations and locks; the header
+of a stored value; the bus messages; and the Lua scripts with the layout of their KEYS,
+ARGV and replies. Nothing else builds a key name or parses a header.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import decimal
+import enum
+import functools
 import hashlib
+import json
+import os
+import threading
 import uuid
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from typing import Any, NamedTuple
 
+from django.core.cache import caches
 from django.db import models
+
+from .conf import conf
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DerivedDrop",
+    "DerivedHeader",
+    "DerivedRead",
+    "Group",
+    "Read",
+    "ReadMany",
+    "RowHeader",
+    "RowsMessage",
+    "Script",
+    "ScriptCall",
+    "base_prefix",
+    "channel",
+    "derived_header",
+    "encode_value",
+    "encode_values",
+    "fn_gen_key",
+    "fn_tag",
+    "forget",
+    "group",
+    "group_by_id",
+    "lease_key",
+    "lock_key",
+    "lookup_key",
+    "ops_key",
+    "parse_message",
+    "pk_row_id",
+    "row_header",
+    "row_id",
+    "schema_fingerprint",
+    "split_header",
+]
 
 # Bumped whenever the payload layout changes, so old payloads are never decoded.
 FORMAT_VERSION = "1"
@@ -18,29 +68,33 @@ FORMAT_VERSION = "1"
 _MAX_PLAIN = 200
 
 
+# -- lookup values -----------------------------------------------------------------------
+
+
 def encode_value(value: Any) -> str:
     """A type-tagged text form: 1 and "1" and True never share a form."""
+    # f-strings where `value` is Any: the result is a str whatever mypy knows of `value`.
     t = type(value)
     if t is int:
         return "i" + str(value)
     if t is str:
-        return "s" + value
+        return f"s{value}"
     if value is None:
         return "n"
     if t is bool:
         return "b1" if value else "b0"
     if t is uuid.UUID:
-        return "u" + value.hex
+        return f"u{value.hex}"
     if t is decimal.Decimal:
         return "d" + str(value.normalize())
     if t is datetime.datetime:
-        return "t" + value.isoformat()
+        return f"t{value.isoformat()}"
     if t is datetime.date:
-        return "D" + value.isoformat()
+        return f"D{value.isoformat()}"
     if t is float:
         return "f" + repr(value)
     if t is bytes:
-        return "x" + value.hex()
+        return f"x{value.hex()}"
     if isinstance(value, models.Model):  # pragma: no cover - normalized away before
         raise TypeError("model instances are normalized to their pk before keying")
     return "r" + type(value).__qualname__ + ":" + repr(value)
@@ -63,7 +117,7 @@ def encode_values(values: Iterable[Any]) -> str:
 
 
 def row_id(pk: Any) -> str:
-    """The id of a row inside a model's keys; contains no '|' (the payload header separator)."""
+    """The id of a row inside a model's keys; contains no '|' (the header separator)."""
     return encode_values((pk,)).replace("%", "%25").replace("|", "%7C")
 
 
@@ -83,3 +137,465 @@ def schema_fingerprint(model: type[models.Model]) -> str:
         cls = type(f)
         parts.append(f"{f.attname}/{f.column}/{cls.__module__}.{cls.__qualname__}/{f.null}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
+
+
+# -- the key space -----------------------------------------------------------------------
+
+_base: list[str] = []
+
+
+def base_prefix() -> str:
+    """Our KEY_PREFIX inside the cache alias's own KEY_PREFIX and VERSION (Django's
+    make_key), so two projects sharing one Redis database never share an entry. Braces
+    would break Redis Cluster hash tags: they are replaced."""
+    if not _base:
+        key = caches[conf.CACHE_ALIAS].make_key(conf.KEY_PREFIX)
+        _base.append(key.replace("{", "(").replace("}", ")"))
+    return _base[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """The Redis keys of one invalidation group (one database, one table hierarchy). All of
+    them share the group's hash tag, so every script touches one Redis Cluster slot."""
+
+    id: str  # "<alias>:<root model label>", as carried by bus messages and the outbox
+    alias: str
+    label: str  # the root model's label
+    tag: str
+    gen_key: str
+    writes_key: str
+    row_prefix: str
+    # Mirror of the write counter in the derived functions' hash slot.
+    fn_counter: str
+
+    def row_key(self, rid: str) -> str:
+        return self.row_prefix + rid
+
+    def stats_key(self, label: str) -> str:
+        """A model's counters summed over every process."""
+        return f"{self.tag}:s:{label}"
+
+    def procs_key(self, label: str) -> str:
+        """The processes that reported a model's counters, scored by when."""
+        return f"{self.tag}:p:{label}"
+
+    def hot_key(self, label: str) -> str:
+        """A model's sampled hottest rows."""
+        return f"{self.tag}:hot:{label}"
+
+    def data_prefix(self, schema: str, key_prefix: str) -> str:
+        """Every entry of one model schema and manager starts with this."""
+        return f"{self.tag}:{schema}:{key_prefix}"
+
+    def is_bookkeeping(self, key: str) -> bool:
+        """Whether a key of this group is a counter, statistic or row version (kept by
+        cleanup) rather than an entry."""
+        t = self.tag
+        return key in (self.gen_key, self.writes_key) or key.startswith(
+            (t + ":s:", t + ":p:", t + ":hot:", self.row_prefix)
+        )
+
+
+_groups: dict[tuple[str, str], Group] = {}
+_lock = threading.Lock()
+
+
+def group(alias: str, label: str) -> Group:
+    g = _groups.get((alias, label))
+    if g is None:
+        gid = f"{alias}:{label}"
+        tag = "{" + base_prefix() + ":" + gid + "}"
+        g = Group(
+            id=gid,
+            alias=alias,
+            label=label,
+            tag=tag,
+            gen_key=tag + ":g",
+            writes_key=tag + ":w",
+            row_prefix=tag + ":r:",
+            fn_counter=fn_tag() + ":w:" + gid,
+        )
+        with _lock:
+            _groups[(alias, label)] = g
+    return g
+
+
+def group_by_id(gid: str) -> Group | None:
+    alias, _, label = gid.partition(":")
+    if not label:
+        return None
+    return group(alias, label)
+
+
+def lookup_key(g: Group, schema: str, key_prefix: str, alias_part: str, values: Any) -> str:
+    """An entry's key: the group's tag (its hash slot), the model's schema, the model,
+    manager and lookup (key_prefix), the database read, and the values."""
+    return f"{g.tag}:{schema}:{key_prefix}{alias_part}:{encode_values(values)}"
+
+
+def lease_key(key: str) -> str:
+    """The lease of an entry, in its hash slot; cleanup leaves keys of this form alone."""
+    return key + "|L"
+
+
+def is_lease(key: str) -> bool:
+    return key.endswith("|L")
+
+
+def negative_row_key(key: str) -> str:
+    """Where a "no such row" entry keeps its version (it has no row id)."""
+    return key + "|R"
+
+
+def fn_tag() -> str:
+    """Every derived entry shares one hash slot with the counters it is checked against."""
+    return "{" + base_prefix() + ":fn}"
+
+
+def fn_gen_key() -> str:
+    return fn_tag() + ":g"
+
+
+def fn_key_prefix(qualname: str, digest: str) -> str:
+    return f"{fn_tag()}:{qualname}:{digest}:"
+
+
+def channel() -> str:
+    """The invalidation bus."""
+    return base_prefix() + ":bus"
+
+
+def ops_key() -> str:
+    """The last maintenance runs, and when hot-row samples last decayed."""
+    return conf.KEY_PREFIX + ":ops"
+
+
+def lock_key(name: str) -> str:
+    return f"{conf.KEY_PREFIX}:lock:{name}"
+
+
+def _after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def forget(**kwargs: Any) -> None:
+    """Settings changed (tests): build key names anew on next use."""
+    with _lock:
+        _base.clear()
+        _groups.clear()
+
+
+# -- stored values ---------------------------------------------------------------------
+# A row entry is "kind|gen|row id|version|expiry|" + MAC + body (kind P: a row, N: no such
+# row, whose version is the write count it was stored under); a derived entry is
+# "D|gen|counters|expiry|" + MAC + body, or a tombstone "T|token". The MAC covers the key
+# and the whole header (serialization.sign). Lua reads the row header in row_header.lua.
+
+ROW = b"P"
+NO_ROW = b"N"
+DERIVED = b"D"
+TOMBSTONE = "T|"
+
+
+class RowHeader(NamedTuple):
+    """The header of a row entry (kind ROW or NO_ROW)."""
+
+    kind: bytes
+    gen: bytes
+    rid: bytes
+    version: bytes
+    expires: bytes
+
+
+class DerivedHeader(NamedTuple):
+    """The header of a derived result."""
+
+    kind: bytes
+    gen: bytes
+    counters: bytes
+    expires: bytes
+
+
+def row_header(kind: bytes, gen: bytes, rid: str, version: bytes, expires: int) -> bytes:
+    return b"|".join([*RowHeader(kind, gen, rid.encode(), version, str(expires).encode()), b""])
+
+
+def derived_header(gen: bytes, counters: bytes, expires: int) -> bytes:
+    return b"|".join([*DerivedHeader(DERIVED, gen, counters, str(expires).encode()), b""])
+
+
+def split_header(raw: bytes, fields: int) -> tuple[list[bytes], bytes] | None:
+    """A value's first `fields` header fields and what follows the header (MAC and body),
+    or None when it has fewer."""
+    parts = raw.split(b"|", fields)
+    if len(parts) != fields + 1:
+        return None
+    return parts[:fields], parts[fields]
+
+
+def header_generation(head: bytes) -> bytes | None:
+    """The generation in the first bytes of a row entry (None if it has none)."""
+    split = split_header(head, 2)
+    return split[0][1] if split is not None else None
+
+
+# -- bus messages --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RowsMessage:
+    """Rows of a group were written (flush: all of them): drop them from every L1."""
+
+    origin: str
+    group_id: str
+    rows: tuple[str, ...]
+    flush: bool
+
+    def encode(self) -> str:
+        return json.dumps(
+            {"o": self.origin, "g": self.group_id, "r": list(self.rows), "f": int(self.flush)}
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DerivedDrop:
+    """One derived result was dropped (fn.invalidate()): drop it from every L1."""
+
+    origin: str
+    key: str
+    fn_label: str
+
+    def encode(self) -> str:
+        return json.dumps({"o": self.origin, "k": self.key, "m": self.fn_label})
+
+
+def parse_message(data: bytes) -> RowsMessage | DerivedDrop | None:
+    """A bus message, or None for anything else (valid JSON of another shape must not kill
+    the listener: it would clear every L1)."""
+    try:
+        msg = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(msg, dict) or not isinstance(msg.get("o"), str):
+        return None
+    if "k" in msg:
+        if isinstance(msg["k"], str) and isinstance(msg.get("m"), str):
+            return DerivedDrop(msg["o"], msg["k"], msg["m"])
+        return None
+    rows = msg.get("r")
+    if (
+        isinstance(msg.get("g"), str)
+        and isinstance(rows, list)
+        and all(isinstance(r, str) for r in rows)
+        and msg.get("f") in (0, 1)
+    ):
+        return RowsMessage(msg["o"], msg["g"], tuple(rows), bool(msg["f"]))
+    return None
+
+
+# -- scripts ---------------------------------------------------------------------------
+
+
+class Script(enum.Enum):
+    """The Lua scripts (tiered_cache/lua/), each with the shared functions it uses."""
+
+    READ = ("read", ("common", "row_header"))
+    READ_MANY = ("read_many", ("common", "row_header"))
+    FILL = ("fill", ("common",))
+    INVALIDATE = ("invalidate", ("common",))
+    BUMP = ("bump", ("common",))
+    DERIVED_READ = ("derived_read", ("common",))
+    DERIVED_FILL = ("derived_fill", ("common",))
+    DERIVED_DROP = ("derived_drop", ())
+    CLEAN = ("clean", ("common", "row_header"))
+    RELEASE = ("release", ())
+
+    @property
+    def source(self) -> str:
+        return _source(self.value)
+
+    @property
+    def sha(self) -> str:
+        return _sha(self.value)
+
+
+@functools.cache
+def _lua(name: str) -> str:
+    return resources.files(__package__).joinpath("lua", name + ".lua").read_text()
+
+
+@functools.cache
+def _source(value: tuple[str, tuple[str, ...]]) -> str:
+    name, parts = value
+    return "".join(_lua(p) for p in parts) + _lua(name)
+
+
+@functools.cache
+def _sha(value: tuple[str, tuple[str, ...]]) -> str:
+    return hashlib.sha1(_source(value).encode()).hexdigest()
+
+
+class ScriptCall(NamedTuple):
+    """One EVALSHA: a script with its KEYS and ARGV."""
+
+    script: Script
+    keys: Sequence[str]
+    args: Sequence[Any]
+
+
+# READ codes: a valid hit; no lease asked; lease granted; someone else fills.
+HIT, NO_LEASE, LEASE, BUSY = 1, 0, 2, 3
+
+
+def read_call(g: Group, key: str, lease: str, lease_ms: int, fresh: str) -> ScriptCall:
+    return ScriptCall(
+        Script.READ,
+        [g.gen_key, g.writes_key, key, lease_key(key)],
+        [lease, lease_ms, fresh, g.row_prefix],
+    )
+
+
+class Read(NamedTuple):
+    """READ's reply: a HIT with its value, or a code with the generation and write count a
+    fill must find unchanged (bytes as Redis gave them)."""
+
+    code: int
+    value: bytes | None
+    gen: bytes | None
+    writes: bytes | None
+
+    @classmethod
+    def of(cls, res: list[Any]) -> Read:
+        if res[0] == HIT:
+            return cls(HIT, res[1], None, None)
+        return cls(int(res[0]), None, res[1], res[2])
+
+
+def read_many_call(
+    g: Group, keys: Sequence[str], leases: Sequence[str], lease_ms: int, fresh: str
+) -> ScriptCall:
+    return ScriptCall(
+        Script.READ_MANY,
+        [g.gen_key, g.writes_key, *keys],
+        [lease_ms, fresh, g.row_prefix, *leases],
+    )
+
+
+class ReadMany(NamedTuple):
+    """READ_MANY's reply: the generation, the write count, and per key a value (bytes) or
+    LEASE / BUSY."""
+
+    gen: bytes
+    writes: bytes
+    entries: list[Any]
+
+    @classmethod
+    def of(cls, res: list[Any]) -> ReadMany:
+        return cls(res[0], res[1], res[2:])
+
+
+def fill_call(
+    g: Group,
+    key: str,
+    rid: str,
+    lease: str,
+    gen: bytes,
+    writes: bytes,
+    kind: bytes,
+    signed: bytes,
+    ttl_ms: int,
+    version: bytes,
+    version_ttl_ms: int,
+) -> ScriptCall:
+    """FILL replies 1 (stored), 0 (refused) or [2, current row version]."""
+    row_key = g.row_key(rid) if rid else negative_row_key(key)
+    return ScriptCall(
+        Script.FILL,
+        [g.gen_key, g.writes_key, key, lease_key(key), row_key],
+        [lease, gen, writes, kind.decode(), signed, ttl_ms, version, version_ttl_ms],
+    )
+
+
+def invalidate_call(
+    g: Group,
+    rids: Sequence[str],
+    message: RowsMessage,
+    fresh: str,
+    version_ttl_ms: int,
+    fresh_gen: str,
+) -> ScriptCall:
+    return ScriptCall(
+        Script.INVALIDATE,
+        [g.gen_key, g.writes_key, *[g.row_key(r) for r in rids]],
+        [
+            channel(),
+            message.encode(),
+            len(rids),
+            fresh,
+            version_ttl_ms,
+            "1" if message.flush else "0",
+            fresh_gen,
+        ],
+    )
+
+
+def bump_call(counters: Sequence[str], fresh: str) -> ScriptCall:
+    return ScriptCall(Script.BUMP, list(counters), [fresh])
+
+
+def derived_keys(key: str, counters: Sequence[str]) -> list[str]:
+    return [fn_gen_key(), key, *counters]
+
+
+def derived_read_call(key: str, counters: Sequence[str], fresh: str) -> ScriptCall:
+    return ScriptCall(Script.DERIVED_READ, derived_keys(key, counters), [fresh])
+
+
+class DerivedRead(NamedTuple):
+    """DERIVED_READ's reply: a hit's value, or what a fill must find unchanged."""
+
+    hit: bool
+    value: bytes | None
+    gen: bytes
+    counters: bytes
+    tombstone: bytes
+
+    @classmethod
+    def of(cls, res: list[Any]) -> DerivedRead:
+        if res[0] == 1:
+            return cls(True, res[1], b"", b"", b"")
+        g, w, t = (x if isinstance(x, bytes) else str(x).encode() for x in res[1:4])
+        return cls(False, None, g, w, t)
+
+
+def derived_fill_call(
+    key: str, counters: Sequence[str], seen: DerivedRead, signed: bytes, ttl_ms: int
+) -> ScriptCall:
+    return ScriptCall(
+        Script.DERIVED_FILL,
+        derived_keys(key, counters),
+        [seen.gen, seen.counters, seen.tombstone, signed, ttl_ms],
+    )
+
+
+def derived_drop_call(message: DerivedDrop, tombstone: str, ttl_ms: int) -> ScriptCall:
+    """Replace one derived result by a tombstone, which refuses fills begun before it."""
+    return ScriptCall(
+        Script.DERIVED_DROP,
+        [message.key],
+        [TOMBSTONE + tombstone, ttl_ms, channel(), message.encode()],
+    )
+
+
+def clean_call(g: Group, keys: Sequence[str]) -> ScriptCall:
+    """CLEAN replies [entries of old generations deleted, stale entries deleted]."""
+    return ScriptCall(Script.CLEAN, [g.gen_key, g.writes_key, *keys], [g.row_prefix])
+
+
+def release_call(key: str, token: str) -> ScriptCall:
+    return ScriptCall(Script.RELEASE, [key], [token])

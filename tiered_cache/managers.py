@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.db import DEFAULT_DB_ALIAS, models, router
@@ -12,40 +12,46 @@ from django.db.models.query import QuerySet
 from . import reads
 from .groups import database_of
 from .invalidation import flush_batch, rows_batch
-from .registry import LookupSpec, model_cache
+from .registry import CachedManagerBase, LookupSpec, model_cache
 from .transactions import open_writes, queue, snapshot_aliases
 
+_M = TypeVar("_M", bound=models.Model)
 
-class CachedQuerySet(QuerySet):
+
+class CachedQuerySet(QuerySet[_M]):
     """The queryset of a CachedManager. Its writes are Django's own, unchanged: every write
     statement is seen on the connection (see capture.py), whichever manager runs it."""
 
 
-class CachedManagerMixin:
-    """Mix into any manager: ``class UserManager(CachedManagerMixin, BaseUserManager)``.
-    Declare lookups in ``cache_lookups``; pk is always declared."""
+class CachedManagerMixin(CachedManagerBase, Generic[_M]):
+    """Mix into any manager: ``class UserManager(CachedManagerMixin, BaseUserManager)``
+    (typed: ``CachedManagerMixin["User"], BaseUserManager["User"]``).
+    Declare lookups in ``cache_lookups`` (and timeouts in ``cache_timeout``,
+    ``cache_l1_timeout``, ``cache_negative_timeout``); pk is always declared."""
 
-    cache_lookups: Sequence[LookupSpec] = ()
-    cache_timeout: float | None = None
-    cache_l1_timeout: float | None = None
-    cache_negative_timeout: float | None = None
-
-    model: type[models.Model]
+    # What the manager it is mixed into provides.
+    model: type[_M]
     name: str
     _db: str | None
     _hints: dict[str, Any]
 
-    def get_cache_lookups(self) -> list[LookupSpec]:
-        return list(self.cache_lookups)
+    if TYPE_CHECKING:
+
+        def db_manager(
+            self, using: str | None = None, hints: dict[str, Any] | None = None
+        ) -> Self: ...
 
     # -- reads -------------------------------------------------------------------
-    def get_cached(self, **lookup: Any) -> Any:
+    def get_cached(self, **lookup: Any) -> _M:
         """The row for one declared lookup; raises DoesNotExist (and remembers it)."""
+        obj: _M
         if getattr(self, "core_filters", None) is not None:
-            return _related_get(self, lookup)
+            obj = _related_get(self, lookup)
+            return obj
         mc = model_cache(self)
         lk, values = mc.resolve(lookup)
-        return reads.get(self, mc, lk, values)
+        obj = reads.get(self, mc, lk, values)
+        return obj
 
     def cache_group_alias(self, read_alias: str) -> str:
         """The database whose writes invalidate what this manager reads from read_alias:
@@ -62,19 +68,19 @@ class CachedManagerMixin:
         if self._db:
             return self._db
         if not router.routers:
-            instance = self._hints.get("instance")
+            instance: models.Model | None = self._hints.get("instance")
             if instance is not None and instance._state.db:
                 return instance._state.db
             return DEFAULT_DB_ALIAS
         return router.db_for_read(self.model, **self._hints)
 
-    def get_many_cached(self, pks: Iterable[Any]) -> dict[Any, Any]:
+    def get_many_cached(self, pks: Iterable[Any]) -> dict[Any, _M]:
         """{pk: instance} for the rows that exist: one L2 round trip, one query for misses."""
         if getattr(self, "core_filters", None) is not None:
             return _related_get_many(self, list(pks))
         return reads.get_many(self, model_cache(self), list(pks))
 
-    async def aget_cached(self, **lookup: Any) -> Any:
+    async def aget_cached(self, **lookup: Any) -> _M:
         if getattr(self, "core_filters", None) is not None:
             return await sync_to_async(self.get_cached)(**lookup)
         mc = model_cache(self)
@@ -87,12 +93,13 @@ class CachedManagerMixin:
             scope = mc.scope(self)
             if scope is not None:
                 g = mc.group(self.cache_group_alias(db))
-                found = reads.peek_local(mc, g, (lk.key_prefix, db, scope, *values), db)
+                found: _M | None = reads.peek_local(mc, g, (lk.key_prefix, db, scope, *values), db)
                 if found is not None:
                     return found
-        return await sync_to_async(reads.get)(self, mc, lk, values)
+        obj: _M = await sync_to_async(reads.get)(self, mc, lk, values)
+        return obj
 
-    async def aget_many_cached(self, pks: Iterable[Any]) -> dict[Any, Any]:
+    async def aget_many_cached(self, pks: Iterable[Any]) -> dict[Any, _M]:
         return await sync_to_async(self.get_many_cached)(list(pks))
 
     # -- invalidation ------------------------------------------------------------
@@ -112,7 +119,7 @@ class CachedManagerMixin:
         return self._db or router.db_for_write(self.model, **self._hints)
 
 
-class CachedManager(CachedManagerMixin, models.Manager):
+class CachedManager(CachedManagerMixin[_M], models.Manager[_M]):
     """``objects = CachedManager(lookups=["email", ("tenant_id", "session_id")])``"""
 
     _queryset_class = CachedQuerySet
@@ -123,7 +130,7 @@ class CachedManager(CachedManagerMixin, models.Manager):
         timeout: float | None = None,
         l1_timeout: float | None = None,
         negative_timeout: float | None = None,
-    ):
+    ) -> None:
         super().__init__()
         self.cache_lookups = list(lookups)
         self.cache_timeout = timeout
@@ -184,7 +191,8 @@ def _related_get(manager: Any, lookup: dict[str, Any]) -> Any:
 def _related_get_many(manager: Any, pks: list[Any]) -> dict[Any, Any]:
     base = _base_of(manager)
     if base is None or not _is_reverse_fk(manager):
-        return manager.get_queryset().in_bulk(pks)
+        rows: dict[Any, Any] = manager.get_queryset().in_bulk(pks)
+        return rows
     want = _related_value(manager)
     if want is None:
         return {}

@@ -7,6 +7,7 @@ or register ``TieredCacheCollector()`` on a registry of your own.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 
@@ -19,10 +20,10 @@ from prometheus_client.core import (
     Metric,
 )
 
-from . import ops
 from .breaker import CLOSED, HALF_OPEN, OPEN, breaker
 from .bus import bus
-from .counters import stats
+from .reporting import cluster_stats, publish_stats, publisher, stats
+from .tiers.remote import Unavailable, redis_tier
 
 __all__ = ["TieredCacheCollector", "metrics_view", "register"]
 
@@ -92,7 +93,7 @@ class TieredCacheCollector:
             "tiered_cache_l2_latency_seconds",
             "Round trips of batched L2 calls (stats pushes).",
             buckets=self._buckets() if with_samples else None,
-            sum_value=ops.l2_latency.sum if with_samples else None,
+            sum_value=redis_tier.latency.sum if with_samples else None,
         )
         families: list[Metric] = [
             hits,
@@ -142,20 +143,21 @@ class TieredCacheCollector:
             heartbeat.add_metric([], bus.last_latency)
         if self.cluster:
             try:
-                ops.publish_stats()
-                for label, row in ops.cluster_stats().items():
+                publish_stats()
+                for label, row in cluster_stats().items():
                     cluster_hits.add_metric([label, "l1"], row["l1_hits"])
                     cluster_hits.add_metric([label, "l2"], row["l2_hits"])
                     cluster_misses.add_metric([label], row["misses"])
-            except ops.Unavailable:
+            except Unavailable:
                 families.remove(cluster_hits)
                 families.remove(cluster_misses)
         yield from families
 
     @staticmethod
     def _buckets() -> list[tuple[str, float]]:
-        h = ops.l2_latency
-        out, running = [], 0
+        h = redis_tier.latency
+        out: list[tuple[str, float]] = []
+        running = 0
         for bound, n in zip(h.BUCKETS, h.counts, strict=False):
             running += n
             out.append((repr(bound), running))
@@ -167,9 +169,17 @@ _registered: set[int] = set()
 _lock = threading.Lock()
 
 
+def _after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def register(registry: CollectorRegistry = REGISTRY, cluster: bool = True) -> None:
     """Register the collector once per registry, and start pushing this process's stats."""
-    ops.start_stats_publisher()
+    publisher.start()
     with _lock:
         if id(registry) in _registered:
             return

@@ -7,6 +7,16 @@ class PendingInvalidation(models.Model):
     """Written only when Redis is unreachable after a commit; any process drains it
     before it trusts L2 again, so a write during an outage is never served stale."""
 
+    GROUP, DERIVED = "group", "derived"
+
+    # What the row invalidates: rows (or all, with flush) of an invalidation group, whose
+    # id is in model_label ("alias:app.model"); or derived results, whose keys are in rows
+    # and whose function is in model_label.
+    kind = models.CharField(
+        max_length=10,
+        choices=[(GROUP, "model rows"), (DERIVED, "derived results")],
+        default=GROUP,
+    )
     model_label = models.CharField(max_length=200)
     rows = models.JSONField(default=list)
     flush = models.BooleanField(default=False)

@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
+
+from django.core.exceptions import ObjectDoesNotExist
 
 from . import signals
 from .bus import bus
 from .conf import conf
 from .counters import hot
-from .groups import Group
+from .keys import (
+    BUSY,
+    LEASE,
+    NO_LEASE,
+    NO_ROW,
+    ROW,
+    Group,
+    Read,
+    ReadMany,
+    RowHeader,
+    ScriptCall,
+    fill_call,
+    read_call,
+    read_many_call,
+    row_header,
+)
 from .registry import Lookup, ModelCache
 from .serialization import CorruptPayload, dumps, loads_verified, open_signed, sign
 from .tiers.local import NEGATIVE, local_tier
@@ -23,8 +41,6 @@ logger = logging.getLogger("tiered_cache")
 # A row with deferred fields (from a manager whose queryset defers some): handed back as
 # it is and stored nowhere.
 UNCACHEABLE = object()
-
-_HIT, _NO_LEASE, _LEASE, _BUSY = 1, 0, 2, 3
 
 
 class _Flight:
@@ -39,11 +55,19 @@ class _Flight:
         self.value: Any = None
 
 
-_flights: dict[tuple[str, Any], _Flight] = {}
+# Keyed by (L1 key, L1 token).
+_flights: dict[tuple[tuple[Any, ...], tuple[int, int, int]], _Flight] = {}
 _flights_lock = threading.Lock()
 
-# Tests set this to pause a reader between its database read and its fills.
-fill_hook: Any = None
+
+def _after_fork() -> None:
+    """A forked child waits on no load of its parent's threads."""
+    global _flights_lock
+    _flights_lock = threading.Lock()
+    _flights.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class Fill:
@@ -68,31 +92,27 @@ class Fill:
         self.g, self.key, self.lease = g, key, lease
         self.gen, self.writes = _raw(gen), _raw(writes)
         if value is NEGATIVE:
-            self.kind, self.rid, self.body = "N", "", dumps(None)
+            self.kind, self.rid, self.body = NO_ROW, "", dumps(None)
             self.version: bytes = self.writes
         else:
-            self.kind, self.rid, self.body = "P", rid, dumps(value)
+            self.kind, self.rid, self.body = ROW, rid, dumps(value)
             self.version = fresh_token().encode()
         self.ttl = ttl
 
-    def call(self, version: bytes) -> tuple[str, list[str], list[Any]]:
-        g, key = self.g, self.key
-        expires = str(int(time.time() + self.ttl) + 1).encode()
-        header = b"|".join([self.kind.encode(), self.gen, self.rid.encode(), version, expires, b""])
-        row_key = g.row_key(self.rid) if self.rid else key + "|R"
-        return (
-            "fill",
-            [g.gen_key, g.writes_key, key, key + "|L", row_key],
-            [
-                self.lease,
-                self.gen,
-                self.writes,
-                self.kind,
-                sign(key, header, self.body),
-                int(self.ttl * 1000),
-                version,
-                int((conf.TIMEOUT + 60) * 1000),
-            ],
+    def call(self, version: bytes) -> ScriptCall:
+        header = row_header(self.kind, self.gen, self.rid, version, int(time.time() + self.ttl) + 1)
+        return fill_call(
+            self.g,
+            self.key,
+            self.rid,
+            self.lease,
+            self.gen,
+            self.writes,
+            self.kind,
+            sign(self.key, header, self.body),
+            int(self.ttl * 1000),
+            version,
+            int((conf.TIMEOUT + 60) * 1000),
         )
 
 
@@ -127,7 +147,7 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
     with _flights_lock:
         flight = _flights.get(flight_key)
         leader = flight is None
-        if leader:
+        if flight is None:
             flight = _flights[flight_key] = _Flight()
         elif flight.done is None:
             flight.done = threading.Event()
@@ -166,7 +186,7 @@ def peek_local(mc: ModelCache, g: Group, key: Any, db: str) -> Any:
     mc.counters.l1_hits += 1
     if signals.cache_hit.receivers:
         _signal_hit(mc, "l1", key)
-    hot.touch(mc, v)
+    hot.touch(mc.label, v[2])
     return mc.codec.thaw(v, db)
 
 
@@ -178,8 +198,10 @@ def _deliver(mc: ModelCache, value: Any, obj: Any, db: str) -> Any:
     return mc.codec.thaw(value, db)
 
 
-def _does_not_exist(mc: ModelCache) -> Exception:
-    return mc.model.DoesNotExist(f"{mc.model._meta.object_name} matching query does not exist.")
+def _does_not_exist(mc: ModelCache) -> ObjectDoesNotExist:
+    # django-stubs declares DoesNotExist on concrete models only, not on type[Model].
+    cls: type[ObjectDoesNotExist] = mc.model.DoesNotExist  # type: ignore[attr-defined]
+    return cls(f"{mc.model._meta.object_name} matching query does not exist.")
 
 
 def _signal_hit(mc: ModelCache, tier: str, key: Any) -> None:
@@ -187,12 +209,8 @@ def _signal_hit(mc: ModelCache, tier: str, key: Any) -> None:
         signals.cache_hit.send(sender=mc.model, tier=tier, key=key)
 
 
-def _read_call(g: Group, key: str, lease: str) -> tuple[str, list[str], list[Any]]:
-    return (
-        "read",
-        [g.gen_key, g.writes_key, key, key + "|L"],
-        [lease, int(conf.LEASE_TIMEOUT * 1000), fresh_token(), g.row_prefix],
-    )
+def _read_call(g: Group, key: str, lease: str) -> ScriptCall:
+    return read_call(g, key, lease, int(conf.LEASE_TIMEOUT * 1000), fresh_token())
 
 
 _EXPIRED = object()
@@ -201,18 +219,19 @@ _EXPIRED = object()
 def decode(mc: ModelCache, key: str, raw: bytes) -> Any:
     """A verified L2 value as a frozen row or NEGATIVE, _EXPIRED past the expiry its MAC
     covers (an old entry put back with a fresh Redis TTL); CorruptPayload otherwise."""
-    (kind, _gen, _rid, _ver, expires), body = open_signed(key, raw, 5)
+    header, body = open_signed(key, raw, RowHeader)
+    kind = header.kind
     try:
-        if int(expires) < time.time():
+        if int(header.expires) < time.time():
             return _EXPIRED
     except ValueError:
         raise CorruptPayload("malformed expiry") from None
     payload = loads_verified(body)
-    if kind == b"N":
+    if kind == NO_ROW:
         if payload is not None:
             raise CorruptPayload("negative entry with a row")
         return NEGATIVE
-    if kind != b"P" or not mc.codec.is_frozen(payload):
+    if kind != ROW or not mc.codec.is_frozen(payload):
         raise CorruptPayload("row of the wrong shape")
     return payload
 
@@ -242,36 +261,37 @@ def _load(
     key = lk.key(g, mc.schema, _alias_part(db, scope), values)
     trusted = bus.trusted()
     lease_token = fresh_token() if lease else ""
-    code, gen, writes = _NO_LEASE, None, None
+    code: int = NO_LEASE
+    gen = writes = None
     if trusted:
         try:
-            res = redis_tier.scripts([_read_call(g, key, lease_token)])[0]
-            code = res[0]
-            if code == _HIT:
-                value = _l2_value(mc, key, res[1])
+            res = Read.of(redis_tier.scripts([_read_call(g, key, lease_token)])[0])
+            code = res.code
+            if res.value is not None:
+                value = _l2_value(mc, key, res.value)
                 if value is not None:
                     local_tier.set(
                         l1key, g.id, _row_of(mc, value), value, _l1_timeout(mc, value), token
                     )
                     return value, None
-                code = _NO_LEASE
+                code = NO_LEASE
             else:
-                gen, writes = res[1], res[2]
-            if code == _BUSY:
-                value, res = _wait_for_fill(mc, g, key, lease_token)
+                gen, writes = res.gen, res.writes
+            if code == BUSY:
+                value, granted = _wait_for_fill(mc, g, key, lease_token)
                 if value is not None:
                     return value, None
-                if res is not None:  # the holder let go without a fill: the lease is ours
-                    code, gen, writes = res[0], res[1], res[2]
+                if granted is not None:  # the holder let go without a fill: the lease is ours
+                    code, gen, writes = granted.code, granted.gen, granted.writes
         except Unavailable:
-            code = _NO_LEASE
+            code = NO_LEASE
 
     mc.counters.misses += 1
     if signals.cache_miss.receivers:
         signals.cache_miss.send(sender=mc.model, key=key)
     try:
         obj = manager.get_queryset().get(**lk.orm_kwargs(values))
-    except mc.model.DoesNotExist:
+    except mc.model.DoesNotExist:  # type: ignore[attr-defined]  # as in _does_not_exist()
         value, obj = NEGATIVE, None
     else:
         row = mc.codec.values(obj)
@@ -279,9 +299,7 @@ def _load(
             return UNCACHEABLE, obj
         value = mc.codec.freeze(row)
 
-    if fill_hook is not None:
-        fill_hook(mc, key)
-    if code == _LEASE:
+    if code == LEASE:
         # The caller has its row; the fill runs on the filler thread, and Redis refuses it
         # if the model was written since our read.
         redis_tier.fill_later(
@@ -305,12 +323,12 @@ def _l2_value(mc: ModelCache, key: str, raw: bytes) -> Any:
         mc.counters.negative_hits += 1
     else:
         mc.counters.l2_hits += 1
-        hot.touch(mc, value)
+        hot.touch(mc.label, value[2])
     _signal_hit(mc, "l2", key)
     return value
 
 
-def _wait_for_fill(mc: ModelCache, g: Group, key: str, lease: str) -> tuple[Any, Any]:
+def _wait_for_fill(mc: ModelCache, g: Group, key: str, lease: str) -> tuple[Any, Read | None]:
     """Another process is filling this key: take its value when it lands, or give up after
     LEASE_WAIT and read the database ourselves (its holder may be dead). Polls asking for
     the lease: if the holder let go without filling (its fill was refused), the lease is
@@ -321,10 +339,10 @@ def _wait_for_fill(mc: ModelCache, g: Group, key: str, lease: str) -> tuple[Any,
     while time.monotonic() < deadline:
         time.sleep(pause)
         pause = min(pause * 2, 0.01)
-        res = redis_tier.scripts([_read_call(g, key, lease)])[0]
-        if res[0] == _HIT:
-            return _l2_value(mc, key, res[1]), None
-        if res[0] == _LEASE:
+        res = Read.of(redis_tier.scripts([_read_call(g, key, lease)])[0])
+        if res.value is not None:
+            return _l2_value(mc, key, res.value), None
+        if res.code == LEASE:
             return None, res
     return None, None
 
@@ -391,7 +409,8 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     why, scope = _read_scope(manager, mc, lk, db, g)
     if why is not None:
         mc.counters.bypassed += len(wanted)
-        return manager.get_queryset().in_bulk(wanted)
+        rows: dict[Any, Any] = manager.get_queryset().in_bulk(wanted)
+        return rows
 
     found: dict[Any, Any] = {}
     if not bus.trusted():
@@ -420,21 +439,17 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     gen = writes = None
     if trusted:
         try:
-            res = redis_tier.scripts(
-                [
-                    (
-                        "read_many",
-                        [g.gen_key, g.writes_key, *keys],
-                        [int(conf.LEASE_TIMEOUT * 1000), fresh_token(), g.row_prefix, *leases],
-                    )
-                ]
-            )[0]
-            gen, writes, results = res[0], res[1], res[2:]
+            many = ReadMany.of(
+                redis_tier.scripts(
+                    [read_many_call(g, keys, leases, int(conf.LEASE_TIMEOUT * 1000), fresh_token())]
+                )[0]
+            )
+            gen, writes, results = many.gen, many.writes, many.entries
         except Unavailable:
             results = []
     missing: list[tuple[Any, str, str]] = []
     for i, pk in enumerate(todo):
-        r = results[i] if results else _NO_LEASE
+        r = results[i] if results else NO_LEASE
         if isinstance(r, bytes):
             value = _l2_value(mc, keys[i], r)
             if value is None:
@@ -451,7 +466,7 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
             if value is not NEGATIVE:
                 found[pk] = mc.codec.thaw(value, db)
         else:
-            missing.append((pk, keys[i], leases[i] if r == _LEASE else ""))
+            missing.append((pk, keys[i], leases[i] if r == LEASE else ""))
     if not missing:
         return found
 
@@ -502,16 +517,12 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
     last_pk = None
     while True:
         # An empty read makes sure the generation exists and tells us the counters.
-        head = redis_tier.scripts(
-            [
-                (
-                    "read_many",
-                    [g.gen_key, g.writes_key],
-                    [int(conf.LEASE_TIMEOUT * 1000), fresh_token(), g.row_prefix],
-                )
-            ]
-        )[0]
-        gen, writes = head[0], head[1]
+        head = ReadMany.of(
+            redis_tier.scripts(
+                [read_many_call(g, [], [], int(conf.LEASE_TIMEOUT * 1000), fresh_token())]
+            )[0]
+        )
+        gen, writes = head.gen, head.writes
         page = queryset.order_by("pk")
         if last_pk is not None:
             page = page.filter(pk__gt=last_pk)

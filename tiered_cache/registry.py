@@ -1,9 +1,11 @@
-"""Per-model cache options: declared lookups, value normalization, key names, counters."""
+"""Which models are cached and how: each cached manager's declared lookups, how lookup
+values are normalized, its timeouts and its counters (one ModelCache per manager)."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -12,30 +14,53 @@ from typing import Any
 from django.apps import apps
 from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, models, router
+from django.db.models.manager import BaseManager
 
 from .conf import conf
+from .counters import Counters
 from .exceptions import UndeclaredLookup
-from .groups import Group, group, root_label
-from .keys import encode_values, pk_row_id, schema_fingerprint
+from .groups import concrete_of, root_label
+from .keys import Group, group, lookup_key, pk_row_id, schema_fingerprint
 from .serialization import RowCodec
+
+__all__ = [
+    "CachedManagerBase",
+    "Lookup",
+    "LookupSpec",
+    "ModelCache",
+    "UnknownModel",
+    "cached_managers",
+    "cached_models",
+    "declared_lookups",
+    "first_model_cache",
+    "is_composite_pk",
+    "model_cache",
+    "model_caches",
+    "model_caches_of_group",
+    "reset_registry",
+    "resolve_models",
+    "uncacheable_reason",
+    "unique_sets",
+]
 
 LookupSpec = str | Sequence[str]
 
 
-@dataclass
-class Counters:
-    l1_hits: int = 0
-    l2_hits: int = 0
-    misses: int = 0
-    negative_hits: int = 0
-    invalidations: int = 0
-    fills: int = 0
-    fills_refused: int = 0
-    corrupt: int = 0
-    bypassed: int = 0
+class CachedManagerBase:
+    """What a cached manager declares. managers.CachedManagerMixin builds the read API on
+    it; the registry knows a cached manager by this class."""
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+    cache_lookups: Sequence[LookupSpec] = ()
+    cache_timeout: float | None = None
+    cache_l1_timeout: float | None = None
+    cache_negative_timeout: float | None = None
+
+    def get_cache_lookups(self) -> list[LookupSpec]:
+        return list(self.cache_lookups)
+
+
+class UnknownModel(ValueError):
+    """A label that names no installed model, or a model without a cached manager."""
 
 
 @dataclass
@@ -43,7 +68,7 @@ class Lookup:
     """One declared lookup: the fields, how values are normalized, and its key prefix."""
 
     names: tuple[str, ...]
-    fields: tuple[models.Field, ...]
+    fields: tuple[models.Field[Any, Any], ...]
     orm_names: tuple[str, ...]
     preps: tuple[Callable[[Any], Any], ...]
     key_prefix: str
@@ -63,21 +88,23 @@ class Lookup:
         return tuple(out)
 
     def key(self, g: Group, schema: str, alias: str, values: tuple[Any, ...]) -> str:
-        """The Redis key: the group's tag (its hash slot), the model's schema, this model,
-        manager and lookup, the database read, and the values."""
-        return f"{g.tag}:{schema}:{self.key_prefix}{alias}:{encode_values(values)}"
+        """The L2 key of these values read through `alias` (and the manager's filter)."""
+        return lookup_key(g, schema, self.key_prefix, alias, values)
 
     def orm_kwargs(self, values: tuple[Any, ...]) -> dict[str, Any]:
         return dict(zip(self.orm_names, values, strict=False))
 
 
-def _instance_value(f: models.Field, name: str, value: models.Model, model: type) -> Any:
+def _instance_value(f: models.Field[Any, Any], name: str, value: models.Model, model: type) -> Any:
     if value.pk is None:
         # What the ORM raises for an unsaved instance in a filter (it would otherwise
         # match the rows whose foreign key is NULL).
         raise ValueError("Model instances passed to related filters must be saved.")
-    if f.is_relation and isinstance(value, f.related_model):
-        return getattr(value, f.target_field.attname)  # the to_field's value, as the ORM
+    # django-stubs: a relation's related_model may be "self" (resolved by now), and
+    # target_field is RelatedField's, not Field's.
+    if f.is_relation and isinstance(value, f.related_model):  # type: ignore[arg-type]
+        # The to_field's value, as the ORM takes it.
+        return getattr(value, f.target_field.attname)  # type: ignore[attr-defined]
     if f.primary_key and isinstance(value, model):
         return value.pk
     raise ValueError(
@@ -88,7 +115,7 @@ def _instance_value(f: models.Field, name: str, value: models.Model, model: type
 
 # Fields whose get_prep_value returns a value of this exact type unchanged: the hot path
 # skips the call for them. Only Django's own classes: a subclass may convert differently.
-_PASS_THROUGH: dict[type[models.Field], type] = {
+_PASS_THROUGH: dict[type[models.Field[Any, Any]], type] = {
     models.AutoField: int,
     models.BigAutoField: int,
     models.SmallAutoField: int,
@@ -105,9 +132,9 @@ _PASS_THROUGH: dict[type[models.Field], type] = {
 }
 
 
-def _prep_for(f: models.Field) -> Callable[[Any], Any]:
+def _prep_for(f: models.Field[Any, Any]) -> Callable[[Any], Any]:
     """The conversion the ORM applies to an exact lookup's value, errors included."""
-    target = f.target_field if f.is_relation else f
+    target = f.target_field if f.is_relation else f  # type: ignore[attr-defined]  # as above
     prep = target.get_prep_value
     same = _PASS_THROUGH.get(type(target))
     if same is None:
@@ -141,6 +168,8 @@ class ModelCache:
         self.label = opts.label_lower
         self.root = root_label(model)
         self.manager_name = manager_name
+        # Every entry of this manager's lookups starts with it (after tag and schema).
+        self.key_prefix = f"{self.label}:{manager_name}:"
         self._timeout = timeout
         self._l1_timeout = l1_timeout
         self._negative_timeout = negative_timeout
@@ -175,7 +204,7 @@ class ModelCache:
                 fields=fields,
                 orm_names=orm_names,
                 preps=tuple(_prep_for(f) for f in fields),
-                key_prefix=f"{self.label}:{manager_name}:{'+'.join(names)}:",
+                key_prefix=f"{self.key_prefix}{'+'.join(names)}:",
                 model=model,
                 unique=names == ("pk",) or any(u <= {f.name for f in fields} for u in uniques),
             )
@@ -195,11 +224,12 @@ class ModelCache:
         self._orders: dict[tuple[str, ...], tuple[Lookup, tuple[int, ...]]] = {}
         self.counters = Counters()
 
-    def _field(self, name: str) -> models.Field:
+    def _field(self, name: str) -> models.Field[Any, Any]:
         if name == "pk":
             return self.model._meta.pk
         try:
-            return self.model._meta.get_field(name)
+            # A relation object or a generic foreign key is refused by check E007.
+            return self.model._meta.get_field(name)  # type: ignore[return-value]
         except FieldDoesNotExist:
             raise ImproperlyConfigured(
                 f"{self.label}: cache lookup names unknown field {name!r}"
@@ -238,7 +268,7 @@ class ModelCache:
             if known is not None:
                 lk, order = known
                 given = tuple(kwargs.values())
-                out = []
+                out: list[Any] = []
                 for i, prep in zip(order, lk.preps, strict=False):
                     value = given[i]
                     if isinstance(value, models.Model):
@@ -311,15 +341,13 @@ def model_cache(manager: Any) -> ModelCache:
 
 
 def _overrides_get_queryset(manager: Any) -> bool:
-    from django.db.models.manager import BaseManager
-
     for klass in type(manager).__mro__:
         if "get_queryset" in vars(klass):
             return not (klass is BaseManager or klass.__module__.startswith("tiered_cache."))
     return False
 
 
-def _scope(manager: Any) -> str | None:
+def uncacheable_reason(manager: Any) -> str | None:
     """Why get_cached() on this manager can never be cached (system check W003), or None."""
     try:
         return _scope_reason(manager.model, manager.get_queryset().query)
@@ -343,7 +371,7 @@ def _scope_reason(model: type[models.Model], query: Any) -> str | None:
         return "its queryset annotates, groups, slices or selects values"
     # Aliases Django trimmed (a filter on a foreign key column) are left with no refs.
     tables = {t.table_name for a, t in query.alias_map.items() if query.alias_refcount.get(a)}
-    own = {m._meta.db_table for m in [model._meta.concrete_model, *model._meta.get_parent_list()]}
+    own = {m._meta.db_table for m in [concrete_of(model), *model._meta.get_parent_list()]}
     sql = str(query) if query.where else ""
     if tables - own or " SELECT " in sql.upper():
         return "its queryset reads other tables"
@@ -353,7 +381,7 @@ def _scope_reason(model: type[models.Model], query: Any) -> str | None:
 def unique_sets(model: type[models.Model]) -> list[set[str]]:
     """Unique field sets, from the concrete model and its parents (a proxy's own Meta
     carries none of them)."""
-    concrete = model._meta.concrete_model
+    concrete = concrete_of(model)
     sets = [{f.name} for f in concrete._meta.concrete_fields if f.unique or f.primary_key]
     for m in [concrete, *concrete._meta.get_parent_list()]:
         opts = m._meta
@@ -383,12 +411,10 @@ def reset_registry() -> None:
 
 def cached_managers(model: type[models.Model] | None = None) -> list[Any]:
     """Every cached manager of every installed model (or of one model)."""
-    from .managers import CachedManagerMixin
-
     found = []
     for m in [model] if model is not None else apps.get_models():
         for mgr in m._meta.managers:
-            if isinstance(mgr, CachedManagerMixin):
+            if isinstance(mgr, CachedManagerBase):
                 found.append(mgr)
     return found
 
@@ -409,3 +435,44 @@ def model_caches(model: type[models.Model]) -> list[ModelCache]:
 def first_model_cache(model: type[models.Model]) -> ModelCache | None:
     mgrs = cached_managers(model)
     return model_cache(mgrs[0]) if mgrs else None
+
+
+def declared_lookups(model: type[models.Model]) -> list[str]:
+    """Declared lookups of every cached manager, as "pk", "email", "tenant_id+session_id"."""
+    seen: list[str] = []
+    for mc in model_caches(model):
+        for names in mc.declared:
+            text = "+".join(names)
+            if text not in seen:
+                seen.append(text)
+    return seen
+
+
+def resolve_models(labels: Iterable[str]) -> list[type[models.Model]]:
+    """Cached models for "app_label.ModelName" labels (model name case-insensitive)."""
+    out: list[type[models.Model]] = []
+    for label in labels:
+        try:
+            model = apps.get_model(label)
+        except ValueError:
+            raise UnknownModel(
+                f"{label!r} is not a model label; use app_label.ModelName, e.g. demo.User"
+            ) from None
+        except LookupError:
+            raise UnknownModel(f"{label!r}: no such model is installed") from None
+        if not cached_managers(model):
+            raise UnknownModel(
+                f"{model._meta.label} is not cached (it has no CachedManager); cached models: "
+                + ", ".join(m._meta.label for m in cached_models())
+            )
+        if model not in out:
+            out.append(model)
+    return out
+
+
+def _after_fork() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)

@@ -10,13 +10,15 @@ import io
 import logging
 import pickle
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import models
 from django.db.models.base import ModelState
 from django.db.models.signals import post_init, pre_init
 from django.dispatch.dispatcher import NO_RECEIVERS
+
+from .keys import DerivedHeader, RowHeader, split_header
 
 logger = logging.getLogger("tiered_cache")
 
@@ -25,7 +27,7 @@ MAC_SIZE = 32
 # Fields whose Python values are immutable, by exact class: a subclass may return anything
 # from from_db_value() (a list behind a CharField), so subclasses are copied on the way out
 # of L1 like JSON, arrays and custom fields, and a caller's mutation never reaches the cache.
-_IMMUTABLE_FIELDS: frozenset[type[models.Field]] = frozenset(
+_IMMUTABLE_FIELDS: frozenset[type[models.Field[Any, Any]]] = frozenset(
     {
         models.AutoField,
         models.BigAutoField,
@@ -54,9 +56,9 @@ _IMMUTABLE_FIELDS: frozenset[type[models.Field]] = frozenset(
 )
 
 
-def _immutable(f: models.Field) -> bool:
+def _immutable(f: models.Field[Any, Any]) -> bool:
     while f.is_relation:  # a foreign key holds its target field's value
-        f = f.target_field  # type: ignore[attr-defined]
+        f = f.target_field  # type: ignore[attr-defined]  # on RelatedField, not on Field
     return type(f) in _IMMUTABLE_FIELDS
 
 
@@ -91,20 +93,23 @@ def sign(key: str, header: bytes, body: bytes) -> bytes:
     return header + mac + body
 
 
-def open_signed(key: str, raw: bytes, fields: int) -> tuple[list[bytes], bytes]:
-    """(the header's fields, the body) if the MAC holds; nothing is decoded before this."""
-    parts = raw.split(b"|", fields)
-    if len(parts) != fields + 1:
+H = TypeVar("H", RowHeader, DerivedHeader)
+
+
+def open_signed(key: str, raw: bytes, header: type[H]) -> tuple[H, bytes]:
+    """(the header, the body) if the MAC holds; nothing is decoded before this."""
+    split = split_header(raw, len(header._fields))
+    if split is None:
         raise CorruptPayload("malformed header")
-    rest = parts[fields]
+    fields, rest = split
     if len(rest) < MAC_SIZE:
         raise CorruptPayload("truncated payload")
-    header = raw[: len(raw) - len(rest)]
+    head = raw[: len(raw) - len(rest)]
     mac, body = rest[:MAC_SIZE], rest[MAC_SIZE:]
-    expected = hmac.digest(mac_key(), key.encode() + b"\0" + header + body, "sha256")
+    expected = hmac.digest(mac_key(), key.encode() + b"\0" + head + body, "sha256")
     if not hmac.compare_digest(mac, expected):
         raise CorruptPayload("payload MAC does not match")
-    return parts[:fields], body
+    return header(*fields), body
 
 
 def _utc() -> datetime.timezone:
@@ -169,6 +174,7 @@ class RowCodec:
         # signals; otherwise (field trackers, ImageField dimensions...) from_db() it is.
         self._plain = (
             model.__init__ is models.Model.__init__
+            # A bound classmethod has __func__; its declared (Callable) type does not say so.
             and model.from_db.__func__ is models.Model.from_db.__func__  # type: ignore[attr-defined]
         )
 
@@ -235,4 +241,5 @@ class RowCodec:
         by_name = dict(zip(self.imm_names, imm, strict=False))
         for attname, blob in zip(self.mut_names, mut, strict=False):
             by_name[attname] = pickle.loads(blob)
-        return self.model.from_db(db, None, [by_name[a] for a in self.attnames])
+        # The field names, as the ORM passes them: an overridden from_db() may use them.
+        return self.model.from_db(db, self.attnames, [by_name[a] for a in self.attnames])

@@ -11,7 +11,9 @@ from typing import Any
 
 from celery import shared_task
 
-from . import ops
+from . import maintenance
+from .registry import resolve_models
+from .reporting import publisher
 
 # A queued run older than this is dropped: the next scheduled one is as good.
 WARMUP_EXPIRES = 10 * 60
@@ -32,16 +34,16 @@ _LOCK_MARGIN = 60
 def warmup(model_label: str, limit: int | None = None) -> dict[str, Any]:
     """Fill L2 with the model's warmup set; returns {"model", "stored", "refused", ...},
     or {"model", "skipped": "locked"} while another warmup of the model runs."""
-    (model,) = ops.resolve_models([model_label])
-    limit = ops.warmup_limit(limit)
-    ops.start_stats_publisher()
+    (model,) = resolve_models([model_label])
+    limit = maintenance.warmup_limit(limit)
+    publisher.start()
     label = model._meta.label
-    with ops.exclusive(
+    with maintenance.exclusive(
         f"warmup:{model._meta.label_lower}", WARMUP_TIME_LIMIT + _LOCK_MARGIN
     ) as acquired:
         if not acquired:
             return {"model": label, "skipped": "locked"}
-        return ops.warmup(model, limit)
+        return maintenance.warmup(model, limit)
 
 
 @shared_task(
@@ -54,8 +56,8 @@ def warmup(model_label: str, limit: int | None = None) -> dict[str, Any]:
 def cleanup_expired() -> dict[str, Any]:
     """Delete what Redis can no longer serve and prune this worker's L1; returns counts,
     or {"skipped": "locked"} while another cleanup runs."""
-    ops.start_stats_publisher()
-    with ops.exclusive("cleanup", CLEANUP_TIME_LIMIT + _LOCK_MARGIN) as acquired:
+    publisher.start()
+    with maintenance.exclusive("cleanup", CLEANUP_TIME_LIMIT + _LOCK_MARGIN) as acquired:
         if not acquired:
             return {"skipped": "locked"}
-        return ops.cleanup()
+        return maintenance.cleanup()

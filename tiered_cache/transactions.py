@@ -11,64 +11,120 @@ which such a transaction must not see.
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
+from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
 from django.db import connections
 
-from .capture import classify
-from .invalidation import Batch, batch_of
+from .capture import FLUSH, Effect, classify
+from .groups import database_of
+from .invalidation import Batch
+from .keys import group
 
-# Set on a DatabaseWrapper while its transaction has writes waiting for the commit.
-_ATTR = "tiered_cache_pending"
-# This thread's connections with such writes (a thread may hold several per alias).
+__all__ = [
+    "bypass",
+    "bypass_any",
+    "forget_databases",
+    "install",
+    "open_writes",
+    "queue",
+    "snapshot_aliases",
+    "sql_text",
+]
+
+
+class _Connection:
+    """What we track of one DatabaseWrapper: its open transaction's pending
+    invalidations, the batches whose signals wait for autocommit, and whether its
+    commit() and rollback() are wrapped."""
+
+    __slots__ = ("hooked", "owed", "pending")
+
+    def __init__(self) -> None:
+        self.pending: Pending | None = None
+        self.owed: list[Batch] = []
+        self.hooked = False
+
+
+# Kept beside the connection, not on it: Django's object carries no attribute of ours.
+_connections: weakref.WeakKeyDictionary[Any, _Connection] = weakref.WeakKeyDictionary()
+
+
+def _state(conn: Any) -> _Connection:
+    state = _connections.get(conn)
+    if state is None:
+        state = _connections[conn] = _Connection()
+    return state
+
+
+# This thread's connections with pending writes (a thread may hold several per alias).
 _local = threading.local()
-# Transactions with pending writes in the whole process: async fast paths, which run on
-# another thread than the transaction, may skip the per-thread checks only when it is 0.
-_open = [0]
-_open_lock = threading.Lock()
+
+
+class _OpenCount:
+    """Transactions with pending writes in the whole process: async fast paths, which run
+    on another thread than the transaction, may skip the per-thread checks only at 0."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.lock = threading.Lock()
+        os.register_at_fork(after_in_child=self.after_fork)
+
+    def add(self, delta: int) -> None:
+        with self.lock:
+            self.n += delta
+
+    def after_fork(self) -> None:
+        self.lock = threading.Lock()
+        self.n = 0  # the parent's transactions are not the child's
+
+
+_open = _OpenCount()
 
 
 class Pending:
     """The invalidations of one transaction on one connection, applied right after its
     COMMIT and dropped by its ROLLBACK."""
 
-    __slots__ = ("batch", "conn", "done")
+    __slots__ = ("batch", "conn_ref", "done", "key", "state")
 
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
+    def __init__(self, conn: Any, state: _Connection) -> None:
+        # Weak: the connection's entry in _connections must not keep it alive.
+        self.conn_ref = weakref.ref(conn)
+        self.key = id(conn)
+        self.state = state
         self.batch = Batch()
         self.done = False
-        with _open_lock:
-            _open[0] += 1
-        _local.__dict__.setdefault("dirty", {})[id(conn)] = self
+        _open.add(1)
+        _local.__dict__.setdefault("dirty", {})[self.key] = self
 
     def finish(self, apply: bool) -> None:
         if self.done:
             return
         self.done = True
-        with _open_lock:
-            _open[0] -= 1
+        _open.add(-1)
+        if self.state.pending is self:
+            self.state.pending = None
         dirty = getattr(_local, "dirty", None)
-        if dirty and dirty.get(id(self.conn)) is self:
-            del dirty[id(self.conn)]
+        if dirty and dirty.get(self.key) is self:
+            del dirty[self.key]
         if apply:
             # Signals wait until Django has turned autocommit back on: a receiver that
             # queries would otherwise open a transaction inside atomic()'s exit.
             self.batch.apply(notify=False)
-            owed = self.conn.__dict__.setdefault(_OWED, [])
+            owed = self.state.owed
             owed.append(self.batch)
             if len(owed) > 100:  # autocommit kept off for long: do not hold them forever
                 owed.pop(0).send_signals()
 
 
-_OWED = "tiered_cache_signals_owed"
-
-
 def open_writes() -> int:
     """How many transactions of this process hold writes not yet committed."""
-    return _open[0]
+    return _open.n
 
 
 def in_transaction(conn: Any) -> bool:
@@ -79,7 +135,8 @@ def current(conn: Any) -> Pending | None:
     """The connection's pending invalidations while its transaction is open. One left over
     from a transaction that ended without a commit() we saw (the connection was closed or
     lost mid-transaction) is dropped: that transaction rolled back."""
-    pending: Pending | None = conn.__dict__.get(_ATTR)
+    state = _connections.get(conn)
+    pending = state.pending if state is not None else None
     if pending is None or pending.done:
         return None
     if in_transaction(conn):
@@ -97,7 +154,8 @@ def record(conn: Any, batch: Batch) -> None:
         return
     pending = current(conn)
     if pending is None:
-        pending = conn.__dict__[_ATTR] = Pending(conn)
+        state = _state(conn)
+        pending = state.pending = Pending(conn, state)
     pending.batch.merge(batch)
 
 
@@ -117,6 +175,19 @@ def watch(execute: Any, sql: Any, params: Any, many: bool, context: dict[str, An
     finally:
         if effects:
             record(conn, batch_of(conn.alias, effects))
+
+
+def batch_of(alias: str, effects: Iterable[Effect]) -> Batch:
+    """The batch for a statement's effects on the connection `alias`."""
+    batch = Batch()
+    alias = database_of(alias)
+    for e in effects:
+        g = group(alias, e.label)
+        if e.kind == FLUSH:
+            batch.add_flush(g)
+        else:
+            batch.add_rows(g, e.rids)
+    return batch
 
 
 def sql_text(sql: Any, conn: Any) -> str:
@@ -145,9 +216,10 @@ def install(connection: Any, **kwargs: Any) -> None:
     raises may still have committed (a lost reply): its invalidation runs anyway."""
     if watch not in connection.execute_wrappers:
         connection.execute_wrappers.insert(0, watch)
-    if connection.__dict__.get("tiered_cache_hooked"):
+    state = _state(connection)
+    if state.hooked:
         return
-    connection.tiered_cache_hooked = True
+    state.hooked = True
     commit, rollback = connection.commit, connection.rollback
     run_hooks = connection.run_and_clear_commit_hooks
 
@@ -155,21 +227,19 @@ def install(connection: Any, **kwargs: Any) -> None:
         try:
             commit()
         finally:
-            pending = connection.__dict__.get(_ATTR)
-            if pending is not None:
-                pending.finish(apply=True)
+            if state.pending is not None:
+                state.pending.finish(apply=True)
 
     def rollback_and_forget() -> None:
         try:
             rollback()
         finally:
-            pending = connection.__dict__.get(_ATTR)
-            if pending is not None:
-                pending.finish(apply=False)
+            if state.pending is not None:
+                state.pending.finish(apply=False)
 
     def signals_then_hooks() -> None:
-        owed = connection.__dict__.pop(_OWED, None)
-        for batch in owed or ():
+        owed, state.owed = state.owed, []
+        for batch in owed:
             batch.send_signals()
         run_hooks()
 
@@ -190,7 +260,10 @@ def _is_snapshot_level(level: Any, engine: str) -> bool:
     if name is not None:
         return str(name).upper() in ("REPEATABLE_READ", "SERIALIZABLE")
     if "postgresql" in engine:
-        from django.db.backends.postgresql.psycopg_any import is_psycopg3
+        # django-stubs ships no stub for psycopg_any.
+        from django.db.backends.postgresql.psycopg_any import (  # type: ignore[import-untyped]
+            is_psycopg3,
+        )
 
         return int(level) in ((3, 4) if is_psycopg3 else (2, 3))
     return False
@@ -217,7 +290,11 @@ def forget_databases(setting: str = "DATABASES", **kwargs: Any) -> None:
 def _written(dirty: dict[int, Pending], gids: list[str]) -> bool:
     """Whether an open transaction of this thread (on any connection) wrote these groups."""
     for pending in list(dirty.values()):
-        live = current(pending.conn)
+        conn = pending.conn_ref()
+        if conn is None:  # closed and gone mid-transaction: it rolled back
+            pending.finish(apply=False)
+            continue
+        live = current(conn)
         if live is not None and any(gid in live.batch.rows for gid in gids):
             return True
     return False

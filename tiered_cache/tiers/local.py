@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Any
 
 from ..conf import conf
@@ -20,7 +22,8 @@ _EXP, _LABEL, _ROW, _VALUE, _EPOCH, _WRITES = range(6)
 class LocalTier:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._data: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+        # Keys: a read's (lookup, database, scope, *values) tuple, a derived function's str.
+        self._data: OrderedDict[Hashable, tuple[Any, ...]] = OrderedDict()
         # (label, row id) -> the key of the row's one entry, or a set when it has several
         # (a set per row would double what the index costs).
         self._rows: dict[tuple[str, str], Any] = {}
@@ -29,6 +32,13 @@ class LocalTier:
         # Bumped by clear(): refuses every fill that started before it.
         self._clears = 0
         self.evictions = 0
+        os.register_at_fork(after_in_child=self.after_fork)
+
+    def after_fork(self) -> None:
+        """A forked child starts empty: what the parent held is vouched for by the parent's
+        bus, not by the child's (which starts on its first read)."""
+        self._lock = threading.Lock()
+        self.clear()
 
     # -- reads ---------------------------------------------------------------
     def get(self, key: Any, now: float | None = None) -> Any:
@@ -55,7 +65,7 @@ class LocalTier:
     # -- writes --------------------------------------------------------------
     def set(
         self,
-        key: str,
+        key: Hashable,
         label: str,
         row: str,
         value: Any,
@@ -99,7 +109,7 @@ class LocalTier:
                         n += 1
         return n
 
-    def drop_key(self, key: str, label: str) -> None:
+    def drop_key(self, key: Hashable, label: str) -> None:
         with self._lock:
             self._writes[label] = self._writes.get(label, 0) + 1
             e = self._data.get(key)
@@ -134,7 +144,7 @@ class LocalTier:
             return sum(1 for e in self._data.values() if e[_LABEL] == label)
 
     # -- internals -----------------------------------------------------------
-    def _remove(self, key: str, e: tuple[Any, ...]) -> None:
+    def _remove(self, key: Hashable, e: tuple[Any, ...]) -> None:
         del self._data[key]
         self._unindex(key, e)
 
@@ -156,3 +166,8 @@ class LocalTier:
 
 
 local_tier = LocalTier()
+
+
+def clear_local() -> None:
+    """Empty this process's L1 (tests, benchmarks). Other processes are not touched."""
+    local_tier.clear()

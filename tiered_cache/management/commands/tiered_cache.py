@@ -1,4 +1,5 @@
-"""`manage.py tiered_cache stats|flush|warmup|cleanup [app.Model ...]`: thin over ops."""
+"""`manage.py tiered_cache stats|flush|warmup|cleanup [app.Model ...]`: thin over the
+maintenance and dashboard modules."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from tiered_cache import ops
+from tiered_cache import maintenance
+from tiered_cache.dashboard import overview
+from tiered_cache.registry import UnknownModel, cached_models, resolve_models
+from tiered_cache.tiers.remote import Unavailable
 
 
 def _when(run: dict[str, Any] | None) -> str:
@@ -44,15 +48,15 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         action = options["action"]
         try:
-            models = ops.resolve_models(options["models"]) if options["models"] else None
+            models = resolve_models(options["models"]) if options["models"] else None
             getattr(self, f"_{action}")(models, options)
-        except ops.UnknownModel as exc:
+        except UnknownModel as exc:
             raise CommandError(str(exc)) from None
-        except ops.Unavailable as exc:
+        except Unavailable as exc:
             raise CommandError(f"Redis is unavailable: {exc}") from None
 
     def _stats(self, models: Any, options: dict[str, Any]) -> None:
-        view = ops.overview(models)
+        view = overview(models)
         if options["json"]:
             out = {
                 "redis_error": view["redis_error"],
@@ -125,22 +129,22 @@ class Command(BaseCommand):
             raise CommandError("Name models to flush or pass --all, not both.")
         if not models and not options["all"]:
             raise CommandError("Name the models to flush (app_label.ModelName) or pass --all.")
-        for label in ops.flush(models):
+        for label in maintenance.flush(models):
             self.stdout.write(f"Flushed every {label} entry (all processes).")
 
     def _warmup(self, models: Any, options: dict[str, Any]) -> None:
         limit = options["limit"]
         if limit is not None and limit < 0:
             raise CommandError("--limit must be zero or more.")
-        for model in models or ops.cached_models():
-            r = ops.warmup(model, limit)
+        for model in models or cached_models():
+            r = maintenance.warmup(model, limit)
             self.stdout.write(
                 f"{r['model']}: stored {r['stored']}, refused {r['refused']} "
                 f"({r.get('source')}) in {r['seconds']}s"
             )
 
     def _cleanup(self, models: Any, options: dict[str, Any]) -> None:
-        r = ops.cleanup(models)
+        r = maintenance.cleanup(models)
         self.stdout.write(
             f"Scanned {r['scanned']} keys; deleted {r['old_generation']} of old generations, "
             f"{r['stale_rows']} of replaced rows, {r['old_schema']} of old schemas; dropped "

@@ -1,0 +1,27 @@
+-- KEYS: gen, writes, data, lease, row-version key (positive fills).
+-- ARGV: lease token ('' = none), gen seen, writes seen, kind 'P'/'N', value (header, MAC
+-- and body, signed by the filler), ttl ms, row version in the value's header, row version
+-- ttl ms. Returns 1 (stored), 0 (refused) or {2, current row version}: the row already has
+-- a version other than the one signed, and the filler signs again with it.
+-- Refused if the model was flushed or written since the reader's first look: that is what
+-- keeps a row read before a commit from being stored after its invalidation. A refused
+-- filler still gives its lease back, or every other reader of the key would wait
+-- LEASE_WAIT for a fill that never comes, until the lease expires.
+if sget(KEYS[1]) ~= ARGV[2] or (sget(KEYS[2]) or '0') ~= ARGV[3] then
+  if ARGV[1] ~= '' and sget(KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+  return 0
+end
+if ARGV[1] ~= '' and sget(KEYS[4]) ~= ARGV[1] then return 0 end
+if ARGV[4] == 'P' then
+  local rv = sget(KEYS[5])
+  -- A row version is a token too: junk there (a '|') would make the row unservable.
+  if rv and not string.find(rv, '[^%w:_-]') then
+    if rv ~= ARGV[7] then return {2, rv} end
+    redis.call('PEXPIRE', KEYS[5], ARGV[8])
+  else
+    redis.call('SET', KEYS[5], ARGV[7], 'PX', ARGV[8])
+  end
+end
+redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
+if ARGV[1] ~= '' then redis.call('DEL', KEYS[4]) end
+return 1

@@ -1,0 +1,377 @@
+"""Day-to-day operations on the cache: flush, warm up, clean up, and the Redis lock and
+run records that keep them one at a time and visible. The admin, the management command
+and the Celery tasks call these; every Redis call goes through the circuit breaker (an
+outage raises Unavailable)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, cast
+
+from django.core.exceptions import ValidationError
+from django.db import models, router
+
+from . import reads
+from .invalidation import rows_batch
+from .keys import Group, clean_call, is_lease, lock_key, ops_key, release_call
+from .registry import ModelCache, cached_managers, cached_models, model_cache, model_caches
+from .reporting import HOT_TTL, process_name, process_ttl
+from .tiers.local import local_tier
+from .tiers.remote import Unavailable, fresh_token, redis_tier
+from .transactions import queue
+
+__all__ = [
+    "BATCH_SIZE",
+    "by_group",
+    "cleanup",
+    "exclusive",
+    "flush",
+    "hottest_pks",
+    "invalidate_rows",
+    "last_runs",
+    "owner",
+    "scan",
+    "start_warmup",
+    "warmup",
+    "warmup_limit",
+    "warmup_set",
+]
+
+logger = logging.getLogger("tiered_cache")
+
+# Warmup without a manager hook and without a limit stores at most this many rows.
+DEFAULT_WARMUP_LIMIT = 1000
+# SCAN COUNT, and the most keys one cleanup script or UNLINK touches.
+BATCH_SIZE = 500
+# Hot-row scores halve every HOT_HALF_LIFE seconds (applied by cleanup); a row whose score
+# falls under HOT_MIN, or beyond the HOT_KEEP best, is dropped from the sample.
+HOT_HALF_LIFE = 3600.0
+HOT_MIN = 0.5
+HOT_KEEP = 10_000
+# The Celery task start_warmup() queues (tiered_cache/tasks.py), sent by name.
+WARMUP_TASK = "tiered_cache.tasks.warmup"
+
+
+def _models_or_all(selected: Sequence[type[models.Model]] | None) -> list[type[models.Model]]:
+    return list(selected) if selected is not None else cached_models()
+
+
+# -- flush -------------------------------------------------------------------------
+
+
+def flush(selected: Sequence[type[models.Model]] | None = None) -> list[str]:
+    """Drop every entry of these models (all cached models when None) in every process.
+    Inside atomic() it happens when the outermost block commits, like any invalidation."""
+    done = []
+    for model in _models_or_all(selected):
+        cached_managers(model)[0].flush_cache()
+        done.append(model._meta.label)
+    return done
+
+
+def invalidate_rows(model: type[models.Model], pks: Iterable[Any]) -> int:
+    """Drop every cached key of these rows in every process: one Redis round trip."""
+    pks = list(pks)
+    if pks:
+        alias = router.db_for_write(model)
+        queue(rows_batch(model, pks, alias), alias)
+    return len(pks)
+
+
+# -- warmup ------------------------------------------------------------------------
+
+
+def hottest_pks(model: type[models.Model], limit: int) -> list[Any]:
+    """The rows read most across processes (sampled), best first, as pk values."""
+    if limit <= 0:
+        return []
+    mc = model_caches(model)[0]
+    key = mc.home.hot_key(mc.label)
+    # The client never decodes replies: members are bytes.
+    raw = cast(list[bytes], redis_tier.call(lambda: redis_tier.client.zrevrange(key, 0, limit - 1)))
+    prep = mc.pk_lookup.preps[0]
+    out = []
+    for member in raw:
+        try:
+            out.append(prep(member.decode()))
+        except (ValueError, TypeError, ValidationError):
+            continue  # a pk of an older schema: skip it
+    return out
+
+
+def _recent_order(model: type[models.Model]) -> list[str]:
+    latest = model._meta.get_latest_by
+    if latest:
+        fields = [latest] if isinstance(latest, str) else list(latest)
+        return [f[1:] if f.startswith("-") else "-" + f for f in fields] + ["-pk"]
+    return ["-pk"]
+
+
+def warmup_set(manager: Any, limit: int | None) -> tuple[Any, dict[str, Any]]:
+    """The queryset to warm and how it was chosen. A manager's ``warmup_queryset()`` wins;
+    otherwise the hottest rows, then the most recent ones, up to the limit."""
+    model = manager.model
+    hook = getattr(manager, "warmup_queryset", None)
+    if callable(hook):
+        qs = hook()
+        if limit is None:
+            return qs, {"source": "warmup_queryset"}
+        pks = list(qs.values_list("pk", flat=True)[: max(limit, 0)])
+        return manager.get_queryset().filter(pk__in=pks), {"source": "warmup_queryset"}
+    limit = DEFAULT_WARMUP_LIMIT if limit is None else max(limit, 0)
+    base = manager.get_queryset()
+    # Twice the limit: some hot rows may have been deleted since they were sampled.
+    hot_pks = hottest_pks(model, 2 * limit)
+    found = set(base.filter(pk__in=hot_pks).values_list("pk", flat=True)) if hot_pks else set()
+    chosen = [pk for pk in hot_pks if pk in found][:limit]
+    remaining = limit - len(chosen)
+    recent: list[Any] = []
+    if remaining > 0:
+        recent = list(
+            base.exclude(pk__in=chosen)
+            .order_by(*_recent_order(model))
+            .values_list("pk", flat=True)[:remaining]
+        )
+    return base.filter(pk__in=chosen + recent), {
+        "source": "hot+recent",
+        "hot": len(chosen),
+        "recent": len(recent),
+    }
+
+
+def warmup_limit(limit: Any) -> int | None:
+    """A limit from a task argument, a command line or a form: None or a whole number
+    >= 0 ("3" is 3); anything else is refused with a message naming the limit."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool):
+        raise ValueError(f"warmup limit must be a whole number >= 0, not {limit!r}")
+    try:
+        n = int(str(limit).strip()) if not isinstance(limit, int) else limit
+    except ValueError:
+        raise ValueError(f"warmup limit must be a whole number >= 0, not {limit!r}") from None
+    if n < 0:
+        raise ValueError(f"warmup limit must be a whole number >= 0, not {limit!r}")
+    return n
+
+
+def warmup(model: type[models.Model], limit: int | None = None) -> dict[str, Any]:
+    """Store the model's warmup set in L2 (pk keys) in pipelined batches. A row written
+    meanwhile is refused, never stored stale. Records the run; returns its counts."""
+    limit = warmup_limit(limit)
+    started = time.time()
+    result: dict[str, Any] = {"model": model._meta.label, "stored": 0, "refused": 0}
+    for manager in cached_managers(model):
+        qs, how = warmup_set(manager, limit)
+        counts = reads.warm(manager, model_cache(manager), qs)
+        result["stored"] += counts["stored"]
+        result["refused"] += counts["refused"]
+        for k, v in how.items():
+            result[k] = result[k] + v if isinstance(v, int) and k in result else v
+    result["seconds"] = round(time.time() - started, 3)
+    _record(f"warmup:{model._meta.label_lower}", result, started)
+    return result
+
+
+def start_warmup(model: type[models.Model], limit: int | None = None) -> dict[str, Any]:
+    """Queue tiered_cache.tasks.warmup on Celery when a broker is configured, else warm
+    here and now. {"mode": "celery", "task_id"} or {"mode": "inline", "reason", "result"}.
+    The task is sent by name: this module never imports the tasks (Celery is optional)."""
+    try:
+        from celery import current_app  # an optional dependency (the [celery] extra)
+    except ImportError:
+        return {
+            "mode": "inline",
+            "reason": "Celery is not installed",
+            "result": warmup(model, limit),
+        }
+    celery_conf = current_app.conf
+    if not celery_conf.broker_url:
+        reason = "no Celery broker is configured"
+    elif celery_conf.task_always_eager:
+        reason = "Celery runs tasks eagerly (task_always_eager)"
+    else:
+        try:
+            sent = current_app.send_task(WARMUP_TASK, (model._meta.label, limit), retry=False)
+        except Exception as exc:  # the broker refused: warm here rather than not at all
+            logger.warning("tiered_cache: could not queue the warmup: %r", exc)
+            reason = f"the Celery broker refused the task ({exc.__class__.__name__})"
+        else:
+            return {"mode": "celery", "task_id": sent.id}
+    return {"mode": "inline", "reason": reason, "result": warmup(model, limit)}
+
+
+# -- cleanup -----------------------------------------------------------------------
+
+
+def by_group(selected: Sequence[type[models.Model]] | None) -> dict[str, list[ModelCache]]:
+    """The model caches of each group (by hash tag) the selected models belong to: every
+    model of a group (a proxy, an MTI relative), so that one's entries are never taken for
+    another schema's."""
+    tags = {mc.home.tag for model in _models_or_all(selected) for mc in model_caches(model)}
+    out: dict[str, list[ModelCache]] = {}
+    for model in cached_models():
+        for mc in model_caches(model):
+            if mc.home.tag in tags:
+                out.setdefault(mc.home.tag, []).append(mc)
+    return out
+
+
+def owner(key: str, caches: list[ModelCache]) -> ModelCache | None:
+    """The model cache whose entry this key is (None for another schema or manager)."""
+    g = caches[0].home
+    for c in caches:
+        if key.startswith(g.data_prefix(c.schema, c.key_prefix)):
+            return c
+    return None
+
+
+def _classify(key: str, caches: list[ModelCache]) -> str:
+    """'keep' (bookkeeping, a lease), 'data' (check the entry), or 'schema' (another
+    schema or manager: delete)."""
+    if caches[0].home.is_bookkeeping(key) or is_lease(key):
+        return "keep"  # row versions and leases expire by themselves
+    return "data" if owner(key, caches) is not None else "schema"
+
+
+def scan(g: Group, count: int = BATCH_SIZE) -> Iterator[list[str]]:
+    """Every key of a group, in SCAN batches."""
+    match = "".join("\\" + c if c in "*?[]\\" else c for c in g.tag) + ":*"
+    cursor = 0
+    while True:
+        cursor, keys = redis_tier.call(partial(_scan_page, cursor, match, count))
+        if keys:
+            yield [k.decode() if isinstance(k, bytes) else k for k in keys]
+        if not cursor:
+            return
+
+
+def _scan_page(cursor: int, match: str, count: int) -> tuple[int, list[bytes | str]]:
+    return redis_tier.client.scan(cursor, match=match, count=count)
+
+
+def _unlink(keys: list[str]) -> int:
+    return redis_tier.client.unlink(*keys)
+
+
+def _drop_members_before(key: str, cutoff: float) -> int:
+    return redis_tier.client.zremrangebyscore(key, "-inf", cutoff)
+
+
+def cleanup(
+    selected: Sequence[type[models.Model]] | None = None, batch_size: int = BATCH_SIZE
+) -> dict[str, Any]:
+    """Delete from Redis what can no longer be served, in batches of at most batch_size
+    keys: entries of old generations, old schemas or replaced rows; decay the hot-row
+    samples and drop their cold members; forget processes that stopped reporting. Then
+    prune this process's expired L1 entries. Records the run; returns its counts."""
+    started = time.time()
+    counts: dict[str, int | float] = {
+        "scanned": 0,
+        "old_generation": 0,
+        "stale_rows": 0,
+        "old_schema": 0,
+        "hot_members": 0,
+        "stale_processes": 0,
+        "l1_expired": 0,
+    }
+    for caches in by_group(selected).values():
+        mc = caches[0]
+        g = mc.home
+        for keys in scan(g, batch_size):
+            counts["scanned"] += len(keys)
+            kinds: dict[str, list[str]] = {"data": [], "schema": []}
+            for k in keys:
+                kind = _classify(k, caches)
+                if kind != "keep":
+                    kinds[kind].append(k)
+            if kinds["schema"]:
+                counts["old_schema"] += redis_tier.call(partial(_unlink, kinds["schema"]))
+            if kinds["data"]:
+                old, stale = redis_tier.scripts([clean_call(g, kinds["data"])])[0]
+                counts["old_generation"] += old
+                counts["stale_rows"] += stale
+        for c in {c.label: c for c in caches}.values():  # one per model
+            counts["hot_members"] += _decay_hot(c)
+            procs, cutoff = g.procs_key(c.label), time.time() - process_ttl()
+            counts["stale_processes"] += redis_tier.call(
+                partial(_drop_members_before, procs, cutoff)
+            )
+    counts["l1_expired"] = local_tier.prune_expired()
+    counts["seconds"] = round(time.time() - started, 3)
+    _record("cleanup", counts, started)
+    return counts
+
+
+def _decay_hot(mc: ModelCache) -> int:
+    """Halve the hot-row scores per HOT_HALF_LIFE elapsed since the last decay, drop the
+    members that went cold or fell out of the best HOT_KEEP. Returns members dropped."""
+    now = time.time()
+    field = f"hot_decay:{mc.label}"
+    last = redis_tier.call(lambda: redis_tier.client.hget(ops_key(), field))
+    factor = 1.0
+    if last is not None:
+        factor = 0.5 ** (max(0.0, now - float(last)) / HOT_HALF_LIFE)
+    key = mc.home.hot_key(mc.label)
+
+    def run() -> list[Any]:
+        pipe = redis_tier.client.pipeline(transaction=True)
+        pipe.zunionstore(key, {key: factor})
+        pipe.zremrangebyscore(key, "-inf", f"({HOT_MIN}")
+        pipe.zremrangebyrank(key, 0, -(HOT_KEEP + 1))
+        pipe.expire(key, HOT_TTL)
+        pipe.hset(ops_key(), field, repr(now))
+        return pipe.execute()
+
+    res = redis_tier.call(run)
+    return int(res[1]) + int(res[2])
+
+
+# -- last runs and locks ---------------------------------------------------------------
+
+
+def _record(field: str, result: dict[str, Any], started: float) -> None:
+    value = json.dumps({"at": started, "host": process_name(), **result}, default=str)
+    try:
+        redis_tier.call(lambda: redis_tier.client.hset(ops_key(), field, value))
+    except Unavailable:
+        logger.warning("tiered_cache: could not record the %s run", field)
+
+
+def last_runs() -> dict[str, Any]:
+    """{"cleanup": {...} or None, "warmup": {label: {...}}}, each with "at" (epoch)."""
+    # The client never decodes replies: fields and values are bytes.
+    raw = cast(dict[bytes, bytes], redis_tier.call(lambda: redis_tier.client.hgetall(ops_key())))
+    out: dict[str, Any] = {"cleanup": None, "warmup": {}}
+    for field, value in raw.items():
+        name = field.decode()
+        if name == "cleanup":
+            out["cleanup"] = json.loads(value)
+        elif name.startswith("warmup:"):
+            out["warmup"][name.split(":", 1)[1]] = json.loads(value)
+    return out
+
+
+@contextmanager
+def exclusive(name: str, ttl: float) -> Iterator[bool]:
+    """A Redis lock (SET NX PX with a token) held for the block: yields False if another
+    holder has it. Released by compare-and-delete, so a run that outlived its ttl never
+    frees the lock of the run that took over."""
+    key = lock_key(name)
+    token = fresh_token()
+    got = bool(
+        redis_tier.call(lambda: redis_tier.client.set(key, token, nx=True, px=int(ttl * 1000)))
+    )
+    try:
+        yield got
+    finally:
+        if got:
+            try:
+                redis_tier.scripts([release_call(key, token)])
+            except Unavailable:
+                pass  # it expires by itself

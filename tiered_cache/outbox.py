@@ -1,0 +1,142 @@
+"""The outbox: invalidations Redis could not take, kept in the database table
+PendingInvalidation until a process delivers them (invalidation.drain_outbox), bounded per
+outage."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+
+from django.db import DatabaseError, connections, router
+
+from .conf import conf
+from .models import PendingInvalidation
+
+__all__ = ["Outage", "outage", "pending", "record", "remove"]
+
+logger = logging.getLogger("tiered_cache")
+
+
+class Outage:
+    """What this process put in the outbox during the current outage: how many rows, and
+    the groups it recorded as flushed instead (past OUTBOX_LIMIT rows, or a flush)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.rows = 0
+        self.flushed: set[str] = set()
+        self.warned = False
+        os.register_at_fork(after_in_child=self.after_fork)
+
+    def reset(self) -> None:
+        self.rows = 0
+        self.flushed = set()
+        self.warned = False
+
+    def take_flushed(self) -> set[str]:
+        """The groups owed a flush, and the outage forgotten (a drain begins)."""
+        with self.lock:
+            flushed = self.flushed
+            self.reset()
+        return flushed
+
+    def owe(self, flushed: set[str]) -> None:
+        """A drain failed: these groups are still owed a flush."""
+        with self.lock:
+            self.flushed |= flushed
+
+    def delivered(self) -> None:
+        """An invalidation reached Redis: the outage is over, unless a drain still owes
+        some group a flush."""
+        with self.lock:
+            if not self.flushed:
+                self.reset()
+
+    def after_fork(self) -> None:
+        self.lock = threading.Lock()
+        self.reset()
+
+
+outage = Outage()
+
+
+def record(rows: dict[str, set[str]], flush: set[str], derived: dict[str, str]) -> bool:
+    """Keep a batch's invalidations (group id -> row ids, flushed group ids, derived key ->
+    function label) in the outbox, committed at once. Past OUTBOX_LIMIT rows in one outage
+    a group is recorded as flushed instead of row by row. False if nothing was written
+    (the database refused, or a pending flush covers every row)."""
+    entries = []
+    with outage.lock:
+        for gid, rids in rows.items():
+            if gid in outage.flushed:
+                continue  # a pending flush of the group covers these rows
+            whole = gid in flush or outage.rows + len(rids) > conf.OUTBOX_LIMIT
+            if whole:
+                outage.flushed.add(gid)
+                rids = set()
+            outage.rows += len(rids) or 1
+            entries.append(PendingInvalidation(model_label=gid, rows=sorted(rids), flush=whole))
+        for key, fn_label in derived.items():
+            entries.append(
+                PendingInvalidation(
+                    kind=PendingInvalidation.DERIVED, model_label=fn_label, rows=[key]
+                )
+            )
+    if not entries:
+        return False
+    try:
+        _write(entries)
+    except DatabaseError:
+        logger.exception("tiered_cache: could not record invalidations in the outbox")
+        return False
+    if not outage.warned:
+        outage.warned = True
+        logger.warning(
+            "tiered_cache: Redis is unavailable; invalidations are kept in the outbox "
+            "table and applied before any process reads L2 again"
+        )
+    return True
+
+
+def _write(entries: list[PendingInvalidation]) -> None:
+    """Insert outbox rows, committed at once. Right after a COMMIT (inside atomic()'s exit,
+    before Django turns autocommit back on) or under set_autocommit(False), the rows must
+    not open or join a transaction of the caller's connection: they go through a
+    connection of their own."""
+    alias = router.db_for_write(PendingInvalidation)
+    conn = connections[alias]
+    if conn.get_autocommit() and not conn.in_atomic_block:
+        PendingInvalidation.objects.using(alias).bulk_create(entries)
+        return
+    own = connections.create_connection(alias)
+    try:
+        opts = PendingInvalidation._meta
+        fields = [f for f in opts.concrete_fields if not f.primary_key]
+        for e in entries:
+            for f in fields:
+                f.pre_save(e, add=True)  # created_at's auto_now_add
+        qn = own.ops.quote_name
+        sql = "INSERT INTO {} ({}) VALUES ({})".format(
+            qn(opts.db_table),
+            ", ".join(qn(f.column) for f in fields),
+            ", ".join(["%s"] * len(fields)),
+        )
+        with own.cursor() as cursor:
+            cursor.executemany(
+                sql,
+                [[f.get_db_prep_save(getattr(e, f.attname), own) for f in fields] for e in entries],
+            )
+    finally:
+        own.close()
+
+
+def pending(limit: int) -> list[PendingInvalidation]:
+    """The oldest `limit` undelivered invalidations."""
+    return list(PendingInvalidation.objects.order_by("id")[:limit])
+
+
+def remove(entries: Iterable[PendingInvalidation]) -> None:
+    """Forget delivered invalidations."""
+    PendingInvalidation.objects.filter(id__in=[e.id for e in entries]).delete()

@@ -1,0 +1,250 @@
+"""What the counters add up to: this process's stats(), and the counters of every process,
+pushed to Redis in batches by one thread per process and read back per model."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from django.db import models
+
+from .breaker import breaker
+from .bus import bus
+from .conf import conf
+from .counters import COUNTER_NAMES, Counters, hot
+from .registry import ModelCache, cached_managers, cached_models, model_cache, model_caches
+from .threads import ProcessThread
+from .tiers.local import local_tier
+from .tiers.remote import Unavailable, redis_tier
+
+__all__ = [
+    "HOT_TTL",
+    "STATS_TTL",
+    "cluster_stats",
+    "process_name",
+    "process_ttl",
+    "publish_stats",
+    "publisher",
+    "reset_stats",
+    "stats",
+    "tier_split",
+]
+
+logger = logging.getLogger("tiered_cache")
+
+# Aggregated counters live this long after the last process reported (refreshed on push).
+STATS_TTL = 7 * 24 * 3600
+# Hot-row samples live this long without a push (maintenance decays them meanwhile).
+HOT_TTL = 24 * 3600
+
+
+def process_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_ttl() -> float:
+    """A process that has not reported for this long no longer counts as running."""
+    return max(300.0, 20 * conf.STATS_FLUSH_INTERVAL)
+
+
+# -- this process ------------------------------------------------------------------------
+
+
+def stats() -> dict[str, dict[str, Any]]:
+    """Per model label: l1_hits, l2_hits, misses, negative_hits, invalidations, fills,
+    fills_refused, corrupt, bypassed, hit_ratio, l1_entries, breaker, bus."""
+    out: dict[str, dict[str, Any]] = {}
+    homes: dict[str, str] = {}
+    for mgr in cached_managers():
+        mc = model_cache(mgr)
+        homes[mc.label] = mc.home.id
+        row = out.setdefault(mc.label, {})
+        for name, value in mc.counters.as_dict().items():
+            row[name] = row.get(name, 0) + value
+    for label, row in out.items():
+        hits = row["l1_hits"] + row["l2_hits"] + row["negative_hits"]
+        total = hits + row["misses"]
+        row["hit_ratio"] = round(hits / total, 4) if total else None
+        row["l1_entries"] = local_tier.count(homes[label])
+        row["breaker"] = breaker.state
+        row["bus"] = bus.state()
+    return out
+
+
+def reset_stats() -> None:
+    for mgr in cached_managers():
+        model_cache(mgr).counters = Counters()
+
+
+def tier_split(row: dict[str, Any]) -> list[tuple[str, int]]:
+    """How reads were served: L1, L2, a remembered "no such row", or the database."""
+    return [
+        ("L1", row.get("l1_hits", 0)),
+        ("L2", row.get("l2_hits", 0)),
+        ("negative", row.get("negative_hits", 0)),
+        ("database", row.get("misses", 0)),
+    ]
+
+
+# -- every process -----------------------------------------------------------------------
+
+
+class _Published:
+    """Per label: the counter objects last pushed (identity: reset_stats() replaces them)
+    and their totals then."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.totals: dict[str, tuple[tuple[int, ...], dict[str, int]]] = {}
+        os.register_at_fork(after_in_child=self.after_fork)
+
+    def after_fork(self) -> None:
+        self.lock = threading.Lock()
+        self.totals = {}  # a child's counters start where the parent's were: all new
+
+
+_published = _Published()
+
+
+def _local_totals() -> dict[str, tuple[tuple[int, ...], dict[str, int]]]:
+    totals: dict[str, tuple[tuple[int, ...], dict[str, int]]] = {}
+    for mgr in cached_managers():
+        mc = model_cache(mgr)
+        ids, row = totals.get(mc.label, ((), dict.fromkeys(COUNTER_NAMES, 0)))
+        for name in COUNTER_NAMES:
+            row[name] += getattr(mc.counters, name)
+        totals[mc.label] = ((*ids, id(mc.counters)), row)
+    return totals
+
+
+def publish_stats() -> dict[str, Any]:
+    """Add this process's counters since its last push, and its sampled hot rows, to
+    Redis in one pipeline. Called in batches (a thread every STATS_FLUSH_INTERVAL), never
+    per read. Returns what was pushed: {"counters": {label: deltas}, "hot": {label: n}}."""
+    with _published.lock:
+        totals = _local_totals()
+        taken = hot.take()
+        caches = {model_cache(m).label: model_cache(m) for m in cached_managers()}
+        deltas: dict[str, dict[str, int]] = {}
+        for label, (ids, row) in totals.items():
+            before_ids, before = _published.totals.get(label, ((), {}))
+            if before_ids != ids:
+                before = {}  # the counters were replaced (reset): all of it is new
+            d = {}
+            for name, value in row.items():
+                diff = value - before.get(name, 0)
+                if diff > 0:
+                    d[name] = diff
+            if d:
+                deltas[label] = d
+        if not deltas and not taken:
+            return {"counters": {}, "hot": {}}
+        now = time.time()
+        me = process_name()
+
+        def run() -> None:
+            pipe = redis_tier.client.pipeline(transaction=False)
+            for label, d in deltas.items():
+                home = caches[label].home
+                key = home.stats_key(label)
+                for name, value in d.items():
+                    pipe.hincrby(key, name, value)
+                pipe.hsetnx(key, "since", repr(now))
+                pipe.expire(key, STATS_TTL)
+                pipe.zadd(home.procs_key(label), {me: now})
+                pipe.expire(home.procs_key(label), STATS_TTL)
+            for label, pks in taken.items():
+                mc = caches.get(label)
+                if mc is None or not pks:
+                    continue
+                hot_key = mc.home.hot_key(label)
+                for pk, n in pks.items():
+                    pipe.zincrby(hot_key, n, str(pk))
+                pipe.expire(hot_key, HOT_TTL)
+            t0 = time.perf_counter()
+            pipe.execute()
+            redis_tier.latency.observe(time.perf_counter() - t0)
+
+        try:
+            redis_tier.call(run)
+        except Unavailable:
+            hot.give_back(taken)  # the counters' deltas keep themselves
+            raise
+        _published.totals.update(totals)
+        return {
+            "counters": deltas,
+            "hot": {label: sum(pks.values()) for label, pks in taken.items() if pks},
+        }
+
+
+def cluster_stats(selected: Sequence[type[models.Model]] | None = None) -> dict[str, Any]:
+    """Per model label: the counters every process pushed, when counting began, how many
+    processes reported recently, and the hottest sampled rows."""
+    by_label: dict[str, ModelCache] = {}
+    for model in cached_models() if selected is None else selected:
+        mc = model_caches(model)[0]
+        by_label[mc.label] = mc
+    cutoff = time.time() - process_ttl()
+
+    def run() -> list[Any]:
+        pipe = redis_tier.client.pipeline(transaction=False)
+        for label, mc in by_label.items():
+            pipe.hgetall(mc.home.stats_key(label))
+            pipe.zcount(mc.home.procs_key(label), cutoff, "+inf")
+            pipe.zrevrange(mc.home.hot_key(label), 0, 4, withscores=True)
+        return pipe.execute()
+
+    res = redis_tier.call(run)
+    out: dict[str, Any] = {}
+    for i, label in enumerate(by_label):
+        raw, procs, top = res[3 * i : 3 * i + 3]
+        row: dict[str, Any] = {name: int(raw.get(name.encode(), 0)) for name in COUNTER_NAMES}
+        since = raw.get(b"since")
+        row["since"] = float(since) if since else None
+        row["processes"] = int(procs)
+        row["hot"] = [(m.decode(), round(s, 2)) for m, s in top]
+        out[label] = row
+    return out
+
+
+# -- the publisher thread ------------------------------------------------------------------
+
+
+class Publisher:
+    """Pushes this process's counters every STATS_FLUSH_INTERVAL from a daemon thread (and
+    once at exit): one per process, started with the bus (AppConfig.ready() wires it)."""
+
+    def __init__(self) -> None:
+        self._thread = ProcessThread("tiered_cache-stats", self._loop, prepare=self._prepare)
+        self._atexit = False
+
+    def start(self) -> None:
+        """Idempotent; a forked child starts its own on its first call."""
+        self._thread.start()
+
+    def _prepare(self) -> None:
+        if not self._atexit:
+            atexit.register(self.publish_quietly)
+            self._atexit = True
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(conf.STATS_FLUSH_INTERVAL)
+            self.publish_quietly()
+
+    def publish_quietly(self) -> None:
+        try:
+            publish_stats()
+        except Unavailable:
+            pass
+        except Exception:  # a bug here must not kill the thread
+            logger.exception("tiered_cache: could not push stats")
+
+
+publisher = Publisher()
