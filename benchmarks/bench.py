@@ -1,4 +1,4 @@
-"""`python -m tests.bench` (or `make bench`): the targets of issue 7, measured side by side.
+"""`python -m benchmarks.bench` (or `make bench`): the targets of issue 7, measured side by side.
 
 Against real PostgreSQL and Redis: the bench recreates its own database (tiered_cache_bench,
 dropped again at the end) and uses its own Redis key prefix (deleted at the end). It fills
@@ -12,10 +12,10 @@ a round. Objects made by the setup are frozen (gc.freeze) so the collector does 
 them inside the timed loops. Each cached case checks, by the cache's own counters, that it
 read the tier it names; a row marked * did not always (the bus lost trust meanwhile).
 
-    python -m tests.bench                 # full run, about 2 minutes
-    python -m tests.bench --quick         # a smoke run: few rounds, L1 memory at 10,000 only
-    python -m tests.bench --json out.json
-    python -m tests.bench --profile       # cProfile of the hot paths instead of the table
+    python -m benchmarks.bench                 # full run, about 2 minutes
+    python -m benchmarks.bench --quick         # a smoke run: few rounds, L1 memory at 10,000 only
+    python -m benchmarks.bench --json out.json
+    python -m benchmarks.bench --profile       # cProfile of the hot paths instead of the table
 
 A missed target is reported, never an error: the exit status is 1 only when something
 failed (a service down, an exception).
@@ -91,7 +91,7 @@ FULL = Plan(
 QUICK = Plan(rounds=3, scale=0.1, user_pool=300, memory_sizes=(10_000,), latency_samples=30)
 
 
-def configure_django(db_name: str, settings_module: str = "tests.bench_settings") -> str:
+def configure_django(db_name: str, settings_module: str = "benchmarks.bench_settings") -> str:
     """Point Django at the bench settings; returns the Redis key prefix of this run."""
     if "bench" not in db_name:
         raise SystemExit(
@@ -584,10 +584,10 @@ class Bench:
 
 
 def commit_to_drop(samples: int, busy_threads: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """tests/latency.py: from the COMMIT of a write here to the drop of the row from the L1
+    """benchmarks/latency.py: from the COMMIT of a write here to the drop of the row from the L1
     of a spawned process (its bus listener applying our message); `busy_threads` threads of
     that process read from L1 meanwhile, as request threads of a busy web process do."""
-    from tests.latency import format_result, measure_commit_to_drop
+    from benchmarks.latency import format_result, measure_commit_to_drop
 
     result = measure_commit_to_drop(samples, busy_threads=busy_threads)
     log("  " + format_result(result))
@@ -1061,7 +1061,9 @@ def _json_safe(x: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--quick", action="store_true", help="few repetitions: a smoke run for CI")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--rounds", type=int, help="measured rounds (default 31, 3 with --quick)")

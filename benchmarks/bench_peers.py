@@ -1,7 +1,7 @@
 """`make bench-peers`: django-cachalot and django-cacheops on the same models and database,
 each in its own process of the .venv-peers virtualenv, beside tiered_cache in that process.
 
-    .venv-peers/bin/python -m tests.bench_peers [--rounds N] [--json PATH]
+    .venv-peers/bin/python -m benchmarks.bench_peers [--rounds N] [--json PATH]
 
 Each peer process recreates the database tiered_cache_bench_peers (dropped at the end),
 fills it as `make bench` does, and measures in shuffled rounds: the plain ORM get by pk
@@ -24,7 +24,7 @@ import time
 import traceback
 from typing import Any
 
-from tests import bench
+from benchmarks import bench
 
 PEERS = ("cachalot", "cacheops")
 NS = 1_000.0
@@ -94,7 +94,7 @@ def measure(peer: str, rounds: int) -> dict[str, Any]:
     if len(q):
         raise RuntimeError(f"{peer}: a warm cached get still ran {len(q)} queries")
 
-    # As in tests/bench.py: what setup made is frozen, so the collector's full passes do
+    # As in benchmarks/bench.py: what setup made is frozen, so the collector's full passes do
     # not walk it over and over inside the timed loops.
     gc.collect()
     gc.freeze()
@@ -121,7 +121,7 @@ def measure(peer: str, rounds: int) -> dict[str, Any]:
 def child(peer: str, rounds: int, out: str) -> int:
     os.environ["TC_BENCH_PEER"] = peer
     prefix = bench.configure_django(
-        os.environ.get("TC_BENCH_DB", "tiered_cache_bench_peers"), "tests.bench_peers_settings"
+        os.environ.get("TC_BENCH_DB", "tiered_cache_bench_peers"), "benchmarks.bench_peers_settings"
     )
     atexit.register(bench._delete_keys_quietly, prefix)  # after the stats publisher's last push
     status = 0
@@ -147,7 +147,7 @@ def child(peer: str, rounds: int, out: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.bench_peers")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_peers")
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     sys.executable,
                     "-m",
-                    "tests.bench_peers",
+                    "benchmarks.bench_peers",
                     "--peer",
                     peer,
                     "--rounds",

@@ -1,11 +1,11 @@
-"""Settings of `make bench-peers` (tests/bench_peers.py, in .venv-peers): the bench settings
+"""Settings of `make bench-peers` (benchmarks/bench_peers.py, in .venv-peers): the bench settings
 plus one peer, named by TC_BENCH_PEER, caching the demo models in the same Redis database
 under the run's key prefix."""
 
 import os
 
-from tests.bench_settings import *  # noqa: F403
-from tests.bench_settings import INSTALLED_APPS, TEST_KEY_PREFIX, TEST_REDIS_URL
+from benchmarks.bench_settings import *  # noqa: F403
+from benchmarks.bench_settings import INSTALLED_APPS, TEST_KEY_PREFIX, TEST_REDIS_URL
 
 PEER = os.environ.get("TC_BENCH_PEER", "")
 

@@ -1,5 +1,5 @@
-"""Settings of the benchmark (`python -m tests.bench`): the test settings, with the bench's
-own database and Redis key prefix (both set by tests/bench.py through the environment, so
+"""Settings of the benchmark (`python -m benchmarks.bench`): the test settings, with the bench's
+own database and Redis key prefix (both set by benchmarks/bench.py through the environment, so
 the processes it spawns share them), DEBUG off as in production, and room in L1 for the
 memory rows (100,000 users)."""
 

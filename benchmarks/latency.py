@@ -21,7 +21,7 @@ from typing import Any
 from django.db import transaction
 
 # L1 entries are labelled by invalidation group: "<database alias>:<root model label>".
-LABEL = "default:demo.flowinstance"
+LABEL = "default:testapp.flow"
 
 # -- the other process's side -------------------------------------------------------------
 
@@ -43,14 +43,14 @@ def install_hook() -> None:
 
 def warm(pk: int) -> int:
     """Put the row in L1 (waiting for a trusted bus); the number of drops seen so far."""
-    from demo_project.demo.models import FlowInstance
-    from tests.coherence_tasks import wait_trusted
+    from tests.testapp.models import Flow
+    from tiered_cache.bus import bus
     from tiered_cache.tiers import local_tier
 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        wait_trusted()
-        FlowInstance.objects.get_cached(pk=pk)
+        bus.wait_trusted()
+        Flow.objects.get_cached(pk=pk)
         if local_tier.count(LABEL) >= 1:
             break
         time.sleep(0.002)
@@ -70,7 +70,7 @@ def start_busy(provider_pk: int, threads: int) -> None:
     """Threads reading another model's row from L1 in a loop: they compete with the
     listener for the GIL, as request threads of a busy web process do. (A Provider: the
     row becomes the hottest of its model in the cluster's stats, and no test looks there.)"""
-    from demo_project.demo.models import Provider
+    from tests.testapp.models import Provider
 
     _busy_stop.clear()
 
@@ -97,28 +97,28 @@ def measure_commit_to_drop(n: int = 200, busy_threads: int = 0) -> dict[str, Any
     """Commit a write n times and time how long another process takes to drop the row
     from its L1. busy_threads > 0 keeps that many threads of the other process reading
     from L1 meanwhile. Returns counts and milliseconds (p50, p90, p99, max)."""
-    from demo_project.demo.models import FlowInstance, Provider
     from tests.processes import worker
+    from tests.testapp.models import Flow, Provider
 
     tag = secrets.token_hex(4)
-    row = FlowInstance.objects.create(tenant_id=f"bench-{tag}", session_id="commit-to-drop")
+    row = Flow.objects.create(tenant_id=f"bench-{tag}", session_id="commit-to-drop")
     provider = Provider.objects.create(name=f"bench-{tag}", display_name="Bench")
     samples: list[float] = []
     missed = not_dropped = 0
     try:
         with worker() as other:
-            other.call("tests.latency.install_hook")
+            other.call("benchmarks.latency.install_hook")
             if busy_threads:
-                other.call("tests.latency.start_busy", provider.pk, busy_threads)
+                other.call("benchmarks.latency.start_busy", provider.pk, busy_threads)
             for i in range(n):
-                seen = other.call("tests.latency.warm", row.pk)
+                seen = other.call("benchmarks.latency.warm", row.pk)
                 committed: list[float] = []
                 with transaction.atomic():
-                    FlowInstance.objects.filter(pk=row.pk).update(current_step=i + 1)
+                    Flow.objects.filter(pk=row.pk).update(current_step=i + 1)
                     # The invalidation runs at COMMIT, before every on_commit callback: the
                     # clock starts just before the block commits (the COMMIT is counted).
                     committed.append(time.monotonic())
-                drop = other.call("tests.latency.wait_drop", seen)
+                drop = other.call("benchmarks.latency.wait_drop", seen)
                 if drop is None:
                     missed += 1
                     continue
@@ -127,9 +127,9 @@ def measure_commit_to_drop(n: int = 200, busy_threads: int = 0) -> dict[str, Any
                     not_dropped += 1
                 samples.append(at - committed[0])
             if busy_threads:
-                other.call("tests.latency.stop_busy")
+                other.call("benchmarks.latency.stop_busy")
     finally:
-        FlowInstance.objects.filter(pk=row.pk).delete()
+        Flow.objects.filter(pk=row.pk).delete()
         Provider.objects.filter(pk=provider.pk).delete()
     samples.sort()
     ms = [s * 1000 for s in samples]
