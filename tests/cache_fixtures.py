@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -11,9 +12,9 @@ from django.conf import settings
 
 from tiered_cache import clear_local
 from tiered_cache.breaker import breaker
-from tiered_cache.counters import reset_stats
 from tiered_cache.invalidation import flush_batch
 from tiered_cache.registry import cached_models, first_model_cache
+from tiered_cache.reporting import reset_stats
 from tiered_cache.tiers import local_tier, redis_tier
 
 
@@ -123,3 +124,30 @@ def in_thread(fn: Callable[[], Any]) -> Any:
     t.join(30)
     assert not t.is_alive(), "the thread did not finish within 30 s"
     return out["value"]
+
+
+@contextmanager
+def paused_after_read(
+    model: Any, pause: Callable[[], None], using: str = "default"
+) -> Iterator[None]:
+    """In this thread, call pause() once, as soon as the first SELECT from model's table has
+    returned its rows: a cache read is then between its database read and its fills. Built
+    on Django's documented connection.execute_wrapper(); the library carries no test hook."""
+    from django.db import connections
+
+    connection = connections[using]
+    table = "FROM " + connection.ops.quote_name(model._meta.db_table)
+    done = False
+
+    def wrapper(
+        execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        nonlocal done
+        result = execute(sql, params, many, context)
+        if not done and sql.lstrip()[:6].upper() == "SELECT" and table in sql:
+            done = True
+            pause()
+        return result
+
+    with connection.execute_wrapper(wrapper):
+        yield

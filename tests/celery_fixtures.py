@@ -1,5 +1,6 @@
 """A real Celery worker (a thread of this process) on the real Redis broker, for the task
-and browser tests. Everything it writes in Redis carries the run's key prefix."""
+and browser tests. Everything it writes in Redis carries the run's key prefix. Loaded as a
+plugin after celery.contrib.pytest (tests/conftest.py), whose fixtures it overrides."""
 
 from __future__ import annotations
 

@@ -14,22 +14,22 @@ from typing import Any
 from django.db import connections, transaction
 
 import tiered_cache
-from demo_project.demo.models import FlowInstance
-from tiered_cache import reads
+from tests.cache_fixtures import paused_after_read
+from tests.testapp.models import Flow
 from tiered_cache.breaker import breaker
 from tiered_cache.bus import bus
-from tiered_cache.counters import reset_stats
+from tiered_cache.reporting import reset_stats
 from tiered_cache.tiers import local_tier, redis_tier
 
 # L1 entries are labelled by invalidation group: "<database alias>:<root model label>".
-MODEL = "demo.flowinstance"
+MODEL = "testapp.flow"
 LABEL = "default:" + MODEL
 
 # A row as the tests compare it: the version counter and two other fields.
 Row = tuple[int, str, str]
 
 
-def row_of(obj: FlowInstance) -> Row:
+def row_of(obj: Flow) -> Row:
     return (obj.current_step, obj.status, json.dumps(obj.context, sort_keys=True))
 
 
@@ -51,7 +51,6 @@ def reset_counters() -> None:
 
 
 def bus_info() -> dict[str, Any]:
-    t = bus._thread
     return {
         "pid": os.getpid(),
         "trusted": bus.trusted(),
@@ -59,8 +58,7 @@ def bus_info() -> dict[str, Any]:
         "connected": bus.connected,
         "reconnects": bus.reconnects,
         "messages": bus.messages,
-        "listener_alive": bool(t is not None and t.is_alive()),
-        "listener_pid": bus._pid,
+        "listener_alive": bus.listening(),
         "l1_entries": local_tier.count(LABEL),
         "breaker": breaker.state,
         "breaker_opened": breaker.opened_count,
@@ -68,14 +66,7 @@ def bus_info() -> dict[str, Any]:
 
 
 def wait_trusted(timeout: float = 10.0) -> bool:
-    """Start the listener if needed and wait until this process trusts its tiers."""
-    deadline = time.monotonic() + timeout
-    bus.ensure_started()
-    while time.monotonic() < deadline:
-        if bus.trusted():
-            return True
-        time.sleep(0.005)
-    return bus.trusted()
+    return bus.wait_trusted(timeout)
 
 
 def stats() -> dict[str, Any]:
@@ -92,15 +83,15 @@ def l1_count() -> int:
 
 def read(pk: int) -> Row | str:
     try:
-        return row_of(FlowInstance.objects.get_cached(pk=pk))
-    except FlowInstance.DoesNotExist:
+        return row_of(Flow.objects.get_cached(pk=pk))
+    except Flow.DoesNotExist:
         return "DoesNotExist"
 
 
 def read_by_session(tenant_id: str, session_id: str) -> Row | str:
     try:
-        return row_of(FlowInstance.objects.get_cached(tenant_id=tenant_id, session_id=session_id))
-    except FlowInstance.DoesNotExist:
+        return row_of(Flow.objects.get_cached(tenant_id=tenant_id, session_id=session_id))
+    except Flow.DoesNotExist:
         return "DoesNotExist"
 
 
@@ -110,7 +101,7 @@ def warm(pks: list[int], timeout: float = 10.0) -> int:
     deadline = time.monotonic() + timeout
     while True:
         for pk in pks:
-            FlowInstance.objects.get_cached(pk=pk)
+            Flow.objects.get_cached(pk=pk)
         redis_tier.wait_for_fills()
         if local_tier.count(LABEL) >= len(pks) or time.monotonic() > deadline:
             return local_tier.count(LABEL)
@@ -123,10 +114,9 @@ def read_all(rows: list[tuple[int, str, str]]) -> dict[str, Any]:
     cached_pk = {pk: read(pk) for pk, _, _ in rows}
     cached_lk = {pk: read_by_session(t, s) for pk, t, s in rows}
     many = {
-        pk: row_of(o)
-        for pk, o in FlowInstance.objects.get_many_cached([pk for pk, _, _ in rows]).items()
+        pk: row_of(o) for pk, o in Flow.objects.get_many_cached([pk for pk, _, _ in rows]).items()
     }
-    db = {o.pk: row_of(o) for o in FlowInstance.objects.filter(pk__in=[r[0] for r in rows])}
+    db = {o.pk: row_of(o) for o in Flow.objects.filter(pk__in=[r[0] for r in rows])}
     stale = []
     for pk, _, _ in rows:
         for how, got in (("pk", cached_pk[pk]), ("lookup", cached_lk[pk]), ("many", many.get(pk))):
@@ -158,13 +148,11 @@ def read_loop(
             how = rng.random()
             try:
                 if how < 0.6:
-                    got = FlowInstance.objects.get_cached(pk=pk).current_step
+                    got = Flow.objects.get_cached(pk=pk).current_step
                 elif how < 0.9:
-                    got = FlowInstance.objects.get_cached(
-                        tenant_id=tenant, session_id=session
-                    ).current_step
+                    got = Flow.objects.get_cached(tenant_id=tenant, session_id=session).current_step
                 else:
-                    got = FlowInstance.objects.get_many_cached([pk])[pk].current_step
+                    got = Flow.objects.get_many_cached([pk])[pk].current_step
             except Exception as exc:  # counted: a cache must never raise
                 errors.append(f"{type(exc).__name__}: {exc}")
                 got = -1
@@ -187,16 +175,16 @@ def read_loop(
 def write_one(pk: int, how: str) -> int:
     """Bump a row's version through one of the ORM's write paths; the new version."""
     with transaction.atomic():
-        obj = FlowInstance.objects.select_for_update().get(pk=pk)
+        obj = Flow.objects.select_for_update().get(pk=pk)
         new = obj.current_step + 1
         if how == "save":
             obj.current_step = new
             obj.save(update_fields=["current_step", "updated_at"])
         elif how == "update":
-            FlowInstance.objects.filter(pk=pk).update(current_step=new)
+            Flow.objects.filter(pk=pk).update(current_step=new)
         else:
             obj.current_step = new
-            FlowInstance.objects.bulk_update([obj], ["current_step"])
+            Flow.objects.bulk_update([obj], ["current_step"])
     return new
 
 
@@ -236,12 +224,10 @@ def read_with_paused_fill(
     waits until the writer's invalidation reached this process's bus, so the L1 fill is
     refused by its token rather than dropped afterwards."""
     d = Path(signal_dir)
-    info: dict[str, Any] = {"hooked": False}
+    info: dict[str, Any] = {"paused": False}
 
-    def hook(mc: Any, key: str) -> None:
-        if mc.label != MODEL or info["hooked"]:
-            return
-        info["hooked"] = True
+    def pause() -> None:
+        info["paused"] = True
         info["trusted_at_pause"] = bus.trusted()
         info["messages_at_pause"] = bus.messages
         (d / "paused").write_text(str(os.getpid()))
@@ -256,15 +242,12 @@ def read_with_paused_fill(
         info["messages_at_fill"] = bus.messages
 
     wait_trusted()
-    reads.fill_hook = hook
-    try:
+    with paused_after_read(Flow, pause):
         if lookup is not None:
             info["value"] = read_by_session(*lookup)
         else:
             assert pk is not None
             info["value"] = read(pk)
-    finally:
-        reads.fill_hook = None
     redis_tier.wait_for_fills()
     info["l1_entries"] = local_tier.count(LABEL)
     info["stats"] = tiered_cache.stats().get(MODEL, {})
@@ -276,15 +259,7 @@ def read_with_paused_fill(
 
 def listener_address() -> tuple[str, int] | None:
     """The local address of this process's bus connection, as CLIENT LIST shows it."""
-    client = bus._client
-    if client is None:
-        return None
-    for conn in list(getattr(client.connection_pool, "_in_use_connections", ())):
-        sock = getattr(conn, "_sock", None)
-        if sock is not None:
-            host, port = sock.getsockname()[:2]
-            return host, port
-    return None
+    return bus.local_address()
 
 
 def wait_reconnected(after: int, timeout: float = 10.0) -> dict[str, Any]:
@@ -314,8 +289,7 @@ def fork_child(pk: int, signal_dir: str) -> int:
         report: dict[str, Any] = {"pid": os.getpid()}
         report["l1_entries_at_start"] = len(local_tier)
         report["trusted_at_start"] = bus.trusted()
-        t = bus._thread
-        report["inherited_listener"] = t is not None
+        report["inherited_listener"] = bus.listening()
         reset_stats()
         first = read(pk)
         redis_tier.wait_for_fills()
@@ -324,8 +298,7 @@ def fork_child(pk: int, signal_dir: str) -> int:
         second = read(pk)
         report["first"], report["second"] = first, second
         report["stats_after_warm"] = tiered_cache.stats().get(MODEL, {})
-        t = bus._thread
-        report["own_listener"] = bool(t is not None and t.is_alive() and bus._pid == os.getpid())
+        report["own_listener"] = bus.listening()
         report["listener_threads"] = [
             th.name for th in threading.enumerate() if th.name == "tiered_cache-bus"
         ]
@@ -478,7 +451,7 @@ def drain() -> int:
     return n
 
 
-def until_l2_hit(pk: int, deadline: float, model: str = "demo.user") -> float | None:
+def until_l2_hit(pk: int, deadline: float, model: str = "testapp.user") -> float | None:
     """Read one row with L1 emptied before each try until it is served from L2; the
     monotonic time it was, or None at `deadline`."""
     from django.apps import apps

@@ -4,8 +4,16 @@ import pytest
 import redis
 from django.conf import settings
 
-# Celery's own fixtures (celery_app, celery_worker, ...) ship in celery itself.
-pytest_plugins = ("celery.contrib.pytest", "tests.cache_fixtures", "tests.redis_fixtures")
+# Every fixture of the suite, for every test module: none is imported by name. Celery's own
+# fixtures (celery_app, celery_worker, ...) ship in celery itself; tests.celery_fixtures
+# overrides some of them (it is listed after), so it must stay after celery's.
+pytest_plugins = (
+    "celery.contrib.pytest",
+    "tests.cache_fixtures",
+    "tests.redis_fixtures",
+    "tests.celery_fixtures",
+    "tests.ops_helpers",
+)
 
 _TIMEOUT = 3
 

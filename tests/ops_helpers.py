@@ -1,12 +1,13 @@
-"""Helpers shared by the operations tests (commands, tasks, admin, browser)."""
+"""Fixtures and helpers shared by the operations tests (commands, tasks, admin, browser).
+The fixtures reach every test module as a plugin (tests/conftest.py); import the helpers."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+from django.db import models
 
-from demo_project.demo.models import User
 from tests.processes import wait_for
 from tiered_cache.breaker import breaker
 from tiered_cache.bus import bus
@@ -60,13 +61,13 @@ def read_cached(manager: object, **lookup: object) -> object:
     return found[0]
 
 
-def change_behind_the_cache(user: User, first_name: str) -> None:
+def change_behind_the_cache(user: models.Model, first_name: str) -> None:
     """A write outside Django (another application): the cache keeps the old row until
     flushed."""
     from tests.cache_fixtures import write_outside_django
 
     write_outside_django(
-        f"UPDATE {User._meta.db_table} SET first_name = %s WHERE id = %s", [first_name, user.pk]
+        f"UPDATE {user._meta.db_table} SET first_name = %s WHERE id = %s", [first_name, user.pk]
     )
 
 

@@ -35,7 +35,7 @@ def clear_local() -> None:
 
 
 def resolve(name: str) -> Any:
-    from demo_project.demo.resolvers import resolve_global_model
+    from tests.testapp.resolvers import resolve_global_model
 
     gm = resolve_global_model(name)
     return None if gm is None else gm.name

@@ -1,4 +1,6 @@
-"""Test settings: the demo project against real PostgreSQL and Redis, isolated per run."""
+"""Test settings: the suite's own app (tests/testapp) against real PostgreSQL and Redis,
+isolated per run. The demo project's app stays installed for its own tests only
+(tests/test_demo_project.py)."""
 
 import os
 import secrets
@@ -10,8 +12,10 @@ from demo_project.settings import *  # noqa: F403
 from demo_project.settings import CACHES as _DEMO_CACHES
 from demo_project.settings import INSTALLED_APPS as _DEMO_APPS
 
-# The suite's own app (tests/testapp): every model shape Django has.
+# The suite's own app (tests/testapp): every model shape Django has, and its user model.
 INSTALLED_APPS = [*_DEMO_APPS, "tests.testapp"]
+AUTH_USER_MODEL = "testapp.User"
+ROOT_URLCONF = "tests.urls"
 
 DATABASES = {
     "default": dj_database_url.parse(

@@ -13,19 +13,12 @@ from django.test import Client
 from django.urls import reverse
 
 import tiered_cache
-from demo_project.demo.admin import PlainFlowInstanceAdmin
-from demo_project.demo.factories import GlobalModelFactory, UserFactory
-from demo_project.demo.models import FlowInstance, GlobalModel, Model, PlainFlowInstance, User
-from tests import celery_fixtures  # noqa: F401 - registers tiered_cache's tasks early
 from tests.cache_fixtures import l2_keys
-from tests.ops_helpers import (  # noqa: F401 - fixtures
-    change_behind_the_cache,
-    live_bus,
-    no_past_runs,
-    read,
-    read_cached,
-)
-from tiered_cache import ops
+from tests.ops_helpers import change_behind_the_cache, read, read_cached
+from tests.testapp.admin import PlainFlowAdmin
+from tests.testapp.factories import GlobalModelFactory, UserFactory
+from tests.testapp.models import Flow, GlobalModel, PlainFlow, ProviderModel, User
+from tiered_cache import maintenance
 from tiered_cache.admin import CacheAdminMixin
 from tiered_cache.breaker import breaker
 from tiered_cache.conf import conf
@@ -39,13 +32,26 @@ pytestmark = [
 ]
 
 DASHBOARD = "/admin/tiered_cache/pendinginvalidation/dashboard/"
-CACHED = ("demo.User", "demo.Provider", "demo.GlobalModel", "demo.Model", "demo.FlowInstance")
+CACHED = (
+    "testapp.User",
+    "testapp.Provider",
+    "testapp.GlobalModel",
+    "testapp.ProviderModel",
+    "testapp.Flow",
+)
+
+
+@pytest.fixture(scope="session")
+def celery_config() -> dict[str, Any]:
+    """Celery's own defaults here: a memory:// broker, never the Redis queue that the
+    worker of the task and browser tests consumes (tests/celery_fixtures.py)."""
+    return {}
 
 
 @pytest.fixture(autouse=True)
 def test_celery_app(celery_app: Any) -> Any:
     """Warmups queued here go to the test app (memory:// broker unless a test's
-    ``celery`` mark says otherwise), never to the demo project's broker."""
+    ``celery`` mark says otherwise), never to a real broker."""
     celery_app.set_current()
     celery_app.set_default()
     return celery_app
@@ -97,7 +103,7 @@ def test_admin_index_links_to_the_dashboard(su_client: Client) -> None:
     assert reverse("admin:tiered_cache_dashboard") == DASHBOARD
     assert f'<a href="{DASHBOARD}">Cache dashboard</a>' in page
     # The rest of the index is still there.
-    assert 'href="/admin/demo/user/"' in page
+    assert 'href="/admin/testapp/user/"' in page
 
 
 @pytest.mark.parametrize("who", ["anonymous", "not staff"])
@@ -113,23 +119,23 @@ def test_dashboard_is_for_staff_only(client: Client, who: str) -> None:
 def test_dashboard_shows_a_model_only_with_its_view_permission(client: Client) -> None:
     client.force_login(staff())
     page = client.get(DASHBOARD).content.decode()
-    assert 'data-label="demo.User"' not in page and "demo.GlobalModel" not in page
-    client.force_login(staff("demo.view_user"))
+    assert 'data-label="testapp.User"' not in page and "testapp.GlobalModel" not in page
+    client.force_login(staff("testapp.view_user"))
     page = client.get(DASHBOARD).content.decode()
-    assert 'data-label="demo.User"' in page and "demo.GlobalModel" not in page
+    assert 'data-label="testapp.User"' in page and "testapp.GlobalModel" not in page
 
 
 def test_staff_without_change_permission_sees_no_buttons_and_may_not_post(
     client: Client,
 ) -> None:
-    client.force_login(staff("demo.view_user"))
+    client.force_login(staff("testapp.view_user"))
     page = client.get(DASHBOARD).content.decode()
-    assert "demo.User" in page
+    assert "testapp.User" in page
     assert "Flush everything" not in page and ">Flush</button>" not in page
     for data in (
-        {"action": "flush", "model": "demo.User"},
+        {"action": "flush", "model": "testapp.User"},
         {"action": "flush_all"},
-        {"action": "warmup", "model": "demo.User"},
+        {"action": "warmup", "model": "testapp.User"},
         {"action": "cleanup"},
     ):
         assert client.post(DASHBOARD, data).status_code == 403, data
@@ -139,17 +145,18 @@ def test_change_permission_on_one_model_gives_its_buttons_only(client: Client) -
     user = UserFactory(first_name="old")
     read(User.objects, pk=user.pk)
     change_behind_the_cache(user, "new")
-    client.force_login(staff("demo.change_user"))
+    client.force_login(staff("testapp.change_user"))
 
     page = client.get(DASHBOARD).content.decode()
-    assert 'aria-label="Flush demo.User"' in page
-    assert 'aria-label="Flush demo.GlobalModel"' not in page
+    assert 'aria-label="Flush testapp.User"' in page
+    assert 'aria-label="Flush testapp.GlobalModel"' not in page
     assert "Flush everything" not in page
     assert (
-        client.post(DASHBOARD, {"action": "flush", "model": "demo.GlobalModel"}).status_code == 403
+        client.post(DASHBOARD, {"action": "flush", "model": "testapp.GlobalModel"}).status_code
+        == 403
     )
-    response = client.post(DASHBOARD, {"action": "flush", "model": "demo.User"}, follow=True)
-    assert messages_of(response) == ["Flushed every demo.User entry (all processes)."]
+    response = client.post(DASHBOARD, {"action": "flush", "model": "testapp.User"}, follow=True)
+    assert messages_of(response) == ["Flushed every testapp.User entry (all processes)."]
     assert User.objects.get_cached(pk=user.pk).first_name == "new"
 
 
@@ -168,10 +175,10 @@ def test_dashboard_shows_every_cached_model(su_client: Client) -> None:
 
     for label in CACHED:
         assert f'data-label="{label}"' in page, label
-    assert 'data-label="demo.PlainFlowInstance"' not in page
-    row = row_html(page, "demo.User")
+    assert 'data-label="testapp.PlainFlow"' not in page
+    row = row_html(page, "testapp.User")
     assert cell(row, "tc-lookups") == "<code>pk</code>, <code>email</code>"
-    assert cell(row, "tc-l1") == str(local_tier.count("default:demo.user")) == "2"
+    assert cell(row, "tc-l1") == str(local_tier.count("default:testapp.user")) == "2"
     assert cell(row, "tc-l2") == "2"  # users[0] by pk, users[1] by email
     # The chart: one SVG rect per tier that served reads, widths adding up to 100%.
     svg = re.search(r"<svg class=\"tc-chart\".*?</svg>", row, re.S)
@@ -189,7 +196,7 @@ def test_dashboard_shows_every_cached_model(su_client: Client) -> None:
     assert re.search(r'<td class="tc-ratio">\d+\.\d%</td>', row)
     assert cell(row, "tc-last-warmup") == "never"
     # A model nobody read: an empty chart.
-    assert 'data-tier="none"' in row_html(page, "demo.FlowInstance")
+    assert 'data-tier="none"' in row_html(page, "testapp.Flow")
     assert '<strong id="tc-breaker">closed</strong>' in page
     assert '<strong id="tc-bus">live</strong>' in page
     assert 'id="tc-last-cleanup">never<' in page
@@ -209,14 +216,16 @@ def test_dashboard_without_redis_still_renders(su_client: Client, redis_unreacha
     assert response.status_code == 200
     assert "Redis is unavailable (circuit open)" in page
     assert '<strong id="tc-breaker">open</strong>' in page
-    assert cell(row_html(page, "demo.User"), "tc-l2") == "?"
-    assert "this process" in row_html(page, "demo.User")
-    response = su_client.post(DASHBOARD, {"action": "warmup", "model": "demo.User"}, follow=True)
+    assert cell(row_html(page, "testapp.User"), "tc-l2") == "?"
+    assert "this process" in row_html(page, "testapp.User")
+    response = su_client.post(DASHBOARD, {"action": "warmup", "model": "testapp.User"}, follow=True)
     assert messages_of(response) == ["Redis is unavailable (circuit open); nothing was done."]
     # A flush is never lost: it waits in the outbox until Redis answers.
-    response = su_client.post(DASHBOARD, {"action": "flush", "model": "demo.User"}, follow=True)
-    assert messages_of(response) == ["Flushed every demo.User entry (all processes)."]
-    assert PendingInvalidation.objects.filter(model_label="default:demo.user", flush=True).exists()
+    response = su_client.post(DASHBOARD, {"action": "flush", "model": "testapp.User"}, follow=True)
+    assert messages_of(response) == ["Flushed every testapp.User entry (all processes)."]
+    assert PendingInvalidation.objects.filter(
+        model_label="default:testapp.user", flush=True
+    ).exists()
     assert "1 pending invalidation<" in response.content.decode()
 
 
@@ -230,13 +239,13 @@ def test_flush_button_drops_one_model(su_client: Client) -> None:
     read(GlobalModel.objects, name=gm.name)
     change_behind_the_cache(user, "new")
 
-    response = su_client.post(DASHBOARD, {"action": "flush", "model": "demo.User"}, follow=True)
+    response = su_client.post(DASHBOARD, {"action": "flush", "model": "testapp.User"}, follow=True)
 
     assert response.redirect_chain == [(DASHBOARD, 302)]
-    assert messages_of(response) == ["Flushed every demo.User entry (all processes)."]
+    assert messages_of(response) == ["Flushed every testapp.User entry (all processes)."]
     page = response.content.decode()
-    assert cell(row_html(page, "demo.User"), "tc-l2") == "0"
-    assert cell(row_html(page, "demo.GlobalModel"), "tc-l2") == "1"
+    assert cell(row_html(page, "testapp.User"), "tc-l2") == "0"
+    assert cell(row_html(page, "testapp.GlobalModel"), "tc-l2") == "1"
     assert User.objects.get_cached(pk=user.pk).first_name == "new"
 
 
@@ -249,7 +258,7 @@ def test_flush_everything(su_client: Client) -> None:
     assert messages_of(response) == [
         "Flushed every cached model: " + ", ".join(m._meta.label for m in cached_models()) + "."
     ]
-    for model in (User, GlobalModel, Model, FlowInstance):
+    for model in (User, GlobalModel, ProviderModel, Flow):
         assert l2_keys(model) == []
 
 
@@ -258,24 +267,24 @@ def test_warmup_button_runs_inline_without_a_broker(su_client: Client) -> None:
     UserFactory.create_batch(3)
     n = User.objects.count()  # and the superuser
 
-    response = su_client.post(DASHBOARD, {"action": "warmup", "model": "demo.User"}, follow=True)
+    response = su_client.post(DASHBOARD, {"action": "warmup", "model": "testapp.User"}, follow=True)
 
     assert messages_of(response) == [
-        "Warmup of demo.User ran here, in this web process (no Celery broker is "
+        "Warmup of testapp.User ran here, in this web process (no Celery broker is "
         f"configured): stored {n}, refused 0."
     ]
-    row = row_html(response.content.decode(), "demo.User")
+    row = row_html(response.content.decode(), "testapp.User")
     assert cell(row, "tc-l2") == str(n)
     assert f"stored {n}, refused 0" in cell(row, "tc-last-warmup")
 
 
 def test_warmup_button_queues_on_celery_when_a_broker_is_configured(su_client: Client) -> None:
     # The test app's memory:// broker; no worker here (test_tasks and the browser have one).
-    response = su_client.post(DASHBOARD, {"action": "warmup", "model": "demo.User"}, follow=True)
+    response = su_client.post(DASHBOARD, {"action": "warmup", "model": "testapp.User"}, follow=True)
 
     (message,) = messages_of(response)
     assert re.fullmatch(
-        r"Warmup of demo\.User queued on Celery \(task [0-9a-f-]{36}\); "
+        r"Warmup of testapp\.User queued on Celery \(task [0-9a-f-]{36}\); "
         r"a worker runs it\.",
         message,
     ), message
@@ -287,12 +296,12 @@ def test_cleanup_button(su_client: Client) -> None:
     (message,) = messages_of(response)
     assert message.startswith("Cleanup scanned ")
     assert 'id="tc-last-cleanup">never<' not in response.content.decode()
-    assert ops.last_runs()["cleanup"] is not None
+    assert maintenance.last_runs()["cleanup"] is not None
 
 
 def test_unknown_model_or_action_is_reported(su_client: Client) -> None:
-    response = su_client.post(DASHBOARD, {"action": "flush", "model": "demo.Nope"}, follow=True)
-    assert messages_of(response) == ["'demo.Nope': no such model is installed"]
+    response = su_client.post(DASHBOARD, {"action": "flush", "model": "testapp.Nope"}, follow=True)
+    assert messages_of(response) == ["'testapp.Nope': no such model is installed"]
     response = su_client.post(DASHBOARD, {"action": "drop_tables"}, follow=True)
     assert messages_of(response) == ["Unknown action 'drop_tables'."]
 
@@ -321,21 +330,23 @@ def action_names(client: Client, url: str) -> list[str]:
 
 
 def test_actions_are_offered_with_change_permission_only(client: Client) -> None:
-    client.force_login(staff("demo.view_user"))
-    assert "flush_selected_from_cache" not in action_names(client, "/admin/demo/user/")
+    client.force_login(staff("testapp.view_user"))
+    assert "flush_selected_from_cache" not in action_names(client, "/admin/testapp/user/")
 
-    client.force_login(staff("demo.view_user", "demo.change_user"))
-    choices = dict(client.get("/admin/demo/user/").context["action_form"].fields["action"].choices)
+    client.force_login(staff("testapp.view_user", "testapp.change_user"))
+    choices = dict(
+        client.get("/admin/testapp/user/").context["action_form"].fields["action"].choices
+    )
     assert choices["flush_selected_from_cache"] == "Flush selected users from cache"
     assert choices["flush_all_from_cache"] == "Flush all user cache entries"
 
     # Forged without permission: not run.
-    client.force_login(staff("demo.view_user"))
+    client.force_login(staff("testapp.view_user"))
     user = UserFactory(first_name="old")
     read(User.objects, pk=user.pk)
     change_behind_the_cache(user, "new")
     response = client.post(
-        "/admin/demo/user/",
+        "/admin/testapp/user/",
         {
             "action": "flush_all_from_cache",
             "_selected_action": [user.pk],
@@ -349,15 +360,15 @@ def test_actions_are_offered_with_change_permission_only(client: Client) -> None
 
 def test_every_cached_model_admin_has_the_actions(su_client: Client) -> None:
     for url in (
-        "/admin/demo/user/",
-        "/admin/demo/provider/",
-        "/admin/demo/globalmodel/",
-        "/admin/demo/model/",
-        "/admin/demo/flowinstance/",
+        "/admin/testapp/user/",
+        "/admin/testapp/provider/",
+        "/admin/testapp/globalmodel/",
+        "/admin/testapp/providermodel/",
+        "/admin/testapp/flow/",
     ):
         names = action_names(su_client, url)
         assert {"flush_selected_from_cache", "flush_all_from_cache"} <= set(names), url
-    assert "flush_all_from_cache" not in action_names(su_client, "/admin/demo/plainflowinstance/")
+    assert "flush_all_from_cache" not in action_names(su_client, "/admin/testapp/plainflow/")
 
 
 def test_flush_selected_drops_those_rows_in_every_lookup(su_client: Client) -> None:
@@ -370,7 +381,7 @@ def test_flush_selected_drops_those_rows_in_every_lookup(su_client: Client) -> N
     change_behind_the_cache(b, "new")
 
     response = su_client.post(
-        "/admin/demo/user/",
+        "/admin/testapp/user/",
         {
             "action": "flush_selected_from_cache",
             "_selected_action": [a.pk],
@@ -388,7 +399,7 @@ def test_flush_selected_drops_those_rows_in_every_lookup(su_client: Client) -> N
 def test_flush_selected_names_a_few_and_counts_the_rest(su_client: Client) -> None:
     users = UserFactory.create_batch(7)
     response = su_client.post(
-        "/admin/demo/user/",
+        "/admin/testapp/user/",
         {
             "action": "flush_selected_from_cache",
             "_selected_action": [u.pk for u in users],
@@ -408,7 +419,7 @@ def test_flush_all_action(su_client: Client) -> None:
         change_behind_the_cache(u, "new")
 
     response = su_client.post(
-        "/admin/demo/user/",
+        "/admin/testapp/user/",
         {
             "action": "flush_all_from_cache",
             "_selected_action": [users[0].pk],
@@ -418,7 +429,7 @@ def test_flush_all_action(su_client: Client) -> None:
     )
 
     assert messages_of(response) == [
-        "Flushed all user cache entries (demo.User, every lookup, every process)."
+        "Flushed all user cache entries (testapp.User, every lookup, every process)."
     ]
     assert [User.objects.get_cached(pk=u.pk).first_name for u in users] == ["new", "new"]
 
@@ -427,20 +438,22 @@ def test_flush_all_action(su_client: Client) -> None:
 
 
 def test_outbox_is_read_only_and_links_to_the_dashboard(su_client: Client) -> None:
-    PendingInvalidation.objects.create(model_label="default:demo.user", rows=["2.i1"], flush=False)
+    PendingInvalidation.objects.create(
+        model_label="default:testapp.user", rows=["2.i1"], flush=False
+    )
     page = su_client.get("/admin/tiered_cache/pendinginvalidation/").content.decode()
     assert f'<a href="{DASHBOARD}">Cache dashboard</a>' in page
-    assert "demo.user" in page
+    assert "testapp.user" in page
     assert "/admin/tiered_cache/pendinginvalidation/add/" not in page
 
 
 def test_mixin_on_an_uncached_model_fails_the_check() -> None:
-    class Broken(CacheAdminMixin, PlainFlowInstanceAdmin):
+    class Broken(CacheAdminMixin, PlainFlowAdmin):
         pass
 
-    errors = Broken(PlainFlowInstance, admin.site).check()
+    errors = Broken(PlainFlow, admin.site).check()
     assert [e.id for e in errors] == ["tiered_cache.E100"]
-    assert "demo.PlainFlowInstance has no cached manager" in errors[0].msg
+    assert "testapp.PlainFlow has no cached manager" in errors[0].msg
 
 
 def test_mixin_keeps_an_admins_own_actions() -> None:

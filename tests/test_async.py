@@ -11,10 +11,10 @@ from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 
 import tiered_cache
-from demo_project.demo.factories import UserFactory
-from demo_project.demo.models import User
 from tests.cache_fixtures import write_outside_django
 from tests.coherence_tasks import wait_trusted
+from tests.testapp.factories import UserFactory
+from tests.testapp.models import User
 from tiered_cache import cached
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
@@ -67,7 +67,7 @@ async def test_many_concurrent_async_readers_share_one_database_read() -> None:
     assert await sync_to_async(wait_trusted)()
     results = await asyncio.gather(*(User.objects.aget_cached(pk=user.pk) for _ in range(20)))
     assert {r.pk for r in results} == {user.pk}
-    stats = tiered_cache.stats()["demo.user"]
+    stats = tiered_cache.stats()["testapp.user"]
     assert stats["misses"] == 1
 
 

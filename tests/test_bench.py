@@ -1,5 +1,5 @@
-"""The benchmark as CI runs it: a smoke run (`python -m tests.bench --quick`) that must finish
-and print its table. Never a timed test: a missed target is reported, not a failure."""
+"""The benchmark as CI runs it: a smoke run (`python -m benchmarks.bench --quick`) that must
+finish and print its table. Never a timed test: a missed target is reported, not a failure."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_quick_bench_exits_0_and_prints_the_table(tmp_path: Path) -> None:
         "TC_BENCH_DB": f"tiered_cache_bench_smoke_{os.getpid()}",
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.bench", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "benchmarks.bench", "--quick", "--json", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -11,24 +11,13 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from demo_project.demo.factories import GlobalModelFactory, UserFactory
-from demo_project.demo.models import GlobalModel, User
 from tests.cache_fixtures import l2_keys
-from tests.celery_fixtures import (  # noqa: F401 - fixtures
-    broker,
-    celery_config,
-    celery_includes,
-    celery_worker_parameters,
-    worker,
-)
-from tests.ops_helpers import (  # noqa: F401 - fixtures
-    change_behind_the_cache,
-    live_bus,
-    read,
-    read_cached,
-)
+from tests.ops_helpers import change_behind_the_cache, read, read_cached
 from tests.processes import wait_for
-from tiered_cache import ops
+from tests.testapp.factories import GlobalModelFactory, UserFactory
+from tests.testapp.models import GlobalModel, User
+from tiered_cache import maintenance
+from tiered_cache.registry import cached_models
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("live_bus")]
 
@@ -93,7 +82,7 @@ def test_flush_selected_action(page: Page) -> None:
         read(User.objects, email=u.email)
         change_behind_the_cache(u, "new")
 
-    page.goto("/admin/demo/user/")
+    page.goto("/admin/testapp/user/")
     page.check(f'input[name="_selected_action"][value="{alice.pk}"]')
     page.select_option('select[name="action"]', label="Flush selected users from cache")
     page.click('button[name="index"]')
@@ -107,7 +96,7 @@ def test_flush_selected_action(page: Page) -> None:
     page.check(f'input[name="_selected_action"][value="{alice.pk}"]')
     page.select_option('select[name="action"]', label="Flush all user cache entries")
     page.click('button[name="index"]')
-    message(page).to_contain_text("Flushed all user cache entries (demo.User")
+    message(page).to_contain_text("Flushed all user cache entries (testapp.User")
     assert User.objects.get_cached(pk=bob.pk).first_name == "new"
 
 
@@ -123,8 +112,8 @@ def test_dashboard_buttons(page: Page, tmp_path: Any) -> None:
 
     page.click("#tiered-cache-dashboard-link >> text=Cache dashboard")
     expect(page.locator("h1")).to_have_text("Cache dashboard")
-    user_row = page.locator("#tc-demo-user")
-    gm_row = page.locator("#tc-demo-globalmodel")
+    user_row = page.locator("#tc-testapp-user")
+    gm_row = page.locator("#tc-testapp-globalmodel")
     expect(user_row.locator(".tc-lookups")).to_have_text("pk, email")
     expect(user_row.locator(".tc-l2")).to_have_text("3")
     expect(gm_row.locator(".tc-l2")).to_have_text("1")
@@ -135,18 +124,18 @@ def test_dashboard_buttons(page: Page, tmp_path: Any) -> None:
     page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
 
     # Flush one model.
-    gm_row.get_by_role("button", name="Flush demo.GlobalModel").click()
-    message(page).to_contain_text("Flushed every demo.GlobalModel entry (all processes).")
+    gm_row.get_by_role("button", name="Flush testapp.GlobalModel").click()
+    message(page).to_contain_text("Flushed every testapp.GlobalModel entry (all processes).")
     expect(gm_row.locator(".tc-l2")).to_have_text("0")
     expect(user_row.locator(".tc-l2")).to_have_text("3")
     assert l2_keys(GlobalModel) == [] and len(l2_keys(User)) == 3
 
     # Warm up: queued on Celery, run by the worker.
-    page.locator("#tc-demo-user").get_by_role("button", name="Warm up demo.User").click()
-    message(page).to_contain_text("Warmup of demo.User queued on Celery (task ")
-    assert wait_for(lambda: "demo.user" in ops.last_runs()["warmup"], 30), "timed out"
+    page.locator("#tc-testapp-user").get_by_role("button", name="Warm up testapp.User").click()
+    message(page).to_contain_text("Warmup of testapp.User queued on Celery (task ")
+    assert wait_for(lambda: "testapp.user" in maintenance.last_runs()["warmup"], 30), "timed out"
     n = User.objects.count()
-    assert ops.last_runs()["warmup"]["demo.user"]["stored"] == n
+    assert maintenance.last_runs()["warmup"]["testapp.user"]["stored"] == n
     assert len(l2_keys(User)) == n
     page.reload()
     expect(user_row.locator(".tc-l2")).to_have_text(str(n))
@@ -159,7 +148,8 @@ def test_dashboard_buttons(page: Page, tmp_path: Any) -> None:
 
     # Flush everything.
     page.click("#tc-flush-all")
-    message(page).to_contain_text("Flushed every cached model: demo.User, demo.Provider")
-    for label in ("user", "provider", "globalmodel", "model", "flowinstance"):
-        expect(page.locator(f"#tc-demo-{label} .tc-l2")).to_have_text("0")
+    labels = ", ".join(m._meta.label for m in cached_models())
+    message(page).to_contain_text(f"Flushed every cached model: {labels}.")
+    for label in ("user", "provider", "globalmodel", "providermodel", "flow"):
+        expect(page.locator(f"#tc-testapp-{label} .tc-l2")).to_have_text("0")
     assert l2_keys(User) == []

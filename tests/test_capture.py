@@ -168,11 +168,11 @@ def test_more_rows_than_the_bulk_limit_flush(settings: Any) -> None:
 
 
 def test_a_schema_qualified_db_table_is_recognised(monkeypatch: Any) -> None:
-    from tiered_cache import groups
+    from tiered_cache import capture
 
-    roles = dict(groups.table_roles())
+    roles = dict(capture.table_roles())
     roles['billing"."invoice'] = roles["testapp_account"]
-    monkeypatch.setattr(groups, "_tables", roles)
+    monkeypatch.setattr(capture, "table_roles", lambda: roles)
     sql = 'UPDATE "billing"."invoice" SET "balance" = %s WHERE "billing"."invoice"."id" = %s'
     assert [(e.label, e.kind) for e in classify(sql, [1, 2], False)] == [(ACC, ROWS)]
 

@@ -78,7 +78,7 @@ def test_w002_unknown_key(settings: Any) -> None:
     assert "L1_MAX_ENTRYS" in msgs[0].msg
 
 
-@isolate_apps("demo_project.demo")
+@isolate_apps("tests.testapp")
 def test_e005_unknown_field_and_w001_non_unique() -> None:
     class Thing(models.Model):
         code = models.CharField(max_length=10, unique=True)
@@ -90,7 +90,7 @@ def test_e005_unknown_field_and_w001_non_unique() -> None:
         )
 
         class Meta:
-            app_label = "demo"
+            app_label = "testapp"
 
     msgs = check_manager(Thing.objects)
     assert ids(msgs) == ["tiered_cache.E005", "tiered_cache.W001", "tiered_cache.W001"]
@@ -98,7 +98,7 @@ def test_e005_unknown_field_and_w001_non_unique() -> None:
     assert "('group',)" in msgs[1].msg and "('group', 'kind')" in msgs[2].msg
 
 
-@isolate_apps("demo_project.demo")
+@isolate_apps("tests.testapp")
 def test_unique_constraint_counts_as_unique() -> None:
     class Pair(models.Model):
         a = models.CharField(max_length=10)
@@ -107,24 +107,24 @@ def test_unique_constraint_counts_as_unique() -> None:
         objects = CachedManager(lookups=[("a", "b")])
 
         class Meta:
-            app_label = "demo"
+            app_label = "testapp"
             constraints = [models.UniqueConstraint(fields=["a", "b"], name="pair_ab")]
 
     assert check_manager(Pair.objects) == []
 
 
-@isolate_apps("demo_project.demo")
+@isolate_apps("tests.testapp")
 def test_e007_lookup_on_a_reverse_relation() -> None:
     class Parent(models.Model):
         objects = CachedManager(lookups=["child"])
 
         class Meta:
-            app_label = "demo"
+            app_label = "testapp"
 
     class Child(models.Model):
         parent = models.ForeignKey(Parent, models.CASCADE, related_name="child")
 
         class Meta:
-            app_label = "demo"
+            app_label = "testapp"
 
     assert ids(check_manager(Parent.objects)) == ["tiered_cache.E007"]

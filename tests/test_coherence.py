@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 import tiered_cache
-from demo_project.demo.factories import FlowInstanceFactory
-from demo_project.demo.models import FlowInstance
+from benchmarks.latency import format_result, measure_commit_to_drop
 from tests import coherence_tasks as ct
 from tests.cache_fixtures import l2_keys
-from tests.latency import format_result, measure_commit_to_drop
 from tests.processes import Worker, wait_for, worker
+from tests.testapp.factories import FlowFactory
+from tests.testapp.models import Flow
 from tiered_cache.conf import conf
 from tiered_cache.tiers import redis_tier
 
@@ -36,14 +36,17 @@ def forget_cluster_stats() -> Iterator[None]:
     """The workers here push their counters and hot rows to this run's keys in Redis (as
     every process does); later test modules read cluster-wide stats, so leave none."""
     yield
-    from tiered_cache import ops
     from tiered_cache.registry import cached_models, model_caches
 
     keys = [
-        f(mc)
+        key
         for m in cached_models()
         for mc in model_caches(m)
-        for f in (ops._stats_key, ops._procs_key, ops._hot_key)
+        for key in (
+            mc.home.stats_key(mc.label),
+            mc.home.procs_key(mc.label),
+            mc.home.hot_key(mc.label),
+        )
     ]
     if keys:
         redis_tier.client.delete(*keys)
@@ -87,7 +90,7 @@ def bump(pk: int) -> int:
 
 
 def test_other_process_reads_the_new_value_100ms_after_a_save() -> None:
-    flow = FlowInstanceFactory(current_step=1)
+    flow = FlowFactory(current_step=1)
     with worker() as b:
         assert b.call(T + "warm", [flow.pk]) == 1
         assert b.call(T + "read", flow.pk)[0] == 1
@@ -95,7 +98,7 @@ def test_other_process_reads_the_new_value_100ms_after_a_save() -> None:
         assert before["l1_hits"] >= 1  # B serves the row from its L1
         msgs = b.call(T + "bus_info")["messages"]
 
-        obj = FlowInstance.objects.get(pk=flow.pk)
+        obj = Flow.objects.get(pk=flow.pk)
         obj.current_step = 2
         obj.save()
         saved = time.monotonic()
@@ -126,7 +129,7 @@ def test_a_row_read_before_a_commit_is_stored_in_neither_tier(
     """B misses, reads v1 from the database and is paused before its fills; A commits v2
     and invalidates; B resumes. B's caller gets the v1 it read (its read began before the
     write), but neither B's L1 nor L2 holds v1 afterwards."""
-    flow = FlowInstanceFactory(current_step=1)
+    flow = FlowFactory(current_step=1)
     with worker() as b:
         b.call(T + "wait_trusted")
         lookup = (flow.tenant_id, flow.session_id) if via == "lookup" else None
@@ -137,7 +140,7 @@ def test_a_row_read_before_a_commit_is_stored_in_neither_tier(
         (tmp_path / "release").write_text("1")
         info = b.result(30)
 
-        assert info["hooked"] and info["released"]
+        assert info["paused"] and info["released"]
         assert info["trusted_at_pause"], "the reader bypassed the tiers: nothing was tested"
         assert info["value"][0] == 1  # what B read before the write
         st = info["stats"]
@@ -148,12 +151,12 @@ def test_a_row_read_before_a_commit_is_stored_in_neither_tier(
         else:
             # The L1 fill may land before the message; the message then drops it.
             assert wait_for(lambda: b.call(T + "l1_count") == 0, 5)
-        assert l2_keys(FlowInstance) == []  # nothing of the model lives in L2
+        assert l2_keys(Flow) == []  # nothing of the model lives in L2
 
         assert b.call(T + "read", flow.pk)[0] == 2
         assert b.call(T + "read_by_session", flow.tenant_id, flow.session_id)[0] == 2
         tiered_cache.clear_local()
-        assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 2
+        assert Flow.objects.get_cached(pk=flow.pk).current_step == 2
         report(
             "fill race",
             via=via,
@@ -170,14 +173,14 @@ def test_a_remembered_absence_read_before_a_create_is_stored_in_neither_tier(
         b.call(T + "wait_trusted")
         b.send(T + "read_with_paused_fill", None, ("t-new", "s-new"), str(tmp_path), True)
         assert wait_for(lambda: (tmp_path / "paused").exists(), 20)
-        created = FlowInstanceFactory(tenant_id="t-new", session_id="s-new", current_step=5)
+        created = FlowFactory(tenant_id="t-new", session_id="s-new", current_step=5)
         (tmp_path / "release").write_text("1")
         info = b.result(30)
         assert info["trusted_at_pause"]
         assert info["value"] == "DoesNotExist"
         assert info["stats"]["fills_refused"] == 1 and info["stats"]["fills"] == 0
         assert info["l1_entries"] == 0
-        assert l2_keys(FlowInstance) == []
+        assert l2_keys(Flow) == []
         assert b.call(T + "read_by_session", "t-new", "s-new")[0] == 5
         assert b.call(T + "read", created.pk)[0] == 5
 
@@ -186,7 +189,7 @@ def test_a_remembered_absence_read_before_a_create_is_stored_in_neither_tier(
 
 
 def test_randomized_writers_and_readers_end_with_zero_stale_rows() -> None:
-    flows = [FlowInstanceFactory(current_step=0) for _ in range(12)]
+    flows = [FlowFactory(current_step=0) for _ in range(12)]
     rows = [(f.pk, f.tenant_id, f.session_id) for f in flows]
     pks = [f.pk for f in flows]
     initial = {f.pk: 0 for f in flows}
@@ -254,7 +257,7 @@ def _client_id(addr: tuple[str, int]) -> int | None:
 
 
 def test_killing_the_listener_connection_clears_l1_and_no_stale_read_follows() -> None:
-    flow = FlowInstanceFactory(current_step=1)
+    flow = FlowFactory(current_step=1)
     with worker() as b:
         assert b.call(T + "warm", [flow.pk]) == 1
         before = b.call(T + "bus_info")
@@ -282,7 +285,7 @@ def test_killing_the_listener_connection_clears_l1_and_no_stale_read_follows() -
 
 
 def test_a_forked_child_starts_with_empty_l1_and_its_own_listener(tmp_path: Path) -> None:
-    flow = FlowInstanceFactory(current_step=1)
+    flow = FlowFactory(current_step=1)
     with worker() as b:
         assert b.call(T + "warm", [flow.pk]) == 1
         assert b.call(T + "bus_info")["listener_alive"]
@@ -315,7 +318,7 @@ def test_a_forked_child_starts_with_empty_l1_and_its_own_listener(tmp_path: Path
         assert end["seconds_until_new"] < 2
         # The parent's own listener survived the fork.
         info = b.call(T + "bus_info")
-        assert info["listener_alive"] and info["listener_pid"] == b.pid
+        assert info["listener_alive"] and info["pid"] == b.pid
         assert b.call(T + "read", flow.pk)[0] == 2
         report(
             "fork",

@@ -15,17 +15,11 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 
 import tiered_cache
-from demo_project.demo.factories import GlobalModelFactory, UserFactory
-from demo_project.demo.models import GlobalModel, User
 from tests.cache_fixtures import l2_keys
-from tests.ops_helpers import (  # noqa: F401 - fixtures
-    change_behind_the_cache,
-    live_bus,
-    pk_of_key,
-    read,
-    read_cached,
-)
-from tiered_cache import ops
+from tests.ops_helpers import change_behind_the_cache, pk_of_key, read, read_cached
+from tests.testapp.factories import GlobalModelFactory, UserFactory
+from tests.testapp.models import GlobalModel, User
+from tiered_cache import maintenance, reporting
 from tiered_cache.breaker import breaker
 from tiered_cache.conf import conf
 from tiered_cache.registry import first_model_cache
@@ -56,16 +50,16 @@ def test_stats_lists_every_cached_model_with_lookups_and_sizes() -> None:
     lines = out.splitlines()
     assert lines[0].split()[:4] == ["model", "lookups", "L1", "L2"]
     for label in (
-        "demo.User",
-        "demo.Provider",
-        "demo.GlobalModel",
-        "demo.Model",
-        "demo.FlowInstance",
+        "testapp.User",
+        "testapp.Provider",
+        "testapp.GlobalModel",
+        "testapp.ProviderModel",
+        "testapp.Flow",
     ):
         assert any(line.startswith(label + " ") for line in lines), out
-    user_line = next(line for line in lines if line.startswith("demo.User "))
+    user_line = next(line for line in lines if line.startswith("testapp.User "))
     assert "pk, email" in user_line
-    assert "demo.PlainFlowInstance" not in out
+    assert "testapp.PlainFlow" not in out
     assert lines[-1].startswith("breaker closed, bus ")
 
 
@@ -74,10 +68,10 @@ def test_stats_json_counts_reads_of_all_processes() -> None:
     for _ in range(4):
         read(User.objects, pk=user.pk)  # 1 miss, then L1 hits
 
-    data = json.loads(run("stats", "demo.User", "--json"))
+    data = json.loads(run("stats", "testapp.User", "--json"))
 
-    assert list(data["models"]) == ["demo.User"]
-    row = data["models"]["demo.User"]
+    assert list(data["models"]) == ["testapp.User"]
+    row = data["models"]["testapp.User"]
     assert row["lookups"] == ["pk", "email"]
     assert row["scope"] == "all processes"
     assert row["misses"] >= 1 and row["l1_hits"] >= 3
@@ -92,12 +86,12 @@ def test_stats_without_redis_falls_back_to_this_process() -> None:
     for _ in range(conf.BREAKER_FAILURE_THRESHOLD):
         breaker.failure()
 
-    data = json.loads(run("stats", "demo.User", "--json"))
+    data = json.loads(run("stats", "testapp.User", "--json"))
 
     assert data["redis_error"] == "circuit open"
     assert data["breaker"] == "open"
-    assert data["models"]["demo.User"]["scope"] == "this process"
-    assert data["models"]["demo.User"]["l2_entries"] is None
+    assert data["models"]["testapp.User"]["scope"] == "this process"
+    assert data["models"]["testapp.User"]["l2_entries"] is None
 
 
 # -- flush -------------------------------------------------------------------------
@@ -111,9 +105,9 @@ def test_flush_one_model_drops_its_entries_only() -> None:
     change_behind_the_cache(user, "new")
     assert read_cached(User.objects, pk=user.pk).first_name == "old"
 
-    out = run("flush", "demo.User")
+    out = run("flush", "testapp.User")
 
-    assert out.strip() == "Flushed every demo.User entry (all processes)."
+    assert out.strip() == "Flushed every testapp.User entry (all processes)."
     assert User.objects.get_cached(pk=user.pk).first_name == "new"
     tiered_cache.clear_local()
     assert len(l2_keys(GlobalModel)) == 1, "another model's entries were dropped"
@@ -127,8 +121,8 @@ def test_flush_all() -> None:
 
     out = run("flush", "--all")
 
-    assert "Flushed every demo.User entry" in out
-    assert "Flushed every demo.GlobalModel entry" in out
+    assert "Flushed every testapp.User entry" in out
+    assert "Flushed every testapp.GlobalModel entry" in out
     assert l2_keys(User) == [] and l2_keys(GlobalModel) == []
 
 
@@ -136,17 +130,17 @@ def test_flush_needs_models_or_all() -> None:
     with pytest.raises(CommandError, match=r"Name the models to flush .* or pass --all"):
         run("flush")
     with pytest.raises(CommandError, match="not both"):
-        run("flush", "--all", "demo.User")
+        run("flush", "--all", "testapp.User")
 
 
 @pytest.mark.parametrize("action", ["stats", "flush", "warmup", "cleanup"])
 @pytest.mark.parametrize(
     ("label", "message"),
     [
-        ("demo.Nope", r"'demo\.Nope': no such model is installed"),
+        ("testapp.Nope", r"'testapp\.Nope': no such model is installed"),
         ("nope.User", r"'nope\.User': no such model is installed"),
         ("User", r"'User' is not a model label; use app_label\.ModelName"),
-        ("demo.PlainFlowInstance", r"demo\.PlainFlowInstance is not cached"),
+        ("testapp.PlainFlow", r"testapp\.PlainFlow is not cached"),
         ("auth.Group", r"auth\.Group is not cached"),
     ],
 )
@@ -156,13 +150,15 @@ def test_unknown_or_uncached_model_is_an_error(action: str, label: str, message:
 
 
 def test_model_labels_are_case_insensitive() -> None:
-    assert run("flush", "demo.user").strip() == "Flushed every demo.User entry (all processes)."
+    assert (
+        run("flush", "testapp.user").strip() == "Flushed every testapp.User entry (all processes)."
+    )
 
 
 def test_error_exits_non_zero_from_the_command_line() -> None:
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
     proc = subprocess.run(
-        [sys.executable, "manage.py", "tiered_cache", "warmup", "demo.Nope"],
+        [sys.executable, "manage.py", "tiered_cache", "warmup", "testapp.Nope"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -170,7 +166,7 @@ def test_error_exits_non_zero_from_the_command_line() -> None:
         timeout=60,
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "CommandError: 'demo.Nope': no such model is installed" in proc.stderr
+    assert "CommandError: 'testapp.Nope': no such model is installed" in proc.stderr
 
 
 def test_unknown_subcommand_is_an_error() -> None:
@@ -184,9 +180,9 @@ def test_unknown_subcommand_is_an_error() -> None:
 def test_warmup_with_limit_fills_l2_with_the_most_recent_rows() -> None:
     users = UserFactory.create_batch(5)
 
-    out = run("warmup", "demo.User", "--limit", "3")
+    out = run("warmup", "testapp.User", "--limit", "3")
 
-    assert out.startswith("demo.User: stored 3, refused 0 (hot+recent)")
+    assert out.startswith("testapp.User: stored 3, refused 0 (hot+recent)")
     keys = l2_keys(User)
     assert sorted(pk_of_key(k) for k in keys) == sorted(u.pk for u in users[-3:])
     # Warmed entries are served from L2: no database read.
@@ -201,11 +197,11 @@ def test_warmup_prefers_the_hottest_rows() -> None:
     old, *_ = UserFactory.create_batch(4)
     for _ in range(64):
         User.objects.get_cached(pk=old.pk)  # sampled as hot
-    ops.publish_stats()
+    reporting.publish_stats()
     tiered_cache.clear_local()
-    run("flush", "demo.User")
+    run("flush", "testapp.User")
 
-    out = run("warmup", "demo.User", "--limit", "1")
+    out = run("warmup", "testapp.User", "--limit", "1")
 
     assert "stored 1" in out
     assert [pk_of_key(k) for k in l2_keys(User)] == [old.pk]
@@ -217,17 +213,17 @@ def test_warmup_without_models_warms_every_cached_model() -> None:
 
     out = run("warmup")
 
-    assert "demo.User: stored 2" in out
-    assert "demo.GlobalModel: stored 2" in out
-    assert "demo.FlowInstance: stored 0" in out
-    assert ops.last_runs()["warmup"]["demo.user"]["stored"] == 2
+    assert "testapp.User: stored 2" in out
+    assert "testapp.GlobalModel: stored 2" in out
+    assert "testapp.Flow: stored 0" in out
+    assert maintenance.last_runs()["warmup"]["testapp.user"]["stored"] == 2
 
 
 def test_warmup_rejects_a_negative_limit() -> None:
     with pytest.raises(CommandError, match="--limit must be zero or more"):
-        run("warmup", "demo.User", "--limit", "-1")
+        run("warmup", "testapp.User", "--limit", "-1")
     with pytest.raises(CommandError, match="invalid int value"):
-        run("warmup", "demo.User", "--limit", "many")
+        run("warmup", "testapp.User", "--limit", "many")
 
 
 def test_warmup_while_redis_is_unavailable_is_an_error() -> None:
@@ -235,7 +231,7 @@ def test_warmup_while_redis_is_unavailable_is_an_error() -> None:
     for _ in range(conf.BREAKER_FAILURE_THRESHOLD):
         breaker.failure()
     with pytest.raises(CommandError, match="Redis is unavailable: circuit open"):
-        run("warmup", "demo.User")
+        run("warmup", "testapp.User")
 
 
 # -- cleanup ---------------------------------------------------------------------------
@@ -247,7 +243,7 @@ def test_cleanup_deletes_only_what_can_no_longer_be_served() -> None:
     assert mc is not None
     gone_user, stale_user, live_user = UserFactory.create_batch(3)
     read(User.objects, pk=gone_user.pk)
-    run("flush", "demo.User")  # its entry is now of an old generation
+    run("flush", "testapp.User")  # its entry is now of an old generation
     old_generation = [mc.key(mc.pk_lookup, (gone_user.pk,))]
     assert client.exists(*old_generation)
     for u in (stale_user, live_user):
@@ -274,7 +270,7 @@ def test_cleanup_deletes_only_what_can_no_longer_be_served() -> None:
     }
     assert client.exists(mc.home.gen_key) and client.exists(mc.home.writes_key)
     assert not client.exists(mc.key(email, (stale_user.email,)))
-    last = ops.last_runs()["cleanup"]
+    last = maintenance.last_runs()["cleanup"]
     assert last["old_schema"] >= 2 and last["old_generation"] >= 1 and last["stale_rows"] >= 1
     # What cleanup kept is still served from L2.
     tiered_cache.clear_local()
@@ -294,7 +290,7 @@ def test_cleanup_of_one_model_leaves_the_others_alone() -> None:
     for key in junk:
         client.set(key, b"x")
 
-    run("cleanup", "demo.GlobalModel")
+    run("cleanup", "testapp.GlobalModel")
 
     assert client.exists(junk[0]) and not client.exists(junk[1])
     run("cleanup")

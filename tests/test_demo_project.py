@@ -3,17 +3,25 @@
 import io
 
 import pytest
+from celery import beat
+from celery.schedules import schedule as every
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
 from demo_project.demo.factories import (
     FlowInstanceFactory,
     GlobalModelFactory,
     ModelFactory,
+    ProviderFactory,
     UserFactory,
 )
 from demo_project.demo.models import FlowInstance, GlobalModel, Model, Provider, User
+from demo_project.demo.resolvers import resolve_global_model
+from tests.cache_fixtures import l2_keys
+from tiered_cache import registry
 
-pytestmark = pytest.mark.django_db
+# The demo's pages under the demo's URLconf (the suite's own is tests/urls.py).
+pytestmark = [pytest.mark.django_db, pytest.mark.urls("demo_project.urls")]
 
 
 def test_index_links_every_endpoint(client):
@@ -123,7 +131,9 @@ def test_ensure_demo_admin_is_idempotent():
     call_command("ensure_demo_admin", stdout=out)
     call_command("ensure_demo_admin", stdout=out)
 
-    admin = User.objects.get(username="admin")
+    # The command makes a user of AUTH_USER_MODEL: demo.User in the demo project, the test
+    # app's user model under the test settings.
+    admin = get_user_model().objects.get(username="admin")
     assert admin.is_superuser
     assert admin.check_password("admin")
     assert "password 'admin'" in out.getvalue()
@@ -146,3 +156,73 @@ def test_admin_changelist_renders(admin_client, model_name):
 
     assert admin_client.get(f"/admin/demo/{model_name}/").status_code == 200
     assert admin_client.get(f"/admin/demo/{model_name}/", {"q": "a"}).status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_resolve_global_model_follows_the_seed_order(caplog):
+    active, inactive = ProviderFactory(), ProviderFactory(is_active=False)
+    by_name = GlobalModelFactory(name="claude")
+    mapped = GlobalModelFactory(name="claude-sonnet")
+    ModelFactory(provider=inactive, global_model=by_name, provider_model_name="sonnet")
+    ModelFactory(provider=active, global_model=mapped, provider_model_name="sonnet")
+    assert resolve_global_model("sonnet").name == "claude-sonnet"
+    assert resolve_global_model("  claude ").name == "claude"
+    assert resolve_global_model("unknown") is None
+    assert resolve_global_model("") is None
+    other = GlobalModelFactory(name="claude-opus")
+    ModelFactory(provider=ProviderFactory(), global_model=other, provider_model_name="sonnet")
+    with caplog.at_level("WARNING"):
+        assert resolve_global_model("sonnet").name == "claude-sonnet"
+    assert "several global models" in caplog.text
+
+
+# -- the beat schedule: warmups of the demo's models, a cleanup -------------------------
+
+
+def demo_schedule():
+    from demo_project.celery import app
+
+    app.loader.import_default_modules()
+    return beat.Scheduler(app=app, lazy=False).schedule
+
+
+def test_beat_schedule_loads_and_names_existing_tasks():
+    from demo_project.celery import app
+
+    entries = {name: e for name, e in demo_schedule().items() if name.startswith("tiered-cache")}
+
+    assert set(entries) == {
+        "tiered-cache-warm-users",
+        "tiered-cache-warm-models",
+        "tiered-cache-warm-global-models",
+        "tiered-cache-cleanup",
+    }
+    for name, entry in entries.items():
+        assert entry.task in app.tasks, f"{name} names {entry.task}, which is not registered"
+        assert isinstance(entry.schedule, every)
+        period = entry.schedule.run_every.total_seconds()
+        # A run waiting in the queue expires before the next one is due.
+        assert 0 < entry.options["expires"] < period, name
+        if entry.task == "tiered_cache.tasks.warmup":
+            assert period <= 10 * 60
+            (label,) = entry.args
+            registry.resolve_models([label])  # a cached model
+        else:
+            assert entry.task == "tiered_cache.tasks.cleanup_expired"
+            assert period == 3600
+
+
+@pytest.mark.django_db(transaction=True)  # committed, so the worker's thread sees the rows
+@pytest.mark.usefixtures("live_bus", "worker")
+def test_beat_entries_run_on_the_worker(celery_app):
+    UserFactory.create_batch(2)
+    GlobalModelFactory()
+    for name, entry in demo_schedule().items():
+        if not name.startswith("tiered-cache"):
+            continue
+        res = celery_app.send_task(
+            entry.task, args=entry.args, kwargs=entry.kwargs, **entry.options
+        )
+        out = res.get(timeout=30)
+        assert "skipped" not in out, (name, out)
+    assert len(l2_keys(User)) == 2

@@ -9,19 +9,18 @@ from typing import Any
 import pytest
 
 import tiered_cache
-from demo_project.demo.factories import (
-    FlowInstanceFactory,
-    GlobalModelFactory,
-    ModelFactory,
-    ProviderFactory,
-    UserFactory,
-)
-from demo_project.demo.models import FlowInstance, GlobalModel, Model, User
-from demo_project.demo.resolvers import resolve_global_model
 from tests.cache_fixtures import write_outside_django
 from tests.processes import wait_for, worker
+from tests.testapp.factories import (
+    FlowFactory,
+    GlobalModelFactory,
+    ProviderFactory,
+    ProviderModelFactory,
+    UserFactory,
+)
+from tests.testapp.models import Flow, GlobalModel, ProviderModel, User
 from tiered_cache import UncacheableArguments, cached
-from tiered_cache.groups import fn_tag
+from tiered_cache.keys import fn_tag
 from tiered_cache.tiers import redis_tier
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -40,7 +39,7 @@ def user_names(domain: str, active: bool = True) -> list[str] | None:
     return names or None
 
 
-@cached(depends_on=["demo.User"])
+@cached(depends_on=["testapp.User"])
 def first_user(domain: str) -> User | None:
     calls.append(domain)
     return User.objects.filter(email__endswith="@" + domain).order_by("pk").first()
@@ -111,12 +110,12 @@ def test_none_is_kept_for_the_negative_timeout() -> None:
 
 
 def test_model_instances_come_back_as_fresh_copies() -> None:
-    UserFactory(email="e@v.test", model_capability_settings={"a": 1})
+    UserFactory(email="e@v.test", preferences={"a": 1})
     got = first_user("v.test")
-    got.model_capability_settings["a"] = 2
+    got.preferences["a"] = 2
     got.first_name = "mutated"
     again = first_user("v.test")
-    assert again.model_capability_settings == {"a": 1} and again.first_name != "mutated"
+    assert again.preferences == {"a": 1} and again.first_name != "mutated"
     assert again is not got
 
 
@@ -185,33 +184,16 @@ def test_a_dependency_write_during_the_computation_is_not_stored(monkeypatch: An
 def test_a_dependency_write_in_one_process_drops_the_result_in_another() -> None:
     provider = ProviderFactory()
     gm = GlobalModelFactory(name="gpt-x")
-    ModelFactory(provider=provider, global_model=gm, provider_model_name="alias-x")
+    ProviderModelFactory(provider=provider, global_model=gm, provider_model_name="alias-x")
     with worker() as other:
         assert other.call("tests.process_tasks.resolve", "alias-x") == "gpt-x"
         assert other.call("tests.process_tasks.resolve", "alias-x") == "gpt-x"
-        Model.objects.filter(provider_model_name="alias-x").update(is_active=False)
+        ProviderModel.objects.filter(provider_model_name="alias-x").update(is_active=False)
         time.sleep(0.1)
         assert other.call("tests.process_tasks.resolve", "alias-x") is None
         GlobalModel.objects.filter(pk=gm.pk).update(name="alias-x")
         time.sleep(0.1)
         assert other.call("tests.process_tasks.resolve", "alias-x") == "alias-x"
-
-
-def test_resolve_global_model_follows_the_seed_order(caplog: Any) -> None:
-    active, inactive = ProviderFactory(), ProviderFactory(is_active=False)
-    by_name = GlobalModelFactory(name="claude")
-    mapped = GlobalModelFactory(name="claude-sonnet")
-    ModelFactory(provider=inactive, global_model=by_name, provider_model_name="sonnet")
-    ModelFactory(provider=active, global_model=mapped, provider_model_name="sonnet")
-    assert resolve_global_model("sonnet").name == "claude-sonnet"
-    assert resolve_global_model("  claude ").name == "claude"
-    assert resolve_global_model("unknown") is None
-    assert resolve_global_model("") is None
-    other = GlobalModelFactory(name="claude-opus")
-    ModelFactory(provider=ProviderFactory(), global_model=other, provider_model_name="sonnet")
-    with caplog.at_level("WARNING"):
-        assert resolve_global_model("sonnet").name == "claude-sonnet"
-    assert "several global models" in caplog.text
 
 
 def test_derived_entries_live_in_one_hash_slot() -> None:
@@ -224,16 +206,16 @@ def test_derived_entries_live_in_one_hash_slot() -> None:
     assert {k.split(b"}")[0] for k in keys} == {keys[0].split(b"}")[0]}
 
 
-@cached(depends_on=[FlowInstance])
+@cached(depends_on=[Flow])
 def step_of(pk: int) -> int:
-    return int(FlowInstance.objects.get(pk=pk).current_step)
+    return int(Flow.objects.get(pk=pk).current_step)
 
 
 def test_a_write_in_a_process_that_never_imported_the_function_drops_its_results() -> None:
     """A Celery worker or a management command writes without ever importing the module
     that defines the function: the write still reaches the function's results, in both
     tiers of every process."""
-    flow = FlowInstanceFactory(current_step=1)
+    flow = FlowFactory(current_step=1)
     assert step_of(flow.pk) == 1
     assert step_of(flow.pk) == 1  # cached
     with worker() as other:

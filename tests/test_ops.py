@@ -1,5 +1,5 @@
-"""tiered_cache.ops and tiered_cache.metrics: stats of all processes pushed in batches,
-hot rows, warmup sets, cleanup of hot samples and silent processes, L2 sizes, metrics."""
+"""tiered_cache.maintenance, reporting, dashboard and metrics: stats of all processes pushed
+in batches, hot rows, warmup sets, cleanup of hot samples and silent processes, L2 sizes."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ import pytest
 from django.test import Client, override_settings
 
 import tiered_cache
-from demo_project.demo.factories import UserFactory
-from demo_project.demo.models import GlobalModel, User
 from tests.cache_fixtures import l2_keys
-from tests.ops_helpers import live_bus, pk_of_key, read  # noqa: F401
-from tiered_cache import ops
+from tests.ops_helpers import pk_of_key, read
+from tests.testapp.factories import UserFactory
+from tests.testapp.models import GlobalModel, User
+from tiered_cache import dashboard, maintenance, registry, reporting
 from tiered_cache.conf import conf
 from tiered_cache.counters import hot
 from tiered_cache.registry import first_model_cache
 from tiered_cache.tiers import redis_tier
+from tiered_cache.tiers.remote import Unavailable
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("live_bus")]
 
@@ -31,14 +32,14 @@ def user_mc() -> Any:
 
 def forget_hot_rows() -> None:
     mc = user_mc()
-    redis_tier.client.delete(ops._hot_key(mc), ops._procs_key(mc))
-    redis_tier.client.hdel(f"{conf.KEY_PREFIX}:ops", "hot_decay:demo.user")
+    redis_tier.client.delete(mc.home.hot_key(mc.label), mc.home.procs_key(mc.label))
+    redis_tier.client.hdel(f"{conf.KEY_PREFIX}:ops", "hot_decay:testapp.user")
 
 
 @pytest.fixture(autouse=True)
 def pushed_before() -> None:
     """Start each test with nothing of earlier tests left to push."""
-    ops.publish_stats()
+    reporting.publish_stats()
     hot.take()
 
 
@@ -47,8 +48,8 @@ def test_reads_make_no_redis_call_and_one_push_carries_them(
 ) -> None:
     user = UserFactory()
     read(User.objects, pk=user.pk)
-    ops.publish_stats()
-    before = ops.cluster_stats([User])["demo.user"]
+    reporting.publish_stats()
+    before = reporting.cluster_stats([User])["testapp.user"]
     calls = []
     real_call, real_scripts = redis_tier.call, redis_tier.scripts
     monkeypatch.setattr(redis_tier, "call", lambda fn: calls.append("call") or real_call(fn))
@@ -58,17 +59,17 @@ def test_reads_make_no_redis_call_and_one_push_carries_them(
         User.objects.get_cached(pk=user.pk)  # L1 hits
     assert calls == []
 
-    pushed = ops.publish_stats()
+    pushed = reporting.publish_stats()
     assert calls == ["call"], "one pipeline for counters and hot rows of every model"
     monkeypatch.undo()
-    assert pushed["counters"]["demo.user"]["l1_hits"] == 200
-    assert pushed["hot"]["demo.user"] in (200 // hot.SAMPLE_EVERY, 200 // hot.SAMPLE_EVERY + 1)
-    after = ops.cluster_stats([User])["demo.user"]
+    assert pushed["counters"]["testapp.user"]["l1_hits"] == 200
+    assert pushed["hot"]["testapp.user"] in (200 // hot.SAMPLE_EVERY, 200 // hot.SAMPLE_EVERY + 1)
+    after = reporting.cluster_stats([User])["testapp.user"]
     assert after["l1_hits"] - before["l1_hits"] == 200
     assert after["processes"] >= 1
     assert after["hot"][0][0] == str(user.pk)
     # Nothing new: nothing to push.
-    assert ops.publish_stats() == {"counters": {}, "hot": {}}
+    assert reporting.publish_stats() == {"counters": {}, "hot": {}}
 
 
 def test_a_push_that_fails_is_retried_whole(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,35 +77,35 @@ def test_a_push_that_fails_is_retried_whole(monkeypatch: pytest.MonkeyPatch) -> 
     hot.take()
     for _ in range(33):
         read(User.objects, pk=user.pk)
-    before = ops.cluster_stats([User])["demo.user"]["l1_hits"]
-    samples = sum(hot.counts["demo.user"].values())
+    before = reporting.cluster_stats([User])["testapp.user"]["l1_hits"]
+    samples = sum(hot.counts["testapp.user"].values())
     assert samples >= 1
 
     def down(fn: Any) -> Any:
-        raise ops.Unavailable("down")
+        raise Unavailable("down")
 
     monkeypatch.setattr(redis_tier, "call", down)
-    with pytest.raises(ops.Unavailable):
-        ops.publish_stats()
+    with pytest.raises(Unavailable):
+        reporting.publish_stats()
     monkeypatch.undo()
 
-    pushed = ops.publish_stats()
-    assert pushed["counters"]["demo.user"]["l1_hits"] == 32
-    assert pushed["hot"]["demo.user"] == samples  # the samples were kept, not lost
-    assert ops.cluster_stats([User])["demo.user"]["l1_hits"] == before + 32
+    pushed = reporting.publish_stats()
+    assert pushed["counters"]["testapp.user"]["l1_hits"] == 32
+    assert pushed["hot"]["testapp.user"] == samples  # the samples were kept, not lost
+    assert reporting.cluster_stats([User])["testapp.user"]["l1_hits"] == before + 32
 
 
 def test_the_publisher_thread_pushes_on_its_own() -> None:
     user = UserFactory()
     read(User.objects, pk=user.pk)
-    before = ops.cluster_stats([User])["demo.user"]["l1_hits"]
+    before = reporting.cluster_stats([User])["testapp.user"]["l1_hits"]
     with override_settings(TIERED_CACHE={**conf.raw, "STATS_FLUSH_INTERVAL": 0.05}):
-        ops.start_stats_publisher()
-        ops.start_stats_publisher()  # idempotent
+        reporting.publisher.start()
+        reporting.publisher.start()  # idempotent
         for _ in range(5):
             User.objects.get_cached(pk=user.pk)
         deadline = time.monotonic() + 5
-        while ops.cluster_stats([User])["demo.user"]["l1_hits"] < before + 5:
+        while reporting.cluster_stats([User])["testapp.user"]["l1_hits"] < before + 5:
             assert time.monotonic() < deadline, "the publisher thread pushed nothing"
             time.sleep(0.05)
     threads = [t for t in __import__("threading").enumerate() if t.name == "tiered_cache-stats"]
@@ -120,44 +121,47 @@ def test_warmup_uses_the_managers_hook(monkeypatch: pytest.MonkeyPatch) -> None:
         raising=False,
     )
 
-    result = ops.warmup(User)
+    result = maintenance.warmup(User)
 
     assert result["source"] == "warmup_queryset" and result["stored"] == 1
     assert [pk_of_key(k) for k in l2_keys(User)] == [chosen.pk]
     assert other.pk not in [pk_of_key(k) for k in l2_keys(User)]
-    assert ops.warmup(User, limit=0)["stored"] == 0
+    assert maintenance.warmup(User, limit=0)["stored"] == 0
 
 
 def test_warmup_set_is_hot_rows_then_recent_ones() -> None:
     forget_hot_rows()
     a, b, c, d = UserFactory.create_batch(4)
     redis_tier.client.zadd(
-        ops._hot_key(user_mc()), {str(a.pk): 5, str(b.pk): 9, "junk": 99, str(d.pk + 100): 50}
+        user_mc().home.hot_key(user_mc().label),
+        {str(a.pk): 5, str(b.pk): 9, "junk": 99, str(d.pk + 100): 50},
     )
 
-    qs, how = ops.warmup_set(User.objects, 3)
+    qs, how = maintenance.warmup_set(User.objects, 3)
 
     assert how == {"source": "hot+recent", "hot": 2, "recent": 1}
     assert set(qs.values_list("pk", flat=True)) == {a.pk, b.pk, d.pk}
     # "junk" is no pk, skipped; a deleted row's pk is returned but never warmed.
-    assert ops.hottest_pks(User, 4) == [d.pk + 100, b.pk, a.pk]
+    assert maintenance.hottest_pks(User, 4) == [d.pk + 100, b.pk, a.pk]
 
 
 def test_cleanup_decays_hot_rows_and_forgets_silent_processes() -> None:
     forget_hot_rows()
     mc = user_mc()
     client = redis_tier.client
-    hot_key, procs_key = ops._hot_key(mc), ops._procs_key(mc)
+    hot_key, procs_key = mc.home.hot_key(mc.label), mc.home.procs_key(mc.label)
     client.zadd(hot_key, {"1": 8, "2": 1})
     client.zadd(procs_key, {"gone:1": time.time() - 3600, "here:2": time.time()})
-    ops.cleanup([User])  # first run: no decay yet, only the clock starts
+    maintenance.cleanup([User])  # first run: no decay yet, only the clock starts
     assert client.zscore(hot_key, "2") == 1
     # Two half-lives later: 8 -> 2, 1 -> 0.25 (cold, dropped).
     client.hset(
-        f"{conf.KEY_PREFIX}:ops", "hot_decay:demo.user", repr(time.time() - 2 * ops.HOT_HALF_LIFE)
+        f"{conf.KEY_PREFIX}:ops",
+        "hot_decay:testapp.user",
+        repr(time.time() - 2 * maintenance.HOT_HALF_LIFE),
     )
 
-    result = ops.cleanup([User])
+    result = maintenance.cleanup([User])
 
     assert result["hot_members"] == 1 and result["stale_processes"] == 0
     assert client.zrange(hot_key, 0, -1, withscores=True) == [(b"1", pytest.approx(2.0, 0.01))]
@@ -170,16 +174,21 @@ def test_l2_entry_count_counts_the_current_generation_only() -> None:
     for u in users:
         read(User.objects, pk=u.pk)
     read(User.objects, email=users[0].email)
-    assert ops.l2_entry_count(User) == 4
-    assert ops.l2_entry_counts()["demo.globalmodel"] == 0
+    assert dashboard.l2_entry_count(User) == 4
+    assert dashboard.l2_entry_counts()["testapp.globalmodel"] == 0
     User.objects.flush_cache()
-    assert ops.l2_entry_count(User) == 0
+    assert dashboard.l2_entry_count(User) == 0
 
 
 def test_resolve_models() -> None:
-    assert ops.resolve_models(["demo.user", "demo.GlobalModel", "demo.User"]) == [User, GlobalModel]
-    with pytest.raises(ops.UnknownModel, match="cached models: demo.User, demo.Provider"):
-        ops.resolve_models(["demo.PlainFlowInstance"])
+    assert registry.resolve_models(["testapp.user", "testapp.GlobalModel", "testapp.User"]) == [
+        User,
+        GlobalModel,
+    ]
+    with pytest.raises(
+        registry.UnknownModel, match=r"cached models: .*testapp\.User, testapp\.Provider"
+    ):
+        registry.resolve_models(["testapp.PlainFlow"])
 
 
 def test_flush_inside_atomic_waits_for_the_commit() -> None:
@@ -188,7 +197,7 @@ def test_flush_inside_atomic_waits_for_the_commit() -> None:
     user = UserFactory()
     read(User.objects, pk=user.pk)
     with transaction.atomic():
-        assert ops.flush([User]) == ["demo.User"]
+        assert maintenance.flush([User]) == ["testapp.User"]
         assert len(l2_keys(User)) == 1
     assert l2_keys(User) == []
 
@@ -207,16 +216,16 @@ def test_metrics_endpoint(client: Client) -> None:
     assert response["Content-Type"].startswith("text/plain")
     text = response.content.decode()
     for line in (
-        'tiered_cache_hits_total{model="demo.user",tier="l1"} 1.0',
-        'tiered_cache_hits_total{model="demo.user",tier="l2"} 1.0',
-        'tiered_cache_misses_total{model="demo.user"} 1.0',
-        'tiered_cache_invalidations_total{model="demo.user"} ',
+        'tiered_cache_hits_total{model="testapp.user",tier="l1"} 1.0',
+        'tiered_cache_hits_total{model="testapp.user",tier="l2"} 1.0',
+        'tiered_cache_misses_total{model="testapp.user"} 1.0',
+        'tiered_cache_invalidations_total{model="testapp.user"} ',
         'tiered_cache_breaker_state{state="closed"} 1.0',
         'tiered_cache_breaker_state{state="open"} 0.0',
         "tiered_cache_bus_trusted 1.0",
         'tiered_cache_l2_latency_seconds_bucket{le="+Inf"} ',
-        'tiered_cache_cluster_hits_total{model="demo.user",tier="l1"} ',
-        'tiered_cache_l1_entries{model="demo.user"} ',
+        'tiered_cache_cluster_hits_total{model="testapp.user",tier="l1"} ',
+        'tiered_cache_l1_entries{model="testapp.user"} ',
     ):
         assert line in text, line
     # Scraping twice registers nothing twice.

@@ -25,7 +25,6 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext, isolate_apps
 
 import tiered_cache
-from demo_project.demo.models import User as ProjectUser
 from tests.cache_fixtures import in_thread
 from tests.testapp.factories import (
     AccountFactory,
@@ -55,7 +54,9 @@ from tests.testapp.models import (
     Restaurant,
     Shipment,
     Tenant,
+    Tracked,
 )
+from tests.testapp.models import User as ProjectUser  # the project's AUTH_USER_MODEL
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -220,9 +221,7 @@ def test_derived_function_sees_many_to_many_add_and_remove() -> None:
         label.items.remove(item)
         assert cached_names(item.pk) == names(item.pk) == []
     finally:
-        from tiered_cache import derived
-
-        derived._functions.pop(cached_names.label, None)
+        cached_names.unregister()
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -1332,3 +1331,13 @@ def test_manager_inherited_from_an_abstract_base_reads_like_get(tier: str) -> No
         lambda: Note.objects.get(pk=note.pk),
         "Note after save()",
     )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_model_overriding_from_db_gets_the_field_names_as_from_the_orm(tier: str) -> None:
+    row = Tracked.objects.create(name="tracked")
+    expected = Tracked.objects.get(pk=row.pk).loaded_values
+    assert expected == {"id": row.pk, "name": "tracked"}
+    Tracked.objects.get_cached(pk=row.pk)  # a miss: built by the ORM
+    at(tier)
+    assert Tracked.objects.get_cached(pk=row.pk).loaded_values == expected

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.test.utils import isolate_apps
 
 import tiered_cache
-from demo_project.demo.factories import UserFactory
-from demo_project.demo.models import User
 from tests.cache_fixtures import counters, l2_keys, write_outside_django
+from tests.testapp.factories import UserFactory
+from tests.testapp.models import User
 from tiered_cache import keys as tc_keys
 from tiered_cache.registry import first_model_cache, reset_registry
 from tiered_cache.tiers import redis_tier
@@ -138,6 +139,7 @@ def test_schema_is_part_of_every_key(monkeypatch: Any) -> None:
         reset_registry()
 
 
+@isolate_apps("tests.testapp")
 def test_fingerprint_changes_with_the_fields() -> None:
     from django.db import models
 
@@ -145,14 +147,14 @@ def test_fingerprint_changes_with_the_fields() -> None:
         name = models.CharField(max_length=10)
 
         class Meta:
-            app_label = "demo"
+            app_label = "testapp"
             managed = False
 
     class After(models.Model):
         name = models.TextField()
 
         class Meta:
-            app_label = "demo"
+            app_label = "testapp"
             managed = False
 
     a, b = tc_keys.schema_fingerprint(Before), tc_keys.schema_fingerprint(After)

@@ -12,14 +12,14 @@ from django.db.models.sql import compiler
 from django.test.utils import CaptureQueriesContext
 
 import tiered_cache
-from demo_project.demo.factories import (
-    FlowInstanceFactory,
+from tests.cache_fixtures import counters, l1_len, l2_keys, write_outside_django
+from tests.testapp.factories import (
+    FlowFactory,
     GlobalModelFactory,
-    ModelFactory,
+    ProviderModelFactory,
     UserFactory,
 )
-from demo_project.demo.models import FlowInstance, GlobalModel, Model, User
-from tests.cache_fixtures import counters, l1_len, l2_keys, write_outside_django
+from tests.testapp.models import Flow, GlobalModel, ProviderModel, User
 from tiered_cache import UndeclaredLookup
 from tiered_cache.tiers import local_tier, redis_tier
 
@@ -61,23 +61,25 @@ def test_lookup_values_normalized_like_the_orm() -> None:
 
 
 def test_composite_keys_are_injective() -> None:
-    a = FlowInstanceFactory(tenant_id="a:b", session_id="c")
-    b = FlowInstanceFactory(tenant_id="a", session_id="b:c")
-    assert FlowInstance.objects.get_cached(tenant_id="a:b", session_id="c").pk == a.pk
-    assert FlowInstance.objects.get_cached(tenant_id="a", session_id="b:c").pk == b.pk
+    a = FlowFactory(tenant_id="a:b", session_id="c")
+    b = FlowFactory(tenant_id="a", session_id="b:c")
+    assert Flow.objects.get_cached(tenant_id="a:b", session_id="c").pk == a.pk
+    assert Flow.objects.get_cached(tenant_id="a", session_id="b:c").pk == b.pk
     tiered_cache.clear_local()
-    assert FlowInstance.objects.get_cached(tenant_id="a", session_id="b:c").pk == b.pk
-    assert FlowInstance.objects.get_cached(session_id="c", tenant_id="a:b").pk == a.pk
-    assert len(l2_keys(FlowInstance)) == 2
+    assert Flow.objects.get_cached(tenant_id="a", session_id="b:c").pk == b.pk
+    assert Flow.objects.get_cached(session_id="c", tenant_id="a:b").pk == a.pk
+    assert len(l2_keys(Flow)) == 2
 
 
 def test_foreign_key_lookup_by_instance_or_id_shares_one_entry() -> None:
-    m = ModelFactory()
-    got = Model.objects.get_cached(provider=m.provider, global_model=m.global_model)
+    m = ProviderModelFactory()
+    got = ProviderModel.objects.get_cached(provider=m.provider, global_model=m.global_model)
     assert got.pk == m.pk
-    got = Model.objects.get_cached(provider_id=m.provider_id, global_model_id=m.global_model_id)
+    got = ProviderModel.objects.get_cached(
+        provider_id=m.provider_id, global_model_id=m.global_model_id
+    )
     assert got.pk == m.pk
-    assert counters(Model)["misses"] == 1
+    assert counters(ProviderModel)["misses"] == 1
 
 
 def test_malformed_pk_raises_what_get_raises_and_caches_nothing() -> None:
@@ -92,9 +94,9 @@ def test_malformed_pk_raises_what_get_raises_and_caches_nothing() -> None:
 
 
 def test_wrong_model_instance_is_rejected() -> None:
-    m = ModelFactory()
+    m = ProviderModelFactory()
     with pytest.raises(ValueError, match="Must be"):
-        Model.objects.get_cached(provider=m.global_model, global_model=m.global_model)
+        ProviderModel.objects.get_cached(provider=m.global_model, global_model=m.global_model)
 
 
 def test_undeclared_lookup_names_the_declared_ones() -> None:
@@ -103,7 +105,7 @@ def test_undeclared_lookup_names_the_declared_ones() -> None:
     assert isinstance(exc.value, ValueError)
     assert "(username)" in str(exc.value) and "(pk), (email)" in str(exc.value)
     with pytest.raises(UndeclaredLookup, match="tenant_id, session_id"):
-        FlowInstance.objects.get_cached(tenant_id="t1")
+        Flow.objects.get_cached(tenant_id="t1")
     with pytest.raises(UndeclaredLookup):
         User.objects.get_cached(pk=1, email="a@b.c")
 
@@ -157,14 +159,14 @@ def test_negative_timeout_is_honoured(settings: Any) -> None:
 
 
 def test_returned_instances_are_the_callers_own() -> None:
-    user = UserFactory(model_capability_settings={"gpt": {"vision": True}})
+    user = UserFactory(preferences={"gpt": {"vision": True}})
     for _ in range(3):  # miss, L1 hit, then L2 hit
         got = User.objects.get_cached(pk=user.pk)
-        got.model_capability_settings["gpt"]["vision"] = False
-        got.model_capability_settings["new"] = 1
+        got.preferences["gpt"]["vision"] = False
+        got.preferences["new"] = 1
         got.first_name = "mutated"
         again = User.objects.get_cached(pk=user.pk)
-        assert again.model_capability_settings == {"gpt": {"vision": True}}
+        assert again.preferences == {"gpt": {"vision": True}}
         assert again.first_name == user.first_name
         tiered_cache.clear_local()
 
@@ -228,7 +230,7 @@ def test_stats_reports_per_model_counters() -> None:
     user = UserFactory()
     User.objects.get_cached(pk=user.pk)
     User.objects.get_cached(pk=user.pk)
-    row = tiered_cache.stats()["demo.user"]
+    row = tiered_cache.stats()["testapp.user"]
     assert row["l1_hits"] == 1 and row["misses"] == 1 and row["hit_ratio"] == 0.5
     assert row["l1_entries"] == 1
     assert row["breaker"] == "closed" and row["bus"] == "live"

@@ -19,13 +19,13 @@ import pytest
 from django.db import connection
 
 import tiered_cache
-from demo_project.demo.factories import FlowInstanceFactory, UserFactory
-from demo_project.demo.models import FlowInstance, User
 from tests import coherence_tasks as ct
-from tests.cache_fixtures import counters
+from tests.cache_fixtures import counters, paused_after_read
 from tests.processes import wait_for
 from tests.redis_fixtures import RedisEnv
 from tests.redis_server import RedisServer, free_port
+from tests.testapp.factories import FlowFactory, UserFactory
+from tests.testapp.models import Flow, User
 from tiered_cache.breaker import breaker
 from tiered_cache.bus import bus
 from tiered_cache.conf import conf
@@ -62,7 +62,7 @@ def outbox() -> int:
 
 
 def data_key(pk: int) -> str:
-    mc = first_model_cache(FlowInstance)
+    mc = first_model_cache(Flow)
     assert mc is not None
     return mc.key(mc.pk_lookup, (pk,))
 
@@ -74,10 +74,10 @@ def test_paused_redis_a_write_meanwhile_is_seen_by_a_process_that_never_saw_it(
     own_redis: RedisEnv,
 ) -> None:
     server = own_redis.server
-    flow = FlowInstanceFactory(current_step=1)
+    flow = FlowFactory(current_step=1)
     b = own_redis.worker("b")
     probe = UserFactory()
-    assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 1  # L1 + L2 here
+    assert Flow.objects.get_cached(pk=flow.pk).current_step == 1  # L1 + L2 here
     redis_tier.wait_for_fills()
     assert b.call(T + "warm", [flow.pk]) == 1  # B's L1
     User.objects.get_cached(pk=probe.pk)
@@ -87,13 +87,13 @@ def test_paused_redis_a_write_meanwhile_is_seen_by_a_process_that_never_saw_it(
     server.pause()
     try:
         t0 = time.monotonic()
-        obj = FlowInstance.objects.get(pk=flow.pk)
+        obj = Flow.objects.get(pk=flow.pk)
         obj.current_step = 2
         obj.save()  # Redis cannot take the invalidation: it goes to the outbox
         save_s = time.monotonic() - t0
         pending = outbox()
         during = b.call(T + "read", flow.pk)  # B's trust lapsed: the database
-        mine = FlowInstance.objects.get_cached(pk=flow.pk).current_step
+        mine = Flow.objects.get_cached(pk=flow.pk).current_step
     finally:
         server.resume()
     resumed = time.monotonic()
@@ -102,7 +102,7 @@ def test_paused_redis_a_write_meanwhile_is_seen_by_a_process_that_never_saw_it(
     back = b.call(T + "until_l2_hit", probe.pk, resumed + 10)
     assert wait_for(lambda: outbox() == 0, 10)
     tiered_cache.clear_local()
-    assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 2
+    assert Flow.objects.get_cached(pk=flow.pk).current_step == 2
     report(
         "paused, row saved, resumed",
         save_during_pause_ms=round(save_s * 1000, 1),
@@ -124,7 +124,7 @@ def test_paused_redis_a_write_meanwhile_is_seen_by_a_process_that_never_saw_it(
 def test_twenty_threads_and_a_second_process_missing_one_cold_key_read_the_database_at_most_twice(
     own_redis: RedisEnv,
 ) -> None:
-    flow = FlowInstanceFactory(current_step=7)
+    flow = FlowFactory(current_step=7)
     b = own_redis.worker("b")
     b.call(T + "wait_trusted")
     assert ct.wait_trusted()
@@ -139,7 +139,7 @@ def test_twenty_threads_and_a_second_process_missing_one_cold_key_read_the_datab
             sleep_until(at - 0.005)
             while time.monotonic() < at:
                 pass
-            got.append(FlowInstance.objects.get_cached(pk=flow.pk).current_step)
+            got.append(Flow.objects.get_cached(pk=flow.pk).current_step)
         except BaseException as exc:
             errors.append(exc)
         finally:
@@ -151,7 +151,7 @@ def test_twenty_threads_and_a_second_process_missing_one_cold_key_read_the_datab
     for t in threads:
         t.join(30)
     other = b.result(30)
-    mine = counters(FlowInstance)
+    mine = counters(Flow)
     reads = mine["misses"] + other["stats"]["misses"]
     report(
         "stampede: 20 threads + 1 process, one cold key",
@@ -173,9 +173,9 @@ def test_writes_during_an_outage_are_applied_before_l2_is_read_again(
     """Redis unreachable with its data kept (a partition): the stale row stays in L2 all
     along, so only the outbox stands between it and the next reader."""
     server = own_redis.server
-    flow = FlowInstanceFactory(current_step=1)
+    flow = FlowFactory(current_step=1)
     b = own_redis.worker("b")
-    assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 1
+    assert Flow.objects.get_cached(pk=flow.pk).current_step == 1
     redis_tier.wait_for_fills()
     assert b.call(T + "warm", [flow.pk]) == 1
     before = b.call(T + "bus_info")
@@ -207,7 +207,7 @@ def test_writes_during_an_outage_are_applied_before_l2_is_read_again(
     assert left_when_trusted == 0
     assert during[0] == 3 and after[0] == 3 and by_lookup[0] == 3
     tiered_cache.clear_local()
-    assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 3
+    assert Flow.objects.get_cached(pk=flow.pk).current_step == 3
 
 
 def test_a_write_only_this_process_could_not_deliver_is_not_served_stale(
@@ -217,22 +217,22 @@ def test_a_write_only_this_process_could_not_deliver_is_not_served_stale(
     moment ago). Its invalidation goes to the outbox; other processes' buses stay live and
     nobody loses trust, yet nobody may serve the old row for long: not the writer once
     its breaker lets it back to L2 (read-your-writes), not the other processes."""
-    flow = FlowInstanceFactory(current_step=1)
+    flow = FlowFactory(current_step=1)
     b = own_redis.worker("b")
-    assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 1
+    assert Flow.objects.get_cached(pk=flow.pk).current_step == 1
     redis_tier.wait_for_fills()
     assert b.call(T + "warm", [flow.pk]) == 1
     assert ct.open_breaker() == "open"
 
     ct.write_one(flow.pk, "save")
     written = time.monotonic()
-    assert FlowInstance.objects.get_cached(pk=flow.pk).current_step == 2
+    assert Flow.objects.get_cached(pk=flow.pk).current_step == 2
     seen = wait_for(lambda: b.call(T + "read", flow.pk)[0] == 2, 5)
     b_after = time.monotonic() - written
     # Past the recovery time the breaker lets this process read L2 again.
     sleep_until(written + conf.BREAKER_RECOVERY_TIME + 0.1)
     tiered_cache.clear_local()
-    mine = FlowInstance.objects.get_cached(pk=flow.pk).current_step
+    mine = Flow.objects.get_cached(pk=flow.pk).current_step
     report(
         "only the writer cannot reach Redis (its breaker open)",
         other_process_saw_write_after_s=round(b_after, 3) if seen else None,
@@ -250,11 +250,11 @@ def test_an_outbox_longer_than_one_drain_batch_is_applied_whole_before_trust(
     of our row last: when Redis is back, the row must not be served stale from L2. Only B
     drains (this process's listener is stopped), so what B trusts is what B drained."""
     server = own_redis.server
-    flow = FlowInstanceFactory(current_step=1)
+    flow = FlowFactory(current_step=1)
     b = own_redis.worker("b")
     assert b.call(T + "warm", [flow.pk]) == 1
     before = b.call(T + "bus_info")
-    mc = first_model_cache(FlowInstance)
+    mc = first_model_cache(Flow)
     assert mc is not None
     bus.stop()
     server.hide()
@@ -269,7 +269,7 @@ def test_an_outbox_longer_than_one_drain_batch_is_applied_whole_before_trust(
         )
         with connection.cursor() as cursor:
             cursor.execute(
-                f"UPDATE {FlowInstance._meta.db_table} SET current_step = 2 WHERE id = %s",
+                f"UPDATE {Flow._meta.db_table} SET current_step = 2 WHERE id = %s",
                 [flow.pk],
             )
         assert server.client().exists(data_key(flow.pk))  # the old row is in L2
@@ -290,7 +290,7 @@ def test_overflowed_outbox_still_covers_writes_after_another_process_drained_it(
     """Past OUTBOX_LIMIT a model is recorded as flushed and its further rows are not
     written. If another process drains that flush while this one still cannot reach
     Redis, the rows this one writes next must not be lost."""
-    flows = [FlowInstanceFactory(current_step=1) for _ in range(3)]
+    flows = [FlowFactory(current_step=1) for _ in range(3)]
     b = own_redis.worker("b")
     # Only this process is cut off from Redis: its cache points at a closed port.
     settings.TIERED_CACHE = {**settings.TIERED_CACHE, "OUTBOX_LIMIT": 1}
@@ -315,8 +315,8 @@ def test_overflowed_outbox_still_covers_writes_after_another_process_drained_it(
 
 def test_breaker_state_is_visible_in_stats(own_redis: RedisEnv) -> None:
     server = own_redis.server
-    flow = FlowInstanceFactory(current_step=1)
-    FlowInstance.objects.get_cached(pk=flow.pk)
+    flow = FlowFactory(current_step=1)
+    Flow.objects.get_cached(pk=flow.pk)
     seen = [tiered_cache.stats()[MODEL]["breaker"]]
     server.hide()
     try:
@@ -385,11 +385,9 @@ def test_a_reset_write_counter_never_lets_a_fill_of_an_old_row_through(
     of memory (INCR is refused, the script deletes and sets it again). If every reset
     gave the same value, a fill that read the counter after one reset would pass after
     the next reset although a write happened in between (ABA), storing the old row."""
-    from tiered_cache import reads
-
     server = own_redis.server
-    flow = FlowInstanceFactory(current_step=1)
-    mc = first_model_cache(FlowInstance)
+    flow = FlowFactory(current_step=1)
+    mc = first_model_cache(Flow)
     assert mc is not None
     c = server.client()
 
@@ -401,27 +399,28 @@ def test_a_reset_write_counter_never_lets_a_fill_of_an_old_row_through(
     ct.write_one(flow.pk, "save")  # v2; the counter is reset
     paused, release = threading.Event(), threading.Event()
 
-    def hook(m: Any, key: str) -> None:
-        if m.label == MODEL and not paused.is_set():
-            paused.set()
-            release.wait(10)
+    def pause() -> None:
+        paused.set()
+        release.wait(10)
+
+    def read_paused() -> None:
+        with paused_after_read(Flow, pause):
+            got.append(ct.read(flow.pk))
 
     got: list[Any] = []
     tiered_cache.clear_local()
-    reads.fill_hook = hook
+    reader = threading.Thread(target=read_paused)
+    reader.start()
     try:
-        reader = threading.Thread(target=lambda: got.append(ct.read(flow.pk)))
-        reader.start()
         assert paused.wait(10)  # the reader holds v2 and the counter it saw
         junk_counter()
         ct.write_one(flow.pk, "save")  # v3; the counter is reset again
+    finally:
         release.set()
         reader.join(10)
-    finally:
-        reads.fill_hook = None
     redis_tier.wait_for_fills()
     tiered_cache.clear_local()
-    after = FlowInstance.objects.get_cached(pk=flow.pk).current_step
+    after = Flow.objects.get_cached(pk=flow.pk).current_step
     report("write counter reset twice around a fill", reader_got=got[0][0], read_after=after)
     assert got[0][0] == 2
     assert after == 3, "the fill of v2 passed: the counter came back to the value it read"
@@ -487,7 +486,7 @@ FAULTS: dict[str, tuple[Callable[[RedisServer], None], Callable[[RedisServer], N
 def test_reads_and_writes_during_a_fault(own_redis: RedisEnv, fault: str) -> None:
     inject, heal, what = FAULTS[fault]
     server = own_redis.server
-    flows = [FlowInstanceFactory(current_step=0) for _ in range(10)]
+    flows = [FlowFactory(current_step=0) for _ in range(10)]
     rows = [(f.pk, f.tenant_id, f.session_id) for f in flows]
     pks = [f.pk for f in flows]
     probe = UserFactory()
@@ -599,7 +598,7 @@ def test_reads_and_writes_during_a_fault(own_redis: RedisEnv, fault: str) -> Non
 def test_a_bus_message_that_is_not_ours_is_ignored_with_a_warning(junk: bytes, caplog: Any) -> None:
     """Valid JSON of another shape must neither kill the listener (which clears every L1 and
     drops trust in every process) nor drop anything."""
-    from tiered_cache.groups import channel
+    from tiered_cache.keys import channel
     from tiered_cache.tiers import local_tier
 
     user = UserFactory()

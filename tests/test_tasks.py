@@ -1,5 +1,6 @@
-"""Celery tasks through a real worker and the real Redis broker: warmup, cleanup, their
-locks, and the demo's beat schedule. Data is committed so the worker's thread sees it."""
+"""Celery tasks through a real worker and the real Redis broker: warmup, cleanup and their
+locks (the demo's beat schedule is tested with the demo, tests/test_demo_project.py). Data
+is committed so the worker's thread sees it."""
 
 from __future__ import annotations
 
@@ -11,21 +12,12 @@ import time
 from typing import Any
 
 import pytest
-from celery import beat
-from celery.schedules import schedule as every
 
-from demo_project.demo.factories import GlobalModelFactory, UserFactory
-from demo_project.demo.models import User
 from tests.cache_fixtures import l2_keys
-from tests.celery_fixtures import (  # noqa: F401 - fixtures
-    broker,
-    celery_config,
-    celery_includes,
-    celery_worker_parameters,
-    worker,
-)
-from tests.ops_helpers import live_bus  # noqa: F401 - fixture
-from tiered_cache import ops, tasks
+from tests.testapp.factories import UserFactory
+from tests.testapp.models import User
+from tiered_cache import maintenance, tasks
+from tiered_cache.conf import conf
 from tiered_cache.registry import first_model_cache
 from tiered_cache.tiers import redis_tier
 
@@ -49,9 +41,9 @@ def test_tasks_are_declared_for_late_acks_and_expiry() -> None:
 def test_warmup_through_a_worker_fills_l2_with_committed_rows() -> None:
     users = UserFactory.create_batch(3)
 
-    result = tasks.warmup.delay("demo.User", 2).get(timeout=WAIT)
+    result = tasks.warmup.delay("testapp.User", 2).get(timeout=WAIT)
 
-    assert result["model"] == "demo.User"
+    assert result["model"] == "testapp.User"
     assert (result["stored"], result["refused"]) == (2, 0)
     assert result["source"] == "hot+recent"
     assert len(l2_keys(User)) == 2
@@ -61,16 +53,16 @@ def test_warmup_through_a_worker_fills_l2_with_committed_rows() -> None:
     misses = mc.counters.misses
     assert User.objects.get_cached(pk=users[-1].pk) == users[-1]
     assert mc.counters.misses == misses
-    assert ops.last_runs()["warmup"]["demo.user"]["stored"] == 2
+    assert maintenance.last_runs()["warmup"]["testapp.user"]["stored"] == 2
 
 
 @pytest.mark.usefixtures("worker")
 def test_warmup_is_idempotent() -> None:
     UserFactory.create_batch(2)
 
-    first = tasks.warmup.delay("demo.User").get(timeout=WAIT)
+    first = tasks.warmup.delay("testapp.User").get(timeout=WAIT)
     keys = sorted(l2_keys(User))
-    second = tasks.warmup.delay("demo.User").get(timeout=WAIT)
+    second = tasks.warmup.delay("testapp.User").get(timeout=WAIT)
 
     assert first["stored"] == second["stored"] == 2
     assert sorted(l2_keys(User)) == keys
@@ -78,7 +70,7 @@ def test_warmup_is_idempotent() -> None:
 
 @pytest.mark.usefixtures("worker")
 def test_warmup_of_an_unknown_model_fails_the_task() -> None:
-    res = tasks.warmup.delay("demo.Nope")
+    res = tasks.warmup.delay("testapp.Nope")
     with pytest.raises(Exception, match="no such model is installed"):
         res.get(timeout=WAIT)
     assert res.failed()
@@ -87,15 +79,15 @@ def test_warmup_of_an_unknown_model_fails_the_task() -> None:
 @pytest.mark.usefixtures("worker")
 def test_a_held_lock_skips_the_run() -> None:
     UserFactory()
-    with ops.exclusive("warmup:demo.user", 60) as acquired:
+    with maintenance.exclusive("warmup:testapp.user", 60) as acquired:
         assert acquired
-        skipped = tasks.warmup.delay("demo.User").get(timeout=WAIT)
-    assert skipped == {"model": "demo.User", "skipped": "locked"}
+        skipped = tasks.warmup.delay("testapp.User").get(timeout=WAIT)
+    assert skipped == {"model": "testapp.User", "skipped": "locked"}
     assert l2_keys(User) == []
     # Released: the next run goes ahead.
-    assert tasks.warmup.delay("demo.User").get(timeout=WAIT)["stored"] == 1
+    assert tasks.warmup.delay("testapp.User").get(timeout=WAIT)["stored"] == 1
 
-    with ops.exclusive("cleanup", 60):
+    with maintenance.exclusive("cleanup", 60):
         assert tasks.cleanup_expired.delay().get(timeout=WAIT) == {"skipped": "locked"}
 
 
@@ -106,31 +98,31 @@ def test_overlapping_runs_do_not_both_work(monkeypatch: pytest.MonkeyPatch) -> N
     UserFactory()
     inside = threading.Event()
     release = threading.Event()
-    real = ops.warmup
+    real = maintenance.warmup
 
     def slow_warmup(model: Any, limit: Any = None) -> dict[str, Any]:
         inside.set()
         assert release.wait(WAIT)
         return real(model, limit)
 
-    monkeypatch.setattr(ops, "warmup", slow_warmup)
-    first = tasks.warmup.delay("demo.User")
+    monkeypatch.setattr(maintenance, "warmup", slow_warmup)
+    first = tasks.warmup.delay("testapp.User")
     assert inside.wait(WAIT), "the first run never started"
     # The worker is busy with the first run (solo pool), so run the second delivery
     # here, as a second worker process would.
-    second = tasks.warmup.apply(args=("demo.User",)).get()
+    second = tasks.warmup.apply(args=("testapp.User",)).get()
     release.set()
 
-    assert second == {"model": "demo.User", "skipped": "locked"}
+    assert second == {"model": "testapp.User", "skipped": "locked"}
     assert first.get(timeout=WAIT)["stored"] == 1
 
 
 def test_lock_is_released_only_by_its_holder() -> None:
-    key = f"{ops.conf.KEY_PREFIX}:lock:demo-lock"
-    with ops.exclusive("demo-lock", 0.2) as acquired:
+    key = f"{conf.KEY_PREFIX}:lock:demo-lock"
+    with maintenance.exclusive("demo-lock", 0.2) as acquired:
         assert acquired
         time.sleep(0.3)  # our lock expired ...
-        with ops.exclusive("demo-lock", 60) as second:  # ... and someone else took it
+        with maintenance.exclusive("demo-lock", 60) as second:  # ... and someone else took it
             assert second
             token = redis_tier.client.get(key)
         redis_tier.client.set(key, token, px=60_000)
@@ -145,7 +137,7 @@ def test_cleanup_through_a_worker() -> None:
     mc = first_model_cache(User)
     assert mc is not None
     user = UserFactory()
-    ops.warmup(User)
+    maintenance.warmup(User)
     User.objects.flush_cache()
     old = mc.key(mc.pk_lookup, (user.pk,))
     junk = f"{mc.home.tag}:0123456789:{mc.label}:objects:pk:default:1"
@@ -156,58 +148,7 @@ def test_cleanup_through_a_worker() -> None:
 
     assert result["old_generation"] >= 1 and result["old_schema"] >= 1
     assert not client.exists(old) and not client.exists(junk)
-    assert ops.last_runs()["cleanup"]["scanned"] == result["scanned"]
-
-
-# -- the demo's beat schedule ------------------------------------------------------
-
-
-def demo_schedule() -> dict[str, beat.ScheduleEntry]:
-    from demo_project.celery import app
-
-    app.loader.import_default_modules()
-    return beat.Scheduler(app=app, lazy=False).schedule
-
-
-def test_beat_schedule_loads_and_names_existing_tasks() -> None:
-    from demo_project.celery import app
-
-    entries = {name: e for name, e in demo_schedule().items() if name.startswith("tiered-cache")}
-
-    assert set(entries) == {
-        "tiered-cache-warm-users",
-        "tiered-cache-warm-models",
-        "tiered-cache-warm-global-models",
-        "tiered-cache-cleanup",
-    }
-    for name, entry in entries.items():
-        assert entry.task in app.tasks, f"{name} names {entry.task}, which is not registered"
-        assert isinstance(entry.schedule, every)
-        period = entry.schedule.run_every.total_seconds()
-        # A run waiting in the queue expires before the next one is due.
-        assert 0 < entry.options["expires"] < period, name
-        if entry.task == "tiered_cache.tasks.warmup":
-            assert period <= 10 * 60
-            (label,) = entry.args
-            ops.resolve_models([label])  # a cached model
-        else:
-            assert entry.task == "tiered_cache.tasks.cleanup_expired"
-            assert period == 3600
-
-
-@pytest.mark.usefixtures("worker")
-def test_beat_entries_run_on_the_worker(celery_app: Any) -> None:
-    UserFactory.create_batch(2)
-    GlobalModelFactory()
-    for name, entry in demo_schedule().items():
-        if not name.startswith("tiered-cache"):
-            continue
-        res = celery_app.send_task(
-            entry.task, args=entry.args, kwargs=entry.kwargs, **entry.options
-        )
-        out = res.get(timeout=WAIT)
-        assert "skipped" not in out, (name, out)
-    assert len(l2_keys(User)) == 2
+    assert maintenance.last_runs()["cleanup"]["scanned"] == result["scanned"]
 
 
 def test_importing_tiered_cache_does_not_need_celery() -> None:
@@ -231,7 +172,8 @@ settings.configure(
     DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
 )
 django.setup()
-import tiered_cache, tiered_cache.ops, tiered_cache.admin, tiered_cache.metrics
+import tiered_cache, tiered_cache.maintenance, tiered_cache.dashboard
+import tiered_cache.admin, tiered_cache.metrics
 from tiered_cache.management.commands import tiered_cache as command
 try:
     import tiered_cache.tasks

@@ -15,7 +15,7 @@ import tiered_cache
 from tests.cache_fixtures import in_thread
 from tests.testapp.factories import AccountFactory, TenantFactory
 from tests.testapp.models import Account
-from tiered_cache import ops
+from tiered_cache import maintenance
 from tiered_cache.signals import cache_invalidated
 from tiered_cache.tiers import redis_tier
 
@@ -94,9 +94,7 @@ def test_async_calls_inside_a_transaction_see_its_writes_and_fill_nothing() -> N
         assert committed(acc.pk) == 500
         assert async_to_sync(balance_of)(acc.pk) == 500
     finally:
-        from tiered_cache import derived
-
-        derived._functions.pop(balance_of.label, None)
+        balance_of.unregister()
 
 
 def test_warmup_inside_a_transaction_that_wrote_the_model_stores_nothing() -> None:
@@ -104,7 +102,7 @@ def test_warmup_inside_a_transaction_that_wrote_the_model_stores_nothing() -> No
 
     def warm_uncommitted() -> None:
         Account.objects.filter(pk=acc.pk).update(balance=7)
-        ops.warmup(Account)
+        maintenance.warmup(Account)
 
     rolled_back(warm_uncommitted)
     assert committed(acc.pk) == 500

@@ -10,9 +10,9 @@ import pytest
 from django.db import connection, transaction
 
 import tiered_cache
-from demo_project.demo.factories import FlowInstanceFactory, UserFactory
-from demo_project.demo.models import FlowInstance, User
 from tests.cache_fixtures import counters, in_thread, l2_keys, write_outside_django
+from tests.testapp.factories import FlowFactory, UserFactory
+from tests.testapp.models import Flow, User
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -105,7 +105,7 @@ def test_a_block_that_wrote_other_models_still_uses_the_cache() -> None:
     user = UserFactory()
     warm(user)
     with transaction.atomic():
-        FlowInstanceFactory()
+        FlowFactory()
         User.objects.get_cached(pk=user.pk)
     assert counters(User)["bypassed"] == 0
 
@@ -235,18 +235,16 @@ def test_creates_end_remembered_absence(how: str) -> None:
 
 
 def test_bulk_create_with_update_conflicts_drops_the_model() -> None:
-    flow = FlowInstanceFactory(current_step=1)
-    FlowInstance.objects.get_cached(tenant_id=flow.tenant_id, session_id=flow.session_id)
-    clone = FlowInstanceFactory.build(
-        tenant_id=flow.tenant_id, session_id=flow.session_id, current_step=7
-    )
-    FlowInstance.objects.bulk_create(
+    flow = FlowFactory(current_step=1)
+    Flow.objects.get_cached(tenant_id=flow.tenant_id, session_id=flow.session_id)
+    clone = FlowFactory.build(tenant_id=flow.tenant_id, session_id=flow.session_id, current_step=7)
+    Flow.objects.bulk_create(
         [clone],
         update_conflicts=True,
         unique_fields=["tenant_id", "session_id"],
         update_fields=["current_step"],
     )
-    got = FlowInstance.objects.get_cached(tenant_id=flow.tenant_id, session_id=flow.session_id)
+    got = Flow.objects.get_cached(tenant_id=flow.tenant_id, session_id=flow.session_id)
     assert got.current_step == 7
 
 
@@ -316,11 +314,11 @@ def test_flush_cache_drops_every_entry_of_the_model() -> None:
     users = UserFactory.create_batch(3)
     for u in users:
         warm(u)
-    flow = FlowInstanceFactory()
-    FlowInstance.objects.get_cached(tenant_id=flow.tenant_id, session_id=flow.session_id)
+    flow = FlowFactory()
+    Flow.objects.get_cached(tenant_id=flow.tenant_id, session_id=flow.session_id)
     User.objects.flush_cache()
     assert l2_keys(User) == []
-    assert len(l2_keys(FlowInstance)) == 1
+    assert len(l2_keys(Flow)) == 1
     misses = counters(User)["misses"]
     User.objects.get_cached(pk=users[0].pk)
     assert counters(User)["misses"] == misses + 1

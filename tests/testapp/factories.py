@@ -1,5 +1,7 @@
 """factory-boy factories for the test app's models."""
 
+import uuid
+
 import factory
 from factory.django import DjangoModelFactory, Password
 
@@ -8,17 +10,82 @@ from .models import (
     CachedUser,
     Code,
     Document,
+    Flow,
+    FlowStatus,
     Gadget,
+    GlobalModel,
     ItalianRestaurant,
     Item,
     Label,
     Note,
     Owner,
     Place,
+    Provider,
+    ProviderModel,
     Restaurant,
     Shipment,
     Tenant,
+    User,
 )
+
+TENANTS = 10
+
+
+class UserFactory(DjangoModelFactory):
+    class Meta:
+        model = User
+
+    username = factory.Sequence(lambda n: f"user{n:05d}")
+    email = factory.LazyAttribute(lambda o: f"{o.username}@example.com")
+    password = Password("password")
+    first_name = factory.Sequence(lambda n: f"First{n}")
+    last_name = factory.Sequence(lambda n: f"Last{n}")
+    preferences = factory.Sequence(lambda n: {"theme": ("light", "dark")[n % 2]})
+
+
+class ProviderFactory(DjangoModelFactory):
+    class Meta:
+        model = Provider
+
+    name = factory.Sequence(lambda n: f"provider-{n}")
+    display_name = factory.LazyAttribute(lambda o: o.name.replace("-", " ").title())
+    is_active = True
+
+
+class GlobalModelFactory(DjangoModelFactory):
+    class Meta:
+        model = GlobalModel
+
+    name = factory.Sequence(lambda n: f"model-{n}")
+    display_name = factory.LazyAttribute(lambda o: o.name.upper())
+    supported_capabilities = factory.LazyFunction(lambda: ["chat", "streaming"])
+    config = factory.LazyFunction(lambda: {"context_window": 128_000})
+    is_active = True
+
+
+class ProviderModelFactory(DjangoModelFactory):
+    class Meta:
+        model = ProviderModel
+
+    provider = factory.SubFactory(ProviderFactory)
+    global_model = factory.SubFactory(GlobalModelFactory)
+    provider_model_name = factory.LazyAttribute(
+        lambda o: f"{o.provider.name}/{o.global_model.name}"
+    )
+    is_active = True
+
+
+class FlowFactory(DjangoModelFactory):
+    class Meta:
+        model = Flow
+
+    # Sessions are numbered across all tenants, so (tenant, session) never repeats.
+    tenant_id = factory.Sequence(lambda n: f"tenant-{n % TENANTS:02d}")
+    session_id = factory.Sequence(lambda n: f"session-{n:06d}")
+    flow_id = factory.LazyFunction(uuid.uuid4)
+    current_step = factory.Sequence(lambda n: n % 7)
+    status = FlowStatus.ACTIVE
+    context = factory.Sequence(lambda n: {"channel": ("web", "app", "api")[n % 3], "turns": n % 11})
 
 
 class TenantFactory(DjangoModelFactory):

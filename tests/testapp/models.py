@@ -1,4 +1,6 @@
-"""Models of the test app: one of each shape the ORM offers (proxies, multi-table
+"""Models of the test app: the shapes of a real service (the project's user model with a
+cached manager mixed into its own, providers and their models for derived functions, flows
+behind a composite lookup), and one of each shape the ORM offers (proxies, multi-table
 inheritance, an abstract base carrying the manager, every on_delete, many-to-many, odd
 primary keys, a composite primary key, a mutable value behind a custom field)."""
 
@@ -7,12 +9,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from django.contrib.auth.models import UserManager
+from django.contrib.auth.models import AbstractUser, Group, Permission
+from django.contrib.auth.models import UserManager as DjangoUserManager
 from django.db import models
+from django.utils import timezone
 
-# The project's AUTH_USER_MODEL is "demo.User": django.contrib.auth.models.User is swapped
-# out (it has no table), so CachedUser proxies the project's user model instead.
-from demo_project.demo.models import User as ProjectUser
 from tiered_cache import CachedManager, CachedManagerMixin
 
 
@@ -45,6 +46,124 @@ class ListField(models.CharField):
     @staticmethod
     def _split(value: str) -> list[str]:
         return [part for part in value.split(",") if part]
+
+
+# -- the shapes of a real service -----------------------------------------------------
+
+
+class UserManager(CachedManagerMixin, DjangoUserManager):
+    """A cached manager mixed into the manager a user model already has."""
+
+    cache_lookups = ["email"]
+
+
+class User(AbstractUser):
+    """The suite's AUTH_USER_MODEL (tests/settings.py): the admin logs in with it."""
+
+    email = models.EmailField("email address", unique=True)
+    preferences = models.JSONField(default=dict, blank=True)
+    # Own reverse names: the demo's user model (installed for its own tests) keeps
+    # AbstractUser's "user_set".
+    groups = models.ManyToManyField(
+        Group, blank=True, related_name="testapp_users", related_query_name="testapp_user"
+    )
+    user_permissions = models.ManyToManyField(
+        Permission, blank=True, related_name="testapp_users", related_query_name="testapp_user"
+    )
+
+    objects = UserManager()
+
+
+class Provider(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    display_name = models.CharField(max_length=200)
+    is_active = models.BooleanField(default=True)
+
+    objects = CachedManager(lookups=["name"])
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class GlobalModel(models.Model):
+    """A model as clients name it, whichever provider serves it."""
+
+    name = models.CharField(max_length=100, unique=True)
+    display_name = models.CharField(max_length=200)
+    supported_capabilities = models.JSONField(default=list, blank=True)
+    config = models.JSONField(default=dict, blank=True)
+    is_active = models.BooleanField(default=True)
+
+    objects = CachedManager(lookups=["name"])
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ProviderModel(models.Model):
+    """One provider's offer of a global model: a lookup by two foreign keys."""
+
+    provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="offers")
+    global_model = models.ForeignKey(GlobalModel, on_delete=models.CASCADE, related_name="offers")
+    provider_model_name = models.CharField(max_length=200)
+    is_active = models.BooleanField(default=True)
+
+    objects = CachedManager(lookups=[("provider", "global_model")])
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["provider", "global_model"], name="testapp_providermodel_pair_uniq"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.provider_model_name
+
+
+class FlowStatus(models.TextChoices):
+    ACTIVE = "active", "Active"
+    COMPLETED = "completed", "Completed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+class BaseFlow(models.Model):
+    """The state of one conversation flow in one tenant's session."""
+
+    tenant_id = models.CharField(max_length=64)
+    session_id = models.CharField(max_length=64)
+    flow_id = models.UUIDField(default=uuid.uuid4)
+    current_step = models.IntegerField(default=0)
+    status = models.CharField(max_length=16, choices=FlowStatus.choices, default=FlowStatus.ACTIVE)
+    context = models.JSONField(default=dict, blank=True)
+    started_at = models.DateTimeField(default=timezone.now)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        abstract = True
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant_id", "session_id"],
+                name="%(app_label)s_%(class)s_tenant_session_uniq",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}/{self.session_id}"
+
+
+class Flow(BaseFlow):
+    objects = CachedManager(lookups=[("tenant_id", "session_id")], timeout=3600, l1_timeout=300)
+
+
+class PlainFlow(BaseFlow):
+    """Flow without a cache: what the admin, the commands and the checks must refuse."""
+
+    objects = models.Manager()
+
+
+# -- one of each shape the ORM offers -----------------------------------------------
 
 
 class Tenant(models.Model):
@@ -87,11 +206,11 @@ class ProxyAccount(Account):
         return f"proxy {self.email}"
 
 
-class CachedUserManager(CachedManagerMixin, UserManager):
+class CachedUserManager(CachedManagerMixin, DjangoUserManager):
     cache_lookups = ["username"]
 
 
-class CachedUser(ProjectUser):
+class CachedUser(User):
     objects = CachedUserManager()
 
     class Meta:
@@ -255,3 +374,21 @@ class Shipment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tenant_code}/{self.number}"
+
+
+class Tracked(models.Model):
+    """Overrides from_db() as Django's documentation shows (to track changed fields): a
+    cached read must call it with the field names, as the ORM does."""
+
+    name = models.CharField(max_length=100)
+
+    objects = CachedManager()
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def from_db(cls, db: str | None, field_names: Any, values: Any) -> Tracked:
+        instance = super().from_db(db, field_names, values)
+        instance.loaded_values = dict(zip(field_names, values, strict=True))
+        return instance
