@@ -1078,6 +1078,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="profile the L1 and L2 hit paths (cProfile) instead of the table",
     )
+    p.add_argument(
+        "--idle-only",
+        action="store_true",
+        help="measure only what idle processes cost (benchmarks/idle.py)",
+    )
     args = p.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.rounds:
@@ -1104,6 +1109,13 @@ def main(argv: list[str] | None = None) -> int:
         from tiered_cache.tiers.remote import redis_tier
 
         redis_tier.client.ping()
+        if args.idle_only:
+            from benchmarks.idle import format_result as format_idle
+            from benchmarks.idle import measure_idle
+
+            n_idle, idle_seconds = (4, 2.0) if args.quick else (64, 10.0)
+            print(format_idle(measure_idle(n_idle, idle_seconds)))
+            return 0
         # Cold rows: one per miss, every round including the warm-up.
         cold = plan.ops("miss_pk") * (plan.rounds + 1)
         data = make_data(plan, cold)
@@ -1127,6 +1139,13 @@ def main(argv: list[str] | None = None) -> int:
         bench.run(log)
         log(f"commit-to-drop latency: {plan.latency_samples} writes, idle then busy listener")
         latency = {busy: commit_to_drop(plan.latency_samples, busy, log) for busy in (0, 2)}
+        from benchmarks.idle import format_result as format_idle
+        from benchmarks.idle import measure_idle
+
+        n_idle, idle_seconds = (4, 2.0) if args.quick else (64, 10.0)
+        log(f"idle cost: {n_idle} processes for {idle_seconds:g} s on a private redis-server")
+        idle = measure_idle(n_idle, idle_seconds)
+        log("  " + format_idle(idle))
         memory: dict[int, dict[str, Any]] = {}
         for size, pks in zip(plan.memory_sizes, data.memory, strict=True):
             log(f"L1 memory at {size:,} entries (tracemalloc)")
@@ -1161,6 +1180,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"commit-to-drop ({busy} busy threads): {res['missed']} writes not "
                     f"dropped within 5 s, {res['still_in_l1']} left the row in L1."
                 )
+        print(
+            "Idle cost (targets: <= 1 Redis command/s and <= 0.1 % of a core per idle "
+            "process; <= 5 heartbeats/s while reading): " + format_idle(idle) + "."
+        )
         missed = [r["case"].strip() for r in rows if r["result"] == "MISS"]
         print(
             f"{len([r for r in rows if r['result'] == 'PASS'])} targets met, "
@@ -1175,6 +1198,7 @@ def main(argv: list[str] | None = None) -> int:
                             "rows": rows,
                             "samples_us": {c.id: c.samples for c in bench.cases},
                             "commit_to_drop": latency,
+                            "idle": idle,
                             "l1_memory": memory,
                         }
                     ),

@@ -50,6 +50,10 @@ def reset_counters() -> None:
     tiered_cache.clear_local()
 
 
+def reset_counters_keep_l1() -> None:
+    reset_stats()
+
+
 def bus_info() -> dict[str, Any]:
     return {
         "pid": os.getpid(),
@@ -275,6 +279,13 @@ def wait_reconnected(after: int, timeout: float = 10.0) -> dict[str, Any]:
 # -- fork safety ------------------------------------------------------------------------
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """The parent polls for the file and reads it at once: it must never see it half written."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def fork_child(pk: int, signal_dir: str) -> int:
     """Fork this (warm, listening) process. The child reports what it inherited, reads the
     row twice (an L1 hit needs its own live listener), waits for `go`, then polls the row
@@ -302,7 +313,7 @@ def fork_child(pk: int, signal_dir: str) -> int:
         report["listener_threads"] = [
             th.name for th in threading.enumerate() if th.name == "tiered_cache-bus"
         ]
-        (d / "child.json").write_text(json.dumps(report))
+        _write_atomically(d / "child.json", json.dumps(report))
         deadline = time.monotonic() + 20
         while not (d / "go").exists() and time.monotonic() < deadline:
             time.sleep(0.002)
@@ -319,10 +330,10 @@ def fork_child(pk: int, signal_dir: str) -> int:
         report["reads_until_new"] = len(seen)
         report["seconds_until_new"] = time.monotonic() - t0
         report["stats_end"] = tiered_cache.stats().get(MODEL, {})
-        (d / "child.json").write_text(json.dumps(report))
+        _write_atomically(d / "child.json", json.dumps(report))
         (d / "done").write_text("1")
     except BaseException as exc:  # reported to the test through the file
-        (d / "error").write_text(repr(exc))
+        _write_atomically(d / "error", repr(exc))
         code = 1
     finally:
         os._exit(code)

@@ -71,6 +71,21 @@ def test_e006_bad_prefix(settings: Any, prefix: Any) -> None:
     assert ids(check_settings()) == ["tiered_cache.E006"]
 
 
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"BUS_HEARTBEAT": 0.5},
+        {"BUS_TRUST_WINDOW": 0.2},
+        {"BUS_HEARTBEAT": 1, "BUS_TRUST_WINDOW": 1},
+    ],
+)
+def test_e010_heartbeat_not_below_the_trust_window(settings: Any, given: dict[str, Any]) -> None:
+    settings.TIERED_CACHE = given
+    msgs = check_settings()
+    assert ids(msgs) == ["tiered_cache.E010"]
+    assert "BUS_HEARTBEAT" in msgs[0].msg and "BUS_TRUST_WINDOW" in msgs[0].msg
+
+
 def test_w002_unknown_key(settings: Any) -> None:
     settings.TIERED_CACHE = {"L1_MAX_ENTRYS": 5}
     msgs = check_settings()

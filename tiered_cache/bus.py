@@ -1,5 +1,11 @@
 """The invalidation bus: one listener thread per process drops L1 entries other processes
-invalidated, and decides whether this process may trust its tiers at all."""
+invalidated, and decides whether this process may trust its tiers at all.
+
+Trust comes from heartbeats: a PING sent on the subscription and answered proves that every
+message published before it has arrived. Heartbeats are asked for by reads, not by a clock:
+a process that reads keeps its trust renewed with at most one PING per BUS_HEARTBEAT, and a
+process that does not read sends nothing (its first read after a pause waits one round
+trip for a heartbeat, or goes to the database if none comes)."""
 
 from __future__ import annotations
 
@@ -24,6 +30,15 @@ __all__ = ["Bus", "bus"]
 
 logger = logging.getLogger("tiered_cache")
 
+# The longest a read waits for a heartbeat it asked for after trust lapsed: a round trip is
+# well under a millisecond on a LAN; past this the read goes to the database.
+_RENEW_WAIT = 0.05
+# How long the listener blocks on its socket when nothing arrives: it only checks then for
+# stop and for a heartbeat left unanswered too long (no Redis command, next to no CPU).
+_IDLE_POLL = 1.0
+# After a writer's Redis call failed, the time it takes to record the outbox row.
+_OUTBOX_MARGIN = 0.05
+
 
 class Bus:
     def __init__(self) -> None:
@@ -35,11 +50,23 @@ class Bus:
         # Both tiers are trusted only until this monotonic time: it moves forward with
         # every answered heartbeat, so a paused or silent Redis lapses trust on its own.
         self.trusted_until = 0.0
+        # A read past this monotonic time asks for the next heartbeat (ping()).
+        self.renew_at = 0.0
         self.connected = False
         self.reconnects = 0
+        self.pings = 0
         self.messages = 0
         self.last_latency: float | None = None
         self._client: Any = None
+        self._pubsub: Any = None
+        # Heartbeats sent and not yet answered: tag -> monotonic send time.
+        self._sent: dict[bytes, float] = {}
+        self._sent_lock = threading.Lock()
+        self._last_sent = 0.0
+        # Pongs before this time grant no trust (see _listen).
+        self._quarantine = 0.0
+        # Notified whenever trust is granted: readers waiting for a heartbeat wake up.
+        self._granted = threading.Condition()
         self._warned = False
         # Set when this process put invalidations in the outbox: the listener delivers
         # them before this process trusts its tiers again.
@@ -50,22 +77,67 @@ class Bus:
         os.register_at_fork(after_in_child=self.after_fork)
 
     def trusted(self) -> bool:
-        return time.monotonic() < self.trusted_until
+        """Whether this process may use its tiers now. A caller that finds the next
+        heartbeat due asks for it: trust stays renewed while the process reads."""
+        now = time.monotonic()
+        if now >= self.renew_at:
+            self.ping()
+        return now < self.trusted_until
 
     def state(self) -> str:
-        if self.trusted():
+        if time.monotonic() < self.trusted_until:
             return "live"
-        return "connected, heartbeat late" if self.connected else "down"
+        if not self.connected:
+            return "down"
+        return "connected, heartbeat late" if self._sent else "connected, idle"
 
     def ensure_started(self, wait: float | None = None) -> None:
-        """Start the listener on first use; the first caller waits briefly for it."""
-        if not self._listener.start():
+        """Start the listener on first use (the first caller waits briefly for it); later,
+        when trust has lapsed, ask for a heartbeat and wait a round trip for it."""
+        if self._listener.start():
+            for hook in self.on_start:
+                hook()
+            if wait is None:
+                wait = conf.SOCKET_CONNECT_TIMEOUT + conf.SOCKET_TIMEOUT
+            self._first.wait(wait)
             return
-        for hook in self.on_start:
-            hook()
-        if wait is None:
-            wait = conf.SOCKET_CONNECT_TIMEOUT + conf.SOCKET_TIMEOUT
-        self._first.wait(wait)
+        if wait == 0 or time.monotonic() < self.trusted_until:
+            return
+        self.ping()
+        self._await_heartbeat()
+
+    def ping(self) -> None:
+        """Ask Redis for a heartbeat on the subscription, from any thread: at most one per
+        BUS_HEARTBEAT, and none while the listener is not connected."""
+        pubsub = self._pubsub
+        now = time.monotonic()
+        if pubsub is None or not self.connected or now < self.renew_at:
+            return
+        with self._sent_lock:
+            if now < self.renew_at:
+                return
+            self.renew_at = now + conf.BUS_HEARTBEAT
+            tag = repr(now).encode()
+            self._sent[tag] = now
+            self._last_sent = now
+            self.pings += 1
+        try:
+            pubsub.ping(tag)  # redis-py sends under the PubSub's own lock
+        except Exception:  # the listener sees the broken connection and reconnects
+            pass
+
+    def _await_heartbeat(self) -> None:
+        """Wait for the heartbeat just asked for, a bounded time: never while the listener
+        is down or quarantined, nor for a heartbeat Redis has left unanswered that long."""
+        limit = min(_RENEW_WAIT, conf.SOCKET_TIMEOUT)
+        now = time.monotonic()
+        if not self.connected or now < self._quarantine or now - self._last_sent > limit:
+            return
+        deadline = self._last_sent + limit
+        with self._granted:
+            self._granted.wait_for(
+                lambda: time.monotonic() < self.trusted_until, max(0.0, deadline - now)
+            )
 
     def wait_trusted(self, timeout: float = 10.0) -> bool:
         """Start the listener if needed and wait until this process may use its tiers (a
@@ -100,6 +172,8 @@ class Bus:
         self._stop.set()
         self._wake.set()
         self.trusted_until = 0.0
+        self.renew_at = 0.0
+        self.ping()  # its answer wakes the listener, which then sees the stop
         self._listener.join(2)
 
     def undelivered(self) -> None:
@@ -111,12 +185,18 @@ class Bus:
         self.trusted_until = 0.0
         self._wake.set()
         self.ensure_started(wait=0)
+        self.ping()  # the drain runs at the next answered heartbeat
 
     def after_fork(self) -> None:
         """A forked child starts its own listener on its first read."""
         self.trusted_until = 0.0
+        self.renew_at = 0.0
         self.connected = False
         self._drain_due = False
+        self._pubsub = None
+        self._sent = {}
+        self._sent_lock = threading.Lock()
+        self._granted = threading.Condition()
         self._stop = threading.Event()
         self._first = threading.Event()
         self._wake = threading.Event()
@@ -151,10 +231,14 @@ class Bus:
                 else:
                     backoff = min(backoff * 2, 1.0)
         self._lost()
+        connection.close()  # this thread's own, opened by the outbox drain
 
     def _lost(self) -> None:
         self.trusted_until = 0.0
         self.connected = False
+        self._pubsub = None
+        with self._sent_lock:
+            self._sent = {}
         # Messages may have been missed: nothing in L1 can be vouched for.
         local_tier.clear()
         if self._client is not None:
@@ -165,7 +249,6 @@ class Bus:
             self._client = None
 
     def _listen(self, reconnect: bool = False) -> None:
-        heartbeat = conf.BUS_HEARTBEAT
         window = conf.BUS_TRUST_WINDOW
         cls, kwargs = redis_tier.connection_kwargs(socket_timeout=max(1.0, window * 4))
         self._client = client = redis.Redis(
@@ -173,47 +256,47 @@ class Bus:
         )
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
         pubsub.subscribe(channel())
-        self.connected = True
         # After a lost connection, a writer may still be failing against the Redis that
         # went away (up to a connect and a read timeout) before it records its
         # invalidation in the outbox: trust, and the drain that grants it, wait that out.
-        quarantine = 0.0
+        self._quarantine = 0.0
         if reconnect:
-            quarantine = time.monotonic() + (
-                conf.SOCKET_CONNECT_TIMEOUT + conf.SOCKET_TIMEOUT + 2 * heartbeat
+            self._quarantine = time.monotonic() + (
+                conf.SOCKET_CONNECT_TIMEOUT + conf.SOCKET_TIMEOUT + _OUTBOX_MARGIN
             )
         self.reconnects += 1
         # Anything cached before this subscription may have missed a message.
         local_tier.clear()
-        sent: dict[bytes, float] = {}
-        last_ping = 0.0
-        last_answer = time.monotonic()
+        with self._sent_lock:
+            self._sent = {}
+        self.renew_at = 0.0
+        self._pubsub = pubsub
+        self.connected = True
+        self.ping()  # whoever started the listener wants trust now
         while not self._stop.is_set():
-            now = time.monotonic()
-            if now - last_ping >= heartbeat:
-                tag = repr(now).encode()
-                sent[tag] = now
-                pubsub.ping(tag)
-                last_ping = now
-            msg = pubsub.get_message(timeout=heartbeat)
+            msg = pubsub.get_message(timeout=_IDLE_POLL)
             now = time.monotonic()
             if msg is None:
-                if now - last_answer > max(1.0, window * 10):
+                with self._sent_lock:
+                    oldest = min(self._sent.values(), default=now)
+                if now - oldest > max(1.0, window * 2):
                     raise TimeoutError("no heartbeat answer")
+                if self._drain_due:
+                    self.ping()
                 continue
             kind = msg["type"]
             if kind == "message":
                 self.messages += 1
                 self._handle(msg["data"], origin.id)
             elif kind == "pong":
-                at = sent.pop(bytes(msg["data"]), None)
-                if at is None:
-                    continue
-                for old in [k for k, v in sent.items() if v < at]:
-                    del sent[old]
-                last_answer = now
+                with self._sent_lock:
+                    at = self._sent.pop(bytes(msg["data"]), None)
+                    if at is None:
+                        continue
+                    for old in [k for k, v in self._sent.items() if v < at]:
+                        del self._sent[old]
                 self.last_latency = now - at
-                if at < quarantine:
+                if at < self._quarantine:
                     continue
                 if self._drain_due or now >= self.trusted_until:
                     self._drain_due = False
@@ -224,6 +307,8 @@ class Bus:
                 if self._drain_due:  # an outbox write landed while we drained
                     self.trusted_until = 0.0
                     continue
+                with self._granted:
+                    self._granted.notify_all()
                 if self._warned:
                     self._warned = False
                     logger.warning("tiered_cache: the invalidation bus is back; caching resumed")
@@ -231,7 +316,8 @@ class Bus:
 
     def _regain(self) -> bool:
         """Trust had lapsed (or never began): first apply what writers could not deliver
-        while Redis was away. False if Redis still refuses them: stay untrusted."""
+        while Redis was away (one query when the outbox is empty). False if Redis still
+        refuses them: stay untrusted."""
         try:
             # Redis has just answered our heartbeat: deliver even if this process's
             # breaker is still open, or the other processes wait out its recovery time.
@@ -241,12 +327,12 @@ class Bus:
             return False
         except Exception as exc:  # the database: reads will fail loudly there anyway
             logger.warning("tiered_cache: could not read the outbox: %r", exc)
+            connection.close()
             return True
         finally:
-            try:
-                connection.close()
-            except Exception:
-                pass
+            # Kept open between heartbeats (a lapse after every idle spell would otherwise
+            # connect anew), unless it broke or outlived CONN_MAX_AGE.
+            connection.close_if_unusable_or_obsolete()
 
     def _handle(self, data: bytes, own: str) -> None:
         message = parse_message(data)

@@ -76,6 +76,21 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                     id="tiered_cache.E003",
                 )
             )
+    heartbeat = raw.get("BUS_HEARTBEAT", DEFAULTS["BUS_HEARTBEAT"])
+    window = raw.get("BUS_TRUST_WINDOW", DEFAULTS["BUS_TRUST_WINDOW"])
+    if (
+        all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (heartbeat, window))
+        and heartbeat >= window
+    ):
+        errors.append(
+            Error(
+                f"TIERED_CACHE['BUS_HEARTBEAT'] ({heartbeat!r}) must be less than "
+                f"BUS_TRUST_WINDOW ({window!r}): trust would lapse before a reading process "
+                "asks for the next heartbeat.",
+                hint="Keep BUS_HEARTBEAT at about half of BUS_TRUST_WINDOW.",
+                id="tiered_cache.E010",
+            )
+        )
     prefix = raw.get("KEY_PREFIX", DEFAULTS["KEY_PREFIX"])
     if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "{}| \t\n"):
         errors.append(

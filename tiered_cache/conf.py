@@ -23,10 +23,11 @@ DEFAULTS: dict[str, Any] = {
     # How long a filler may hold a key's lease, and how long others wait for its fill.
     "LEASE_TIMEOUT": 2.0,
     "LEASE_WAIT": 0.1,
-    # The bus listener pings this often; L1 (and L2) are trusted only while a ping
-    # sent less than BUS_TRUST_WINDOW ago has been answered.
-    "BUS_HEARTBEAT": 0.02,
-    "BUS_TRUST_WINDOW": 0.075,
+    # L1 (and L2) are trusted only while a heartbeat (a PING on the bus) sent less than
+    # BUS_TRUST_WINDOW ago has been answered. A process that reads asks for one at most
+    # every BUS_HEARTBEAT; one that does not read sends none.
+    "BUS_HEARTBEAT": 0.2,
+    "BUS_TRUST_WINDOW": 0.3,
     # A queryset write touching more rows than this flushes the model instead.
     "BULK_INVALIDATION_LIMIT": 1000,
     # Rows a process may put in the outbox during one outage; past it, whole models.

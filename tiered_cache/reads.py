@@ -139,6 +139,11 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
         return found
     if not bus.trusted():
         bus.ensure_started()
+        # Trust lapsed while this process was idle and came back with a heartbeat: what
+        # L1 holds is vouched for again.
+        found = peek_local(mc, g, l1key, db)
+        if found is not None:
+            return found
 
     # The token is part of the flight: a thread whose own save dropped this group since
     # a load began must not be handed that load's (older) row.
@@ -176,6 +181,8 @@ def peek_local(mc: ModelCache, g: Group, key: Any, db: str) -> Any:
     now = time.monotonic()
     if now >= bus.trusted_until:
         return None
+    if now >= bus.renew_at:
+        bus.ping()  # a process that reads keeps its trust renewed
     v = local_tier.get(key, now)
     if v is None:
         return None
