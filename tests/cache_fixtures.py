@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -151,3 +152,19 @@ def paused_after_read(
 
     with connection.execute_wrapper(wrapper):
         yield
+
+
+def plant(mc: Any, key: str, value: bytes = b"x") -> None:
+    """Store a value under one of the model's keys as a fill of an earlier deploy would
+    have: listed in the model's index of the current generation, where cleanup looks."""
+    from tiered_cache.tiers import redis_tier
+
+    client = redis_tier.client
+    gen = client.get(mc.home.gen_key)
+    if gen is None:
+        gen = b"planted"
+        client.set(mc.home.gen_key, gen)
+    index = mc.home.index_key(mc.label, gen)
+    client.set(key, value)
+    client.zadd(index, {key: (time.time() + 600) * 1000})
+    client.sadd(mc.home.indexes_key, index)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from io import StringIO
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 
 import tiered_cache
-from tests.cache_fixtures import l2_keys
+from tests.cache_fixtures import l2_keys, plant
 from tests.ops_helpers import change_behind_the_cache, pk_of_key, read, read_cached
 from tests.testapp.factories import GlobalModelFactory, UserFactory
 from tests.testapp.models import GlobalModel, User
@@ -254,8 +255,12 @@ def test_cleanup_deletes_only_what_can_no_longer_be_served() -> None:
         f"{mc.home.tag}:0123456789:{mc.label}:objects:pk:default:3.i42",
         f"{mc.home.tag}:{mc.schema}:{mc.label}:gone:pk:default:1",
     ]
+    # As an earlier deploy's fills left them: listed in the model's index of the generation.
+    index = mc.home.index_key(mc.label, client.get(mc.home.gen_key))
     for key in old_schema:
         client.set(key, b"P|x|y|z|payload")
+        client.zadd(index, {key: (time.time() + 60) * 1000})
+    client.sadd(mc.home.indexes_key, index)
 
     out = run("cleanup")
 
@@ -287,8 +292,8 @@ def test_cleanup_of_one_model_leaves_the_others_alone() -> None:
         f"{user_mc.home.tag}:0123456789:{user_mc.label}:objects:pk:default:1",
         f"{gm_mc.home.tag}:0123456789:{gm_mc.label}:objects:pk:default:1",
     ]
-    for key in junk:
-        client.set(key, b"x")
+    for mc, key in zip((user_mc, gm_mc), junk, strict=True):
+        plant(mc, key)
 
     run("cleanup", "testapp.GlobalModel")
 

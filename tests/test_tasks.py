@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.cache_fixtures import l2_keys
+from tests.cache_fixtures import l2_keys, plant
 from tests.testapp.factories import UserFactory
 from tests.testapp.models import User
 from tiered_cache import maintenance, tasks
@@ -141,7 +141,7 @@ def test_cleanup_through_a_worker() -> None:
     User.objects.flush_cache()
     old = mc.key(mc.pk_lookup, (user.pk,))
     junk = f"{mc.home.tag}:0123456789:{mc.label}:objects:pk:default:1"
-    client.set(junk, b"x")
+    plant(mc, junk)
     assert client.exists(old)
 
     result = tasks.cleanup_expired.delay().get(timeout=WAIT)

@@ -4,6 +4,7 @@ the breaker, the bus, the last cleanup and the outbox."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
@@ -12,8 +13,7 @@ from django.db import models
 
 from .breaker import breaker
 from .bus import bus
-from .keys import header_generation, is_lease
-from .maintenance import BATCH_SIZE, by_group, last_runs, owner, scan
+from .maintenance import by_group, last_runs
 from .models import PendingInvalidation
 from .registry import cached_models, declared_lookups
 from .reporting import cluster_stats, process_name, publish_stats, stats, tier_split
@@ -25,39 +25,38 @@ __all__ = ["l2_entry_count", "l2_entry_counts", "overview"]
 T = TypeVar("T")
 
 
-def l2_entry_counts(
-    selected: Sequence[type[models.Model]] | None = None, batch_size: int = BATCH_SIZE
-) -> dict[str, int]:
-    """Per model label, the L2 entries of the current generation and schema (a SCAN of the
-    model's keys; entries of old generations wait for cleanup and are not counted)."""
-    out: dict[str, int] = {}
-    for caches in by_group(selected).values():
-        g = caches[0].home
-        for c in caches:
-            out.setdefault(c.label, 0)
-        gen = redis_tier.call(partial(_get, g.gen_key))
-        for keys in scan(g, batch_size):
-            data = [(k, o) for k in keys if not is_lease(k) and (o := owner(k, caches)) is not None]
-            if not data or gen is None:
-                continue
-            found = redis_tier.call(partial(_heads, [k for k, _ in data]))
-            for (_, o), head in zip(data, found, strict=True):
-                if isinstance(head, bytes) and header_generation(head) == gen:
-                    out[o.label] += 1
+def l2_entry_counts(selected: Sequence[type[models.Model]] | None = None) -> dict[str, int]:
+    """Per model label, the L2 entries stored in the current generation and not expired
+    (a replaced row's entry counts until cleanup or expiry): read from the indexes the
+    fills keep, two round trips whatever the size of the database."""
+    groups = [caches for caches in by_group(selected).values()]
+    gens = redis_tier.call(partial(_get_all, [caches[0].home.gen_key for caches in groups]))
+    now_ms = int(time.time() * 1000)
+    queries: list[tuple[str, str]] = []
+    for caches, gen in zip(groups, gens, strict=True):
+        for label in dict.fromkeys(c.label for c in caches):
+            if gen is not None:
+                queries.append((label, caches[0].home.index_key(label, gen)))
+    found = redis_tier.call(partial(_count_all, [key for _, key in queries], now_ms))
+    out = {c.label: 0 for caches in groups for c in caches}
+    for (label, _), n in zip(queries, found, strict=True):
+        out[label] = int(n) if isinstance(n, int) else 0
     chosen = cached_models() if selected is None else selected
     wanted = {m._meta.label_lower for m in chosen}
     return {label: n for label, n in out.items() if label in wanted}
 
 
-def _get(key: str) -> bytes | str | None:
-    return redis_tier.client.get(key)
-
-
-def _heads(keys: list[str]) -> list[Any]:
-    """The first bytes of each entry: enough for its header's generation."""
+def _get_all(keys: list[str]) -> list[Any]:
     pipe = redis_tier.client.pipeline(transaction=False)
     for k in keys:
-        pipe.getrange(k, 0, 47)
+        pipe.get(k)
+    return pipe.execute(raise_on_error=False)
+
+
+def _count_all(indexes: list[str], now_ms: int) -> list[Any]:
+    pipe = redis_tier.client.pipeline(transaction=False)
+    for k in indexes:
+        pipe.zcount(k, now_ms, "+inf")
     return pipe.execute(raise_on_error=False)
 
 

@@ -184,17 +184,20 @@ class Group:
         """A model's sampled hottest rows."""
         return f"{self.tag}:hot:{label}"
 
+    def index_key(self, label: str, gen: bytes | str) -> str:
+        """The entries a model stored in one generation, scored by expiry (ms since the
+        epoch): counted and cleaned without a SCAN of the database."""
+        g = gen.decode() if isinstance(gen, bytes) else gen
+        return f"{self.tag}:i:{label}:{g}"
+
+    @property
+    def indexes_key(self) -> str:
+        """The set of the group's index keys (old generations' too, until cleaned)."""
+        return f"{self.tag}:ix"
+
     def data_prefix(self, schema: str, key_prefix: str) -> str:
         """Every entry of one model schema and manager starts with this."""
         return f"{self.tag}:{schema}:{key_prefix}"
-
-    def is_bookkeeping(self, key: str) -> bool:
-        """Whether a key of this group is a counter, statistic or row version (kept by
-        cleanup) rather than an entry."""
-        t = self.tag
-        return key in (self.gen_key, self.writes_key) or key.startswith(
-            (t + ":s:", t + ":p:", t + ":hot:", self.row_prefix)
-        )
 
 
 _groups: dict[tuple[str, str], Group] = {}
@@ -237,10 +240,6 @@ def lookup_key(g: Group, schema: str, key_prefix: str, alias_part: str, values: 
 def lease_key(key: str) -> str:
     """The lease of an entry, in its hash slot; cleanup leaves keys of this form alone."""
     return key + "|L"
-
-
-def is_lease(key: str) -> bool:
-    return key.endswith("|L")
 
 
 def negative_row_key(key: str) -> str:
@@ -336,12 +335,6 @@ def split_header(raw: bytes, fields: int) -> tuple[list[bytes], bytes] | None:
     if len(parts) != fields + 1:
         return None
     return parts[:fields], parts[fields]
-
-
-def header_generation(head: bytes) -> bytes | None:
-    """The generation in the first bytes of a row entry (None if it has none)."""
-    split = split_header(head, 2)
-    return split[0][1] if split is not None else None
 
 
 # -- bus messages --------------------------------------------------------------------------
@@ -501,6 +494,7 @@ class ReadMany(NamedTuple):
 
 def fill_call(
     g: Group,
+    label: str,
     key: str,
     rid: str,
     lease: str,
@@ -511,13 +505,23 @@ def fill_call(
     ttl_ms: int,
     version: bytes,
     version_ttl_ms: int,
+    expires_ms: int,
 ) -> ScriptCall:
-    """FILL replies 1 (stored), 0 (refused) or [2, current row version]."""
+    """FILL replies 1 (stored), 0 (refused) or [2, current row version]. A stored entry is
+    added to its model's index of the generation (which the fill checked is current)."""
     row_key = g.row_key(rid) if rid else negative_row_key(key)
     return ScriptCall(
         Script.FILL,
-        [g.gen_key, g.writes_key, key, lease_key(key), row_key],
-        [lease, gen, writes, kind.decode(), signed, ttl_ms, version, version_ttl_ms],
+        [
+            g.gen_key,
+            g.writes_key,
+            key,
+            lease_key(key),
+            row_key,
+            g.index_key(label, gen),
+            g.indexes_key,
+        ],
+        [lease, gen, writes, kind.decode(), signed, ttl_ms, version, version_ttl_ms, expires_ms],
     )
 
 
@@ -592,9 +596,15 @@ def derived_drop_call(message: DerivedDrop, tombstone: str, ttl_ms: int) -> Scri
     )
 
 
-def clean_call(g: Group, keys: Sequence[str]) -> ScriptCall:
-    """CLEAN replies [entries of old generations deleted, stale entries deleted]."""
-    return ScriptCall(Script.CLEAN, [g.gen_key, g.writes_key, *keys], [g.row_prefix])
+def clean_call(g: Group, index: str, keys: Sequence[str], now_ms: int) -> ScriptCall:
+    """CLEAN replies [entries of old generations deleted, stale entries deleted, index
+    members left]: it checks entries of one index, forgets the gone ones there, and drops
+    an index left empty."""
+    return ScriptCall(
+        Script.CLEAN,
+        [g.gen_key, g.writes_key, index, g.indexes_key, *keys],
+        [g.row_prefix, now_ms],
+    )
 
 
 def release_call(key: str, token: str) -> ScriptCall:

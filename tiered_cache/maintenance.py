@@ -18,7 +18,7 @@ from django.db import models, router
 
 from . import reads
 from .invalidation import rows_batch
-from .keys import Group, clean_call, is_lease, lock_key, ops_key, release_call
+from .keys import Group, clean_call, lock_key, ops_key, release_call
 from .registry import ModelCache, cached_managers, cached_models, model_cache, model_caches
 from .reporting import HOT_TTL, process_name, process_ttl
 from .tiers.local import local_tier
@@ -34,8 +34,9 @@ __all__ = [
     "hottest_pks",
     "invalidate_rows",
     "last_runs",
+    "index_pages",
+    "indexes",
     "owner",
-    "scan",
     "start_warmup",
     "warmup",
     "warmup_limit",
@@ -231,32 +232,37 @@ def owner(key: str, caches: list[ModelCache]) -> ModelCache | None:
     return None
 
 
-def _classify(key: str, caches: list[ModelCache]) -> str:
-    """'keep' (bookkeeping, a lease), 'data' (check the entry), or 'schema' (another
-    schema or manager: delete)."""
-    if caches[0].home.is_bookkeeping(key) or is_lease(key):
-        return "keep"  # row versions and leases expire by themselves
-    return "data" if owner(key, caches) is not None else "schema"
+def indexes(g: Group) -> list[str]:
+    """The group's entry indexes (one per model and generation; keys.Group.index_key)."""
+    raw = redis_tier.call(partial(_members, g.indexes_key))
+    return sorted(m.decode() if isinstance(m, bytes) else m for m in raw)
 
 
-def scan(g: Group, count: int = BATCH_SIZE) -> Iterator[list[str]]:
-    """Every key of a group, in SCAN batches."""
-    match = "".join("\\" + c if c in "*?[]\\" else c for c in g.tag) + ":*"
+def _members(key: str) -> Any:
+    return redis_tier.client.smembers(key)
+
+
+def index_pages(index: str, count: int = BATCH_SIZE) -> Iterator[list[str]]:
+    """The entries an index lists, in ZSCAN pages of about `count`: our own keys only,
+    never a SCAN of the database."""
     cursor = 0
     while True:
-        cursor, keys = redis_tier.call(partial(_scan_page, cursor, match, count))
-        if keys:
-            yield [k.decode() if isinstance(k, bytes) else k for k in keys]
+        cursor, page = redis_tier.call(partial(_zscan_page, index, cursor, count))
+        yield [m.decode() if isinstance(m, bytes) else m for m, _ in page]
         if not cursor:
             return
 
 
-def _scan_page(cursor: int, match: str, count: int) -> tuple[int, list[bytes | str]]:
-    return redis_tier.client.scan(cursor, match=match, count=count)
+def _zscan_page(index: str, cursor: int, count: int) -> tuple[int, list[Any]]:
+    return redis_tier.client.zscan(index, cursor, count=count)
 
 
-def _unlink(keys: list[str]) -> int:
-    return redis_tier.client.unlink(*keys)
+def _forget(index: str, keys: list[str]) -> int:
+    """Delete entries of another schema or manager, and their index members."""
+    pipe = redis_tier.client.pipeline(transaction=False)
+    pipe.unlink(*keys)
+    pipe.zrem(index, *keys)
+    return int(pipe.execute()[0])
 
 
 def _drop_members_before(key: str, cutoff: float) -> int:
@@ -281,19 +287,18 @@ def cleanup(
         "l1_expired": 0,
     }
     for caches in by_group(selected).values():
-        mc = caches[0]
-        g = mc.home
-        for keys in scan(g, batch_size):
-            counts["scanned"] += len(keys)
-            kinds: dict[str, list[str]] = {"data": [], "schema": []}
-            for k in keys:
-                kind = _classify(k, caches)
-                if kind != "keep":
-                    kinds[kind].append(k)
-            if kinds["schema"]:
-                counts["old_schema"] += redis_tier.call(partial(_unlink, kinds["schema"]))
-            if kinds["data"]:
-                old, stale = redis_tier.scripts([clean_call(g, kinds["data"])])[0]
+        g = caches[0].home
+        for index in indexes(g):
+            for keys in index_pages(index, batch_size):
+                counts["scanned"] += len(keys)
+                ours = [k for k in keys if owner(k, caches) is not None]
+                others = [k for k in keys if owner(k, caches) is None]
+                if others:
+                    counts["old_schema"] += redis_tier.call(partial(_forget, index, others))
+                # Also with no entry: drops expired members, and the index once empty.
+                old, stale, _ = redis_tier.scripts(
+                    [clean_call(g, index, ours, int(time.time() * 1000))]
+                )[0]
                 counts["old_generation"] += old
                 counts["stale_rows"] += stale
         for c in {c.label: c for c in caches}.values():  # one per model

@@ -76,11 +76,24 @@ class Fill:
     Redis gave them: junk in a counter key must make a fill fail in Redis, never raise
     here."""
 
-    __slots__ = ("g", "key", "lease", "gen", "writes", "kind", "rid", "body", "ttl", "version")
+    __slots__ = (
+        "g",
+        "label",
+        "key",
+        "lease",
+        "gen",
+        "writes",
+        "kind",
+        "rid",
+        "body",
+        "ttl",
+        "version",
+    )
 
     def __init__(
         self,
         g: Group,
+        label: str,
         key: str,
         lease: str,
         gen: Any,
@@ -89,7 +102,7 @@ class Fill:
         ttl: float,
         rid: str,
     ) -> None:
-        self.g, self.key, self.lease = g, key, lease
+        self.g, self.label, self.key, self.lease = g, label, key, lease
         self.gen, self.writes = _raw(gen), _raw(writes)
         if value is NEGATIVE:
             self.kind, self.rid, self.body = NO_ROW, "", dumps(None)
@@ -100,9 +113,11 @@ class Fill:
         self.ttl = ttl
 
     def call(self, version: bytes) -> ScriptCall:
-        header = row_header(self.kind, self.gen, self.rid, version, int(time.time() + self.ttl) + 1)
+        now = time.time()
+        header = row_header(self.kind, self.gen, self.rid, version, int(now + self.ttl) + 1)
         return fill_call(
             self.g,
+            self.label,
             self.key,
             self.rid,
             self.lease,
@@ -113,6 +128,7 @@ class Fill:
             int(self.ttl * 1000),
             version,
             int((conf.TIMEOUT + 60) * 1000),
+            int((now + self.ttl) * 1000),
         )
 
 
@@ -310,7 +326,19 @@ def _load(
         # The caller has its row; the fill runs on the filler thread, and Redis refuses it
         # if the model was written since our read.
         redis_tier.fill_later(
-            [Fill(g, key, lease_token, gen, writes, value, _ttl(mc, value), _row_of(mc, value))],
+            [
+                Fill(
+                    g,
+                    mc.label,
+                    key,
+                    lease_token,
+                    gen,
+                    writes,
+                    value,
+                    _ttl(mc, value),
+                    _row_of(mc, value),
+                )
+            ],
             _counted(mc),
         )
     if trusted:
@@ -492,7 +520,9 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
             value = mc.codec.freeze(row)
         if lease:
             fills.append(
-                Fill(g, key, lease, gen, writes, value, _ttl(mc, value), _row_of(mc, value))
+                Fill(
+                    g, mc.label, key, lease, gen, writes, value, _ttl(mc, value), _row_of(mc, value)
+                )
             )
         if trusted:
             local_tier.set(
@@ -544,6 +574,7 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
                 fills.append(
                     Fill(
                         g,
+                        mc.label,
                         lk.key(g, mc.schema, _alias_part(db, scope), (value[2],)),
                         "",
                         gen,

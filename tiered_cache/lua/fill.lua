@@ -1,7 +1,8 @@
--- KEYS: gen, writes, data, lease, row-version key (positive fills).
+-- KEYS: gen, writes, data, lease, row-version key (positive fills), the model's index of
+-- this generation, the group's set of indexes.
 -- ARGV: lease token ('' = none), gen seen, writes seen, kind 'P'/'N', value (header, MAC
 -- and body, signed by the filler), ttl ms, row version in the value's header, row version
--- ttl ms. Returns 1 (stored), 0 (refused) or {2, current row version}: the row already has
+-- ttl ms, expiry (ms since the epoch). Returns 1 (stored), 0 (refused) or {2, current row version}: the row already has
 -- a version other than the one signed, and the filler signs again with it.
 -- Refused if the model was flushed or written since the reader's first look: that is what
 -- keeps a row read before a commit from being stored after its invalidation. A refused
@@ -24,4 +25,13 @@ if ARGV[4] == 'P' then
 end
 redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
 if ARGV[1] ~= '' then redis.call('DEL', KEYS[4]) end
+-- The index (counts and cleanup without a SCAN) lives as long as its longest entry; junk
+-- there must not cost the fill, hence pcall.
+local keep = tonumber(ARGV[6]) + 60000
+redis.pcall('ZADD', KEYS[6], ARGV[9], KEYS[3])
+redis.pcall('SADD', KEYS[7], KEYS[6])
+for i = 6, 7 do
+  local left = redis.pcall('PTTL', KEYS[i])
+  if type(left) == 'number' and left < keep then redis.pcall('PEXPIRE', KEYS[i], keep) end
+end
 return 1
