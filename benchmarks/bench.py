@@ -1079,6 +1079,11 @@ def main(argv: list[str] | None = None) -> int:
         help="profile the L1 and L2 hit paths (cProfile) instead of the table",
     )
     p.add_argument(
+        "--size-only",
+        action="store_true",
+        help="measure only the dashboard with a million unrelated keys (benchmarks/size.py)",
+    )
+    p.add_argument(
         "--idle-only",
         action="store_true",
         help="measure only what idle processes cost (benchmarks/idle.py)",
@@ -1109,6 +1114,12 @@ def main(argv: list[str] | None = None) -> int:
         from tiered_cache.tiers.remote import redis_tier
 
         redis_tier.client.ping()
+        if args.size_only:
+            from benchmarks.size import format_result as format_size
+            from benchmarks.size import measure_dashboard
+
+            print(format_size(measure_dashboard(50_000 if args.quick else 1_000_000)))
+            return 0
         if args.idle_only:
             from benchmarks.idle import format_result as format_idle
             from benchmarks.idle import measure_idle
@@ -1146,6 +1157,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"idle cost: {n_idle} processes for {idle_seconds:g} s on a private redis-server")
         idle = measure_idle(n_idle, idle_seconds)
         log("  " + format_idle(idle))
+        from benchmarks.size import format_result as format_size
+        from benchmarks.size import measure_dashboard
+
+        log("dashboard at size: a million unrelated keys on a private redis-server")
+        size = measure_dashboard(50_000 if args.quick else 1_000_000)
+        log("  " + format_size(size))
         memory: dict[int, dict[str, Any]] = {}
         for size, pks in zip(plan.memory_sizes, data.memory, strict=True):
             log(f"L1 memory at {size:,} entries (tracemalloc)")
@@ -1184,6 +1201,7 @@ def main(argv: list[str] | None = None) -> int:
             "Idle cost (targets: <= 1 Redis command/s and <= 0.1 % of a core per idle "
             "process; <= 5 heartbeats/s while reading): " + format_idle(idle) + "."
         )
+        print("Operations at size (target: the dashboard under 250 ms): " + format_size(size) + ".")
         missed = [r["case"].strip() for r in rows if r["result"] == "MISS"]
         print(
             f"{len([r for r in rows if r['result'] == 'PASS'])} targets met, "
@@ -1199,6 +1217,7 @@ def main(argv: list[str] | None = None) -> int:
                             "samples_us": {c.id: c.samples for c in bench.cases},
                             "commit_to_drop": latency,
                             "idle": idle,
+                            "size": size,
                             "l1_memory": memory,
                         }
                     ),
