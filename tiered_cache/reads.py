@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Hashable
 from typing import Any
 
 from django.core.exceptions import ObjectDoesNotExist
@@ -293,9 +294,7 @@ def _load(
             if res.value is not None:
                 value = _l2_value(mc, key, res.value)
                 if value is not None:
-                    local_tier.set(
-                        l1key, g.id, _row_of(mc, value), value, _l1_timeout(mc, value), token
-                    )
+                    _keep_local(mc, g, l1key, value, token)
                     return value, None
                 code = NO_LEASE
             else:
@@ -342,7 +341,7 @@ def _load(
             _counted(mc),
         )
     if trusted:
-        local_tier.set(l1key, g.id, _row_of(mc, value), value, _l1_timeout(mc, value), token)
+        _keep_local(mc, g, l1key, value, token)
     return value, obj
 
 
@@ -391,6 +390,12 @@ def _counted(mc: ModelCache) -> Any:
                 mc.counters.fills_refused += 1
 
     return done
+
+
+def _keep_local(mc: ModelCache, g: Group, l1key: Hashable, value: Any, token: Any) -> None:
+    """Put a frozen row or NEGATIVE in L1; refused there if the group was written since
+    `token` was taken."""
+    local_tier.set(l1key, g.id, _row_of(mc, value), value, _l1_timeout(mc, value), token)
 
 
 def _row_of(mc: ModelCache, value: Any) -> str:
@@ -490,14 +495,7 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
             if value is None:
                 missing.append((pk, keys[i], ""))
                 continue
-            local_tier.set(
-                (prefix, db, scope, pk),
-                g.id,
-                _row_of(mc, value),
-                value,
-                _l1_timeout(mc, value),
-                token,
-            )
+            _keep_local(mc, g, (prefix, db, scope, pk), value, token)
             if value is not NEGATIVE:
                 found[pk] = mc.codec.thaw(value, db)
         else:
@@ -525,14 +523,7 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
                 )
             )
         if trusted:
-            local_tier.set(
-                (prefix, db, scope, pk),
-                g.id,
-                _row_of(mc, value),
-                value,
-                _l1_timeout(mc, value),
-                token,
-            )
+            _keep_local(mc, g, (prefix, db, scope, pk), value, token)
     if fills:
         redis_tier.fill_later(fills, _counted(mc))
     return found
