@@ -1161,8 +1161,8 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.size import measure_dashboard
 
         log("dashboard at size: a million unrelated keys on a private redis-server")
-        size = measure_dashboard(50_000 if args.quick else 1_000_000)
-        log("  " + format_size(size))
+        at_size = measure_dashboard(50_000 if args.quick else 1_000_000)
+        log("  " + format_size(at_size))
         memory: dict[int, dict[str, Any]] = {}
         for size, pks in zip(plan.memory_sizes, data.memory, strict=True):
             log(f"L1 memory at {size:,} entries (tracemalloc)")
@@ -1201,7 +1201,9 @@ def main(argv: list[str] | None = None) -> int:
             "Idle cost (targets: <= 1 Redis command/s and <= 0.1 % of a core per idle "
             "process; <= 5 heartbeats/s while reading): " + format_idle(idle) + "."
         )
-        print("Operations at size (target: the dashboard under 250 ms): " + format_size(size) + ".")
+        print(
+            "Operations at size (target: the dashboard under 250 ms): " + format_size(at_size) + "."
+        )
         missed = [r["case"].strip() for r in rows if r["result"] == "MISS"]
         print(
             f"{len([r for r in rows if r['result'] == 'PASS'])} targets met, "
@@ -1217,7 +1219,7 @@ def main(argv: list[str] | None = None) -> int:
                             "samples_us": {c.id: c.samples for c in bench.cases},
                             "commit_to_drop": latency,
                             "idle": idle,
-                            "size": size,
+                            "size": at_size,
                             "l1_memory": memory,
                         }
                     ),
