@@ -59,6 +59,10 @@ class Bus:
         self.last_latency: float | None = None
         self._client: Any = None
         self._pubsub: Any = None
+        # Set when the subscription's connection was made anew behind the listener's back
+        # (redis-py reconnects and resubscribes inside a failed call, a reader's PING
+        # included): messages of the gap may be lost, so the listener starts over.
+        self._broken = False
         # Heartbeats sent and not yet answered: tag -> monotonic send time.
         self._sent: dict[bytes, float] = {}
         self._sent_lock = threading.Lock()
@@ -111,10 +115,12 @@ class Bus:
         BUS_HEARTBEAT, and none while the listener is not connected."""
         pubsub = self._pubsub
         now = time.monotonic()
-        if pubsub is None or not self.connected or now < self.renew_at:
+        if pubsub is None or not self.connected or self._broken or now < self.renew_at:
             return
         with self._sent_lock:
-            if now < self.renew_at:
+            # The listener may have reconnected since pubsub was read: never a tag of the
+            # new connection's heartbeats sent on the old one.
+            if now < self.renew_at or pubsub is not self._pubsub:
                 return
             self.renew_at = now + conf.BUS_HEARTBEAT
             tag = repr(now).encode()
@@ -123,8 +129,14 @@ class Bus:
             self.pings += 1
         try:
             pubsub.ping(tag)  # redis-py sends under the PubSub's own lock
-        except Exception:  # the listener sees the broken connection and reconnects
-            pass
+        except Exception:  # the listener sees the broken connection and starts over
+            self._connection_lost()
+
+    def _connection_lost(self, conn: Any = None) -> None:
+        """The subscription failed, or was reconnected outside the listener: trust ends
+        now, and the listener starts over (clearing L1) at its next wake-up."""
+        self._broken = True
+        self.trusted_until = 0.0
 
     def _await_heartbeat(self) -> None:
         """Wait for the heartbeat just asked for, a bounded time: never while the listener
@@ -193,6 +205,7 @@ class Bus:
         self.renew_at = 0.0
         self.connected = False
         self._drain_due = False
+        self._broken = False
         self._pubsub = None
         self._sent = {}
         self._sent_lock = threading.Lock()
@@ -256,6 +269,9 @@ class Bus:
         )
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
         pubsub.subscribe(channel())
+        self._broken = False
+        # Any later (re)connect of this connection is one the listener did not make.
+        pubsub.connection.register_connect_callback(self._connection_lost)
         # After a lost connection, a writer may still be failing against the Redis that
         # went away (up to a connect and a read timeout) before it records its
         # invalidation in the outbox: trust, and the drain that grants it, wait that out.
@@ -276,6 +292,10 @@ class Bus:
         while not self._stop.is_set():
             msg = pubsub.get_message(timeout=_IDLE_POLL)
             now = time.monotonic()
+            if self._broken or self._stop.is_set():
+                if self._stop.is_set():
+                    return
+                raise ConnectionError("the subscription was reconnected under the listener")
             if msg is None:
                 with self._sent_lock:
                     oldest = min(self._sent.values(), default=now)

@@ -4,6 +4,7 @@ the breaker, the bus, the last cleanup and the outbox."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -24,6 +25,8 @@ __all__ = ["l2_entry_count", "l2_entry_counts", "overview"]
 
 T = TypeVar("T")
 
+_TOKEN = re.compile(rb"[\w:-]+")
+
 
 def l2_entry_counts(selected: Sequence[type[models.Model]] | None = None) -> dict[str, int]:
     """Per model label, the L2 entries stored in the current generation and not expired
@@ -35,7 +38,8 @@ def l2_entry_counts(selected: Sequence[type[models.Model]] | None = None) -> dic
     queries: list[tuple[str, str]] = []
     for caches, gen in zip(groups, gens, strict=True):
         for label in dict.fromkeys(c.label for c in caches):
-            if gen is not None:
+            # A generation is a token; anything else is junk no fill was stored under.
+            if isinstance(gen, bytes) and _TOKEN.fullmatch(gen):
                 queries.append((label, caches[0].home.index_key(label, gen)))
     found = redis_tier.call(partial(_count_all, [key for _, key in queries], now_ms))
     out = {c.label: 0 for caches in groups for c in caches}

@@ -233,13 +233,40 @@ def owner(key: str, caches: list[ModelCache]) -> ModelCache | None:
 
 
 def indexes(g: Group) -> list[str]:
-    """The group's entry indexes (one per model and generation; keys.Group.index_key)."""
-    raw = redis_tier.call(partial(_members, g.indexes_key))
-    return sorted(m.decode() if isinstance(m, bytes) else m for m in raw)
+    """The group's entry indexes (one per model and generation; keys.Group.index_key).
+    Junk under the set's name, or under an index's, is deleted: it would refuse every
+    cleanup (and count against the breaker) forever."""
+    raw = redis_tier.call(partial(_members_if, g.indexes_key, b"set"))
+    names = sorted(m.decode("utf-8", "replace") if isinstance(m, bytes) else m for m in raw)
+    types = redis_tier.call(partial(_types, names))
+    junk = [n for n, t in zip(names, types, strict=True) if t not in (b"zset", b"none")]
+    if junk:
+        redis_tier.call(partial(_drop_indexes, g.indexes_key, junk))
+    return [n for n in names if n not in junk]
 
 
-def _members(key: str) -> Any:
-    return redis_tier.client.smembers(key)
+def _members_if(key: str, kind: bytes) -> Any:
+    """SMEMBERS of a set; a key of another type is junk: deleted, and no members."""
+    client = redis_tier.client
+    found = client.type(key)
+    if found not in (kind, b"none"):
+        client.delete(key)
+        return set()
+    return client.smembers(key)
+
+
+def _types(keys: list[str]) -> list[Any]:
+    pipe = redis_tier.client.pipeline(transaction=False)
+    for k in keys:
+        pipe.type(k)
+    return pipe.execute()
+
+
+def _drop_indexes(index_set: str, names: list[str]) -> None:
+    pipe = redis_tier.client.pipeline(transaction=False)
+    pipe.delete(*names)
+    pipe.srem(index_set, *names)
+    pipe.execute()
 
 
 def index_pages(index: str, count: int = BATCH_SIZE) -> Iterator[list[str]]:

@@ -29,6 +29,13 @@ if ARGV[1] ~= '' then redis.call('DEL', KEYS[4]) end
 -- there must not cost the fill, hence pcall.
 local keep = tonumber(ARGV[6]) + 60000
 redis.pcall('ZADD', KEYS[6], ARGV[9], KEYS[3])
+-- A few expired members go with each fill: the index stays about the size of what is live
+-- even where cleanup never runs.
+local expired = redis.pcall(
+  'ZRANGEBYSCORE', KEYS[6], '-inf', tonumber(ARGV[9]) - tonumber(ARGV[6]), 'LIMIT', 0, 16)
+if type(expired) == 'table' and not expired.err and #expired > 0 then
+  redis.pcall('ZREM', KEYS[6], unpack(expired))
+end
 redis.pcall('SADD', KEYS[7], KEYS[6])
 for i = 6, 7 do
   local left = redis.pcall('PTTL', KEYS[i])
