@@ -600,11 +600,7 @@ def commit_to_drop(samples: int, busy_threads: int, log: Callable[[str], None]) 
 def _wait_for_trust(timeout: float) -> bool:
     from tiered_cache.bus import bus
 
-    bus.ensure_started()
-    deadline = time.monotonic() + timeout
-    while not bus.trusted() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return bus.trusted()
+    return bus.wait_trusted(timeout)
 
 
 def fill_l1(pks: list[int]) -> dict[str, int]:

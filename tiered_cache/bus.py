@@ -54,7 +54,6 @@ class Bus:
         self.renew_at = 0.0
         self.connected = False
         self.reconnects = 0
-        self.pings = 0
         self.messages = 0
         self.last_latency: float | None = None
         self._client: Any = None
@@ -126,7 +125,6 @@ class Bus:
             tag = repr(now).encode()
             self._sent[tag] = now
             self._last_sent = now
-            self.pings += 1
         try:
             pubsub.ping(tag)  # redis-py sends under the PubSub's own lock
         except Exception:  # the listener sees the broken connection and starts over
