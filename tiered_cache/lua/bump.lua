@@ -1,11 +1,4 @@
--- KEYS: counters to bump (derived functions' mirrors of model write counts).
--- ARGV: a fresh token, for a counter that cannot be incremented (as in INVALIDATE).
-for i = 1, #KEYS do
-  local w = redis.pcall('INCR', KEYS[i])
-  if type(w) == 'table' and w.err then
-    redis.call('DEL', KEYS[i])
-    if ARGV[1] then redis.call('SET', KEYS[i], ARGV[1] .. ':' .. i)
-    else redis.call('INCR', KEYS[i]) end
-  end
-end
+-- KEYS: counters to move on (derived functions' mirrors of model write counters).
+-- ARGV: a fresh token. Each counter gets a value it never held (see invalidate.lua).
+for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[1] .. ':' .. i) end
 return 1

@@ -5,7 +5,8 @@
 -- anything unparsable; forgets in the index the entries deleted or gone, and the expired
 -- ones; drops the index once empty. Returns {old generation, stale, members left}.
 local g = sget(KEYS[1])
-local w = sget(KEYS[2]) or '0'
+-- A missing write counter: no "no such row" entry is valid any more (see common.lua).
+local w = sget(KEYS[2]) or ''
 local old, stale = 0, 0
 for i = 5, #KEYS do
   local v = redis.pcall('GET', KEYS[i])

@@ -8,7 +8,11 @@ local function sget(k)
   if type(v) == 'table' and v.err then redis.call('DEL', k) return false end
   return v
 end
--- A model's (or the derived functions') generation, made anew when missing or junk.
+-- A generation, write counter or derived counter, made anew (a fresh token, never a value
+-- it held before) when missing or junk. Missing is what a restart, FLUSHALL, eviction or a
+-- failover to a replica that never got it leaves: a counter that restarted from a fixed
+-- value (0) would make an old "no such row" entry, or a fill begun before a write, valid
+-- again.
 local function generation(k, fresh)
   local g = sget(k)
   if not g or string.find(g, '[^%w:_-]') then g = fresh; redis.call('SET', k, g) end

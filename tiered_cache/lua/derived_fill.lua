@@ -2,7 +2,8 @@
 -- "D|gen|counters|expiry|" header, MAC and body, signed by the caller), ttl ms.
 if sget(KEYS[1]) ~= ARGV[1] then return 0 end
 local ws = {}
-for i = 3, #KEYS do ws[#ws + 1] = sget(KEYS[i]) or '0' end
+-- A counter gone since the read (restart, eviction) refuses the fill.
+for i = 3, #KEYS do ws[#ws + 1] = sget(KEYS[i]) or '' end
 if table.concat(ws, ',') ~= ARGV[2] then return 0 end
 local cur = sget(KEYS[2])
 if cur and string.sub(cur, 1, 2) == 'T|' and cur ~= ARGV[3] then return 0 end

@@ -3,7 +3,7 @@
 -- dependency's counter is unchanged; "T|token" is a tombstone left by fn.invalidate().
 local g = generation(KEYS[1], ARGV[1])
 local ws = {}
-for i = 3, #KEYS do ws[#ws + 1] = sget(KEYS[i]) or '0' end
+for i = 3, #KEYS do ws[#ws + 1] = generation(KEYS[i], ARGV[1] .. ':' .. i) end
 local wstr = table.concat(ws, ',')
 local v = sget(KEYS[2])
 if v then

@@ -8,7 +8,7 @@
 -- keeps a row read before a commit from being stored after its invalidation. A refused
 -- filler still gives its lease back, or every other reader of the key would wait
 -- LEASE_WAIT for a fill that never comes, until the lease expires.
-if sget(KEYS[1]) ~= ARGV[2] or (sget(KEYS[2]) or '0') ~= ARGV[3] then
+if sget(KEYS[1]) ~= ARGV[2] or sget(KEYS[2]) ~= ARGV[3] then
   if ARGV[1] ~= '' and sget(KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
   return 0
 end

@@ -4,7 +4,7 @@
 -- A value is "P|gen|row|rowver|<mac+payload>" or "N|gen|writes||<mac+payload>": a row is
 -- valid while its row version stands, a "no such row" while the model saw no write.
 local g = generation(KEYS[1], ARGV[3])
-local w = sget(KEYS[2]) or '0'
+local w = generation(KEYS[2], ARGV[3] .. ':w')
 local v = sget(KEYS[3])
 if v and valid(v, g, w, ARGV[4]) then return {1, v} end
 if ARGV[1] == '' then return {0, g, w} end

@@ -3,7 +3,7 @@
 -- r is the value of a valid hit, or 2 (lease granted) or 3 (no lease) for a miss.
 -- Lease keys are the data keys plus '|L', in the same hash slot.
 local g = generation(KEYS[1], ARGV[2])
-local w = sget(KEYS[2]) or '0'
+local w = generation(KEYS[2], ARGV[2] .. ':w')
 local out = {g, w}
 for i = 3, #KEYS do
   local v = sget(KEYS[i])

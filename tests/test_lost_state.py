@@ -1,0 +1,180 @@
+"""Redis losing state never makes an old entry valid again (issue 12, deliverable 4): a
+restart with nothing in it, FLUSHALL, and eviction of any one of our keys (as allkeys-lru
+does, here by DEL so that each kind is lost on purpose, and then under a real allkeys-lru
+with memory pressure). Failover, the other way state is lost, is in test_failover.py.
+
+The danger is a counter that starts again from a value it held before: an old "no such
+row" entry, or a fill that read the row before a write, would then pass the check that
+should refuse it. Every counter is now a fresh token (keys.py, lua/common.lua)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import tiered_cache
+from tests import coherence_tasks as ct
+from tests.cache_fixtures import paused_after_read
+from tests.redis_fixtures import RedisEnv
+from tests.testapp.factories import FlowFactory
+from tests.testapp.models import Flow
+from tiered_cache.keys import pk_row_id
+from tiered_cache.registry import first_model_cache
+from tiered_cache.tiers import redis_tier
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _home() -> Any:
+    mc = first_model_cache(Flow)
+    assert mc is not None
+    return mc.home
+
+
+def _lose(env: RedisEnv, how: str, keys: Callable[[], list[str]]) -> None:
+    """Lose Redis state one way: some of our keys evicted, FLUSHALL, or a restart with
+    nothing in it."""
+    if how == "evicted":
+        env.server.client().delete(*keys())
+    elif how == "flushall":
+        env.server.client().flushall()
+    else:
+        env.server.restart_empty()
+        assert ct.wait_trusted(10)
+
+
+LOSSES = ["evicted", "flushall", "restart-empty"]
+
+
+def _writes_back_to(seen: bytes | None) -> int:
+    """How many writes after a loss would bring a counter that restarts from 0 back to
+    `seen` (what the old INCR counter did); 1 for a token."""
+    return int(seen) if seen is not None and seen.isdigit() else 1
+
+
+@pytest.mark.parametrize("how", LOSSES)
+def test_a_no_such_row_entry_is_not_valid_again_after_the_write_counter_is_lost(
+    own_redis: RedisEnv, how: str
+) -> None:
+    """A "no such row" entry is valid while the model's write counter holds the value it
+    was stored under. With a counter that restarted from 0 on loss and counted up, two
+    writes (one before the loss, one after) brought it back to that value, and the row
+    created by the first write read as missing."""
+    other = FlowFactory()  # some other row, written after the loss
+    assert ct.read_by_session("t-new", "s-new") == "DoesNotExist"
+    redis_tier.wait_for_fills()
+    seen = own_redis.server.client().get(_home().writes_key)
+    created = FlowFactory(tenant_id="t-new", session_id="s-new")
+    _lose(own_redis, how, lambda: [_home().writes_key])
+    # As many writes after the loss as bring a counter counting up from 0 back to the
+    # value the entry was stored under.
+    for _ in range(_writes_back_to(seen)):
+        ct.write_one(other.pk, "save")
+    tiered_cache.clear_local()
+    got = ct.read_by_session("t-new", "s-new")
+    assert got == ct.row_of(created), f"the row created before the loss read as {got!r}"
+
+
+@pytest.mark.parametrize("which", ["writes", "row version", "generation", "all three"])
+def test_a_fill_of_a_row_read_before_a_write_is_refused_whatever_key_was_evicted(
+    own_redis: RedisEnv, which: str
+) -> None:
+    """A reader holds the row it read before a write; the write commits; one of the keys
+    the fill is checked against is evicted; then another write. The fill must still be
+    refused, and the next read must see the last write."""
+    flow = FlowFactory(current_step=1)
+    other = FlowFactory(current_step=1)
+    g = _home()
+    rid = pk_row_id(Flow._meta.pk, flow.pk)
+    chosen = {
+        "writes": [g.writes_key],
+        "row version": [g.row_key(rid)],
+        "generation": [g.gen_key],
+        "all three": [g.writes_key, g.row_key(rid), g.gen_key],
+    }[which]
+    paused, release = threading.Event(), threading.Event()
+    got: list[Any] = []
+
+    def pause() -> None:
+        paused.set()
+        release.wait(10)
+
+    def read_paused() -> None:
+        with paused_after_read(Flow, pause):
+            got.append(ct.read(flow.pk))
+
+    tiered_cache.clear_local()
+    reader = threading.Thread(target=read_paused)
+    reader.start()
+    try:
+        assert paused.wait(10)  # the reader holds step 1 and the counters it saw
+        seen = own_redis.server.client().get(g.writes_key)
+        ct.write_one(flow.pk, "save")  # step 2
+        own_redis.server.client().delete(*chosen)
+        for _ in range(_writes_back_to(seen) if which != "row version" else 1):
+            ct.write_one(other.pk, "save")
+    finally:
+        release.set()
+        reader.join(10)
+    redis_tier.wait_for_fills()
+    tiered_cache.clear_local()
+    assert got[0][0] == 1
+    assert ct.read(flow.pk)[0] == 2, f"the fill of step 1 passed after the {which} was evicted"
+
+
+def test_reads_equal_the_database_under_allkeys_lru_eviction(own_redis: RedisEnv) -> None:
+    """A small maxmemory with allkeys-lru and another client filling Redis: our keys are
+    evicted as Redis chooses, between and during reads and writes of this process and
+    another one. Every read through the cache equals the database."""
+    server = own_redis.server
+    c = server.client()
+    c.config_set("maxmemory-policy", "allkeys-lru")
+    c.config_set("maxmemory", str(int(c.info("memory")["used_memory"]) + 1_500_000))
+    flows = [FlowFactory(current_step=1) for _ in range(12)]
+    b = own_redis.worker("b")
+    stop = threading.Event()
+
+    def pressure() -> None:
+        p = server.client()
+        i = 0
+        while not stop.is_set():
+            try:
+                p.set(f"pressure:{i}", b"x" * 2000)
+            except Exception:
+                pass
+            i += 1
+
+    filler = threading.Thread(target=pressure, daemon=True)
+    filler.start()
+    rng = random.Random(12)
+    stale: list[Any] = []
+    steps = 0
+    try:
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            f = rng.choice(flows)
+            op = rng.random()
+            if op < 0.3:
+                ct.write_one(f.pk, rng.choice(["save", "update", "bulk_update"]))
+            want = ct.row_of(Flow.objects.get(pk=f.pk))
+            mine = ct.read(f.pk)
+            theirs = tuple(b.call("tests.coherence_tasks.read", f.pk))
+            for who, row in (("this process", mine), ("process b", theirs)):
+                if row != want:
+                    stale.append((steps, who, f.pk, row, want))
+            steps += 1
+    finally:
+        stop.set()
+        filler.join(5)
+        c.config_set("maxmemory", "0")
+        c.config_set("maxmemory-policy", "noeviction")
+    evicted = int(c.info("stats")["evicted_keys"])
+    print(f"\n[lost-state] allkeys-lru: {steps} steps, {evicted} keys evicted, stale {stale[:3]}")
+    assert evicted > 0, "nothing was evicted: the test did not test eviction"
+    assert steps > 50
+    assert not stale
