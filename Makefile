@@ -32,6 +32,12 @@ postgres:
 	@pg_isready -q -h $(PG_HOST) || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start || true
 	@for _ in $$(seq 40); do pg_isready -q -h $(PG_HOST) && exit 0; sleep 0.5; done; \
 	  echo "PostgreSQL is not answering on $(PG_HOST):5432 after 20s" >&2; exit 1
+# pg_hba's "all" does not admit replication connections; tests/pg_replica.py streams a replica.
+	@hba=$$(psql -h $(PG_HOST) -U postgres -XAtc 'SHOW hba_file') || exit 1; \
+	  if grep -qsE '^host\s+replication\s+all\s+127\.0\.0\.1/32\s+trust\s*$$' "$$hba"; then :; \
+	  elif [ -w "$$hba" ]; then echo 'host replication all 127.0.0.1/32 trust' >> "$$hba" && \
+	    psql -h $(PG_HOST) -U postgres -XAtqc 'SELECT pg_reload_conf()' >/dev/null; \
+	  else echo "Cannot edit $$hba: replication from 127.0.0.1 stays refused" >&2; fi
 
 redis:
 	@[ "$$(redis-cli -h $(REDIS_HOST) -p $(REDIS_PORT) ping 2>/dev/null)" = PONG ] || { \

@@ -13,6 +13,7 @@ pytest_plugins = (
     "tests.redis_fixtures",
     "tests.celery_fixtures",
     "tests.ops_helpers",
+    "tests.pg_replica_fixtures",
 )
 
 _TIMEOUT = 3
@@ -43,6 +44,15 @@ def _check_postgresql() -> None:
 
 
 def _redis_client() -> redis.Redis:
+    """A client to the run's Redis: the shared server, or the topology's (a cluster client
+    splits SCAN and UNLINK by node and slot)."""
+    from tests import topologies
+
+    if topologies.current is not None:
+        from django_redis import get_redis_connection
+
+        client: redis.Redis = get_redis_connection("default")
+        return client
     return redis.Redis.from_url(
         settings.CACHES["default"]["LOCATION"],
         socket_connect_timeout=_TIMEOUT,
@@ -59,6 +69,20 @@ def _check_redis() -> None:
             f"Redis is not reachable at {location} ({exc}); start it with: make services",
             returncode=3,
         )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # Before pytest-django sets Django up: the settings read the topology's cache entry.
+    from tests import topologies
+
+    topologies.start()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from tests import topologies
+
+    topologies.stop()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

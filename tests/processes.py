@@ -4,6 +4,7 @@ setup, connections, L1 and bus listener, driven over a pipe."""
 from __future__ import annotations
 
 import importlib
+import json
 import multiprocessing
 import os
 import time
@@ -52,6 +53,7 @@ class Worker:
             "TC_TEST_KEY_PREFIX": settings.TEST_KEY_PREFIX,
             "DATABASE_URL": url,
             "TEST_REDIS_URL": settings.CACHES["default"]["LOCATION"],
+            "TEST_CACHE_JSON": json.dumps(settings.CACHES["default"]),
             **(extra_env or {}),
         }
         self._conn, child = _ctx.Pipe()

@@ -2,6 +2,7 @@
 isolated per run. The demo project's app stays installed for its own tests only
 (tests/test_demo_project.py)."""
 
+import json
 import os
 import secrets
 
@@ -57,6 +58,10 @@ CACHES = {
         "KEY_PREFIX": TEST_KEY_PREFIX,
     },
 }
+# A worker process (tests/processes.py) gets its parent's whole cache entry: behind
+# Sentinel, the location alone does not say where Redis is.
+if os.environ.get("TEST_CACHE_JSON"):
+    CACHES["default"] = json.loads(os.environ["TEST_CACHE_JSON"])
 
 TIERED_CACHE = {"KEY_PREFIX": TEST_KEY_PREFIX}
 

@@ -86,6 +86,27 @@ def test_e010_heartbeat_not_below_the_trust_window(settings: Any, given: dict[st
     assert "BUS_HEARTBEAT" in msgs[0].msg and "BUS_TRUST_WINDOW" in msgs[0].msg
 
 
+@pytest.mark.parametrize("acks", [-1, 1.5, "1", True])
+def test_e011_replica_acks_not_a_count(settings: Any, acks: Any) -> None:
+    settings.TIERED_CACHE = {"REPLICA_ACKS": acks}
+    msgs = check_settings()
+    assert ids(msgs) == ["tiered_cache.E011"]
+    assert "REPLICA_ACKS" in msgs[0].msg and repr(acks) in msgs[0].msg
+
+
+@pytest.mark.parametrize("acks", [None, 0, 2])
+def test_replica_acks_none_or_a_count_pass(settings: Any, acks: Any) -> None:
+    settings.TIERED_CACHE = {"REPLICA_ACKS": acks}
+    assert check_settings() == []
+
+
+def test_e012_replica_ack_timeout_not_below_the_socket_timeout(settings: Any) -> None:
+    settings.TIERED_CACHE = {"REPLICA_ACK_TIMEOUT": 0.2, "SOCKET_TIMEOUT": 0.1}
+    msgs = check_settings()
+    assert ids(msgs) == ["tiered_cache.E012"]
+    assert "REPLICA_ACK_TIMEOUT" in msgs[0].msg and "SOCKET_TIMEOUT" in msgs[0].msg
+
+
 def test_w002_unknown_key(settings: Any) -> None:
     settings.TIERED_CACHE = {"L1_MAX_ENTRYS": 5}
     msgs = check_settings()

@@ -261,12 +261,18 @@ class Bus:
 
     def _listen(self, reconnect: bool = False) -> None:
         window = conf.BUS_TRUST_WINDOW
-        cls, kwargs = redis_tier.connection_kwargs(socket_timeout=max(1.0, window * 4))
-        self._client = client = redis.Redis(
-            connection_pool=redis.ConnectionPool(connection_class=cls, **kwargs)
-        )
+        # Behind Sentinel, the master is asked for at each connect: a failover ends the
+        # subscription (the old master goes away or turns replica) and the next one
+        # follows it.
+        # On a cluster: the node that owns the channel's slot, by sharded pub/sub (a plain
+        # PUBLISH there goes to every node of the cluster).
+        pool = redis_tier.bus_pool(socket_timeout=max(1.0, window * 4))
+        self._client = client = redis.Redis(connection_pool=pool)
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
-        pubsub.subscribe(channel())
+        if redis_tier.cluster:
+            pubsub.ssubscribe(channel())
+        else:
+            pubsub.subscribe(channel())
         self._broken = False
         # Any later (re)connect of this connection is one the listener did not make.
         pubsub.connection.register_connect_callback(self._connection_lost)
@@ -303,7 +309,10 @@ class Bus:
                     self.ping()
                 continue
             kind = msg["type"]
-            if kind == "message":
+            if kind == "sunsubscribe":
+                # The channel's slot moved to another node (a resharding, a failover).
+                raise ConnectionError("the bus channel moved to another node")
+            if kind in ("message", "smessage"):
                 self.messages += 1
                 self._handle(msg["data"], origin.id)
             elif kind == "pong":

@@ -32,6 +32,7 @@ _POSITIVE = (
     "BULK_INVALIDATION_LIMIT",
     "OUTBOX_LIMIT",
     "STATS_FLUSH_INTERVAL",
+    "REPLICA_ACK_TIMEOUT",
 )
 
 
@@ -89,6 +90,32 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                 "asks for the next heartbeat.",
                 hint="Keep BUS_HEARTBEAT at about half of BUS_TRUST_WINDOW.",
                 id="tiered_cache.E010",
+            )
+        )
+    acks = raw.get("REPLICA_ACKS", DEFAULTS["REPLICA_ACKS"])
+    if acks is not None and (isinstance(acks, bool) or not isinstance(acks, int) or acks < 0):
+        errors.append(
+            Error(
+                f"TIERED_CACHE['REPLICA_ACKS'] must be None or a whole number >= 0, not {acks!r}.",
+                hint="None waits for 1 replica behind Sentinel and for none on a single server.",
+                id="tiered_cache.E011",
+            )
+        )
+    ack_timeout = raw.get("REPLICA_ACK_TIMEOUT", DEFAULTS["REPLICA_ACK_TIMEOUT"])
+    socket_timeout = raw.get("SOCKET_TIMEOUT", DEFAULTS["SOCKET_TIMEOUT"])
+    if (
+        all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool)
+            for v in (ack_timeout, socket_timeout)
+        )
+        and 0 < socket_timeout <= ack_timeout
+    ):
+        errors.append(
+            Error(
+                f"TIERED_CACHE['REPLICA_ACK_TIMEOUT'] ({ack_timeout!r}) must be less than "
+                f"SOCKET_TIMEOUT ({socket_timeout!r}): the wait for replicas would be cut "
+                "off as a failed connection.",
+                id="tiered_cache.E012",
             )
         )
     prefix = raw.get("KEY_PREFIX", DEFAULTS["KEY_PREFIX"])

@@ -28,6 +28,12 @@ DEFAULTS: dict[str, Any] = {
     # every BUS_HEARTBEAT; one that does not read sends none.
     "BUS_HEARTBEAT": 0.2,
     "BUS_TRUST_WINDOW": 0.3,
+    # Replicas that must acknowledge an invalidation (WAIT) before it counts as delivered;
+    # None: 1 behind Sentinel, 0 for a single server. Unacknowledged ones go to the outbox.
+    "REPLICA_ACKS": None,
+    "REPLICA_ACK_TIMEOUT": 0.05,
+    # Parts each model's keys are spread over (hash slots); None: 1, or 12 on a cluster.
+    "SHARDS": None,
     # A queryset write touching more rows than this flushes the model instead.
     "BULK_INVALIDATION_LIMIT": 1000,
     # Rows a process may put in the outbox during one outage; past it, whole models.
@@ -120,6 +126,18 @@ class Settings:
     @property
     def BUS_TRUST_WINDOW(self) -> float:
         return cast(float, self._get("BUS_TRUST_WINDOW"))
+
+    @property
+    def REPLICA_ACKS(self) -> int | None:
+        return cast("int | None", self._get("REPLICA_ACKS"))
+
+    @property
+    def SHARDS(self) -> int | None:
+        return cast("int | None", self._get("SHARDS"))
+
+    @property
+    def REPLICA_ACK_TIMEOUT(self) -> float:
+        return cast(float, self._get("REPLICA_ACK_TIMEOUT"))
 
     @property
     def BULK_INVALIDATION_LIMIT(self) -> int:

@@ -33,18 +33,20 @@ def l2_entry_counts(selected: Sequence[type[models.Model]] | None = None) -> dic
     (a replaced row's entry counts until cleanup or expiry): read from the indexes the
     fills keep, two round trips whatever the size of the database."""
     groups = [caches for caches in by_group(selected).values()]
-    gens = redis_tier.call(partial(_get_all, [caches[0].home.gen_key for caches in groups]))
+    # One generation per shard of each group (one shard but on a cluster).
+    shards = [(caches, shard) for caches in groups for shard in caches[0].home.shards]
+    gens = redis_tier.call(partial(_get_all, [shard.gen_key for _, shard in shards]))
     now_ms = int(time.time() * 1000)
     queries: list[tuple[str, str]] = []
-    for caches, gen in zip(groups, gens, strict=True):
+    for (caches, shard), gen in zip(shards, gens, strict=True):
         for label in dict.fromkeys(c.label for c in caches):
             # A generation is a token; anything else is junk no fill was stored under.
             if isinstance(gen, bytes) and _TOKEN.fullmatch(gen):
-                queries.append((label, caches[0].home.index_key(label, gen)))
+                queries.append((label, shard.index_key(label, gen)))
     found = redis_tier.call(partial(_count_all, [key for _, key in queries], now_ms))
     out = {c.label: 0 for caches in groups for c in caches}
     for (label, _), n in zip(queries, found, strict=True):
-        out[label] = int(n) if isinstance(n, int) else 0
+        out[label] += int(n) if isinstance(n, int) else 0
     chosen = cached_models() if selected is None else selected
     wanted = {m._meta.label_lower for m in chosen}
     return {label: n for label, n in out.items() if label in wanted}

@@ -20,6 +20,7 @@ __all__ = [
     "forget",
     "group_of",
     "primary_parent",
+    "replica_of",
     "root_label",
     "root_of",
 ]
@@ -91,6 +92,30 @@ def database_of(alias: str) -> str:
     return canon
 
 
+def replica_of(alias: str) -> str | None:
+    """The alias to read misses from instead of `alias`, or None. An alias of the same
+    database (database_of) on another host or port is taken for a streaming replica, which
+    may lag: a row it returns may be older than a write whose invalidation already ran
+    (the fill guard cannot see it, the write came first), and would be served until
+    TIMEOUT. Misses through it read the alias of its group, the primary, instead."""
+    hit = _replicas.get(alias)
+    if hit is None:
+        canon = database_of(alias)
+        settings_dicts = connections.settings
+        mine, theirs = settings_dicts[alias], settings_dicts[canon]
+        lags = canon != alias and _server(mine) != _server(theirs)
+        hit = _replicas[alias] = (canon if lags else "",)
+    return hit[0] or None
+
+
+def _server(settings_dict: dict[str, Any]) -> tuple[str, str]:
+    return (str(settings_dict.get("HOST") or ""), str(settings_dict.get("PORT") or ""))
+
+
+_replicas: dict[str, tuple[str]] = {}
+
+
 def forget(**kwargs: Any) -> None:
     """Settings changed (tests): look the databases up again."""
     _canonical.clear()
+    _replicas.clear()

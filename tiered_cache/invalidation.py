@@ -20,10 +20,12 @@ from .keys import (
     RowsMessage,
     ScriptCall,
     bump_call,
+    cluster_mode,
     derived_drop_call,
     group_by_id,
-    invalidate_call,
+    invalidate_calls,
     pk_row_id,
+    publish_in_script,
 )
 from .models import PendingInvalidation
 from .registry import model_caches_of_group
@@ -109,7 +111,7 @@ class Batch:
             # Never skipped by an open breaker: an invalidation Redis could have taken but
             # was not sent reaches the other processes only through the outbox, later
             # (a failure here costs this write at most a connect and a read timeout).
-            redis_tier.scripts(self.redis_calls(), force=True)
+            self.send(force=True)
         except Unavailable:
             outbox.record(self.rows, self.flush, self.fn_keys)
             # Even with nothing written (a pending flush covers it), this process must
@@ -134,8 +136,11 @@ class Batch:
                     sender=caches[0].model, rows=sorted(rids), flush=gid in self.flush
                 )
 
-    def redis_calls(self) -> list[ScriptCall]:
+    def redis_calls(self) -> tuple[list[ScriptCall], list[str]]:
+        """The scripts, and the bus messages to publish once they all ran (none where the
+        scripts publish themselves, keys.publish_in_script)."""
         calls: list[ScriptCall] = []
+        after: list[str] = []
         if self.rows:
             # Derived results first: once the bus message below is out, none may still pass.
             # Every written group is bumped, whether or not this process knows a function
@@ -144,26 +149,38 @@ class Batch:
                 bump_call([self.groups[gid].fn_counter for gid in self.rows], fresh_token())
             )
         for key, fn_label in self.fn_keys.items():
-            calls.append(drop_derived_call(fn_label, key))
+            drop = DerivedDrop(origin.id, key, fn_label)
+            calls.append(drop_derived_call(drop))
+            if cluster_mode():
+                after.append(drop.encode())
         version_ttl_ms = int((conf.TIMEOUT + 60) * 1000)
+        inside = publish_in_script()
         for gid, rids in self.rows.items():
             flush = gid in self.flush
             ordered = sorted(rids)
             if len(ordered) > conf.BULK_INVALIDATION_LIMIT:
                 ordered, flush = [], True
             message = RowsMessage(origin.id, gid, tuple(ordered), flush)
-            calls.append(
-                invalidate_call(
+            calls.extend(
+                invalidate_calls(
                     self.groups[gid], ordered, message, fresh_token(), version_ttl_ms, fresh_token()
                 )
             )
-        return calls
+            if not inside:
+                after.append(message.encode())
+        return calls, after
+
+    def send(self, force: bool) -> None:
+        """Run the batch's scripts and publish its messages: Unavailable if Redis did not
+        take them all (or too few replicas acknowledged them)."""
+        calls, after = self.redis_calls()
+        redis_tier.scripts(calls, force=force, acks=redis_tier.replica_acks(), publish=after)
 
 
-def drop_derived_call(fn_label: str, key: str, ttl: float | None = None) -> ScriptCall:
+def drop_derived_call(message: DerivedDrop, ttl: float | None = None) -> ScriptCall:
     """Replace one derived result by a tombstone, which refuses fills begun before it."""
     ttl_ms = int((ttl if ttl is not None else conf.TIMEOUT) * 1000)
-    return derived_drop_call(DerivedDrop(origin.id, key, fn_label), fresh_token(), ttl_ms)
+    return derived_drop_call(message, fresh_token(), ttl_ms)
 
 
 def apply_locally(
@@ -221,7 +238,7 @@ def drain_outbox(limit: int = 1000, force: bool = False) -> int:
                     batch.add_flush(g)
                 batch.add_rows(g, p.rows)
             if batch:
-                redis_tier.scripts(batch.redis_calls(), force=force)
+                batch.send(force)
                 apply_locally(batch.rows, batch.flush, batch.fn_keys)
             flushed = set()
             outbox.remove(pending)

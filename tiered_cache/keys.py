@@ -14,17 +14,22 @@ import decimal
 import enum
 import functools
 import hashlib
+import itertools
 import json
 import os
 import threading
 import uuid
+import zlib
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from typing import Any, NamedTuple
 
+from django.conf import settings
 from django.core.cache import caches
 from django.db import models
+from redis.crc import key_slot
 
+from .cluster import is_cluster_client
 from .conf import conf
 
 __all__ = [
@@ -39,6 +44,7 @@ __all__ = [
     "RowsMessage",
     "Script",
     "ScriptCall",
+    "Shard",
     "base_prefix",
     "channel",
     "derived_header",
@@ -47,8 +53,11 @@ __all__ = [
     "fn_gen_key",
     "fn_tag",
     "forget",
+    "cluster_mode",
     "group",
     "group_by_id",
+    "invalidate_calls",
+    "publish_in_script",
     "lease_key",
     "lock_key",
     "lookup_key",
@@ -58,6 +67,7 @@ __all__ = [
     "row_header",
     "row_id",
     "schema_fingerprint",
+    "shard_count",
     "split_header",
 ]
 
@@ -155,22 +165,88 @@ def base_prefix() -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Group:
-    """The Redis keys of one invalidation group (one database, one table hierarchy). All of
-    them share the group's hash tag, so every script touches one Redis Cluster slot."""
+class Shard:
+    """The keys one script of a group may touch: a generation, a write counter, the row
+    versions and the entry indexes, all under one hash tag (one Redis Cluster slot). A
+    group has one shard on a single server; on a cluster it has SHARDS of them, spread
+    over the slot space, so that one model's entries land on every master."""
 
-    id: str  # "<alias>:<root model label>", as carried by bus messages and the outbox
-    alias: str
-    label: str  # the root model's label
     tag: str
     gen_key: str
     writes_key: str
     row_prefix: str
-    # Mirror of the write counter in the derived functions' hash slot.
-    fn_counter: str
 
     def row_key(self, rid: str) -> str:
         return self.row_prefix + rid
+
+    def index_key(self, label: str, gen: bytes | str) -> str:
+        """The entries a model stored in this shard in one generation, scored by expiry
+        (ms since the epoch): counted and cleaned without a SCAN of the database."""
+        g = gen.decode() if isinstance(gen, bytes) else gen
+        return f"{self.tag}:i:{label}:{g}"
+
+    @property
+    def indexes_key(self) -> str:
+        """The set of the shard's index keys (old generations' too, until cleaned)."""
+        return f"{self.tag}:ix"
+
+
+def _shard(tag: str) -> Shard:
+    return Shard(tag=tag, gen_key=tag + ":g", writes_key=tag + ":w", row_prefix=tag + ":r:")
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """The Redis keys of one invalidation group (one database, one table hierarchy): its
+    shards, and the keys of the whole group (statistics, hot rows) under the first one's
+    hash tag. A write changes every shard (any of them may hold an entry of the row, under
+    a lookup other than the pk); a read, a fill or a cleanup touches the one shard of its
+    key, so every script touches one Redis Cluster slot."""
+
+    id: str  # "<alias>:<root model label>", as carried by bus messages and the outbox
+    alias: str
+    label: str  # the root model's label
+    shards: tuple[Shard, ...]
+    # Mirror of the write counter in the derived functions' hash slot.
+    fn_counter: str
+
+    @property
+    def tag(self) -> str:
+        return self.shards[0].tag
+
+    # The first shard's keys: the only ones on a single server (tests look inside).
+    @property
+    def gen_key(self) -> str:
+        return self.shards[0].gen_key
+
+    @property
+    def writes_key(self) -> str:
+        return self.shards[0].writes_key
+
+    def row_key(self, rid: str) -> str:
+        return self.shards[0].row_key(rid)
+
+    def index_key(self, label: str, gen: bytes | str) -> str:
+        return self.shards[0].index_key(label, gen)
+
+    @property
+    def indexes_key(self) -> str:
+        return self.shards[0].indexes_key
+
+    def shard_of(self, key: str) -> Shard:
+        """The shard an entry key (or an index key) belongs to: the hash tag it starts with."""
+        if len(self.shards) == 1:
+            return self.shards[0]
+        return self._by_tag[key[: key.index("}") + 1]]
+
+    @functools.cached_property
+    def _by_tag(self) -> dict[str, Shard]:
+        return {s.tag: s for s in self.shards}
+
+    def shard_for(self, suffix: str) -> Shard:
+        """The shard an entry with this key suffix is stored in (spread by a hash)."""
+        n = len(self.shards)
+        return self.shards[0] if n == 1 else self.shards[zlib.crc32(suffix.encode()) % n]
 
     def stats_key(self, label: str) -> str:
         """A model's counters summed over every process."""
@@ -184,39 +260,53 @@ class Group:
         """A model's sampled hottest rows."""
         return f"{self.tag}:hot:{label}"
 
-    def index_key(self, label: str, gen: bytes | str) -> str:
-        """The entries a model stored in one generation, scored by expiry (ms since the
-        epoch): counted and cleaned without a SCAN of the database."""
-        g = gen.decode() if isinstance(gen, bytes) else gen
-        return f"{self.tag}:i:{label}:{g}"
-
-    @property
-    def indexes_key(self) -> str:
-        """The set of the group's index keys (old generations' too, until cleaned)."""
-        return f"{self.tag}:ix"
-
-    def data_prefix(self, schema: str, key_prefix: str) -> str:
-        """Every entry of one model schema and manager starts with this."""
-        return f"{self.tag}:{schema}:{key_prefix}"
+    @staticmethod
+    def data_suffix(schema: str, key_prefix: str) -> str:
+        """Every entry of one model schema and manager has this right after its hash tag."""
+        return f":{schema}:{key_prefix}"
 
 
 _groups: dict[tuple[str, str], Group] = {}
 _lock = threading.Lock()
+_SLOTS = 16384
+
+
+def shard_count() -> int:
+    """SHARDS, or its default: 1 on a single server or behind Sentinel, 12 on a cluster
+    (a multiple of 2, 3, 4 and 6 masters: each gets an equal part of a model's entries)."""
+    n = conf.SHARDS
+    if n is None:
+        options = settings.CACHES.get(conf.CACHE_ALIAS, {}).get("OPTIONS", {})
+        n = 12 if is_cluster_client(options) else 1
+    return n
+
+
+def _shard_tags(base: str, n: int) -> list[str]:
+    """n hash tags whose slots fall one in each n-th of the slot space, so that any
+    cluster whose masters hold equal ranges of slots holds an equal number of shards.
+    Found by trying suffixes: the same in every process, whatever the cluster."""
+    if n == 1:
+        return ["{" + base + "}"]
+    tags = []
+    for i in range(n):
+        lo, hi = i * _SLOTS // n, (i + 1) * _SLOTS // n
+        for suffix in itertools.count():
+            inner = f"{base}:{suffix}"
+            if lo <= key_slot(inner.encode()) < hi:
+                tags.append("{" + inner + "}")
+                break
+    return tags
 
 
 def group(alias: str, label: str) -> Group:
     g = _groups.get((alias, label))
     if g is None:
         gid = f"{alias}:{label}"
-        tag = "{" + base_prefix() + ":" + gid + "}"
         g = Group(
             id=gid,
             alias=alias,
             label=label,
-            tag=tag,
-            gen_key=tag + ":g",
-            writes_key=tag + ":w",
-            row_prefix=tag + ":r:",
+            shards=tuple(_shard(t) for t in _shard_tags(base_prefix() + ":" + gid, shard_count())),
             fn_counter=fn_tag() + ":w:" + gid,
         )
         with _lock:
@@ -232,9 +322,10 @@ def group_by_id(gid: str) -> Group | None:
 
 
 def lookup_key(g: Group, schema: str, key_prefix: str, alias_part: str, values: Any) -> str:
-    """An entry's key: the group's tag (its hash slot), the model's schema, the model,
-    manager and lookup (key_prefix), the database read, and the values."""
-    return f"{g.tag}:{schema}:{key_prefix}{alias_part}:{encode_values(values)}"
+    """An entry's key: the hash tag of its shard, the model's schema, the model, manager
+    and lookup (key_prefix), the database read, and the values."""
+    suffix = f":{schema}:{key_prefix}{alias_part}:{encode_values(values)}"
+    return g.shard_for(suffix).tag + suffix
 
 
 def lease_key(key: str) -> str:
@@ -446,10 +537,11 @@ HIT, NO_LEASE, LEASE, BUSY = 1, 0, 2, 3
 
 
 def read_call(g: Group, key: str, lease: str, lease_ms: int, fresh: str) -> ScriptCall:
+    s = g.shard_of(key)
     return ScriptCall(
         Script.READ,
-        [g.gen_key, g.writes_key, key, lease_key(key)],
-        [lease, lease_ms, fresh, g.row_prefix],
+        [s.gen_key, s.writes_key, key, lease_key(key)],
+        [lease, lease_ms, fresh, s.row_prefix],
     )
 
 
@@ -470,12 +562,14 @@ class Read(NamedTuple):
 
 
 def read_many_call(
-    g: Group, keys: Sequence[str], leases: Sequence[str], lease_ms: int, fresh: str
+    s: Shard, keys: Sequence[str], leases: Sequence[str], lease_ms: int, fresh: str
 ) -> ScriptCall:
+    """Keys of one shard (Group.shard_of); none: only the shard's counters, made if
+    missing."""
     return ScriptCall(
         Script.READ_MANY,
-        [g.gen_key, g.writes_key, *keys],
-        [lease_ms, fresh, g.row_prefix, *leases],
+        [s.gen_key, s.writes_key, *keys],
+        [lease_ms, fresh, s.row_prefix, *leases],
     )
 
 
@@ -509,43 +603,64 @@ def fill_call(
 ) -> ScriptCall:
     """FILL replies 1 (stored), 0 (refused) or [2, current row version]. A stored entry is
     added to its model's index of the generation (which the fill checked is current)."""
-    row_key = g.row_key(rid) if rid else negative_row_key(key)
+    s = g.shard_of(key)
+    row_key = s.row_key(rid) if rid else negative_row_key(key)
     return ScriptCall(
         Script.FILL,
         [
-            g.gen_key,
-            g.writes_key,
+            s.gen_key,
+            s.writes_key,
             key,
             lease_key(key),
             row_key,
-            g.index_key(label, gen),
-            g.indexes_key,
+            s.index_key(label, gen),
+            s.indexes_key,
         ],
         [lease, gen, writes, kind.decode(), signed, ttl_ms, version, version_ttl_ms, expires_ms],
     )
 
 
-def invalidate_call(
+def publish_in_script() -> bool:
+    """Whether the invalidation script itself publishes the bus message: only where one
+    script changes the whole group (one shard) on a server whose PUBLISH reaches every
+    subscriber. Otherwise the message goes out after every shard's script has run (a
+    process dropping its L1 must not read an entry back from a shard not yet changed)."""
+    return shard_count() == 1 and not cluster_mode()
+
+
+def cluster_mode() -> bool:
+    """Whether our cache alias is a Redis Cluster (tiered_cache.cluster.ClusterClient)."""
+    options = settings.CACHES.get(conf.CACHE_ALIAS, {}).get("OPTIONS", {})
+    return is_cluster_client(options)
+
+
+def invalidate_calls(
     g: Group,
     rids: Sequence[str],
     message: RowsMessage,
     fresh: str,
     version_ttl_ms: int,
     fresh_gen: str,
-) -> ScriptCall:
-    return ScriptCall(
-        Script.INVALIDATE,
-        [g.gen_key, g.writes_key, *[g.row_key(r) for r in rids]],
-        [
-            channel(),
-            message.encode(),
-            len(rids),
-            fresh,
-            version_ttl_ms,
-            "1" if message.flush else "0",
-            fresh_gen,
-        ],
-    )
+) -> list[ScriptCall]:
+    """One INVALIDATE per shard: each gets new row versions for the rows, a new write
+    counter and, for a flush, a new generation."""
+    inside = publish_in_script()
+    return [
+        ScriptCall(
+            Script.INVALIDATE,
+            [s.gen_key, s.writes_key, *[s.row_key(r) for r in rids]],
+            [
+                channel() if inside else "",
+                message.encode(),
+                len(rids),
+                fresh,
+                version_ttl_ms,
+                "1" if message.flush else "0",
+                fresh_gen,
+            ],
+        )
+        for s in g.shards
+    ]
 
 
 def bump_call(counters: Sequence[str], fresh: str) -> ScriptCall:
@@ -588,11 +703,12 @@ def derived_fill_call(
 
 
 def derived_drop_call(message: DerivedDrop, tombstone: str, ttl_ms: int) -> ScriptCall:
-    """Replace one derived result by a tombstone, which refuses fills begun before it."""
+    """Replace one derived result by a tombstone, which refuses fills begun before it.
+    On a cluster the message is published after the script (publish_in_script)."""
     return ScriptCall(
         Script.DERIVED_DROP,
         [message.key],
-        [TOMBSTONE + tombstone, ttl_ms, channel(), message.encode()],
+        [TOMBSTONE + tombstone, ttl_ms, channel() if not cluster_mode() else "", message.encode()],
     )
 
 
@@ -600,10 +716,11 @@ def clean_call(g: Group, index: str, keys: Sequence[str], now_ms: int) -> Script
     """CLEAN replies [entries of old generations deleted, stale entries deleted, index
     members left]: it checks entries of one index, forgets the gone ones there, and drops
     an index left empty."""
+    s = g.shard_of(index)
     return ScriptCall(
         Script.CLEAN,
-        [g.gen_key, g.writes_key, index, g.indexes_key, *keys],
-        [g.row_prefix, now_ms],
+        [s.gen_key, s.writes_key, index, s.indexes_key, *keys],
+        [s.row_prefix, now_ms],
     )
 
 

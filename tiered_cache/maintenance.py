@@ -225,24 +225,27 @@ def by_group(selected: Sequence[type[models.Model]] | None) -> dict[str, list[Mo
 
 def owner(key: str, caches: list[ModelCache]) -> ModelCache | None:
     """The model cache whose entry this key is (None for another schema or manager)."""
-    g = caches[0].home
+    rest = key[key.find("}") + 1 :]  # after the hash tag of the entry's shard
     for c in caches:
-        if key.startswith(g.data_prefix(c.schema, c.key_prefix)):
+        if rest.startswith(Group.data_suffix(c.schema, c.key_prefix)):
             return c
     return None
 
 
 def indexes(g: Group) -> list[str]:
-    """The group's entry indexes (one per model and generation; keys.Group.index_key).
-    Junk under the set's name, or under an index's, is deleted: it would refuse every
-    cleanup (and count against the breaker) forever."""
-    raw = redis_tier.call(partial(_members_if, g.indexes_key, b"set"))
-    names = sorted(m.decode("utf-8", "replace") if isinstance(m, bytes) else m for m in raw)
-    types = redis_tier.call(partial(_types, names))
-    junk = [n for n, t in zip(names, types, strict=True) if t not in (b"zset", b"none")]
-    if junk:
-        redis_tier.call(partial(_drop_indexes, g.indexes_key, junk))
-    return [n for n in names if n not in junk]
+    """The group's entry indexes (one per model, generation and shard;
+    keys.Shard.index_key). Junk under a set's name, or under an index's, is deleted: it
+    would refuse every cleanup (and count against the breaker) forever."""
+    out: list[str] = []
+    for shard in g.shards:
+        raw = redis_tier.call(partial(_members_if, shard.indexes_key, b"set"))
+        names = sorted(m.decode("utf-8", "replace") if isinstance(m, bytes) else m for m in raw)
+        types = redis_tier.call(partial(_types, names))
+        junk = [n for n, t in zip(names, types, strict=True) if t not in (b"zset", b"none")]
+        if junk:
+            redis_tier.call(partial(_drop_indexes, shard.indexes_key, junk))
+        out.extend(n for n in names if n not in junk)
+    return out
 
 
 def _members_if(key: str, kind: bytes) -> Any:

@@ -10,11 +10,13 @@ from collections.abc import Hashable
 from typing import Any
 
 from django.core.exceptions import ObjectDoesNotExist
+from django.db import connections
 
 from . import signals
 from .bus import bus
 from .conf import conf
 from .counters import hot
+from .groups import replica_of
 from .keys import (
     BUSY,
     LEASE,
@@ -284,7 +286,8 @@ def _load(
     """(frozen row | NEGATIVE | UNCACHEABLE, instance read from the database or None)."""
     key = lk.key(g, mc.schema, _alias_part(db, scope), values)
     trusted = bus.trusted()
-    lease_token = fresh_token() if lease else ""
+    source = _miss_source(manager, db)
+    lease_token = fresh_token() if lease and source is not False else ""
     code: int = NO_LEASE
     gen = writes = None
     if trusted:
@@ -312,14 +315,18 @@ def _load(
     if signals.cache_miss.receivers:
         signals.cache_miss.send(sender=mc.model, key=key)
     try:
-        obj = manager.get_queryset().get(**lk.orm_kwargs(values))
+        obj = (source or manager).get_queryset().get(**lk.orm_kwargs(values))
     except mc.model.DoesNotExist:  # type: ignore[attr-defined]  # as in _does_not_exist()
         value, obj = NEGATIVE, None
     else:
         row = mc.codec.values(obj)
-        if row is None:
+        if row is None or source is False:
             return UNCACHEABLE, obj
         value = mc.codec.freeze(row)
+        if source is not None:
+            obj = None  # read from the primary: the caller gets it as read through `db`
+    if source is False:
+        return value, obj  # NEGATIVE: the answer, but nothing cached
 
     if code == LEASE:
         # The caller has its row; the fill runs on the filler thread, and Redis refuses it
@@ -402,6 +409,19 @@ def _row_of(mc: ModelCache, value: Any) -> str:
     return "" if value is NEGATIVE else mc.row_id_of(value[2])
 
 
+def _miss_source(manager: Any, db: str) -> Any:
+    """Where a miss reads its row: None for `manager` itself; the manager on the primary
+    when `db` is a replica that may lag (groups.replica_of); False to read `manager` and
+    cache nothing, when the primary's connection is inside the caller's transaction
+    (reading there would join it)."""
+    primary = replica_of(db)
+    if primary is None:
+        return None
+    if connections[primary].in_atomic_block:
+        return False
+    return manager.db_manager(primary)
+
+
 def _read_scope(
     manager: Any, mc: ModelCache, lk: Lookup, db: str, g: Group
 ) -> tuple[str | None, str]:
@@ -474,49 +494,51 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
 
     token = local_tier.token(g.id)
     keys = [lk.key(g, mc.schema, _alias_part(db, scope), (pk,)) for pk in todo]
-    leases = [fresh_token() for _ in todo]
+    source = _miss_source(manager, db)
+    leases = [fresh_token() if source is not False else "" for _ in todo]
     results: list[Any] = []
-    gen = writes = None
+    # Per key, the generation and write counter of its shard, which its fill must find.
+    heads: list[tuple[Any, Any]] = [(None, None)] * len(keys)
     if trusted:
         try:
-            many = ReadMany.of(
-                redis_tier.scripts(
-                    [read_many_call(g, keys, leases, int(conf.LEASE_TIMEOUT * 1000), fresh_token())]
-                )[0]
-            )
-            gen, writes, results = many.gen, many.writes, many.entries
+            results, heads = _read_many(g, keys, leases)
         except Unavailable:
             results = []
-    missing: list[tuple[Any, str, str]] = []
+    missing: list[tuple[int, Any, str, str]] = []
     for i, pk in enumerate(todo):
         r = results[i] if results else NO_LEASE
         if isinstance(r, bytes):
             value = _l2_value(mc, keys[i], r)
             if value is None:
-                missing.append((pk, keys[i], ""))
+                missing.append((i, pk, keys[i], ""))
                 continue
             _keep_local(mc, g, (prefix, db, scope, pk), value, token)
             if value is not NEGATIVE:
                 found[pk] = mc.codec.thaw(value, db)
         else:
-            missing.append((pk, keys[i], leases[i] if r == LEASE else ""))
+            missing.append((i, pk, keys[i], leases[i] if r == LEASE else ""))
     if not missing:
         return found
 
     mc.counters.misses += len(missing)
-    objs = manager.get_queryset().in_bulk([pk for pk, _, _ in missing])
+    objs = (source or manager).get_queryset().in_bulk([pk for _, pk, _, _ in missing])
     fills = []
-    for pk, key, lease in missing:
+    for i, pk, key, lease in missing:
         obj = objs.get(pk)
         if obj is None:
+            if source is False:
+                continue
             value = NEGATIVE
         else:
             found[pk] = obj
             row = mc.codec.values(obj)
-            if row is None:
+            if row is None or source is False:
                 continue
             value = mc.codec.freeze(row)
+            if source is not None:  # read from the primary: as read through `db`
+                found[pk] = mc.codec.thaw(value, db)
         if lease:
+            gen, writes = heads[i]
             fills.append(
                 Fill(
                     g, mc.label, key, lease, gen, writes, value, _ttl(mc, value), _row_of(mc, value)
@@ -527,6 +549,35 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     if fills:
         redis_tier.fill_later(fills, _counted(mc))
     return found
+
+
+def _read_many(
+    g: Group, keys: list[str], leases: list[str]
+) -> tuple[list[Any], list[tuple[Any, Any]]]:
+    """READ_MANY the keys, one script per shard, in one round trip (per node): per key the
+    reply, and the generation and write counter of its shard."""
+    by_shard: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_shard.setdefault(g.shard_of(key).tag, []).append(i)
+    lease_ms, fresh = int(conf.LEASE_TIMEOUT * 1000), fresh_token()
+    calls = [
+        read_many_call(
+            g.shard_of(keys[idx[0]]),
+            [keys[i] for i in idx],
+            [leases[i] for i in idx],
+            lease_ms,
+            fresh,
+        )
+        for idx in by_shard.values()
+    ]
+    results: list[Any] = [None] * len(keys)
+    heads: list[tuple[Any, Any]] = [(None, None)] * len(keys)
+    for idx, reply in zip(by_shard.values(), redis_tier.scripts(calls), strict=True):
+        many = ReadMany.of(reply)
+        for i, entry in zip(idx, many.entries, strict=True):
+            results[i] = entry
+            heads[i] = (many.gen, many.writes)
+    return results, heads
 
 
 # -- warmup -------------------------------------------------------------------------
@@ -544,14 +595,15 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
         return {"stored": 0, "refused": 0}
     last_pk = None
     while True:
-        # An empty read makes sure the generation exists and tells us the counters.
-        head = ReadMany.of(
-            redis_tier.scripts(
-                [read_many_call(g, [], [], int(conf.LEASE_TIMEOUT * 1000), fresh_token())]
-            )[0]
+        # An empty read per shard makes sure its generation exists and tells its counters.
+        lease_ms, fresh = int(conf.LEASE_TIMEOUT * 1000), fresh_token()
+        replies = redis_tier.scripts([read_many_call(s, [], [], lease_ms, fresh) for s in g.shards])
+        heads = {s.tag: ReadMany.of(r) for s, r in zip(g.shards, replies, strict=True)}
+        # Rows come from the primary when `db` may lag (as misses do, see _miss_source).
+        primary = replica_of(db)
+        page = (
+            queryset.order_by("pk") if primary is None else queryset.using(primary).order_by("pk")
         )
-        gen, writes = head.gen, head.writes
-        page = queryset.order_by("pk")
         if last_pk is not None:
             page = page.filter(pk__gt=last_pk)
         rows = list(page[:batch_size])
@@ -562,14 +614,16 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
             row = mc.codec.values(obj)
             if row is not None:
                 value = mc.codec.freeze(row)
+                key = lk.key(g, mc.schema, _alias_part(db, scope), (value[2],))
+                head = heads[g.shard_of(key).tag]
                 fills.append(
                     Fill(
                         g,
                         mc.label,
-                        lk.key(g, mc.schema, _alias_part(db, scope), (value[2],)),
+                        key,
                         "",
-                        gen,
-                        writes,
+                        head.gen,
+                        head.writes,
                         value,
                         mc.timeout,
                         _row_of(mc, value),

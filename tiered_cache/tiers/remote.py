@@ -10,18 +10,27 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import redis
 from django_redis import get_redis_connection
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, ResponseError
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ..breaker import breaker
 from ..conf import conf
 from ..counters import Latency
-from ..keys import ScriptCall
+from ..keys import ScriptCall, channel
 from ..threads import ProcessThread
 
 logger = logging.getLogger("tiered_cache")
@@ -35,6 +44,10 @@ class Fillable(Protocol):
     version: bytes
 
     def call(self, version: bytes) -> ScriptCall: ...
+
+
+# Replies that say a cluster's slot map changed under us (a failover, a resharding).
+_MOVED = (MovedError, AskError, ClusterDownError, TryAgainError, ConnectionError)
 
 
 class Unavailable(Exception):
@@ -72,7 +85,7 @@ fresh_token = _Tokens()
 class RedisTier:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._client: redis.Redis | None = None
+        self._client: Any = None
         self._pid = 0
         # Each thread keeps one connection for the scripts of the read and write paths:
         # taking one from the pool and giving it back costs a third of a round trip.
@@ -87,9 +100,15 @@ class RedisTier:
     def connection_kwargs(self, **overrides: Any) -> tuple[type, dict[str, Any]]:
         """django-redis's connection settings for our alias, with our timeouts and no
         client-side retries: a cache call must fail fast, the breaker decides what next."""
-        pool = get_redis_connection(conf.CACHE_ALIAS).connection_pool
-        kwargs = dict(pool.connection_kwargs)
-        for k in ("retry_on_error", "retry_on_timeout", "health_check_interval"):
+        base = get_redis_connection(conf.CACHE_ALIAS)
+        if isinstance(base, RedisCluster):
+            kwargs = dict(base.nodes_manager.connection_kwargs)
+            cls: type = kwargs.pop("connection_class", redis.Connection)
+        else:
+            kwargs = dict(base.connection_pool.connection_kwargs)
+            cls = base.connection_pool.connection_class
+        # A Sentinel pool puts itself there; ours is made anew (make_pool).
+        for k in ("retry_on_error", "retry_on_timeout", "health_check_interval", "connection_pool"):
             kwargs.pop(k, None)
         kwargs.update(
             socket_timeout=conf.SOCKET_TIMEOUT,
@@ -97,33 +116,112 @@ class RedisTier:
             retry=Retry(NoBackoff(), 0),
         )
         kwargs.update(overrides)
-        return pool.connection_class, kwargs
+        return cls, kwargs
+
+    @property
+    def cluster(self) -> bool:
+        """Whether our alias is a Redis Cluster (tiered_cache.cluster.ClusterClient)."""
+        return isinstance(get_redis_connection(conf.CACHE_ALIAS), RedisCluster)
+
+    def _make_cluster(self, **overrides: Any) -> RedisCluster:
+        """A cluster client of our own: the nodes django-redis's knows, our timeouts, no
+        retries (a failed call is the breaker's to count; a moved slot refreshes the map)."""
+        base = get_redis_connection(conf.CACHE_ALIAS)
+        _, kwargs = self.connection_kwargs(**overrides)
+        for k in ("host", "port", "retry"):
+            kwargs.pop(k, None)
+        return RedisCluster(
+            startup_nodes=[ClusterNode(n.host, n.port) for n in base.get_nodes()],  # type: ignore[no-untyped-call]
+            retry=Retry(NoBackoff(), 0),
+            **kwargs,
+        )
+
+    def bus_pool(self, **overrides: Any) -> redis.ConnectionPool:
+        """A pool for the bus's subscription: the server (or Sentinel master) of make_pool,
+        or on a cluster the node that owns the bus channel's slot (sharded pub/sub)."""
+        if not self.cluster:
+            return self.make_pool(**overrides)
+        client: Any = self.client
+        client.nodes_manager.initialize()  # a failover or a resharding may have moved it
+        node = client.get_node_from_key(channel())
+        cls, kwargs = self.connection_kwargs(**overrides)
+        kwargs.update(host=node.host, port=node.port)
+        return redis.ConnectionPool(connection_class=cls, **kwargs)
+
+    def make_pool(self, **overrides: Any) -> redis.ConnectionPool:
+        """A pool of our own to the server django-redis's client of our alias talks to:
+        the same address, or the master the same Sentinels name (asked with our timeouts,
+        and again on every connect, so a failover is followed), with connection_kwargs()."""
+        base = get_redis_connection(conf.CACHE_ALIAS).connection_pool
+        cls, kwargs = self.connection_kwargs(**overrides)
+        if isinstance(base, SentinelConnectionPool):
+            manager = base.sentinel_manager
+            sentinel_kwargs = dict(manager.sentinel_kwargs)
+            sentinel_kwargs.update(
+                socket_timeout=conf.SOCKET_TIMEOUT,
+                socket_connect_timeout=conf.SOCKET_CONNECT_TIMEOUT,
+            )
+            ours = Sentinel(  # type: ignore[no-untyped-call]
+                [
+                    (
+                        c.connection_pool.connection_kwargs["host"],
+                        c.connection_pool.connection_kwargs["port"],
+                    )
+                    for c in manager.sentinels
+                ],
+                min_other_sentinels=manager.min_other_sentinels,
+                sentinel_kwargs=sentinel_kwargs,
+            )
+            # redis-py leaves these unannotated.
+            return SentinelConnectionPool(  # type: ignore[no-untyped-call]
+                base.service_name, ours, is_master=True, connection_class=cls, **kwargs
+            )
+        return redis.ConnectionPool(connection_class=cls, **kwargs)
+
+    def replica_acks(self) -> int:
+        """How many replicas must acknowledge an invalidation before it counts as delivered
+        (REPLICA_ACKS; None: 1 behind Sentinel, else 0). Replication is asynchronous: a
+        failover to a replica that never got an invalidation would serve the row it
+        replaced, so an unacknowledged one goes to the outbox like an undelivered one."""
+        acks = conf.REPLICA_ACKS
+        if acks is None:
+            base = get_redis_connection(conf.CACHE_ALIAS)
+            replicated = isinstance(base, RedisCluster) or isinstance(
+                base.connection_pool, SentinelConnectionPool
+            )
+            acks = 1 if replicated else 0
+        return acks
 
     @property
     def client(self) -> redis.Redis:
-        c = self._client
+        """redis.Redis, or on a cluster a RedisCluster: typed as the first, whose commands
+        the second answers the same way (split by slot where they take several keys)."""
+        c: Any = self._client
         if c is None or self._pid != os.getpid():
             with self._lock:
                 if self._client is None or self._pid != os.getpid():
-                    cls, kwargs = self.connection_kwargs()
                     # Each thread holds a connection made by make_connection() that never
                     # goes back to the pool, and a failed one is replaced: redis-py 8's
                     # default cap of 100 would make every call fail for good after 100
                     # threads or failures in the life of the process.
-                    pool = redis.ConnectionPool(
-                        connection_class=cls, max_connections=2**31, **kwargs
-                    )
-                    self._client = redis.Redis(connection_pool=pool)
+                    if self.cluster:
+                        self._client = self._make_cluster(max_connections=2**31)
+                    else:
+                        pool = self.make_pool(max_connections=2**31)
+                        self._client = redis.Redis(connection_pool=pool)
                     self._pid = os.getpid()
             c = self._client
         assert c is not None
-        return c
+        return cast(redis.Redis, c)
 
     def reset(self) -> None:
         """Forget the client (after fork, or when settings change in tests)."""
         with self._lock:
             if self._client is not None and self._pid == os.getpid():
-                self._client.connection_pool.disconnect()
+                if isinstance(self._client, RedisCluster):
+                    self._client.close()
+                else:
+                    self._client.connection_pool.disconnect()
             self._client = None
         self._local = threading.local()
 
@@ -135,13 +233,19 @@ class RedisTier:
         self._local = threading.local()
         self.latency.after_fork()
 
-    def _conn(self) -> Any:
+    def _conn(self, node: Any = None) -> Any:
+        """This thread's connection to the server, or on a cluster to one node."""
         local = self._local
-        conn = getattr(local, "conn", None)
-        if conn is None or local.pid != os.getpid() or local.client is not self._client:
-            client = self.client
-            conn = client.connection_pool.make_connection()
-            local.conn, local.pid, local.client = conn, os.getpid(), client
+        conns = getattr(local, "conns", None)
+        if conns is None or local.pid != os.getpid() or local.client is not self._client:
+            local.client = self.client
+            local.pid = os.getpid()
+            conns = local.conns = {}
+        name = "" if node is None else node.name
+        conn = conns.get(name)
+        if conn is None:
+            pool = (local.client if node is None else node.redis_connection).connection_pool
+            conn = conns[name] = pool.make_connection()
         elif getattr(conn, "_sock", None) is not None:
             # A held connection the server closed (restart, CLIENT KILL, idle timeout)
             # would fail the next call and count against the breaker: check, as redis-py's
@@ -155,61 +259,142 @@ class RedisTier:
         return conn
 
     def _drop_conn(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        for conn in (getattr(self._local, "conns", None) or {}).values():
             try:
                 conn.disconnect()
             except Exception:
                 pass
-        self._local.conn = None
+        self._local.conns = None
 
-    def scripts(self, calls: Sequence[ScriptCall], force: bool = False) -> list[Any]:
-        """Run scripts (each atomic on its own) in one round trip on this thread's
-        connection, through the breaker. Raises Unavailable on any failure (the connection
-        is then dropped). force=True tries even while the breaker is open (the bus listener
-        delivering the outbox right after Redis answered its heartbeat); the outcome still
-        counts."""
+    def scripts(
+        self,
+        calls: Sequence[ScriptCall],
+        force: bool = False,
+        acks: int = 0,
+        publish: Sequence[str] = (),
+    ) -> list[Any]:
+        """Run scripts (each atomic on its own) through the breaker, in one round trip on
+        this thread's connection (on a cluster, one per node, all sent before any reply is
+        read). Raises Unavailable on any failure (the connections are then dropped).
+        force=True tries even while the breaker is open (the bus listener delivering the
+        outbox right after Redis answered its heartbeat); the outcome still counts.
+        publish: bus messages sent once every script has run. acks: the replicas that must
+        hold every effect of the calls (WAIT, at most REPLICA_ACK_TIMEOUT, on each server
+        written); fewer raise Unavailable too, after the messages went out."""
         if not breaker.allow() and not force:  # allow() first: it may start a probe
             raise Unavailable("circuit open")
         t0 = time.perf_counter()
         try:
-            out = self._send(calls)
-            missing = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
-            if missing:
-                # Redis restarted or its script cache was flushed: load and run again.
-                conn = self._conn()
-                for script in {calls[i].script for i in missing}:
-                    conn.send_command("SCRIPT", "LOAD", script.source)
-                    conn.read_response()
-                again = self._send([calls[i] for i in missing])
-                for i, r in zip(missing, again, strict=False):
-                    out[i] = r
-            for r in out:
-                if isinstance(r, ResponseError):
-                    raise r
+            out, acked = self._run(calls, acks, publish)
         except (redis.RedisError, OSError) as exc:
             self._drop_conn()
+            if isinstance(exc, _MOVED) and self._client is not None and self.cluster:
+                self._client.nodes_manager.initialize()  # the slot map changed: a failover
             breaker.failure(exc)
             raise Unavailable(str(exc)) from exc
         breaker.success()
+        if acked < acks:  # Redis answered: not a failure for the breaker to count
+            raise Unavailable(f"{acked} of {acks} replicas acknowledged the invalidation")
         self.latency.observe(time.perf_counter() - t0)
         return out
 
-    def _send(self, calls: Sequence[ScriptCall]) -> list[Any]:
-        conn = self._conn()
-        commands = [("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in calls]
+    def _run(
+        self, calls: Sequence[ScriptCall], acks: int, publish: Sequence[str]
+    ) -> tuple[list[Any], int]:
+        cluster = self.cluster
+        # On one server the messages follow the scripts on the same connection: Redis runs
+        # them in that order, in the same round trip.
+        inline = [("PUBLISH", channel(), m) for m in publish] if not cluster else []
+        out: list[Any] = [None] * len(calls)
+        acked: dict[str, int] = {}
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            for node, idx, replies, node_acked in self._round(calls, todo, acks, inline):
+                out_of_node = replies
+                for i, r in zip(idx, out_of_node, strict=True):
+                    out[i] = r
+                acked[node] = node_acked  # a later WAIT covers the earlier writes too
+            todo = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
+            if not todo or attempt:
+                break
+            # Redis restarted or its script cache was flushed: load and run again (the
+            # messages go out again after them: a second drop of an entry is harmless).
+            for i in todo:
+                conn = self._conn(self._node_of(calls[i]))
+                conn.send_command("SCRIPT", "LOAD", calls[i].script.source)
+                conn.read_response()
+        for r in out:
+            if isinstance(r, ResponseError):
+                raise r
+        if publish and cluster:
+            client: Any = self.client
+            conn = self._conn(client.get_node_from_key(channel()))
+            self._exchange(conn, [("SPUBLISH", channel(), m) for m in publish], raise_errors=True)
+        return out, min(acked.values(), default=acks) if acks else 0
+
+    def _node_of(self, call: ScriptCall) -> Any:
+        client: Any = self.client
+        return client.get_node_from_key(call.keys[0]) if self.cluster else None
+
+    def _round(
+        self, calls: Sequence[ScriptCall], todo: list[int], acks: int, extra: list[tuple[Any, ...]]
+    ) -> list[tuple[str, list[int], list[Any], int]]:
+        """Send the calls `todo` names, grouped by server, then read every reply: (server,
+        indexes, replies, replicas that acknowledged) per server."""
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for i in todo:
+            node = self._node_of(calls[i])
+            groups.setdefault("" if node is None else node.name, (node, []))[1].append(i)
+        sent = []
+        for name, (node, idx) in groups.items():
+            commands: list[tuple[Any, ...]] = [
+                ("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args)
+                for c in (calls[i] for i in idx)
+            ]
+            commands.extend(extra)
+            if acks:
+                # WAIT covers every write this connection made before it: the scripts above.
+                commands.append(("WAIT", acks, max(1, int(conf.REPLICA_ACK_TIMEOUT * 1000))))
+            conn = self._conn(node)
+            self._send_packed(conn, commands)
+            sent.append((name, idx, conn, len(commands)))
+        results = []
+        for name, idx, conn, n in sent:
+            replies = self._read(conn, n)
+            node_acked = replies[-1] if acks else 0
+            if acks and not isinstance(node_acked, int):
+                node_acked = 0
+            results.append((name, idx, replies[: len(idx)], node_acked))
+        return results
+
+    @staticmethod
+    def _send_packed(conn: Any, commands: list[tuple[Any, ...]]) -> None:
         if _pack is not None:  # hiredis packs in C; redis-py's own packer is Python
             conn.send_packed_command([b"".join([_pack(c) for c in commands])], check_health=False)
         elif len(commands) == 1:
             conn.send_command(*commands[0])
         else:
             conn.send_packed_command(conn.pack_commands(commands))
+
+    @staticmethod
+    def _read(conn: Any, n: int) -> list[Any]:
         out: list[Any] = []
-        for _ in commands:
+        for _ in range(n):
             try:
                 out.append(conn.read_response())
             except ResponseError as exc:  # the reply was read whole: the stream stays in step
                 out.append(exc)
+        return out
+
+    def _exchange(
+        self, conn: Any, commands: list[tuple[Any, ...]], raise_errors: bool
+    ) -> list[Any]:
+        self._send_packed(conn, commands)
+        out = self._read(conn, len(commands))
+        if raise_errors:
+            for r in out:
+                if isinstance(r, ResponseError):
+                    raise r
         return out
 
     def run_fills(self, fills: Sequence[Fillable]) -> list[Any]:
