@@ -44,16 +44,16 @@ def l2_keys(model: Any) -> list[bytes]:
     assert mc is not None
     redis_tier.wait_for_fills()
     client = redis_tier.client
-    g = mc.home
-    gen = client.get(g.gen_key) or b""
     live = []
-    prefix = f"{g.tag}:{mc.schema}:{mc.label}:".replace("[", "[[]")
-    for k in client.scan_iter(match=prefix + "*", count=1000):
-        if k.endswith(b"|L"):
-            continue
-        value = client.get(k) or b""
-        if value.split(b"|", 2)[1:2] == [gen]:
-            live.append(k)
+    for shard in mc.home.shards:  # one but on a cluster (keys.Shard)
+        gen = client.get(shard.gen_key) or b""
+        prefix = f"{shard.tag}:{mc.schema}:{mc.label}:".replace("[", "[[]")
+        for k in client.scan_iter(match=prefix + "*", count=1000):
+            if k.endswith(b"|L"):
+                continue
+            value = client.get(k) or b""
+            if value.split(b"|", 2)[1:2] == [gen]:
+                live.append(k)
     return live
 
 

@@ -71,14 +71,6 @@ def _check_redis() -> None:
         )
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_configure(config: pytest.Config) -> None:
-    # Before pytest-django sets Django up: the settings read the topology's cache entry.
-    from tests import topologies
-
-    topologies.start()
-
-
 def pytest_unconfigure(config: pytest.Config) -> None:
     from tests import topologies
 

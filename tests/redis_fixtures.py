@@ -48,8 +48,39 @@ class RedisEnv:
         self._workers.clear()
 
 
+class TopologyServer:
+    """own_redis's server in a TC_TOPOLOGY run (tests/topologies.py): the run's Sentinel
+    setup or cluster, which the cache already points at. Faults of a single server
+    (pause, hide, restart empty...) have no meaning here; tests/test_failover.py injects
+    the faults of a topology."""
+
+    def __init__(self, topology: Any) -> None:
+        self.topology = topology
+        self.url = settings.CACHES["default"]["LOCATION"]
+
+    def client(self) -> Any:
+        """A plain client to the data: the cluster, or the Sentinel master."""
+        if hasattr(self.topology, "cluster_client"):
+            return self.topology.cluster_client()
+        return self.topology.master_client()
+
+    def heal(self) -> None:
+        self.topology.heal()
+
+
 @pytest.fixture(scope="module")
 def redis_env(django_db_setup: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisEnv]:
+    from tests import topologies
+
+    if topologies.current is not None:
+        _reset_core()
+        env = RedisEnv(TopologyServer(topologies.current))  # type: ignore[arg-type]
+        try:
+            yield env
+        finally:
+            env.close()
+            _reset_core()
+        return
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     caches = {"default": {**settings.CACHES["default"], "LOCATION": server.url}}

@@ -243,20 +243,22 @@ class _SentinelProc(_Process):
         args: list[str | int] = []
         for name, value in tuning.items():
             args += [name, value]
-        self.probe().execute_command("SENTINEL", "DEBUG", *args)
+        self.sentinel("DEBUG", *args)
 
-    # Raw SENTINEL commands, not redis-py's sentinel_* helpers: their answers change shape
-    # between redis-py versions.
+    def sentinel(self, *args: str | int) -> Any:
+        """A raw SENTINEL command, not redis-py's sentinel_* helpers: their answers change
+        shape between redis-py versions."""
+        return self.probe().execute_command("SENTINEL", *args)  # type: ignore[no-untyped-call]
+
     def master_state(self, service: str) -> dict[str, str]:
         """SENTINEL MASTER: field name to value, as the sentinel sends them."""
-        return _fields(self.probe().execute_command("SENTINEL", "MASTER", service))
+        return _fields(self.sentinel("MASTER", service))
 
     def replicas(self, service: str) -> list[dict[str, str]]:
-        rows = self.probe().execute_command("SENTINEL", "REPLICAS", service)
-        return [_fields(row) for row in rows]
+        return [_fields(row) for row in self.sentinel("REPLICAS", service)]
 
     def master_address(self, service: str) -> Address | None:
-        answer = self.probe().execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", service)
+        answer = self.sentinel("GET-MASTER-ADDR-BY-NAME", service)
         return None if not answer else (str(answer[0]), int(answer[1]))
 
 
@@ -557,7 +559,9 @@ class SentinelTopology:
             deadline - time.monotonic(),
             f"{new.name} did not become master",
         )
-        sentinel = Sentinel(self.sentinels, sentinel_kwargs={"socket_timeout": 2.0})
+        sentinel: Any = Sentinel(  # type: ignore[no-untyped-call]
+            self.sentinels, sentinel_kwargs={"socket_timeout": 2.0}
+        )
 
         def reachable() -> bool:
             client = sentinel.master_for(self.SERVICE, socket_timeout=2.0)

@@ -43,6 +43,14 @@ DATABASES["snapshot"] = {
     "TEST": {**DATABASES["default"]["TEST"], "MIRROR": "default"},
 }
 
+# TC_TOPOLOGY=sentinel|cluster: the run's Redis is a topology started here, in the test
+# process, before anything reads CACHES (pytest-django reads the settings before any
+# conftest hook runs); tests/conftest.py stops it. It sets TEST_CACHE_JSON (below).
+if os.environ.get("TC_TOPOLOGY") and not os.environ.get("TEST_CACHE_JSON"):
+    from tests import topologies
+
+    topologies.start()
+
 # One prefix per run keeps concurrent runs (and leftovers of dead runs) apart;
 # conftest.py deletes this run's keys at the end.
 # Processes spawned by a test (tests/processes.py) inherit the parent's prefix.

@@ -19,6 +19,7 @@ import pytest
 
 import tiered_cache
 from tests import coherence_tasks as ct
+from tests import topologies
 from tests.cache_fixtures import paused_after_read
 from tests.redis_fixtures import RedisEnv
 from tests.testapp.factories import FlowFactory
@@ -28,6 +29,12 @@ from tiered_cache.registry import first_model_cache
 from tiered_cache.tiers import redis_tier
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def data_key(pk: int) -> str:
+    mc = first_model_cache(Flow)
+    assert mc is not None
+    return mc.key(mc.pk_lookup, (pk,))
 
 
 def _home() -> Any:
@@ -48,7 +55,9 @@ def _lose(env: RedisEnv, how: str, keys: Callable[[], list[str]]) -> None:
         assert ct.wait_trusted(10)
 
 
-LOSSES = ["evicted", "flushall", "restart-empty"]
+# A restart of one server; on a topology, the failover tests (tests/test_failover.py)
+# lose state the way a topology does.
+LOSSES = ["evicted", "flushall"] + ([] if topologies.kind() else ["restart-empty"])
 
 
 def _writes_back_to(seen: bytes | None) -> int:
@@ -68,9 +77,14 @@ def test_a_no_such_row_entry_is_not_valid_again_after_the_write_counter_is_lost(
     other = FlowFactory()  # some other row, written after the loss
     assert ct.read_by_session("t-new", "s-new") == "DoesNotExist"
     redis_tier.wait_for_fills()
-    seen = own_redis.server.client().get(_home().writes_key)
+    g = _home()
+    mc = first_model_cache(Flow)
+    assert mc is not None
+    lk = mc.lookups[frozenset({"tenant_id", "session_id"})]
+    shard = g.shard_of(mc.key(lk, ("t-new", "s-new")))
+    seen = own_redis.server.client().get(shard.writes_key)
     created = FlowFactory(tenant_id="t-new", session_id="s-new")
-    _lose(own_redis, how, lambda: [_home().writes_key])
+    _lose(own_redis, how, lambda: [s.writes_key for s in g.shards])
     # As many writes after the loss as bring a counter counting up from 0 back to the
     # value the entry was stored under.
     for _ in range(_writes_back_to(seen)):
@@ -91,11 +105,12 @@ def test_a_fill_of_a_row_read_before_a_write_is_refused_whatever_key_was_evicted
     other = FlowFactory(current_step=1)
     g = _home()
     rid = pk_row_id(Flow._meta.pk, flow.pk)
+    # In every shard (one but on a cluster): the entry may be in any of them.
     chosen = {
-        "writes": [g.writes_key],
-        "row version": [g.row_key(rid)],
-        "generation": [g.gen_key],
-        "all three": [g.writes_key, g.row_key(rid), g.gen_key],
+        "writes": [s.writes_key for s in g.shards],
+        "row version": [s.row_key(rid) for s in g.shards],
+        "generation": [s.gen_key for s in g.shards],
+        "all three": [k for s in g.shards for k in (s.writes_key, s.row_key(rid), s.gen_key)],
     }[which]
     paused, release = threading.Event(), threading.Event()
     got: list[Any] = []
@@ -113,7 +128,7 @@ def test_a_fill_of_a_row_read_before_a_write_is_refused_whatever_key_was_evicted
     reader.start()
     try:
         assert paused.wait(10)  # the reader holds step 1 and the counters it saw
-        seen = own_redis.server.client().get(g.writes_key)
+        seen = own_redis.server.client().get(g.shard_of(data_key(flow.pk)).writes_key)
         ct.write_one(flow.pk, "save")  # step 2
         own_redis.server.client().delete(*chosen)
         for _ in range(_writes_back_to(seen) if which != "row version" else 1):
@@ -127,6 +142,13 @@ def test_a_fill_of_a_row_read_before_a_write_is_refused_whatever_key_was_evicted
     assert ct.read(flow.pk)[0] == 2, f"the fill of step 1 passed after the {which} was evicted"
 
 
+def _single_server(test: Any) -> Any:
+    """Defined on the single server only: a topology's memory settings are per node (the
+    same scripts run there; tests/test_failover.py covers what a topology loses)."""
+    return test if topologies.kind() is None else None
+
+
+@_single_server
 def test_reads_equal_the_database_under_allkeys_lru_eviction(own_redis: RedisEnv) -> None:
     """A small maxmemory with allkeys-lru and another client filling Redis: our keys are
     evicted as Redis chooses, between and during reads and writes of this process and

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -21,9 +22,9 @@ pytest_plugins = ("tests.sentinel_fixtures",)
 
 
 @contextmanager
-def sentinel_client(topology: SentinelTopology) -> Iterator[Sentinel]:
-    """redis-py's own Sentinel client, as an application would use it."""
-    sentinel = Sentinel(
+def sentinel_client(topology: SentinelTopology) -> Iterator[Any]:
+    """redis-py's own Sentinel client, as an application would use it (untyped: Any)."""
+    sentinel: Any = Sentinel(  # type: ignore[no-untyped-call]
         topology.sentinels, sentinel_kwargs={"socket_timeout": 2.0}, socket_timeout=2.0
     )
     try:
@@ -129,7 +130,8 @@ def test_fail_over_works_both_ways_and_heal_keeps_a_healthy_topology(
 def test_stop_leaves_no_process_behind(tmp_path: Path) -> None:
     topology = SentinelTopology(tmp_path)
     topology.start()
-    processes = [p.proc for p in (topology.relay, *topology.nodes, *topology._sentinels)]
+    parts: list[Any] = [topology.relay, *topology.nodes, *topology._sentinels]
+    processes = [p.proc for p in parts]
     assert all(p is not None and p.poll() is None for p in processes)
     topology.stop()
     topology.stop()  # idempotent

@@ -1,8 +1,8 @@
 """The Redis topology a test run uses: the shared single server (the default), or with
 TC_TOPOLOGY=sentinel a Sentinel setup (1 master, 1 replica, 3 sentinels;
 tests/sentinel_topology.py) or with TC_TOPOLOGY=cluster a Redis Cluster (3 masters, 3
-replicas; tests/cluster_topology.py), started on spare ports before Django reads its
-settings (tests/conftest.py, pytest_configure) and stopped at the end of the run.
+replicas; tests/cluster_topology.py), started on spare ports by tests/settings.py (the
+first thing pytest-django reads) and stopped at the end of the run (tests/conftest.py).
 
     TC_TOPOLOGY=cluster .venv/bin/pytest tests/test_coherence.py
 

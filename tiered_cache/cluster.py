@@ -45,7 +45,7 @@ class ClusterClient(DefaultClient):  # type: ignore[misc]  # django-redis is unt
     def __init__(self, server: Any, params: dict[str, Any], backend: Any) -> None:
         super().__init__(server, params, backend)
         # All the listed nodes are startup nodes of one client (index 0).
-        servers: list[str] = list(getattr(self, "_server"))
+        servers: list[str] = list(self._server)
         self._startup = servers
         self._server: list[str] = servers[:1]
         self._clients: list[Any] = [None]

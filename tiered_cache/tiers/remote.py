@@ -21,6 +21,7 @@ from redis.exceptions import (
     ClusterDownError,
     MovedError,
     NoScriptError,
+    RedisClusterException,
     ResponseError,
     TryAgainError,
 )
@@ -30,7 +31,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 from ..breaker import breaker
 from ..conf import conf
 from ..counters import Latency
-from ..keys import ScriptCall, channel
+from ..keys import ScriptCall, channel, cluster_mode
 from ..threads import ProcessThread
 
 logger = logging.getLogger("tiered_cache")
@@ -46,8 +47,12 @@ class Fillable(Protocol):
     def call(self, version: bytes) -> ScriptCall: ...
 
 
+# What a failed Redis call raises: redis-py's errors, the socket's, and the cluster client's
+# own (RedisClusterException is not a RedisError: no node reachable, no slot map).
+REDIS_ERRORS = (redis.RedisError, OSError, RedisClusterException)
+
 # Replies that say a cluster's slot map changed under us (a failover, a resharding).
-_MOVED = (MovedError, AskError, ClusterDownError, TryAgainError, ConnectionError)
+_MOVED = (MovedError, AskError, ClusterDownError, TryAgainError, redis.ConnectionError)
 
 
 class Unavailable(Exception):
@@ -120,8 +125,9 @@ class RedisTier:
 
     @property
     def cluster(self) -> bool:
-        """Whether our alias is a Redis Cluster (tiered_cache.cluster.ClusterClient)."""
-        return isinstance(get_redis_connection(conf.CACHE_ALIAS), RedisCluster)
+        """Whether our alias is a Redis Cluster (tiered_cache.cluster.ClusterClient): read
+        from the settings, since asking the client would connect (and may fail)."""
+        return cluster_mode()
 
     def _make_cluster(self, **overrides: Any) -> RedisCluster:
         """A cluster client of our own: the nodes django-redis's knows, our timeouts, no
@@ -185,9 +191,9 @@ class RedisTier:
         replaced, so an unacknowledged one goes to the outbox like an undelivered one."""
         acks = conf.REPLICA_ACKS
         if acks is None:
-            base = get_redis_connection(conf.CACHE_ALIAS)
-            replicated = isinstance(base, RedisCluster) or isinstance(
-                base.connection_pool, SentinelConnectionPool
+            # A Sentinel client is made without connecting; a cluster's is not asked.
+            replicated = cluster_mode() or isinstance(
+                get_redis_connection(conf.CACHE_ALIAS).connection_pool, SentinelConnectionPool
             )
             acks = 1 if replicated else 0
         return acks
@@ -286,10 +292,10 @@ class RedisTier:
         t0 = time.perf_counter()
         try:
             out, acked = self._run(calls, acks, publish)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self._drop_conn()
-            if isinstance(exc, _MOVED) and self._client is not None and self.cluster:
-                self._client.nodes_manager.initialize()  # the slot map changed: a failover
+            if isinstance(exc, _MOVED) and self.cluster:
+                self._refresh()
             breaker.failure(exc)
             raise Unavailable(str(exc)) from exc
         breaker.success()
@@ -297,6 +303,16 @@ class RedisTier:
             raise Unavailable(f"{acked} of {acks} replicas acknowledged the invalidation")
         self.latency.observe(time.perf_counter() - t0)
         return out
+
+    def _refresh(self) -> None:
+        """The slot map changed under us (a failover, a resharding): read it again, or let
+        the next call find out."""
+        client = self._client
+        if client is not None:
+            try:
+                client.nodes_manager.initialize()
+            except REDIS_ERRORS:
+                pass
 
     def _run(
         self, calls: Sequence[ScriptCall], acks: int, publish: Sequence[str]
@@ -464,7 +480,7 @@ class RedisTier:
             raise Unavailable("circuit open")
         try:
             result = fn()
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             breaker.failure(exc)
             raise Unavailable(str(exc)) from exc
         breaker.success()
