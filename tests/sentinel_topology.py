@@ -600,12 +600,12 @@ class SentinelTopology:
         master = self._other(node)
         deadline = time.monotonic() + timeout
         # Not while a sentinel could still think the master down: it would promote the
-        # empty node.
+        # empty node. (fail_over() waited for a settled state already; this catches
+        # whatever happened since.)
         self._wait(
             lambda: self._settled(master),
             timeout,
             f"the sentinels did not settle on {master.name} before the restart",
-            hold=self.SETTLE_S,
         )
         node.start(replicaof=None)
         self._killed = None
@@ -619,7 +619,7 @@ class SentinelTopology:
             lambda: self._sentinels_agree(master, node),
             deadline - time.monotonic(),
             f"the sentinels did not see {node.name} as a healthy replica of {master.name}",
-            hold=1.0,
+            hold=0.5,
         )
 
     # -- internals -------------------------------------------------------------------------

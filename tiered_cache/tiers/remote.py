@@ -262,6 +262,11 @@ class RedisTier:
                 dead = True
             if dead:
                 conn.disconnect()
+        if getattr(conn, "_sock", None) is None:
+            # Connect here, not on the first send: redis-py 8 connects a sending connection
+            # through the base class's _connect(), which a Sentinel-managed connection does
+            # not override (it would dial the service name as a host).
+            conn.connect()
         return conn
 
     def _drop_conn(self) -> None:
