@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from redis.sentinel import Sentinel
 
 from tests.sentinel_topology import SentinelTopology
