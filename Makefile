@@ -16,7 +16,7 @@ REDIS_PORT ?= 6379
 PYTEST_ARGS ?=
 DEMO_ADDR ?= 127.0.0.1:8000
 
-.PHONY: venv venv6 services postgres redis broker lint test test-django52 test-django6 demo worker bench bench-peers clean fuzz
+.PHONY: venv venv6 services postgres redis broker lint test test-django52 test-topologies test-django6 demo worker bench bench-peers clean fuzz
 
 venv: $(STAMP)
 
@@ -81,10 +81,22 @@ lint: venv
 
 # Lint first, then the whole suite on Django 5.2 LTS (Python 3.11) and on Django 6.x
 # (Python 3.12). pytest's own exit codes carry through: 5 (no tests collected) fails.
-test: lint test-django52 test-django6
+test: lint test-django52 test-topologies test-django6
 
 test-django52: venv services
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The coherence, resilience, lost-state, read, write and derived tests again with the
+# cache on a Sentinel setup (1 master, 1 replica, 3 sentinels) and on a Redis Cluster (3
+# masters, 3 replicas), each started by the run on spare ports (tests/topologies.py).
+# Tests marked single_server inject faults into one private redis-server; the topologies'
+# own faults (a replica cut off, then promoted) are in tests/test_failover.py, which the
+# main run has.
+TOPOLOGY_TESTS := tests/test_coherence.py tests/test_resilience.py tests/test_lost_state.py \
+  tests/test_reads.py tests/test_writes.py tests/test_derived.py
+test-topologies: venv services
+	TC_TOPOLOGY=sentinel $(BIN)/pytest -m "not single_server" $(TOPOLOGY_TESTS)
+	TC_TOPOLOGY=cluster $(BIN)/pytest -m "not single_server" $(TOPOLOGY_TESTS)
 
 test-django6: venv6 services
 	$(VENV6)/bin/pytest $(PYTEST_ARGS)

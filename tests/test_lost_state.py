@@ -19,7 +19,6 @@ import pytest
 
 import tiered_cache
 from tests import coherence_tasks as ct
-from tests import topologies
 from tests.cache_fixtures import paused_after_read
 from tests.redis_fixtures import RedisEnv
 from tests.testapp.factories import FlowFactory
@@ -57,7 +56,11 @@ def _lose(env: RedisEnv, how: str, keys: Callable[[], list[str]]) -> None:
 
 # A restart of one server; on a topology, the failover tests (tests/test_failover.py)
 # lose state the way a topology does.
-LOSSES = ["evicted", "flushall"] + ([] if topologies.kind() else ["restart-empty"])
+LOSSES = [
+    "evicted",
+    "flushall",
+    pytest.param("restart-empty", marks=pytest.mark.single_server),
+]
 
 
 def _writes_back_to(seen: bytes | None) -> int:
@@ -142,13 +145,8 @@ def test_a_fill_of_a_row_read_before_a_write_is_refused_whatever_key_was_evicted
     assert ct.read(flow.pk)[0] == 2, f"the fill of step 1 passed after the {which} was evicted"
 
 
-def _single_server(test: Any) -> Any:
-    """Defined on the single server only: a topology's memory settings are per node (the
-    same scripts run there; tests/test_failover.py covers what a topology loses)."""
-    return test if topologies.kind() is None else None
-
-
-@_single_server
+# A topology's memory settings are per node; the same scripts run there.
+@pytest.mark.single_server
 def test_reads_equal_the_database_under_allkeys_lru_eviction(own_redis: RedisEnv) -> None:
     """A small maxmemory with allkeys-lru and another client filling Redis: our keys are
     evicted as Redis chooses, between and during reads and writes of this process and
