@@ -1056,6 +1056,25 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
+def measure_cluster(quick: bool, log: Any) -> dict[str, Any]:
+    """benchmarks/cluster.py: each measure on a private cluster of its own."""
+    from benchmarks.cluster import measure_bus, measure_spread, measure_writes
+
+    rows = 10_000 if quick else 100_000
+    log(f"Redis Cluster: {rows:,} rows of one model spread, the bus, invalidations")
+    return {
+        "spread": measure_spread(rows),
+        "bus": measure_bus(8 if quick else 64, 200 if quick else 2000),
+        "writes": [measure_writes(50 if quick else 300, on) for on in ("single", "cluster")],
+    }
+
+
+def format_cluster(result: dict[str, Any]) -> str:
+    from benchmarks.cluster import format_result
+
+    return "\n" + format_result(result["spread"], result["bus"], result["writes"])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.bench", description=__doc__.split("\n")[0]
@@ -1083,6 +1102,11 @@ def main(argv: list[str] | None = None) -> int:
         "--idle-only",
         action="store_true",
         help="measure only what idle processes cost (benchmarks/idle.py)",
+    )
+    p.add_argument(
+        "--cluster-only",
+        action="store_true",
+        help="measure only the Redis Cluster figures (benchmarks/cluster.py)",
     )
     args = p.parse_args(argv)
     plan = QUICK if args.quick else FULL
@@ -1123,6 +1147,9 @@ def main(argv: list[str] | None = None) -> int:
             n_idle, idle_seconds = (4, 2.0) if args.quick else (64, 10.0)
             print(format_idle(measure_idle(n_idle, idle_seconds)))
             return 0
+        if args.cluster_only:
+            print(format_cluster(measure_cluster(args.quick, log)))
+            return 0
         # Cold rows: one per miss, every round including the warm-up.
         cold = plan.ops("miss_pk") * (plan.rounds + 1)
         data = make_data(plan, cold)
@@ -1159,6 +1186,7 @@ def main(argv: list[str] | None = None) -> int:
         log("dashboard at size: a million unrelated keys on a private redis-server")
         at_size = measure_dashboard(50_000 if args.quick else 1_000_000)
         log("  " + format_size(at_size))
+        cluster = measure_cluster(args.quick, log)
         memory: dict[int, dict[str, Any]] = {}
         for size, pks in zip(plan.memory_sizes, data.memory, strict=True):
             log(f"L1 memory at {size:,} entries (tracemalloc)")
@@ -1200,6 +1228,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "Operations at size (target: the dashboard under 250 ms): " + format_size(at_size) + "."
         )
+        print(
+            "Redis Cluster (targets: each master within 5 points of a third of one model's "
+            "entries; the bus on sharded pub/sub): " + format_cluster(cluster)
+        )
         missed = [r["case"].strip() for r in rows if r["result"] == "MISS"]
         print(
             f"{len([r for r in rows if r['result'] == 'PASS'])} targets met, "
@@ -1216,6 +1248,7 @@ def main(argv: list[str] | None = None) -> int:
                             "commit_to_drop": latency,
                             "idle": idle,
                             "size": at_size,
+                            "cluster": cluster,
                             "l1_memory": memory,
                         }
                     ),

@@ -100,6 +100,14 @@ def test_replica_acks_none_or_a_count_pass(settings: Any, acks: Any) -> None:
     assert check_settings() == []
 
 
+@pytest.mark.parametrize("shards", [0, -2, 2.0, "12", False])
+def test_e013_shards_not_a_count(settings: Any, shards: Any) -> None:
+    settings.TIERED_CACHE = {"SHARDS": shards}
+    msgs = check_settings()
+    assert ids(msgs) == ["tiered_cache.E013"]
+    assert "SHARDS" in msgs[0].msg
+
+
 def test_e012_replica_ack_timeout_not_below_the_socket_timeout(settings: Any) -> None:
     settings.TIERED_CACHE = {"REPLICA_ACK_TIMEOUT": 0.2, "SOCKET_TIMEOUT": 0.1}
     msgs = check_settings()

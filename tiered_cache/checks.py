@@ -101,6 +101,17 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                 id="tiered_cache.E011",
             )
         )
+    shards = raw.get("SHARDS", DEFAULTS["SHARDS"])
+    if shards is not None and (
+        isinstance(shards, bool) or not isinstance(shards, int) or shards < 1
+    ):
+        errors.append(
+            Error(
+                f"TIERED_CACHE['SHARDS'] must be None or a whole number >= 1, not {shards!r}.",
+                hint="None: 1 on a single server or behind Sentinel, 12 on a Redis Cluster.",
+                id="tiered_cache.E013",
+            )
+        )
     ack_timeout = raw.get("REPLICA_ACK_TIMEOUT", DEFAULTS["REPLICA_ACK_TIMEOUT"])
     socket_timeout = raw.get("SOCKET_TIMEOUT", DEFAULTS["SOCKET_TIMEOUT"])
     if (
