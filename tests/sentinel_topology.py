@@ -337,12 +337,17 @@ class SentinelTopology:
     # Not 500: a promoting sentinel ends with CLIENT KILL TYPE normal/pubsub on the new
     # master, which cuts the other sentinels' links to it, and a sentinel reconnects only
     # once per ping-period. With down-after 500 and the default ping-period of 1000 two
-    # sentinels marked the new master SDOWN together and failed over again, back and forth.
+    # sentinels marked the new master SDOWN together and failed over again, back and forth
+    # (to an old master just restarted empty, losing everything).
     DOWN_AFTER_MS = 1000
     # Also the delay before a failover that went wrong is tried again (twice this).
     FAILOVER_TIMEOUT_MS = 3000
     # The sentinels' internal periods (ms), set with SENTINEL DEBUG after each start:
-    # - ping-period 200: PINGs, and reconnections of a dropped link, 5 times a second;
+    # - ping-period 400: PINGs, and reconnections of a dropped link, 2.5 times a second.
+    #   Not less: while the master is down a replica is a candidate only if its last INFO
+    #   is younger than 5 ping-periods, and replicas of a down master are sent INFO once a
+    #   second whatever info-period says; at 200 that is no margin at all, and on a loaded
+    #   machine the first try failed (-failover-abort-no-good-slave, 6 s lost);
     # - info-period 1000: INFO every second, not 10 (replicas and role changes seen soon);
     # - publish-period 500: hellos twice a second (peers found quickly; an old master that
     #   comes back as a master is converted to a replica after 4 of these);
@@ -350,7 +355,7 @@ class SentinelTopology:
     # - tilt-period 5000: a sentinel stalled > 2 s (a loaded machine) refuses to act for
     #   this long, 30 s by default.
     SENTINEL_TUNING = {
-        "ping-period": 200,
+        "ping-period": 400,
         "info-period": 1000,
         "publish-period": 500,
         "ask-period": 500,

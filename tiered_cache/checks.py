@@ -92,26 +92,27 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                 id="tiered_cache.E010",
             )
         )
-    acks = raw.get("REPLICA_ACKS", DEFAULTS["REPLICA_ACKS"])
-    if acks is not None and (isinstance(acks, bool) or not isinstance(acks, int) or acks < 0):
-        errors.append(
-            Error(
-                f"TIERED_CACHE['REPLICA_ACKS'] must be None or a whole number >= 0, not {acks!r}.",
-                hint="None waits for 1 replica behind Sentinel and for none on a single server.",
-                id="tiered_cache.E011",
-            )
-        )
-    shards = raw.get("SHARDS", DEFAULTS["SHARDS"])
-    if shards is not None and (
-        isinstance(shards, bool) or not isinstance(shards, int) or shards < 1
+    for name, least, hint, check_id in (
+        (
+            "REPLICA_ACKS",
+            0,
+            "None waits for 1 replica on Sentinel or a cluster, else none.",
+            "E011",
+        ),
+        ("SHARDS", 1, "None: 12 on a Redis Cluster, else 1.", "E013"),
     ):
-        errors.append(
-            Error(
-                f"TIERED_CACHE['SHARDS'] must be None or a whole number >= 1, not {shards!r}.",
-                hint="None: 1 on a single server or behind Sentinel, 12 on a Redis Cluster.",
-                id="tiered_cache.E013",
+        value = raw.get(name, DEFAULTS[name])
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < least
+        ):
+            errors.append(
+                Error(
+                    f"TIERED_CACHE[{name!r}] must be None or a whole number >= {least}, "
+                    f"not {value!r}.",
+                    hint=hint,
+                    id=f"tiered_cache.{check_id}",
+                )
             )
-        )
     ack_timeout = raw.get("REPLICA_ACK_TIMEOUT", DEFAULTS["REPLICA_ACK_TIMEOUT"])
     socket_timeout = raw.get("SOCKET_TIMEOUT", DEFAULTS["SOCKET_TIMEOUT"])
     if (
