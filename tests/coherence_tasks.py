@@ -92,6 +92,12 @@ def read(pk: int) -> Row | str:
         return "DoesNotExist"
 
 
+def read_past_l1(pk: int) -> Row | str:
+    """A read that L1 cannot answer: from L2 or the database."""
+    tiered_cache.clear_local()
+    return read(pk)
+
+
 def read_by_session(tenant_id: str, session_id: str) -> Row | str:
     try:
         return row_of(Flow.objects.get_cached(tenant_id=tenant_id, session_id=session_id))

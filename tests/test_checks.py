@@ -100,7 +100,7 @@ def test_replica_acks_none_or_a_count_pass(settings: Any, acks: Any) -> None:
     assert check_settings() == []
 
 
-@pytest.mark.parametrize("shards", [0, -2, 2.0, "12", False])
+@pytest.mark.parametrize("shards", [0, -2, 2.0, "12", False, 16384])
 def test_e013_shards_not_a_count(settings: Any, shards: Any) -> None:
     settings.TIERED_CACHE = {"SHARDS": shards}
     msgs = check_settings()

@@ -32,8 +32,9 @@ def user_mc() -> Any:
 
 def forget_hot_rows() -> None:
     mc = user_mc()
-    redis_tier.client.delete(mc.home.hot_key(mc.label), mc.home.procs_key(mc.label))
-    redis_tier.client.hdel(f"{conf.KEY_PREFIX}:ops", "hot_decay:testapp.user")
+    redis_tier.client.delete(
+        mc.home.hot_key(mc.label), mc.home.hot_decay_key(mc.label), mc.home.procs_key(mc.label)
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -155,11 +156,7 @@ def test_cleanup_decays_hot_rows_and_forgets_silent_processes() -> None:
     maintenance.cleanup([User])  # first run: no decay yet, only the clock starts
     assert client.zscore(hot_key, "2") == 1
     # Two half-lives later: 8 -> 2, 1 -> 0.25 (cold, dropped).
-    client.hset(
-        f"{conf.KEY_PREFIX}:ops",
-        "hot_decay:testapp.user",
-        repr(time.time() - 2 * maintenance.HOT_HALF_LIFE),
-    )
+    client.set(mc.home.hot_decay_key(mc.label), repr(time.time() - 2 * maintenance.HOT_HALF_LIFE))
 
     result = maintenance.cleanup([User])
 

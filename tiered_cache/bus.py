@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -74,10 +75,21 @@ class Bus:
         # Set when this process put invalidations in the outbox: the listener delivers
         # them before this process trusts its tiers again.
         self._drain_due = False
+        # After a failed delivery of the outbox: no new attempt before this monotonic time.
+        self._retry_at = 0.0
+        self._backoff = 0.0
         # Called in the caller's thread whenever a listener starts (AppConfig.ready() wires
         # the statistics publisher here: one thread per process, started with the bus).
         self.on_start: list[Callable[[], None]] = []
         os.register_at_fork(after_in_child=self.after_fork)
+        redis_tier.topology_hooks.append(self.topology_changed)
+
+    def topology_changed(self) -> None:
+        """A cluster's masters changed: the promoted replica may lack invalidations its
+        master took. Trust ends now; the listener starts over, and grants trust again only
+        after delivering the outbox (which holds what no replica acknowledged)."""
+        self._drain_due = True
+        self._connection_lost()
 
     def trusted(self) -> bool:
         """Whether this process may use its tiers now. A caller that finds the next
@@ -203,6 +215,8 @@ class Bus:
         self.renew_at = 0.0
         self.connected = False
         self._drain_due = False
+        self._retry_at = 0.0
+        self._backoff = 0.0
         self._broken = False
         self._pubsub = None
         self._sent = {}
@@ -326,10 +340,19 @@ class Bus:
                 if at < self._quarantine:
                     continue
                 if self._drain_due or now >= self.trusted_until:
+                    if now < self._retry_at:
+                        continue  # the last delivery failed: back off (see below)
                     self._drain_due = False
                     if not self._regain():
+                        # Redis refused the outbox (or no replica acknowledged it): try again
+                        # later, each time twice as late up to 5 s, at a random point, or
+                        # every process would re-send the whole outbox (and its bus
+                        # messages) at every heartbeat while a replica is missing.
                         self._drain_due = True
+                        self._backoff = min(5.0, max(0.1, self._backoff * 2))
+                        self._retry_at = now + self._backoff * random.uniform(0.5, 1.0)
                         continue
+                    self._backoff = 0.0
                 self.trusted_until = at + window
                 if self._drain_due:  # an outbox write landed while we drained
                     self.trusted_until = 0.0

@@ -92,23 +92,19 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                 id="tiered_cache.E010",
             )
         )
-    for name, least, hint, check_id in (
-        (
-            "REPLICA_ACKS",
-            0,
-            "None waits for 1 replica on Sentinel or a cluster, else none.",
-            "E011",
-        ),
-        ("SHARDS", 1, "None: 12 on a Redis Cluster, else 1.", "E013"),
+    for name, least, most, hint, check_id in (
+        ("REPLICA_ACKS", 0, 1000, "None waits for 1 replica on Sentinel or a cluster.", "E011"),
+        # One shard per range of slots: past that, ranges too small to find a tag in.
+        ("SHARDS", 1, 1024, "None: 12 on a Redis Cluster, else 1.", "E013"),
     ):
         value = raw.get(name, DEFAULTS[name])
         if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < least
+            isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most
         ):
             errors.append(
                 Error(
-                    f"TIERED_CACHE[{name!r}] must be None or a whole number >= {least}, "
-                    f"not {value!r}.",
+                    f"TIERED_CACHE[{name!r}] must be None or a whole number from {least} to "
+                    f"{most}, not {value!r}.",
                     hint=hint,
                     id=f"tiered_cache.{check_id}",
                 )

@@ -20,9 +20,11 @@ from urllib.parse import urlparse
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 from django_redis.client.default import DefaultClient
+from django_redis.exceptions import ConnectionInterrupted
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
-__all__ = ["ClusterClient", "is_cluster_client"]
+__all__ = ["ClusterClient", "cluster_settings", "is_cluster_client"]
 
 
 def is_cluster_client(options: Any) -> bool:
@@ -39,6 +41,41 @@ def is_cluster_client(options: Any) -> bool:
     return isinstance(name, type) and issubclass(name, ClusterClient)
 
 
+def cluster_settings(location: Any, options: Any) -> tuple[list[Any], dict[str, Any]]:
+    """The startup nodes and RedisCluster arguments a CACHES entry names (LOCATION: one or
+    more comma-separated redis:// URLs; OPTIONS: SOCKET_TIMEOUT, SOCKET_CONNECT_TIMEOUT,
+    USERNAME, PASSWORD, and CLUSTER_KWARGS passed as they are). Read without connecting."""
+    urls = location.split(",") if isinstance(location, str) else list(location)
+    nodes = []
+    first = None
+    for url in urls:
+        parsed = urlparse(url.strip() if "://" in url else f"redis://{url.strip()}")
+        if not parsed.hostname:
+            raise ImproperlyConfigured(f"Cannot read a Redis Cluster node from {url!r}.")
+        first = first or parsed
+        nodes.append(ClusterNode(parsed.hostname, parsed.port or 6379))  # type: ignore[no-untyped-call]
+    if not nodes:
+        raise ImproperlyConfigured("A Redis Cluster LOCATION names no node.")
+    kwargs: dict[str, Any] = {}
+    for option, arg in (
+        ("SOCKET_TIMEOUT", "socket_timeout"),
+        ("SOCKET_CONNECT_TIMEOUT", "socket_connect_timeout"),
+        ("USERNAME", "username"),
+        ("PASSWORD", "password"),
+    ):
+        if options.get(option) is not None:
+            kwargs[arg] = options[option]
+    assert first is not None
+    if first.password and "password" not in kwargs:
+        kwargs["password"] = first.password
+    if first.username and "username" not in kwargs:
+        kwargs["username"] = first.username
+    if first.scheme == "rediss":
+        kwargs["ssl"] = True
+    kwargs.update(options.get("CLUSTER_KWARGS", {}))
+    return nodes, kwargs
+
+
 class ClusterClient(DefaultClient):  # type: ignore[misc]  # django-redis is untyped
     """django-redis's DefaultClient, talking to a Redis Cluster through one RedisCluster."""
 
@@ -51,28 +88,11 @@ class ClusterClient(DefaultClient):  # type: ignore[misc]  # django-redis is unt
         self._clients: list[Any] = [None]
 
     def connect(self, index: int = 0) -> Any:
-        nodes = []
-        for url in self._startup:
-            parsed = urlparse(url if "://" in url else f"redis://{url}")
-            if not parsed.hostname:
-                raise ImproperlyConfigured(f"Cannot read a Redis Cluster node from {url!r}.")
-            nodes.append(ClusterNode(parsed.hostname, parsed.port or 6379))  # type: ignore[no-untyped-call]
-        first = urlparse(self._startup[0] if "://" in self._startup[0] else "redis://x")
-        kwargs: dict[str, Any] = {}
-        for option, arg in (
-            ("SOCKET_TIMEOUT", "socket_timeout"),
-            ("SOCKET_CONNECT_TIMEOUT", "socket_connect_timeout"),
-            ("USERNAME", "username"),
-            ("PASSWORD", "password"),
-        ):
-            if self._options.get(option) is not None:
-                kwargs[arg] = self._options[option]
-        if first.password and "password" not in kwargs:
-            kwargs["password"] = first.password
-        if first.username and "username" not in kwargs:
-            kwargs["username"] = first.username
-        kwargs.update(self._options.get("CLUSTER_KWARGS", {}))
-        return RedisCluster(startup_nodes=nodes, **kwargs)
+        nodes, kwargs = cluster_settings(self._startup, self._options)
+        try:
+            return RedisCluster(startup_nodes=nodes, **kwargs)
+        except RedisClusterException as exc:  # no node reachable: as django-redis says it
+            raise ConnectionInterrupted(connection=None) from exc
 
     def disconnect(self, index: int = 0, client: Any = None) -> None:
         client = client if client is not None else self._clients[0]
@@ -88,5 +108,22 @@ class ClusterClient(DefaultClient):  # type: ignore[misc]  # django-redis is unt
         if not keys:
             return {}
         made = [self.make_key(k, version=version) for k in keys]
-        values = client.mget_nonatomic(made)
+        try:
+            values = client.mget_nonatomic(made)
+        except _ERRORS as exc:
+            raise ConnectionInterrupted(connection=client) from exc
         return {k: self.decode(v) for k, v in zip(keys, values, strict=True) if v is not None}
+
+    def keys(self, search: str, version: int | None = None, client: Any = None) -> list[Any]:
+        """KEYS on every master (a plain KEYS would ask one node only)."""
+        client = client if client is not None else self.get_client(write=False)
+        pattern = self.make_pattern(search, version=version)
+        try:
+            found = client.keys(pattern, target_nodes=RedisCluster.PRIMARIES)
+        except _ERRORS as exc:
+            raise ConnectionInterrupted(connection=client) from exc
+        return [self.reverse_key(k.decode() if isinstance(k, bytes) else k) for k in found]
+
+
+# What a failed cluster call raises (RedisClusterException is not a RedisError).
+_ERRORS = (RedisError, OSError, RedisClusterException)

@@ -29,7 +29,8 @@ DEFAULTS: dict[str, Any] = {
     "BUS_HEARTBEAT": 0.2,
     "BUS_TRUST_WINDOW": 0.3,
     # Replicas that must acknowledge an invalidation (WAIT) before it counts as delivered;
-    # None: 1 behind Sentinel, 0 for a single server. Unacknowledged ones go to the outbox.
+    # None: 1 on Sentinel or a cluster, 0 for a single server. Unacknowledged ones go to
+    # the outbox (and this process reads the database until they are delivered).
     "REPLICA_ACKS": None,
     "REPLICA_ACK_TIMEOUT": 0.05,
     # Parts each model's keys are spread over (hash slots); None: 1, or 12 on a cluster.

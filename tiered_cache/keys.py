@@ -260,6 +260,10 @@ class Group:
         """A model's sampled hottest rows."""
         return f"{self.tag}:hot:{label}"
 
+    def hot_decay_key(self, label: str) -> str:
+        """When the hot-row sample last decayed: in its hash slot (one MULTI decays both)."""
+        return f"{self.tag}:hot:{label}:at"
+
     @staticmethod
     def data_suffix(schema: str, key_prefix: str) -> str:
         """Every entry of one model schema and manager has this right after its hash tag."""
@@ -278,7 +282,8 @@ def shard_count() -> int:
     if n is None:
         options = settings.CACHES.get(conf.CACHE_ALIAS, {}).get("OPTIONS", {})
         n = 12 if is_cluster_client(options) else 1
-    return n
+    # Held to 1..1024 by check E013, and here: past the slots, ranges would have no tag.
+    return max(1, min(int(n), 1024))
 
 
 def _shard_tags(base: str, n: int) -> list[str]:

@@ -267,7 +267,8 @@ def _types(keys: list[str]) -> list[Any]:
 
 def _drop_indexes(index_set: str, names: list[str]) -> None:
     pipe = redis_tier.client.pipeline(transaction=False)
-    pipe.delete(*names)
+    for n in names:  # one key per command (a cluster's pipeline)
+        pipe.delete(n)
     pipe.srem(index_set, *names)
     pipe.execute()
 
@@ -290,9 +291,11 @@ def _zscan_page(index: str, cursor: int, count: int) -> tuple[int, list[Any]]:
 def _forget(index: str, keys: list[str]) -> int:
     """Delete entries of another schema or manager, and their index members."""
     pipe = redis_tier.client.pipeline(transaction=False)
-    pipe.unlink(*keys)
+    # One key per command: a cluster's pipeline takes no command over several keys.
+    for k in keys:
+        pipe.unlink(k)
     pipe.zrem(index, *keys)
-    return int(pipe.execute()[0])
+    return sum(int(n) for n in pipe.execute()[:-1])
 
 
 def _drop_members_before(key: str, cutoff: float) -> int:
@@ -347,12 +350,12 @@ def _decay_hot(mc: ModelCache) -> int:
     """Halve the hot-row scores per HOT_HALF_LIFE elapsed since the last decay, drop the
     members that went cold or fell out of the best HOT_KEEP. Returns members dropped."""
     now = time.time()
-    field = f"hot_decay:{mc.label}"
-    last = redis_tier.call(lambda: redis_tier.client.hget(ops_key(), field))
+    key = mc.home.hot_key(mc.label)
+    stamp = mc.home.hot_decay_key(mc.label)
+    last = redis_tier.call(lambda: redis_tier.client.get(stamp))
     factor = 1.0
     if last is not None:
         factor = 0.5 ** (max(0.0, now - float(last)) / HOT_HALF_LIFE)
-    key = mc.home.hot_key(mc.label)
 
     def run() -> list[Any]:
         pipe = redis_tier.client.pipeline(transaction=True)
@@ -360,7 +363,7 @@ def _decay_hot(mc: ModelCache) -> int:
         pipe.zremrangebyscore(key, "-inf", f"({HOT_MIN}")
         pipe.zremrangebyrank(key, 0, -(HOT_KEEP + 1))
         pipe.expire(key, HOT_TTL)
-        pipe.hset(ops_key(), field, repr(now))
+        pipe.set(stamp, repr(now), ex=HOT_TTL)
         return pipe.execute()
 
     res = redis_tier.call(run)

@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
 import redis
+from django.conf import settings
 from django_redis import get_redis_connection
 from redis.backoff import NoBackoff
-from redis.cluster import ClusterNode, RedisCluster
+from redis.cluster import RedisCluster
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -29,6 +30,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ..breaker import breaker
+from ..cluster import cluster_settings
 from ..conf import conf
 from ..counters import Latency
 from ..keys import ScriptCall, channel, cluster_mode
@@ -99,17 +101,26 @@ class RedisTier:
         self._filler = ProcessThread("tiered_cache-filler", self._fill_loop, self._new_queue)
         # The seconds each successful script round trip took (metrics).
         self.latency = Latency()
+        # On a cluster: the masters our slot map names. When they change (a failover),
+        # the new master may lack invalidations its old one took: these hooks (the bus)
+        # stop trusting L2 until the outbox is delivered again.
+        self._primaries: frozenset[str] | None = None
+        self.topology_hooks: list[Callable[[], None]] = []
         os.register_at_fork(after_in_child=self.after_fork)
 
     # -- connection ----------------------------------------------------------
     def connection_kwargs(self, **overrides: Any) -> tuple[type, dict[str, Any]]:
         """django-redis's connection settings for our alias, with our timeouts and no
         client-side retries: a cache call must fail fast, the breaker decides what next."""
-        base = get_redis_connection(conf.CACHE_ALIAS)
-        if isinstance(base, RedisCluster):
-            kwargs = dict(base.nodes_manager.connection_kwargs)
-            cls: type = kwargs.pop("connection_class", redis.Connection)
+        cls: type
+        if cluster_mode():
+            # From the settings: django-redis's cluster client connects when it is made,
+            # with the user's timeouts (none by default), and may not be made yet.
+            entry = settings.CACHES[conf.CACHE_ALIAS]
+            _, kwargs = cluster_settings(entry["LOCATION"], entry.get("OPTIONS", {}))
+            cls = redis.SSLConnection if kwargs.pop("ssl", False) else redis.Connection
         else:
+            base = get_redis_connection(conf.CACHE_ALIAS)
             kwargs = dict(base.connection_pool.connection_kwargs)
             cls = base.connection_pool.connection_class
         # A Sentinel pool puts itself there; ours is made anew (make_pool).
@@ -132,15 +143,16 @@ class RedisTier:
     def _make_cluster(self, **overrides: Any) -> RedisCluster:
         """A cluster client of our own: the nodes django-redis's knows, our timeouts, no
         retries (a failed call is the breaker's to count; a moved slot refreshes the map)."""
-        base = get_redis_connection(conf.CACHE_ALIAS)
-        _, kwargs = self.connection_kwargs(**overrides)
-        for k in ("host", "port", "retry"):
-            kwargs.pop(k, None)
-        return RedisCluster(
-            startup_nodes=[ClusterNode(n.host, n.port) for n in base.get_nodes()],  # type: ignore[no-untyped-call]
-            retry=Retry(NoBackoff(), 0),
-            **kwargs,
+        entry = settings.CACHES[conf.CACHE_ALIAS]
+        nodes, kwargs = cluster_settings(entry["LOCATION"], entry.get("OPTIONS", {}))
+        kwargs.update(
+            socket_timeout=conf.SOCKET_TIMEOUT,
+            socket_connect_timeout=conf.SOCKET_CONNECT_TIMEOUT,
         )
+        kwargs.update(overrides)
+        # Made (and its slot map read) with our timeouts: at most one connect timeout per
+        # startup node when none answers.
+        return RedisCluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 0), **kwargs)
 
     def bus_pool(self, **overrides: Any) -> redis.ConnectionPool:
         """A pool for the bus's subscription: the server (or Sentinel master) of make_pool,
@@ -186,7 +198,7 @@ class RedisTier:
 
     def replica_acks(self) -> int:
         """How many replicas must acknowledge an invalidation before it counts as delivered
-        (REPLICA_ACKS; None: 1 behind Sentinel, else 0). Replication is asynchronous: a
+        (REPLICA_ACKS; None: 1 on Sentinel or a cluster, else 0). Replication is asynchronous: a
         failover to a replica that never got an invalidation would serve the row it
         replaced, so an unacknowledged one goes to the outbox like an undelivered one."""
         acks = conf.REPLICA_ACKS
@@ -229,6 +241,7 @@ class RedisTier:
                 else:
                     self._client.connection_pool.disconnect()
             self._client = None
+            self._primaries = None
         self._local = threading.local()
 
     def after_fork(self) -> None:
@@ -236,6 +249,7 @@ class RedisTier:
         it) and its own lock (the parent may have forked while a thread held it)."""
         self._lock = threading.Lock()
         self._client = None
+        self._primaries = None
         self._local = threading.local()
         self.latency.after_fork()
 
@@ -323,35 +337,66 @@ class RedisTier:
         self, calls: Sequence[ScriptCall], acks: int, publish: Sequence[str]
     ) -> tuple[list[Any], int]:
         cluster = self.cluster
+        if cluster:
+            self._check_primaries()
         # On one server the messages follow the scripts on the same connection: Redis runs
         # them in that order, in the same round trip.
         inline = [("PUBLISH", channel(), m) for m in publish] if not cluster else []
         out: list[Any] = [None] * len(calls)
         acked: dict[str, int] = {}
-        todo = list(range(len(calls)))
-        for attempt in range(2):
-            for node, idx, replies, node_acked in self._round(calls, todo, acks, inline):
-                out_of_node = replies
-                for i, r in zip(idx, out_of_node, strict=True):
-                    out[i] = r
-                acked[node] = node_acked  # a later WAIT covers the earlier writes too
-            todo = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
-            if not todo or attempt:
-                break
-            # Redis restarted or its script cache was flushed: load and run again (the
-            # messages go out again after them: a second drop of an entry is harmless).
-            for i in todo:
-                conn = self._conn(self._node_of(calls[i]))
-                conn.send_command("SCRIPT", "LOAD", calls[i].script.source)
-                conn.read_response()
-        for r in out:
-            if isinstance(r, ResponseError):
-                raise r
+        failure: BaseException | None = None
+        try:
+            todo = list(range(len(calls)))
+            for attempt in range(2):
+                for node, idx, replies, node_acked in self._round(calls, todo, acks, inline):
+                    for i, r in zip(idx, replies, strict=True):
+                        out[i] = r
+                    acked[node] = node_acked  # a later WAIT covers the earlier writes too
+                todo = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
+                if not todo or attempt:
+                    break
+                # Redis restarted or its script cache was flushed: load and run again (the
+                # messages go out again after them: a second drop of an entry is harmless).
+                for i in todo:
+                    conn = self._conn(self._node_of(calls[i]))
+                    conn.send_command("SCRIPT", "LOAD", calls[i].script.source)
+                    conn.read_response()
+            for r in out:
+                if isinstance(r, ResponseError):
+                    raise r
+        except REDIS_ERRORS as exc:
+            failure = exc
         if publish and cluster:
-            client: Any = self.client
-            conn = self._conn(client.get_node_from_key(channel()))
-            self._exchange(conn, [("SPUBLISH", channel(), m) for m in publish], raise_errors=True)
+            # Even when a node failed: the other processes drop the rows from L1 now, not
+            # when this process's outbox is delivered (its scripts on the nodes that
+            # answered have run).
+            try:
+                if failure is not None:
+                    self._drop_conn()  # replies of the failed round may still be unread
+                client: Any = self.client
+                conn = self._conn(client.get_node_from_key(channel()))
+                self._exchange(
+                    conn, [("SPUBLISH", channel(), m) for m in publish], raise_errors=True
+                )
+            except REDIS_ERRORS as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
         return out, min(acked.values(), default=acks) if acks else 0
+
+    def _check_primaries(self) -> None:
+        """Before a call on a cluster: if the slot map names other masters than it did (it
+        is read again after a MOVED or a dead node), a replica was promoted, and may have
+        missed invalidations its master acknowledged. This call fails, and the hooks make
+        every reader here go to the database until the outbox was delivered to the new
+        masters (the bus's regain)."""
+        client: Any = self.client
+        primaries = frozenset(n.name for n in client.get_primaries())
+        seen, self._primaries = self._primaries, primaries
+        if seen is not None and primaries != seen:
+            for hook in self.topology_hooks:
+                hook()
+            raise redis.ConnectionError("the cluster's masters changed (a failover)")
 
     def _node_of(self, call: ScriptCall) -> Any:
         client: Any = self.client
