@@ -87,9 +87,9 @@ test-django52: venv services
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The coherence, resilience, lost-state, read, write, derived, operations and command tests
-# again with the
-# cache on a Sentinel setup (1 master, 1 replica, 3 sentinels) and on a Redis Cluster (3
-# masters, 3 replicas), each started by the run on spare ports (tests/topologies.py).
+# again with the cache on a Sentinel setup (1 master, 1 replica, 3 sentinels) and on a Redis
+# Cluster (3 masters, 3 replicas), each started by the run on spare ports
+# (tests/topologies.py).
 # Tests marked single_server inject faults into one private redis-server; the topologies'
 # own faults (a replica cut off, then promoted) are in tests/test_failover.py, which the
 # main run has.
