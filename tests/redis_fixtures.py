@@ -3,6 +3,7 @@ process and in spawned worker processes. The shared server on 6379 is never touc
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer, fill_with_junk, free_port
 
 # Loaded as a plugin (tests/conftest.py) before Django is set up: what needs the app
 # registry is imported when used.
@@ -50,21 +51,87 @@ class RedisEnv:
 
 class TopologyServer:
     """own_redis's server in a TC_TOPOLOGY run (tests/topologies.py): the run's Sentinel
-    setup or cluster, which the cache already points at. Faults of a single server
-    (pause, hide, restart empty...) have no meaning here; tests/test_failover.py injects
-    the faults of a topology."""
+    setup or cluster, which the cache already points at, with the faults of a single server
+    that mean the same on a topology: every node (and sentinel) paused, every node killed
+    and the topology started again empty, junk, FLUSHALL, and on a cluster every node's
+    address refusing connections with the data kept (its relays stopped). Tests of other
+    faults are marked single_server. A topology's own fault, a failover, is
+    tests/test_failover.py's."""
 
     def __init__(self, topology: Any) -> None:
         self.topology = topology
         self.url = settings.CACHES["default"]["LOCATION"]
+        self.cluster = hasattr(topology, "cluster_client")
+        self.paused = False
 
     def client(self) -> Any:
-        """A plain client to the data: the cluster, or the Sentinel master."""
-        if hasattr(self.topology, "cluster_client"):
-            return self.topology.cluster_client()
-        return self.topology.master_client()
+        """A plain client to the data, straight to the nodes (not through the relays the
+        cache goes through, which hide() stops): the cluster, or the Sentinel master."""
+        if not self.cluster:
+            return self.topology.master_client()
+        from redis.cluster import ClusterNode, RedisCluster
+
+        real = {n.relay_port: n.port for n in self.topology.nodes}
+        return RedisCluster(
+            startup_nodes=[
+                ClusterNode("127.0.0.1", n.port) for n in self.topology.nodes if n.alive()
+            ],
+            address_remap=lambda addr: (addr[0], real.get(addr[1], addr[1])),
+            socket_timeout=5,
+            socket_connect_timeout=5,
+        )
+
+    def _processes(self) -> list[Any]:
+        """The data nodes, and the sentinels (paused with them, they see nothing fail)."""
+        nodes = [n.proc for n in self.topology.nodes]
+        if not self.cluster:
+            nodes += [s.proc for s in self.topology._sentinels]
+        return [p for p in nodes if p is not None and p.poll() is None]
+
+    def pause(self) -> None:
+        for p in self._processes():
+            p.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        for p in self._processes():
+            p.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def kill(self) -> None:
+        """Every data node killed: nothing answers, every key is lost."""
+        if self.paused:
+            self.resume()
+        for n in self.topology.nodes:
+            n.kill()
+
+    def start(self) -> None:
+        """Everything started again (empty: the nodes keep nothing)."""
+        self.heal()
+
+    def restart_empty(self) -> None:
+        self.kill()
+        self.start()
+
+    def hide(self) -> None:
+        """Every node's address refuses connections, the data stays (the relays clients go
+        through stop; the cluster bus goes straight between nodes)."""
+        if not self.cluster:
+            raise NotImplementedError("hide() is a cluster fault (single_server otherwise)")
+        for n in self.topology.nodes:
+            if n.relay is not None:
+                n.relay.stop()
+                n.relay = None
+
+    def unhide(self) -> None:
+        self.topology.heal()
+
+    def fill_with_junk(self, prefix: str) -> int:
+        return fill_with_junk(self.client(), prefix)
 
     def heal(self) -> None:
+        if self.paused:
+            self.resume()
         self.topology.heal()
 
 

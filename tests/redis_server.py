@@ -201,32 +201,7 @@ class RedisServer:
             self.free_memory()
 
     def fill_with_junk(self, prefix: str, extra_keys: int = 2000) -> int:
-        """Overwrite every key under our prefix with garbage (wrong types, truncated and
-        oversized strings, values shaped like ours with a bad MAC), and add junk keys."""
-        c = self.client()
-        n = 0
-        keys = list(c.scan_iter(match=f"*{prefix}*", count=1000))
-        pipe = c.pipeline(transaction=False)
-        for i, k in enumerate(keys):
-            kind = i % 6
-            pipe.delete(k)
-            if kind == 0:
-                pipe.rpush(k, "junk", "list")
-            elif kind == 1:
-                pipe.hset(k, "junk", "hash")
-            elif kind == 2:
-                pipe.set(k, b"P|")  # truncated header
-            elif kind == 3:
-                pipe.set(k, os.urandom(64))
-            elif kind == 4:
-                pipe.set(k, b"P|x|y|z|" + b"\x00" * (512 * 1024))  # oversized, wrong gen
-            else:
-                pipe.sadd(k, "junk")
-            n += 1
-        for i in range(extra_keys):
-            pipe.set(f"junk:{i}", os.urandom(256))
-        pipe.execute()
-        return n + extra_keys
+        return fill_with_junk(self.client(), prefix, extra_keys)
 
     def fill_memory(self) -> int:
         """maxmemory just above what is used, noeviction, then junk until writes are
@@ -308,6 +283,35 @@ def _take_command(buf: bytes) -> tuple[int | None, bytes]:
         if pos > len(buf):
             return None, buf
     return 1, buf[pos:]
+
+
+def fill_with_junk(c: Any, prefix: str, extra_keys: int = 2000) -> int:
+    """Overwrite every key under our prefix with garbage (wrong types, truncated and
+    oversized strings, values shaped like ours with a bad MAC), and add junk keys. Through
+    any client: one server's, or a cluster's (one key per command)."""
+    n = 0
+    keys = list(c.scan_iter(match=f"*{prefix}*", count=1000))
+    pipe = c.pipeline(transaction=False)
+    for i, k in enumerate(keys):
+        kind = i % 6
+        pipe.delete(k)
+        if kind == 0:
+            pipe.rpush(k, "junk", "list")
+        elif kind == 1:
+            pipe.hset(k, "junk", "hash")
+        elif kind == 2:
+            pipe.set(k, b"P|")  # truncated header
+        elif kind == 3:
+            pipe.set(k, os.urandom(64))
+        elif kind == 4:
+            pipe.set(k, b"P|x|y|z|" + b"\x00" * (512 * 1024))  # oversized, wrong gen
+        else:
+            pipe.sadd(k, "junk")
+        n += 1
+    for i in range(extra_keys):
+        pipe.set(f"junk:{i}", os.urandom(256))
+    pipe.execute()
+    return n + extra_keys
 
 
 if __name__ == "__main__":

@@ -70,7 +70,6 @@ def data_key(pk: int) -> str:
 # -- a row cached, Redis paused, the row saved, Redis resumed -------------------------------
 
 
-@pytest.mark.single_server
 def test_paused_redis_a_write_meanwhile_is_seen_by_a_process_that_never_saw_it(
     own_redis: RedisEnv,
 ) -> None:
@@ -172,7 +171,7 @@ def test_twenty_threads_and_a_second_process_missing_one_cold_key_read_the_datab
 # -- writes during an outage --------------------------------------------------------------
 
 
-@pytest.mark.single_server
+@pytest.mark.hides_redis
 def test_writes_during_an_outage_are_applied_before_l2_is_read_again(
     own_redis: RedisEnv,
 ) -> None:
@@ -249,7 +248,7 @@ def test_a_write_only_this_process_could_not_deliver_is_not_served_stale(
     assert mine == 2, "the writer read its own old row back from L2"
 
 
-@pytest.mark.single_server
+@pytest.mark.hides_redis
 def test_an_outbox_longer_than_one_drain_batch_is_applied_whole_before_trust(
     own_redis: RedisEnv,
 ) -> None:
@@ -320,7 +319,7 @@ def test_overflowed_outbox_still_covers_writes_after_another_process_drained_it(
     assert seen, "the write made after another process drained the flush was lost"
 
 
-@pytest.mark.single_server
+@pytest.mark.hides_redis
 def test_breaker_state_is_visible_in_stats(own_redis: RedisEnv) -> None:
     server = own_redis.server
     flow = FlowFactory(current_step=1)
@@ -454,26 +453,26 @@ def _noop(s: RedisServer) -> None:
 
 FAULTS: dict[str, tuple[Callable[[RedisServer], None], Callable[[RedisServer], None], str]] = {
     "killed": (_kill, _start_empty, "SIGKILL; started again empty when the fault ends"),
-    "restarted-empty": (RedisServer.restart_empty, _noop, "SIGKILL and an empty server at once"),
-    "paused": (RedisServer.pause, RedisServer.resume, "SIGSTOP, then SIGCONT"),
+    "restarted-empty": (lambda s: s.restart_empty(), _noop, "SIGKILL and an empty server at once"),
+    "paused": (lambda s: s.pause(), lambda s: s.resume(), "SIGSTOP, then SIGCONT"),
     "refusing": (
-        RedisServer.hide,
-        RedisServer.unhide,
+        lambda s: s.hide(),
+        lambda s: s.unhide(),
         "nothing listens on the address (data kept, clients dropped)",
     ),
     "black-holed": (
         lambda s: s.start_fault_server("blackhole"),
-        RedisServer.heal,
+        lambda s: s.heal(),
         "a server that accepts connections and never answers",
     ),
     "answering-errors": (
         lambda s: s.start_fault_server("errors"),
-        RedisServer.heal,
+        lambda s: s.heal(),
         "a server that answers -ERR to every command",
     ),
     "requirepass": (
-        RedisServer.require_password,
-        RedisServer.drop_password,
+        lambda s: s.require_password(),
+        lambda s: s.drop_password(),
         "the real server answers NOAUTH to every new connection",
     ),
     "junk": (
@@ -483,15 +482,25 @@ FAULTS: dict[str, tuple[Callable[[RedisServer], None], Callable[[RedisServer], N
     ),
     "flushall": (lambda s: s.client().flushall(), _noop, "FLUSHALL by someone else"),
     "out-of-memory": (
-        RedisServer.fill_memory,
-        RedisServer.free_memory,
+        lambda s: s.fill_memory(),
+        lambda s: s.free_memory(),
         "maxmemory reached with noeviction: commands that write fail with OOM",
     ),
 }
 
 
-@pytest.mark.single_server
-@pytest.mark.parametrize("fault", list(FAULTS))
+# Faults of one server only (a topology has no one address to black-hole, lock or fill),
+# or that hide Redis (a cluster's relays can; Sentinel's would fail over instead).
+_FAULT_MARKS = {
+    "refusing": pytest.mark.hides_redis,
+    "black-holed": pytest.mark.single_server,
+    "answering-errors": pytest.mark.single_server,
+    "requirepass": pytest.mark.single_server,
+    "out-of-memory": pytest.mark.single_server,
+}
+
+
+@pytest.mark.parametrize("fault", [pytest.param(f, marks=_FAULT_MARKS.get(f, ())) for f in FAULTS])
 def test_reads_and_writes_during_a_fault(own_redis: RedisEnv, fault: str) -> None:
     inject, heal, what = FAULTS[fault]
     server = own_redis.server

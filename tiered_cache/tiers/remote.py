@@ -175,9 +175,12 @@ class RedisTier:
         if isinstance(base, SentinelConnectionPool):
             manager = base.sentinel_manager
             sentinel_kwargs = dict(manager.sentinel_kwargs)
+            # Asking the sentinels is part of a connect: our timeouts, and no retries (redis-py
+            # 8 retries a client 3 times with backoff by default: seconds with them paused).
             sentinel_kwargs.update(
                 socket_timeout=conf.SOCKET_TIMEOUT,
                 socket_connect_timeout=conf.SOCKET_CONNECT_TIMEOUT,
+                retry=Retry(NoBackoff(), 0),
             )
             ours = Sentinel(  # type: ignore[no-untyped-call]
                 [
