@@ -90,15 +90,16 @@ test-django52: venv services
 # again with the cache on a Sentinel setup (1 master, 1 replica, 3 sentinels) and on a Redis
 # Cluster (3 masters, 3 replicas), each started by the run on spare ports
 # (tests/topologies.py).
-# Tests marked single_server inject faults only one private redis-server has (a black hole,
-# -ERR answers, NOAUTH, OOM); hides_redis ones make Redis refuse connections with its data
-# kept, which on Sentinel would be failed over. The topologies' own fault (a replica cut
-# off, then promoted) is in tests/test_failover.py, which the main run has.
+# The faults are injected into the topology (every node paused, killed, restarted empty,
+# its addresses refusing, junk, FLUSHALL); tests marked single_server inject faults only one
+# private redis-server has (a fake server on its address, NOAUTH, OOM, its memory settings).
+# The topologies' own fault (a replica cut off, then promoted) is in tests/test_failover.py,
+# which the main run has.
 TOPOLOGY_TESTS := tests/test_coherence.py tests/test_resilience.py tests/test_lost_state.py \
   tests/test_reads.py tests/test_writes.py tests/test_derived.py tests/test_ops.py \
   tests/test_commands.py
 test-topologies: venv services
-	TC_TOPOLOGY=sentinel $(BIN)/pytest -m "not single_server and not hides_redis" $(TOPOLOGY_TESTS)
+	TC_TOPOLOGY=sentinel $(BIN)/pytest -m "not single_server" $(TOPOLOGY_TESTS)
 	TC_TOPOLOGY=cluster $(BIN)/pytest -m "not single_server" $(TOPOLOGY_TESTS)
 
 test-django6: venv6 services

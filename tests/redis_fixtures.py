@@ -53,10 +53,9 @@ class TopologyServer:
     """own_redis's server in a TC_TOPOLOGY run (tests/topologies.py): the run's Sentinel
     setup or cluster, which the cache already points at, with the faults of a single server
     that mean the same on a topology: every node (and sentinel) paused, every node killed
-    and the topology started again empty, junk, FLUSHALL, and on a cluster every node's
-    address refusing connections with the data kept (its relays stopped). Tests of other
-    faults are marked single_server. A topology's own fault, a failover, is
-    tests/test_failover.py's."""
+    and the topology started again empty, junk, FLUSHALL, and its addresses refusing
+    connections with the data kept (the relays in front stopped). Tests of other faults are
+    marked single_server. A topology's own fault, a failover, is tests/test_failover.py's."""
 
     def __init__(self, topology: Any) -> None:
         self.topology = topology
@@ -117,7 +116,10 @@ class TopologyServer:
         """Every node's address refuses connections, the data stays (the relays clients go
         through stop; the cluster bus goes straight between nodes)."""
         if not self.cluster:
-            raise NotImplementedError("hide() is a cluster fault (single_server otherwise)")
+            # The master's address is its relay's: the sentinels lose it too, and fail over
+            # to the replica meanwhile.
+            self.topology.relay.kill()
+            return
         for n in self.topology.nodes:
             if n.relay is not None:
                 n.relay.stop()

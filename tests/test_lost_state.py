@@ -55,13 +55,8 @@ def _lose(env: RedisEnv, how: str, keys: Callable[[], list[str]]) -> None:
         assert ct.wait_trusted(10)
 
 
-# A restart of one server; on a topology, the failover tests (tests/test_failover.py)
-# lose state the way a topology does.
-LOSSES = [
-    "evicted",
-    "flushall",
-    pytest.param("restart-empty", marks=pytest.mark.single_server),
-]
+# A restart: of the one server, or of every node of a topology (tests/redis_fixtures.py).
+LOSSES = ["evicted", "flushall", "restart-empty"]
 
 
 def _writes_back_to(seen: bytes | None) -> int:

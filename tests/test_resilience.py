@@ -171,7 +171,6 @@ def test_twenty_threads_and_a_second_process_missing_one_cold_key_read_the_datab
 # -- writes during an outage --------------------------------------------------------------
 
 
-@pytest.mark.hides_redis
 def test_writes_during_an_outage_are_applied_before_l2_is_read_again(
     own_redis: RedisEnv,
 ) -> None:
@@ -248,7 +247,6 @@ def test_a_write_only_this_process_could_not_deliver_is_not_served_stale(
     assert mine == 2, "the writer read its own old row back from L2"
 
 
-@pytest.mark.hides_redis
 def test_an_outbox_longer_than_one_drain_batch_is_applied_whole_before_trust(
     own_redis: RedisEnv,
 ) -> None:
@@ -319,7 +317,6 @@ def test_overflowed_outbox_still_covers_writes_after_another_process_drained_it(
     assert seen, "the write made after another process drained the flush was lost"
 
 
-@pytest.mark.hides_redis
 def test_breaker_state_is_visible_in_stats(own_redis: RedisEnv) -> None:
     server = own_redis.server
     flow = FlowFactory(current_step=1)
@@ -489,10 +486,9 @@ FAULTS: dict[str, tuple[Callable[[RedisServer], None], Callable[[RedisServer], N
 }
 
 
-# Faults of one server only (a topology has no one address to black-hole, lock or fill),
-# or that hide Redis (a cluster's relays can; Sentinel's would fail over instead).
+# Faults of one server only: a fake server on its one address, NOAUTH, OOM (a topology has
+# an address per node, and sentinels or a cluster bus that would take them for a failure).
 _FAULT_MARKS = {
-    "refusing": pytest.mark.hides_redis,
     "black-holed": pytest.mark.single_server,
     "answering-errors": pytest.mark.single_server,
     "requirepass": pytest.mark.single_server,
