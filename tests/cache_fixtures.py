@@ -154,6 +154,33 @@ def paused_after_read(
         yield
 
 
+@contextmanager
+def reader_paused_after_read(model: Any, read: Callable[[], Any]) -> Iterator[list[Any]]:
+    """Run read() in a thread that pauses right after its database read (see
+    paused_after_read), with L1 emptied first; yield the list its result will be put in,
+    once it is paused; on exit let it go on and wait for it."""
+    paused, release = threading.Event(), threading.Event()
+    got: list[Any] = []
+
+    def pause() -> None:
+        paused.set()
+        release.wait(10)
+
+    def run() -> None:
+        with paused_after_read(model, pause):
+            got.append(read())
+
+    clear_local()
+    reader = threading.Thread(target=run)
+    reader.start()
+    try:
+        assert paused.wait(10), "the reader never reached its database read"
+        yield got
+    finally:
+        release.set()
+        reader.join(10)
+
+
 def plant(mc: Any, key: str, value: bytes = b"x") -> None:
     """Store a value under one of the model's keys as a fill of an earlier deploy would
     have: listed in the model's index of the current generation, where cleanup looks."""

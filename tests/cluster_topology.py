@@ -30,11 +30,9 @@ from __future__ import annotations
 import atexit
 import os
 import random
-import select
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,10 +42,10 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 
 from tests.processes import wait_for
+from tests.relay import RelayProcess
 
 REDIS_SERVER = os.environ.get("REDIS_SERVER_BIN", "redis-server")
 REDIS_CLI = os.environ.get("REDIS_CLI_BIN", "redis-cli")
-RELAY = Path(__file__).resolve().parent / "relay.py"
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 SLOTS = 16384
@@ -65,70 +63,21 @@ def _bindable(port: int) -> bool:
     return True
 
 
-class _Relay:
-    """tests/relay.py in front of one node, driven over its stdin/stdout."""
+class _Relay(RelayProcess):
+    """tests/relay.py in front of one node, started at once; `cut` is whether its
+    replication link is cut now."""
 
     def __init__(self, listen_port: int, upstream_port: int, log: Path) -> None:
-        self.listen_port = listen_port
-        self.upstream_port = upstream_port
+        super().__init__(listen_port, upstream_port, log)
         self.cut = False
-        self._buf = b""
-        with open(log, "ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(RELAY), str(listen_port), str(upstream_port)],
-                cwd=str(ROOT),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                bufsize=0,
-            )
-        line = self._readline(10)
-        if line != "listening":
-            self.stop()
-            raise RuntimeError(f"relay on {listen_port} did not start: {line!r}")
-
-    def _readline(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            ready, _, _ = select.select([fd], [], [], max(left, 0))
-            if not ready:
-                raise TimeoutError(f"relay on {self.listen_port} did not answer")
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise RuntimeError(f"relay on {self.listen_port} exited")
-            self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode().strip()
-
-    def command(self, command: str) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command.encode() + b"\n")
-        answer = self._readline(10)
-        if not answer.startswith(f"ok {command}"):
-            raise RuntimeError(f"relay on {self.listen_port}: {command} -> {answer}")
-        return answer
+        self.start()
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.running()
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                assert self.proc.stdin is not None
-                self.proc.stdin.close()  # the relay exits when its stdin closes
-                self.proc.wait(3)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(10)
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                try:
-                    f.close()
-                except OSError:
-                    pass
+    def say(self, command: str) -> str:
+        """A command, and its whole answer line ("ok cut 1")."""
+        return " ".join(["ok", *self.command(command)])
 
 
 class _Node:
@@ -360,7 +309,7 @@ class ClusterTopology:
             for n in self.nodes:
                 n.start_relay()
                 if n.relay is not None and n.relay.cut:
-                    n.relay.command("restore")
+                    n.relay.say("restore")
                     n.relay.cut = False
             for n in self.nodes:
                 if not n.alive():
@@ -424,7 +373,7 @@ class ClusterTopology:
     def relay_status(self, address: Address | str) -> str:
         n = self._node(address)
         assert n.relay is not None
-        return n.relay.command("status")
+        return n.relay.say("status")
 
     # -- faults ----------------------------------------------------------------------
     def cut_off_replica_of(self, master_address: Address | str) -> None:
@@ -433,7 +382,7 @@ class ClusterTopology:
         0), the replica receives nothing more and does not know."""
         n = self._node(master_address)
         assert n.relay is not None
-        answer = n.relay.command("cut")
+        answer = n.relay.say("cut")
         n.relay.cut = True
         if int(answer.split()[-1]) < 1:
             raise RuntimeError(f"no replication link went through {n.address}: {answer}")

@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import selectors
 import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 # The start of a command the replica side of a replication link sends (RESP arrays, as
 # every Redis replica sends them). The replica's first command is a PING it waits the answer
@@ -275,6 +278,109 @@ class Relay:
             answer = f"error unknown command {command!r}"
         _log(f"{command} -> {answer}")
         print(answer, flush=True)
+
+
+# -- the driver: what a test process uses to run and command a relay --------------------
+
+
+class RelayProcess:
+    """This module run as a process in front of one server, driven over its stdin/stdout
+    (tests/sentinel_topology.py and tests/cluster_topology.py adapt it): a command is
+    applied before its answer comes back, so a write made after `command("cut")` returned
+    is never forwarded to a replica. The relay exits when its stdin closes: it cannot
+    outlive the process that started it."""
+
+    def __init__(self, listen_port: int, upstream_port: int, log: Path) -> None:
+        self.listen_port = listen_port
+        self.upstream_port = upstream_port
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._buf = b""
+
+    def start(self) -> None:
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, __file__, str(self.listen_port), str(self.upstream_port)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                bufsize=0,
+            )
+        self._buf = b""
+        try:
+            line = self._line(20)
+        except (TimeoutError, RuntimeError):
+            self.kill()
+            raise
+        if line != "listening":
+            self.kill()
+            raise RuntimeError(
+                f"relay on {self.listen_port} did not start ({line!r}):\n{self._tail()}"
+            )
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def command(self, command: str, timeout: float = 10) -> list[str]:
+        """Send one command; the answer's words after 'ok' (e.g. ['cut', '1'])."""
+        if self.proc is None or self.proc.stdin is None:
+            raise RuntimeError(f"the relay on {self.listen_port} is not running")
+        self.proc.stdin.write(command.encode() + b"\n")
+        self.proc.stdin.flush()
+        words = self._line(timeout).split()
+        if not words or words[0] != "ok":
+            raise RuntimeError(
+                f"relay on {self.listen_port} refused {command!r}: {' '.join(words)}"
+            )
+        return words[1:]
+
+    def stop(self) -> None:
+        """End it the gentle way (stdin closed), and the hard way if that takes long."""
+        if self.proc is not None and self.proc.poll() is None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(3)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        self.proc = None
+
+    def _line(self, timeout: float) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError(f"relay on {self.listen_port} did not answer in {timeout} s")
+            data = os.read(fd, 4096)
+            if not data:
+                raise RuntimeError(f"relay on {self.listen_port} exited:\n{self._tail()}")
+            self._buf += data
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode().strip()
+
+    def _tail(self, lines: int = 8) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
 
 
 def main(argv: list[str]) -> None:

@@ -28,8 +28,6 @@ repl-timeout is 60 s on both nodes so neither notices a frozen link during a tes
 from __future__ import annotations
 
 import atexit
-import os
-import select
 import signal
 import subprocess
 import sys
@@ -46,6 +44,7 @@ from redis.sentinel import Sentinel
 
 from tests.processes import wait_for
 from tests.redis_server import REDIS_SERVER, free_port
+from tests.relay import RelayProcess
 
 HOST = "127.0.0.1"
 Address = tuple[str, int]
@@ -262,68 +261,22 @@ class _SentinelProc(_Process):
         return None if not answer else (str(answer[0]), int(answer[1]))
 
 
-class _Relay:
-    """The relay process (tests/relay.py) in front of the first node, driven over its
-    stdin/stdout: a command is applied before its answer comes back, so a write made after
-    `command("cut")` has returned is never forwarded to the replica. The relay exits when
-    its stdin closes: it cannot outlive this process."""
+class _Relay(RelayProcess):
+    """The relay (tests/relay.py) in front of the first node, with the liveness and kill of
+    the other processes here."""
 
     def __init__(self, workdir: Path, port: int, upstream: int) -> None:
-        self.log = workdir / "relay.log"
+        super().__init__(port, upstream, workdir / "relay.log")
         self.port = port
-        self.upstream = upstream
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._buf = b""
 
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.running()
 
     def start(self) -> None:
-        script = Path(__file__).with_name("relay.py")
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(script), str(self.port), str(self.upstream)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-            )
+        super().start()
+        assert self.proc is not None
         _LIVE.add(self.proc)
-        self._buf = b""
-        line = self._line(20)
-        if line != "listening":
-            raise RuntimeError(f"relay did not start ({line!r}):\n{_tail(self.log)}")
-
-    def _line(self, timeout: float) -> str:
-        assert self.proc is not None and self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise TimeoutError(f"relay on port {self.port} did not answer in {timeout} s")
-            data = os.read(fd, 4096)
-            if not data:
-                raise RuntimeError(f"relay on port {self.port} exited:\n{_tail(self.log)}")
-            self._buf += data
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode().strip()
-
-    def command(self, command: str, timeout: float = 10) -> list[str]:
-        """Send one command; the answer's words after 'ok' (e.g. ['cut', '1'])."""
-        if self.proc is None or self.proc.stdin is None:
-            raise RuntimeError("the relay is not running")
-        self.proc.stdin.write(command.encode() + b"\n")
-        self.proc.stdin.flush()
-        words = self._line(timeout).split()
-        if not words or words[0] != "ok":
-            raise RuntimeError(f"relay refused {command!r}: {' '.join(words)}")
-        return words[1:]
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            _kill(self.proc)
-            self.proc = None
 
 
 class SentinelTopology:

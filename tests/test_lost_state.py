@@ -19,7 +19,7 @@ import pytest
 
 import tiered_cache
 from tests import coherence_tasks as ct
-from tests.cache_fixtures import paused_after_read
+from tests.cache_fixtures import reader_paused_after_read
 from tests.redis_fixtures import RedisEnv
 from tests.testapp.factories import FlowFactory
 from tests.testapp.models import Flow
@@ -111,30 +111,13 @@ def test_a_fill_of_a_row_read_before_a_write_is_refused_whatever_key_was_evicted
         "generation": [s.gen_key for s in g.shards],
         "all three": [k for s in g.shards for k in (s.writes_key, s.row_key(rid), s.gen_key)],
     }[which]
-    paused, release = threading.Event(), threading.Event()
-    got: list[Any] = []
-
-    def pause() -> None:
-        paused.set()
-        release.wait(10)
-
-    def read_paused() -> None:
-        with paused_after_read(Flow, pause):
-            got.append(ct.read(flow.pk))
-
-    tiered_cache.clear_local()
-    reader = threading.Thread(target=read_paused)
-    reader.start()
-    try:
-        assert paused.wait(10)  # the reader holds step 1 and the counters it saw
+    with reader_paused_after_read(Flow, lambda: ct.read(flow.pk)) as got:
+        # The reader holds step 1 and the counters it saw.
         seen = own_redis.server.client().get(g.shard_of(data_key(flow.pk)).writes_key)
         ct.write_one(flow.pk, "save")  # step 2
         own_redis.server.client().delete(*chosen)
         for _ in range(_writes_back_to(seen) if which != "row version" else 1):
             ct.write_one(other.pk, "save")
-    finally:
-        release.set()
-        reader.join(10)
     redis_tier.wait_for_fills()
     tiered_cache.clear_local()
     assert got[0][0] == 1

@@ -20,7 +20,7 @@ from django.db import connection
 
 import tiered_cache
 from tests import coherence_tasks as ct
-from tests.cache_fixtures import counters, paused_after_read
+from tests.cache_fixtures import counters, reader_paused_after_read
 from tests.processes import wait_for
 from tests.redis_fixtures import RedisEnv
 from tests.redis_server import RedisServer, free_port
@@ -401,27 +401,10 @@ def test_a_reset_write_counter_never_lets_a_fill_of_an_old_row_through(
 
     junk_counter()
     ct.write_one(flow.pk, "save")  # v2; the counter is reset
-    paused, release = threading.Event(), threading.Event()
-
-    def pause() -> None:
-        paused.set()
-        release.wait(10)
-
-    def read_paused() -> None:
-        with paused_after_read(Flow, pause):
-            got.append(ct.read(flow.pk))
-
-    got: list[Any] = []
-    tiered_cache.clear_local()
-    reader = threading.Thread(target=read_paused)
-    reader.start()
-    try:
-        assert paused.wait(10)  # the reader holds v2 and the counter it saw
+    with reader_paused_after_read(Flow, lambda: ct.read(flow.pk)) as got:
+        # The reader holds v2 and the counter it saw.
         junk_counter()
         ct.write_one(flow.pk, "save")  # v3; the counter is reset again
-    finally:
-        release.set()
-        reader.join(10)
     redis_tier.wait_for_fills()
     tiered_cache.clear_local()
     after = Flow.objects.get_cached(pk=flow.pk).current_step
