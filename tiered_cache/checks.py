@@ -17,6 +17,7 @@ __all__ = ["check_lookups", "check_manager", "check_settings"]
 
 _POSITIVE = (
     "L1_MAX_ENTRIES",
+    "L1_MAX_BYTES",
     "L1_TIMEOUT",
     "TIMEOUT",
     "NEGATIVE_TIMEOUT",

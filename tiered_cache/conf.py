@@ -9,6 +9,9 @@ from django.conf import settings
 DEFAULTS: dict[str, Any] = {
     "CACHE_ALIAS": "default",
     "L1_MAX_ENTRIES": 10_000,
+    # L1's bytes too (each entry weighed as stored, tiers/local.weigh): large rows cannot
+    # make it hold entries x row size.
+    "L1_MAX_BYTES": 32 * 1024 * 1024,
     "L1_TIMEOUT": 300,
     "TIMEOUT": 3600,
     "NEGATIVE_TIMEOUT": 60,
@@ -75,6 +78,10 @@ class Settings:
     @property
     def L1_MAX_ENTRIES(self) -> int:
         return cast(int, self._get("L1_MAX_ENTRIES"))
+
+    @property
+    def L1_MAX_BYTES(self) -> int:
+        return cast(int, self._get("L1_MAX_BYTES"))
 
     @property
     def L1_TIMEOUT(self) -> float:

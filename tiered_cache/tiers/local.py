@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -15,8 +16,33 @@ from ..conf import conf
 NEGATIVE = object()
 
 # Entry layout (a tuple, for speed): expires_at, label, row id, frozen row or NEGATIVE,
-# flush epoch of the model at fill, and for negatives the model's write count at fill.
-_EXP, _LABEL, _ROW, _VALUE, _EPOCH, _WRITES = range(6)
+# flush epoch of the model at fill, for negatives the model's write count at fill, and the
+# entry's weight in bytes (L1_MAX_BYTES).
+_EXP, _LABEL, _ROW, _VALUE, _EPOCH, _WRITES, _WEIGHT = range(7)
+
+# What an entry costs beyond its values: the entry tuple, its key tuple, the LRU's link and
+# the row index's slot (measured with tracemalloc: about 1.4 KB per small row in all).
+_ENTRY_OVERHEAD = 600
+
+
+def weigh(value: Any) -> int:
+    """An entry's bytes as L1 stores it: a frozen row's values (the immutable ones as the
+    objects they are, the mutable ones as their pickles), a derived result's, plus the
+    entry's own overhead. An estimate from sizes Python reports, computed once per fill."""
+    if value is NEGATIVE:
+        return _ENTRY_OVERHEAD
+    if type(value) is tuple and len(value) == 3 and type(value[0]) is tuple:
+        imm, mut, _ = value
+        return (
+            _ENTRY_OVERHEAD
+            + sum(sys.getsizeof(v) for v in imm)
+            + sum(sys.getsizeof(b) for b in mut)
+        )
+    if isinstance(value, (bytes, str)):
+        return _ENTRY_OVERHEAD + sys.getsizeof(value)
+    if isinstance(value, tuple):
+        return _ENTRY_OVERHEAD + sum(weigh(v) for v in value)
+    return _ENTRY_OVERHEAD + sys.getsizeof(value)
 
 
 class LocalTier:
@@ -32,6 +58,8 @@ class LocalTier:
         # Bumped by clear(): refuses every fill that started before it.
         self._clears = 0
         self.evictions = 0
+        # The weight of every entry held (L1_MAX_BYTES bounds it).
+        self.bytes = 0
         os.register_at_fork(after_in_child=self.after_fork)
 
     def after_fork(self) -> None:
@@ -77,8 +105,19 @@ class LocalTier:
                 return False
             old = self._data.pop(key, None)
             if old is not None:
+                self.bytes -= old[_WEIGHT]
                 self._unindex(key, old)
-            self._data[key] = (time.monotonic() + timeout, label, row, value, token[1], token[2])
+            weight = weigh(value)
+            self._data[key] = (
+                time.monotonic() + timeout,
+                label,
+                row,
+                value,
+                token[1],
+                token[2],
+                weight,
+            )
+            self.bytes += weight
             if row:
                 rk = (label, row)
                 have = self._rows.get(rk)
@@ -88,12 +127,15 @@ class LocalTier:
                     have.add(key)
                 else:
                     self._rows[rk] = {have, key}
-            limit = conf.L1_MAX_ENTRIES
-            while len(self._data) > limit:
+            # Least recently used first, until both bounds hold: an entry heavier than
+            # L1_MAX_BYTES on its own is not kept (L2 still serves it).
+            limit, max_bytes = conf.L1_MAX_ENTRIES, conf.L1_MAX_BYTES
+            while self._data and (len(self._data) > limit or self.bytes > max_bytes):
                 k, e = self._data.popitem(last=False)
+                self.bytes -= e[_WEIGHT]
                 self._unindex(k, e)
                 self.evictions += 1
-            return True
+            return key in self._data
 
     def drop_rows(self, label: str, rows: list[str]) -> int:
         """Drop every entry of these rows, whatever lookup it was cached under."""
@@ -105,7 +147,9 @@ class LocalTier:
                 if have is None:
                     continue
                 for key in have if type(have) is set else (have,):
-                    if self._data.pop(key, None) is not None:
+                    e = self._data.pop(key, None)
+                    if e is not None:
+                        self.bytes -= e[_WEIGHT]
                         n += 1
         return n
 
@@ -125,6 +169,7 @@ class LocalTier:
         with self._lock:
             self._data.clear()
             self._rows.clear()
+            self.bytes = 0
             self._clears += 1
 
     def prune_expired(self) -> int:
@@ -146,6 +191,7 @@ class LocalTier:
     # -- internals -----------------------------------------------------------
     def _remove(self, key: Hashable, e: tuple[Any, ...]) -> None:
         del self._data[key]
+        self.bytes -= e[_WEIGHT]
         self._unindex(key, e)
 
     def _unindex(self, key: Any, e: tuple[Any, ...]) -> None:
