@@ -68,3 +68,16 @@ def test_dropping_rows_gives_their_bytes_back() -> None:
         f.current_step += 1
         f.save()
     assert len(local_tier) == 0 and local_tier.bytes == 0
+
+
+def test_an_oversized_row_does_not_push_the_other_entries_out(settings: Any) -> None:
+    settings.TIERED_CACHE = {**settings.TIERED_CACHE, "L1_MAX_BYTES": 200_000}
+    small = [FlowFactory() for _ in range(10)]
+    big = FlowFactory(context={"blob": "w" * 500_000})
+    tiered_cache.clear_local()
+    for f in small:
+        Flow.objects.get_cached(pk=f.pk)
+    kept = len(local_tier)
+    assert kept == 10
+    assert Flow.objects.get_cached(pk=big.pk).context == big.context
+    assert len(local_tier) == kept

@@ -308,8 +308,14 @@ class Bus:
         self.connected = True
         self.ping()  # whoever started the listener wants trust now
         while not self._stop.is_set():
-            msg = pubsub.get_message(timeout=_IDLE_POLL)
+            wait = _IDLE_POLL
+            if self._drain_due:  # wake up for the next delivery of the outbox
+                wait = min(wait, max(0.01, self._retry_at - time.monotonic()))
+            msg = pubsub.get_message(timeout=wait)
             now = time.monotonic()
+            if msg is not None and self._drain_due and now >= self._retry_at:
+                # A busy bus never goes quiet: the retry's heartbeat is asked for here too.
+                self.ping()
             if self._broken or self._stop.is_set():
                 if self._stop.is_set():
                     return
@@ -375,10 +381,10 @@ class Bus:
             return True
         except Unavailable:
             return False
-        except Exception as exc:  # the database: reads will fail loudly there anyway
+        except Exception as exc:  # the database: the outbox may hold what L2 lacks
             logger.warning("tiered_cache: could not read the outbox: %r", exc)
             connection.close()
-            return True
+            return False
         finally:
             # Kept open between heartbeats (a lapse after every idle spell would otherwise
             # connect anew), unless it broke or outlived CONN_MAX_AGE.

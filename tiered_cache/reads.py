@@ -294,6 +294,10 @@ def _load(
         try:
             res = Read.of(redis_tier.scripts([_read_call(g, key, lease_token)])[0])
             code = res.code
+            if time.monotonic() >= bus.trusted_until:
+                # Trust ended while Redis answered (a failover another thread saw): the
+                # reply may come from a server that lacks invalidations.
+                raise Unavailable("trust ended during the read")
             if res.value is not None:
                 value = _l2_value(mc, key, res.value)
                 if value is not None:
@@ -502,6 +506,8 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     if trusted:
         try:
             results, heads = _read_many(g, keys, leases)
+            if time.monotonic() >= bus.trusted_until:  # as in _load
+                results = []
         except Unavailable:
             results = []
     missing: list[tuple[int, Any, str, str]] = []

@@ -108,6 +108,8 @@ class LocalTier:
                 self.bytes -= old[_WEIGHT]
                 self._unindex(key, old)
             weight = weigh(value)
+            if weight > conf.L1_MAX_BYTES:
+                return False  # would push every other entry out: L2 serves this one
             self._data[key] = (
                 time.monotonic() + timeout,
                 label,
@@ -127,15 +129,14 @@ class LocalTier:
                     have.add(key)
                 else:
                     self._rows[rk] = {have, key}
-            # Least recently used first, until both bounds hold: an entry heavier than
-            # L1_MAX_BYTES on its own is not kept (L2 still serves it).
+            # Least recently used first, until both bounds hold.
             limit, max_bytes = conf.L1_MAX_ENTRIES, conf.L1_MAX_BYTES
             while self._data and (len(self._data) > limit or self.bytes > max_bytes):
                 k, e = self._data.popitem(last=False)
                 self.bytes -= e[_WEIGHT]
                 self._unindex(k, e)
                 self.evictions += 1
-            return key in self._data
+            return True
 
     def drop_rows(self, label: str, rows: list[str]) -> int:
         """Drop every entry of these rows, whatever lookup it was cached under."""

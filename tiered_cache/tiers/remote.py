@@ -53,12 +53,31 @@ class Fillable(Protocol):
 # own (RedisClusterException is not a RedisError: no node reachable, no slot map).
 REDIS_ERRORS = (redis.RedisError, OSError, RedisClusterException)
 
+# Arguments of one node's connection, out of a cluster's settings (tiered_cache.cluster).
+_CONNECTION_ARGS = frozenset(
+    {
+        "username",
+        "password",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "ssl_ca_certs",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_cert_reqs",
+        "client_name",
+    }
+)
+
 # Replies that say a cluster's slot map changed under us (a failover, a resharding).
 _MOVED = (MovedError, AskError, ClusterDownError, TryAgainError, redis.ConnectionError)
 
 
 class Unavailable(Exception):
     """Redis was not used for this call: the breaker is open or the call failed."""
+
+
+class TopologyChanged(Unavailable):
+    """A cluster's masters changed since the last call: its reply (if any) is not used."""
 
 
 _pack: Callable[[tuple[Any, ...]], bytes] | None
@@ -117,8 +136,10 @@ class RedisTier:
             # From the settings: django-redis's cluster client connects when it is made,
             # with the user's timeouts (none by default), and may not be made yet.
             entry = settings.CACHES[conf.CACHE_ALIAS]
-            _, kwargs = cluster_settings(entry["LOCATION"], entry.get("OPTIONS", {}))
-            cls = redis.SSLConnection if kwargs.pop("ssl", False) else redis.Connection
+            _, found = cluster_settings(entry["LOCATION"], entry.get("OPTIONS", {}))
+            # What a node's connection takes (CLUSTER_KWARGS may hold the cluster's own).
+            kwargs = {k: v for k, v in found.items() if k in _CONNECTION_ARGS}
+            cls = redis.SSLConnection if found.get("ssl") else redis.Connection
         else:
             base = get_redis_connection(conf.CACHE_ALIAS)
             kwargs = dict(base.connection_pool.connection_kwargs)
@@ -150,6 +171,7 @@ class RedisTier:
             socket_connect_timeout=conf.SOCKET_CONNECT_TIMEOUT,
         )
         kwargs.update(overrides)
+        kwargs.pop("retry", None)  # ours: none
         # Made (and its slot map read) with our timeouts: at most one connect timeout per
         # startup node when none answers.
         return RedisCluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 0), **kwargs)
@@ -227,6 +249,9 @@ class RedisTier:
                     # threads or failures in the life of the process.
                     if self.cluster:
                         self._client = self._make_cluster(max_connections=2**31)
+                        # The masters it was made with: a later map naming others is a
+                        # failover (_check_primaries).
+                        self._primaries = frozenset(n.name for n in self._client.get_primaries())
                     else:
                         pool = self.make_pool(max_connections=2**31)
                         self._client = redis.Redis(connection_pool=pool)
@@ -314,6 +339,9 @@ class RedisTier:
         t0 = time.perf_counter()
         try:
             out, acked = self._run(calls, acks, publish)
+        except TopologyChanged:
+            breaker.success()  # Redis answered: its map changed, it did not fail
+            raise
         except REDIS_ERRORS as exc:
             self._drop_conn()
             if isinstance(exc, _MOVED) and self.cluster:
@@ -385,6 +413,10 @@ class RedisTier:
                 failure = failure or exc
         if failure is not None:
             raise failure
+        if cluster:
+            # Again after the replies: another thread may have read the slot map anew while
+            # these calls ran, and a reply from a promoted replica must not be used.
+            self._check_primaries()
         return out, min(acked.values(), default=acks) if acks else 0
 
     def _check_primaries(self) -> None:
@@ -399,7 +431,8 @@ class RedisTier:
         if seen is not None and primaries != seen:
             for hook in self.topology_hooks:
                 hook()
-            raise redis.ConnectionError("the cluster's masters changed (a failover)")
+            # Not a failure of Redis (no breaker count, no new refresh of the map).
+            raise TopologyChanged("the cluster's masters changed (a failover)")
 
     def _node_of(self, call: ScriptCall) -> Any:
         client: Any = self.client
