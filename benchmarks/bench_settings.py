@@ -13,4 +13,10 @@ DEBUG = False
 # Never the test database nor whatever DATABASE_URL names: the bench drops this one.
 DATABASES["default"]["NAME"] = os.environ.get("TC_BENCH_DB", "tiered_cache_bench")
 
-TIERED_CACHE = {"KEY_PREFIX": TEST_KEY_PREFIX, "L1_MAX_ENTRIES": 250_000}
+# Room for the memory rows in entries and in bytes (L1_MAX_BYTES would otherwise evict
+# most of 100,000 users, and the per-entry figure would not be one).
+TIERED_CACHE = {
+    "KEY_PREFIX": TEST_KEY_PREFIX,
+    "L1_MAX_ENTRIES": 250_000,
+    "L1_MAX_BYTES": 1024 * 1024 * 1024,
+}

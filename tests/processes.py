@@ -48,13 +48,18 @@ class Worker:
             f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:"
             f"{db['PORT'] or 5432}/{db['NAME']}"
         )
+        extra = dict(extra_env or {})
+        cache = dict(settings.CACHES["default"])
+        if "TEST_REDIS_URL" in extra:  # a caller pointing the worker at another server
+            cache["LOCATION"] = extra["TEST_REDIS_URL"]
         env = {
             "DJANGO_SETTINGS_MODULE": "tests.settings",
             "TC_TEST_KEY_PREFIX": settings.TEST_KEY_PREFIX,
             "DATABASE_URL": url,
-            "TEST_REDIS_URL": settings.CACHES["default"]["LOCATION"],
-            "TEST_CACHE_JSON": json.dumps(settings.CACHES["default"]),
-            **(extra_env or {}),
+            "TEST_REDIS_URL": cache["LOCATION"],
+            # The whole entry: behind Sentinel or on a cluster the location alone says little.
+            "TEST_CACHE_JSON": json.dumps(cache),
+            **extra,
         }
         self._conn, child = _ctx.Pipe()
         self.process = _ctx.Process(target=_serve, args=(child, env), daemon=True)
