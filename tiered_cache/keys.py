@@ -280,8 +280,7 @@ def shard_count() -> int:
     (a multiple of 2, 3, 4 and 6 masters: each gets an equal part of a model's entries)."""
     n = conf.SHARDS
     if n is None:
-        options = settings.CACHES.get(conf.CACHE_ALIAS, {}).get("OPTIONS", {})
-        n = 12 if is_cluster_client(options) else 1
+        n = 12 if cluster_mode() else 1
     # Held to 1..1024 by check E013, and here: past the slots, ranges would have no tag.
     return max(1, min(int(n), 1024))
 
@@ -383,6 +382,7 @@ def forget(**kwargs: Any) -> None:
     with _lock:
         _base.clear()
         _groups.clear()
+        _cluster.clear()
 
 
 # -- stored values ---------------------------------------------------------------------
@@ -634,9 +634,15 @@ def publish_in_script() -> bool:
 
 
 def cluster_mode() -> bool:
-    """Whether our cache alias is a Redis Cluster (tiered_cache.cluster.ClusterClient)."""
-    options = settings.CACHES.get(conf.CACHE_ALIAS, {}).get("OPTIONS", {})
-    return is_cluster_client(options)
+    """Whether our cache alias is a Redis Cluster (tiered_cache.cluster.ClusterClient). Asked
+    on every Redis call: read from the settings once (forget() after they change)."""
+    if not _cluster:
+        options = settings.CACHES.get(conf.CACHE_ALIAS, {}).get("OPTIONS", {})
+        _cluster.append(is_cluster_client(options))
+    return _cluster[0]
+
+
+_cluster: list[bool] = []
 
 
 def invalidate_calls(
