@@ -172,3 +172,17 @@ def test_e007_lookup_on_a_reverse_relation() -> None:
             app_label = "testapp"
 
     assert ids(check_manager(Parent.objects)) == ["tiered_cache.E007"]
+
+
+@pytest.mark.parametrize("seconds", [-1, "5", True, 3601, None])
+def test_e014_outage_stale_seconds_not_a_bounded_number(settings: Any, seconds: Any) -> None:
+    settings.TIERED_CACHE = {"OUTAGE_STALE_SECONDS": seconds}
+    msgs = check_settings()
+    assert ids(msgs) == ["tiered_cache.E014"]
+    assert "OUTAGE_STALE_SECONDS" in msgs[0].msg
+
+
+@pytest.mark.parametrize("seconds", [0, 0.5, 5, 3600])
+def test_outage_stale_seconds_in_range_pass(settings: Any, seconds: Any) -> None:
+    settings.TIERED_CACHE = {"OUTAGE_STALE_SECONDS": seconds}
+    assert check_settings() == []

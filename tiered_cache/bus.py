@@ -51,6 +51,9 @@ class Bus:
         # Both tiers are trusted only until this monotonic time: it moves forward with
         # every answered heartbeat, so a paused or silent Redis lapses trust on its own.
         self.trusted_until = 0.0
+        # The send time of the last answered heartbeat: every invalidation published before
+        # it has been applied here (OUTAGE_STALE_SECONDS counts from it).
+        self.vouched_at = 0.0
         # A read past this monotonic time asks for the next heartbeat (ping()).
         self.renew_at = 0.0
         self.connected = False
@@ -212,6 +215,7 @@ class Bus:
     def after_fork(self) -> None:
         """A forked child starts its own listener on its first read."""
         self.trusted_until = 0.0
+        self.vouched_at = 0.0
         self.renew_at = 0.0
         self.connected = False
         self._drain_due = False
@@ -264,8 +268,11 @@ class Bus:
         self._pubsub = None
         with self._sent_lock:
             self._sent = {}
-        # Messages may have been missed: nothing in L1 can be vouched for.
-        local_tier.clear()
+        # Messages may have been missed: nothing in L1 can be vouched for. Under
+        # OUTAGE_STALE_SECONDS it is kept, served for that long at most (reads.stale_local),
+        # and cleared when a subscription starts again (_listen).
+        if not conf.OUTAGE_STALE_SECONDS:
+            local_tier.clear()
         if self._client is not None:
             try:
                 self._client.connection_pool.disconnect()
@@ -363,6 +370,7 @@ class Bus:
                 if self._drain_due:  # an outbox write landed while we drained
                     self.trusted_until = 0.0
                     continue
+                self.vouched_at = at
                 with self._granted:
                     self._granted.notify_all()
                 if self._warned:

@@ -78,6 +78,16 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                     id="tiered_cache.E003",
                 )
             )
+    stale = raw.get("OUTAGE_STALE_SECONDS", DEFAULTS["OUTAGE_STALE_SECONDS"])
+    if isinstance(stale, bool) or not isinstance(stale, (int, float)) or not 0 <= stale <= 3600:
+        errors.append(
+            Error(
+                "TIERED_CACHE['OUTAGE_STALE_SECONDS'] must be a number of seconds from 0 "
+                f"(off) to 3600, not {stale!r}.",
+                hint="It bounds how stale a row L1 serves while Redis is unreachable.",
+                id="tiered_cache.E014",
+            )
+        )
     heartbeat = raw.get("BUS_HEARTBEAT", DEFAULTS["BUS_HEARTBEAT"])
     window = raw.get("BUS_TRUST_WINDOW", DEFAULTS["BUS_TRUST_WINDOW"])
     if (

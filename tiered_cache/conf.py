@@ -31,6 +31,10 @@ DEFAULTS: dict[str, Any] = {
     # every BUS_HEARTBEAT; one that does not read sends none.
     "BUS_HEARTBEAT": 0.2,
     "BUS_TRUST_WINDOW": 0.3,
+    # Opt-in outage mode: while Redis is unreachable, L1 keeps serving what it holds for at
+    # most this many seconds after the bus was lost (bounded staleness), and a miss reaches
+    # the database once per key per process. 0: L1 is distrusted the moment the bus is.
+    "OUTAGE_STALE_SECONDS": 0,
     # Replicas that must acknowledge an invalidation (WAIT) before it counts as delivered;
     # None: 1 on Sentinel or a cluster, 0 for a single server. Unacknowledged ones go to
     # the outbox (and this process reads the database until they are delivered).
@@ -134,6 +138,10 @@ class Settings:
     @property
     def BUS_TRUST_WINDOW(self) -> float:
         return cast(float, self._get("BUS_TRUST_WINDOW"))
+
+    @property
+    def OUTAGE_STALE_SECONDS(self) -> float:
+        return cast(float, self._get("OUTAGE_STALE_SECONDS"))
 
     @property
     def REPLICA_ACKS(self) -> int | None:

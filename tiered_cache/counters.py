@@ -27,6 +27,8 @@ class Counters:
     fills_refused: int = 0
     corrupt: int = 0
     bypassed: int = 0
+    # L1 hits served while the bus was down, under OUTAGE_STALE_SECONDS (in l1_hits too).
+    stale_hits: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)

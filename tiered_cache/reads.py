@@ -35,7 +35,7 @@ from .keys import (
 )
 from .registry import Lookup, ModelCache
 from .serialization import CorruptPayload, dumps, loads_verified, open_signed, sign
-from .tiers.local import NEGATIVE, local_tier
+from .tiers.local import NEGATIVE, local_tier, weigh_payload
 from .tiers.remote import Unavailable, fresh_token, redis_tier
 from .transactions import bypass
 
@@ -163,6 +163,10 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
         found = peek_local(mc, g, l1key, db)
         if found is not None:
             return found
+        if conf.OUTAGE_STALE_SECONDS and not bus.trusted():
+            found = stale_local(mc, l1key, db)
+            if found is not None:
+                return found
 
     # The token is part of the flight: a thread whose own save dropped this group since
     # a load began must not be handed that load's (older) row.
@@ -216,6 +220,21 @@ def peek_local(mc: ModelCache, g: Group, key: Any, db: str) -> Any:
     return mc.codec.thaw(v, db)
 
 
+def stale_local(mc: ModelCache, key: Any, db: str) -> Any:
+    """As peek_local() while the bus cannot vouch for L1, under OUTAGE_STALE_SECONDS: an
+    entry at most that many seconds past the last moment it was known to match the
+    database (LocalTier.get_stale). None on a miss; raises DoesNotExist for an absence."""
+    v = local_tier.get_stale(key, time.monotonic(), bus.vouched_at, conf.OUTAGE_STALE_SECONDS)
+    if v is None:
+        return None
+    mc.counters.stale_hits += 1
+    if v is NEGATIVE:
+        mc.counters.negative_hits += 1
+        raise _does_not_exist(mc)
+    mc.counters.l1_hits += 1
+    return mc.codec.thaw(v, db)
+
+
 def _deliver(mc: ModelCache, value: Any, obj: Any, db: str) -> Any:
     if value is NEGATIVE:
         raise _does_not_exist(mc)
@@ -242,24 +261,26 @@ def _read_call(g: Group, key: str, lease: str) -> ScriptCall:
 _EXPIRED = object()
 
 
-def decode(mc: ModelCache, key: str, raw: bytes) -> Any:
-    """A verified L2 value as a frozen row or NEGATIVE, _EXPIRED past the expiry its MAC
-    covers (an old entry put back with a fresh Redis TTL); CorruptPayload otherwise."""
+def decode(mc: ModelCache, key: str, raw: bytes) -> tuple[Any, str, int]:
+    """A verified L2 value: (frozen row or NEGATIVE, its row id, its weight in L1), with
+    _EXPIRED for the value past the expiry its MAC covers (an old entry put back with a
+    fresh Redis TTL); CorruptPayload otherwise. The row id and the weight come from the
+    header and the payload's size: nothing is recomputed from the values."""
     header, body = open_signed(key, raw, RowHeader)
     kind = header.kind
     try:
         if int(header.expires) < time.time():
-            return _EXPIRED
+            return _EXPIRED, "", 0
     except ValueError:
         raise CorruptPayload("malformed expiry") from None
     payload = loads_verified(body)
     if kind == NO_ROW:
         if payload is not None:
             raise CorruptPayload("negative entry with a row")
-        return NEGATIVE
+        return NEGATIVE, "", weigh_payload(0, 0)
     if kind != ROW or not mc.codec.is_frozen(payload):
         raise CorruptPayload("row of the wrong shape")
-    return payload
+    return payload, header.rid.decode(), weigh_payload(len(body), mc.codec.count)
 
 
 def _corrupt(mc: ModelCache, key: str, exc: Exception) -> None:
@@ -285,6 +306,7 @@ def _load(
 ) -> tuple[Any, Any]:
     """(frozen row | NEGATIVE | UNCACHEABLE, instance read from the database or None)."""
     key = lk.key(g, mc.schema, _alias_part(db, scope), values)
+    read_at = time.monotonic()
     trusted = bus.trusted()
     source = _miss_source(manager, db)
     lease_token = fresh_token() if lease and source is not False else ""
@@ -299,9 +321,10 @@ def _load(
                 # reply may come from a server that lacks invalidations.
                 raise Unavailable("trust ended during the read")
             if res.value is not None:
-                value = _l2_value(mc, key, res.value)
-                if value is not None:
-                    _keep_local(mc, g, l1key, value, token)
+                entry = _l2_value(mc, key, res.value)
+                if entry is not None:
+                    value, rid, weight = entry
+                    _keep_local(mc, g, l1key, value, token, rid=rid, weight=weight)
                     return value, None
                 code = NO_LEASE
             else:
@@ -353,15 +376,19 @@ def _load(
         )
     if trusted:
         _keep_local(mc, g, l1key, value, token)
+    elif conf.OUTAGE_STALE_SECONDS:
+        _keep_local(mc, g, l1key, value, token, read_at)
     return value, obj
 
 
-def _l2_value(mc: ModelCache, key: str, raw: bytes) -> Any:
+def _l2_value(mc: ModelCache, key: str, raw: bytes) -> tuple[Any, str, int] | None:
+    """decode() counted and signalled; None for a bad or expired payload (a miss)."""
     try:
-        value = decode(mc, key, raw)
+        entry = decode(mc, key, raw)
     except CorruptPayload as exc:
         _corrupt(mc, key, exc)
         return None
+    value = entry[0]
     if value is _EXPIRED:
         return None
     if value is NEGATIVE:
@@ -370,7 +397,7 @@ def _l2_value(mc: ModelCache, key: str, raw: bytes) -> Any:
         mc.counters.l2_hits += 1
         hot.touch(mc.label, value[2])
     _signal_hit(mc, "l2", key)
-    return value
+    return entry
 
 
 def _wait_for_fill(mc: ModelCache, g: Group, key: str, lease: str) -> tuple[Any, Read | None]:
@@ -386,7 +413,8 @@ def _wait_for_fill(mc: ModelCache, g: Group, key: str, lease: str) -> tuple[Any,
         pause = min(pause * 2, 0.01)
         res = Read.of(redis_tier.scripts([_read_call(g, key, lease)])[0])
         if res.value is not None:
-            return _l2_value(mc, key, res.value), None
+            entry = _l2_value(mc, key, res.value)
+            return (entry[0] if entry is not None else None), None
         if res.code == LEASE:
             return None, res
     return None, None
@@ -403,10 +431,23 @@ def _counted(mc: ModelCache) -> Any:
     return done
 
 
-def _keep_local(mc: ModelCache, g: Group, l1key: Hashable, value: Any, token: Any) -> None:
+def _keep_local(
+    mc: ModelCache,
+    g: Group,
+    l1key: Hashable,
+    value: Any,
+    token: Any,
+    read_at: float = 0.0,
+    rid: str | None = None,
+    weight: int | None = None,
+) -> None:
     """Put a frozen row or NEGATIVE in L1; refused there if the group was written since
-    `token` was taken."""
-    local_tier.set(l1key, g.id, _row_of(mc, value), value, _l1_timeout(mc, value), token)
+    `token` was taken. `read_at`: for a row read while the bus was not trusted, when its
+    database read began (served from then on for OUTAGE_STALE_SECONDS at most). `rid` and
+    `weight` when the caller knows them (an L2 entry's header and size)."""
+    if rid is None:
+        rid = _row_of(mc, value)
+    local_tier.set(l1key, g.id, rid, value, _l1_timeout(mc, value), token, read_at, weight)
 
 
 def _row_of(mc: ModelCache, value: Any) -> str:
@@ -480,19 +521,29 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     if not bus.trusted():
         bus.ensure_started()
     trusted = bus.trusted()
+    stale = conf.OUTAGE_STALE_SECONDS if not trusted else 0
     todo = wanted
-    if trusted:
+    read_at = now = time.monotonic()
+    if trusted or stale:
+        l1keys = [(prefix, db, scope, pk) for pk in wanted]
+        if trusted:
+            got = local_tier.get_many(l1keys, now)
+        else:
+            vouched = bus.vouched_at
+            got = [local_tier.get_stale(k, now, vouched, stale) for k in l1keys]
+            mc.counters.stale_hits += len(got) - got.count(None)
         todo = []
-        now = time.monotonic()
-        for pk in wanted:
-            v = local_tier.get((prefix, db, scope, pk), now)
+        thaw = mc.codec.thaw
+        negatives = 0
+        for pk, v in zip(wanted, got, strict=True):
             if v is None:
                 todo.append(pk)
             elif v is NEGATIVE:
-                mc.counters.negative_hits += 1
+                negatives += 1
             else:
-                mc.counters.l1_hits += 1
-                found[pk] = mc.codec.thaw(v, db)
+                found[pk] = thaw(v, db)
+        mc.counters.negative_hits += negatives
+        mc.counters.l1_hits += len(wanted) - len(todo) - negatives
     if not todo:
         return found
 
@@ -511,19 +562,24 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
         except Unavailable:
             results = []
     missing: list[tuple[int, Any, str, str]] = []
+    # What L1 takes, stored under one hold of its lock: (key, row id, value, timeout,
+    # weight or None).
+    keep: list[tuple[Any, str, Any, float, int | None]] = []
     for i, pk in enumerate(todo):
         r = results[i] if results else NO_LEASE
         if isinstance(r, bytes):
-            value = _l2_value(mc, keys[i], r)
-            if value is None:
+            entry = _l2_value(mc, keys[i], r)
+            if entry is None:
                 missing.append((i, pk, keys[i], ""))
                 continue
-            _keep_local(mc, g, (prefix, db, scope, pk), value, token)
+            value, rid, weight = entry
+            keep.append(((prefix, db, scope, pk), rid, value, _l1_timeout(mc, value), weight))
             if value is not NEGATIVE:
                 found[pk] = mc.codec.thaw(value, db)
         else:
             missing.append((i, pk, keys[i], leases[i] if r == LEASE else ""))
     if not missing:
+        local_tier.set_many(g.id, token, keep)
         return found
 
     mc.counters.misses += len(missing)
@@ -550,8 +606,13 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
                     g, mc.label, key, lease, gen, writes, value, _ttl(mc, value), _row_of(mc, value)
                 )
             )
-        if trusted:
-            _keep_local(mc, g, (prefix, db, scope, pk), value, token)
+        if trusted or stale:
+            keep.append(
+                ((prefix, db, scope, pk), _row_of(mc, value), value, _l1_timeout(mc, value), None)
+            )
+    # Rows from L2 and from the database alike; those from the database while the bus was
+    # down are served for OUTAGE_STALE_SECONDS from read_at at most.
+    local_tier.set_many(g.id, token, keep, 0.0 if trusted else read_at)
     if fills:
         redis_tier.fill_later(fills, _counted(mc))
     return found

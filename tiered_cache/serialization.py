@@ -163,7 +163,7 @@ class RowCodec:
         self.fields = list(model._meta.concrete_fields)
         self.attnames = [f.attname for f in self.fields]
         self.pk_index = self.attnames.index(model._meta.pk.attname)
-        self._count = len(self.attnames)
+        self.count = len(self.attnames)
         self.mutable = tuple(i for i, f in enumerate(self.fields) if not _immutable(f))
         self.imm_names = tuple(a for i, a in enumerate(self.attnames) if i not in self.mutable)
         self.mut_names = tuple(a for i, a in enumerate(self.attnames) if i in self.mutable)

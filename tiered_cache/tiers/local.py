@@ -16,9 +16,10 @@ from ..conf import conf
 NEGATIVE = object()
 
 # Entry layout (a tuple, for speed): expires_at, label, row id, frozen row or NEGATIVE,
-# flush epoch of the model at fill, for negatives the model's write count at fill, and the
-# entry's weight in bytes (L1_MAX_BYTES).
-_EXP, _LABEL, _ROW, _VALUE, _EPOCH, _WRITES, _WEIGHT = range(7)
+# flush epoch of the model at fill, for negatives the model's write count at fill, the
+# entry's weight in bytes (L1_MAX_BYTES), and for an entry filled while the bus was not
+# trusted (OUTAGE_STALE_SECONDS) the monotonic time its database read began, else 0.
+_EXP, _LABEL, _ROW, _VALUE, _EPOCH, _WRITES, _WEIGHT, _READ_AT = range(8)
 
 # What an entry costs beyond its values: the entry tuple, its key tuple, the LRU's link and
 # the row index's slot (measured with tracemalloc: about 1.4 KB per small row in all).
@@ -43,6 +44,13 @@ def weigh(value: Any) -> int:
     if isinstance(value, tuple):
         return _ENTRY_OVERHEAD + sum(weigh(v) for v in value)
     return _ENTRY_OVERHEAD + sys.getsizeof(value)
+
+
+def weigh_payload(size: int, values: int) -> int:
+    """An entry's weight from the size of its L2 payload, as weigh() finds it without
+    asking every value for its size (a third of an L2 hit's own work): a pickled value is
+    its data and a few bytes, the object also a header of about 40 bytes."""
+    return _ENTRY_OVERHEAD + size + 40 * values
 
 
 class LocalTier:
@@ -72,19 +80,38 @@ class LocalTier:
     def get(self, key: Any, now: float | None = None) -> Any:
         """The frozen row, NEGATIVE, or None for a miss."""
         with self._lock:
+            return self._lookup(key, now if now is not None else time.monotonic())
+
+    def get_many(self, keys: list[Any], now: float) -> list[Any]:
+        """get() of each key, under one hold of the lock (get_many_cached)."""
+        with self._lock:
+            return [self._lookup(key, now) for key in keys]
+
+    def _lookup(self, key: Any, now: float) -> Any:
+        e = self._data.get(key)
+        if e is None:
+            return None
+        label = e[_LABEL]
+        if (
+            e[_EXP] < now
+            or e[_EPOCH] != self._epoch.get(label, 0)
+            or (e[_VALUE] is NEGATIVE and e[_WRITES] != self._writes.get(label, 0))
+        ):
+            self._remove(key, e)
+            return None
+        self._data.move_to_end(key)
+        return e[_VALUE]
+
+    def get_stale(self, key: Any, now: float, vouched_at: float, bound: float) -> Any:
+        """As get(), while the bus cannot vouch for L1 (OUTAGE_STALE_SECONDS): an entry is
+        served only while less than `bound` seconds have passed since it was last known
+        to match the database: the last answered heartbeat (`vouched_at`) for an entry
+        the bus kept, or the start of its database read for one filled since."""
+        with self._lock:
             e = self._data.get(key)
-            if e is None:
+            if e is None or now - max(e[_READ_AT], vouched_at) >= bound:
                 return None
-            label = e[_LABEL]
-            if (
-                e[_EXP] < (now if now is not None else time.monotonic())
-                or e[_EPOCH] != self._epoch.get(label, 0)
-                or (e[_VALUE] is NEGATIVE and e[_WRITES] != self._writes.get(label, 0))
-            ):
-                self._remove(key, e)
-                return None
-            self._data.move_to_end(key)
-            return e[_VALUE]
+        return self.get(key, now)
 
     def token(self, label: str) -> tuple[int, int, int]:
         """Taken before reading L2 or the database; a fill is refused if it changed since."""
@@ -99,44 +126,66 @@ class LocalTier:
         value: Any,
         timeout: float,
         token: tuple[int, int, int],
+        read_at: float = 0.0,
+        weight: int | None = None,
     ) -> bool:
+        """Store an entry unless `label` changed since `token` was taken (False then, or
+        when the entry alone is heavier than L1_MAX_BYTES)."""
+        return self.set_many(label, token, [(key, row, value, timeout, weight)], read_at) == 1
+
+    def set_many(
+        self,
+        label: str,
+        token: tuple[int, int, int],
+        entries: list[tuple[Hashable, str, Any, float, int | None]],
+        read_at: float = 0.0,
+    ) -> int:
+        """set() of each (key, row id, value, timeout, weight or None), under one hold of
+        the lock; how many were stored."""
+        stored = 0
         with self._lock:
             if token != (self._clears, self._epoch.get(label, 0), self._writes.get(label, 0)):
-                return False
-            old = self._data.pop(key, None)
-            if old is not None:
-                self.bytes -= old[_WEIGHT]
-                self._unindex(key, old)
-            weight = weigh(value)
-            if weight > conf.L1_MAX_BYTES:
-                return False  # would push every other entry out: L2 serves this one
-            self._data[key] = (
-                time.monotonic() + timeout,
-                label,
-                row,
-                value,
-                token[1],
-                token[2],
-                weight,
-            )
-            self.bytes += weight
-            if row:
-                rk = (label, row)
-                have = self._rows.get(rk)
-                if have is None or have == key:
-                    self._rows[rk] = key
-                elif type(have) is set:
-                    have.add(key)
-                else:
-                    self._rows[rk] = {have, key}
+                return 0
+            now = time.monotonic()
+            max_bytes = conf.L1_MAX_BYTES
+            for key, row, value, timeout, weight in entries:
+                old = self._data.pop(key, None)
+                if old is not None:
+                    self.bytes -= old[_WEIGHT]
+                    self._unindex(key, old)
+                if weight is None:
+                    weight = weigh(value)
+                if weight > max_bytes:
+                    continue  # would push every other entry out: L2 serves this one
+                self._data[key] = (
+                    now + timeout,
+                    label,
+                    row,
+                    value,
+                    token[1],
+                    token[2],
+                    weight,
+                    read_at,
+                )
+                self.bytes += weight
+                stored += 1
+                if row:
+                    rk = (label, row)
+                    have = self._rows.get(rk)
+                    if have is None or have == key:
+                        self._rows[rk] = key
+                    elif type(have) is set:
+                        have.add(key)
+                    else:
+                        self._rows[rk] = {have, key}
             # Least recently used first, until both bounds hold.
-            limit, max_bytes = conf.L1_MAX_ENTRIES, conf.L1_MAX_BYTES
+            limit = conf.L1_MAX_ENTRIES
             while self._data and (len(self._data) > limit or self.bytes > max_bytes):
                 k, e = self._data.popitem(last=False)
                 self.bytes -= e[_WEIGHT]
                 self._unindex(k, e)
                 self.evictions += 1
-            return True
+        return stored
 
     def drop_rows(self, label: str, rows: list[str]) -> int:
         """Drop every entry of these rows, whatever lookup it was cached under."""
