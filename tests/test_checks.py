@@ -186,3 +186,17 @@ def test_e014_outage_stale_seconds_not_a_bounded_number(settings: Any, seconds: 
 def test_outage_stale_seconds_in_range_pass(settings: Any, seconds: Any) -> None:
     settings.TIERED_CACHE = {"OUTAGE_STALE_SECONDS": seconds}
     assert check_settings() == []
+
+
+@pytest.mark.parametrize("interval", [0, -0.001, "0.001", True, 1.0])
+def test_e015_gil_switch_interval_out_of_range(settings: Any, interval: Any) -> None:
+    settings.TIERED_CACHE = {"GIL_SWITCH_INTERVAL": interval}
+    msgs = check_settings()
+    assert ids(msgs) == ["tiered_cache.E015"]
+    assert "GIL_SWITCH_INTERVAL" in msgs[0].msg
+
+
+@pytest.mark.parametrize("interval", [None, 0.0005, 0.005])
+def test_gil_switch_interval_none_or_in_range_pass(settings: Any, interval: Any) -> None:
+    settings.TIERED_CACHE = {"GIL_SWITCH_INTERVAL": interval}
+    assert check_settings() == []

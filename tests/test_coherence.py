@@ -354,3 +354,12 @@ def test_commit_to_drop_latency_across_processes() -> None:
         assert r["missed"] == 0 and r["still_in_l1"] == 0
         assert r["measured"] == r["n"]
         assert r["p99_ms"] < 1000
+
+
+def test_a_process_whose_bus_started_hands_the_gil_over_within_gil_switch_interval() -> None:
+    """The listener needs the GIL to apply a drop: busy request threads give it up after
+    sys.getswitchinterval(), which the bus lowers to GIL_SWITCH_INTERVAL when it starts
+    (Python's 5 ms let two busy threads hold a drop back 15 ms at p99)."""
+    with worker() as other:
+        other.call(ct.__name__ + ".wait_trusted")
+        assert other.call("sys.getswitchinterval") <= conf.GIL_SWITCH_INTERVAL

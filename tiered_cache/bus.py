@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -113,6 +114,9 @@ class Bus:
         """Start the listener on first use (the first caller waits briefly for it); later,
         when trust has lapsed, ask for a heartbeat and wait a round trip for it."""
         if self._listener.start():
+            interval = conf.GIL_SWITCH_INTERVAL
+            if interval and sys.getswitchinterval() > interval:
+                sys.setswitchinterval(interval)
             for hook in self.on_start:
                 hook()
             if wait is None:

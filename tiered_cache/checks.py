@@ -88,6 +88,20 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                 id="tiered_cache.E014",
             )
         )
+    interval = raw.get("GIL_SWITCH_INTERVAL", DEFAULTS["GIL_SWITCH_INTERVAL"])
+    if interval is not None and (
+        isinstance(interval, bool)
+        or not isinstance(interval, (int, float))
+        or not 0.0001 <= interval <= 0.1
+    ):
+        errors.append(
+            Error(
+                "TIERED_CACHE['GIL_SWITCH_INTERVAL'] must be None or a number of seconds from "
+                f"0.0001 to 0.1, not {interval!r}.",
+                hint="None leaves sys.setswitchinterval() alone; 0.001 is the default.",
+                id="tiered_cache.E015",
+            )
+        )
     heartbeat = raw.get("BUS_HEARTBEAT", DEFAULTS["BUS_HEARTBEAT"])
     window = raw.get("BUS_TRUST_WINDOW", DEFAULTS["BUS_TRUST_WINDOW"])
     if (
