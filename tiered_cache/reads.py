@@ -107,17 +107,20 @@ class Fill:
     ) -> None:
         self.g, self.label, self.key, self.lease = g, label, key, lease
         self.gen, self.writes = _raw(gen), _raw(writes)
+        # Pickled by call(), on the filler thread: the caller has its row already.
+        self.body: Any = value
         if value is NEGATIVE:
-            self.kind, self.rid, self.body = NO_ROW, "", dumps(None)
+            self.kind, self.rid, self.body = NO_ROW, "", None
             self.version: bytes = self.writes
         else:
-            self.kind, self.rid, self.body = ROW, rid, dumps(value)
+            self.kind, self.rid = ROW, rid
             self.version = fresh_token().encode()
         self.ttl = ttl
 
     def call(self, version: bytes) -> ScriptCall:
         now = time.time()
         header = row_header(self.kind, self.gen, self.rid, version, int(now + self.ttl) + 1)
+        body = dumps(self.body)
         return fill_call(
             self.g,
             self.label,
@@ -127,7 +130,7 @@ class Fill:
             self.gen,
             self.writes,
             self.kind,
-            sign(self.key, header, self.body),
+            sign(self.key, header, body),
             int(self.ttl * 1000),
             version,
             int((conf.TIMEOUT + 60) * 1000),
