@@ -20,6 +20,8 @@ ALLOWED_INNER_IMPORTS = {
     # Optional dependencies: Celery (the [celery] extra) and psycopg (PostgreSQL only).
     ("maintenance.py", "celery"),
     ("transactions.py", "django.db.backends.postgresql.psycopg_any"),
+    # tiered_cache.__version__ on first use: importing importlib.metadata costs ~25 ms.
+    ("__init__.py", "importlib.metadata"),
 }
 
 

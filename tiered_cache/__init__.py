@@ -21,6 +21,8 @@ __all__ = [
 # Managers import the ORM; loading them lazily keeps `import tiered_cache` cheap and safe
 # before settings are configured. Type checkers see the real names.
 if TYPE_CHECKING:
+    __version__: str  # the installed distribution's, from pyproject.toml (one place)
+
     from .derived import cached
     from .managers import CachedManager, CachedManagerMixin, CachedQuerySet
     from .reporting import stats
@@ -37,6 +39,12 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        # Read from the installed metadata on first use: pyproject.toml alone holds it.
+        from importlib.metadata import version
+
+        globals()[name] = value = version("django-tiered-cache")
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'tiered_cache' has no attribute {name!r}")
