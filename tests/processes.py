@@ -41,26 +41,32 @@ def _serve(conn: Any, env: dict[str, str]) -> None:
             conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
 
+def child_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment that makes another process's tests.settings this run's: its test
+    database (the one this process uses now), its Redis key prefix and cache entry."""
+    db = connection.settings_dict
+    url = (
+        f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:"
+        f"{db['PORT'] or 5432}/{db['NAME']}"
+    )
+    extra = dict(extra_env or {})
+    cache = dict(settings.CACHES["default"])
+    if "TEST_REDIS_URL" in extra:  # a caller pointing the worker at another server
+        cache["LOCATION"] = extra["TEST_REDIS_URL"]
+    return {
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "TC_TEST_KEY_PREFIX": settings.TEST_KEY_PREFIX,
+        "DATABASE_URL": url,
+        "TEST_REDIS_URL": cache["LOCATION"],
+        # The whole entry: behind Sentinel or on a cluster the location alone says little.
+        "TEST_CACHE_JSON": json.dumps(cache),
+        **extra,
+    }
+
+
 class Worker:
     def __init__(self, extra_env: dict[str, str] | None = None) -> None:
-        db = connection.settings_dict
-        url = (
-            f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:"
-            f"{db['PORT'] or 5432}/{db['NAME']}"
-        )
-        extra = dict(extra_env or {})
-        cache = dict(settings.CACHES["default"])
-        if "TEST_REDIS_URL" in extra:  # a caller pointing the worker at another server
-            cache["LOCATION"] = extra["TEST_REDIS_URL"]
-        env = {
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "TC_TEST_KEY_PREFIX": settings.TEST_KEY_PREFIX,
-            "DATABASE_URL": url,
-            "TEST_REDIS_URL": cache["LOCATION"],
-            # The whole entry: behind Sentinel or on a cluster the location alone says little.
-            "TEST_CACHE_JSON": json.dumps(cache),
-            **extra,
-        }
+        env = child_env(extra_env)
         self._conn, child = _ctx.Pipe()
         self.process = _ctx.Process(target=_serve, args=(child, env), daemon=True)
         self.process.start()

@@ -14,7 +14,8 @@ from demo_project.settings import CACHES as _DEMO_CACHES
 from demo_project.settings import INSTALLED_APPS as _DEMO_APPS
 
 # The suite's own app (tests/testapp): every model shape Django has, and its user model.
-INSTALLED_APPS = [*_DEMO_APPS, "tests.testapp"]
+# django-celery-beat: its database scheduler runs the cache's tasks (tests/test_beat.py).
+INSTALLED_APPS = [*_DEMO_APPS, "django_celery_beat", "tests.testapp"]
 AUTH_USER_MODEL = "testapp.User"
 ROOT_URLCONF = "tests.urls"
 
@@ -72,5 +73,10 @@ if os.environ.get("TEST_CACHE_JSON"):
     CACHES["default"] = json.loads(os.environ["TEST_CACHE_JSON"])
 
 TIERED_CACHE = {"KEY_PREFIX": TEST_KEY_PREFIX}
+
+# A `celery -A demo_project worker -B` started by tests/test_beat.py: Celery settings by
+# their lower-case names (beat_schedule, task_default_queue, ...), over the demo's.
+for _name, _value in json.loads(os.environ.get("TC_CELERY_JSON") or "{}").items():
+    globals()[f"CELERY_{_name.upper()}"] = _value
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
