@@ -48,7 +48,7 @@ redis:
 	  [ "$$(redis-cli -h $(REDIS_HOST) -p $(REDIS_PORT) ping 2>/dev/null)" = PONG ] && exit 0; sleep 0.5; \
 	done; echo "Redis is not answering on $(REDIS_HOST):$(REDIS_PORT) after 20s" >&2; exit 1
 
-# RabbitMQ is not needed by the tests yet; it boots slowly, hence its own target.
+# RabbitMQ boots slowly, hence its own target; tests/test_beat.py runs a worker on it.
 broker:
 	@rabbitmq-diagnostics -q ping >/dev/null 2>&1 || rabbitmq-server -detached || true
 	@for _ in $$(seq 30); do rabbitmq-diagnostics -q ping >/dev/null 2>&1 && exit 0; sleep 2; done; \
@@ -80,16 +80,17 @@ lint: venv
 	$(BIN)/mypy
 
 # Lint first, then the whole suite on Django 5.2 LTS (Python 3.11) and on Django 6.x
-# (Python 3.12). pytest's own exit codes carry through: 5 (no tests collected) fails.
-test: lint test-django52 test-topologies test-django6
+# (Python 3.12), then the wheel in a clean virtualenv (dist). pytest's own exit codes carry
+# through: 5 (no tests collected) fails.
+test: lint test-django52 test-topologies test-django6 dist
 
 test-django52: venv services
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# The coherence, resilience, lost-state, read, write, derived, operations and command tests
-# again with the cache on a Sentinel setup (1 master, 1 replica, 3 sentinels) and on a Redis
-# Cluster (3 masters, 3 replicas), each started by the run on spare ports
-# (tests/topologies.py).
+# The coherence, resilience, lost-state, read, write, derived, operations, command,
+# inspection and trend tests again with the cache on a Sentinel setup (1 master, 1 replica,
+# 3 sentinels) and on a Redis Cluster (3 masters, 3 replicas), each started by the run on
+# spare ports (tests/topologies.py).
 # The faults are injected into the topology (every node paused, killed, restarted empty,
 # its addresses refusing, junk, FLUSHALL); tests marked single_server inject faults only one
 # private redis-server has (a fake server on its address, NOAUTH, OOM, its memory settings).
@@ -97,7 +98,7 @@ test-django52: venv services
 # which the main run has.
 TOPOLOGY_TESTS := tests/test_coherence.py tests/test_resilience.py tests/test_lost_state.py \
   tests/test_reads.py tests/test_writes.py tests/test_derived.py tests/test_ops.py \
-  tests/test_commands.py
+  tests/test_commands.py tests/test_inspection.py tests/test_trends.py
 test-topologies: venv services
 	TC_TOPOLOGY=sentinel $(BIN)/pytest -m "not single_server" $(TOPOLOGY_TESTS)
 	TC_TOPOLOGY=cluster $(BIN)/pytest -m "not single_server" $(TOPOLOGY_TESTS)
@@ -131,6 +132,7 @@ browser:
 	@test -x /usr/bin/chromium || { echo "Chromium is not at /usr/bin/chromium" >&2; exit 1; }
 
 test-django52 test-django6: browser
+test-django52 test-django6: broker
 
 # The benchmark (benchmarks/bench.py): it recreates and finally drops its own database
 # (tiered_cache_bench) and Redis key prefix. BENCH_ARGS: --quick (smoke run), --json PATH,
@@ -153,6 +155,43 @@ $(STAMP_PEERS): $(REQUIREMENTS) requirements/peers.txt
 
 bench-peers: $(STAMP_PEERS) services
 	$(VENV_PEERS)/bin/python -m benchmarks.bench_peers $(PEERS_ARGS)
+
+# The load test (benchmarks/loadtest.py): the demo under gunicorn (4 workers x 4 threads) and
+# uvicorn, driven by wrk, cached views against their plain ORM twins, then Redis killed at
+# peak. It recreates and finally drops its own database (tiered_cache_load) and runs its own
+# redis-server on a spare port. wrk comes from Debian's packages; gunicorn and uvicorn from
+# requirements/loadtest.txt, into .venv (make test does not need them).
+# LOADTEST_ARGS: --quick (smoke run), --duration S, --phase S, --json PATH.
+LOADTEST_ARGS ?=
+STAMP_LOADTEST := $(VENV)/.loadtest.stamp
+
+$(STAMP_LOADTEST): $(STAMP) requirements/loadtest.txt
+	$(PIP) install -q -r requirements/loadtest.txt
+	touch $@
+
+.PHONY: loadtest
+loadtest: venv $(STAMP_LOADTEST) services
+	@command -v wrk >/dev/null || apt-get install -y wrk || { apt-get update && apt-get install -y wrk; }
+	@command -v wrk >/dev/null || { echo "wrk is not installed" >&2; exit 1; }
+	$(BIN)/python -m benchmarks.loadtest $(LOADTEST_ARGS)
+
+# The distributions (tests/dist_smoke.py): `python -m build` (sdist, then the wheel from it)
+# into dist/, `twine check --strict`, the wheel's files checked against tiered_cache/, the
+# wheel installed into a fresh virtualenv in a temporary directory (dependencies from pip's
+# configured index, through its cache), and a generated Django project run there on it:
+# migrate, cached reads, the admin's flush actions, manage.py tiered_cache. It creates and
+# drops its own PostgreSQL database and uses its own Redis key prefix (DIST_REDIS_URL, db 12).
+# DIST_ARGS: --keep (keep the temporary directory).
+DIST_ARGS ?=
+STAMP_DIST := $(VENV)/.dist.stamp
+
+$(STAMP_DIST): $(STAMP) requirements/dist.txt
+	$(PIP) install -q -r requirements/dist.txt
+	touch $@
+
+.PHONY: dist
+dist: venv $(STAMP_DIST) services
+	$(BIN)/python tests/dist_smoke.py $(DIST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV6) $(VENV_PEERS) .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info db.sqlite3 celerybeat-schedule*

@@ -226,3 +226,56 @@ def test_beat_entries_run_on_the_worker(celery_app):
         out = res.get(timeout=30)
         assert "skipped" not in out, (name, out)
     assert len(l2_keys(User)) == 2
+
+
+# -- the load test's twins (benchmarks/loadtest.py) ---------------------------------------
+
+
+def test_plain_and_async_twins_answer_as_the_cached_endpoints(client):
+    """plain/ (the ORM) and async/ (aget_cached) give the cached endpoints' bodies."""
+    user = UserFactory()
+    flow = FlowInstanceFactory()
+    offer = ModelFactory()
+    paths = [
+        f"users/{user.pk}/",
+        f"users/by-email/?email={user.email}",
+        f"flows/{flow.tenant_id}/{flow.session_id}/",
+        f"models/{offer.provider_id}/{offer.global_model_id}/",
+        f"global-models/by-name/{offer.global_model.name}/",
+    ]
+    for path in paths:
+        cached = client.get(f"/{path}")
+        assert cached.status_code == 200, path
+        for prefix in ("plain/", "async/"):
+            twin = client.get(f"/{prefix}{path}")
+            assert twin.status_code == 200, prefix + path
+            assert twin.json() == cached.json(), prefix + path
+    assert client.get(f"/plain/users/{user.pk + 10_000}/").status_code == 404
+    assert client.get(f"/async/users/{user.pk + 10_000}/").status_code == 404
+
+
+@pytest.mark.parametrize("prefix", ["", "plain/", "async/"])
+def test_touch_saves_last_login_without_csrf(prefix):
+    from django.test import Client
+
+    user = UserFactory(last_login_at=None)
+    csrf_client = Client(enforce_csrf_checks=True)
+
+    assert csrf_client.get(f"/{prefix}users/{user.pk}/touch/").status_code == 405
+    response = csrf_client.post(f"/{prefix}users/{user.pk}/touch/", {"by": "test"})
+
+    assert response.status_code == 200
+    user.refresh_from_db()
+    assert user.last_login_at is not None
+    assert response.json()["id"] == user.pk
+    assert csrf_client.post(f"/{prefix}users/{user.pk + 10_000}/touch/").status_code == 404
+
+
+@pytest.mark.parametrize("prefix", ["floor/", "async-floor/"])
+def test_floor_answers_any_path_without_a_read(prefix, django_assert_num_queries):
+    from django.test import Client
+
+    csrf_client = Client(enforce_csrf_checks=True)
+    with django_assert_num_queries(0):
+        assert csrf_client.get(f"/{prefix}users/1/").json() == {"path": "users/1/"}
+        assert csrf_client.post(f"/{prefix}users/1/touch/").status_code == 200
