@@ -1,5 +1,6 @@
 """Settings of the demo project; tests/settings.py builds on these."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -42,6 +43,38 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+# django-debug-toolbar with tiered_cache's panel (tiered_cache.panels.TieredCachePanel),
+# while DEBUG is on and the toolbar is installed (the [debug-toolbar] extra; pinned in
+# requirements/test.txt): every HTML page shows what each cached read was served from (try
+# /tour/). The default panels are listed as debug_toolbar.settings.PANELS_DEFAULTS has them
+# (importing it here would import django.test); tests/test_panels_browser.py checks that.
+# tests/settings.py leaves the toolbar out of the suite.
+DEBUG_TOOLBAR = DEBUG and importlib.util.find_spec("debug_toolbar") is not None
+if DEBUG_TOOLBAR:
+    INSTALLED_APPS.append("debug_toolbar")
+    # First: no middleware here encodes the response (the toolbar's docs ask for that).
+    MIDDLEWARE.insert(0, "debug_toolbar.middleware.DebugToolbarMiddleware")
+    INTERNAL_IPS = ["127.0.0.1", "::1"]
+    DEBUG_TOOLBAR_PANELS = [
+        "debug_toolbar.panels.history.HistoryPanel",
+        "debug_toolbar.panels.versions.VersionsPanel",
+        "debug_toolbar.panels.timer.TimerPanel",
+        "debug_toolbar.panels.settings.SettingsPanel",
+        "debug_toolbar.panels.headers.HeadersPanel",
+        "debug_toolbar.panels.request.RequestPanel",
+        "debug_toolbar.panels.sql.SQLPanel",
+        "debug_toolbar.panels.staticfiles.StaticFilesPanel",
+        "debug_toolbar.panels.templates.TemplatesPanel",
+        "debug_toolbar.panels.alerts.AlertsPanel",
+        "debug_toolbar.panels.cache.CachePanel",
+        "debug_toolbar.panels.signals.SignalsPanel",
+        "debug_toolbar.panels.tasks.TasksPanel",
+        "debug_toolbar.panels.community.CommunityPanel",
+        "debug_toolbar.panels.redirects.RedirectsPanel",
+        "debug_toolbar.panels.profiling.ProfilingPanel",
+        "tiered_cache.panels.TieredCachePanel",
+    ]
+
 ROOT_URLCONF = "demo_project.urls"
 WSGI_APPLICATION = "demo_project.wsgi.application"
 ASGI_APPLICATION = "demo_project.asgi.application"
@@ -66,6 +99,16 @@ DATABASES = {
         env="DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
     ),
 }
+# DJANGO_DB_POOL=N: PostgreSQL connections from a pool of up to N per process (psycopg-pool,
+# requirements/loadtest.txt) instead of one connection per request. The load test
+# (benchmarks/loadtest.py) serves the demo so, as production would. Under ASGI each request's
+# sync code runs on a thread of its own: persistent connections (CONN_MAX_AGE, per thread)
+# would pile up there, a pool reuses them.
+if int(os.environ.get("DJANGO_DB_POOL") or 0) > 0:
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": int(os.environ["DJANGO_DB_POOL"]),
+    }
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -81,7 +124,14 @@ CACHES = {
     },
 }
 
-TIERED_CACHE: dict = {}
+# TIERED_CACHE_<NAME> in the environment sets these few: the load test
+# (benchmarks/loadtest.py) runs the demo with and without the outage mode, and has its
+# counters pushed every second.
+TIERED_CACHE: dict = {
+    name: float(os.environ[f"TIERED_CACHE_{name}"])
+    for name in ("OUTAGE_STALE_SECONDS", "STATS_FLUSH_INTERVAL")
+    if os.environ.get(f"TIERED_CACHE_{name}")
+}
 
 AUTH_USER_MODEL = "demo.User"
 AUTH_PASSWORD_VALIDATORS: list = []

@@ -12,10 +12,18 @@ import psycopg
 from demo_project.settings import *  # noqa: F403
 from demo_project.settings import CACHES as _DEMO_CACHES
 from demo_project.settings import INSTALLED_APPS as _DEMO_APPS
+from demo_project.settings import MIDDLEWARE as _DEMO_MIDDLEWARE
 
 # The suite's own app (tests/testapp): every model shape Django has, and its user model.
 # django-celery-beat: its database scheduler runs the cache's tasks (tests/test_beat.py).
-INSTALLED_APPS = [*_DEMO_APPS, "django_celery_beat", "tests.testapp"]
+# The demo's debug toolbar (on with DEBUG) stays out of the suite: its middleware would run
+# on every request of every test. tests/test_panels_browser.py serves the demo with it.
+INSTALLED_APPS = [
+    *(app for app in _DEMO_APPS if app != "debug_toolbar"),
+    "django_celery_beat",
+    "tests.testapp",
+]
+MIDDLEWARE = [m for m in _DEMO_MIDDLEWARE if not m.startswith("debug_toolbar.")]
 AUTH_USER_MODEL = "testapp.User"
 ROOT_URLCONF = "tests.urls"
 

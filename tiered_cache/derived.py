@@ -19,6 +19,7 @@ from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, models, router
 
+from . import recording
 from .bus import bus
 from .conf import conf
 from .exceptions import UncacheableArguments
@@ -41,6 +42,9 @@ from .serialization import CorruptPayload, dumps, loads_verified, open_signed, s
 from .tiers.local import local_tier
 from .tiers.remote import Unavailable, fresh_token, redis_tier
 from .transactions import bypass_any, open_writes, queue, snapshot_aliases
+
+# What the debug-toolbar panel calls a call of a cached function.
+_API = "cached function"
 
 # group id -> labels of the cached functions (known to this process) that depend on it
 _dependents: dict[str, set[str]] = {}
@@ -217,12 +221,19 @@ class CachedFunction:
 
     # -- calls ----------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if recording.active:  # a debug-toolbar panel records (tiered_cache.panels)
+            if self.is_async:
+                return recording.aread(_API, self.label, (args, kwargs), self._acall, args, kwargs)
+            return recording.read(_API, self.label, (args, kwargs), self._call, args, kwargs)
         if self.is_async:
             return self._acall(args, kwargs)
         return self._call(args, kwargs)
 
     def _dirty(self) -> bool:
-        return bypass_any([(g.alias, g.id) for g in self.dep_groups()]) is not None
+        why = bypass_any([(g.alias, g.id) for g in self.dep_groups()])
+        if why is not None and recording.active:
+            recording.served(recording.BYPASSED, why)
+        return why is not None
 
     def _peek(self, key: str) -> tuple[bool, Any]:
         if bus.trusted():
@@ -239,6 +250,8 @@ class CachedFunction:
         if not bus.trusted():
             bus.ensure_started()
             if not bus.trusted():
+                if recording.active:
+                    recording.why("bus not trusted")
                 return False, None, None
             found, result = self._peek(key)  # trust came back: L1 is vouched for again
             if found:
@@ -248,7 +261,9 @@ class CachedFunction:
             res = DerivedRead.of(
                 redis_tier.scripts([derived_read_call(key, self._counters(), fresh_token())])[0]
             )
-        except Unavailable:
+        except Unavailable as exc:
+            if recording.active:
+                recording.why(f"Redis unavailable ({exc})")
             return False, None, _FillState(token, None)
         if res.value is not None:
             try:
@@ -259,6 +274,8 @@ class CachedFunction:
             except (CorruptPayload, ValueError):
                 return False, None, _FillState(token, None)
             local_tier.set(key, self.label, "", body, self._l1_ttl(result), token)
+            if recording.active:
+                recording.served(recording.L2)
             return True, result, None
         return False, None, _FillState(token, res)
 
@@ -289,6 +306,8 @@ class CachedFunction:
         found, result, state = self._lookup(key)
         if found:
             return result
+        if recording.active:
+            recording.served(recording.DATABASE, "computed")
         result = self.fn(*args, **kwargs)
         self._store(key, result, state)
         return result
@@ -310,6 +329,8 @@ class CachedFunction:
         found, result, state = await sync_to_async(self._lookup)(key)
         if found:
             return result
+        if recording.active:
+            recording.served(recording.DATABASE, "computed")
         result = await self.fn(*args, **kwargs)
         if state is not None:
             await sync_to_async(self._store)(key, result, state)
@@ -317,6 +338,10 @@ class CachedFunction:
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
         """Await a sync cached function: L1 hits stay on the loop, the rest is one hop."""
+        if recording.active and recording.wanted():
+            return await recording.aread(
+                _API, self.label, (args, kwargs), self.acall, *args, kwargs=kwargs, again=True
+            )
         if self.is_async:
             return await self._acall(args, kwargs)
         if self._loop_may_peek():

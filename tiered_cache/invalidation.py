@@ -11,7 +11,7 @@ from typing import Any
 
 from django.db import models
 
-from . import outbox, signals
+from . import outbox, recording, signals
 from .conf import conf
 from .groups import group_of
 from .keys import (
@@ -135,6 +135,13 @@ class Batch:
                 signals.cache_invalidated.send(
                     sender=caches[0].model, rows=sorted(rids), flush=gid in self.flush
                 )
+            if recording.active and caches:  # a debug-toolbar panel records
+                recording.invalidated(
+                    [mc.label for mc in caches], sorted(rids), gid in self.flush, self.groups[gid]
+                )
+        if recording.active:
+            for key, fn_label in self.fn_keys.items():
+                recording.invalidated([fn_label], [], False, None, key)
 
     def redis_calls(self) -> tuple[list[ScriptCall], list[str]]:
         """The scripts, and the bus messages to publish once they all ran (none where the

@@ -9,7 +9,7 @@ from asgiref.sync import sync_to_async
 from django.db import DEFAULT_DB_ALIAS, models, router
 from django.db.models.query import QuerySet
 
-from . import reads
+from . import reads, recording
 from .groups import database_of
 from .invalidation import flush_batch, rows_batch
 from .registry import CachedManagerBase, LookupSpec, model_cache
@@ -50,6 +50,9 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
             return obj
         mc = model_cache(self)
         lk, values = mc.resolve(lookup)
+        if recording.active:  # a debug-toolbar panel records (tiered_cache.panels)
+            obj = recording.read("get_cached", mc.label, lookup, reads.get, self, mc, lk, values)
+            return obj
         obj = reads.get(self, mc, lk, values)
         return obj
 
@@ -78,11 +81,25 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
         """{pk: instance} for the rows that exist: one L2 round trip, one query for misses."""
         if getattr(self, "core_filters", None) is not None:
             return _related_get_many(self, list(pks))
+        if recording.active:
+            wanted, mc = list(pks), model_cache(self)
+            rows: dict[Any, _M] = recording.read(
+                "get_many_cached", mc.label, wanted, reads.get_many, self, mc, wanted
+            )
+            return rows
         return reads.get_many(self, model_cache(self), list(pks))
 
     async def aget_cached(self, **lookup: Any) -> _M:
         if getattr(self, "core_filters", None) is not None:
             return await sync_to_async(self.get_cached)(**lookup)
+        if recording.active and recording.wanted():
+            # Recorded whole, this method called again: what the thread sync_to_async hops
+            # to serves goes to this call (the recorder's context variables follow it).
+            label = self.model._meta.label_lower
+            recorded: _M = await recording.aread(
+                "aget_cached", label, lookup, self.aget_cached, kwargs=lookup, again=True
+            )
+            return recorded
         mc = model_cache(self)
         lk, values = mc.resolve(lookup)
         db = self.db
@@ -100,7 +117,14 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
         return obj
 
     async def aget_many_cached(self, pks: Iterable[Any]) -> dict[Any, _M]:
-        return await sync_to_async(self.get_many_cached)(list(pks))
+        pks = list(pks)
+        if recording.active and getattr(self, "core_filters", None) is None:
+            mc = model_cache(self)
+            rows: dict[Any, _M] = await recording.aread(
+                "aget_many_cached", mc.label, pks, sync_to_async(reads.get_many), self, mc, pks
+            )
+            return rows
+        return await sync_to_async(self.get_many_cached)(pks)
 
     # -- invalidation ------------------------------------------------------------
     def invalidate(self, obj_or_pk: Any) -> None:
@@ -172,12 +196,23 @@ def _related_value(manager: Any) -> tuple[Any, ...] | None:
     return None if any(v is None for v in value) else value
 
 
+def _unchecked(read: Any, arg: Any) -> Any:
+    """A related manager's read that goes to the database, as the panel records it."""
+    recording.served(
+        recording.BYPASSED, "a relation the cached row cannot check (many-to-many, generic)"
+    )
+    return read(**arg) if isinstance(arg, dict) else read(arg)
+
+
 def _related_get(manager: Any, lookup: dict[str, Any]) -> Any:
     base = _base_of(manager)
     if base is None or not _is_reverse_fk(manager):
         if base is not None:
             model_cache(base).resolve(lookup)  # an undeclared lookup is still refused
             model_cache(base).counters.bypassed += 1
+        if recording.active:
+            label = manager.model._meta.label_lower
+            return recording.read("get_cached", label, lookup, _unchecked, manager.get, lookup)
         return manager.get(**lookup)
     want = _related_value(manager)
     obj = base.get_cached(**lookup)
@@ -191,7 +226,13 @@ def _related_get(manager: Any, lookup: dict[str, Any]) -> Any:
 def _related_get_many(manager: Any, pks: list[Any]) -> dict[Any, Any]:
     base = _base_of(manager)
     if base is None or not _is_reverse_fk(manager):
-        rows: dict[Any, Any] = manager.get_queryset().in_bulk(pks)
+        in_bulk = manager.get_queryset().in_bulk
+        rows: dict[Any, Any]
+        if recording.active:
+            label = manager.model._meta.label_lower
+            rows = recording.read("get_many_cached", label, pks, _unchecked, in_bulk, pks)
+        else:
+            rows = in_bulk(pks)
         return rows
     want = _related_value(manager)
     if want is None:
