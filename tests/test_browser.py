@@ -153,3 +153,54 @@ def test_dashboard_buttons(page: Page, tmp_path: Any) -> None:
     for label in ("user", "provider", "globalmodel", "providermodel", "flow"):
         expect(page.locator(f"#tc-testapp-{label} .tc-l2")).to_have_text("0")
     assert l2_keys(User) == []
+
+
+def test_dashboard_trends_and_inspect_form(page: Page, tmp_path: Any) -> None:
+    """The last hour's chart has points once reads were pushed, and the inspect form shows
+    a cached row's tiers."""
+    log_in(page)
+    users = UserFactory.create_batch(3)
+    for u in users:
+        for _ in range(5):
+            read(User.objects, pk=u.pk)
+    missing = users[-1].pk + 1000
+    for _ in range(2):
+        with pytest.raises(User.DoesNotExist):
+            User.objects.get_cached(pk=missing)
+
+    page.goto("/admin/tiered_cache/pendinginvalidation/dashboard/")
+    trend = page.locator("#tc-trend-testapp-user")
+    # The view pushed this process's counters (the live server runs in it) before reading.
+    points = trend.locator("svg.tc-trend g.tc-trend-minute")
+    expect(points.first).to_be_attached()
+    rate = float(points.last.get_attribute("data-reads-per-second") or 0)
+    assert rate > 0
+    expect(trend.locator('svg rect[data-tier="L1"]').first).to_be_attached()
+    expect(trend.locator('svg rect[data-tier="database"]').first).to_be_attached()
+    expect(trend.locator(".tc-summary")).to_contain_text("reads in the last hour")
+    expect(page.locator("#tc-testapp-user .tc-l2-memory")).to_contain_text("≈")
+    page.screenshot(path=str(tmp_path / "trends.png"), full_page=True)
+
+    # Inspect a cached row.
+    page.select_option("#tc-inspect-model", "testapp.User")
+    page.fill("#tc-inspect-lookup", f"pk={users[0].pk}")
+    page.click("#tc-inspect-submit")
+    verdict = page.locator("#tc-inspect-verdict")
+    expect(verdict).to_contain_text(f"testapp.User pk={users[0].pk}")
+    expect(verdict).to_contain_text("Would be served: yes, from L1 (this process)")
+    expect(page.locator("#tc-inspect-l1")).to_have_attribute("data-served", "yes")
+    expect(page.locator("#tc-inspect-l2")).to_have_attribute("data-valid", "yes")
+    expect(page.locator("#tc-inspect-l2")).to_contain_text("MAC-covered expiry")
+    expect(page.locator("#tc-inspect-db")).to_have_attribute("data-exists", "yes")
+    expect(page.locator("#tc-inspect-model")).to_have_value("testapp.User")
+    page.screenshot(path=str(tmp_path / "inspect.png"), full_page=True)
+
+    # A remembered absence, then a lookup the model does not declare.
+    page.fill("#tc-inspect-lookup", f"pk={missing}")
+    page.click("#tc-inspect-submit")
+    expect(verdict).to_contain_text("Would be served: yes")
+    expect(page.locator("#tc-inspect-l2")).to_contain_text("no such row")
+    expect(page.locator("#tc-inspect-db")).to_have_attribute("data-exists", "no")
+    page.fill("#tc-inspect-lookup", "first_name=Ann")
+    page.click("#tc-inspect-submit")
+    expect(page.locator("#tc-inspect-error")).to_contain_text("is not a declared cache lookup")

@@ -18,6 +18,7 @@ from .breaker import breaker
 from .bus import bus
 from .conf import conf
 from .counters import COUNTER_NAMES, Counters, hot
+from .keys import TREND_FIELDS, parse_trend, trend_call
 from .registry import ModelCache, cached_managers, cached_models, model_cache, model_caches
 from .threads import ProcessThread
 from .tiers.local import local_tier
@@ -26,6 +27,7 @@ from .tiers.remote import Unavailable, redis_tier
 __all__ = [
     "HOT_TTL",
     "STATS_TTL",
+    "TREND_KEEP",
     "cluster_stats",
     "process_name",
     "process_ttl",
@@ -34,6 +36,7 @@ __all__ = [
     "reset_stats",
     "stats",
     "tier_split",
+    "trends",
 ]
 
 logger = logging.getLogger("tiered_cache")
@@ -42,6 +45,10 @@ logger = logging.getLogger("tiered_cache")
 STATS_TTL = 7 * 24 * 3600
 # Hot-row samples live this long without a push (maintenance decays them meanwhile).
 HOT_TTL = 24 * 3600
+# Reads per minute (the dashboard's trends): the last TREND_KEEP minutes that had reads, kept
+# TREND_TTL after the last push. Bounded: at most this many short elements per model.
+TREND_KEEP = 120
+TREND_TTL = 3 * 3600
 
 
 def process_name() -> str:
@@ -125,8 +132,10 @@ def _local_totals() -> dict[str, tuple[tuple[int, ...], dict[str, int]]]:
 
 def publish_stats() -> dict[str, Any]:
     """Add this process's counters since its last push, and its sampled hot rows, to
-    Redis in one pipeline. Called in batches (a thread every STATS_FLUSH_INTERVAL), never
-    per read. Returns what was pushed: {"counters": {label: deltas}, "hot": {label: n}}."""
+    Redis in one pipeline; the reads also to their minute of each model's trend (the
+    dashboard's chart). Called in batches (a thread every STATS_FLUSH_INTERVAL), never
+    per read, and only when there is something to push: an idle process sends nothing.
+    Returns what was pushed: {"counters": {label: deltas}, "hot": {label: n}}."""
     with _published.lock:
         totals = _local_totals()
         taken = hot.take()
@@ -159,6 +168,17 @@ def publish_stats() -> dict[str, Any]:
                 pipe.expire(key, STATS_TTL)
                 pipe.zadd(home.procs_key(label), {me: now})
                 pipe.expire(home.procs_key(label), STATS_TTL)
+                reads = [d.get(name, 0) for name in TREND_FIELDS]
+                if any(reads):
+                    call = trend_call(
+                        home, label, int(now // 60), reads, TREND_KEEP, TREND_TTL * 1000
+                    )
+                    # EVAL, not EVALSHA: a pipeline has no NOSCRIPT fallback, and the
+                    # script is short. By execute_command: a cluster's pipeline has no
+                    # eval() method, but routes EVAL to its key's node.
+                    pipe.execute_command(  # type: ignore[no-untyped-call]  # unannotated
+                        "EVAL", call.script.source, len(call.keys), *call.keys, *call.args
+                    )
             for label, pks in taken.items():
                 mc = caches.get(label)
                 if mc is None or not pks:
@@ -210,6 +230,37 @@ def cluster_stats(selected: Sequence[type[models.Model]] | None = None) -> dict[
         row["processes"] = int(procs)
         row["hot"] = [(m.decode(), round(s, 2)) for m, s in top]
         out[label] = row
+    return out
+
+
+def trends(
+    selected: Sequence[type[models.Model]] | None = None,
+) -> dict[str, list[tuple[int, ...]]]:
+    """Per model label, its reads per minute pushed by every process, oldest first: tuples
+    (minute since the epoch, *counts in keys.TREND_FIELDS order), at most TREND_KEEP."""
+    by_label: dict[str, ModelCache] = {}
+    for model in cached_models() if selected is None else selected:
+        mc = model_caches(model)[0]
+        by_label[mc.label] = mc
+
+    def run() -> list[Any]:
+        pipe = redis_tier.client.pipeline(transaction=False)
+        for label, mc in by_label.items():
+            pipe.lrange(mc.home.trend_key(label), -TREND_KEEP, -1)
+        return pipe.execute(raise_on_error=False)
+
+    res = redis_tier.call(run)
+    out: dict[str, list[tuple[int, ...]]] = {}
+    for label, raw in zip(by_label, res, strict=True):
+        minutes: dict[int, list[int]] = {}
+        for element in raw if isinstance(raw, list) else []:  # junk: no trend
+            parsed = parse_trend(element)
+            if parsed is None:
+                continue
+            have = minutes.setdefault(parsed[0], [0] * len(TREND_FIELDS))
+            for i, n in enumerate(parsed[1:]):
+                have[i] += n
+        out[label] = [(m, *minutes[m]) for m in sorted(minutes)]
     return out
 
 

@@ -1,5 +1,5 @@
-"""`manage.py tiered_cache stats|flush|warmup|cleanup [app.Model ...]`: thin over the
-maintenance and dashboard modules."""
+"""`manage.py tiered_cache stats|flush|warmup|cleanup [app.Model ...]` and `inspect
+app.Model field=value ...`: thin over the maintenance, dashboard and inspection modules."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from tiered_cache import maintenance
 from tiered_cache.dashboard import overview
+from tiered_cache.inspection import CannotInspect, Inspection, TierState, inspect_entry
 from tiered_cache.registry import UnknownModel, cached_models, resolve_models
 from tiered_cache.tiers.remote import Unavailable
 
@@ -22,7 +23,7 @@ def _when(run: dict[str, Any] | None) -> str:
 
 
 class Command(BaseCommand):
-    help = "Operate the tiered cache: show stats, flush, warm up, clean up."
+    help = "Operate the tiered cache: show stats, flush, warm up, clean up, inspect one entry."
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -45,12 +46,30 @@ class Command(BaseCommand):
         clean = sub.add_parser("cleanup", help="delete what Redis can no longer serve")
         clean.add_argument("models", nargs="*", metavar="app.Model", help=models_help)
 
+        look = sub.add_parser(
+            "inspect",
+            help="what each tier holds for one lookup, and whether a read would be served",
+            description="Show what this process's L1, L2 (Redis) and the database hold for "
+            "one declared lookup of a cached model, and whether a read would be served, or "
+            "why not. Read-only: no tier is changed.",
+        )
+        look.add_argument("model", metavar="app.Model")
+        look.add_argument(
+            "lookup",
+            nargs="+",
+            metavar="field=value",
+            help="a declared lookup: pk=1, email=a@b.c, tenant_id=t1 session_id=s1",
+        )
+        look.add_argument("--manager", help="a cached manager's name (default: the first)")
+        look.add_argument("--database", help="the database alias read (default: the router's)")
+        look.add_argument("--json", action="store_true", help="print JSON")
+
     def handle(self, *args: Any, **options: Any) -> None:
         action = options["action"]
         try:
-            models = resolve_models(options["models"]) if options["models"] else None
+            models = resolve_models(options["models"]) if options.get("models") else None
             getattr(self, f"_{action}")(models, options)
-        except UnknownModel as exc:
+        except (UnknownModel, CannotInspect) as exc:
             raise CommandError(str(exc)) from None
         except Unavailable as exc:
             raise CommandError(f"Redis is unavailable: {exc}") from None
@@ -69,6 +88,7 @@ class Command(BaseCommand):
                         "lookups": row["lookups"],
                         "l1_entries": row["l1_entries"],
                         "l2_entries": row["l2_entries"],
+                        "l2_bytes": row["l2_bytes"],
                         "scope": row["scope"],
                         "hit_ratio": row["hit_ratio"],
                         "tiers": {tier: n for tier, n, _ in row["tiers"]},
@@ -151,3 +171,48 @@ class Command(BaseCommand):
             f"{r['hot_members']} cold hot-row samples, {r['stale_processes']} silent "
             f"processes; pruned {r['l1_expired']} expired L1 entries here."
         )
+
+    def _inspect(self, models: Any, options: dict[str, Any]) -> None:
+        found = inspect_entry(
+            options["model"],
+            options["lookup"],
+            manager=options["manager"],
+            using=options["database"],
+        )
+        if options["json"]:
+            self.stdout.write(json.dumps(found.as_dict(), indent=2))
+            return
+        for line in _inspection_lines(found):
+            self.stdout.write(line)
+
+
+def _inspection_lines(found: Inspection) -> list[str]:
+    lines = [
+        f"{found.model} {found.lookup_text()} (manager {found.manager}, database {found.database})",
+        f"Would be served: {found.verdict}",
+        f"Bus in this process: {found.bus_text()}",
+    ]
+
+    def tier(title: str, key: str, t: TierState) -> None:
+        lines.append("")
+        lines.append(title)
+        rows = [("key", key), *t.facts, ("state", t.state_text())]
+        width = max(len(label) for label, _ in rows)
+        lines.extend(f"  {label.ljust(width)}  {text}" for label, text in rows)
+
+    tier("L1 (this process)", repr(found.l1_key), found.l1)
+    tier("L2 (Redis)", found.l2_key or "-", found.l2)
+    lines.append("")
+    lines.append(f"Database ({found.db.query})")
+    if found.db.error:
+        lines.append(f"  {found.db.error}")
+    elif not found.db.exists:
+        lines.append("  no such row")
+    else:
+        lines.append(f"  a row (pk {found.db.pk!r})")
+        diffs = found.differences()
+        if diffs:
+            width = max(len(f) for f, _, _ in diffs)
+            for field, cached, db in diffs:
+                lines.append(f"  {field.ljust(width)}  cached {cached}, database {db}")
+    return lines
