@@ -234,3 +234,41 @@ def test_stats_reports_per_model_counters() -> None:
     assert row["l1_hits"] == 1 and row["misses"] == 1 and row["hit_ratio"] == 0.5
     assert row["l1_entries"] == 1
     assert row["breaker"] == "closed" and row["bus"] == "live"
+
+
+def test_an_l1_fill_is_refused_by_a_drop_of_its_own_row_only() -> None:
+    """L1's fill token: a read that began before a drop stores its row unless that row was
+    dropped meanwhile (a busy model's writes to other rows refused most fills); a
+    remembered absence or an entry without a row is refused by any drop of its model, a
+    flush or a clear refuses everything, and so does a log of drops too long to check."""
+    from tiered_cache.tiers.local import _DROP_LOG, NEGATIVE, LocalTier
+
+    l1 = LocalTier()
+    token = l1.token("m")
+    l1.drop_rows("m", ["x"])
+    l1.drop_rows("other", ["y"])
+    assert l1.set(("k", "y"), "m", "y", ("y",), 60, token)
+    assert not l1.set(("k", "x"), "m", "x", ("x",), 60, token)
+    assert not l1.set(("k", "none"), "m", "", NEGATIVE, 60, token)
+    assert not l1.set(("k", "fn"), "m", "", ("derived",), 60, token)
+    assert l1.set(("k", "none"), "other-model", "", NEGATIVE, 60, l1.token("other-model"))
+    # A create drops no cached row, yet it may end a remembered absence.
+    token = l1.token("m")
+    l1.drop_rows("m", [])
+    assert not l1.set(("k", "none"), "m", "", NEGATIVE, 60, token)
+    assert l1.set(("k", "w"), "m", "w", ("w",), 60, token)
+    token = l1.token("m")
+    l1.drop_key(("k", "fn"), "m")
+    assert not l1.set(("k", "z"), "m", "z", ("z",), 60, token)
+    token = l1.token("m")
+    l1.drop_model("m")
+    assert not l1.set(("k", "z"), "m", "z", ("z",), 60, token)
+    token = l1.token("m")
+    for i in range(_DROP_LOG + 1):
+        l1.drop_rows("other", [str(i)])
+    assert not l1.set(("k", "z"), "m", "z", ("z",), 60, token)
+    token = l1.token("m")
+    l1.clear()
+    assert not l1.set(("k", "z"), "m", "z", ("z",), 60, token)
+    assert l1.set(("k", "z"), "m", "z", ("z",), 60, l1.token("m"))
+    assert l1.get(("k", "z")) == ("z",)

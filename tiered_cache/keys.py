@@ -34,6 +34,7 @@ from .conf import conf
 
 __all__ = [
     "FORMAT_VERSION",
+    "TREND_FIELDS",
     "DerivedDrop",
     "DerivedHeader",
     "DerivedRead",
@@ -63,12 +64,14 @@ __all__ = [
     "lookup_key",
     "ops_key",
     "parse_message",
+    "parse_trend",
     "pk_row_id",
     "row_header",
     "row_id",
     "schema_fingerprint",
     "shard_count",
     "split_header",
+    "trend_call",
 ]
 
 # Bumped whenever the payload layout changes, so old payloads are never decoded.
@@ -255,6 +258,11 @@ class Group:
     def procs_key(self, label: str) -> str:
         """The processes that reported a model's counters, scored by when."""
         return f"{self.tag}:p:{label}"
+
+    def trend_key(self, label: str) -> str:
+        """A model's reads per minute by tier, every process summed: a capped list
+        (TREND's elements)."""
+        return f"{self.tag}:t:{label}"
 
     def hot_key(self, label: str) -> str:
         """A model's sampled hottest rows."""
@@ -503,6 +511,7 @@ class Script(enum.Enum):
     DERIVED_DROP = ("derived_drop", ())
     CLEAN = ("clean", ("common", "row_header"))
     RELEASE = ("release", ())
+    TREND = ("trend", ())
 
     @property
     def source(self) -> str:
@@ -541,12 +550,16 @@ class ScriptCall(NamedTuple):
 HIT, NO_LEASE, LEASE, BUSY = 1, 0, 2, 3
 
 
-def read_call(g: Group, key: str, lease: str, lease_ms: int, fresh: str) -> ScriptCall:
+def read_call(
+    g: Group, key: str, lease: str, lease_ms: int, fresh: str, rid: str = ""
+) -> ScriptCall:
+    """rid: the row id of the key's row when the key names it (a pk lookup): a miss then
+    tells the row's version, which guards its fill instead of the model's write count."""
     s = g.shard_of(key)
     return ScriptCall(
         Script.READ,
         [s.gen_key, s.writes_key, key, lease_key(key)],
-        [lease, lease_ms, fresh, s.row_prefix],
+        [lease, lease_ms, fresh, s.row_prefix, rid],
     )
 
 
@@ -558,29 +571,36 @@ class Read(NamedTuple):
     value: bytes | None
     gen: bytes | None
     writes: bytes | None
+    # The row's version on a miss when the read named its row (read_call's rid), or None.
+    version: bytes | None = None
 
     @classmethod
     def of(cls, res: list[Any]) -> Read:
         if res[0] == HIT:
             return cls(HIT, res[1], None, None)
-        return cls(int(res[0]), None, res[1], res[2])
+        return cls(int(res[0]), None, res[1], res[2], res[3] if len(res) > 3 else None)
 
 
 def read_many_call(
-    s: Shard, keys: Sequence[str], leases: Sequence[str], lease_ms: int, fresh: str
+    s: Shard,
+    keys: Sequence[str],
+    leases: Sequence[str],
+    lease_ms: int,
+    fresh: str,
+    rids: Sequence[str] = (),
 ) -> ScriptCall:
     """Keys of one shard (Group.shard_of); none: only the shard's counters, made if
-    missing."""
+    missing. rids: each key's row id (pk keys), as in read_call."""
     return ScriptCall(
         Script.READ_MANY,
         [s.gen_key, s.writes_key, *keys],
-        [lease_ms, fresh, s.row_prefix, *leases],
+        [lease_ms, fresh, s.row_prefix, *leases, *rids],
     )
 
 
 class ReadMany(NamedTuple):
     """READ_MANY's reply: the generation, the write count, and per key a value (bytes) or
-    LEASE / BUSY."""
+    [LEASE or BUSY, the row's version or None]."""
 
     gen: bytes
     writes: bytes
@@ -605,23 +625,30 @@ def fill_call(
     version: bytes,
     version_ttl_ms: int,
     expires_ms: int,
+    row_seen: bytes | None = None,
 ) -> ScriptCall:
     """FILL replies 1 (stored), 0 (refused) or [2, current row version]. A stored entry is
-    added to its model's index of the generation (which the fill checked is current)."""
+    added to its model's index of the generation (which the fill checked is current).
+    row_seen: the row's version when the read began (a positive fill of a read that named
+    its row): the fill is refused if that row was written since, not if any row of the
+    model was; else it is guarded by the model's write count, `writes`."""
     s = g.shard_of(key)
     row_key = s.row_key(rid) if rid else negative_row_key(key)
+    guard_key, guard = s.writes_key, writes
+    if row_seen is not None and rid:
+        guard_key, guard = row_key, row_seen
     return ScriptCall(
         Script.FILL,
         [
             s.gen_key,
-            s.writes_key,
+            guard_key,
             key,
             lease_key(key),
             row_key,
             s.index_key(label, gen),
             s.indexes_key,
         ],
-        [lease, gen, writes, kind.decode(), signed, ttl_ms, version, version_ttl_ms, expires_ms],
+        [lease, gen, guard, kind.decode(), signed, ttl_ms, version, version_ttl_ms, expires_ms],
     )
 
 
@@ -737,3 +764,25 @@ def clean_call(g: Group, index: str, keys: Sequence[str], now_ms: int) -> Script
 
 def release_call(key: str, token: str) -> ScriptCall:
     return ScriptCall(Script.RELEASE, [key], [token])
+
+
+# The counters a TREND element holds after its minute, in this order.
+TREND_FIELDS = ("l1_hits", "l2_hits", "negative_hits", "misses", "bypassed")
+
+
+def trend_call(
+    g: Group, label: str, minute: int, counts: Sequence[int], keep: int, ttl_ms: int
+) -> ScriptCall:
+    """Add one push's reads (TREND_FIELDS) to the model's minute `minute` (since the
+    epoch): an element "minute l1 l2 negative misses bypassed" of a list holding the last
+    `keep` minutes that had reads. Replies 1 (a new minute) or 0 (added to the last)."""
+    return ScriptCall(Script.TREND, [g.trend_key(label)], [minute, keep, ttl_ms, *counts])
+
+
+def parse_trend(raw: bytes | str) -> tuple[int, ...] | None:
+    """A TREND element as (minute, *counts in TREND_FIELDS order), or None for junk."""
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    parts = text.split()
+    if len(parts) != 1 + len(TREND_FIELDS) or not all(p.isdigit() for p in parts):
+        return None
+    return tuple(int(p) for p in parts)

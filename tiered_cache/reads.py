@@ -12,7 +12,7 @@ from typing import Any
 from django.core.exceptions import ObjectDoesNotExist
 from django.db import connections
 
-from . import signals
+from . import recording, signals
 from .bus import bus
 from .conf import conf
 from .counters import hot
@@ -91,6 +91,7 @@ class Fill:
         "body",
         "ttl",
         "version",
+        "row_seen",
     )
 
     def __init__(
@@ -104,14 +105,22 @@ class Fill:
         value: Any,
         ttl: float,
         rid: str,
+        row_seen: bytes | None = None,
     ) -> None:
+        """row_seen: the row's version when the read began, if it named the row (see
+        keys.fill_call); None: the fill is guarded by the model's write count."""
         self.g, self.label, self.key, self.lease = g, label, key, lease
         self.gen, self.writes = _raw(gen), _raw(writes)
         # Pickled by call(), on the filler thread: the caller has its row already.
         self.body: Any = value
+        self.row_seen: bytes | None = None
         if value is NEGATIVE:
             self.kind, self.rid, self.body = NO_ROW, "", None
             self.version: bytes = self.writes
+        elif isinstance(row_seen, bytes):
+            # Signed with the version the row has: no second round trip to sign again.
+            self.kind, self.rid, self.row_seen = ROW, rid, row_seen
+            self.version = row_seen
         else:
             self.kind, self.rid = ROW, rid
             self.version = fresh_token().encode()
@@ -135,6 +144,7 @@ class Fill:
             version,
             int((conf.TIMEOUT + 60) * 1000),
             int((now + self.ttl) * 1000),
+            self.row_seen,
         )
 
 
@@ -151,6 +161,8 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
     why, scope = _read_scope(manager, mc, lk, db, g)
     if why is not None:
         mc.counters.bypassed += 1
+        if recording.active:
+            recording.served(recording.BYPASSED, why)
         return manager.get_queryset().get(**lk.orm_kwargs(values))
 
     # L1 is keyed by the lookup, the database, the manager's filter and the values: no
@@ -187,6 +199,8 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
         assert done is not None
         value = flight.value if done.wait(conf.LEASE_TIMEOUT) else None
         if value is not None and value is not UNCACHEABLE:
+            if recording.active:
+                recording.served(recording.L1, "shared another thread's load of this key")
             return _deliver(mc, value, None, db)
         value, obj = _load(manager, mc, g, lk, values, l1key, db, scope, token, lease=False)
         return _deliver(mc, value, obj, db)
@@ -231,6 +245,8 @@ def stale_local(mc: ModelCache, key: Any, db: str) -> Any:
     if v is None:
         return None
     mc.counters.stale_hits += 1
+    if recording.active:
+        recording.served_l1(v is not NEGATIVE, v is NEGATIVE, stale=True)
     if v is NEGATIVE:
         mc.counters.negative_hits += 1
         raise _does_not_exist(mc)
@@ -257,8 +273,8 @@ def _signal_hit(mc: ModelCache, tier: str, key: Any) -> None:
         signals.cache_hit.send(sender=mc.model, tier=tier, key=key)
 
 
-def _read_call(g: Group, key: str, lease: str) -> ScriptCall:
-    return read_call(g, key, lease, int(conf.LEASE_TIMEOUT * 1000), fresh_token())
+def _read_call(g: Group, key: str, lease: str, rid: str = "") -> ScriptCall:
+    return read_call(g, key, lease, int(conf.LEASE_TIMEOUT * 1000), fresh_token(), rid)
 
 
 _EXPIRED = object()
@@ -314,10 +330,13 @@ def _load(
     source = _miss_source(manager, db)
     lease_token = fresh_token() if lease and source is not False else ""
     code: int = NO_LEASE
-    gen = writes = None
+    gen = writes = row_seen = None
+    # A pk names its row: a miss learns the row's version, and the fill is refused only if
+    # that row is written meanwhile (other rows' writes refused every fill of the model).
+    rid = mc.row_id_of(values[0]) if lk is mc.pk_lookup else ""
     if trusted:
         try:
-            res = Read.of(redis_tier.scripts([_read_call(g, key, lease_token)])[0])
+            res = Read.of(redis_tier.scripts([_read_call(g, key, lease_token, rid)])[0])
             code = res.code
             if time.monotonic() >= bus.trusted_until:
                 # Trust ended while Redis answered (a failover another thread saw): the
@@ -331,17 +350,22 @@ def _load(
                     return value, None
                 code = NO_LEASE
             else:
-                gen, writes = res.gen, res.writes
+                gen, writes, row_seen = res.gen, res.writes, res.version
             if code == BUSY:
-                value, granted = _wait_for_fill(mc, g, key, lease_token)
+                value, granted = _wait_for_fill(mc, g, key, lease_token, rid)
                 if value is not None:
                     return value, None
                 if granted is not None:  # the holder let go without a fill: the lease is ours
                     code, gen, writes = granted.code, granted.gen, granted.writes
-        except Unavailable:
+                    row_seen = granted.version
+        except Unavailable as exc:
             code = NO_LEASE
+            if recording.active:
+                recording.why(f"Redis unavailable ({exc})")
 
     mc.counters.misses += 1
+    if recording.active:
+        recording.missed(trusted, code == BUSY, source)
     if signals.cache_miss.receivers:
         signals.cache_miss.send(sender=mc.model, key=key)
     try:
@@ -373,6 +397,7 @@ def _load(
                     value,
                     _ttl(mc, value),
                     _row_of(mc, value),
+                    row_seen if rid and _row_of(mc, value) == rid else None,
                 )
             ],
             _counted(mc),
@@ -399,11 +424,15 @@ def _l2_value(mc: ModelCache, key: str, raw: bytes) -> tuple[Any, str, int] | No
     else:
         mc.counters.l2_hits += 1
         hot.touch(mc.label, value[2])
+    if recording.active:
+        recording.served_l2(value is NEGATIVE)
     _signal_hit(mc, "l2", key)
     return entry
 
 
-def _wait_for_fill(mc: ModelCache, g: Group, key: str, lease: str) -> tuple[Any, Read | None]:
+def _wait_for_fill(
+    mc: ModelCache, g: Group, key: str, lease: str, rid: str
+) -> tuple[Any, Read | None]:
     """Another process is filling this key: take its value when it lands, or give up after
     LEASE_WAIT and read the database ourselves (its holder may be dead). Polls asking for
     the lease: if the holder let go without filling (its fill was refused), the lease is
@@ -414,7 +443,7 @@ def _wait_for_fill(mc: ModelCache, g: Group, key: str, lease: str) -> tuple[Any,
     while time.monotonic() < deadline:
         time.sleep(pause)
         pause = min(pause * 2, 0.01)
-        res = Read.of(redis_tier.scripts([_read_call(g, key, lease)])[0])
+        res = Read.of(redis_tier.scripts([_read_call(g, key, lease, rid)])[0])
         if res.value is not None:
             entry = _l2_value(mc, key, res.value)
             return (entry[0] if entry is not None else None), None
@@ -517,6 +546,8 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     why, scope = _read_scope(manager, mc, lk, db, g)
     if why is not None:
         mc.counters.bypassed += len(wanted)
+        if recording.active:
+            recording.served(recording.BYPASSED, why, len(wanted))
         rows: dict[Any, Any] = manager.get_queryset().in_bulk(wanted)
         return rows
 
@@ -547,6 +578,8 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
                 found[pk] = thaw(v, db)
         mc.counters.negative_hits += negatives
         mc.counters.l1_hits += len(wanted) - len(todo) - negatives
+        if recording.active:
+            recording.served_l1(len(wanted) - len(todo) - negatives, negatives, bool(stale))
     if not todo:
         return found
 
@@ -556,14 +589,17 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     leases = [fresh_token() if source is not False else "" for _ in todo]
     results: list[Any] = []
     # Per key, the generation and write counter of its shard, which its fill must find.
-    heads: list[tuple[Any, Any]] = [(None, None)] * len(keys)
+    heads: list[tuple[Any, Any, Any]] = [(None, None, None)] * len(keys)
+    rids = [mc.row_id_of(pk) for pk in todo]
     if trusted:
         try:
-            results, heads = _read_many(g, keys, leases)
+            results, heads = _read_many(g, keys, leases, rids)
             if time.monotonic() >= bus.trusted_until:  # as in _load
                 results = []
-        except Unavailable:
+        except Unavailable as exc:
             results = []
+            if recording.active:
+                recording.why(f"Redis unavailable ({exc})")
     missing: list[tuple[int, Any, str, str]] = []
     # What L1 takes, stored under one hold of its lock: (key, row id, value, timeout,
     # weight or None).
@@ -586,6 +622,8 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
         return found
 
     mc.counters.misses += len(missing)
+    if recording.active:
+        recording.missed(trusted, False, source, len(missing))
     objs = (source or manager).get_queryset().in_bulk([pk for _, pk, _, _ in missing])
     fills = []
     for i, pk, key, lease in missing:
@@ -603,10 +641,20 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
             if source is not None:  # read from the primary: as read through `db`
                 found[pk] = mc.codec.thaw(value, db)
         if lease:
-            gen, writes = heads[i]
+            gen, writes, row_seen = heads[i]
+            rid = _row_of(mc, value)
             fills.append(
                 Fill(
-                    g, mc.label, key, lease, gen, writes, value, _ttl(mc, value), _row_of(mc, value)
+                    g,
+                    mc.label,
+                    key,
+                    lease,
+                    gen,
+                    writes,
+                    value,
+                    _ttl(mc, value),
+                    rid,
+                    row_seen if rid == rids[i] else None,
                 )
             )
         if trusted or stale:
@@ -622,10 +670,11 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
 
 
 def _read_many(
-    g: Group, keys: list[str], leases: list[str]
-) -> tuple[list[Any], list[tuple[Any, Any]]]:
+    g: Group, keys: list[str], leases: list[str], rids: list[str]
+) -> tuple[list[Any], list[tuple[Any, Any, Any]]]:
     """READ_MANY the keys, one script per shard, in one round trip (per node): per key the
-    reply, and the generation and write counter of its shard."""
+    reply (a value, or LEASE / BUSY), and the generation and write counter of its shard and
+    the row's version (see read_call), which its fill must find unchanged."""
     by_shard: dict[str, list[int]] = {}
     for i, key in enumerate(keys):
         by_shard.setdefault(g.shard_of(key).tag, []).append(i)
@@ -637,16 +686,21 @@ def _read_many(
             [leases[i] for i in idx],
             lease_ms,
             fresh,
+            [rids[i] for i in idx],
         )
         for idx in by_shard.values()
     ]
     results: list[Any] = [None] * len(keys)
-    heads: list[tuple[Any, Any]] = [(None, None)] * len(keys)
+    heads: list[tuple[Any, Any, Any]] = [(None, None, None)] * len(keys)
     for idx, reply in zip(by_shard.values(), redis_tier.scripts(calls), strict=True):
         many = ReadMany.of(reply)
         for i, entry in zip(idx, many.entries, strict=True):
-            results[i] = entry
-            heads[i] = (many.gen, many.writes)
+            if isinstance(entry, list):  # a miss: [LEASE or BUSY, the row's version]
+                results[i] = int(entry[0])
+                heads[i] = (many.gen, many.writes, entry[1] if len(entry) > 1 else None)
+            else:
+                results[i] = entry
+                heads[i] = (many.gen, many.writes, None)
     return results, heads
 
 

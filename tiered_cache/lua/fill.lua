@@ -1,11 +1,13 @@
--- KEYS: gen, writes, data, lease, row-version key (positive fills), the model's index of
--- this generation, the group's set of indexes.
--- ARGV: lease token ('' = none), gen seen, writes seen, kind 'P'/'N', value (header, MAC
+-- KEYS: gen, guard (the model's write counter; for a row whose version the reader saw,
+-- that row's version key), data, lease, row-version key (positive fills), the model's
+-- index of this generation, the group's set of indexes.
+-- ARGV: lease token ('' = none), gen seen, guard seen, kind 'P'/'N', value (header, MAC
 -- and body, signed by the filler), ttl ms, row version in the value's header, row version
 -- ttl ms, expiry (ms since the epoch). Returns 1 (stored), 0 (refused) or {2, current row version}: the row already has
 -- a version other than the one signed, and the filler signs again with it.
--- Refused if the model was flushed or written since the reader's first look: that is what
--- keeps a row read before a commit from being stored after its invalidation. A refused
+-- Refused if the model was flushed, or written (the row, when the guard is its version)
+-- since the reader's first look: that is what keeps a row read before a commit from being
+-- stored after its invalidation, which gives the row and the model fresh tokens. A refused
 -- filler still gives its lease back, or every other reader of the key would wait
 -- LEASE_WAIT for a fill that never comes, until the lease expires.
 if sget(KEYS[1]) ~= ARGV[2] or sget(KEYS[2]) ~= ARGV[3] then

@@ -6,9 +6,9 @@ import os
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..conf import conf
 
@@ -24,6 +24,11 @@ _EXP, _LABEL, _ROW, _VALUE, _EPOCH, _WRITES, _WEIGHT, _READ_AT = range(8)
 # What an entry costs beyond its values: the entry tuple, its key tuple, the LRU's link and
 # the row index's slot (measured with tracemalloc: about 1.4 KB per small row in all).
 _ENTRY_OVERHEAD = 600
+
+
+# Drops remembered for fills in flight (LocalTier._log): far more than can happen during one
+# read at any realistic write rate.
+_DROP_LOG = 1024
 
 
 def weigh(value: Any) -> int:
@@ -53,6 +58,23 @@ def weigh_payload(size: int, values: int) -> int:
     return _ENTRY_OVERHEAD + size + 40 * values
 
 
+class Peeked(NamedTuple):
+    """An L1 entry as stored (LocalTier.peek), with its model's counters now: the entry is
+    served while `epoch == current_epoch` and, for a negative one, `writes ==
+    current_writes`, until `expires_at` (time.monotonic())."""
+
+    expires_at: float
+    label: str
+    row: str
+    value: Any
+    epoch: int
+    writes: int
+    weight: int
+    read_at: float
+    current_epoch: int
+    current_writes: int
+
+
 class LocalTier:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -65,6 +87,11 @@ class LocalTier:
         self._writes: dict[str, int] = {}
         # Bumped by clear(): refuses every fill that started before it.
         self._clears = 0
+        # The last drops, numbered: a fill in flight is refused by a drop of its own row,
+        # not by one of any row of its model (a busy model's writes refused most fills).
+        # Past the log's length, every fill older than it is refused.
+        self._seq = 0
+        self._log: deque[tuple[int, str, frozenset[str] | None]] = deque(maxlen=_DROP_LOG)
         self.evictions = 0
         # The weight of every entry held (L1_MAX_BYTES bounds it).
         self.bytes = 0
@@ -102,6 +129,27 @@ class LocalTier:
         self._data.move_to_end(key)
         return e[_VALUE]
 
+    def peek(self, key: Any) -> Peeked | None:
+        """The entry under `key` as stored, whether or not it could be served, without
+        touching it: no LRU move, no removal of an expired or flushed entry (inspection)."""
+        with self._lock:
+            e = self._data.get(key)
+            if e is None:
+                return None
+            label = e[_LABEL]
+            return Peeked(
+                expires_at=e[_EXP],
+                label=label,
+                row=e[_ROW],
+                value=e[_VALUE],
+                epoch=e[_EPOCH],
+                writes=e[_WRITES],
+                weight=e[_WEIGHT],
+                read_at=e[_READ_AT],
+                current_epoch=self._epoch.get(label, 0),
+                current_writes=self._writes.get(label, 0),
+            )
+
     def get_stale(self, key: Any, now: float, vouched_at: float, bound: float) -> Any:
         """As get(), while the bus cannot vouch for L1 (OUTAGE_STALE_SECONDS): an entry is
         served only while less than `bound` seconds have passed since it was last known
@@ -114,8 +162,33 @@ class LocalTier:
         return self.get(key, now)
 
     def token(self, label: str) -> tuple[int, int, int]:
-        """Taken before reading L2 or the database; a fill is refused if it changed since."""
-        return (self._clears, self._epoch.get(label, 0), self._writes.get(label, 0))
+        """Taken before reading L2 or the database: (clears, the model's flush epoch, the
+        drop sequence). A fill is refused if L1 was cleared or the model flushed since, or
+        if its own row was dropped since (any drop of the model, for an entry with no row
+        or a remembered absence: a write may have created it)."""
+        return (self._clears, self._epoch.get(label, 0), self._seq)
+
+    def _dropped_since(self, label: str, seq: int) -> frozenset[str] | None:
+        """The rows of `label` dropped after drop sequence `seq`, with "" if there was any
+        such drop; None when the whole model counts as dropped (a key or the model
+        dropped, or the log no longer reaches back)."""
+        if seq == self._seq:
+            return frozenset()
+        log = self._log
+        if not log or log[0][0] > seq + 1:
+            return None
+        rows: set[str] = set()
+        for at, lab, dropped in reversed(log):
+            if at <= seq:
+                break
+            if lab == label:
+                if dropped is None:
+                    return None
+                # "" too: any drop of the model (a create's names no cached row) refuses
+                # an entry without a row and a remembered absence.
+                rows.update(dropped)
+                rows.add("")
+        return frozenset(rows)
 
     # -- writes --------------------------------------------------------------
     def set(
@@ -144,11 +217,17 @@ class LocalTier:
         the lock; how many were stored."""
         stored = 0
         with self._lock:
-            if token != (self._clears, self._epoch.get(label, 0), self._writes.get(label, 0)):
+            if token[0] != self._clears or token[1] != self._epoch.get(label, 0):
                 return 0
+            dropped = self._dropped_since(label, token[2])
+            if dropped is None:
+                return 0
+            writes = self._writes.get(label, 0)
             now = time.monotonic()
             max_bytes = conf.L1_MAX_BYTES
             for key, row, value, timeout, weight in entries:
+                if dropped and (row in dropped or not row or value is NEGATIVE):
+                    continue  # its row (or, for no row, any row) was written meanwhile
                 old = self._data.pop(key, None)
                 if old is not None:
                     self.bytes -= old[_WEIGHT]
@@ -163,7 +242,7 @@ class LocalTier:
                     row,
                     value,
                     token[1],
-                    token[2],
+                    writes,
                     weight,
                     read_at,
                 )
@@ -192,6 +271,7 @@ class LocalTier:
         n = 0
         with self._lock:
             self._writes[label] = self._writes.get(label, 0) + 1
+            self._logged(label, frozenset(rows))
             for row in rows:
                 have = self._rows.pop((label, row), None)
                 if have is None:
@@ -206,6 +286,7 @@ class LocalTier:
     def drop_key(self, key: Hashable, label: str) -> None:
         with self._lock:
             self._writes[label] = self._writes.get(label, 0) + 1
+            self._logged(label, None)
             e = self._data.get(key)
             if e is not None:
                 self._remove(key, e)
@@ -214,6 +295,12 @@ class LocalTier:
         with self._lock:
             self._epoch[label] = self._epoch.get(label, 0) + 1
             self._writes[label] = self._writes.get(label, 0) + 1
+            self._logged(label, None)
+
+    def _logged(self, label: str, rows: frozenset[str] | None) -> None:
+        """Record a drop (under the lock) for the fills in flight to check against."""
+        self._seq += 1
+        self._log.append((self._seq, label, rows))
 
     def clear(self) -> None:
         with self._lock:
