@@ -933,8 +933,12 @@ def render(rows: list[dict[str, Any]]) -> str:
                 result or "—",
             ]
         )
+    return markdown_table(head, body, {1, 2, 3})
+
+
+def markdown_table(head: list[str], body: list[list[str]], right: set[int]) -> str:
+    """A Markdown table with aligned columns; `right`: the columns aligned right."""
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    right = {1, 2, 3}
 
     def line(cells: list[str]) -> str:
         padded = (

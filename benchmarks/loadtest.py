@@ -724,23 +724,9 @@ def _tier_row(label: str, d: dict[str, int]) -> dict[str, Any]:
 
 def table(head: list[str], body: list[list[str]], right: set[int]) -> str:
     """A Markdown table, as benchmarks/bench.py prints its own."""
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    from benchmarks.bench import markdown_table
 
-    def line(cells: list[str]) -> str:
-        padded = (
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-        return "| " + " | ".join(padded) + " |"
-
-    sep = (
-        "|"
-        + "|".join(
-            ("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)
-        )
-        + "|"
-    )
-    return "\n".join([line(head), sep, *(line(b) for b in body)])
+    return markdown_table(head, body, right)
 
 
 def _cpu(run: Run) -> str:

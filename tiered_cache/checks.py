@@ -78,30 +78,38 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                     id="tiered_cache.E003",
                 )
             )
-    stale = raw.get("OUTAGE_STALE_SECONDS", DEFAULTS["OUTAGE_STALE_SECONDS"])
-    if isinstance(stale, bool) or not isinstance(stale, (int, float)) or not 0 <= stale <= 3600:
-        errors.append(
-            Error(
-                "TIERED_CACHE['OUTAGE_STALE_SECONDS'] must be a number of seconds from 0 "
-                f"(off) to 3600, not {stale!r}.",
-                hint="It bounds how stale a row L1 serves while Redis is unreachable.",
-                id="tiered_cache.E014",
-            )
-        )
-    interval = raw.get("GIL_SWITCH_INTERVAL", DEFAULTS["GIL_SWITCH_INTERVAL"])
-    if interval is not None and (
-        isinstance(interval, bool)
-        or not isinstance(interval, (int, float))
-        or not 0.0001 <= interval <= 0.1
+    for name, least, most, none_ok, hint, check_id in (
+        (
+            "OUTAGE_STALE_SECONDS",
+            0,
+            3600,
+            False,
+            "It bounds how stale a row L1 serves while Redis is unreachable; 0 is off.",
+            "E014",
+        ),
+        (
+            "GIL_SWITCH_INTERVAL",
+            0.0001,
+            0.1,
+            True,
+            "None leaves sys.setswitchinterval() alone; 0.001 is the default.",
+            "E015",
+        ),
     ):
-        errors.append(
-            Error(
-                "TIERED_CACHE['GIL_SWITCH_INTERVAL'] must be None or a number of seconds from "
-                f"0.0001 to 0.1, not {interval!r}.",
-                hint="None leaves sys.setswitchinterval() alone; 0.001 is the default.",
-                id="tiered_cache.E015",
+        value = raw.get(name, DEFAULTS[name])
+        if (value is not None or not none_ok) and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not least <= value <= most
+        ):
+            errors.append(
+                Error(
+                    f"TIERED_CACHE[{name!r}] must be {'None or ' if none_ok else ''}a number "
+                    f"of seconds from {least} to {most}, not {value!r}.",
+                    hint=hint,
+                    id=f"tiered_cache.{check_id}",
+                )
             )
-        )
     heartbeat = raw.get("BUS_HEARTBEAT", DEFAULTS["BUS_HEARTBEAT"])
     window = raw.get("BUS_TRUST_WINDOW", DEFAULTS["BUS_TRUST_WINDOW"])
     if (
