@@ -707,6 +707,9 @@ def _read_many(
 # -- warmup -------------------------------------------------------------------------
 
 
+_WARM_FILLS = 250
+
+
 def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> dict[str, int]:
     """Store rows in L2 under their pk key, in pipelined batches. The generation and write
     counter are read before the rows, so a write committed meanwhile refuses the fills."""
@@ -753,8 +756,10 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
                         _row_of(mc, value),
                     )
                 )
-        if fills:
-            oks = redis_tier.run_fills(fills)
+        # A few hundred fills per round trip: a page of thousands in one would hold each
+        # server (and our socket timeout) for as long as all of them take.
+        for i in range(0, len(fills), _WARM_FILLS):
+            oks = redis_tier.run_fills(fills[i : i + _WARM_FILLS])
             stored += sum(1 for ok in oks if ok)
             refused += sum(1 for ok in oks if not ok)
         last_pk = rows[-1].pk
