@@ -957,7 +957,9 @@ def markdown_table(head: list[str], body: list[list[str]], right: set[int]) -> s
     return "\n".join([line(head), sep, *(line(b) for b in body)])
 
 
-def machine() -> dict[str, Any]:
+def machine(redis_client: Any = None) -> dict[str, Any]:
+    """Date, host, CPU, load and versions, for the header of a run (the load test's too);
+    `redis_client`: the Redis measured, the cache's own by default."""
     import django
     from django.db import connection
 
@@ -971,7 +973,8 @@ def machine() -> dict[str, Any]:
         pass
     with connection.cursor() as cur:
         cur.execute("SHOW server_version")
-        pg = cur.fetchone()[0]
+        row = cur.fetchone()
+    client = redis_client if redis_client is not None else redis_tier.client
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "host": platform.node(),
@@ -980,8 +983,8 @@ def machine() -> dict[str, Any]:
         "load": os.getloadavg(),
         "python": platform.python_version(),
         "django": django.get_version(),
-        "postgresql": pg.split()[0],
-        "redis": redis_tier.client.info("server")["redis_version"],
+        "postgresql": row[0].split()[0] if row else "?",
+        "redis": client.info("server")["redis_version"],
     }
 
 

@@ -49,7 +49,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import resource
 import shutil
@@ -819,37 +818,20 @@ def _ratio(a: float, b: float) -> str:
 
 
 def machine(redis: Any) -> dict[str, Any]:
-    import django
-    from django.db import connection
+    """bench.machine() for the private Redis, with wrk's, gunicorn's and uvicorn's versions."""
+    from importlib.metadata import version
 
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    with connection.cursor() as cur:
-        cur.execute("SHOW server_version")
-        pg = cur.fetchone()
+    from benchmarks.bench import machine as bench_machine
+
     wrk_version = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
     versions = {}
     for name in ("gunicorn", "uvicorn"):
         try:
-            from importlib.metadata import version
-
             versions[name] = version(name)
         except Exception:
             versions[name] = "?"
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "host": platform.node(),
-        "cores": os.cpu_count(),
-        "cpu": cpu,
-        "load": os.getloadavg(),
-        "python": platform.python_version(),
-        "django": django.get_version(),
-        "postgresql": pg[0].split()[0] if pg else "?",
-        "redis": redis.client().info("server")["redis_version"],
+        **bench_machine(redis.client()),
         "wrk": (wrk_version.stdout or wrk_version.stderr).split()[1],
         **versions,
     }
