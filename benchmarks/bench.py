@@ -54,6 +54,7 @@ OPS = {
     "redis_get": 100,
     "miss_pk": 40,
     "orm_cold": 40,
+    "floor_miss": 40,
     "neg_l1": 4000,
     "neg_l2": 100,
     "orm_email": 40,
@@ -63,12 +64,14 @@ OPS = {
     "l1_flow": 4000,
     "l2_flow": 100,
     "in_bulk": 10,
+    "floor_many": 10,
     "many_l2": 10,
     "many_l1": 40,
     "l1_big": 20,
     "copy_big": 20,
     "save_plain": 20,
     "save_cached": 20,
+    "floor_save": 20,
     "breaker": 40,
 }
 NS = 1_000.0  # nanoseconds per microsecond
@@ -184,6 +187,7 @@ class Data:
     many: list[int]  # the 100 rows of get_many_cached / in_bulk
     cold: list[int]  # never read before their one miss
     cold_orm: list[int]  # never read before their one ORM get (the miss's baseline)
+    cold_floor: list[int]  # never read before the miss's floor case reads them
     memory: list[list[int]]  # disjoint sets of users for the L1 memory rows
     absent: list[int]  # pks with no row (negative hits)
     flows: list[tuple[str, str]]  # (tenant_id, session_id) of hot flows
@@ -202,7 +206,7 @@ def make_data(plan: Plan, cold_needed: int) -> Data:
     )
     from demo_project.demo.models import FlowInstance, PlainFlowInstance, User
 
-    total = plan.hot + 100 + 2 * cold_needed + sum(plan.memory_sizes) + 100
+    total = plan.hot + 100 + 3 * cold_needed + sum(plan.memory_sizes) + 100
     UserFactory.reset_sequence(0)
     pool = UserFactory.build_batch(min(plan.user_pool, total))
     User.objects.bulk_create(pool, batch_size=1000)
@@ -247,6 +251,7 @@ def make_data(plan: Plan, cold_needed: int) -> Data:
     many = take(100)
     cold = take(cold_needed)
     cold_orm = take(cold_needed)
+    cold_floor = take(cold_needed)
     memory = [take(n) for n in plan.memory_sizes]
     by_pk = User.objects.in_bulk(hot)
     concrete = User._meta.concrete_fields
@@ -278,6 +283,7 @@ def make_data(plan: Plan, cold_needed: int) -> Data:
         many=many,
         cold=cold,
         cold_orm=cold_orm,
+        cold_floor=cold_floor,
         memory=memory,
         absent=[top + 1_000_000 + i for i in range(plan.hot)],
         flows=[(f.tenant_id, f.session_id) for f in flows],
@@ -312,6 +318,7 @@ class Bench:
         self.Flow = FlowInstance
         self.cold = iter(data.cold)
         self.cold_orm = iter(data.cold_orm)
+        self.cold_floor = iter(data.cold_floor)
         self.cases = self._cases()
 
     # Helpers shared by the cases; none of them is timed.
@@ -464,6 +471,35 @@ class Bench:
                 total += now() - t
             return total / n / NS
 
+        # The floors of issue 13's targets: what any design of the case must do at least,
+        # measured the same way as the case (each operation alone, the machine as it is).
+        # A miss asks L2 before the database: one round trip, then the ORM get.
+        def floor_miss(n: int) -> float:
+            from tiered_cache.tiers.remote import redis_tier
+
+            client = redis_tier.client
+            seq = [next(self.cold_floor) for _ in range(n)]
+            total = 0
+            for pk in seq:
+                t = now()
+                client.get(f"tc-bench-floor:{pk}")
+                User.objects.get(pk=pk)
+                total += now() - t
+            return total / n / NS
+
+        # get_many_cached from L2: one MGET of the 100 stored payloads.
+        def floor_many(n: int) -> float:
+            from tiered_cache.registry import model_cache
+            from tiered_cache.tiers.remote import redis_tier
+
+            mc = model_cache(User.objects)
+            keys = [mc.key(mc.pk_lookup, (pk,)) for pk in d.many]
+            client = redis_tier.client
+            t = now()
+            for _ in range(n):
+                client.mget(keys)
+            return (now() - t) / n / NS
+
         def in_bulk(n: int) -> float:
             pks = d.many
             t = now()
@@ -517,6 +553,20 @@ class Bench:
 
             return sample
 
+        # A cached save must reach Redis before it returns (read-your-writes, and no
+        # invalidation lost to a crash): the plain save, then one round trip.
+        def floor_save(n: int) -> float:
+            from tiered_cache.tiers.remote import redis_tier
+
+            client = redis_tier.client
+            seq = ring(d.save_plain, n)
+            t = now()
+            for obj in seq:
+                obj.current_step += 1
+                obj.save()
+                client.get("tc-bench-floor")
+            return (now() - t) / n / NS
+
         def breaker_open(n: int) -> float:
             seq = ring(hot, n)
             tc = {**conf.raw, "BREAKER_RECOVERY_TIME": 3600.0}
@@ -553,6 +603,7 @@ class Bench:
             Case("l2_pk", "get_cached(pk) L2 hit", l2(pk_get, hot), p_hot, (User, "l2_hits", 1)),
             Case("redis_get", "  Redis GET of the same payload (redis-py)", redis_get, p_hot),
             Case("orm_cold", "ORM get(pk) of a row never read", orm_cold),
+            Case("floor_miss", "  floor: a Redis GET, then that ORM get", floor_miss),
             Case("miss_pk", "get_cached(pk) miss", miss_pk, None, (User, "misses", 1)),
             Case(
                 "neg_l1",
@@ -593,6 +644,7 @@ class Bench:
                 (Flow, "l2_hits", 1),
             ),
             Case("in_bulk", "ORM in_bulk(100 pks)", in_bulk),
+            Case("floor_many", "  floor: one MGET of the 100 payloads", floor_many, p_many),
             Case(
                 "many_l2", "get_many_cached(100) warm L2", many_l2, p_many, (User, "l2_hits", 100)
             ),
@@ -609,6 +661,7 @@ class Bench:
             Case("copy_big", "  a copy of its JSON value (pickle.loads)", copy_big),
             Case("save_plain", "save() PlainFlowInstance", saver(d.save_plain)),
             Case("save_cached", "save() FlowInstance (cached)", saver(d.save_cached)),
+            Case("floor_save", "  floor: the plain save, then a Redis GET", floor_save),
             Case(
                 "breaker", "get_cached(pk), breaker open", breaker_open, None, (User, "misses", 1)
             ),
@@ -744,6 +797,15 @@ def _quantile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
+def focus_table(cases: list[Case]) -> str:
+    """--cases: each case's median, then every pair's ratio (median of in-round ratios)."""
+    lines = [f"{c.id:<12} {statistics.median(c.samples):>10,.2f} µs  {c.label}" for c in cases]
+    for i, a in enumerate(cases):
+        for b in cases[i + 1 :]:
+            lines.append(f"{a.id} / {b.id}: {_paired_ratio(a, b):.3f}x")
+    return "\n".join(lines)
+
+
 def _paired_ratio(a: Case, b: Case) -> float:
     """Median over rounds of a/b measured in the same round."""
     return _median([x / y for x, y in zip(a.samples, b.samples, strict=True) if y > 0])
@@ -805,6 +867,15 @@ def build_rows(
             }
         )
 
+    def floor(cid: str, base: str, case: str) -> None:
+        """A floor case: its ratio to the target's baseline, and the case's to it."""
+        to_base = _paired_ratio(by[cid], by[base])
+        row(
+            by[cid],
+            by[cid].label,
+            measured=f"{to_base:.3f}x {base}; {case} {_paired_ratio(by[case], by[cid]):.3f}x it",
+        )
+
     def faster(cid: str, base: str, times: float, label: str | None = None) -> None:
         r = _paired_ratio(by[base], by[cid])
         row(
@@ -839,6 +910,7 @@ def build_rows(
     at_most("miss_pk", "orm_cold", 1.2, "  same miss, vs the ORM get of a row never read")
     rows[-1]["id"] = "miss_vs_cold"
     row(by["orm_cold"], by["orm_cold"].label)
+    floor("floor_miss", "orm_cold", "miss_pk")
     row(by["neg_l1"], by["neg_l1"].label)
     row(by["neg_l2"], by["neg_l2"].label)
     row(by["orm_email"], by["orm_email"].label)
@@ -850,10 +922,12 @@ def build_rows(
     row(by["in_bulk"], by["in_bulk"].label)
     faster("many_l2", "in_bulk", 5)
     faster("many_l1", "in_bulk", 30)
+    floor("floor_many", "in_bulk", "many_l2")
     at_most("l1_big", "copy_big", 1.2)
     row(by["copy_big"], by["copy_big"].label)
     row(by["save_plain"], by["save_plain"].label)
     at_most("save_cached", "save_plain", 1.2)
+    floor("floor_save", "save_plain", "save_cached")
     at_most("breaker", "orm_pk", 1.1)
 
     for busy, res in (latency or {}).items():
@@ -1174,6 +1248,12 @@ def main(argv: list[str] | None = None) -> int:
         help="profile the L1 and L2 hit paths (cProfile) instead of the table",
     )
     p.add_argument(
+        "--cases",
+        metavar="ID,ID",
+        help="measure only these cases (ids as in OPS, e.g. miss_pk,orm_pk) and print each "
+        "one's median and its ratio to every other: a quick look while changing one path",
+    )
+    p.add_argument(
         "--size-only",
         action="store_true",
         help="measure only the dashboard with a million unrelated keys (benchmarks/size.py)",
@@ -1194,6 +1274,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(**{**plan.__dict__, "rounds": args.rounds})
     if args.profile:
         plan = Plan(**{**plan.__dict__, "memory_sizes": (20_000,)})
+    if args.cases:
+        plan = Plan(**{**plan.__dict__, "memory_sizes": ()})
 
     started = time.monotonic()
 
@@ -1249,6 +1331,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
         bench = Bench(plan, data)
+        if args.cases:
+            wanted = args.cases.split(",")
+            unknown = set(wanted) - {c.id for c in bench.cases}
+            if unknown:
+                known = ", ".join(OPS)
+                p.error(f"--cases: no such case {', '.join(sorted(unknown))}; known: {known}")
+            bench.cases = [c for c in bench.cases if c.id in wanted]
+            log(f"measuring: {plan.rounds} rounds (+1 warm-up) of {', '.join(wanted)}")
+            bench.run(log)
+            print(focus_table(bench.cases))
+            return 0
         log(f"measuring: {plan.rounds} rounds (+1 warm-up) of {len(bench.cases)} cases")
         bench.run(log)
         log(f"commit-to-drop latency: {plan.latency_samples} writes, idle then busy listener")

@@ -43,12 +43,15 @@ class TieredCacheConfig(AppConfig):
             invalidation.undelivered_hooks.append(bus.bus.undelivered)
 
         def key_space_changed(setting: str, **kwargs: object) -> None:
-            """CACHES or TIERED_CACHE changed (override_settings in tests): key names anew."""
+            """CACHES or TIERED_CACHE changed (override_settings in tests): key names anew;
+            DATABASES: groups anew."""
             if setting in ("CACHES", "TIERED_CACHE"):
                 keys.forget()
                 groups.forget()
                 capture.forget()
                 registry.reset_registry()
+            elif setting == "DATABASES":
+                groups.forget()  # which aliases share a database, which are replicas
 
         setting_changed.connect(forget_mac_key, dispatch_uid="tiered_cache:secret_key")
         setting_changed.connect(conf.forget, dispatch_uid="tiered_cache:settings")

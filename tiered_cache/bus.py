@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import random
+import select
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +42,10 @@ _RENEW_WAIT = 0.05
 _IDLE_POLL = 1.0
 # After a writer's Redis call failed, the time it takes to record the outbox row.
 _OUTBOX_MARGIN = 0.05
+# Reader threads apply bus messages waiting on the socket themselves, at most this often
+# (Bus.poll): in a busy process they hold the CPU, and the listener would wait for the OS
+# to schedule it (up to tens of milliseconds with two busy threads on two cores).
+_POLL_EVERY = 0.001
 
 
 class Bus:
@@ -57,6 +63,9 @@ class Bus:
         self.vouched_at = 0.0
         # A read past this monotonic time asks for the next heartbeat (ping()).
         self.renew_at = 0.0
+        # An L1 hit past this monotonic time applies waiting messages itself (poll()).
+        self.poll_at = 0.0
+        self._new_reader_state()
         self.connected = False
         self.reconnects = 0
         self.messages = 0
@@ -149,6 +158,86 @@ class Bus:
         except Exception:  # the listener sees the broken connection and starts over
             self._connection_lost()
 
+    def _new_reader_state(self) -> None:
+        # Whoever reads the subscription's socket holds this: the listener, or a reader
+        # thread in poll(). The listener waits for the socket without it.
+        self._read_lock = threading.Lock()
+        # What a reader thread read and left to the listener (heartbeats, subscription
+        # changes), in the order read; the wake pipe tells the listener.
+        self._handed: deque[dict[str, Any]] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    def poll(self, now: float) -> None:
+        """From a reader thread (an L1 hit, at most once per _POLL_EVERY): apply the bus
+        messages that wait on the socket now, without waiting for the listener thread,
+        which a busy process's readers keep off the CPU. Messages are applied here, and
+        heartbeat answers that renew live trust; the rest (a heartbeat that must deliver
+        the outbox first, subscription changes) goes to the listener, with any heartbeat
+        after it, in order. Never blocks: if the listener or another reader is reading, this one
+        returns at once."""
+        self.poll_at = now + _POLL_EVERY
+        pubsub = self._pubsub
+        if pubsub is None or self._broken or not self._read_lock.acquire(blocking=False):
+            return
+        handed = False
+        try:
+            if pubsub is not self._pubsub:
+                return
+            own = origin.id
+            # timeout=0: nothing but what the socket holds already (redis-py checks it
+            # without blocking); one reply per call, so until it returns None.
+            while (msg := pubsub.get_message(timeout=0)) is not None:
+                kind = msg["type"]
+                if kind in ("message", "smessage"):
+                    self.messages += 1
+                    self._handle(msg["data"], own)
+                elif (
+                    handed
+                    or kind != "pong"
+                    or not self._pong(msg["data"], time.monotonic(), inline=True)
+                ):
+                    self._handed.append(msg)
+                    handed = True
+        except Exception:
+            if pubsub is self._pubsub:  # not a connection the listener already left
+                self._connection_lost()
+        finally:
+            self._read_lock.release()
+            if handed:
+                self._wake_listener()
+
+    def _wake_listener(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:  # the pipe is full: the listener has wake-ups waiting
+            pass
+
+    def _next(self, pubsub: Any, wait: float) -> dict[str, Any] | None:
+        """The listener's next message, or None after `wait` seconds without one (or for a
+        partial one). It waits for the socket, or for what a reader thread handed over,
+        without the read lock, so that reader threads can poll() meanwhile."""
+        handed = self._handed
+        if handed:
+            return handed.popleft()
+        with self._read_lock:
+            msg: dict[str, Any] | None = pubsub.get_message(timeout=0)
+        if msg is not None:
+            return msg
+        # Nothing complete is buffered now (get_message drains the parser first), so the
+        # socket turns readable for anything new.
+        select.select([pubsub.connection._sock, self._wake_r], [], [], wait)
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+        if handed:
+            return handed.popleft()
+        with self._read_lock:
+            msg = pubsub.get_message(timeout=0)
+        return msg
+
     def _connection_lost(self, conn: Any = None) -> None:
         """The subscription failed, or was reconnected outside the listener: trust ends
         now, and the listener starts over (clearing L1) at its next wake-up."""
@@ -203,6 +292,7 @@ class Bus:
         self.trusted_until = 0.0
         self.renew_at = 0.0
         self.ping()  # its answer wakes the listener, which then sees the stop
+        self._wake_listener()  # or this, while no heartbeat can be sent
         self._listener.join(2)
 
     def undelivered(self) -> None:
@@ -233,6 +323,10 @@ class Bus:
         self._stop = threading.Event()
         self._first = threading.Event()
         self._wake = threading.Event()
+        self.poll_at = 0.0
+        os.close(self._wake_r)  # the parent's pipe: the child has one of its own
+        os.close(self._wake_w)
+        self._new_reader_state()
 
     # -- the listener ----------------------------------------------------------
     def _prepare(self) -> None:
@@ -315,6 +409,7 @@ class Bus:
         with self._sent_lock:
             self._sent = {}
         self.renew_at = 0.0
+        self._handed.clear()  # the last subscription's
         self._pubsub = pubsub
         self.connected = True
         self.ping()  # whoever started the listener wants trust now
@@ -322,7 +417,7 @@ class Bus:
             wait = _IDLE_POLL
             if self._drain_due:  # wake up for the next delivery of the outbox
                 wait = min(wait, max(0.01, self._retry_at - time.monotonic()))
-            msg = pubsub.get_message(timeout=wait)
+            msg = self._next(pubsub, wait)
             now = time.monotonic()
             if msg is not None and self._drain_due and now >= self._retry_at:
                 # A busy bus never goes quiet: the retry's heartbeat is asked for here too.
@@ -347,40 +442,52 @@ class Bus:
                 self.messages += 1
                 self._handle(msg["data"], origin.id)
             elif kind == "pong":
-                with self._sent_lock:
-                    at = self._sent.pop(bytes(msg["data"]), None)
-                    if at is None:
-                        continue
-                    for old in [k for k, v in self._sent.items() if v < at]:
-                        del self._sent[old]
-                self.last_latency = now - at
-                if at < self._quarantine:
-                    continue
-                if self._drain_due or now >= self.trusted_until:
-                    if now < self._retry_at:
-                        continue  # the last delivery failed: back off (see below)
-                    self._drain_due = False
-                    if not self._regain():
-                        # Redis refused the outbox (or no replica acknowledged it): try again
-                        # later, each time twice as late up to 5 s, at a random point, or
-                        # every process would re-send the whole outbox (and its bus
-                        # messages) at every heartbeat while a replica is missing.
-                        self._drain_due = True
-                        self._backoff = min(5.0, max(0.1, self._backoff * 2))
-                        self._retry_at = now + self._backoff * random.uniform(0.5, 1.0)
-                        continue
-                    self._backoff = 0.0
-                self.trusted_until = at + window
-                if self._drain_due:  # an outbox write landed while we drained
-                    self.trusted_until = 0.0
-                    continue
-                self.vouched_at = at
-                with self._granted:
-                    self._granted.notify_all()
-                if self._warned:
-                    self._warned = False
-                    logger.warning("tiered_cache: the invalidation bus is back; caching resumed")
-                self._first.set()
+                self._pong(msg["data"], now, inline=False)
+
+    def _pong(self, data: bytes, now: float, inline: bool) -> bool:
+        """A heartbeat answered: every message published before it has been applied, so
+        trust runs to its send time plus BUS_TRUST_WINDOW. inline: from a reader thread
+        (poll()), which leaves it untouched to the listener (False) when trust lapsed or the
+        outbox is due: delivering the outbox is the listener's job."""
+        if inline and (self._drain_due or now >= self.trusted_until):
+            return False
+        with self._sent_lock:
+            at = self._sent.pop(bytes(data), None)
+            if at is None:
+                return True
+            for old in [k for k, v in self._sent.items() if v < at]:
+                del self._sent[old]
+        self.last_latency = now - at
+        if at < self._quarantine:
+            return True
+        if self._drain_due or now >= self.trusted_until:
+            if inline or now < self._retry_at:
+                # inline: the outbox fell due since the check above; the next heartbeat
+                # goes to the listener. Otherwise the last delivery failed: back off.
+                return True
+            self._drain_due = False
+            if not self._regain():
+                # Redis refused the outbox (or no replica acknowledged it): try again
+                # later, each time twice as late up to 5 s, at a random point, or
+                # every process would re-send the whole outbox (and its bus
+                # messages) at every heartbeat while a replica is missing.
+                self._drain_due = True
+                self._backoff = min(5.0, max(0.1, self._backoff * 2))
+                self._retry_at = now + self._backoff * random.uniform(0.5, 1.0)
+                return True
+            self._backoff = 0.0
+        self.trusted_until = at + conf.BUS_TRUST_WINDOW
+        if self._drain_due:  # an outbox write landed while we drained
+            self.trusted_until = 0.0
+            return True
+        self.vouched_at = at
+        with self._granted:
+            self._granted.notify_all()
+        if self._warned:
+            self._warned = False
+            logger.warning("tiered_cache: the invalidation bus is back; caching resumed")
+        self._first.set()
+        return True
 
     def _regain(self) -> bool:
         """Trust had lapsed (or never began): first apply what writers could not deliver

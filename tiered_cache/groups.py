@@ -20,6 +20,7 @@ __all__ = [
     "forget",
     "group_of",
     "primary_parent",
+    "read_group",
     "replica_of",
     "root_label",
     "root_of",
@@ -92,6 +93,18 @@ def database_of(alias: str) -> str:
     return canon
 
 
+_read_groups: dict[tuple[str, str], Group] = {}
+
+
+def read_group(alias: str, label: str) -> Group:
+    """group_of() by root label, remembered: every cached read asks, and database_of()
+    compares the alias's settings each time (forget() runs when DATABASES changes)."""
+    g = _read_groups.get((alias, label))
+    if g is None:
+        g = _read_groups[(alias, label)] = group(database_of(alias), label)
+    return g
+
+
 def replica_of(alias: str) -> str | None:
     """The alias to read misses from instead of `alias`, or None. An alias of the same
     database (database_of) on another host or port is taken for a streaming replica, which
@@ -119,3 +132,4 @@ def forget(**kwargs: Any) -> None:
     """Settings changed (tests): look the databases up again."""
     _canonical.clear()
     _replicas.clear()
+    _read_groups.clear()

@@ -305,7 +305,7 @@ def inspect_entry(
     mc = model_cache(mgr)
     lk, values = _resolve(mc, lookup)
     db = mgr.db
-    g = mc.group(mgr.cache_group_alias(db))
+    g = mgr.cache_group(mc, db)
     scope = mc.scope(mgr)
     # As reads.get() builds them: L1 by lookup, database, manager filter and values; L2
     # with the database and the filter in the key (reads._alias_part).

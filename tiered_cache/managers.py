@@ -10,8 +10,9 @@ from django.db import DEFAULT_DB_ALIAS, models, router
 from django.db.models.query import QuerySet
 
 from . import reads, recording
-from .groups import database_of
+from .groups import database_of, read_group
 from .invalidation import flush_batch, rows_batch
+from .keys import Group
 from .registry import CachedManagerBase, LookupSpec, model_cache
 from .transactions import open_writes, queue, snapshot_aliases
 
@@ -55,6 +56,13 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
             return obj
         obj = reads.get(self, mc, lk, values)
         return obj
+
+    def cache_group(self, mc: Any, read_alias: str) -> Group:
+        """The invalidation group of a read through this manager from read_alias (see
+        cache_group_alias()); remembered per alias when no router takes part."""
+        if self._db or not router.routers:
+            return read_group(read_alias, mc.root)
+        return mc.group(self.cache_group_alias(read_alias))  # type: ignore[no-any-return]
 
     def cache_group_alias(self, read_alias: str) -> str:
         """The database whose writes invalidate what this manager reads from read_alias:
@@ -109,7 +117,7 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
         if open_writes() == 0 and db not in snapshot_aliases() and lk.unique:
             scope = mc.scope(self)
             if scope is not None:
-                g = mc.group(self.cache_group_alias(db))
+                g = self.cache_group(mc, db)
                 found: _M | None = reads.peek_local(mc, g, (lk.key_prefix, db, scope, *values), db)
                 if found is not None:
                     return found

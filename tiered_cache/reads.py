@@ -157,8 +157,11 @@ def _raw(v: Any) -> bytes:
 
 def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> Any:
     db = manager.db
-    g = mc.group(manager.cache_group_alias(db))
-    why, scope = _read_scope(manager, mc, lk, db, g)
+    g = manager.cache_group(mc, db)
+    if lk.unique and not mc.custom_queryset:  # the common case, without a call
+        why, scope = bypass(db, g.alias, g.id), ""
+    else:
+        why, scope = _read_scope(manager, mc, lk, db, g)
     if why is not None:
         mc.counters.bypassed += 1
         if recording.active:
@@ -223,6 +226,8 @@ def peek_local(mc: ModelCache, g: Group, key: Any, db: str) -> Any:
         return None
     if now >= bus.renew_at:
         bus.ping()  # a process that reads keeps its trust renewed
+    if now >= bus.poll_at:
+        bus.poll(now)  # a busy process's readers apply drops the listener waits to apply
     v = local_tier.get(key, now)
     if v is None:
         return None
@@ -533,7 +538,7 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     prep = lk.preps[0]
     prefix = lk.key_prefix
     db = manager.db
-    g = mc.group(manager.cache_group_alias(db))
+    g = manager.cache_group(mc, db)
     wanted: list[Any] = []
     seen: set[Any] = set()
     for pk in pks:
@@ -716,8 +721,11 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
     stored = refused = 0
     lk = mc.pk_lookup
     db = manager.db
-    g = mc.group(manager.cache_group_alias(db))
-    why, scope = _read_scope(manager, mc, lk, db, g)
+    g = manager.cache_group(mc, db)
+    if lk.unique and not mc.custom_queryset:  # the common case, without a call
+        why, scope = bypass(db, g.alias, g.id), ""
+    else:
+        why, scope = _read_scope(manager, mc, lk, db, g)
     if why is not None:  # e.g. inside a transaction that wrote the model: nothing to store
         return {"stored": 0, "refused": 0}
     last_pk = None
