@@ -365,6 +365,58 @@ def test_a_process_whose_bus_started_hands_the_gil_over_within_gil_switch_interv
         assert other.call("sys.getswitchinterval") <= conf.GIL_SWITCH_INTERVAL
 
 
+def test_a_reading_thread_applies_a_drop_while_the_listener_cannot_run() -> None:
+    """A busy process's readers hold the CPU and its listener waits to be scheduled: an L1
+    hit applies what waits on the subscription (Bus.poll), messages and the heartbeat
+    answers that keep trust. Here the listener is held inside its wait for the socket while
+    a thread reads from L1: the reading threads alone see another process's write, and
+    trust lasts meanwhile."""
+    from tests.cache_fixtures import counters
+    from tiered_cache.bus import bus
+
+    flow, busy_row = FlowFactory(current_step=1), FlowFactory()
+    assert bus.wait_trusted(5)
+    for pk in (flow.pk, busy_row.pk):
+        Flow.objects.get_cached(pk=pk)
+    redis_tier.wait_for_fills()
+    gate, held, stop = threading.Event(), threading.Event(), threading.Event()
+    real_next = bus._next
+
+    def held_next(pubsub: Any, wait: float) -> Any:
+        held.set()
+        gate.wait(10)
+        return real_next(pubsub, wait)
+
+    def busy() -> None:  # a request thread of a busy process: L1 hits, back to back
+        while not stop.is_set():
+            Flow.objects.get_cached(pk=busy_row.pk)
+            time.sleep(0.0005)
+
+    with worker() as other:
+        other.call(ct.__name__ + ".wait_trusted")
+        reader = threading.Thread(target=busy, daemon=True)
+        reader.start()
+        bus._next = held_next  # type: ignore[method-assign]
+        try:
+            assert held.wait(5), "the listener did not come back to wait for the socket"
+            before, stats = bus.messages, counters(Flow)
+            assert other.call(T + "write_one", flow.pk, "save") == 2
+            assert wait_for(lambda: bus.messages > before, 2), "no reader applied the message"
+            assert Flow.objects.get_cached(pk=flow.pk).current_step == 2
+            # Heartbeat answers read by the reading threads kept trust all along: the busy
+            # row never left L1, and the new row is served from L1 again.
+            time.sleep(3 * conf.BUS_TRUST_WINDOW)
+            assert Flow.objects.get_cached(pk=flow.pk).current_step == 2
+            after = counters(Flow)
+            assert after["misses"] - stats["misses"] == 1, (stats, after)
+            assert not gate.is_set() and bus.trusted()
+        finally:
+            stop.set()
+            del bus._next
+            gate.set()
+            reader.join(5)
+
+
 # -- a fill is refused by a write of its own row, not of any row ---------------------------
 
 
