@@ -52,6 +52,8 @@ OPS = {
     "from_db": 4000,
     "l2_pk": 100,
     "redis_get": 100,
+    "floor_script": 100,
+    "floor_l2": 100,
     "miss_pk": 40,
     "orm_cold": 40,
     "floor_miss": 40,
@@ -65,6 +67,7 @@ OPS = {
     "l2_flow": 100,
     "in_bulk": 10,
     "floor_many": 10,
+    "floor_many_l1": 40,
     "many_l2": 10,
     "many_l1": 40,
     "l1_big": 20,
@@ -341,6 +344,9 @@ class Bench:
         import tiered_cache
         from tiered_cache.breaker import breaker
         from tiered_cache.conf import conf
+        from tiered_cache.keys import RowHeader, read_call
+        from tiered_cache.registry import model_cache
+        from tiered_cache.tiers.remote import fresh_token, redis_tier
 
         User, Flow, d, ring = self.User, self.Flow, self.d, self._ring
         clear = tiered_cache.clear_local
@@ -452,6 +458,30 @@ class Bench:
                 client.get(key)
             return (now() - t) / n / NS
 
+        # An L2 hit's floors: the read script alone (the round trip that checks the entry
+        # against its generation and row version), and a GET of the payload opened as any
+        # authenticated read must (no validity check at all).
+        def floor_script(n: int) -> float:
+            mc = model_cache(User.objects)
+            g = mc.home
+            calls = [
+                read_call(g, mc.key(mc.pk_lookup, (pk,)), "", 0, fresh_token(), "") for pk in hot
+            ]
+            seq = ring(calls, n)
+            t = now()
+            for call in seq:
+                redis_tier.scripts([call])
+            return (now() - t) / n / NS
+
+        def floor_l2(n: int) -> float:
+            mc = model_cache(User.objects)
+            keys = ring([mc.key(mc.pk_lookup, (pk,)) for pk in hot], n)
+            client = redis_tier.client
+            t = now()
+            for key in keys:
+                open_rows(mc, [key], [client.get(key)])
+            return (now() - t) / n / NS
+
         # Misses: rows never read before, so neither tier has them.
         # Its baseline: the ORM get of rows never read either (a row read for the first time
         # may not be in the database's buffers; the hot rows of orm_pk are).
@@ -487,17 +517,33 @@ class Bench:
                 total += now() - t
             return total / n / NS
 
-        # get_many_cached from L2: one MGET of the 100 stored payloads.
-        def floor_many(n: int) -> float:
-            from tiered_cache.registry import model_cache
-            from tiered_cache.tiers.remote import redis_tier
+        # What any authenticated read of a stored row must do after its round trip: check
+        # the MAC, unpickle, build the caller's instance (thaw: from_db without __init__).
+        def open_rows(mc: Any, keys: list[str], raws: list[bytes]) -> None:
+            from tiered_cache.serialization import loads_verified, open_signed
 
+            thaw = mc.codec.thaw
+            for key, raw in zip(keys, raws, strict=True):
+                _, body = open_signed(key, raw, RowHeader)
+                thaw(loads_verified(body), "default")
+
+        # get_many_cached from L2: one MGET of the 100 stored payloads, then each opened.
+        def floor_many(n: int) -> float:
             mc = model_cache(User.objects)
             keys = [mc.key(mc.pk_lookup, (pk,)) for pk in d.many]
             client = redis_tier.client
             t = now()
             for _ in range(n):
-                client.mget(keys)
+                open_rows(mc, keys, client.mget(keys))
+            return (now() - t) / n / NS
+
+        # get_many_cached from L1: the 100 instances built the cheapest way Django has.
+        def floor_many_l1(n: int) -> float:
+            rows = [d.hot_values[i % len(d.hot_values)] for i in range(100)]
+            t = now()
+            for _ in range(n):
+                for values in rows:
+                    User.from_db("default", None, values)
             return (now() - t) / n / NS
 
         def in_bulk(n: int) -> float:
@@ -602,6 +648,8 @@ class Bench:
             Case("from_db", "Model.from_db, same rows", from_db),
             Case("l2_pk", "get_cached(pk) L2 hit", l2(pk_get, hot), p_hot, (User, "l2_hits", 1)),
             Case("redis_get", "  Redis GET of the same payload (redis-py)", redis_get, p_hot),
+            Case("floor_script", "  floor: the read script alone", floor_script, p_hot),
+            Case("floor_l2", "  floor: that GET, then MAC, unpickle, instance", floor_l2, p_hot),
             Case("orm_cold", "ORM get(pk) of a row never read", orm_cold),
             Case("floor_miss", "  floor: a Redis GET, then that ORM get", floor_miss),
             Case("miss_pk", "get_cached(pk) miss", miss_pk, None, (User, "misses", 1)),
@@ -644,7 +692,13 @@ class Bench:
                 (Flow, "l2_hits", 1),
             ),
             Case("in_bulk", "ORM in_bulk(100 pks)", in_bulk),
-            Case("floor_many", "  floor: one MGET of the 100 payloads", floor_many, p_many),
+            Case(
+                "floor_many",
+                "  floor: one MGET of the 100, then MAC, unpickle, instance",
+                floor_many,
+                p_many,
+            ),
+            Case("floor_many_l1", "  floor: Model.from_db of 100 rows", floor_many_l1),
             Case(
                 "many_l2", "get_many_cached(100) warm L2", many_l2, p_many, (User, "l2_hits", 100)
             ),
@@ -906,6 +960,8 @@ def build_rows(
     at_most("l2_pk", "redis_get", 1.3, "  same L2 hit, vs a Redis GET")
     rows[-1]["id"] = "l2_pk_vs_get"
     row(by["redis_get"], by["redis_get"].label)
+    floor("floor_script", "redis_get", "l2_pk")
+    floor("floor_l2", "redis_get", "l2_pk")
     at_most("miss_pk", "orm_pk", 1.2)
     at_most("miss_pk", "orm_cold", 1.2, "  same miss, vs the ORM get of a row never read")
     rows[-1]["id"] = "miss_vs_cold"
@@ -923,6 +979,7 @@ def build_rows(
     faster("many_l2", "in_bulk", 5)
     faster("many_l1", "in_bulk", 30)
     floor("floor_many", "in_bulk", "many_l2")
+    floor("floor_many_l1", "in_bulk", "many_l1")
     at_most("l1_big", "copy_big", 1.2)
     row(by["copy_big"], by["copy_big"].label)
     row(by["save_plain"], by["save_plain"].label)

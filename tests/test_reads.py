@@ -3,6 +3,7 @@ get_many_cached, the L1 bound, and the errors for wrong input."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -195,6 +196,40 @@ def test_get_many_cached_one_round_trip_one_query(django_assert_num_queries: Any
     assert set(got) == set(pks)
     with django_assert_num_queries(0):
         assert set(User.objects.get_many_cached(pks)) == set(pks)
+
+
+def test_a_warm_get_many_cached_reads_l2_with_one_mget_and_checks_the_rest_in_lua(
+    monkeypatch: Any,
+) -> None:
+    """Warm, get_many_cached reads every entry with what decides its validity in one MGET
+    (row_header.lua's valid(), in Python); only entries found invalid or missing go to
+    READ_MANY, which takes their leases. A row written since is not served from L2."""
+    users = UserFactory.create_batch(4)
+    pks = [u.pk for u in users]
+    User.objects.get_many_cached(pks)
+    redis_tier.wait_for_fills()
+    sent: list[list[str]] = []
+    real = redis_tier.scripts
+
+    def spy(calls: Any, *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is threading.main_thread():  # not fills, not stats
+            sent.append([getattr(c, "name", None) or c.script.name for c in calls])
+        return real(calls, *args, **kwargs)
+
+    monkeypatch.setattr(redis_tier, "scripts", spy)
+    tiered_cache.clear_local()
+    assert set(User.objects.get_many_cached(pks)) == set(pks)
+    assert sent == [["MGET"]]
+    assert counters(User)["l2_hits"] == 4
+
+    User.objects.filter(pk=pks[0]).update(email="new@example.com")
+    tiered_cache.clear_local()
+    sent.clear()
+    got = User.objects.get_many_cached(pks)
+    assert got[pks[0]].email == "new@example.com"
+    assert all(got[pk].email == u.email for pk, u in zip(pks[1:], users[1:], strict=True))
+    assert sent[:2] == [["MGET"], ["READ_MANY"]]
+    assert counters(User)["misses"] == 5  # 4 on the first read, then the written row
 
 
 def test_l1_holds_at_most_l1_max_entries(settings: Any) -> None:

@@ -35,6 +35,7 @@ from .conf import conf
 __all__ = [
     "FORMAT_VERSION",
     "TREND_FIELDS",
+    "Command",
     "DerivedDrop",
     "DerivedHeader",
     "DerivedRead",
@@ -62,9 +63,11 @@ __all__ = [
     "lease_key",
     "lock_key",
     "lookup_key",
+    "lookup_keys",
     "ops_key",
     "parse_message",
     "parse_trend",
+    "peek_many_call",
     "pk_row_id",
     "row_header",
     "row_id",
@@ -72,6 +75,7 @@ __all__ = [
     "shard_count",
     "split_header",
     "trend_call",
+    "valid_entries",
 ]
 
 # Bumped whenever the payload layout changes, so old payloads are never decoded.
@@ -340,6 +344,19 @@ def lookup_key(g: Group, schema: str, key_prefix: str, alias_part: str, values: 
     return g.shard_for(suffix).tag + suffix
 
 
+def lookup_keys(
+    g: Group, schema: str, key_prefix: str, alias_part: str, pks: list[Any]
+) -> list[str]:
+    """lookup_key() of each one-value lookup (get_many_cached's pks), the shared part once."""
+    mid = f":{schema}:{key_prefix}{alias_part}:"
+    shard_for = g.shard_for
+    out = []
+    for pk in pks:
+        suffix = mid + encode_values((pk,))
+        out.append(shard_for(suffix).tag + suffix)
+    return out
+
+
 def lease_key(key: str) -> str:
     """The lease of an entry, in its hash slot; cleanup leaves keys of this form alone."""
     return key + "|L"
@@ -545,6 +562,19 @@ class ScriptCall(NamedTuple):
     keys: Sequence[str]
     args: Sequence[Any]
 
+    def command(self) -> tuple[Any, ...]:
+        return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
+
+
+class Command(NamedTuple):
+    """A plain command on keys of one slot, sent beside the scripts (RedisTier.scripts)."""
+
+    name: str
+    keys: Sequence[str]
+
+    def command(self) -> tuple[Any, ...]:
+        return (self.name, *self.keys)
+
 
 # READ codes: a valid hit; no lease asked; lease granted; someone else fills.
 HIT, NO_LEASE, LEASE, BUSY = 1, 0, 2, 3
@@ -596,6 +626,38 @@ def read_many_call(
         [s.gen_key, s.writes_key, *keys],
         [lease_ms, fresh, s.row_prefix, *leases, *rids],
     )
+
+
+def peek_many_call(s: Shard, keys: Sequence[str], rids: Sequence[str]) -> Command:
+    """One MGET of a shard's generation and write count, entries (pk keys) and their rows'
+    versions: all that row_header.lua's valid() reads, read at once (valid_entries)."""
+    return Command("MGET", [s.gen_key, s.writes_key, *keys, *(s.row_prefix + r for r in rids)])
+
+
+def valid_entries(reply: Sequence[Any], rids: Sequence[str]) -> list[bytes | None]:
+    """Per key of peek_many_call, its value if valid as row_header.lua's valid() judges it
+    (the same generation, and the row's version or, for "no such row", the write count it
+    was stored under), else None: a miss to ask READ_MANY about, which also makes missing
+    counters and clears junk (a junk counter here matches no entry)."""
+    gen, writes = reply[0], reply[1]
+    n = len(rids)
+    out: list[bytes | None] = [None] * n
+    if not isinstance(gen, bytes) or not isinstance(writes, bytes):
+        return out
+    for i in range(n):
+        v = reply[2 + i]
+        if not isinstance(v, bytes):
+            continue
+        head = split_header(v, 4)
+        if head is None or head[0][1] != gen:
+            continue
+        kind, _, rid, ver = head[0]
+        if kind == ROW:
+            if rid == rids[i].encode() and reply[2 + n + i] == ver:
+                out[i] = v
+        elif kind == NO_ROW and ver == writes:
+            out[i] = v
+    return out
 
 
 class ReadMany(NamedTuple):

@@ -33,7 +33,7 @@ from ..breaker import breaker
 from ..cluster import cluster_settings
 from ..conf import conf
 from ..counters import Latency
-from ..keys import ScriptCall, channel, cluster_mode
+from ..keys import Command, ScriptCall, channel, cluster_mode
 from ..threads import ProcessThread
 
 logger = logging.getLogger("tiered_cache")
@@ -321,14 +321,15 @@ class RedisTier:
 
     def scripts(
         self,
-        calls: Sequence[ScriptCall],
+        calls: Sequence[ScriptCall | Command],
         force: bool = False,
         acks: int = 0,
         publish: Sequence[str] = (),
     ) -> list[Any]:
-        """Run scripts (each atomic on its own) through the breaker, in one round trip on
-        this thread's connection (on a cluster, one per node, all sent before any reply is
-        read). Raises Unavailable on any failure (the connections are then dropped).
+        """Run scripts (each atomic on its own; a Command is one plain command) through the
+        breaker, in one round trip on this thread's connection (on a cluster, one per node,
+        all sent before any reply is read). Raises Unavailable on any failure (the
+        connections are then dropped).
         force=True tries even while the breaker is open (the bus listener delivering the
         outbox right after Redis answered its heartbeat); the outcome still counts.
         publish: bus messages sent once every script has run. acks: the replicas that must
@@ -365,7 +366,7 @@ class RedisTier:
                 pass
 
     def _run(
-        self, calls: Sequence[ScriptCall], acks: int, publish: Sequence[str]
+        self, calls: Sequence[ScriptCall | Command], acks: int, publish: Sequence[str]
     ) -> tuple[list[Any], int]:
         cluster = self.cluster
         if cluster:
@@ -389,8 +390,10 @@ class RedisTier:
                 # Redis restarted or its script cache was flushed: load and run again (the
                 # messages go out again after them: a second drop of an entry is harmless).
                 for i in todo:
-                    conn = self._conn(self._node_of(calls[i]))
-                    conn.send_command("SCRIPT", "LOAD", calls[i].script.source)
+                    call = calls[i]
+                    assert isinstance(call, ScriptCall)  # only a script answers NOSCRIPT
+                    conn = self._conn(self._node_of(call))
+                    conn.send_command("SCRIPT", "LOAD", call.script.source)
                     conn.read_response()
             for r in out:
                 if isinstance(r, ResponseError):
@@ -434,12 +437,16 @@ class RedisTier:
             # Not a failure of Redis (no breaker count, no new refresh of the map).
             raise TopologyChanged("the cluster's masters changed (a failover)")
 
-    def _node_of(self, call: ScriptCall) -> Any:
+    def _node_of(self, call: ScriptCall | Command) -> Any:
         client: Any = self.client
         return client.get_node_from_key(call.keys[0]) if self.cluster else None
 
     def _round(
-        self, calls: Sequence[ScriptCall], todo: list[int], acks: int, extra: list[tuple[Any, ...]]
+        self,
+        calls: Sequence[ScriptCall | Command],
+        todo: list[int],
+        acks: int,
+        extra: list[tuple[Any, ...]],
     ) -> list[tuple[str, list[int], list[Any], int]]:
         """Send the calls `todo` names, grouped by server, then read every reply: (server,
         indexes, replies, replicas that acknowledged) per server."""
@@ -449,10 +456,7 @@ class RedisTier:
             groups.setdefault("" if node is None else node.name, (node, []))[1].append(i)
         sent = []
         for name, (node, idx) in groups.items():
-            commands: list[tuple[Any, ...]] = [
-                ("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args)
-                for c in (calls[i] for i in idx)
-            ]
+            commands: list[tuple[Any, ...]] = [calls[i].command() for i in idx]
             commands.extend(extra)
             if acks:
                 # WAIT covers every write this connection made before it: the scripts above.
