@@ -50,6 +50,7 @@ OPS = {
     "orm_pk": 40,
     "l1_pk": 4000,
     "from_db": 4000,
+    "floor_l1": 4000,
     "l2_pk": 100,
     "redis_get": 100,
     "floor_script": 100,
@@ -391,6 +392,19 @@ class Bench:
                 User.from_db("default", None, values)
             return (now() - t) / n / NS
 
+        # An L1 hit's floor: the entry taken from L1 (under its lock, as the LRU order moves)
+        # and the caller's own instance built from it, nothing else.
+        def floor_l1(n: int) -> float:
+            from tiered_cache.tiers.local import local_tier
+
+            mc = model_cache(User.objects)
+            keys = ring([(mc.pk_lookup.key_prefix, "default", "", pk) for pk in hot], n)
+            get, thaw = local_tier.get, mc.codec.thaw
+            t = now()
+            for key in keys:
+                thaw(get(key), "default")
+            return (now() - t) / n / NS
+
         # L1 hits: the rows were read once by the case's prepare step (untimed).
         def l1_pk(n: int) -> float:
             seq = ring(hot, n)
@@ -646,6 +660,7 @@ class Bench:
             Case("orm_pk", "ORM get(pk)", orm_pk),
             Case("l1_pk", "get_cached(pk) L1 hit", l1_pk, p_hot, (User, "l1_hits", 1)),
             Case("from_db", "Model.from_db, same rows", from_db),
+            Case("floor_l1", "  floor: L1's entry and a new instance", floor_l1, p_hot),
             Case("l2_pk", "get_cached(pk) L2 hit", l2(pk_get, hot), p_hot, (User, "l2_hits", 1)),
             Case("redis_get", "  Redis GET of the same payload (redis-py)", redis_get, p_hot),
             Case("floor_script", "  floor: the read script alone", floor_script, p_hot),
@@ -956,6 +971,7 @@ def build_rows(
     at_most("l1_pk", "from_db", 1.5, "  same L1 hit, vs from_db")
     rows[-1]["id"] = "l1_pk_vs_from_db"
     row(by["from_db"], by["from_db"].label)
+    floor("floor_l1", "from_db", "l1_pk")
     faster("l2_pk", "orm_pk", 4)
     at_most("l2_pk", "redis_get", 1.3, "  same L2 hit, vs a Redis GET")
     rows[-1]["id"] = "l2_pk_vs_get"
