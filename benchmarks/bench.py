@@ -459,17 +459,17 @@ class Bench:
 
             return sample
 
+        def hot_keys(n: int) -> list[str]:
+            """The L2 keys of n hot rows, in turn."""
+            mc = model_cache(User.objects)
+            return ring([mc.key(mc.pk_lookup, (pk,)) for pk in hot], n)
+
         # The floor of an L2 hit: a plain redis-py GET of the same stored payload.
         def redis_get(n: int) -> float:
-            from tiered_cache.registry import model_cache
-            from tiered_cache.tiers.remote import redis_tier
-
-            mc = model_cache(User.objects)
-            keys = ring([mc.key(mc.pk_lookup, (pk,)) for pk in hot], n)
-            client = redis_tier.client
+            keys, get = hot_keys(n), redis_tier.client.get
             t = now()
             for key in keys:
-                client.get(key)
+                get(key)
             return (now() - t) / n / NS
 
         # An L2 hit's floors: the read script alone (the round trip that checks the entry
@@ -478,22 +478,18 @@ class Bench:
         def floor_script(n: int) -> float:
             mc = model_cache(User.objects)
             g = mc.home
-            calls = [
-                read_call(g, mc.key(mc.pk_lookup, (pk,)), "", 0, fresh_token(), "") for pk in hot
-            ]
-            seq = ring(calls, n)
+            fresh = fresh_token()
+            seq = [read_call(g, key, "", 0, fresh, "") for key in hot_keys(n)]
             t = now()
             for call in seq:
                 redis_tier.scripts([call])
             return (now() - t) / n / NS
 
         def floor_l2(n: int) -> float:
-            mc = model_cache(User.objects)
-            keys = ring([mc.key(mc.pk_lookup, (pk,)) for pk in hot], n)
-            client = redis_tier.client
+            mc, keys, get = model_cache(User.objects), hot_keys(n), redis_tier.client.get
             t = now()
             for key in keys:
-                open_rows(mc, [key], [client.get(key)])
+                open_rows(mc, [key], [get(key)])
             return (now() - t) / n / NS
 
         # Misses: rows never read before, so neither tier has them.
