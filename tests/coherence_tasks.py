@@ -73,6 +73,30 @@ def wait_trusted(timeout: float = 10.0) -> bool:
     return bus.wait_trusted(timeout)
 
 
+def hold_descriptors_past_1024() -> int:
+    """Open descriptors until the next one is past select()'s limit, as a busy server
+    process holds them (kept open for the worker's life): the bus's socket, made on the
+    first read after this, lands there. The new highest descriptor."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    fd = os.open(os.devnull, os.O_RDONLY)
+    while fd <= 1100:
+        _held.append(fd)
+        fd = os.open(os.devnull, os.O_RDONLY)
+    _held.append(fd)
+    return fd
+
+
+_held: list[int] = []
+
+
+def bus_fd() -> int:
+    return int(bus._pubsub.connection._sock.fileno())
+
+
 def stats() -> dict[str, Any]:
     redis_tier.wait_for_fills()
     return tiered_cache.stats().get(MODEL, {})

@@ -417,6 +417,25 @@ def test_a_reading_thread_applies_a_drop_while_the_listener_cannot_run() -> None
             reader.join(5)
 
 
+def test_the_bus_works_with_its_socket_past_descriptor_1024() -> None:
+    """A busy server process holds many descriptors; select() refuses any past 1024. The
+    listener waits for its socket with poll(): trust, L1 hits and drops as anywhere."""
+    flow = FlowFactory(current_step=1)
+    with worker() as other:
+        assert other.call(T + "hold_descriptors_past_1024") > 1024
+        assert other.call(T + "read", flow.pk)[0] == 1
+        assert other.call(T + "wait_trusted")
+        assert other.call(T + "bus_fd") > 1024
+        assert other.call(T + "read", flow.pk)[0] == 1  # trusted now: kept in L1
+        before = other.call(T + "stats")
+        assert other.call(T + "read", flow.pk)[0] == 1
+        assert other.call(T + "stats")["l1_hits"] == before["l1_hits"] + 1
+        msgs = other.call(T + "bus_info")["messages"]
+        bump(flow.pk)
+        assert wait_for(lambda: other.call(T + "bus_info")["messages"] > msgs, 5)
+        assert other.call(T + "read", flow.pk)[0] == 2
+
+
 # -- a fill is refused by a write of its own row, not of any row ---------------------------
 
 

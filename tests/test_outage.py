@@ -49,7 +49,12 @@ def queries(fn: Any) -> tuple[Any, int]:
 
 
 def kill(env: RedisEnv) -> float:
-    """Kill Redis; returns the last moment the bus vouched for L1, once trust ended."""
+    """Kill Redis right after a fresh heartbeat; returns the last moment the bus vouched
+    for L1, once trust ended. Fresh: heartbeats follow reads, and none came while the
+    test's worker was spawned (over a second on a loaded machine), which the bounds the
+    tests check would otherwise count."""
+    seen = bus.vouched_at
+    assert wait_for(lambda: bus.trusted() and bus.vouched_at > seen, 5), "no heartbeat"
     vouched = bus.vouched_at
     env.server.kill()
     assert wait_for(lambda: not bus.trusted(), 5), "trust outlived a killed Redis"

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import select
+import socket
 import sys
 import threading
 import time
@@ -163,11 +164,12 @@ class Bus:
         # thread in poll(). The listener waits for the socket without it.
         self._read_lock = threading.Lock()
         # What a reader thread read and left to the listener (heartbeats, subscription
-        # changes), in the order read; the wake pipe tells the listener.
+        # changes), in the order read; a byte on the wake-up socket tells the listener.
         self._handed: deque[dict[str, Any]] = deque()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        # A socket pair, not a pipe: select() takes sockets only on Windows.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
 
     def poll(self, now: float) -> None:
         """From a reader thread (an L1 hit, at most once per _POLL_EVERY): apply the bus
@@ -210,8 +212,8 @@ class Bus:
 
     def _wake_listener(self) -> None:
         try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:  # the pipe is full: the listener has wake-ups waiting
+            self._wake_w.send(b"x")
+        except OSError:  # full (the listener has wake-ups waiting), or closed at exit
             pass
 
     def _next(self, pubsub: Any, wait: float) -> dict[str, Any] | None:
@@ -226,10 +228,18 @@ class Bus:
         if msg is not None:
             return msg
         # Nothing complete is buffered now (get_message drains the parser first), so the
-        # socket turns readable for anything new.
-        select.select([pubsub.connection._sock, self._wake_r], [], [], wait)
+        # socket turns readable for anything new. poll(), not select(): a busy server's
+        # process may hold descriptors past select()'s limit of 1024.
+        sock = pubsub.connection._sock
+        if hasattr(select, "poll"):
+            waiting = select.poll()
+            waiting.register(sock, select.POLLIN)
+            waiting.register(self._wake_r, select.POLLIN)
+            waiting.poll(wait * 1000)
+        else:  # Windows
+            select.select([sock, self._wake_r], [], [], wait)
         try:
-            os.read(self._wake_r, 4096)
+            self._wake_r.recv(4096)
         except BlockingIOError:
             pass
         if handed:
@@ -324,8 +334,8 @@ class Bus:
         self._first = threading.Event()
         self._wake = threading.Event()
         self.poll_at = 0.0
-        os.close(self._wake_r)  # the parent's pipe: the child has one of its own
-        os.close(self._wake_w)
+        self._wake_r.close()  # the parent's pair: the child makes one of its own
+        self._wake_w.close()
         self._new_reader_state()
 
     # -- the listener ----------------------------------------------------------
