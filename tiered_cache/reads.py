@@ -161,10 +161,7 @@ def _raw(v: Any) -> bytes:
 def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> Any:
     db = manager.db
     g = manager.cache_group(mc, db)
-    if lk.unique and not mc.custom_queryset:  # the common case, without a call
-        why, scope = bypass(db, g.alias, g.id), ""
-    else:
-        why, scope = _read_scope(manager, mc, lk, db, g)
+    why, scope = _read_scope(manager, mc, lk, db, g)
     if why is not None:
         mc.counters.bypassed += 1
         if recording.active:
@@ -764,10 +761,7 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
     lk = mc.pk_lookup
     db = manager.db
     g = manager.cache_group(mc, db)
-    if lk.unique and not mc.custom_queryset:  # the common case, without a call
-        why, scope = bypass(db, g.alias, g.id), ""
-    else:
-        why, scope = _read_scope(manager, mc, lk, db, g)
+    why, scope = _read_scope(manager, mc, lk, db, g)
     if why is not None:  # e.g. inside a transaction that wrote the model: nothing to store
         return {"stored": 0, "refused": 0}
     last_pk = None
