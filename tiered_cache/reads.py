@@ -28,6 +28,7 @@ from .keys import (
     ReadMany,
     RowHeader,
     ScriptCall,
+    Shard,
     fill_call,
     lookup_keys,
     peek_many_call,
@@ -598,7 +599,7 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     rids = [mc.row_id_of(pk) for pk in todo]
     if trusted:
         try:
-            results, heads, leases = _read_many_peeked(g, keys, rids, source is not False)
+            results, heads, leases = _read_many(g, keys, rids, source is not False)
             if time.monotonic() >= bus.trusted_until:  # as in _load
                 results = []
         except Unavailable as exc:
@@ -681,62 +682,52 @@ def _by_shard(g: Group, keys: list[str]) -> dict[str, list[int]]:
     return by_shard
 
 
-def _read_many_peeked(
+def _read_many(
     g: Group, keys: list[str], rids: list[str], lease: bool
 ) -> tuple[list[Any], list[tuple[Any, Any, Any]], list[str]]:
-    """_read_many(), after one MGET per shard of everything that decides whether the
-    entries are valid (keys.peek_many_call): READ_MANY then runs for the keys without a
-    valid entry only, with a lease token each if `lease`. A warm get_many_cached makes one
-    round trip of plain reads, where READ_MANY's checks of a hundred entries in Lua cost
-    twice the round trip itself. Returns the results, heads and lease tokens."""
-    by_shard = _by_shard(g, keys)
-    calls = [
-        peek_many_call(g.shard_of(keys[idx[0]]), [keys[i] for i in idx], [rids[i] for i in idx])
-        for idx in by_shard.values()
-    ]
+    """Per key its L2 reply (a value, or LEASE / BUSY), the generation and write counter of
+    its shard and the row's version (see read_call), which its fill must find unchanged,
+    and its lease token ("" unless `lease`).
+
+    First one MGET per shard of everything that decides whether the entries are valid
+    (keys.peek_many_call), checked here; READ_MANY then runs, one script per shard, for
+    the keys without a valid entry only. A warm get_many_cached so makes one round trip of
+    plain reads, where READ_MANY's checks of a hundred entries in Lua cost twice the round
+    trip itself."""
+    shards = [(g.shard_of(keys[idx[0]]), idx) for idx in _by_shard(g, keys).values()]
     results: list[Any] = [None] * len(keys)
     heads: list[tuple[Any, Any, Any]] = [(None, None, None)] * len(keys)
     leases = [""] * len(keys)
-    rest: list[int] = []
-    for idx, reply in zip(by_shard.values(), redis_tier.scripts(calls), strict=True):
+    peeks = [peek_many_call(s, [keys[i] for i in idx], [rids[i] for i in idx]) for s, idx in shards]
+    rest: list[tuple[Shard, list[int]]] = []
+    for (s, idx), reply in zip(shards, redis_tier.scripts(peeks), strict=True):
+        invalid = []
         for i, value in zip(idx, valid_entries(reply, [rids[i] for i in idx]), strict=True):
             if value is None:
-                rest.append(i)
+                invalid.append(i)
             else:
                 results[i] = value
-    if rest:
-        for i in rest:
-            leases[i] = fresh_token() if lease else ""
-        got, got_heads = _read_many(
-            g, [keys[i] for i in rest], [leases[i] for i in rest], [rids[i] for i in rest]
-        )
-        for j, i in enumerate(rest):
-            results[i], heads[i] = got[j], got_heads[j]
-    return results, heads, leases
+        if invalid:
+            rest.append((s, invalid))
+    if not rest:
+        return results, heads, leases
 
-
-def _read_many(
-    g: Group, keys: list[str], leases: list[str], rids: list[str]
-) -> tuple[list[Any], list[tuple[Any, Any, Any]]]:
-    """READ_MANY the keys, one script per shard, in one round trip (per node): per key the
-    reply (a value, or LEASE / BUSY), and the generation and write counter of its shard and
-    the row's version (see read_call), which its fill must find unchanged."""
-    by_shard = _by_shard(g, keys)
     lease_ms, fresh = int(conf.LEASE_TIMEOUT * 1000), fresh_token()
+    for _, idx in rest:
+        for i in idx:
+            leases[i] = fresh_token() if lease else ""
     calls = [
         read_many_call(
-            g.shard_of(keys[idx[0]]),
+            s,
             [keys[i] for i in idx],
             [leases[i] for i in idx],
             lease_ms,
             fresh,
             [rids[i] for i in idx],
         )
-        for idx in by_shard.values()
+        for s, idx in rest
     ]
-    results: list[Any] = [None] * len(keys)
-    heads: list[tuple[Any, Any, Any]] = [(None, None, None)] * len(keys)
-    for idx, reply in zip(by_shard.values(), redis_tier.scripts(calls), strict=True):
+    for (_, idx), reply in zip(rest, redis_tier.scripts(calls), strict=True):
         many = ReadMany.of(reply)
         for i, entry in zip(idx, many.entries, strict=True):
             if isinstance(entry, list):  # a miss: [LEASE or BUSY, the row's version]
@@ -745,7 +736,7 @@ def _read_many(
             else:
                 results[i] = entry
                 heads[i] = (many.gen, many.writes, None)
-    return results, heads
+    return results, heads, leases
 
 
 # -- warmup -------------------------------------------------------------------------
