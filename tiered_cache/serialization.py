@@ -218,9 +218,7 @@ class RowCodec:
             and len(payload[1]) == len(self.mut_names)
         )
 
-    def _may_skip_init(self) -> bool:
-        if not self._plain:
-            return False
+    def _no_init_receivers(self) -> bool:
         cls = self.model
         for signal in (pre_init, post_init):
             if signal.receivers and signal.sender_receivers_cache.get(cls) is not NO_RECEIVERS:
@@ -229,7 +227,10 @@ class RowCodec:
 
     def thaw(self, frozen: tuple[Any, ...], db: str) -> models.Model:
         imm, mut, _ = frozen
-        if self._may_skip_init():
+        # Most projects connect nothing to the init signals: known here without a call.
+        if self._plain and (
+            not (pre_init.receivers or post_init.receivers) or self._no_init_receivers()
+        ):
             new = self.model.__new__(self.model)
             state = ModelState()
             state.adding = False
