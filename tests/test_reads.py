@@ -4,24 +4,28 @@ get_many_cached, the L1 bound, and the errors for wrong input."""
 from __future__ import annotations
 
 import threading
+import uuid
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.db.models.sql import compiler
+from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 import tiered_cache
 from tests.cache_fixtures import counters, l1_len, l2_keys, write_outside_django
 from tests.testapp.factories import (
+    AccountFactory,
     FlowFactory,
     GlobalModelFactory,
     ProviderModelFactory,
     UserFactory,
 )
-from tests.testapp.models import Flow, GlobalModel, ProviderModel, User
-from tiered_cache import UndeclaredLookup
+from tests.testapp.models import Account, Flow, GlobalModel, ProviderModel, User
+from tiered_cache import UndeclaredLookup, reads, signals
+from tiered_cache.registry import model_cache
 from tiered_cache.tiers import local_tier, redis_tier
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -50,6 +54,98 @@ def test_l1_hit_runs_no_query_and_builds_no_queryset(monkeypatch: Any) -> None:
         assert User.objects.get_cached(pk=user.pk).pk == user.pk
     assert len(queries) == 0
     assert built == []
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_the_one_function_l1_hit_leaves_every_other_case_to_the_general_read() -> None:
+    """reads.hit() serves a plain one-field L1 hit; every case it does not settle itself
+    goes to reads.get(), which answers as the ORM does although the row sits in L1."""
+    mine, other = AccountFactory(balance=50), AccountFactory()
+    objects, rich = Account.objects, Account.rich
+    assert objects.get_cached(pk=mine.pk) == mine  # now in L1
+    hits = model_cache(objects).counters
+    before = hits.l1_hits
+    assert reads.hit(objects, {"pk": mine.pk}) == mine
+    assert reads.hit(objects, {"email": mine.email}) is None  # not read yet: a miss
+    assert objects.get_cached(email=mine.email) == mine
+    assert reads.hit(objects, {"email": mine.email}) == mine
+    assert hits.l1_hits == before + 2
+
+    # Several fields: in an order get() has resolved before, with values the ORM takes as
+    # given. A value it converts (a str field given a UUID) goes to get().
+    flow = FlowFactory(session_id="0f6d8a9e-5a57-4b0b-9a4e-2d3a1c1f7e10")
+    ts = {"tenant_id": flow.tenant_id, "session_id": flow.session_id}
+    st = {"session_id": flow.session_id, "tenant_id": flow.tenant_id}
+    assert Flow.objects.get_cached(**ts) == flow
+    assert reads.hit(Flow.objects, ts) == flow
+    assert reads.hit(Flow.objects, st) is None  # an order not resolved yet
+    assert Flow.objects.get_cached(**st) == flow
+    assert reads.hit(Flow.objects, st) == flow
+    as_uuid = {**ts, "session_id": uuid.UUID(flow.session_id)}
+    assert reads.hit(Flow.objects, as_uuid) is None
+    assert Flow.objects.get_cached(**as_uuid) == flow
+
+    # A related manager filters on its instance: the other tenant has no such account.
+    related = other.tenant.accounts
+    assert reads.hit(related, {"pk": mine.pk}) is None
+    with pytest.raises(Account.DoesNotExist):
+        related.get_cached(pk=mine.pk)
+    # db_manager() reads another database, where the row does not exist.
+    elsewhere = objects.db_manager("other")
+    assert reads.hit(elsewhere, {"pk": mine.pk}) is None
+    with pytest.raises(Account.DoesNotExist):
+        elsewhere.get_cached(pk=mine.pk)
+    # A filtering get_queryset() leaves the poor account out.
+    assert reads.hit(rich, {"email": mine.email}) is None
+    with pytest.raises(Account.DoesNotExist):
+        rich.get_cached(email=mine.email)
+    # Values the ORM converts, or takes from an instance: the same row, through get().
+    assert reads.hit(objects, {"pk": str(mine.pk)}) is None
+    assert objects.get_cached(pk=str(mine.pk)) == mine
+    assert reads.hit(objects, {"pk": mine}) is None
+    assert objects.get_cached(pk=mine) == mine
+    # A transaction that wrote the model reads its own write.
+    with transaction.atomic():
+        Account.objects.filter(pk=mine.pk).update(balance=7)
+        assert reads.hit(objects, {"pk": mine.pk}) is None
+        assert objects.get_cached(pk=mine.pk).balance == 7
+    assert objects.get_cached(pk=mine.pk).balance == 7
+    # A remembered absence raises, counted as such.
+    with pytest.raises(Account.DoesNotExist):
+        objects.get_cached(pk=10**9)
+    negatives = hits.negative_hits
+    assert reads.hit(objects, {"pk": 10**9}) is None
+    with pytest.raises(Account.DoesNotExist):
+        objects.get_cached(pk=10**9)
+    assert hits.negative_hits == negatives + 1
+    # cache_hit receivers hear of the hit.
+    heard: list[str] = []
+
+    def receiver(sender: Any, tier: str, **kwargs: Any) -> None:
+        heard.append(tier)
+
+    signals.cache_hit.connect(receiver)
+    try:
+        assert reads.hit(objects, {"pk": mine.pk}) is None
+        assert objects.get_cached(pk=mine.pk) == mine
+    finally:
+        signals.cache_hit.disconnect(receiver)
+    assert heard == ["l1"]
+    # A router decides the database: get() asks it.
+    with override_settings(DATABASE_ROUTERS=[OtherRouter()]):
+        assert reads.hit(objects, {"pk": mine.pk}) is None
+        with pytest.raises(Account.DoesNotExist):
+            objects.get_cached(pk=mine.pk)
+
+
+class OtherRouter:
+    """Every read goes to the second database."""
+
+    def db_for_read(self, model: Any, **hints: Any) -> str:
+        return "other"
+
+    def db_for_write(self, model: Any, **hints: Any) -> str:
+        return "default"
 
 
 def test_lookup_values_normalized_like_the_orm() -> None:

@@ -46,6 +46,10 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
     def get_cached(self, **lookup: Any) -> _M:
         """The row for one declared lookup; raises DoesNotExist (and remembers it)."""
         obj: _M
+        if not recording.active:
+            obj = reads.hit(self, lookup)
+            if obj is not None:
+                return obj
         if getattr(self, "core_filters", None) is not None:
             obj = _related_get(self, lookup)
             return obj
@@ -117,8 +121,7 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
         if open_writes() == 0 and db not in snapshot_aliases() and lk.unique:
             scope = mc.scope(self)
             if scope is not None:
-                g = self.cache_group(mc, db)
-                found: _M | None = reads.peek_local(mc, g, (lk.key_prefix, db, scope, *values), db)
+                found: _M | None = reads.peek_local(mc, (lk.key_prefix, db, scope, *values), db)
                 if found is not None:
                     return found
         obj: _M = await sync_to_async(reads.get)(self, mc, lk, values)

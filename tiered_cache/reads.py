@@ -10,7 +10,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from django.core.exceptions import ObjectDoesNotExist
-from django.db import connections
+from django.db import DEFAULT_DB_ALIAS, connections, router
 
 from . import recording, signals
 from .bus import bus
@@ -37,11 +37,11 @@ from .keys import (
     row_header,
     valid_entries,
 )
-from .registry import Lookup, ModelCache
+from .registry import Lookup, ModelCache, model_cache
 from .serialization import CorruptPayload, dumps, loads_verified, open_signed, sign
 from .tiers.local import NEGATIVE, local_tier, weigh_payload
 from .tiers.remote import Unavailable, fresh_token, redis_tier
-from .transactions import bypass
+from .transactions import bypass, nothing_to_bypass
 
 logger = logging.getLogger("tiered_cache")
 
@@ -172,14 +172,14 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
     # L1 is keyed by the lookup, the database, the manager's filter and the values: no
     # string is built here.
     l1key = (lk.key_prefix, db, scope, *values)
-    found = peek_local(mc, g, l1key, db)
+    found = peek_local(mc, l1key, db)
     if found is not None:
         return found
     if not bus.trusted():
         bus.ensure_started()
         # Trust lapsed while this process was idle and came back with a heartbeat: what
         # L1 holds is vouched for again.
-        found = peek_local(mc, g, l1key, db)
+        found = peek_local(mc, l1key, db)
         if found is not None:
             return found
         if conf.OUTAGE_STALE_SECONDS and not bus.trusted():
@@ -219,16 +219,45 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
     return _deliver(mc, value, obj, db)
 
 
-def peek_local(mc: ModelCache, g: Group, key: Any, db: str) -> Any:
+def hit(manager: Any, lookup: dict[str, Any]) -> Any:
+    """get_cached() when it is the commonest read of all, an L1 hit through a model's own
+    manager, in one function; None for anything else, which get() then takes.
+
+    get() makes a dozen calls (resolve, db, cache_group, bypass, peek_local...) that
+    each settle a case this checks for and leaves to get(): a related manager, db_manager()
+    or hints, a router, a filtering get_queryset(), a value the ORM converts or a model
+    instance, a transaction that wrote or reads a snapshot, trust lapsed, a remembered
+    absence, cache_hit receivers. What is served is what peek_local() would serve, counted
+    the same way, with the heartbeat and bus poll it would make (_vouched())."""
+    if (
+        manager._db
+        or manager._hints
+        or router.routers
+        or getattr(manager, "core_filters", None) is not None
+    ):
+        return None
+    mc = model_cache(manager)
+    plain = mc.plain(lookup)
+    if plain is None or mc.custom_queryset or not nothing_to_bypass(DEFAULT_DB_ALIAS):
+        return None
+    now = time.monotonic()
+    if not _vouched(now):
+        return None
+    lk, values = plain
+    v = local_tier.get((lk.key_prefix, DEFAULT_DB_ALIAS, "", *values), now)
+    if v is None or v is NEGATIVE or signals.cache_hit.receivers:
+        return None
+    mc.counters.l1_hits += 1
+    hot.touch(mc.label, v[2])
+    return mc.codec.thaw(v, DEFAULT_DB_ALIAS)
+
+
+def peek_local(mc: ModelCache, key: Any, db: str) -> Any:
     """An instance from L1, None on a miss; raises DoesNotExist for a remembered absence.
     Does no I/O, so async callers use it on the event loop."""
     now = time.monotonic()
-    if now >= bus.trusted_until:
+    if not _vouched(now):
         return None
-    if now >= bus.renew_at:
-        bus.ping()  # a process that reads keeps its trust renewed
-    if now >= bus.poll_at:
-        bus.poll(now)  # a busy process's readers apply drops the listener waits to apply
     v = local_tier.get(key, now)
     if v is None:
         return None
@@ -241,6 +270,19 @@ def peek_local(mc: ModelCache, g: Group, key: Any, db: str) -> Any:
         _signal_hit(mc, "l1", key)
     hot.touch(mc.label, v[2])
     return mc.codec.thaw(v, db)
+
+
+def _vouched(now: float) -> bool:
+    """Whether the bus vouches for L1 now. A reading process renews its trust (a heartbeat
+    at most every BUS_HEARTBEAT) and, busy, applies the drops its listener waits to apply
+    (at most once a millisecond) from here."""
+    if now >= bus.trusted_until:
+        return False
+    if now >= bus.renew_at:
+        bus.ping()
+    if now >= bus.poll_at:
+        bus.poll(now)
+    return True
 
 
 def stale_local(mc: ModelCache, key: Any, db: str) -> Any:

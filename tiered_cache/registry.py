@@ -76,6 +76,10 @@ class Lookup:
     # Only a unique lookup is cached: a cached row would hide a second match, where
     # .get() raises MultipleObjectsReturned.
     unique: bool = True
+    # For a unique lookup, per field the type of a value the ORM takes as given (see
+    # _PASS_THROUGH): reads.hit() takes such values without a call. None when a field has
+    # no such type, or the lookup is not unique.
+    plain_types: tuple[type, ...] | None = None
 
     def normalize(self, kwargs: dict[str, Any], aliases: dict[str, str]) -> tuple[Any, ...]:
         by_name = {aliases[k]: v for k, v in kwargs.items()}
@@ -132,9 +136,19 @@ _PASS_THROUGH: dict[type[models.Field[Any, Any]], type] = {
 }
 
 
+def _target(f: models.Field[Any, Any]) -> models.Field[Any, Any]:
+    """The field whose values an exact lookup on f compares (a relation's to_field)."""
+    return f.target_field if f.is_relation else f  # type: ignore[attr-defined]  # as above
+
+
+def _plain_types(fields: tuple[models.Field[Any, Any], ...]) -> tuple[type, ...] | None:
+    types = tuple(_PASS_THROUGH.get(type(_target(f))) for f in fields)
+    return None if None in types else types  # type: ignore[return-value]  # no None left
+
+
 def _prep_for(f: models.Field[Any, Any]) -> Callable[[Any], Any]:
     """The conversion the ORM applies to an exact lookup's value, errors included."""
-    target = f.target_field if f.is_relation else f  # type: ignore[attr-defined]  # as above
+    target = _target(f)
     prep = target.get_prep_value
     same = _PASS_THROUGH.get(type(target))
     if same is None:
@@ -199,6 +213,7 @@ class ModelCache:
             orm_names = tuple(
                 "pk" if n == "pk" else f.attname for n, f in zip(names, fields, strict=False)
             )
+            unique = names == ("pk",) or any(u <= {f.name for f in fields} for u in uniques)
             lk = Lookup(
                 names=names,
                 fields=fields,
@@ -206,7 +221,8 @@ class ModelCache:
                 preps=tuple(_prep_for(f) for f in fields),
                 key_prefix=f"{self.key_prefix}{'+'.join(names)}:",
                 model=model,
-                unique=names == ("pk",) or any(u <= {f.name for f in fields} for u in uniques),
+                unique=unique,
+                plain_types=_plain_types(fields) if unique else None,
             )
             alias_sets = []
             for n, f in zip(names, fields, strict=False):
@@ -282,6 +298,30 @@ class ModelCache:
                 self._orders[names] = (lk, tuple(canonical.index(n) for n in lk.names))
                 return lk, values
         raise UndeclaredLookup(self.label, kwargs, self.declared)
+
+    def plain(self, kwargs: dict[str, Any]) -> tuple[Lookup, tuple[Any, ...]] | None:
+        """resolve()'s answer, when every value is of the type the ORM takes unchanged and
+        the lookup is unique (Lookup.plain_types); None otherwise, and resolve() decides.
+        Several fields are known in an order resolve() has seen before only."""
+        if len(kwargs) == 1:
+            ((name, value),) = kwargs.items()
+            lk = self.single.get(name)
+            if lk is None or lk.plain_types is None or type(value) is not lk.plain_types[0]:
+                return None
+            return lk, (value,)
+        known = self._orders.get(tuple(kwargs))
+        if known is None:
+            return None
+        lk, order = known
+        types = lk.plain_types
+        if types is None:
+            return None
+        given = tuple(kwargs.values())
+        values = tuple([given[i] for i in order])
+        for value, plain in zip(values, types, strict=True):
+            if type(value) is not plain:
+                return None
+        return lk, values
 
     def group(self, alias: str) -> Group:
         return group(alias, self.root)

@@ -300,6 +300,13 @@ def _written(dirty: dict[int, Pending], gids: list[str]) -> bool:
     return False
 
 
+def nothing_to_bypass(read_alias: str) -> bool:
+    """Whether bypass() is None for every read from read_alias now, known without looking
+    at any group: no open transaction of this thread wrote, and the alias does not read
+    from snapshots (reads.hit())."""
+    return not getattr(_local, "dirty", None) and read_alias not in snapshot_aliases()
+
+
 def bypass(read_alias: str, group_alias: str, gid: str) -> str | None:
     """Why a read must skip both tiers now, or None."""
     dirty = getattr(_local, "dirty", None)
