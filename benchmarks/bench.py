@@ -769,11 +769,20 @@ class Bench:
 def commit_to_drop(samples: int, busy_threads: int, log: Callable[[str], None]) -> dict[str, Any]:
     """benchmarks/latency.py: from the COMMIT of a write here to the drop of the row from the L1
     of a spawned process (its bus listener applying our message); `busy_threads` threads of
-    that process read from L1 meanwhile, as request threads of a busy web process do."""
-    from benchmarks.latency import format_result, measure_commit_to_drop
+    that process read from L1 meanwhile, as request threads of a busy web process do. With
+    busy threads, its floor too: a message's trip to a bare subscriber thread of such a
+    process (measure_publish_to_receive), under "floor"."""
+    from benchmarks.latency import (
+        format_result,
+        measure_commit_to_drop,
+        measure_publish_to_receive,
+    )
 
     result = measure_commit_to_drop(samples, busy_threads=busy_threads)
     log("  " + format_result(result))
+    if busy_threads:
+        result["floor"] = measure_publish_to_receive(samples, busy_threads=busy_threads)
+        log("  floor, publish to a bare subscriber: " + format_result(result["floor"]))
     return result
 
 
@@ -1031,6 +1040,16 @@ def build_rows(
             missed=res["missed"],
             still_in_l1=res["still_in_l1"],
         )
+        low = res.get("floor")
+        if low and low["p99_ms"]:
+            row(
+                None,
+                "  floor: publish to a bare subscriber thread of that process, p99",
+                measured=f"{low['p99_ms']:.2f} ms; commit-to-drop "
+                f"{res['p99_ms'] / low['p99_ms']:.2f}x it (p50 {low['p50_ms']:.2f} ms)",
+                median_us=low["p99_ms"] * 1000,
+                id=f"drop_floor_p99_busy{busy}",
+            )
     for size in (10_000, 100_000):
         m = memory.get(size)
         for source, how in (("db", "filled from DB"), ("l2", "filled from L2")):

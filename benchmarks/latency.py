@@ -86,6 +86,47 @@ def stop_busy() -> None:
     _busy_stop.set()
 
 
+# The floor: a thread of the same busy process on a plain redis-py subscription, doing
+# nothing with what it receives but note the time. Any listener of any design waits this
+# long for its message: for the OS to wake the thread and for the busy threads to hand it
+# the GIL.
+
+_received: dict[int, float] = {}
+_subscriber_stop = threading.Event()
+
+
+def start_subscriber(channel: str) -> None:
+    from tiered_cache.bus import bus
+    from tiered_cache.tiers import redis_tier
+
+    bus.wait_trusted()  # the process has switched its GIL interval, as for the bus
+    pubsub = redis_tier.client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(channel)
+    _subscriber_stop.clear()
+
+    def listen() -> None:
+        while not _subscriber_stop.is_set():
+            message = pubsub.get_message(timeout=1.0)
+            if message is not None:
+                _received[int(message["data"])] = time.monotonic()
+        pubsub.close()
+
+    threading.Thread(target=listen, daemon=True).start()
+
+
+def wait_received(i: int, timeout: float = 5.0) -> float | None:
+    deadline = time.monotonic() + timeout
+    while i not in _received:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.0005)
+    return _received[i]
+
+
+def stop_subscriber() -> None:
+    _subscriber_stop.set()
+
+
 # -- this process's side ------------------------------------------------------------------
 
 
@@ -131,6 +172,49 @@ def measure_commit_to_drop(n: int = 200, busy_threads: int = 0) -> dict[str, Any
     finally:
         Flow.objects.filter(pk=row.pk).delete()
         Provider.objects.filter(pk=provider.pk).delete()
+    return _summary(samples, n, busy_threads, missed, still_in_l1=not_dropped)
+
+
+def measure_publish_to_receive(n: int = 200, busy_threads: int = 0) -> dict[str, Any]:
+    """The floor of measure_commit_to_drop(), set up the same way: n messages published
+    here, each timed to its arrival at a bare subscriber thread of the other process
+    (start_subscriber), busy_threads of which read from L1 meanwhile."""
+    from tests.processes import worker
+    from tests.testapp.models import Provider
+    from tiered_cache.tiers import redis_tier
+
+    tag = secrets.token_hex(4)
+    channel = f"bench-floor-{tag}"
+    provider = Provider.objects.create(name=f"bench-{tag}", display_name="Bench")
+    samples: list[float] = []
+    missed = 0
+    try:
+        with worker() as other:
+            other.call("benchmarks.latency.start_subscriber", channel)
+            if busy_threads:
+                other.call("benchmarks.latency.start_busy", provider.pk, busy_threads)
+            publish = redis_tier.client.publish
+            while not publish(channel, "-1"):  # until the subscription is in place
+                time.sleep(0.01)
+            for i in range(n):
+                sent = time.monotonic()
+                publish(channel, str(i))
+                at = other.call("benchmarks.latency.wait_received", i)
+                if at is None:
+                    missed += 1
+                else:
+                    samples.append(at - sent)
+            other.call("benchmarks.latency.stop_subscriber")
+            if busy_threads:
+                other.call("benchmarks.latency.stop_busy")
+    finally:
+        Provider.objects.filter(pk=provider.pk).delete()
+    return _summary(samples, n, busy_threads, missed)
+
+
+def _summary(
+    samples: list[float], n: int, busy_threads: int, missed: int, still_in_l1: int = 0
+) -> dict[str, Any]:
     samples.sort()
     ms = [s * 1000 for s in samples]
     return {
@@ -138,7 +222,7 @@ def measure_commit_to_drop(n: int = 200, busy_threads: int = 0) -> dict[str, Any
         "busy_threads": busy_threads,
         "measured": len(ms),
         "missed": missed,
-        "still_in_l1": not_dropped,
+        "still_in_l1": still_in_l1,
         "p50_ms": round(_percentile(ms, 0.50), 3) if ms else None,
         "p90_ms": round(_percentile(ms, 0.90), 3) if ms else None,
         "p99_ms": round(_percentile(ms, 0.99), 3) if ms else None,
