@@ -24,7 +24,14 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ObjectDoesNotExist
-from django.db import IntegrityError, connection, connections, models, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    IntegrityError,
+    connection,
+    connections,
+    models,
+    transaction,
+)
 from django.db.models import Count, F, Q
 from django.db.models.deletion import ProtectedError, RestrictedError
 from hypothesis import note
@@ -164,8 +171,15 @@ def child_read(label: str, alias: str, lookup: dict[str, Any]) -> Any:
     """Runs in the spawned worker: one read through get_cached there."""
     from django.apps import apps
 
-    model = apps.get_model(label)
-    return outcome(lambda: model.objects.db_manager(alias).get_cached(**lookup))
+    return outcome(lambda: manager_for(apps.get_model(label), alias).get_cached(**lookup))
+
+
+def manager_for(model: type[models.Model], alias: str) -> Any:
+    """The model's manager reading from `alias`: the manager itself for the default alias,
+    as most code reads (and as reads.hit() serves), db_manager() for another."""
+    if alias == DEFAULT_DB_ALIAS:
+        return model.objects
+    return model.objects.db_manager(alias)
 
 
 def child_orm_read(label: str, alias: str, lookup: dict[str, Any]) -> Any:
@@ -284,7 +298,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.seen[FAMILY.get(model, model)].update(p for p in pks if p is not None)
 
     def mgr(self, model: type[models.Model]) -> Any:
-        return model.objects.db_manager(self.READ_ALIAS)
+        return manager_for(model, self.READ_ALIAS)
 
     def orm(self, model: type[models.Model]) -> Any:
         return model.objects.using(self.READ_ALIAS)
