@@ -24,7 +24,7 @@ from tests.testapp.factories import (
     UserFactory,
 )
 from tests.testapp.models import Account, Flow, GlobalModel, ProviderModel, User
-from tiered_cache import UndeclaredLookup, reads, signals
+from tiered_cache import CachedManager, UndeclaredLookup, reads, signals
 from tiered_cache.registry import model_cache
 from tiered_cache.tiers import local_tier, redis_tier
 
@@ -131,11 +131,22 @@ def test_the_one_function_l1_hit_leaves_every_other_case_to_the_general_read() -
     finally:
         signals.cache_hit.disconnect(receiver)
     assert heard == ["l1"]
+    # A manager that picks its database itself (its own db property): get() asks it.
+    picking = DatabasePickingManager(lookups=["email"])
+    picking.model, picking.name = Account, "picks_its_database"
+    assert picking.get_cached(email=mine.email) == mine
+    assert reads.hit(picking, {"email": mine.email}) is None
     # A router decides the database: get() asks it.
     with override_settings(DATABASE_ROUTERS=[OtherRouter()]):
         assert reads.hit(objects, {"pk": mine.pk}) is None
         with pytest.raises(Account.DoesNotExist):
             objects.get_cached(pk=mine.pk)
+
+
+class DatabasePickingManager(CachedManager):
+    @property
+    def db(self) -> str:
+        return "default"
 
 
 class OtherRouter:

@@ -37,7 +37,7 @@ from .keys import (
     row_header,
     valid_entries,
 )
-from .registry import Lookup, ModelCache, model_cache
+from .registry import Lookup, ModelCache, built
 from .serialization import CorruptPayload, dumps, loads_verified, open_signed, sign
 from .tiers.local import NEGATIVE, local_tier, weigh_payload
 from .tiers.remote import Unavailable, fresh_token, redis_tier
@@ -225,10 +225,14 @@ def hit(manager: Any, lookup: dict[str, Any]) -> Any:
 
     get() makes a dozen calls (resolve, db, cache_group, bypass, peek_local...) that
     each settle a case this checks for and leaves to get(): a related manager, db_manager()
-    or hints, a router, a filtering get_queryset(), a value the ORM converts or a model
-    instance, a transaction that wrote or reads a snapshot, trust lapsed, a remembered
-    absence, cache_hit receivers. What is served is what peek_local() would serve, counted
-    the same way, with the heartbeat and bus poll it would make (_vouched())."""
+    or hints, a router, a manager's own db property, a filtering get_queryset(), a value
+    the ORM converts or a model instance, a transaction that wrote or reads a snapshot,
+    trust lapsed, a remembered absence, cache_hit receivers. What is served is what
+    peek_local() would serve, counted the same way, with the heartbeat and bus poll it
+    would make (_vouched())."""
+    # Frames are most of what a hit costs beyond its floor: the common case makes none
+    # but the one to the transaction check (no call looks up the ModelCache, the lookup
+    # of one field, or the bus's deadlines).
     if (
         manager._db
         or manager._hints
@@ -236,14 +240,26 @@ def hit(manager: Any, lookup: dict[str, Any]) -> Any:
         or getattr(manager, "core_filters", None) is not None
     ):
         return None
-    mc = model_cache(manager)
-    plain = mc.plain(lookup)
-    if plain is None or mc.custom_queryset or not nothing_to_bypass(DEFAULT_DB_ALIAS):
+    mc = built.get((manager.model, manager.name))
+    if mc is None or mc.custom_queryset or mc.custom_db:
+        return None
+    if len(lookup) == 1:
+        ((name, value),) = lookup.items()
+        lk = mc.single.get(name)
+        if lk is None or lk.plain_types is None or type(value) is not lk.plain_types[0]:
+            return None
+        values: tuple[Any, ...] = (value,)
+    else:
+        plain = mc.plain_many(lookup)
+        if plain is None:
+            return None
+        lk, values = plain
+    if not nothing_to_bypass(DEFAULT_DB_ALIAS):
         return None
     now = time.monotonic()
-    if not _vouched(now):
+    due = now >= bus.renew_at or now >= bus.poll_at or now >= bus.trusted_until
+    if due and not _vouched(now):
         return None
-    lk, values = plain
     v = local_tier.get((lk.key_prefix, DEFAULT_DB_ALIAS, "", *values), now)
     if v is None or v is NEGATIVE or signals.cache_hit.receivers:
         return None

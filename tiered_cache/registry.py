@@ -192,6 +192,9 @@ class ModelCache:
         # Whether the manager overrides get_queryset(): its filter is then part of the key,
         # read at every call (see scope()).
         self.custom_queryset = False
+        # Whether it overrides the db property, which then picks the database each read is
+        # keyed by (reads.hit() leaves such reads to get(), which asks it).
+        self.custom_db = False
 
         uniques = unique_sets(model)
         declared: list[tuple[str, ...]] = [("pk",)]
@@ -299,16 +302,11 @@ class ModelCache:
                 return lk, values
         raise UndeclaredLookup(self.label, kwargs, self.declared)
 
-    def plain(self, kwargs: dict[str, Any]) -> tuple[Lookup, tuple[Any, ...]] | None:
-        """resolve()'s answer, when every value is of the type the ORM takes unchanged and
-        the lookup is unique (Lookup.plain_types); None otherwise, and resolve() decides.
-        Several fields are known in an order resolve() has seen before only."""
-        if len(kwargs) == 1:
-            ((name, value),) = kwargs.items()
-            lk = self.single.get(name)
-            if lk is None or lk.plain_types is None or type(value) is not lk.plain_types[0]:
-                return None
-            return lk, (value,)
+    def plain_many(self, kwargs: dict[str, Any]) -> tuple[Lookup, tuple[Any, ...]] | None:
+        """resolve()'s answer for several fields in an order resolve() has seen before,
+        when the lookup is unique and every value is of the type the ORM takes unchanged
+        (Lookup.plain_types); None otherwise, and resolve() decides. reads.hit() checks one
+        field itself."""
         known = self._orders.get(tuple(kwargs))
         if known is None:
             return None
@@ -353,7 +351,9 @@ class ModelCache:
         return hashlib.sha1(str(query.where).encode()).hexdigest()[:12]
 
 
-_registry: dict[tuple[type[models.Model], str], ModelCache] = {}
+# The ModelCaches built so far, by (model, manager name); read-only outside model_cache()
+# and reset_registry(). reads.hit() looks here without a call.
+built: dict[tuple[type[models.Model], str], ModelCache] = {}
 _by_root: dict[str, list[ModelCache]] = {}
 _registry_lock = threading.Lock()
 
@@ -361,10 +361,10 @@ _registry_lock = threading.Lock()
 def model_cache(manager: Any) -> ModelCache:
     """The ModelCache of a cached manager, built on first use (the model is complete then)."""
     key = (manager.model, manager.name)
-    mc = _registry.get(key)
+    mc = built.get(key)
     if mc is None:
         with _registry_lock:
-            mc = _registry.get(key)
+            mc = built.get(key)
             if mc is None:
                 mc = ModelCache(
                     manager.model,
@@ -374,15 +374,17 @@ def model_cache(manager: Any) -> ModelCache:
                     l1_timeout=manager.cache_l1_timeout,
                     negative_timeout=manager.cache_negative_timeout,
                 )
-                mc.custom_queryset = _overrides_get_queryset(manager)
-                _registry[key] = mc
+                mc.custom_queryset = _overrides(manager, "get_queryset")
+                mc.custom_db = _overrides(manager, "db")
+                built[key] = mc
                 _by_root.setdefault(mc.root, []).append(mc)
     return mc
 
 
-def _overrides_get_queryset(manager: Any) -> bool:
+def _overrides(manager: Any, attribute: str) -> bool:
+    """Whether the manager's class defines `attribute` itself, over Django's and ours."""
     for klass in type(manager).__mro__:
-        if "get_queryset" in vars(klass):
+        if attribute in vars(klass):
             return not (klass is BaseManager or klass.__module__.startswith("tiered_cache."))
     return False
 
@@ -445,7 +447,7 @@ def model_caches_of_group(g: Group) -> list[ModelCache]:
 def reset_registry() -> None:
     """Forget built ModelCaches (tests that change KEY_PREFIX or SECRET_KEY)."""
     with _registry_lock:
-        _registry.clear()
+        built.clear()
         _by_root.clear()
 
 

@@ -304,7 +304,8 @@ def nothing_to_bypass(read_alias: str) -> bool:
     """Whether bypass() is None for every read from read_alias now, known without looking
     at any group: no open transaction of this thread wrote, and the alias does not read
     from snapshots (reads.hit())."""
-    return not getattr(_local, "dirty", None) and read_alias not in snapshot_aliases()
+    snapshot = _snapshot[0] if _snapshot else snapshot_aliases()  # no call once known
+    return not getattr(_local, "dirty", None) and read_alias not in snapshot
 
 
 def bypass(read_alias: str, group_alias: str, gid: str) -> str | None:
