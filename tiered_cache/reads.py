@@ -230,9 +230,9 @@ def hit(manager: Any, lookup: dict[str, Any]) -> Any:
     trust lapsed, a remembered absence, cache_hit receivers. What is served is what
     peek_local() would serve, counted the same way, with the heartbeat and bus poll it
     would make (_vouched())."""
-    # Frames are most of what a hit costs beyond its floor: the common case makes none
-    # but the one to the transaction check (no call looks up the ModelCache, the lookup
-    # of one field, or the bus's deadlines).
+    # Calls are most of what a hit costs beyond its floor: the common case makes only the
+    # transaction check's and the hot-row sample's besides L1's and the instance's (the
+    # ModelCache, the lookup of one field and the bus's deadlines are read in place).
     if (
         manager._db
         or manager._hints
