@@ -190,6 +190,18 @@ def test_foreign_key_lookup_by_instance_or_id_shares_one_entry() -> None:
     assert counters(ProviderModel)["misses"] == 1
 
 
+def test_a_foreign_key_declared_by_name_and_by_attname_in_two_lookups() -> None:
+    """Each spelling of a field maps to one declared name: a lookup that spells the foreign
+    key `tenant` and another that spells it `tenant_id` both resolve, from either kwarg."""
+    account = AccountFactory(balance=5)
+    both = CachedManager(lookups=[("tenant", "email"), ("tenant_id", "balance")])
+    both.model, both.name = Account, "both_spellings"
+    assert both.get_cached(tenant=account.tenant_id, email=account.email) == account
+    assert both.get_cached(tenant_id=account.tenant_id, email=account.email) == account
+    assert both.get_cached(tenant=account.tenant, balance=5) == account  # not unique: the ORM
+    assert model_cache(both).declared == [("pk",), ("tenant", "email"), ("tenant", "balance")]
+
+
 def test_malformed_pk_raises_what_get_raises_and_caches_nothing() -> None:
     with pytest.raises(ValueError) as orm:
         User.objects.get(pk="abc")

@@ -202,7 +202,7 @@ class ModelCache:
             names = (spec,) if isinstance(spec, str) else tuple(spec)
             if not names:
                 raise ImproperlyConfigured(f"{self.label}: an empty cache lookup was declared")
-            names = tuple("pk" if n in ("pk", opts.pk.name) else n for n in names)
+            names = tuple(self._declared_name(n) for n in names)
             if names not in declared:
                 declared.append(names)
         self.declared = declared
@@ -242,6 +242,13 @@ class ModelCache:
         self.pk_lookup = self.lookups[frozenset({"pk"})]
         self._orders: dict[tuple[str, ...], tuple[Lookup, tuple[int, ...]]] = {}
         self.counters = Counters()
+
+    def _declared_name(self, name: str) -> str:
+        """One name per field whichever way it was declared: "pk" for the primary key,
+        else the field's name (a foreign key declared by its attname too), so that no
+        keyword maps to two names when lookups spell a field differently."""
+        f = self._field(name)
+        return "pk" if f is self.model._meta.pk else f.name
 
     def _field(self, name: str) -> models.Field[Any, Any]:
         if name == "pk":
