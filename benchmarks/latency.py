@@ -16,6 +16,8 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from django.db import transaction
@@ -134,23 +136,40 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
 
 
+@contextmanager
+def _busy_worker(busy_threads: int, prepare: str, *args: Any) -> Iterator[Any]:
+    """The setting both measurements share: a worker process, prepared by `prepare` (a
+    function of this module, called there with args), with busy_threads of its threads
+    reading a row from L1 for as long as the block runs."""
+    from tests.processes import worker
+    from tests.testapp.models import Provider
+
+    provider = Provider.objects.create(name=f"bench-{secrets.token_hex(4)}", display_name="Bench")
+    try:
+        with worker() as other:
+            other.call(f"benchmarks.latency.{prepare}", *args)
+            if busy_threads:
+                other.call("benchmarks.latency.start_busy", provider.pk, busy_threads)
+            yield other
+            if busy_threads:
+                other.call("benchmarks.latency.stop_busy")
+    finally:
+        Provider.objects.filter(pk=provider.pk).delete()
+
+
 def measure_commit_to_drop(n: int = 200, busy_threads: int = 0) -> dict[str, Any]:
     """Commit a write n times and time how long another process takes to drop the row
     from its L1. busy_threads > 0 keeps that many threads of the other process reading
     from L1 meanwhile. Returns counts and milliseconds (p50, p90, p99, max)."""
-    from tests.processes import worker
-    from tests.testapp.models import Flow, Provider
+    from tests.testapp.models import Flow
 
-    tag = secrets.token_hex(4)
-    row = Flow.objects.create(tenant_id=f"bench-{tag}", session_id="commit-to-drop")
-    provider = Provider.objects.create(name=f"bench-{tag}", display_name="Bench")
+    row = Flow.objects.create(
+        tenant_id=f"bench-{secrets.token_hex(4)}", session_id="commit-to-drop"
+    )
     samples: list[float] = []
     missed = not_dropped = 0
     try:
-        with worker() as other:
-            other.call("benchmarks.latency.install_hook")
-            if busy_threads:
-                other.call("benchmarks.latency.start_busy", provider.pk, busy_threads)
+        with _busy_worker(busy_threads, "install_hook") as other:
             for i in range(n):
                 seen = other.call("benchmarks.latency.warm", row.pk)
                 committed: list[float] = []
@@ -167,11 +186,8 @@ def measure_commit_to_drop(n: int = 200, busy_threads: int = 0) -> dict[str, Any
                 if left:
                     not_dropped += 1
                 samples.append(at - committed[0])
-            if busy_threads:
-                other.call("benchmarks.latency.stop_busy")
     finally:
         Flow.objects.filter(pk=row.pk).delete()
-        Provider.objects.filter(pk=provider.pk).delete()
     return _summary(samples, n, busy_threads, missed, still_in_l1=not_dropped)
 
 
@@ -179,36 +195,24 @@ def measure_publish_to_receive(n: int = 200, busy_threads: int = 0) -> dict[str,
     """The floor of measure_commit_to_drop(), set up the same way: n messages published
     here, each timed to its arrival at a bare subscriber thread of the other process
     (start_subscriber), busy_threads of which read from L1 meanwhile."""
-    from tests.processes import worker
-    from tests.testapp.models import Provider
     from tiered_cache.tiers import redis_tier
 
-    tag = secrets.token_hex(4)
-    channel = f"bench-floor-{tag}"
-    provider = Provider.objects.create(name=f"bench-{tag}", display_name="Bench")
+    channel = f"bench-floor-{secrets.token_hex(4)}"
     samples: list[float] = []
     missed = 0
-    try:
-        with worker() as other:
-            other.call("benchmarks.latency.start_subscriber", channel)
-            if busy_threads:
-                other.call("benchmarks.latency.start_busy", provider.pk, busy_threads)
-            publish = redis_tier.client.publish
-            while not publish(channel, "-1"):  # until the subscription is in place
-                time.sleep(0.01)
-            for i in range(n):
-                sent = time.monotonic()
-                publish(channel, str(i))
-                at = other.call("benchmarks.latency.wait_received", i)
-                if at is None:
-                    missed += 1
-                else:
-                    samples.append(at - sent)
-            other.call("benchmarks.latency.stop_subscriber")
-            if busy_threads:
-                other.call("benchmarks.latency.stop_busy")
-    finally:
-        Provider.objects.filter(pk=provider.pk).delete()
+    with _busy_worker(busy_threads, "start_subscriber", channel) as other:
+        publish = redis_tier.client.publish
+        while not publish(channel, "-1"):  # until the subscription is in place
+            time.sleep(0.01)
+        for i in range(n):
+            sent = time.monotonic()
+            publish(channel, str(i))
+            at = other.call("benchmarks.latency.wait_received", i)
+            if at is None:
+                missed += 1
+            else:
+                samples.append(at - sent)
+        other.call("benchmarks.latency.stop_subscriber")
     return _summary(samples, n, busy_threads, missed)
 
 
