@@ -24,7 +24,7 @@ from tests.testapp.factories import (
     UserFactory,
 )
 from tests.testapp.models import Account, Flow, GlobalModel, ProviderModel, User
-from tiered_cache import CachedManager, UndeclaredLookup, reads, signals
+from tiered_cache import CachedManager, UndeclaredLookup, reads, registry, signals
 from tiered_cache.registry import model_cache
 from tiered_cache.tiers import local_tier, redis_tier
 
@@ -95,6 +95,15 @@ def test_the_one_function_l1_hit_leaves_every_other_case_to_the_general_read() -
     assert reads.hit(elsewhere, {"pk": mine.pk}) is None
     with pytest.raises(Account.DoesNotExist):
         elsewhere.get_cached(pk=mine.pk)
+    # A copy that reads as the model's own manager does (db_manager(None)) goes to get(),
+    # and is not remembered: hit() knows only the model's own instances, by identity, so
+    # copies made per request never pile up.
+    size = len(registry.plain_managers)
+    copy = objects.db_manager(None)
+    assert reads.hit(copy, {"pk": mine.pk}) is None
+    assert copy.get_cached(pk=mine.pk) == mine
+    assert len(registry.plain_managers) == size
+    assert registry.plain_managers[id(objects)] == (objects, model_cache(objects))
     # A filtering get_queryset() leaves the poor account out.
     assert reads.hit(rich, {"email": mine.email}) is None
     with pytest.raises(Account.DoesNotExist):

@@ -37,7 +37,7 @@ from .keys import (
     row_header,
     valid_entries,
 )
-from .registry import Lookup, ModelCache, built
+from .registry import Lookup, ModelCache, plain_managers, plain_model_cache
 from .serialization import CorruptPayload, dumps, loads_verified, open_signed, sign
 from .tiers.local import NEGATIVE, local_tier, weigh_payload
 from .tiers.remote import Unavailable, fresh_token, redis_tier
@@ -232,16 +232,19 @@ def hit(manager: Any, lookup: dict[str, Any]) -> Any:
     would make (_vouched())."""
     # Calls are most of what a hit costs beyond its floor: the common case makes only the
     # transaction check's and the hot-row sample's besides L1's and the instance's (the
-    # ModelCache, the lookup of one field and the bus's deadlines are read in place).
-    if (
-        manager._db
-        or manager._hints
-        or router.routers
-        or getattr(manager, "core_filters", None) is not None
-    ):
-        return None
-    mc = built.get((manager.model, manager.name))
-    if mc is None or mc.custom_queryset or mc.custom_db:
+    # manager is known by identity, the lookup of one field and the bus's deadlines are
+    # read in place).
+    known = plain_managers.get(id(manager))
+    if known is not None and known[0] is manager:
+        mc = known[1]
+    else:
+        found = plain_model_cache(manager)
+        if found is None:
+            return None
+        mc = found
+    # Checked on every read too: Django never sets them on a model's own manager, but
+    # nothing stops code that does, and routers come and go with settings.
+    if manager._db or manager._hints or router.routers:
         return None
     if len(lookup) == 1:
         ((name, value),) = lookup.items()

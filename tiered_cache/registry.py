@@ -359,8 +359,14 @@ class ModelCache:
 
 
 # The ModelCaches built so far, by (model, manager name); read-only outside model_cache()
-# and reset_registry(). reads.hit() looks here without a call.
+# and reset_registry().
 built: dict[tuple[type[models.Model], str], ModelCache] = {}
+# A model's own managers (the instances of its _meta.managers_map, which `Model.objects`
+# returns) that read with nothing of their own, with their ModelCache, by id(): reads.hit()
+# knows such a manager by identity, without a call. The entry holds the manager, so its id
+# is never reused while it is here; only those instances get in, so the map stays as small
+# as the project's managers (a copy from db_manager() or a related manager never does).
+plain_managers: dict[int, tuple[Any, ModelCache]] = {}
 _by_root: dict[str, list[ModelCache]] = {}
 _registry_lock = threading.Lock()
 
@@ -385,6 +391,25 @@ def model_cache(manager: Any) -> ModelCache:
                 mc.custom_db = _overrides(manager, "db")
                 built[key] = mc
                 _by_root.setdefault(mc.root, []).append(mc)
+    return mc
+
+
+def plain_model_cache(manager: Any) -> ModelCache | None:
+    """The ModelCache of a model's own manager that adds no filter, database or hints of
+    its own to a read, remembered in plain_managers; None for any other manager."""
+    if (
+        manager._db
+        or manager._hints
+        or getattr(manager, "core_filters", None) is not None
+        or manager.model._meta.managers_map.get(manager.name) is not manager
+    ):
+        return None
+    mc = model_cache(manager)
+    if mc.custom_queryset or mc.custom_db:
+        return None
+    with _registry_lock:
+        if built.get((manager.model, manager.name)) is mc:  # not reset meanwhile
+            plain_managers[id(manager)] = (manager, mc)
     return mc
 
 
@@ -455,6 +480,7 @@ def reset_registry() -> None:
     """Forget built ModelCaches (tests that change KEY_PREFIX or SECRET_KEY)."""
     with _registry_lock:
         built.clear()
+        plain_managers.clear()
         _by_root.clear()
 
 
