@@ -150,6 +150,17 @@ def test_the_one_function_l1_hit_leaves_every_other_case_to_the_general_read() -
         assert reads.hit(objects, {"pk": mine.pk}) is None
         with pytest.raises(Account.DoesNotExist):
             objects.get_cached(pk=mine.pk)
+    # A model's own manager with its own get_queryset() is remembered as never plain.
+    assert registry.plain_managers[id(rich)] == (rich, None)
+    # Django builds new manager instances when a model's _meta caches expire: the new one
+    # replaces the old in the map, which holds one entry per (model, manager name).
+    size = len(registry.plain_managers)
+    Account._meta._expire_cache()
+    fresh = Account.objects
+    assert fresh is not objects
+    assert reads.hit(fresh, {"pk": mine.pk}) == mine
+    assert len(registry.plain_managers) == size
+    assert id(objects) not in registry.plain_managers
 
 
 class DatabasePickingManager(CachedManager):
@@ -383,6 +394,7 @@ def test_l1_entries_expire(settings: Any) -> None:
     try:
         user = UserFactory()
         User.objects.get_cached(pk=user.pk)
+        redis_tier.wait_for_fills()  # the filler thread may be slow on a loaded machine
         time.sleep(0.1)
         User.objects.get_cached(pk=user.pk)
         assert counters(User)["l1_hits"] == 0 and counters(User)["l2_hits"] == 1

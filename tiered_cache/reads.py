@@ -235,13 +235,10 @@ def hit(manager: Any, lookup: dict[str, Any]) -> Any:
     # manager is known by identity, the lookup of one field and the bus's deadlines are
     # read in place).
     known = plain_managers.get(id(manager))
-    if known is not None and known[0] is manager:
-        mc = known[1]
-    else:
-        found = plain_model_cache(manager)
-        if found is None:
-            return None
-        mc = found
+    found = known[1] if known is not None and known[0] is manager else plain_model_cache(manager)
+    if found is None:
+        return None
+    mc = found
     # Checked on every read too: Django never sets them on a model's own manager, but
     # nothing stops code that does, and routers come and go with settings.
     if manager._db or manager._hints or router.routers:

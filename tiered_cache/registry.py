@@ -362,11 +362,14 @@ class ModelCache:
 # and reset_registry().
 built: dict[tuple[type[models.Model], str], ModelCache] = {}
 # A model's own managers (the instances of its _meta.managers_map, which `Model.objects`
-# returns) that read with nothing of their own, with their ModelCache, by id(): reads.hit()
-# knows such a manager by identity, without a call. The entry holds the manager, so its id
-# is never reused while it is here; only those instances get in, so the map stays as small
-# as the project's managers (a copy from db_manager() or a related manager never does).
-plain_managers: dict[int, tuple[Any, ModelCache]] = {}
+# returns) by id(), with their ModelCache, or None for one whose reads hit() never serves
+# (its own get_queryset() or db): reads.hit() knows such a manager by identity, without a
+# call. The entry holds the manager, so its id is not reused while it is here. One entry
+# per (model, name): Django builds new instances when a model's _meta caches expire (a
+# model registered at runtime, override_settings(INSTALLED_APPS)...), and the newest
+# replaces the one before; copies from db_manager() and related managers never get in.
+plain_managers: dict[int, tuple[Any, ModelCache | None]] = {}
+_plain_ids: dict[tuple[type[models.Model], str], int] = {}
 _by_root: dict[str, list[ModelCache]] = {}
 _registry_lock = threading.Lock()
 
@@ -396,7 +399,8 @@ def model_cache(manager: Any) -> ModelCache:
 
 def plain_model_cache(manager: Any) -> ModelCache | None:
     """The ModelCache of a model's own manager that adds no filter, database or hints of
-    its own to a read, remembered in plain_managers; None for any other manager."""
+    its own to a read; None for any other manager. A model's own manager is remembered in
+    plain_managers, with None if its reads are not plain."""
     if (
         manager._db
         or manager._hints
@@ -405,12 +409,16 @@ def plain_model_cache(manager: Any) -> ModelCache | None:
     ):
         return None
     mc = model_cache(manager)
-    if mc.custom_queryset or mc.custom_db:
-        return None
+    plain = None if mc.custom_queryset or mc.custom_db else mc
+    key = (manager.model, manager.name)
     with _registry_lock:
-        if built.get((manager.model, manager.name)) is mc:  # not reset meanwhile
-            plain_managers[id(manager)] = (manager, mc)
-    return mc
+        if built.get(key) is mc:  # not reset meanwhile
+            before = _plain_ids.get(key)
+            if before is not None and before != id(manager):
+                plain_managers.pop(before, None)
+            _plain_ids[key] = id(manager)
+            plain_managers[id(manager)] = (manager, plain)
+    return plain
 
 
 def _overrides(manager: Any, attribute: str) -> bool:
@@ -481,6 +489,7 @@ def reset_registry() -> None:
     with _registry_lock:
         built.clear()
         plain_managers.clear()
+        _plain_ids.clear()
         _by_root.clear()
 
 
