@@ -245,22 +245,23 @@ def hit(manager: Any, lookup: dict[str, Any]) -> Any:
         return None
     if len(lookup) == 1:
         ((name, value),) = lookup.items()
-        lk = mc.single.get(name)
-        if lk is None or lk.plain_types is None or type(value) is not lk.plain_types[0]:
+        single = mc.plain_single.get(name)
+        if single is None or type(value) is not single[1]:
             return None
-        values: tuple[Any, ...] = (value,)
+        key: tuple[Any, ...] = (single[0], DEFAULT_DB_ALIAS, "", value)
     else:
         plain = mc.plain_many(lookup)
         if plain is None:
             return None
         lk, values = plain
+        key = (lk.key_prefix, DEFAULT_DB_ALIAS, "", *values)
     if not nothing_to_bypass(DEFAULT_DB_ALIAS):
         return None
     now = time.monotonic()
     due = now >= bus.renew_at or now >= bus.poll_at or now >= bus.trusted_until
     if due and not _vouched(now):
         return None
-    v = local_tier.get((lk.key_prefix, DEFAULT_DB_ALIAS, "", *values), now)
+    v = local_tier.get(key, now)
     if v is None or v is NEGATIVE or signals.cache_hit.receivers:
         return None
     mc.counters.l1_hits += 1

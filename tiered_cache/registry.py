@@ -211,6 +211,9 @@ class ModelCache:
         self.aliases: dict[str, str] = {"pk": "pk", opts.pk.name: "pk", opts.pk.attname: "pk"}
         self.lookups: dict[frozenset[str], Lookup] = {}
         self.single: dict[str, Lookup] = {}
+        # reads.hit()'s view of `single`: per kwarg name of a unique one-field lookup whose
+        # field has a plain type (Lookup.plain_types), its L1 key prefix and that type.
+        self.plain_single: dict[str, tuple[str, type]] = {}
         for names in declared:
             fields = tuple(self._field(n) for n in names)
             orm_names = tuple(
@@ -239,6 +242,8 @@ class ModelCache:
                 self.lookups[frozenset(combo)] = lk
                 if len(combo) == 1:
                     self.single[combo[0]] = lk
+                    if lk.plain_types is not None:
+                        self.plain_single[combo[0]] = (lk.key_prefix, lk.plain_types[0])
         self.pk_lookup = self.lookups[frozenset({"pk"})]
         self._orders: dict[tuple[str, ...], tuple[Lookup, tuple[int, ...]]] = {}
         self.counters = Counters()
