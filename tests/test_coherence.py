@@ -463,3 +463,50 @@ def test_a_pk_fill_is_refused_by_a_write_of_its_row_only(written: str) -> None:
     else:
         assert after["fills_refused"] == before["fills_refused"] + 1
         assert Flow.objects.get_cached(pk=a.pk).current_step == 2
+
+
+@pytest.mark.parametrize(
+    "written",
+    ["another row", "the same row", "the whole model", "its key moved to another row", "lost log"],
+)
+def test_a_fill_under_a_unique_lookup_is_refused_by_a_write_of_its_row_only(written: str) -> None:
+    """A miss under a unique lookup other than the pk learns its row from the database
+    only: its fill is guarded by the model's write count, and a changed count is forgiven
+    when the shard's log of writes shows that none since the read began touched that row
+    (keys.Shard.log_key). Another row can only come to match the lookup once this one
+    stopped matching, which is a write of this row; a write naming no row, or a log that
+    lost the read's starting point, refuses the fill as before."""
+    from tests.cache_fixtures import counters, reader_paused_after_read
+    from tiered_cache.registry import model_cache
+
+    a, b = FlowFactory(current_step=1), FlowFactory(current_step=1)
+    lookup = {"tenant_id": a.tenant_id, "session_id": a.session_id}
+    before = counters(Flow)
+    with reader_paused_after_read(Flow, lambda: Flow.objects.get_cached(**lookup)) as got:
+        if written == "another row":
+            ct.write_one(b.pk, "save")
+        elif written == "the same row":
+            ct.write_one(a.pk, "save")
+        elif written == "the whole model":  # a filtered update names no row
+            Flow.objects.filter(tenant_id=b.tenant_id).update(current_step=7)
+        elif written == "its key moved to another row":
+            Flow.objects.filter(pk=a.pk).update(session_id=f"{a.session_id}-moved")
+            Flow.objects.filter(pk=b.pk).update(tenant_id=a.tenant_id, session_id=a.session_id)
+        else:
+            ct.write_one(b.pk, "save")
+            for shard in model_cache(Flow.objects).home.shards:
+                redis_tier.client.delete(shard.log_key)
+    redis_tier.wait_for_fills()
+    after = counters(Flow)
+    assert got[0].pk == a.pk and got[0].current_step == 1, (before, after)
+    tiered_cache.clear_local()
+    if written == "another row":
+        assert after["fills"] == before["fills"] + 1, (before, after)
+        assert after["fills_refused"] == before["fills_refused"]
+        assert Flow.objects.get_cached(**lookup).current_step == 1
+        assert counters(Flow)["l2_hits"] == after["l2_hits"] + 1
+    else:
+        assert after["fills_refused"] == before["fills_refused"] + 1, (before, after)
+        expected = Flow.objects.get(**lookup)
+        served = Flow.objects.get_cached(**lookup)
+        assert (served.pk, served.current_step) == (expected.pk, expected.current_step)

@@ -197,6 +197,15 @@ class Shard:
         """The set of the shard's index keys (old generations' too, until cleaned)."""
         return f"{self.tag}:ix"
 
+    @property
+    def log_key(self) -> str:
+        """The last writes of the shard's group, newest first: each write's row keys, then a
+        marker with its token (model-wide for a flush or a write naming no row). A fill under
+        a lookup other than the pk, which learns its row only from the database, is refused
+        by the model's write count unless this shows that none of the writes since the read
+        began touched that row (fill.lua)."""
+        return f"{self.tag}:l"
+
 
 def _shard(tag: str) -> Shard:
     return Shard(tag=tag, gen_key=tag + ":g", writes_key=tag + ":w", row_prefix=tag + ":r:")
@@ -693,10 +702,16 @@ def fill_call(
     added to its model's index of the generation (which the fill checked is current).
     row_seen: the row's version when the read began (a positive fill of a read that named
     its row): the fill is refused if that row was written since, not if any row of the
-    model was; else it is guarded by the model's write count, `writes`."""
+    model was. Else it is guarded by the model's write count, `writes`; for a row read
+    under another (unique) lookup, a changed count is forgiven when the shard's log shows
+    that no write since touched the row (Shard.log_key). Under a unique lookup another row
+    can only come to match after this one stopped matching, which is a write of this row."""
     s = g.shard_of(key)
     row_key = s.row_key(rid) if rid else negative_row_key(key)
     guard_key, guard = s.writes_key, writes
+    # A row read under another lookup: the writes since the read began are looked up in the
+    # shard's log, and only a write of this row (or of the whole model) refuses the fill.
+    by_log = "1" if kind == ROW and rid and row_seen is None else "0"
     if row_seen is not None and rid:
         guard_key, guard = row_key, row_seen
     return ScriptCall(
@@ -709,8 +724,20 @@ def fill_call(
             row_key,
             s.index_key(label, gen),
             s.indexes_key,
+            s.log_key,
         ],
-        [lease, gen, guard, kind.decode(), signed, ttl_ms, version, version_ttl_ms, expires_ms],
+        [
+            lease,
+            gen,
+            guard,
+            kind.decode(),
+            signed,
+            ttl_ms,
+            version,
+            version_ttl_ms,
+            expires_ms,
+            by_log,
+        ],
     )
 
 
@@ -748,7 +775,7 @@ def invalidate_calls(
     return [
         ScriptCall(
             Script.INVALIDATE,
-            [s.gen_key, s.writes_key, *[s.row_key(r) for r in rids]],
+            [s.gen_key, s.writes_key, *[s.row_key(r) for r in rids], s.log_key],
             [
                 channel() if inside else "",
                 message.encode(),

@@ -1,16 +1,41 @@
 -- KEYS: gen, guard (the model's write counter; for a row whose version the reader saw,
 -- that row's version key), data, lease, row-version key (positive fills), the model's
--- index of this generation, the group's set of indexes.
+-- index of this generation, the group's set of indexes, the shard's write log.
 -- ARGV: lease token ('' = none), gen seen, guard seen, kind 'P'/'N', value (header, MAC
 -- and body, signed by the filler), ttl ms, row version in the value's header, row version
--- ttl ms, expiry (ms since the epoch). Returns 1 (stored), 0 (refused) or {2, current row version}: the row already has
--- a version other than the one signed, and the filler signs again with it.
+-- ttl ms, expiry (ms since the epoch), '1' if a changed write counter may be forgiven by
+-- the log. Returns 1 (stored), 0 (refused) or {2, current row version}: the row already
+-- has a version other than the one signed, and the filler signs again with it.
 -- Refused if the model was flushed, or written (the row, when the guard is its version)
 -- since the reader's first look: that is what keeps a row read before a commit from being
 -- stored after its invalidation, which gives the row and the model fresh tokens. A refused
 -- filler still gives its lease back, or every other reader of the key would wait
 -- LEASE_WAIT for a fill that never comes, until the lease expires.
-if sget(KEYS[1]) ~= ARGV[2] or sget(KEYS[2]) ~= ARGV[3] then
+
+-- Whether the log (invalidate.lua) shows that no write since the one that set the write
+-- counter to `seen` touched `row` or the whole model. Newest first: a marker ("\1" or
+-- "\2" and a token) heads its write's row keys. Not finding `seen` (a short, lost or junk
+-- log, a counter made anew) is a no.
+local function unchanged_row(log, seen, row)
+  local items = redis.pcall('LRANGE', log, 0, -1)
+  if type(items) ~= 'table' or items.err then return false end
+  for _, item in ipairs(items) do
+    local c = item:byte(1)
+    if c == 1 or c == 2 then
+      if item:sub(2) .. ':w' == seen then return true end
+      if c == 2 then return false end
+    elseif item == row then
+      return false
+    end
+  end
+  return false
+end
+
+local moved = sget(KEYS[2]) ~= ARGV[3]
+if moved and ARGV[10] == '1' and ARGV[4] == 'P' then
+  moved = not unchanged_row(KEYS[8], ARGV[3], KEYS[5])
+end
+if sget(KEYS[1]) ~= ARGV[2] or moved then
   if ARGV[1] ~= '' and sget(KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
   return 0
 end

@@ -1,4 +1,4 @@
--- KEYS: gen, writes, then row-version keys (ARGV[3] of them).
+-- KEYS: gen, writes, then row-version keys (ARGV[3] of them), then the shard's write log.
 -- ARGV: channel ('' = publish nothing: the caller publishes after every script of the
 -- batch ran), message, number of row keys, fresh token, row version ttl ms, flush '1'/'0',
 -- fresh gen. New row versions make every entry of those rows invalid, under whatever
@@ -10,5 +10,20 @@ redis.call('SET', KEYS[2], ARGV[4] .. ':w')
 local n = tonumber(ARGV[3])
 for i = 3, 2 + n do redis.call('SET', KEYS[i], ARGV[4] .. ':' .. i, 'PX', ARGV[5]) end
 if ARGV[6] == '1' then redis.call('SET', KEYS[1], ARGV[7]) end
+-- The log (fill.lua's unchanged_row): this write's row keys, then its marker at the head,
+-- "\1" and the token for a write of these rows, "\2" for one of the whole model. Junk
+-- there must not cost the write, hence pcall; a lost or short log only refuses fills.
+local log = KEYS[3 + n]
+-- A write of many rows is logged as one of the whole model: the log keeps 512 items, and
+-- unpack() a bounded number of values.
+local marker = ((n == 0 or n > 256 or ARGV[6] == '1') and '\2' or '\1') .. ARGV[4]
+local rows = {}
+if marker:byte(1) == 1 then
+  for i = 3, 2 + n do rows[#rows + 1] = KEYS[i] end
+end
+rows[#rows + 1] = marker
+redis.pcall('LPUSH', log, unpack(rows))
+redis.pcall('LTRIM', log, 0, 511)
+redis.pcall('PEXPIRE', log, ARGV[5])
 if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return 1
