@@ -12,28 +12,38 @@
 -- filler still gives its lease back, or every other reader of the key would wait
 -- LEASE_WAIT for a fill that never comes, until the lease expires.
 
--- Whether the log (invalidate.lua) shows that no write since the one that set the write
--- counter to `seen` touched `row` or the whole model. Newest first: a marker ("\1" or
--- "\2" and a token) heads its write's row keys. Not finding `seen` (a short, lost or junk
--- log, a counter made anew) is a no.
-local function unchanged_row(log, seen, row)
-  local items = redis.pcall('LRANGE', log, 0, -1)
-  if type(items) ~= 'table' or items.err then return false end
-  for _, item in ipairs(items) do
-    local c = item:byte(1)
-    if c == 1 or c == 2 then
-      if item:sub(2) .. ':w' == seen then return true end
-      if c == 2 then return false end
-    elseif item == row then
-      return false
+-- Whether the log (invalidate.lua) shows that none of the writes that took the write
+-- count from `seen` to `now` touched `row` or the whole model. Newest first, a marker
+-- ("\1" or "\2", the token, "|", the count it replaced) heads its write's row keys; the
+-- markers must chain from `now` back to `seen`, or some change of the count is not in the
+-- log (a lost, short or junk log, a count made anew, a write by an older release): no.
+-- Read in pages, since most fills find `seen` a few writes back.
+local function unchanged_row(log, seen, now, row)
+  local count = now
+  local first = 0
+  while true do
+    local items = redis.pcall('LRANGE', log, first, first + 63)
+    if type(items) ~= 'table' or items.err then return false end
+    if #items == 0 then return count == seen end
+    for _, item in ipairs(items) do
+      local c = item:byte(1)
+      if c == 1 or c == 2 then
+        if count == seen then return true end
+        local bar = string.find(item, '|', 2, true)
+        if not bar or item:sub(2, bar - 1) .. ':w' ~= count or c == 2 then return false end
+        count = item:sub(bar + 1)
+      elseif item == row then
+        return false
+      end
     end
+    first = first + 64
   end
-  return false
 end
 
-local moved = sget(KEYS[2]) ~= ARGV[3]
-if moved and ARGV[10] == '1' and ARGV[4] == 'P' then
-  moved = not unchanged_row(KEYS[8], ARGV[3], KEYS[5])
+local count = sget(KEYS[2])
+local moved = count ~= ARGV[3]
+if moved and count and ARGV[10] == '1' and ARGV[4] == 'P' then
+  moved = not unchanged_row(KEYS[8], ARGV[3], count, KEYS[5])
 end
 if sget(KEYS[1]) ~= ARGV[2] or moved then
   if ARGV[1] ~= '' and sget(KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end

@@ -6,22 +6,25 @@
 -- The write counter gets a fresh token, never an incremented value: after a restart, an
 -- eviction or a failover lost it, INCR would start again from 1 and could give a value a
 -- reader already saw (ABA), letting its fill of the old row pass.
+local before = sget(KEYS[2])
 redis.call('SET', KEYS[2], ARGV[4] .. ':w')
 local n = tonumber(ARGV[3])
 for i = 3, 2 + n do redis.call('SET', KEYS[i], ARGV[4] .. ':' .. i, 'PX', ARGV[5]) end
 if ARGV[6] == '1' then redis.call('SET', KEYS[1], ARGV[7]) end
--- The log (fill.lua's unchanged_row): this write's row keys, then its marker at the head,
--- "\1" and the token for a write of these rows, "\2" for one of the whole model. Junk
--- there must not cost the write, hence pcall; a lost or short log only refuses fills.
+-- The log (fill.lua's unchanged_row): this write's row keys, then its marker at the head:
+-- "\1" for a write of these rows or "\2" for one of the whole model, the token, "|" and
+-- the write count it replaced, so that a reader of the log sees every change of the count
+-- chained (a change made by a script that logs nothing, from an older release, breaks the
+-- chain). Junk there must not cost the write, hence pcall; a lost, short or broken log
+-- only refuses fills. A write of many rows is logged as one of the whole model: the log
+-- keeps 512 items, and unpack() takes a bounded number of values.
 local log = KEYS[3 + n]
--- A write of many rows is logged as one of the whole model: the log keeps 512 items, and
--- unpack() a bounded number of values.
-local marker = ((n == 0 or n > 256 or ARGV[6] == '1') and '\2' or '\1') .. ARGV[4]
+local whole = n == 0 or n > 256 or ARGV[6] == '1'
 local rows = {}
-if marker:byte(1) == 1 then
+if not whole then
   for i = 3, 2 + n do rows[#rows + 1] = KEYS[i] end
 end
-rows[#rows + 1] = marker
+rows[#rows + 1] = (whole and '\2' or '\1') .. ARGV[4] .. '|' .. (before or '')
 redis.pcall('LPUSH', log, unpack(rows))
 redis.pcall('LTRIM', log, 0, 511)
 redis.pcall('PEXPIRE', log, ARGV[5])
