@@ -41,6 +41,7 @@ from tests.testapp.factories import (
 )
 from tests.testapp.models import (
     Account,
+    Badge,
     CachedUser,
     Code,
     Document,
@@ -1341,3 +1342,26 @@ def test_a_model_overriding_from_db_gets_the_field_names_as_from_the_orm(tier: s
     Tracked.objects.get_cached(pk=row.pk)  # a miss: built by the ORM
     at(tier)
     assert Tracked.objects.get_cached(pk=row.pk).loaded_values == expected
+
+
+def test_a_lookup_by_none_answers_as_the_orm_however_many_rows_hold_null() -> None:
+    """NULL equals no other NULL, so a nullable unique field may hold it in many rows:
+    get_cached(code=None) answers as get(code=None) does, from the database, and stores
+    nothing (an entry would go on serving one row once a second one holds NULL)."""
+    from tiered_cache.registry import model_cache
+
+    counters = model_cache(Badge.objects).counters
+    bypassed = counters.bypassed
+    with pytest.raises(Badge.DoesNotExist):
+        Badge.objects.get_cached(code=None)
+    first = Badge.objects.create(code=None)
+    assert Badge.objects.get_cached(code=None) == first
+    Badge.objects.create(code=None)
+    with pytest.raises(Badge.MultipleObjectsReturned):
+        Badge.objects.get_cached(code=None)
+    assert counters.bypassed == bypassed + 3
+    # A value is unique: cached as usual.
+    coded = Badge.objects.create(code="gold")
+    assert Badge.objects.get_cached(code="gold") == coded
+    assert Badge.objects.get_cached(code="gold") == coded
+    assert counters.bypassed == bypassed + 3

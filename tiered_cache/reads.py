@@ -163,6 +163,10 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
     db = manager.db
     g = manager.cache_group(mc, db)
     why, scope = _read_scope(manager, mc, lk, db, g)
+    if why is None and None in values:
+        # SQL's NULL equals no other: get(field=None) matches every row with NULL there, so
+        # no lookup is unique by it (a nullable unique field may hold many).
+        why = "a value is None, and NULL makes no lookup unique"
     if why is not None:
         mc.counters.bypassed += 1
         if recording.active:

@@ -392,3 +392,15 @@ class Tracked(models.Model):
         instance = super().from_db(db, field_names, values)
         instance.loaded_values = dict(zip(field_names, values, strict=True))
         return instance
+
+
+class Badge(models.Model):
+    """A unique field that may be NULL: NULLs never equal each other, so get(code=None)
+    may match any number of rows; only a value makes the lookup unique."""
+
+    code = models.CharField(max_length=32, unique=True, null=True, blank=True)
+
+    objects = CachedManager(lookups=["code"])
+
+    def __str__(self) -> str:
+        return self.code or "(no code)"
