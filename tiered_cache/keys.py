@@ -199,11 +199,13 @@ class Shard:
 
     @property
     def log_key(self) -> str:
-        """The last writes of the shard's group, newest first: each write's row keys, then a
-        marker with its token (model-wide for a flush or a write naming no row). A fill under
-        a lookup other than the pk, which learns its row only from the database, is refused
-        by the model's write count unless this shows that none of the writes since the read
-        began touched that row (fill.lua)."""
+        """The last writes of the shard's group (512 items), newest first: each write's
+        marker, then its row keys. A marker holds the write's token and the write count it
+        replaced, and says whether the write named its rows or touched the whole model (a
+        flush, a write naming no row or more than 256). A fill under a lookup other than
+        the pk, which learns its row only from the database, is refused by a moved write
+        count unless the markers chain back to the reader's count and none of those writes
+        touched that row (invalidate.lua writes it, fill.lua reads it)."""
         return f"{self.tag}:l"
 
 
