@@ -44,13 +44,17 @@ class HotRows:
     SAMPLE_EVERY = 16
 
     def __init__(self) -> None:
-        self._tick = 0
+        # Reads seen; reads.hit() counts here in place, as touch() does, to spare a call.
+        self.tick = 0
         self.counts: dict[str, dict[Any, int]] = {}
 
     def touch(self, label: str, pk: Any) -> None:
-        self._tick += 1
-        if self._tick % self.SAMPLE_EVERY:
-            return
+        self.tick += 1
+        if not self.tick % self.SAMPLE_EVERY:
+            self.sample(label, pk)
+
+    def sample(self, label: str, pk: Any) -> None:
+        """Count one read of the row, standing for SAMPLE_EVERY reads."""
         per_model = self.counts.setdefault(label, {})
         per_model[pk] = per_model.get(pk, 0) + 1
 

@@ -235,9 +235,9 @@ def hit(manager: Any, lookup: dict[str, Any]) -> Any:
     peek_local() would serve, counted the same way, with the heartbeat and bus poll it
     would make (_vouched())."""
     # Calls are most of what a hit costs beyond its floor: the common case makes only the
-    # transaction check's and the hot-row sample's besides L1's and the instance's (the
-    # manager is known by identity, the lookup of one field and the bus's deadlines are
-    # read in place).
+    # transaction check's besides L1's and the instance's (the manager is known by
+    # identity; the lookup of one field, the bus's deadlines and the hot-row sample's
+    # count are read in place).
     known = plain_managers.get(id(manager))
     found = known[1] if known is not None and known[0] is manager else plain_model_cache(manager)
     if found is None:
@@ -269,7 +269,9 @@ def hit(manager: Any, lookup: dict[str, Any]) -> Any:
     if v is None or v is NEGATIVE or signals.cache_hit.receivers:
         return None
     mc.counters.l1_hits += 1
-    hot.touch(mc.label, v[2])
+    hot.tick += 1  # hot.touch(), in place
+    if not hot.tick % hot.SAMPLE_EVERY:
+        hot.sample(mc.label, v[2])
     return mc.codec.thaw(v, DEFAULT_DB_ALIAS)
 
 
