@@ -48,6 +48,7 @@ from hypothesis.stateful import (
 import tiered_cache
 from tests.testapp.models import (
     Account,
+    Badge,
     Code,
     Document,
     Gadget,
@@ -69,11 +70,14 @@ LABEL_NAMES = [f"l{i}" for i in range(4)]
 CODES = [f"c{i}" for i in range(4)]
 DOC_IDS = [uuid.UUID(int=i) for i in range(1, 5)]
 NAMES = ["a", "b", "c"]
+# Badge codes: None is a value many rows may hold (NULL is unique to nothing).
+BADGE_CODES = ["b0", "b1", None]
 
 tenant_names = st.sampled_from(TENANT_NAMES)
 emails = st.sampled_from(EMAILS)
 label_names = st.sampled_from(LABEL_NAMES)
 codes = st.sampled_from(CODES)
+badge_codes = st.sampled_from(BADGE_CODES)
 doc_ids = st.sampled_from(DOC_IDS)
 names = st.sampled_from(NAMES)
 balances = st.integers(-2, 3)
@@ -92,6 +96,7 @@ NEVER: dict[type[models.Model], list[Any]] = {
     Document: [uuid.UUID(int=999)],
     Code: ["nope"],
     Gadget: [0],
+    Badge: [0],
 }
 FAMILY = {ProxyAccount: Account, Restaurant: Place, ItalianRestaurant: Place}
 PK_MODELS = [
@@ -107,9 +112,10 @@ PK_MODELS = [
     Document,
     Code,
     Gadget,
+    Badge,
 ]
 # Deleting everything through Django, children first (the cache must see it).
-CLEAR_ORDER = [Item, Owner, Label, Account, Tenant, Place, Document, Code, Gadget]
+CLEAR_ORDER = [Item, Owner, Label, Account, Tenant, Place, Document, Code, Gadget, Badge]
 
 
 class Rollback(Exception):
@@ -279,6 +285,7 @@ class CacheMachine(RuleBasedStateMachine):
     labels = Bundle("labels")
     documents = Bundle("documents")
     gadgets = Bundle("gadgets")
+    badges = Bundle("badges")
 
     def __init__(self) -> None:
         super().__init__()
@@ -400,6 +407,16 @@ class CacheMachine(RuleBasedStateMachine):
                         f"Label.get_cached(name={name!r})",
                         lambda n=name: self.mgr(Label).get_cached(name=n),
                         lambda n=name: self.mgr(Label).get(name=n),
+                    )
+                )
+        if want(Badge):
+            # get(code=None) raises MultipleObjectsReturned once two rows hold NULL.
+            for code in BADGE_CODES:
+                out.append(
+                    Probe(
+                        f"Badge.get_cached(code={code!r})",
+                        lambda c=code: self.mgr(Badge).get_cached(code=c),
+                        lambda c=code: self.mgr(Badge).get(code=c),
                     )
                 )
         if want(Item) or want(Owner) or want(Label):
@@ -614,6 +631,19 @@ class CacheMachine(RuleBasedStateMachine):
         g = Gadget.objects.create(name=name)
         self.saw(Gadget, g.pk)
         return g.pk
+
+    @rule(target=badges, codes_=st.lists(badge_codes, min_size=1, max_size=3))
+    def create_badges(self, codes_: list[str | None]) -> Any:
+        """Badges one by one, each in its own statement: a code taken fails alone, and a
+        second NULL is never refused."""
+        self.step("create_badges")
+        pks = []
+        for code in codes_:
+            b = guarded(lambda c=code: Badge.objects.create(code=c))
+            if not isinstance(b, Exception):
+                pks.append(b.pk)
+        self.saw(Badge, *pks)
+        return multiple(*pks)
 
     @rule(target=tenants, name=tenant_names)
     def get_or_create_tenant(self, name: str) -> Any:
@@ -873,6 +903,16 @@ class CacheMachine(RuleBasedStateMachine):
         model = {m.__name__: m for m in PK_MODELS}[model_name]
         model.objects.flush_cache()
 
+    def op_badge_code(self, pk: int, code: str | None, how: str) -> None:
+        """A badge's code set, to None too (save() or a queryset update)."""
+        if how == "update":
+            guarded(lambda: Badge.objects.filter(pk=pk).update(code=code))
+            return
+        obj = Badge.objects.filter(pk=pk).first()
+        if obj is not None:
+            obj.code = code
+            guarded(obj.save)
+
     def op_doc_code_gadget(self, which: str, pk: Any, value: str) -> None:
         model = {"Document": Document, "Code": Code, "Gadget": Gadget}[which]
         field = {"Document": "title", "Code": "description", "Gadget": "name"}[which]
@@ -938,6 +978,12 @@ class CacheMachine(RuleBasedStateMachine):
                 it,
             ),
             st.tuples(st.just("raw_sql"), a, balances),
+            st.tuples(
+                st.just("badge_code"),
+                st.sampled_from(pks_of(Badge) or [0]),
+                badge_codes,
+                st.sampled_from(["save", "update"]),
+            ),
             st.tuples(st.just("flush"), st.sampled_from(["Account", "Tenant", "Place"])),
         )
 
@@ -1024,6 +1070,16 @@ class CacheMachine(RuleBasedStateMachine):
     def delete_gadget(self, pk: int) -> None:
         self.step("delete_gadget")
         self.apply(("delete", "Gadget", pk))
+
+    @rule(pk=badges)
+    def delete_badge(self, pk: int) -> None:
+        self.step("delete_badge")
+        self.apply(("delete", "Badge", pk))
+
+    @rule(pk=badges, code=badge_codes, how=st.sampled_from(["save", "update"]))
+    def write_badge(self, pk: int, code: str | None, how: str) -> None:
+        self.step("write_badge")
+        self.apply(("badge_code", pk, code, how))
 
     @rule(code=codes)
     def delete_code(self, code: str) -> None:
