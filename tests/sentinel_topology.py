@@ -286,7 +286,7 @@ class SentinelTopology:
     built from `sentinels` (cache_settings()) stay valid for the topology's whole life.
     """
 
-    SERVICE = "tcmaster"
+    SERVICE = "tcmaster"  # each instance's service name starts so (__init__)
     # Not 500: a promoting sentinel ends with CLIENT KILL TYPE normal/pubsub on the new
     # master, which cuts the other sentinels' links to it, and a sentinel reconnects only
     # once per ping-period. With down-after 500 and the default ping-period of 1000 two
@@ -335,6 +335,10 @@ class SentinelTopology:
         self.relay = _Relay(workdir, relay_port, hidden_port)
         self._sentinels = [_SentinelProc(workdir, i, p) for i, p in enumerate(sentinel_ports)]
         self.sentinels: list[tuple[str, int]] = [(HOST, p) for p in sentinel_ports]
+        # A service name of its own: django-redis keeps its connection pools for the life of
+        # the process by URL (redis://<service>/0), so two topologies under one name (the
+        # run's, and test_failover's) would share the first one's pool and sentinels.
+        self.SERVICE = f"{type(self).SERVICE}{relay_port}"
         self._cut = False
         self._killed: _Node | None = None
         self.started = False
