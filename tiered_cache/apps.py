@@ -13,6 +13,7 @@ from django.db.backends.signals import connection_created
 from . import capture, groups, keys, registry
 from .conf import conf
 from .serialization import forget_mac_key
+from .tiers.remote import redis_tier
 
 
 class TieredCacheConfig(AppConfig):
@@ -46,6 +47,7 @@ class TieredCacheConfig(AppConfig):
             """CACHES or TIERED_CACHE changed (override_settings in tests): key names anew;
             DATABASES: groups anew."""
             if setting in ("CACHES", "TIERED_CACHE"):
+                redis_tier.settings_changed()
                 keys.forget()
                 groups.forget()
                 capture.forget()

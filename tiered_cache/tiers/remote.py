@@ -124,6 +124,9 @@ class RedisTier:
         # the new master may lack invalidations its old one took: these hooks (the bus)
         # stop trusting L2 until the outbox is delivered again.
         self._primaries: frozenset[str] | None = None
+        # Whether our Redis replicates (Sentinel or a cluster), known with the client: every
+        # write asks (replica_acks()), and finding out goes through Django's cache handler.
+        self._replicated: bool | None = None
         self.topology_hooks: list[Callable[[], None]] = []
         os.register_at_fork(after_in_child=self.after_fork)
 
@@ -228,10 +231,13 @@ class RedisTier:
         replaced, so an unacknowledged one goes to the outbox like an undelivered one."""
         acks = conf.REPLICA_ACKS
         if acks is None:
-            # A Sentinel client is made without connecting; a cluster's is not asked.
-            replicated = cluster_mode() or isinstance(
-                get_redis_connection(conf.CACHE_ALIAS).connection_pool, SentinelConnectionPool
-            )
+            replicated = self._replicated
+            if replicated is None:
+                # A Sentinel client is made without connecting; a cluster's is not asked.
+                replicated = self._replicated = cluster_mode() or isinstance(
+                    get_redis_connection(conf.CACHE_ALIAS).connection_pool,
+                    SentinelConnectionPool,
+                )
             acks = 1 if replicated else 0
         return acks
 
@@ -270,7 +276,13 @@ class RedisTier:
                     self._client.connection_pool.disconnect()
             self._client = None
             self._primaries = None
+            self._replicated = None
         self._local = threading.local()
+
+    def settings_changed(self) -> None:
+        """CACHES changed (override_settings in tests): find out again whether Redis
+        replicates. The client itself is kept until reset()."""
+        self._replicated = None
 
     def after_fork(self) -> None:
         """A forked child makes its own connections (the parent's sockets are shared with
