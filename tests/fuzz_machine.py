@@ -346,14 +346,7 @@ class CacheMachine(RuleBasedStateMachine):
             )
         tenant_pks = self.candidates(Tenant) if want(Tenant) or want(Account) else []
         if want(Tenant):
-            for name in TENANT_NAMES:
-                out.append(
-                    Probe(
-                        f"Tenant.get_cached(name={name!r})",
-                        lambda n=name: self.mgr(Tenant).get_cached(name=n),
-                        lambda n=name: self.mgr(Tenant).get(name=n),
-                    )
-                )
+            out += self.lookup_probes(Tenant, "name", TENANT_NAMES)
         if want(Account):
             for model in (Account, ProxyAccount):
                 for email in EMAILS:
@@ -401,24 +394,10 @@ class CacheMachine(RuleBasedStateMachine):
                     )
                 )
         if want(Label):
-            for name in LABEL_NAMES:
-                out.append(
-                    Probe(
-                        f"Label.get_cached(name={name!r})",
-                        lambda n=name: self.mgr(Label).get_cached(name=n),
-                        lambda n=name: self.mgr(Label).get(name=n),
-                    )
-                )
+            out += self.lookup_probes(Label, "name", LABEL_NAMES)
         if want(Badge):
             # get(code=None) raises MultipleObjectsReturned once two rows hold NULL.
-            for code in BADGE_CODES:
-                out.append(
-                    Probe(
-                        f"Badge.get_cached(code={code!r})",
-                        lambda c=code: self.mgr(Badge).get_cached(code=c),
-                        lambda c=code: self.mgr(Badge).get(code=c),
-                    )
-                )
+            out += self.lookup_probes(Badge, "code", BADGE_CODES)
         if want(Item) or want(Owner) or want(Label):
             item_pks = self.candidates(Item)
             for owner in self.orm(Owner).order_by("pk"):
@@ -440,6 +419,19 @@ class CacheMachine(RuleBasedStateMachine):
                         )
                     )
         return out
+
+    def lookup_probes(
+        self, model: type[models.Model], field: str, values: Iterable[Any]
+    ) -> list[Probe]:
+        """get_cached(field=value) against the ORM's get(), for each value."""
+        return [
+            Probe(
+                f"{model.__name__}.get_cached({field}={value!r})",
+                lambda v=value: self.mgr(model).get_cached(**{field: v}),
+                lambda v=value: self.mgr(model).get(**{field: v}),
+            )
+            for value in values
+        ]
 
     def check(
         self, where: str, models_only: Iterable[type[models.Model]] | None = None, l2: bool = True
