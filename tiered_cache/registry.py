@@ -246,11 +246,11 @@ class ModelCache:
                     if lk.plain_types is not None:
                         self.plain_single[combo[0]] = (lk.key_prefix, lk.plain_types[0])
         self.pk_lookup = self.lookups[frozenset({"pk"})]
-        self._orders: dict[tuple[str, ...], tuple[Lookup, tuple[int, ...]]] = {}
-        # plain_many()'s view of _orders: per keyword order whose lookup's values are all
-        # of plain types, the lookup and how to put the values in its order (None: they
-        # are in it already).
-        self._plain_orders: dict[tuple[str, ...], tuple[Lookup, Callable[[Any], Any] | None]] = {}
+        # Per keyword order: the lookup, which keyword each of its fields is, and for
+        # plain_many() the same as an itemgetter (None: the keywords are in its order).
+        self._orders: dict[
+            tuple[str, ...], tuple[Lookup, tuple[int, ...], Callable[[Any], Any] | None]
+        ] = {}
         self.counters = Counters()
 
     def _declared_name(self, name: str) -> str:
@@ -302,7 +302,7 @@ class ModelCache:
             names = tuple(kwargs)
             known = self._orders.get(names)
             if known is not None:
-                lk, order = known
+                lk, order, _ = known
                 given = tuple(kwargs.values())
                 out: list[Any] = []
                 for i, prep in zip(order, lk.preps, strict=False):
@@ -316,10 +316,8 @@ class ModelCache:
                 values = lk.normalize(kwargs, self.aliases)
                 canonical = [self.aliases[n] for n in names]
                 order = tuple(canonical.index(n) for n in lk.names)
-                self._orders[names] = (lk, order)
-                if lk.plain_types is not None and len(order) > 1:
-                    pick = None if order == tuple(range(len(order))) else itemgetter(*order)
-                    self._plain_orders[names] = (lk, pick)
+                in_order = order == tuple(range(len(order)))
+                self._orders[names] = (lk, order, None if in_order else itemgetter(*order))
                 return lk, values
         raise UndeclaredLookup(self.label, kwargs, self.declared)
 
@@ -330,11 +328,12 @@ class ModelCache:
         field itself."""
         # On every L1 hit of such a lookup: C-level loops only (a comprehension and a zip
         # loop here cost as much as the L1 entry's lookup).
-        known = self._plain_orders.get(tuple(kwargs))
+        known = self._orders.get(tuple(kwargs))
         if known is None:
             return None
-        lk, pick = known
+        lk, _, pick = known
         values = tuple(kwargs.values()) if pick is None else pick(tuple(kwargs.values()))
+        # Never equal when plain_types is None (a lookup whose values the ORM converts).
         if tuple(map(type, values)) != lk.plain_types:
             return None
         return lk, values
