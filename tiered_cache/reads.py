@@ -16,7 +16,7 @@ from . import recording, signals
 from .bus import bus
 from .conf import conf
 from .counters import hot
-from .groups import replica_of
+from .groups import read_group, replica_of
 from .keys import (
     BUSY,
     LEASE,
@@ -190,7 +190,21 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
             found = stale_local(mc, l1key, db)
             if found is not None:
                 return found
+    return _fetch(manager, mc, g, lk, values, l1key, db, scope)
 
+
+def _fetch(
+    manager: Any,
+    mc: ModelCache,
+    g: Group,
+    lk: Lookup,
+    values: tuple[Any, ...],
+    l1key: Any,
+    db: str,
+    scope: str,
+) -> Any:
+    """The read past L1, once L1 missed: from L2 or the database, one load per key and
+    process at a time, filling both tiers back."""
     # The token is part of the flight: a thread whose own save dropped this group since
     # a load began must not be handed that load's (older) row.
     token = local_tier.token(g.id)
@@ -225,7 +239,8 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
 
 def hit(manager: Any, lookup: dict[str, Any]) -> Any:
     """get_cached() when it is the commonest read of all, an L1 hit through a model's own
-    manager, in one function; None for anything else, which get() then takes.
+    manager, in one function; on an L1 miss of such a read, the read past L1 (_fetch()),
+    with what was settled here. None for anything else, which get() then takes.
 
     get() makes a dozen calls (resolve, db, cache_group, bypass, peek_local...) that
     each settle a case this checks for and leaves to get(): a related manager, db_manager()
@@ -247,11 +262,13 @@ def hit(manager: Any, lookup: dict[str, Any]) -> Any:
     # nothing stops code that does, and routers come and go with settings.
     if manager._db or manager._hints or router.routers:
         return None
+    lk: Lookup
     if len(lookup) == 1:
         ((name, value),) = lookup.items()
         single = mc.plain_single.get(name)
         if single is None or type(value) is not single[1]:
             return None
+        lk = single[2]
         key: tuple[Any, ...] = (single[0], DEFAULT_DB_ALIAS, "", value)
     else:
         plain = mc.plain_many(lookup)
@@ -266,7 +283,22 @@ def hit(manager: Any, lookup: dict[str, Any]) -> Any:
     if due and not _vouched(now):
         return None
     v = local_tier.get(key, now)
-    if v is None or v is NEGATIVE or signals.cache_hit.receivers:
+    if v is None:
+        # On to L2 with what was settled here, which get() would settle again: the group
+        # of the default database, no filter (scope ""), nothing to bypass, L1 trusted.
+        if len(lookup) == 1:
+            values = (value,)
+        return _fetch(
+            manager,
+            mc,
+            read_group(DEFAULT_DB_ALIAS, mc.root),
+            lk,
+            values,
+            key,
+            DEFAULT_DB_ALIAS,
+            "",
+        )
+    if v is NEGATIVE or signals.cache_hit.receivers:
         return None
     mc.counters.l1_hits += 1
     hot.tick += 1  # hot.touch(), in place

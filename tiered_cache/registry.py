@@ -213,8 +213,9 @@ class ModelCache:
         self.lookups: dict[frozenset[str], Lookup] = {}
         self.single: dict[str, Lookup] = {}
         # reads.hit()'s view of `single`: per kwarg name of a unique one-field lookup whose
-        # field has a plain type (Lookup.plain_types), its L1 key prefix and that type.
-        self.plain_single: dict[str, tuple[str, type]] = {}
+        # field has a plain type (Lookup.plain_types), its L1 key prefix, that type and
+        # the lookup.
+        self.plain_single: dict[str, tuple[str, type, Lookup]] = {}
         for names in declared:
             fields = tuple(self._field(n) for n in names)
             orm_names = tuple(
@@ -244,7 +245,7 @@ class ModelCache:
                 if len(combo) == 1:
                     self.single[combo[0]] = lk
                     if lk.plain_types is not None:
-                        self.plain_single[combo[0]] = (lk.key_prefix, lk.plain_types[0])
+                        self.plain_single[combo[0]] = (lk.key_prefix, lk.plain_types[0], lk)
         self.pk_lookup = self.lookups[frozenset({"pk"})]
         # Per keyword order: the lookup, which keyword each of its fields is, and for
         # plain_many() the same as an itemgetter (None: the keywords are in its order).
