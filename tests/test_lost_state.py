@@ -182,3 +182,30 @@ def test_reads_equal_the_database_under_allkeys_lru_eviction(own_redis: RedisEnv
     assert evicted > 0, "nothing was evicted: the test did not test eviction"
     assert steps > 50
     assert not stale
+
+
+# SCRIPT FLUSH on one server; a topology's nodes each keep their own script cache.
+@pytest.mark.single_server
+def test_reads_and_writes_load_the_scripts_again_after_redis_lost_them(
+    own_redis: RedisEnv,
+) -> None:
+    """A restart or SCRIPT FLUSH empties Redis's script cache while our keys may stay (a
+    restart from a snapshot): EVALSHA then answers NOSCRIPT. A read of one row (its own
+    short path, RedisTier._one) and a write load the scripts and run again, so the read
+    is still an L2 hit and the write still invalidates."""
+    flow = FlowFactory(current_step=1)
+    assert ct.read(flow.pk)[0] == 1
+    redis_tier.wait_for_fills()
+    mc = first_model_cache(Flow)
+    assert mc is not None
+    client = own_redis.server.client()
+    client.script_flush()
+    tiered_cache.clear_local()
+    hits = mc.counters.l2_hits
+    assert ct.read(flow.pk)[0] == 1
+    assert mc.counters.l2_hits == hits + 1, "the read after SCRIPT FLUSH missed L2"
+    client.script_flush()
+    ct.write_one(flow.pk, "save")  # step 2
+    client.script_flush()
+    tiered_cache.clear_local()
+    assert ct.read(flow.pk)[0] == 2

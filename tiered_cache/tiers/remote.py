@@ -381,6 +381,8 @@ class RedisTier:
         self, calls: Sequence[ScriptCall | Command], acks: int, publish: Sequence[str]
     ) -> tuple[list[Any], int]:
         cluster = self.cluster
+        if not cluster and len(calls) == 1 and not acks and not publish:
+            return [self._one(calls[0])], 0
         if cluster:
             self._check_primaries()
         # On one server the messages follow the scripts on the same connection: Redis runs
@@ -433,6 +435,25 @@ class RedisTier:
             # these calls ran, and a reply from a promoted replica must not be used.
             self._check_primaries()
         return out, min(acked.values(), default=acks) if acks else 0
+
+    def _one(self, call: ScriptCall | Command) -> Any:
+        """_run() of one call on one server with nothing sent after it, which every read
+        of a row is: its round trip without the grouping by server and the lists of
+        _round(), for a read's Python work costs several times its warm cost after the
+        wait for Redis (caches cold again)."""
+        conn = self._conn()
+        command = call.command()
+        self._send_packed(conn, [command])
+        reply = self._read(conn, 1)[0]
+        if isinstance(reply, NoScriptError):
+            # As in _run(): Redis lost its scripts (a restart, SCRIPT FLUSH).
+            assert isinstance(call, ScriptCall)
+            self._exchange(conn, [("SCRIPT", "LOAD", call.script.source)], raise_errors=True)
+            self._send_packed(conn, [command])
+            reply = self._read(conn, 1)[0]
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
 
     def _check_primaries(self) -> None:
         """Before a call on a cluster: if the slot map names other masters than it did (it
