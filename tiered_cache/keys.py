@@ -78,8 +78,10 @@ __all__ = [
     "valid_entries",
 ]
 
-# Bumped whenever the payload layout changes, so old payloads are never decoded.
-FORMAT_VERSION = "1"
+# Bumped whenever the payload layout changes, so old payloads are never decoded. 2: the
+# MAC is keyed BLAKE2b (was HMAC-SHA256); old entries are left to expire, not logged as
+# corrupt by every reader during a rolling deploy.
+FORMAT_VERSION = "2"
 
 # Keys longer than this are hashed; Redis keys are binary-safe but long keys cost memory.
 _MAX_PLAIN = 200

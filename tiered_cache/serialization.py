@@ -84,13 +84,20 @@ def forget_mac_key(setting: str = "SECRET_KEY", **kwargs: Any) -> None:
         _mac_key.clear()
 
 
+def _mac(message: bytes) -> bytes:
+    """Keyed BLAKE2b, a MAC by design (no length extension, so no HMAC construction).
+    Not HMAC-SHA256: through OpenSSL 3 that looks its algorithm up on every call, which
+    cost an L2 hit 20-25 µs of its 50 µs of decoding right after the round trip (caches
+    cold), against 1.1 µs warm for this (2.4 µs for HMAC) in CPython's own C."""
+    return hashlib.blake2b(message, key=mac_key(), digest_size=MAC_SIZE).digest()
+
+
 def sign(key: str, header: bytes, body: bytes) -> bytes:
     """header + MAC + body. The MAC binds the body to its key (a valid payload moved to
     another key is refused) and to its header: everything that decides whether the entry
     is served (kind, generation, row id, row version or write count, expiry), so an old
     authentic body cannot be served under a current header."""
-    mac = hmac.digest(mac_key(), key.encode() + b"\0" + header + body, "sha256")
-    return header + mac + body
+    return header + _mac(key.encode() + b"\0" + header + body) + body
 
 
 H = TypeVar("H", RowHeader, DerivedHeader)
@@ -106,8 +113,7 @@ def open_signed(key: str, raw: bytes, header: type[H]) -> tuple[H, bytes]:
         raise CorruptPayload("truncated payload")
     head = raw[: len(raw) - len(rest)]
     mac, body = rest[:MAC_SIZE], rest[MAC_SIZE:]
-    expected = hmac.digest(mac_key(), key.encode() + b"\0" + head + body, "sha256")
-    if not hmac.compare_digest(mac, expected):
+    if not hmac.compare_digest(mac, _mac(key.encode() + b"\0" + head + body)):
         raise CorruptPayload("payload MAC does not match")
     return header(*fields), body
 
