@@ -451,3 +451,27 @@ def test_an_l1_fill_is_refused_by_a_drop_of_its_own_row_only() -> None:
     assert not l1.set(("k", "z"), "m", "z", ("z",), 60, token)
     assert l1.set(("k", "z"), "m", "z", ("z",), 60, l1.token("m"))
     assert l1.get(("k", "z")) == ("z",)
+
+
+def test_the_short_way_to_a_row_id_names_the_row_as_writes_do() -> None:
+    """ModelCache.row_id_of() skips pk_row_id()'s conversions for a value of the pk's own
+    plain type (a multi-table child's pk is its ancestor's); the id must be the one a write
+    names, which pk_row_id() gives, for every cached model and every kind of value."""
+    from tiered_cache.keys import pk_row_id
+
+    samples: list[Any] = [7, 0, -3, 2**40, "7", "a|b%c", "", True, uuid.uuid4(), 7.0]
+    shortcuts = set()
+    for model in registry.cached_models():
+        for mc in registry.model_caches(model):
+            pk = model._meta.pk
+            for value in samples:
+                try:
+                    expected = pk_row_id(pk, value)
+                except Exception as exc:  # what the ORM raises for such a value
+                    with pytest.raises(type(exc)):
+                        mc.row_id_of(value)
+                    continue
+                assert mc.row_id_of(value) == expected, (model, value)
+            if mc._pk_plain is not None:
+                shortcuts.add(mc._pk_plain)
+    assert shortcuts == {int, str}  # the test app has both kinds of plain pk

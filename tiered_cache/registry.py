@@ -21,7 +21,7 @@ from .conf import conf
 from .counters import Counters
 from .exceptions import UndeclaredLookup
 from .groups import concrete_of, root_label
-from .keys import Group, group, lookup_key, pk_row_id, schema_fingerprint
+from .keys import Group, group, lookup_key, pk_row_id, row_id, schema_fingerprint
 from .serialization import RowCodec
 
 __all__ = [
@@ -247,6 +247,14 @@ class ModelCache:
                     if lk.plain_types is not None:
                         self.plain_single[combo[0]] = (lk.key_prefix, lk.plain_types[0], lk)
         self.pk_lookup = self.lookups[frozenset({"pk"})]
+        # The type of a pk value that pk_row_id() would hand to row_id() unchanged (see
+        # _PASS_THROUGH; a multi-table child's pk is its ancestor's): every read past L1
+        # and each row of get_many_cached() names its row, and the two calls cost more
+        # than the id.
+        target = model._meta.pk
+        while target.is_relation:
+            target = target.target_field  # type: ignore[attr-defined]  # RelatedField's
+        self._pk_plain: type | None = _PASS_THROUGH.get(type(target))
         # Per keyword order: the lookup, which keyword each of its fields is, and for
         # plain_many() the same as an itemgetter (None: the keywords are in its order).
         self._orders: dict[
@@ -354,6 +362,8 @@ class ModelCache:
         return group(alias, self.root)
 
     def row_id_of(self, pk: Any) -> str:
+        if type(pk) is self._pk_plain:
+            return row_id(pk)
         return pk_row_id(self.model._meta.pk, pk)
 
     def scope(self, manager: Any) -> str | None:
