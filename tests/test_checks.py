@@ -41,6 +41,37 @@ def test_e002_alias_not_django_redis(settings: Any) -> None:
     assert ids(check_settings()) == ["tiered_cache.E002"]
 
 
+def _sentinel_cache(sentinels: list[tuple[str, int]], location: str) -> dict[str, Any]:
+    return {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": location,
+        "OPTIONS": {
+            "CLIENT_CLASS": "django_redis.client.SentinelClient",
+            "CONNECTION_FACTORY": "django_redis.pool.SentinelConnectionFactory",
+            "SENTINELS": sentinels,
+        },
+    }
+
+
+def test_e016_one_sentinel_url_for_two_sets_of_sentinels(settings: Any) -> None:
+    """django-redis keys its pools by URL alone: the second alias would reach the first's
+    master. Distinct service names, or the same sentinels, pass."""
+    a, b = [("10.0.0.1", 26379)], [("10.0.0.2", 26379)]
+    settings.CACHES = {
+        **settings.CACHES,
+        "sessions": _sentinel_cache(b, "redis://mymaster/0"),
+        "tc": _sentinel_cache(a, "redis://mymaster/0,redis://mymaster/1"),
+    }
+    settings.TIERED_CACHE = {"CACHE_ALIAS": "tc"}
+    msgs = check_settings()
+    assert ids(msgs) == ["tiered_cache.E016"]
+    assert "'sessions'" in msgs[0].msg and "redis://mymaster/0" in msgs[0].msg
+    settings.CACHES = {**settings.CACHES, "sessions": _sentinel_cache(b, "redis://other/0")}
+    assert check_settings() == []
+    settings.CACHES = {**settings.CACHES, "sessions": _sentinel_cache(a, "redis://mymaster/0")}
+    assert check_settings() == []
+
+
 @pytest.mark.parametrize(
     "name",
     [

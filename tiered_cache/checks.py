@@ -69,6 +69,8 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                 id="tiered_cache.E002",
             )
         )
+    else:
+        errors.extend(_pool_sharing(alias, caches))
     for name in _POSITIVE:
         value = raw.get(name, DEFAULTS[name])
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
@@ -168,6 +170,53 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                 id="tiered_cache.E006",
             )
         )
+    return errors
+
+
+def _urls(entry: dict[str, Any]) -> set[str]:
+    """The URLs of a django-redis CACHES entry, split as django-redis splits LOCATION."""
+    location = entry.get("LOCATION") or ""
+    if isinstance(location, str):
+        location = location.split(",")
+    return {str(url).strip() for url in location if str(url).strip()}
+
+
+def _servers_reached(entry: dict[str, Any]) -> tuple[str, str]:
+    """What decides which server a URL reaches besides the URL itself: the connection
+    factory, and for Sentinel the sentinels that name the service's master."""
+    options = entry.get("OPTIONS") or {}
+    factory = options.get("CONNECTION_FACTORY") or getattr(
+        settings, "DJANGO_REDIS_CONNECTION_FACTORY", "django_redis.pool.ConnectionFactory"
+    )
+    return str(factory), repr(options.get("SENTINELS"))
+
+
+def _pool_sharing(alias: str, caches: dict[str, Any]) -> list[CheckMessage]:
+    """django-redis keeps one connection pool per URL for the whole process, whichever
+    CACHES entry asked first. Two entries that give one URL (a Sentinel service name,
+    "redis://mymaster/0") different sentinels would then read and write one master, and
+    our invalidations could go to another server than our reads: stale rows."""
+    ours = caches[alias]
+    urls, reached = _urls(ours), _servers_reached(ours)
+    errors: list[CheckMessage] = []
+    for other, entry in caches.items():
+        if other == alias or not isinstance(entry, dict):
+            continue
+        if not str(entry.get("BACKEND", "")).startswith("django_redis."):
+            continue
+        shared = sorted(urls & _urls(entry))
+        if shared and _servers_reached(entry) != reached:
+            errors.append(
+                Error(
+                    f"CACHES[{alias!r}] (tiered_cache's) and CACHES[{other!r}] both name "
+                    f"{shared[0]!r} with other sentinels or another connection factory; "
+                    "django-redis shares one connection pool per URL in a process, so one "
+                    "of them would reach the other's server.",
+                    hint="Give each Sentinel setup its own service name (or database "
+                    "number) in LOCATION.",
+                    id="tiered_cache.E016",
+                )
+            )
     return errors
 
 
