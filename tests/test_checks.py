@@ -41,34 +41,70 @@ def test_e002_alias_not_django_redis(settings: Any) -> None:
     assert ids(check_settings()) == ["tiered_cache.E002"]
 
 
-def _sentinel_cache(sentinels: list[tuple[str, int]], location: str) -> dict[str, Any]:
+def _sentinel_cache(sentinels: Any, location: str = "redis://mymaster/0") -> dict[str, Any]:
     return {
         "BACKEND": "django_redis.cache.RedisCache",
         "LOCATION": location,
         "OPTIONS": {
             "CLIENT_CLASS": "django_redis.client.SentinelClient",
             "CONNECTION_FACTORY": "django_redis.pool.SentinelConnectionFactory",
+            "CONNECTION_POOL_CLASS": "redis.sentinel.SentinelConnectionPool",
             "SENTINELS": sentinels,
         },
     }
 
 
-def test_e016_one_sentinel_url_for_two_sets_of_sentinels(settings: Any) -> None:
-    """django-redis keys its pools by URL alone: the second alias would reach the first's
-    master. Distinct service names, or the same sentinels, pass."""
-    a, b = [("10.0.0.1", 26379)], [("10.0.0.2", 26379)]
-    settings.CACHES = {
-        **settings.CACHES,
-        "sessions": _sentinel_cache(b, "redis://mymaster/0"),
-        "tc": _sentinel_cache(a, "redis://mymaster/0,redis://mymaster/1"),
-    }
+def _plain_cache(location: str, **options: Any) -> dict[str, Any]:
+    return {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": location, "OPTIONS": options}
+
+
+A = [("10.0.0.1", 26379), ("10.0.0.3", 26379)]
+B = [("10.0.0.2", 26379)]
+
+
+@pytest.mark.parametrize(
+    ("other", "refused"),
+    [
+        # One service URL, other sentinels: one alias would reach the other's master.
+        (_sentinel_cache(B), True),
+        # The same sentinels however written: one pool, one server, as it should be.
+        (_sentinel_cache([["10.0.0.3", "26379"], ["10.0.0.1", 26379]]), False),
+        # Another service name, or another database: pools of their own.
+        (_sentinel_cache(B, "redis://other/0"), False),
+        (_sentinel_cache(B, "redis://mymaster/1"), False),
+        # A plain client on the URL django-redis's SentinelClient makes of the master's.
+        (_plain_cache("redis://mymaster/0?is_master=1"), True),
+        # A plain client on the service URL as written: SentinelClient never connects to it.
+        (_plain_cache("redis://mymaster/0"), False),
+        # Not a django-redis entry, or OPTIONS that are not a dict: nothing to compare.
+        ({"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}, False),
+        ({**_plain_cache("redis://mymaster/0?is_master=0"), "OPTIONS": None}, True),
+    ],
+)
+def test_e016_one_pool_url_for_two_servers(settings: Any, other: Any, refused: bool) -> None:
+    """django-redis keys its pools by URL alone, for the whole process: an alias that gives
+    tiered_cache's URL other sentinels (or none) would reach the same pool's server."""
+    settings.CACHES = {**settings.CACHES, "tc": _sentinel_cache(A), "sessions": other}
     settings.TIERED_CACHE = {"CACHE_ALIAS": "tc"}
     msgs = check_settings()
+    if not refused:
+        assert msgs == []
+        return
     assert ids(msgs) == ["tiered_cache.E016"]
-    assert "'sessions'" in msgs[0].msg and "redis://mymaster/0" in msgs[0].msg
-    settings.CACHES = {**settings.CACHES, "sessions": _sentinel_cache(b, "redis://other/0")}
-    assert check_settings() == []
-    settings.CACHES = {**settings.CACHES, "sessions": _sentinel_cache(a, "redis://mymaster/0")}
+    assert "'sessions'" in msgs[0].msg and "redis://mymaster/0?is_master=" in msgs[0].msg
+
+
+def test_e016_leaves_plain_aliases_of_one_server_alone(settings: Any) -> None:
+    """Without Sentinel a URL names its server: two aliases sharing it (even through a
+    factory of their own) share a pool of the same server, which is harmless."""
+    settings.CACHES = {
+        **settings.CACHES,
+        "tc": _plain_cache("redis://127.0.0.1:6379/5,redis://127.0.0.1:6380/5"),
+        "other": _plain_cache(
+            "redis://127.0.0.1:6379/5", CONNECTION_FACTORY="django_redis.pool.ConnectionFactory"
+        ),
+    }
+    settings.TIERED_CACHE = {"CACHE_ALIAS": "tc"}
     assert check_settings() == []
 
 

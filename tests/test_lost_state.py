@@ -187,7 +187,7 @@ def test_reads_equal_the_database_under_allkeys_lru_eviction(own_redis: RedisEnv
 # SCRIPT FLUSH on one server; a topology's nodes each keep their own script cache.
 @pytest.mark.single_server
 def test_reads_and_writes_load_the_scripts_again_after_redis_lost_them(
-    own_redis: RedisEnv,
+    own_redis: RedisEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A restart or SCRIPT FLUSH empties Redis's script cache while our keys may stay (a
     restart from a snapshot): EVALSHA then answers NOSCRIPT. A read of one row (its own
@@ -202,8 +202,13 @@ def test_reads_and_writes_load_the_scripts_again_after_redis_lost_them(
     client.script_flush()
     tiered_cache.clear_local()
     hits = mc.counters.l2_hits
+    # Counted, not replaced: the read must take the short path and meet NOSCRIPT there.
+    short = []
+    one = redis_tier._one
+    monkeypatch.setattr(redis_tier, "_one", lambda call: short.append(call) or one(call))
     assert ct.read(flow.pk)[0] == 1
     assert mc.counters.l2_hits == hits + 1, "the read after SCRIPT FLUSH missed L2"
+    assert short, "the read of one row did not take RedisTier._one"
     client.script_flush()
     ct.write_one(flow.pk, "save")  # step 2
     client.script_flush()

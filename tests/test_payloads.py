@@ -82,10 +82,22 @@ def test_code_running_pickle_is_never_loaded(caplog: Any) -> None:
 def test_payload_signed_with_another_secret_is_a_miss(caplog: Any) -> None:
     import hashlib
 
+    from tiered_cache.keys import RowHeader
+    from tiered_cache.serialization import mac_key, open_signed
+
     user, key, value = cached_user()
     body = pickle.dumps(Exploit())
+    header = replace_body(value, b"")  # what sign() covers besides the key and the body
+
+    def signed_with(secret: bytes) -> bytes:
+        mac = hashlib.blake2b(key + b"\0" + header + body, key=secret, digest_size=32)
+        return mac.digest() + body
+
+    # Signed as sign() signs, so that only the secret differs: ours would be accepted
+    # (checked without decoding), the other secret's is not.
+    open_signed(key.decode(), header + signed_with(mac_key()), RowHeader)
     other = hashlib.sha256(b"tiered_cache.payload:someone else's secret").digest()
-    foreign = hashlib.blake2b(key + b"\0" + body, key=other, digest_size=32).digest() + body
+    foreign = signed_with(other)
     redis_tier.client.set(key, replace_body(value, foreign))
     assert_miss_read_from_db(user, caplog)
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import numbers
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
 from django.core.exceptions import FieldDoesNotExist
+from django.utils.module_loading import import_string
+from django_redis.client.sentinel import SentinelClient, replace_query
+from django_redis.pool import SentinelConnectionFactory
 
 from .conf import DEFAULTS, conf
 from .derived import cached_functions
@@ -173,45 +177,71 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
     return errors
 
 
-def _urls(entry: dict[str, Any]) -> set[str]:
-    """The URLs of a django-redis CACHES entry, split as django-redis splits LOCATION."""
+def _options(entry: dict[str, Any]) -> dict[str, Any]:
+    options = entry.get("OPTIONS")
+    return options if isinstance(options, dict) else {}
+
+
+def _subclass(path: Any, base: type) -> bool:
+    try:
+        cls = import_string(path) if isinstance(path, str) else path
+    except ImportError:
+        return False  # django-redis reports it when the cache is first used
+    return isinstance(cls, type) and issubclass(cls, base)
+
+
+def _pool_urls(entry: dict[str, Any]) -> set[str]:
+    """The URLs django-redis keys a CACHES entry's connection pools by: LOCATION split on
+    commas, or for its SentinelClient a string LOCATION made into the master's URL and the
+    replicas' (the client's own rewriting)."""
     location = entry.get("LOCATION") or ""
-    if isinstance(location, str):
-        location = location.split(",")
-    return {str(url).strip() for url in location if str(url).strip()}
+    if not isinstance(location, str):
+        return {str(url).strip() for url in location if str(url).strip()}
+    if _subclass(_options(entry).get("CLIENT_CLASS"), SentinelClient):
+        url = urlparse(location)
+        query = parse_qs(url.query, keep_blank_values=True)
+        return {replace_query(url, {**query, "is_master": [flag]}) for flag in (1, 0)}
+    return {part.strip() for part in location.split(",") if part.strip()}
 
 
-def _servers_reached(entry: dict[str, Any]) -> tuple[str, str]:
-    """What decides which server a URL reaches besides the URL itself: the connection
-    factory, and for Sentinel the sentinels that name the service's master."""
-    options = entry.get("OPTIONS") or {}
+def _sentinels(entry: dict[str, Any]) -> Any:
+    """The sentinels a Sentinel entry names, None for an entry whose pools reach the URL's
+    host itself. In any order, as tuples or lists, the port as a number or a string."""
+    options = _options(entry)
     factory = options.get("CONNECTION_FACTORY") or getattr(
         settings, "DJANGO_REDIS_CONNECTION_FACTORY", "django_redis.pool.ConnectionFactory"
     )
-    return str(factory), repr(options.get("SENTINELS"))
+    if not _subclass(factory, SentinelConnectionFactory):
+        return None
+    try:
+        return frozenset((str(host), int(port)) for host, port in options.get("SENTINELS") or ())
+    except (TypeError, ValueError):
+        return repr(options.get("SENTINELS"))
 
 
 def _pool_sharing(alias: str, caches: dict[str, Any]) -> list[CheckMessage]:
     """django-redis keeps one connection pool per URL for the whole process, whichever
-    CACHES entry asked first. Two entries that give one URL (a Sentinel service name,
-    "redis://mymaster/0") different sentinels would then read and write one master, and
-    our invalidations could go to another server than our reads: stale rows."""
+    CACHES entry asked first. When a URL names a Sentinel service ("redis://mymaster/0"),
+    the server it reaches depends on the entry's sentinels: two entries that give one URL
+    other sentinels (or one of them none) would both reach the first one's server, and our
+    invalidations could go to another server than our reads: stale rows."""
     ours = caches[alias]
-    urls, reached = _urls(ours), _servers_reached(ours)
+    urls, sentinels = _pool_urls(ours), _sentinels(ours)
     errors: list[CheckMessage] = []
     for other, entry in caches.items():
         if other == alias or not isinstance(entry, dict):
             continue
         if not str(entry.get("BACKEND", "")).startswith("django_redis."):
             continue
-        shared = sorted(urls & _urls(entry))
-        if shared and _servers_reached(entry) != reached:
+        shared = sorted(urls & _pool_urls(entry))
+        theirs = _sentinels(entry)
+        if shared and theirs != sentinels:
             errors.append(
                 Error(
-                    f"CACHES[{alias!r}] (tiered_cache's) and CACHES[{other!r}] both name "
-                    f"{shared[0]!r} with other sentinels or another connection factory; "
-                    "django-redis shares one connection pool per URL in a process, so one "
-                    "of them would reach the other's server.",
+                    f"CACHES[{alias!r}] (tiered_cache's) and CACHES[{other!r}] both connect "
+                    f"to {shared[0]!r}, through other sentinels (or one of them through "
+                    "none); django-redis shares one connection pool per URL in a process, so "
+                    "one of them would reach the other's server.",
                     hint="Give each Sentinel setup its own service name (or database "
                     "number) in LOCATION.",
                     id="tiered_cache.E016",

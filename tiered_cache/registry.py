@@ -194,7 +194,8 @@ class ModelCache:
         # read at every call (see scope()).
         self.custom_queryset = False
         # Whether it overrides the db property, which then picks the database each read is
-        # keyed by (reads.hit() leaves such reads to get(), which asks it).
+        # keyed by, or cache_group()/cache_group_alias(), which pick the group a read is
+        # invalidated with (reads.hit() leaves such reads to get(), which asks them).
         self.custom_db = False
 
         uniques = unique_sets(model)
@@ -412,7 +413,9 @@ def model_cache(manager: Any) -> ModelCache:
                     negative_timeout=manager.cache_negative_timeout,
                 )
                 mc.custom_queryset = _overrides(manager, "get_queryset")
-                mc.custom_db = _overrides(manager, "db")
+                mc.custom_db = any(
+                    _overrides(manager, name) for name in ("db", "cache_group", "cache_group_alias")
+                )
                 built[key] = mc
                 _by_root.setdefault(mc.root, []).append(mc)
     return mc
