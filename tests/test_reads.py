@@ -148,6 +148,13 @@ def test_the_one_function_l1_hit_leaves_every_other_case_to_the_general_read() -
     picking.model, picking.name = Account, "picks_its_database"
     assert picking.get_cached(email=mine.email) == mine
     assert reads.hit(picking, {"email": mine.email}) is None
+    # So does one that picks the group its reads are invalidated with: a model's own
+    # manager of either kind is never taken as plain, so hit() never keys its misses.
+    grouping = GroupPickingManager(lookups=["email"])
+    grouping.model, grouping.name = Account, "picks_its_group"
+    assert model_cache(picking).custom_db and model_cache(grouping).custom_db
+    assert not model_cache(objects).custom_db
+    assert grouping.get_cached(email=mine.email) == mine
     # A router decides the database: get() asks it.
     with override_settings(DATABASE_ROUTERS=[OtherRouter()]):
         assert reads.hit(objects, {"pk": mine.pk}) is None
@@ -170,6 +177,11 @@ class DatabasePickingManager(CachedManager):
     @property
     def db(self) -> str:
         return "default"
+
+
+class GroupPickingManager(CachedManager):
+    def cache_group_alias(self, read_alias: str) -> str:
+        return str(super().cache_group_alias(read_alias))
 
 
 class OtherRouter:
