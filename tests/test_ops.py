@@ -123,6 +123,27 @@ def test_the_publisher_thread_pushes_on_its_own() -> None:
     assert len(threads) == 1
 
 
+def test_counters_replaced_by_reset_stats_are_pushed_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """reset_stats() replaces a model's counters; the next push must count the new ones
+    from zero. Told apart by id(), a new Counters could sit at the address of one freed
+    since and be taken for the counters already pushed: its reads then went unpushed
+    until they outnumbered the old totals (the publisher test's flake on CI). Here id()
+    answers the same for every object in reporting, as address reuse makes it answer for
+    some: the counters must be told apart without it."""
+    monkeypatch.setattr(reporting, "id", lambda obj: 0, raising=False)
+    user = UserFactory()
+    read(User.objects, pk=user.pk)
+    label = first_model_cache(User).label  # type: ignore[union-attr]
+    reporting.publish_stats()
+    for _ in range(3):
+        reporting.reset_stats()
+        User.objects.get_cached(pk=user.pk)
+        pushed = reporting.publish_stats()["counters"].get(label, {})
+        assert pushed.get("l1_hits", 0) + pushed.get("l2_hits", 0) == 1, pushed
+
+
 def test_warmup_uses_the_managers_hook(monkeypatch: pytest.MonkeyPatch) -> None:
     chosen, other = UserFactory(first_name="vip"), UserFactory()
     monkeypatch.setattr(

@@ -102,13 +102,20 @@ def tier_split(row: dict[str, Any]) -> list[tuple[str, int]]:
 # -- every process -----------------------------------------------------------------------
 
 
+# Per label: the counter objects of its managers, and their totals summed.
+_Totals = dict[str, tuple[tuple[Counters, ...], dict[str, int]]]
+
+
 class _Published:
-    """Per label: the counter objects last pushed (identity: reset_stats() replaces them)
-    and their totals then."""
+    """Per label: the counter objects last pushed and their totals then. The objects
+    themselves, not their id()s: reset_stats() replaces them, and a new object may be given
+    the address of one freed since, which id() would take for the one already pushed (its
+    reads then went unpushed until they outnumbered the old totals). Held here, an old
+    object's address is not reused while it is compared against."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.totals: dict[str, tuple[tuple[int, ...], dict[str, int]]] = {}
+        self.totals: _Totals = {}
         os.register_at_fork(after_in_child=self.after_fork)
 
     def after_fork(self) -> None:
@@ -119,15 +126,20 @@ class _Published:
 _published = _Published()
 
 
-def _local_totals() -> dict[str, tuple[tuple[int, ...], dict[str, int]]]:
-    totals: dict[str, tuple[tuple[int, ...], dict[str, int]]] = {}
+def _local_totals() -> _Totals:
+    totals: _Totals = {}
     for mgr in cached_managers():
         mc = model_cache(mgr)
-        ids, row = totals.get(mc.label, ((), dict.fromkeys(COUNTER_NAMES, 0)))
+        counters, row = totals.get(mc.label, ((), dict.fromkeys(COUNTER_NAMES, 0)))
         for name in COUNTER_NAMES:
             row[name] += getattr(mc.counters, name)
-        totals[mc.label] = ((*ids, id(mc.counters)), row)
+        totals[mc.label] = ((*counters, mc.counters), row)
     return totals
+
+
+def _same(a: tuple[Counters, ...], b: tuple[Counters, ...]) -> bool:
+    # By identity: Counters is a dataclass, whose == compares the counts.
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def publish_stats() -> dict[str, Any]:
@@ -141,9 +153,9 @@ def publish_stats() -> dict[str, Any]:
         taken = hot.take()
         caches = {model_cache(m).label: model_cache(m) for m in cached_managers()}
         deltas: dict[str, dict[str, int]] = {}
-        for label, (ids, row) in totals.items():
-            before_ids, before = _published.totals.get(label, ((), {}))
-            if before_ids != ids:
+        for label, (counters, row) in totals.items():
+            before_counters, before = _published.totals.get(label, ((), {}))
+            if not _same(before_counters, counters):
                 before = {}  # the counters were replaced (reset): all of it is new
             d = {}
             for name, value in row.items():
