@@ -76,6 +76,7 @@ __all__ = [
     "split_header",
     "trend_call",
     "valid_entries",
+    "value_field",
 ]
 
 # Bumped whenever the payload layout changes, so old payloads are never decoded. 2: the
@@ -140,12 +141,18 @@ def row_id(pk: Any) -> str:
     return encode_values((pk,)).replace("%", "%25").replace("|", "%7C")
 
 
+def value_field(f: Any) -> Any:
+    """The field whose values f holds: f itself, or for a relation (a foreign key, a
+    multi-table child's pk, which is its parent link) the field at the end of its chain."""
+    while f.is_relation:
+        f = f.target_field
+    return f
+
+
 def pk_row_id(pk_field: Any, value: Any) -> str:
     """The row id of a pk value, the same whether it comes from an instance (a read) or
     from a statement's parameters (a write): the value as the ORM prepares it."""
-    f = pk_field
-    while f.is_relation:  # a multi-table child's pk is its parent link
-        f = f.target_field
+    f = value_field(pk_field)
     return row_id(f.get_prep_value(f.to_python(value)))
 
 

@@ -21,7 +21,15 @@ from .conf import conf
 from .counters import Counters
 from .exceptions import UndeclaredLookup
 from .groups import concrete_of, root_label
-from .keys import Group, group, lookup_key, pk_row_id, row_id, schema_fingerprint
+from .keys import (
+    Group,
+    group,
+    lookup_key,
+    pk_row_id,
+    row_id,
+    schema_fingerprint,
+    value_field,
+)
 from .serialization import RowCodec
 
 __all__ = [
@@ -252,10 +260,7 @@ class ModelCache:
         # _PASS_THROUGH; a multi-table child's pk is its ancestor's): every read past L1
         # and each row of get_many_cached() names its row, and the two calls cost more
         # than the id.
-        target = model._meta.pk
-        while target.is_relation:
-            target = target.target_field  # type: ignore[attr-defined]  # RelatedField's
-        self._pk_plain: type | None = _PASS_THROUGH.get(type(target))
+        self._pk_plain: type | None = _PASS_THROUGH.get(type(value_field(model._meta.pk)))
         # Per keyword order: the lookup, which keyword each of its fields is, and for
         # plain_many() the same as an itemgetter (None: the keywords are in its order).
         self._orders: dict[

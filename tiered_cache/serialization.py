@@ -18,7 +18,7 @@ from django.db.models.base import ModelState
 from django.db.models.signals import post_init, pre_init
 from django.dispatch.dispatcher import NO_RECEIVERS
 
-from .keys import DerivedHeader, RowHeader, split_header
+from .keys import DerivedHeader, RowHeader, split_header, value_field
 
 logger = logging.getLogger("tiered_cache")
 
@@ -57,9 +57,7 @@ _IMMUTABLE_FIELDS: frozenset[type[models.Field[Any, Any]]] = frozenset(
 
 
 def _immutable(f: models.Field[Any, Any]) -> bool:
-    while f.is_relation:  # a foreign key holds its target field's value
-        f = f.target_field  # type: ignore[attr-defined]  # on RelatedField, not on Field
-    return type(f) in _IMMUTABLE_FIELDS
+    return type(value_field(f)) in _IMMUTABLE_FIELDS  # a foreign key holds its target's
 
 
 class CorruptPayload(Exception):

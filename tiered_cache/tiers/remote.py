@@ -405,10 +405,7 @@ class RedisTier:
                 # messages go out again after them: a second drop of an entry is harmless).
                 for i in todo:
                     call = calls[i]
-                    assert isinstance(call, ScriptCall)  # only a script answers NOSCRIPT
-                    conn = self._conn(self._node_of(call))
-                    conn.send_command("SCRIPT", "LOAD", call.script.source)
-                    conn.read_response()
+                    self._load_script(self._conn(self._node_of(call)), call)
             for r in out:
                 if isinstance(r, ResponseError):
                     raise r
@@ -442,18 +439,19 @@ class RedisTier:
         _round(), for a read's Python work costs several times its warm cost after the
         wait for Redis (caches cold again)."""
         conn = self._conn()
-        command = call.command()
-        self._send_packed(conn, [command])
-        reply = self._read(conn, 1)[0]
-        if isinstance(reply, NoScriptError):
-            # As in _run(): Redis lost its scripts (a restart, SCRIPT FLUSH).
-            assert isinstance(call, ScriptCall)
-            self._exchange(conn, [("SCRIPT", "LOAD", call.script.source)], raise_errors=True)
-            self._send_packed(conn, [command])
-            reply = self._read(conn, 1)[0]
+        (reply,) = self._exchange(conn, [call.command()], raise_errors=False)
+        if isinstance(reply, NoScriptError):  # as in _run()
+            self._load_script(conn, call)
+            (reply,) = self._exchange(conn, [call.command()], raise_errors=False)
         if isinstance(reply, ResponseError):
             raise reply
         return reply
+
+    def _load_script(self, conn: Any, call: ScriptCall | Command) -> None:
+        """Redis restarted or its script cache was flushed (NOSCRIPT): load the script
+        again on this connection's server."""
+        assert isinstance(call, ScriptCall)  # only a script answers NOSCRIPT
+        self._exchange(conn, [("SCRIPT", "LOAD", call.script.source)], raise_errors=True)
 
     def _check_primaries(self) -> None:
         """Before a call on a cluster: if the slot map names other masters than it did (it
