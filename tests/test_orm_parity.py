@@ -206,6 +206,99 @@ def test_related_manager_built_on_a_named_manager_applies_that_managers_filter(
         )
 
 
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("many", [False, True], ids=["get_cached", "get_many_cached"])
+def test_a_related_managers_rows_hold_its_own_instance_as_the_orms_do(
+    tier: str, many: bool
+) -> None:
+    """The ORM's related manager gives its rows the manager's instance as their related
+    object (its queryset's known related objects): unsaved changes to it show through,
+    and reading the relation runs no query."""
+    tenant = TenantFactory(name="saved")
+    acc = AccountFactory(tenant=tenant)
+    tenant.name = "unsaved"
+    expected = tenant.accounts.get(pk=acc.pk)
+    assert expected.tenant is tenant  # the oracle
+    for _ in range(2):  # a miss, then from the tier under test
+        at(tier)
+        if many:
+            got = tenant.accounts.get_many_cached([acc.pk])[acc.pk]
+        else:
+            got = tenant.accounts.get_cached(pk=acc.pk)
+        with CaptureQueriesContext(connection) as queries:
+            related = got.tenant
+        assert related is tenant, f"the row's tenant is {related.name!r}, a copy read again"
+        assert len(queries) == 0
+
+
+def _fetch_mode(obj: models.Model) -> Any:
+    return getattr(obj._state, "fetch_mode", None)  # Django 6.1+
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_managers_fetch_mode_reaches_cached_instances(tier: str) -> None:
+    """A manager whose queryset sets a fetch mode (Django 6.1+; on older versions these
+    managers set none and the answers are Django's default): FETCH_RAISE blocks a lazy
+    load of the instance's relation, from the cache as from the ORM."""
+    acc = AccountFactory()
+    Account.raising.get_cached(email=acc.email)  # warm
+    at(tier)
+    got = Account.raising.get_cached(email=acc.email)
+    expected = Account.raising.get(email=acc.email)
+    assert _fetch_mode(got) == _fetch_mode(expected)
+    assert outcome(lambda: got.tenant) == outcome(lambda: expected.tenant)
+    if hasattr(models, "FETCH_RAISE"):
+        assert outcome(lambda: expected.tenant) == ("raises", "FieldFetchBlocked")
+        assert Account.raising.get_cached(email=acc.email) is not None
+        assert tiered_cache.stats()[Account._meta.label_lower]["l1_hits"] >= 1
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_get_many_cached_links_its_rows_as_peers_as_in_bulk_does(tier: str) -> None:
+    """Under FETCH_PEERS (Django 6.1+) the rows of one in_bulk() fetch a relation for all of
+    them with one query; the rows of one get_many_cached() the same."""
+    accs = [AccountFactory(tenant=TenantFactory()) for _ in range(3)]
+    pks = [a.pk for a in accs]
+    Account.peers.get_many_cached(pks)  # warm
+    at(tier)
+
+    def queries_to_read_tenants(rows: dict[Any, Account]) -> tuple[int, list[str]]:
+        with CaptureQueriesContext(connection) as queries:
+            names = [rows[pk].tenant.name for pk in pks]
+        return len(queries), names
+
+    got = queries_to_read_tenants(Account.peers.get_many_cached(pks))
+    expected = queries_to_read_tenants(Account.peers.in_bulk(pks))
+    assert got == expected
+    if hasattr(models, "FETCH_PEERS"):
+        assert expected[0] == 1
+
+
+def test_a_fetch_mode_over_selected_relations_sends_reads_to_the_database() -> None:
+    """select_related() under FETCH_RAISE: the ORM's instance holds the tenant, a cached one
+    would not and would raise. Such a manager's reads go to the database, and the system
+    check says why."""
+    if not hasattr(models, "FETCH_RAISE"):
+        assert not hasattr(models.QuerySet, "fetch_mode")  # nothing to check before 6.1
+        return
+    from tests.testapp.models import FetchModeAccountManager
+    from tiered_cache.registry import uncacheable_reason
+
+    class Joined(FetchModeAccountManager):
+        fetch_mode = models.FETCH_RAISE
+
+        def get_queryset(self) -> models.QuerySet:
+            return super().get_queryset().select_related("tenant")
+
+    manager = Joined(lookups=["email"])
+    manager.model, manager.name = Account, "joined"  # bound as contribute_to_class would
+    acc = AccountFactory()
+    for _ in range(2):
+        got = manager.get_cached(email=acc.email)
+        assert got.tenant.pk == acc.tenant_id  # selected: no lazy load, nothing raised
+    assert "fetch mode" in (uncacheable_reason(manager) or "")
+
+
 def test_derived_function_sees_many_to_many_add_and_remove() -> None:
     item, label = ItemFactory(), LabelFactory()
 

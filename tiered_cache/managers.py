@@ -119,10 +119,12 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
         # transaction of this process holds writes: the caller's transaction lives on the
         # thread sync_to_async hops to, where reads.get() checks it.
         if open_writes() == 0 and db not in snapshot_aliases() and lk.unique:
-            scope = mc.scope(self)
+            scope, mode = mc.read_scope(self)
             if scope is not None:
                 found: _M | None = reads.peek_local(mc, (lk.key_prefix, db, scope, *values), db)
                 if found is not None:
+                    if mode is not None:
+                        reads.fetch_as(mode, [found])
                     return found
         obj: _M = await sync_to_async(reads.get)(self, mc, lk, values)
         return obj
@@ -231,7 +233,17 @@ def _related_get(manager: Any, lookup: dict[str, Any]) -> Any:
         raise manager.model.DoesNotExist(
             f"{manager.model._meta.object_name} matching query does not exist."
         )
+    _known_related(manager, [obj])
     return obj
+
+
+def _known_related(manager: Any, objs: Iterable[Any]) -> None:
+    """As the ORM's related manager does (its queryset's known related objects): the rows
+    it returns hold the manager's own instance as their related object, that very instance
+    and not a copy read again, which also saves a query."""
+    name = manager.field.name
+    for obj in objs:
+        setattr(obj, name, manager.instance)
 
 
 def _related_get_many(manager: Any, pks: list[Any]) -> dict[Any, Any]:
@@ -249,6 +261,8 @@ def _related_get_many(manager: Any, pks: list[Any]) -> dict[Any, Any]:
     if want is None:
         return {}
     found = base.get_many_cached(pks)
-    return {
+    rows = {
         pk: obj for pk, obj in found.items() if manager.field.get_local_related_value(obj) == want
     }
+    _known_related(manager, rows.values())
+    return rows

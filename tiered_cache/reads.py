@@ -6,7 +6,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Hashable
+import weakref
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 from django.core.exceptions import ObjectDoesNotExist
@@ -162,7 +163,7 @@ def _raw(v: Any) -> bytes:
 def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> Any:
     db = manager.db
     g = manager.cache_group(mc, db)
-    why, scope = _read_scope(manager, mc, lk, db, g)
+    why, scope, mode = _read_scope(manager, mc, lk, db, g)
     if why is None and None in values:
         # SQL's NULL equals no other: get(field=None) matches every row with NULL there, so
         # no lookup is unique by it (a nullable unique field may hold many).
@@ -172,7 +173,16 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
         if recording.active:
             recording.served(recording.BYPASSED, why)
         return manager.get_queryset().get(**lk.orm_kwargs(values))
+    found = _get_scoped(manager, mc, g, lk, values, db, scope)
+    if mode is not None:
+        fetch_as(mode, [found])
+    return found
 
+
+def _get_scoped(
+    manager: Any, mc: ModelCache, g: Group, lk: Lookup, values: tuple[Any, ...], db: str, scope: str
+) -> Any:
+    """get() once it is settled that the tiers serve this read."""
     # L1 is keyed by the lookup, the database, the manager's filter and the values: no
     # string is built here.
     l1key = (lk.key_prefix, db, scope, *values)
@@ -604,14 +614,27 @@ def _miss_source(manager: Any, db: str) -> Any:
 
 def _read_scope(
     manager: Any, mc: ModelCache, lk: Lookup, db: str, g: Group
-) -> tuple[str | None, str]:
-    """(why this read skips the tiers, or None; the key part of the manager's filter)."""
+) -> tuple[str | None, str, Any]:
+    """(why this read skips the tiers, or None; the key part of the manager's filter; the
+    fetch mode its queryset gives instances, None for Django's default)."""
     if not lk.unique:
-        return "the lookup is not unique", ""
-    scope = mc.scope(manager)
+        return "the lookup is not unique", "", None
+    scope, mode = mc.read_scope(manager)
     if scope is None:
-        return "the manager's queryset is not cacheable", ""
-    return bypass(db, g.alias, g.id), scope
+        return "the manager's queryset is not cacheable", "", None
+    return bypass(db, g.alias, g.id), scope, mode
+
+
+def fetch_as(mode: Any, objs: Iterable[Any]) -> None:
+    """Give instances served from the tiers the fetch mode (Django 6.1+) of the manager's
+    queryset, as the ORM does: FETCH_RAISE blocks their lazy loads, and FETCH_PEERS makes
+    the instances of one call fetch a field for all of them at once."""
+    objs = list(objs)
+    peers = [weakref.ref(o) for o in objs] if mode.track_peers else None
+    for o in objs:
+        o._state.fetch_mode = mode
+        if peers is not None:
+            o._state.peers = peers
 
 
 def _alias_part(db: str, scope: str) -> str:
@@ -634,7 +657,6 @@ def _l1_timeout(mc: ModelCache, value: Any) -> float:
 def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     lk = mc.pk_lookup
     prep = lk.preps[0]
-    prefix = lk.key_prefix
     db = manager.db
     g = manager.cache_group(mc, db)
     wanted: list[Any] = []
@@ -646,14 +668,25 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
         if v not in seen:
             seen.add(v)
             wanted.append(v)
-    why, scope = _read_scope(manager, mc, lk, db, g)
+    why, scope, mode = _read_scope(manager, mc, lk, db, g)
     if why is not None:
         mc.counters.bypassed += len(wanted)
         if recording.active:
             recording.served(recording.BYPASSED, why, len(wanted))
         rows: dict[Any, Any] = manager.get_queryset().in_bulk(wanted)
         return rows
+    found = _get_many_scoped(manager, mc, g, wanted, db, scope)
+    if mode is not None:
+        fetch_as(mode, found.values())
+    return found
 
+
+def _get_many_scoped(
+    manager: Any, mc: ModelCache, g: Group, wanted: list[Any], db: str, scope: str
+) -> dict[Any, Any]:
+    """get_many() once it is settled that the tiers serve these reads."""
+    lk = mc.pk_lookup
+    prefix = lk.key_prefix
     found: dict[Any, Any] = {}
     if not bus.trusted():
         bus.ensure_started()
@@ -849,7 +882,7 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
     lk = mc.pk_lookup
     db = manager.db
     g = manager.cache_group(mc, db)
-    why, scope = _read_scope(manager, mc, lk, db, g)
+    why, scope, _ = _read_scope(manager, mc, lk, db, g)
     if why is not None:  # e.g. inside a transaction that wrote the model: nothing to store
         return {"stored": 0, "refused": 0}
     last_pk = None

@@ -32,6 +32,10 @@ from .keys import (
 )
 from .serialization import RowCodec
 
+# Django 6.1+: a queryset's fetch mode says what its instances do on a lazy load. Before,
+# every instance fetched one field at a time (FETCH_ONE, the default since).
+FETCH_ONE = getattr(models, "FETCH_ONE", None)
+
 __all__ = [
     "CachedManagerBase",
     "Lookup",
@@ -41,6 +45,7 @@ __all__ = [
     "cached_managers",
     "cached_models",
     "declared_lookups",
+    "fetch_mode_of",
     "first_model_cache",
     "is_composite_pk",
     "model_cache",
@@ -376,13 +381,18 @@ class ModelCache:
         """The part of a key that stands for the manager's own filter: "" for a manager that
         keeps Django's get_queryset(). One that overrides it may filter on values known at
         run time (the current tenant): its filter, values included, is part of the key.
-        None when reads must go to the database (see _scope)."""
+        None when reads must go to the database (see _scope_reason)."""
+        return self.read_scope(manager)[0]
+
+    def read_scope(self, manager: Any) -> tuple[str | None, Any]:
+        """(scope() of the manager; the fetch mode its queryset gives the instances it
+        returns, which a cached instance must get too, or None for Django's default)."""
         if not self.custom_queryset:
-            return ""
-        query = manager.get_queryset().query
-        if _scope_reason(manager.model, query) is not None:
-            return None
-        return hashlib.sha1(str(query.where).encode()).hexdigest()[:12]
+            return "", None
+        qs = manager.get_queryset()
+        if _scope_reason(manager.model, qs) is not None:
+            return None, None
+        return hashlib.sha1(str(qs.query.where).encode()).hexdigest()[:12], fetch_mode_of(qs)
 
 
 # The ModelCaches built so far, by (model, manager name); read-only outside model_cache()
@@ -461,15 +471,26 @@ def _overrides(manager: Any, attribute: str) -> bool:
 def uncacheable_reason(manager: Any) -> str | None:
     """Why get_cached() on this manager can never be cached (system check W003), or None."""
     try:
-        return _scope_reason(manager.model, manager.get_queryset().query)
+        return _scope_reason(manager.model, manager.get_queryset())
     except Exception:  # an unusual queryset: be safe
         return "its queryset could not be inspected"
 
 
-def _scope_reason(model: type[models.Model], query: Any) -> str | None:
+def fetch_mode_of(qs: Any) -> Any:
+    """The fetch mode (Django 6.1+) a queryset gives its instances; None for the default."""
+    mode = getattr(qs, "_fetch_mode", None)
+    return None if mode is FETCH_ONE else mode
+
+
+def _scope_reason(model: type[models.Model], qs: Any) -> str | None:
     """A queryset that reads other tables (a join or subquery in its filter) has answers
     that writes to those tables change; one that annotates, aggregates, slices or selects
     only some columns returns rows the cache does not hold."""
+    query = qs.query
+    if fetch_mode_of(qs) is not None and (query.select_related or qs._prefetch_related_lookups):
+        # The ORM's instances come with those objects; a cached one holds its row only, and
+        # under this mode would raise (FETCH_RAISE) or fetch where the ORM's do not.
+        return "its queryset selects related objects under a fetch mode other than FETCH_ONE"
     if (
         query.annotations
         or query.extra

@@ -182,6 +182,25 @@ class RichAccountManager(CachedManager):
         return super().get_queryset().filter(balance__gte=100)
 
 
+class FetchModeAccountManager(CachedManager):
+    """A cached manager whose queryset sets a fetch mode (Django 6.1+), the way Django's
+    docs make one a model's default; None leaves Django's own."""
+
+    fetch_mode: Any = None
+
+    def get_queryset(self) -> models.QuerySet:
+        qs = super().get_queryset()
+        return qs if self.fetch_mode is None else qs.fetch_mode(self.fetch_mode)
+
+
+class RaisingAccountManager(FetchModeAccountManager):
+    fetch_mode = getattr(models, "FETCH_RAISE", None)
+
+
+class PeersAccountManager(FetchModeAccountManager):
+    fetch_mode = getattr(models, "FETCH_PEERS", None)
+
+
 class Account(models.Model):
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="accounts")
     email = models.CharField(max_length=200, unique=True)
@@ -191,6 +210,8 @@ class Account(models.Model):
 
     objects = CachedManager(lookups=["email", ("tenant", "email")])
     rich = RichAccountManager(lookups=["email"])
+    raising = RaisingAccountManager(lookups=["email"])
+    peers = PeersAccountManager()
 
     def __str__(self) -> str:
         return self.email
