@@ -491,3 +491,50 @@ def test_the_short_way_to_a_row_id_names_the_row_as_writes_do() -> None:
             if mc._pk_plain is not None:
                 shortcuts.add(mc._pk_plain)
     assert shortcuts == {int, str}  # the test app has both kinds of plain pk
+
+
+def _leases(model: Any) -> list[bytes]:
+    redis_tier.wait_for_fills()
+    mc = model_cache(model.objects)
+    prefix = f"{mc.home.shards[0].tag}:{mc.schema}:{mc.label}:".replace("[", "[[]")
+    return [k for k in redis_tier.client.scan_iter(match=prefix + "*|L", count=1000)]
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["get_cached", "get_many_cached"])
+def test_a_lease_taken_for_a_row_the_cache_cannot_hold_is_given_back(
+    monkeypatch: Any, many: bool
+) -> None:
+    """A miss takes the key's lease, which says a fill follows. When the row read cannot be
+    cached (fields deferred), no fill follows: the lease goes back at once, or every other
+    reader of the key would wait LEASE_WAIT for nothing until it expired."""
+    flow = FlowFactory()
+    assert bus.wait_trusted(5)
+    mc = model_cache(Flow.objects)
+    monkeypatch.setattr(mc.codec, "values", lambda obj: None)  # as for a deferred field
+    for _ in range(2):
+        if many:
+            got = Flow.objects.get_many_cached([flow.pk])[flow.pk]
+        else:
+            got = Flow.objects.get_cached(pk=flow.pk)
+        assert got.pk == flow.pk
+        assert _leases(Flow) == [], "a lease outlived a read that could not fill"
+    assert counters(Flow)["misses"] == 2
+
+
+def test_a_manager_that_defers_fields_reads_the_database_and_says_why() -> None:
+    """A row read with fields deferred is not a whole row: such a manager's reads go to the
+    database, take no lease, and system check W003 names the reason."""
+
+    class Deferring(CachedManager):
+        def get_queryset(self) -> QuerySet:
+            return super().get_queryset().defer("data")
+
+    manager = Deferring()
+    manager.model, manager.name = Account, "deferring"  # bound as contribute_to_class would
+    acc = AccountFactory(data={"a": 1})
+    for _ in range(2):
+        got = manager.get_cached(pk=acc.pk)
+        assert got.get_deferred_fields() == {"data"} and got.data == {"a": 1}
+    assert model_cache(manager).counters.bypassed == 2
+    assert _leases(Account) == []
+    assert "defers fields" in (registry.uncacheable_reason(manager) or "")

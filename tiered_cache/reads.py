@@ -31,10 +31,12 @@ from .keys import (
     ScriptCall,
     Shard,
     fill_call,
+    lease_key,
     lookup_keys,
     peek_many_call,
     read_call,
     read_many_call,
+    release_call,
     row_header,
     valid_entries,
 )
@@ -151,6 +153,20 @@ class Fill:
             int((now + self.ttl) * 1000),
             self.row_seen,
         )
+
+
+class Release:
+    """A lease given back unfilled, on the filler thread: the row read cannot be cached
+    (fields left deferred), and every other reader of the key would wait LEASE_WAIT for a
+    fill that never comes, until the lease expired."""
+
+    __slots__ = ("key", "lease", "version")
+
+    def __init__(self, key: str, lease: str) -> None:
+        self.key, self.lease, self.version = key, lease, b""
+
+    def call(self, version: bytes) -> ScriptCall:
+        return release_call(lease_key(self.key), self.lease)
 
 
 def _raw(v: Any) -> bytes:
@@ -488,6 +504,8 @@ def _load(
     else:
         row = mc.codec.values(obj)
         if row is None or source is False:
+            if code == LEASE:
+                redis_tier.fill_later([Release(key, lease_token)])
             return UNCACHEABLE, obj
         value = mc.codec.freeze(row)
         if source is not None:
@@ -772,6 +790,8 @@ def _get_many_scoped(
             found[pk] = obj
             row = mc.codec.values(obj)
             if row is None or source is False:
+                if lease:
+                    redis_tier.fill_later([Release(key, lease)])
                 continue
             value = mc.codec.freeze(row)
             if source is not None:  # read from the primary: as read through `db`

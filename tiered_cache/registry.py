@@ -501,6 +501,9 @@ def _scope_reason(model: type[models.Model], qs: Any) -> str | None:
         or query.combinator
     ):
         return "its queryset annotates, groups, slices or selects values"
+    if query.deferred_loading[0] or not query.deferred_loading[1]:
+        # The cache holds whole rows, and a row read with fields deferred is not one.
+        return "its queryset defers fields (defer(), only())"
     # Aliases Django trimmed (a filter on a foreign key column) are left with no refs.
     tables = {t.table_name for a, t in query.alias_map.items() if query.alias_refcount.get(a)}
     own = {m._meta.db_table for m in [concrete_of(model), *model._meta.get_parent_list()]}
