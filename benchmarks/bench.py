@@ -32,10 +32,12 @@ import math
 import os
 import pickle
 import platform
+import queue
 import random
 import secrets
 import statistics
 import sys
+import threading
 import time
 import traceback
 import tracemalloc
@@ -58,6 +60,7 @@ OPS = {
     "miss_pk": 40,
     "orm_cold": 40,
     "floor_miss": 40,
+    "floor_miss_fill": 40,
     "neg_l1": 4000,
     "neg_l2": 100,
     "orm_email": 40,
@@ -193,6 +196,7 @@ class Data:
     cold: list[int]  # never read before their one miss
     cold_orm: list[int]  # never read before their one ORM get (the miss's baseline)
     cold_floor: list[int]  # never read before the miss's floor case reads them
+    cold_fill: list[int]  # never read before the miss's floor with a fill reads them
     memory: list[list[int]]  # disjoint sets of users for the L1 memory rows
     absent: list[int]  # pks with no row (negative hits)
     flows: list[tuple[str, str]]  # (tenant_id, session_id) of hot flows
@@ -211,7 +215,7 @@ def make_data(plan: Plan, cold_needed: int) -> Data:
     )
     from demo_project.demo.models import FlowInstance, PlainFlowInstance, User
 
-    total = plan.hot + 100 + 3 * cold_needed + sum(plan.memory_sizes) + 100
+    total = plan.hot + 100 + 4 * cold_needed + sum(plan.memory_sizes) + 100
     UserFactory.reset_sequence(0)
     pool = UserFactory.build_batch(min(plan.user_pool, total))
     User.objects.bulk_create(pool, batch_size=1000)
@@ -257,6 +261,7 @@ def make_data(plan: Plan, cold_needed: int) -> Data:
     cold = take(cold_needed)
     cold_orm = take(cold_needed)
     cold_floor = take(cold_needed)
+    cold_fill = take(cold_needed)
     memory = [take(n) for n in plan.memory_sizes]
     by_pk = User.objects.in_bulk(hot)
     concrete = User._meta.concrete_fields
@@ -289,6 +294,7 @@ def make_data(plan: Plan, cold_needed: int) -> Data:
         cold=cold,
         cold_orm=cold_orm,
         cold_floor=cold_floor,
+        cold_fill=cold_fill,
         memory=memory,
         absent=[top + 1_000_000 + i for i in range(plan.hot)],
         flows=[(f.tenant_id, f.session_id) for f in flows],
@@ -324,6 +330,7 @@ class Bench:
         self.cold = iter(data.cold)
         self.cold_orm = iter(data.cold_orm)
         self.cold_floor = iter(data.cold_floor)
+        self.cold_fill = iter(data.cold_fill)
         self.cases = self._cases()
 
     # Helpers shared by the cases; none of them is timed.
@@ -532,6 +539,34 @@ class Bench:
                 total += now() - t
             return total / n / NS
 
+        # A miss also stores the row in L2, off the caller's path but in its process: the
+        # same, and the row's values pickled and SET by a second thread, as a fill is.
+        def floor_miss_fill(n: int) -> float:
+            from tiered_cache.tiers.remote import redis_tier
+
+            client = redis_tier.client
+            attnames = [f.attname for f in User._meta.concrete_fields]
+            seq = [next(self.cold_fill) for _ in range(n)]
+            sets: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
+
+            def setter() -> None:
+                while (item := sets.get()) is not None:
+                    client.set(item[0], item[1], px=60_000)
+
+            thread = threading.Thread(target=setter, daemon=True)
+            thread.start()
+            total = 0
+            for pk in seq:
+                t = now()
+                client.get(f"tc-bench-floor:{pk}")
+                obj = User.objects.get(pk=pk)
+                values = tuple([obj.__dict__[a] for a in attnames])
+                sets.put((f"tc-bench-floor:{pk}", pickle.dumps(values)))
+                total += now() - t
+            sets.put(None)
+            thread.join()
+            return total / n / NS
+
         # What any authenticated read of a stored row must do after its round trip: check
         # the MAC, unpickle, build the caller's instance (thaw: from_db without __init__).
         def open_rows(mc: Any, keys: list[str], raws: list[bytes]) -> None:
@@ -692,6 +727,11 @@ class Bench:
             Case("floor_l2", "  floor: that GET, then MAC, unpickle, instance", floor_l2, p_hot),
             Case("orm_cold", "ORM get(pk) of a row never read", orm_cold),
             Case("floor_miss", "  floor: a Redis GET, then that ORM get", floor_miss),
+            Case(
+                "floor_miss_fill",
+                "  floor: the same, and a SET of the row from a second thread",
+                floor_miss_fill,
+            ),
             Case("miss_pk", "get_cached(pk) miss", miss_pk, None, (User, "misses", 1)),
             Case(
                 "neg_l1",
@@ -1022,6 +1062,7 @@ def build_rows(
     rows[-1]["id"] = "miss_vs_cold"
     row(by["orm_cold"], by["orm_cold"].label)
     floor("floor_miss", "orm_cold", "miss_pk")
+    floor("floor_miss_fill", "orm_cold", "miss_pk")
     row(by["neg_l1"], by["neg_l1"].label)
     row(by["neg_l2"], by["neg_l2"].label)
     row(by["orm_email"], by["orm_email"].label)
