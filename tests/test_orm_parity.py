@@ -667,6 +667,40 @@ def test_database_alias_is_part_of_the_key(first: str, tier: str) -> None:
         )
 
 
+class OtherDatabaseTenants(tiered_cache.CachedManager):
+    """A manager whose queryset picks its database itself (using()), not through
+    db_manager() or a router."""
+
+    def get_queryset(self) -> models.QuerySet:
+        return super().get_queryset().using("other")
+
+
+@MULTI_DB
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("many", [False, True], ids=["get_cached", "get_many_cached"])
+def test_a_manager_whose_queryset_picks_a_database_serves_that_databases_rows(
+    tier: str, many: bool
+) -> None:
+    manager = OtherDatabaseTenants()
+    manager.model, manager.name = Tenant, "on_other"  # bound as contribute_to_class would
+
+    def cached() -> Tenant:
+        return manager.get_many_cached([t.pk])[t.pk] if many else manager.get_cached(pk=t.pk)
+
+    t = Tenant.objects.create(name="default-row")
+    Tenant.objects.using("other").create(pk=t.pk, name="other-row")
+    for step in ("first", "again"):
+        at(tier)
+        assert_same(cached, lambda: manager.get(pk=t.pk), f"{step} read")
+    Tenant.objects.using("other").filter(pk=t.pk).update(name="other-renamed")
+    for step in ("after the other database's write", "again"):
+        at(tier)
+        assert_same(cached, lambda: manager.get(pk=t.pk), step)
+    Tenant.objects.filter(pk=t.pk).update(name="default-renamed")
+    at(tier)
+    assert_same(cached, lambda: manager.get(pk=t.pk), "after the default database's write")
+
+
 @MULTI_DB
 @pytest.mark.parametrize("tier", TIERS)
 def test_saving_an_instance_read_from_another_database_changes_only_that_one(tier: str) -> None:

@@ -30,7 +30,7 @@ from django.db import DatabaseError, models
 from .bus import bus
 from .exceptions import UndeclaredLookup
 from .keys import NO_ROW, ROW, Group, RowHeader, Shard, lease_key, split_header
-from .reads import decode
+from .reads import decode, settle
 from .registry import ModelCache, cached_managers, model_cache, resolve_models
 from .serialization import CorruptPayload, loads_verified, open_signed
 from .tiers.local import NEGATIVE, Peeked, local_tier
@@ -304,9 +304,7 @@ def inspect_entry(
     mgr = _manager(model, manager, using)
     mc = model_cache(mgr)
     lk, values = _resolve(mc, lookup)
-    db = mgr.db
-    g = mgr.cache_group(mc, db)
-    scope = mc.scope(mgr)
+    mgr, db, g, _, scope, _ = settle(mgr, mc, lk)
     # As reads.get() builds them: L1 by lookup, database, manager filter and values; L2
     # with the database and the filter in the key (reads._alias_part).
     l1key = (lk.key_prefix, db, scope, *values)

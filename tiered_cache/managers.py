@@ -114,13 +114,13 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
             return recorded
         mc = model_cache(self)
         lk, values = mc.resolve(lookup)
-        db = self.db
         # An L1 hit stays on the event loop (no I/O, no thread hop) only while no
         # transaction of this process holds writes: the caller's transaction lives on the
         # thread sync_to_async hops to, where reads.get() checks it.
-        if open_writes() == 0 and db not in snapshot_aliases() and lk.unique:
-            scope, mode = mc.read_scope(self)
-            if scope is not None:
+        if open_writes() == 0 and lk.unique:
+            scope, mode, picked = mc.read_scope(self)
+            db = picked or self.db
+            if scope is not None and db not in snapshot_aliases():
                 found: _M | None = reads.peek_local(mc, (lk.key_prefix, db, scope, *values), db)
                 if found is not None:
                     if mode is not None:

@@ -177,9 +177,7 @@ def _raw(v: Any) -> bytes:
 
 
 def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> Any:
-    db = manager.db
-    g = manager.cache_group(mc, db)
-    why, scope, mode = _read_scope(manager, mc, lk, db, g)
+    manager, db, g, why, scope, mode = settle(manager, mc, lk)
     if why is None and None in values:
         # SQL's NULL equals no other: get(field=None) matches every row with NULL there, so
         # no lookup is unique by it (a nullable unique field may hold many).
@@ -189,6 +187,7 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
         if recording.active:
             recording.served(recording.BYPASSED, why)
         return manager.get_queryset().get(**lk.orm_kwargs(values))
+    assert scope is not None  # a queryset that is not cacheable has a reason (why)
     found = _get_scoped(manager, mc, g, lk, values, db, scope)
     if mode is not None:
         fetch_as(mode, [found])
@@ -630,17 +629,25 @@ def _miss_source(manager: Any, db: str) -> Any:
     return manager.db_manager(primary)
 
 
-def _read_scope(
-    manager: Any, mc: ModelCache, lk: Lookup, db: str, g: Group
-) -> tuple[str | None, str, Any]:
-    """(why this read skips the tiers, or None; the key part of the manager's filter; the
-    fetch mode its queryset gives instances, None for Django's default)."""
+def settle(
+    manager: Any, mc: ModelCache, lk: Lookup
+) -> tuple[Any, str, Group, str | None, str | None, Any]:
+    """What a read through `manager` by `lk` goes through: (the manager, which is a copy
+    for the database when its queryset picks one itself with using(), as db_manager()
+    would make; the database read; its invalidation group; why the read skips the tiers,
+    or None; the key part of the manager's filter, None if its queryset is not
+    cacheable; the fetch mode its queryset gives instances, None for Django's default)."""
+    scope, mode, picked = mc.read_scope(manager) if lk.unique else ("", None, None)
+    if picked is not None and picked != manager._db:
+        # Its rows are that database's, and so are the writes that change them.
+        manager = manager.db_manager(picked)
+    db = manager.db
+    g = manager.cache_group(mc, db)
     if not lk.unique:
-        return "the lookup is not unique", "", None
-    scope, mode = mc.read_scope(manager)
+        return manager, db, g, "the lookup is not unique", "", None
     if scope is None:
-        return "the manager's queryset is not cacheable", "", None
-    return bypass(db, g.alias, g.id), scope, mode
+        return manager, db, g, "the manager's queryset is not cacheable", None, None
+    return manager, db, g, bypass(db, g.alias, g.id), scope, mode
 
 
 def fetch_as(mode: Any, objs: Iterable[Any]) -> None:
@@ -675,8 +682,6 @@ def _l1_timeout(mc: ModelCache, value: Any) -> float:
 def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     lk = mc.pk_lookup
     prep = lk.preps[0]
-    db = manager.db
-    g = manager.cache_group(mc, db)
     wanted: list[Any] = []
     seen: set[Any] = set()
     for pk in pks:
@@ -686,13 +691,14 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
         if v not in seen:
             seen.add(v)
             wanted.append(v)
-    why, scope, mode = _read_scope(manager, mc, lk, db, g)
+    manager, db, g, why, scope, mode = settle(manager, mc, lk)
     if why is not None:
         mc.counters.bypassed += len(wanted)
         if recording.active:
             recording.served(recording.BYPASSED, why, len(wanted))
         rows: dict[Any, Any] = manager.get_queryset().in_bulk(wanted)
         return rows
+    assert scope is not None  # as in get()
     found = _get_many_scoped(manager, mc, g, wanted, db, scope)
     if mode is not None:
         fetch_as(mode, found.values())
@@ -900,11 +906,10 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
     counter are read before the rows, so a write committed meanwhile refuses the fills."""
     stored = refused = 0
     lk = mc.pk_lookup
-    db = manager.db
-    g = manager.cache_group(mc, db)
-    why, scope, _ = _read_scope(manager, mc, lk, db, g)
+    manager, db, g, why, scope, _ = settle(manager, mc, lk)
     if why is not None:  # e.g. inside a transaction that wrote the model: nothing to store
         return {"stored": 0, "refused": 0}
+    assert scope is not None  # as in get()
     last_pk = None
     while True:
         # An empty read per shard makes sure its generation exists and tells its counters.

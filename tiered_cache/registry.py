@@ -384,15 +384,17 @@ class ModelCache:
         None when reads must go to the database (see _scope_reason)."""
         return self.read_scope(manager)[0]
 
-    def read_scope(self, manager: Any) -> tuple[str | None, Any]:
+    def read_scope(self, manager: Any) -> tuple[str | None, Any, str | None]:
         """(scope() of the manager; the fetch mode its queryset gives the instances it
-        returns, which a cached instance must get too, or None for Django's default)."""
+        returns, which a cached instance must get too, or None for Django's default; the
+        database its queryset picks itself with using(), or None)."""
         if not self.custom_queryset:
-            return "", None
+            return "", None, None
         qs = manager.get_queryset()
         if _scope_reason(manager.model, qs) is not None:
-            return None, None
-        return hashlib.sha1(str(qs.query.where).encode()).hexdigest()[:12], fetch_mode_of(qs)
+            return None, None, None
+        scope = hashlib.sha1(str(qs.query.where).encode()).hexdigest()[:12]
+        return scope, fetch_mode_of(qs), qs._db
 
 
 # The ModelCaches built so far, by (model, manager name); read-only outside model_cache()
