@@ -58,6 +58,7 @@ from tests.testapp.models import (
     Tracked,
 )
 from tests.testapp.models import User as ProjectUser  # the project's AUTH_USER_MODEL
+from tiered_cache import registry
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -665,6 +666,30 @@ def test_database_alias_is_part_of_the_key(first: str, tier: str) -> None:
             lambda a=alias, n=wrong: Tenant.objects.db_manager(a).get(name=n),
             f"Tenant name={wrong!r} on {alias!r} (only in the other database)",
         )
+
+
+class LockingTenants(tiered_cache.CachedManager):
+    def get_queryset(self) -> models.QuerySet:
+        return super().get_queryset().select_for_update()
+
+
+def test_a_manager_whose_queryset_locks_rows_reads_as_the_orm_does() -> None:
+    """select_for_update() in get_queryset(): the ORM's get() needs a transaction and locks
+    the row; a cached read would do neither, so these reads go to the database."""
+    manager = LockingTenants()
+    manager.model, manager.name = Tenant, "locking"  # bound as contribute_to_class would
+    t = TenantFactory()
+    for step in ("outside a transaction", "again"):
+        expected = assert_same(
+            lambda: manager.get_cached(pk=t.pk), lambda: manager.get(pk=t.pk), step
+        )
+        assert expected == ("raises", "TransactionManagementError")
+    for _ in range(2):  # the second read would find the first one's row cached
+        with transaction.atomic():
+            with CaptureQueriesContext(connection) as queries:
+                assert manager.get_cached(pk=t.pk) == t
+            assert "FOR UPDATE" in queries[-1]["sql"]
+    assert "locks rows" in (registry.uncacheable_reason(manager) or "")
 
 
 class OtherDatabaseTenants(tiered_cache.CachedManager):

@@ -503,6 +503,9 @@ def _scope_reason(model: type[models.Model], qs: Any) -> str | None:
         or query.combinator
     ):
         return "its queryset annotates, groups, slices or selects values"
+    if query.select_for_update:
+        # Its reads lock the row (and need a transaction): a cached read would do neither.
+        return "its queryset locks rows (select_for_update())"
     if query.deferred_loading[0] or not query.deferred_loading[1]:
         # The cache holds whole rows, and a row read with fields deferred is not one.
         return "its queryset defers fields (defer(), only())"
