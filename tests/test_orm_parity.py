@@ -11,8 +11,10 @@ first, as another process would read it).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -20,9 +22,13 @@ from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, connections, models, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, Value
+from django.db.models.expressions import RawSQL
+from django.db.models.functions import Lower, Now
+from django.db.models.lookups import Exact
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext, isolate_apps
+from django.utils import timezone
 
 import tiered_cache
 from tests.cache_fixtures import in_thread
@@ -31,6 +37,7 @@ from tests.testapp.factories import (
     CachedUserFactory,
     CodeFactory,
     DocumentFactory,
+    FlowFactory,
     GadgetFactory,
     ItalianRestaurantFactory,
     ItemFactory,
@@ -45,6 +52,7 @@ from tests.testapp.models import (
     CachedUser,
     Code,
     Document,
+    Flow,
     Gadget,
     ItalianRestaurant,
     Item,
@@ -666,6 +674,38 @@ def test_database_alias_is_part_of_the_key(first: str, tier: str) -> None:
             lambda a=alias, n=wrong: Tenant.objects.db_manager(a).get(name=n),
             f"Tenant name={wrong!r} on {alias!r} (only in the other database)",
         )
+
+
+class StartedFlows(tiered_cache.CachedManager):
+    """Flows whose start has come: a filter the database evaluates against its clock."""
+
+    def get_queryset(self) -> models.QuerySet:
+        return super().get_queryset().filter(started_at__lte=Now())
+
+
+def test_a_filter_on_the_databases_clock_is_answered_as_the_orm_does_when_it_lapses() -> None:
+    """No write changes whether a row passes `started_at__lte=Now()`: time does. A cached
+    answer would outlive it (here "no such row" after the start had come)."""
+    manager = StartedFlows()
+    manager.model, manager.name = Flow, "started"  # bound as contribute_to_class would
+    flow = FlowFactory(started_at=timezone.now() + timedelta(seconds=1))
+    for step in ("before its start", "after its start"):
+        for _ in range(2):
+            expected = assert_same(
+                lambda: manager.get_cached(pk=flow.pk), lambda: manager.get(pk=flow.pk), step
+            )
+        assert expected[0] == ("raises" if step == "before its start" else "row")
+        time.sleep(max(0.0, (flow.started_at - timezone.now()).total_seconds() + 0.05))
+    reason = registry.uncacheable_reason(manager) or ""
+    assert "the database computes" in reason
+    for qs, cacheable in (
+        (Flow.objects.filter(started_at__lte=RawSQL("now()", [])), False),
+        (Flow.objects.filter(current_step=F("current_step")), True),  # the row's own columns
+        (Flow.objects.filter(Exact(Lower("tenant_id"), "t")), True),  # of a column
+        (Flow.objects.filter(tenant_id=Lower(Value("T"))), False),  # constants alone
+    ):
+        got = registry._scope_reason(Flow, qs)
+        assert (got is None) == cacheable, (str(qs.query), got)
 
 
 class LockingTenants(tiered_cache.CachedManager):

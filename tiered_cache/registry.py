@@ -15,7 +15,9 @@ from typing import Any
 from django.apps import apps
 from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, models, router
+from django.db.models.expressions import Col, Func, RawSQL
 from django.db.models.manager import BaseManager
+from django.db.models.sql.where import WhereNode
 
 from .conf import conf
 from .counters import Counters
@@ -503,6 +505,8 @@ def _scope_reason(model: type[models.Model], qs: Any) -> str | None:
         or query.combinator
     ):
         return "its queryset annotates, groups, slices or selects values"
+    if query.where and _reads_the_clock(query.where):
+        return "its queryset filters on what the database computes when it runs (Now(), RawSQL...)"
     if query.select_for_update:
         # Its reads lock the row (and need a transaction): a cached read would do neither.
         return "its queryset locks rows (select_for_update())"
@@ -516,6 +520,37 @@ def _scope_reason(model: type[models.Model], qs: Any) -> str | None:
     if tables - own or " SELECT " in sql.upper():
         return "its queryset reads other tables"
     return None
+
+
+def _reads_the_clock(where: Any) -> bool:
+    """Whether a filter holds an expression the database evaluates with no column of the
+    row in it (Now(), Random(), a function of constants) or raw SQL: its answer for a row
+    may change with no write to that row (`expires__gt=Now()` lapses), so a cached answer
+    would outlive it. Plain values compared with columns are what scopes are made of."""
+    stack: list[Any] = [where]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, RawSQL):
+            return True
+        children = getattr(node, "children", None)
+        if isinstance(node, WhereNode) and children is not None:
+            stack.extend(children)
+            continue
+        sources = getattr(node, "get_source_expressions", None)
+        if sources is None:
+            continue  # a plain value
+        parts = [e for e in sources() if e is not None]
+        if isinstance(node, Func) and not any(_has_column(e) for e in parts):
+            return True
+        stack.extend(parts)
+    return False
+
+
+def _has_column(expr: Any) -> bool:
+    if isinstance(expr, Col):
+        return True
+    sources = getattr(expr, "get_source_expressions", None)
+    return sources is not None and any(_has_column(e) for e in sources() if e is not None)
 
 
 def unique_sets(model: type[models.Model]) -> list[set[str]]:
