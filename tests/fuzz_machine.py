@@ -49,16 +49,20 @@ import tiered_cache
 from tests.testapp.models import (
     Account,
     Badge,
+    Book,
+    Bookmark,
     Code,
     Document,
     Gadget,
     ItalianRestaurant,
     Item,
     Label,
+    Loan,
     Owner,
     Place,
     ProxyAccount,
     Restaurant,
+    Shelf,
     Tenant,
 )
 
@@ -97,6 +101,9 @@ NEVER: dict[type[models.Model], list[Any]] = {
     Code: ["nope"],
     Gadget: [0],
     Badge: [0],
+    Book: [0],
+    Bookmark: [0],
+    Loan: [0],
 }
 FAMILY = {ProxyAccount: Account, Restaurant: Place, ItalianRestaurant: Place}
 PK_MODELS = [
@@ -113,9 +120,27 @@ PK_MODELS = [
     Code,
     Gadget,
     Badge,
+    Book,
+    Bookmark,
+    Loan,
 ]
 # Deleting everything through Django, children first (the cache must see it).
-CLEAR_ORDER = [Item, Owner, Label, Account, Tenant, Place, Document, Code, Gadget, Badge]
+CLEAR_ORDER = [
+    Bookmark,
+    Book,
+    Loan,
+    Shelf,
+    Item,
+    Owner,
+    Label,
+    Account,
+    Tenant,
+    Place,
+    Document,
+    Code,
+    Gadget,
+    Badge,
+]
 
 
 class Rollback(Exception):
@@ -286,6 +311,7 @@ class CacheMachine(RuleBasedStateMachine):
     documents = Bundle("documents")
     gadgets = Bundle("gadgets")
     badges = Bundle("badges")
+    shelves = Bundle("shelves")
 
     def __init__(self) -> None:
         super().__init__()
@@ -1057,6 +1083,37 @@ class CacheMachine(RuleBasedStateMachine):
     def delete_document(self, pk: uuid.UUID) -> None:
         self.step("delete_document")
         self.apply(("delete", "Document", pk))
+
+    @rule(target=shelves, n_books=st.integers(0, 2), n_loans=st.integers(0, 2))
+    def create_shelf(self, n_books: int, n_loans: int) -> Any:
+        """A shelf, its books with a bookmark each, and loans: foreign keys the database
+        acts on when the shelf goes (DB_CASCADE, DB_SET_NULL on Django 6.1)."""
+        self.step("create_shelf")
+        shelf = Shelf.objects.create(name="s")
+        books = [Book.objects.create(shelf=shelf, title=NAMES[i]) for i in range(n_books)]
+        marks = [Bookmark.objects.create(book=b, page=i) for i, b in enumerate(books)]
+        loans = [Loan.objects.create(shelf=shelf, who=NAMES[i]) for i in range(n_loans)]
+        self.saw(Book, *(b.pk for b in books))
+        self.saw(Bookmark, *(m.pk for m in marks))
+        self.saw(Loan, *(loan.pk for loan in loans))
+        return shelf.pk
+
+    @rule(pk=shelves, how=st.sampled_from(["delete", "queryset", "raw_sql"]))
+    def delete_shelf(self, pk: int, how: str) -> None:
+        self.step("delete_shelf")
+        self.apply(("shelf_delete", pk, how))
+
+    def op_shelf_delete(self, pk: int, how: str) -> None:
+        if how == "delete":
+            for shelf in Shelf.objects.filter(pk=pk):
+                shelf.delete()
+        elif how == "queryset":
+            Shelf.objects.filter(pk=pk).delete()
+        elif hasattr(models, "DB_CASCADE"):  # the database carries the delete on
+            with connection.cursor() as cursor:
+                cursor.execute(f"DELETE FROM {Shelf._meta.db_table} WHERE id = %s", [pk])
+        else:  # Django's own on_delete before 6.1: raw SQL must do its part
+            Shelf.objects.filter(pk=pk).delete()
 
     @rule(pk=gadgets)
     def delete_gadget(self, pk: int) -> None:

@@ -49,6 +49,8 @@ from tests.testapp.factories import (
 from tests.testapp.models import (
     Account,
     Badge,
+    Book,
+    Bookmark,
     CachedUser,
     Code,
     Document,
@@ -57,10 +59,12 @@ from tests.testapp.models import (
     ItalianRestaurant,
     Item,
     Label,
+    Loan,
     Note,
     Place,
     ProxyAccount,
     Restaurant,
+    Shelf,
     Shipment,
     Tenant,
     Tracked,
@@ -673,6 +677,50 @@ def test_database_alias_is_part_of_the_key(first: str, tier: str) -> None:
             lambda a=alias, n=wrong: Tenant.objects.db_manager(a).get_cached(name=n),
             lambda a=alias, n=wrong: Tenant.objects.db_manager(a).get(name=n),
             f"Tenant name={wrong!r} on {alias!r} (only in the other database)",
+        )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("how", ["delete", "queryset_delete", "raw_sql"])
+def test_a_delete_the_database_carries_on_is_seen(tier: str, how: str) -> None:
+    """Foreign keys with a database-level on_delete (Django 6.1's DB_CASCADE, DB_SET_NULL;
+    Django's own before): deleting a shelf deletes its books and their bookmarks and
+    empties its loans in the database, through no statement of Django's for them. Raw SQL
+    counts as well: Django sees the statement, the database does the rest."""
+    shelf, other = Shelf.objects.create(name="s"), Shelf.objects.create(name="o")
+    book, kept = (
+        Book.objects.create(shelf=shelf, title="b"),
+        Book.objects.create(shelf=other, title="k"),
+    )
+    mark = Bookmark.objects.create(book=book)
+    loan, kept_loan = (
+        Loan.objects.create(shelf=shelf, who="l"),
+        Loan.objects.create(shelf=other, who="k"),
+    )
+    rows = [(Book, book.pk), (Book, kept.pk), (Bookmark, mark.pk), (Loan, loan.pk)]
+    rows.append((Loan, kept_loan.pk))
+    for model, pk in rows:  # cached
+        model.objects.get_cached(pk=pk)
+    if how == "delete":
+        shelf.delete()
+    elif how == "queryset_delete":
+        Shelf.objects.filter(name="s").delete()
+    else:
+        with connection.cursor() as cursor:
+            if not hasattr(models, "DB_CASCADE"):  # Django's own on_delete: it is ours too
+                books, loans = Book._meta.db_table, Loan._meta.db_table
+                cursor.execute(f"DELETE FROM {Bookmark._meta.db_table}")
+                cursor.execute(f"DELETE FROM {books} WHERE shelf_id = %s", [shelf.pk])
+                cursor.execute(
+                    f"UPDATE {loans} SET shelf_id = NULL WHERE shelf_id = %s", [shelf.pk]
+                )
+            cursor.execute(f"DELETE FROM {Shelf._meta.db_table} WHERE id = %s", [shelf.pk])
+    for model, pk in rows:
+        at(tier)
+        assert_same(
+            lambda m=model, p=pk: m.objects.get_cached(pk=p),
+            lambda m=model, p=pk: m.objects.get(pk=p),
+            f"{model.__name__} pk={pk} after the shelf's {how}",
         )
 
 

@@ -81,6 +81,10 @@ class TableRole:
 
 
 _tables: dict[str, list[TableRole]] | None = None
+# db_table -> labels of the groups whose rows a DELETE from it changes in the database
+# itself: foreign keys with a database-level on_delete (Django 6.1's DB_CASCADE,
+# DB_SET_NULL, DB_SET_DEFAULT), which no statement of Django's shows.
+_deleting: dict[str, list[str]] = {}
 
 
 def table_roles() -> dict[str, list[TableRole]]:
@@ -120,7 +124,40 @@ def table_roles() -> dict[str, list[TableRole]]:
                         label, TableRole(label, pk.column, pk, by_row=False, touch=True)
                     )
     _tables = {t: list(roles.values()) for t, roles in out.items()}
+    _deleting.clear()
+    _deleting.update(_database_on_delete(_tables))
     return _tables
+
+
+def _database_on_delete(tables: dict[str, list[TableRole]]) -> dict[str, list[str]]:
+    """For each table, the groups a DELETE from it changes through database-level
+    on_delete: the rows of the tables whose foreign keys point at it (SET NULL, SET
+    DEFAULT), and, where those delete in turn (CASCADE), the tables pointing at them.
+    Which rows is known to the database only: the whole group is flushed."""
+    edges: dict[str, list[tuple[str, bool]]] = {}
+    for model in apps.get_models(include_auto_created=True):
+        for f in model._meta.local_fields:
+            on_delete = getattr(f.remote_field, "on_delete", None)
+            if not hasattr(on_delete, "on_delete_sql"):  # Django's Python-side on_delete
+                continue
+            target = f.remote_field.model._meta.db_table  # type: ignore[union-attr]
+            cascades = getattr(on_delete, "operation", "") == "CASCADE"
+            edges.setdefault(target, []).append((model._meta.db_table, cascades))
+    out: dict[str, list[str]] = {}
+    for table in edges:
+        labels: dict[str, None] = {}
+        todo, seen = [table], {table}
+        while todo:
+            for child, cascades in edges.get(todo.pop(), ()):
+                for role in tables.get(child, ()):
+                    if not role.touch:
+                        labels.setdefault(role.label, None)
+                if cascades and child not in seen:
+                    seen.add(child)
+                    todo.append(child)
+        if labels:
+            out[table] = list(labels)
+    return out
 
 
 def forget(**kwargs: Any) -> None:
@@ -176,9 +213,24 @@ def _classify(
     roles = tables.get(name) or tables.get(name.lower())
     if schema and not roles:  # a db_table with a schema in it: 'billing"."invoice'
         roles = tables.get(f'{schema}"."{name}') or tables.get(f"{schema}.{name}")
+    verb = m.group(1).lower()
+    if _deleting and verb.startswith("delete"):
+        also = _deleting.get(name) or _deleting.get(name.lower()) or []
+        if schema and not also:
+            also = _deleting.get(f'{schema}"."{name}') or _deleting.get(f"{schema}.{name}") or []
+        if also:
+            return [Effect(label, FLUSH) for label in also] + _classify_roles(
+                sql, params, many, verb, roles or []
+            )
     if not roles:
         return []
-    verb = m.group(1).lower()
+    return _classify_roles(sql, params, many, verb, roles)
+
+
+def _classify_roles(
+    sql: str, params: Any, many: bool, verb: str, roles: list[TableRole]
+) -> list[Effect]:
+    """The effects of a write statement (`verb`) on the groups whose rows its table holds."""
     touched = [Effect(r.label, INSERT) for r in roles if r.touch]
     roles = [r for r in roles if not r.touch]
     if not roles:

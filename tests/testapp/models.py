@@ -425,3 +425,50 @@ class Badge(models.Model):
 
     def __str__(self) -> str:
         return self.code or "(no code)"
+
+
+# -- foreign keys the database acts on -----------------------------------------------
+# Django 6.1's DB_CASCADE and DB_SET_NULL: deleting a shelf deletes its books and their
+# bookmarks, and empties its loans, in the database, with no statement of Django's for
+# them. Before 6.1 these are Django's own CASCADE and SET_NULL.
+DB_CASCADE: Any = getattr(models, "DB_CASCADE", models.CASCADE)
+DB_SET_NULL: Any = getattr(models, "DB_SET_NULL", models.SET_NULL)
+
+
+class Shelf(models.Model):
+    """Not cached itself: its deletes still change cached rows."""
+
+    name = models.CharField(max_length=100)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Book(models.Model):
+    shelf = models.ForeignKey(Shelf, on_delete=DB_CASCADE, related_name="books")
+    title = models.CharField(max_length=100)
+
+    objects = CachedManager()
+
+    def __str__(self) -> str:
+        return self.title
+
+
+class Bookmark(models.Model):
+    book = models.ForeignKey(Book, on_delete=DB_CASCADE, related_name="bookmarks")
+    page = models.IntegerField(default=1)
+
+    objects = CachedManager()
+
+    def __str__(self) -> str:
+        return f"{self.book_id}:{self.page}"
+
+
+class Loan(models.Model):
+    shelf = models.ForeignKey(Shelf, null=True, on_delete=DB_SET_NULL, related_name="loans")
+    who = models.CharField(max_length=100)
+
+    objects = CachedManager()
+
+    def __str__(self) -> str:
+        return self.who
