@@ -724,6 +724,30 @@ def test_a_delete_the_database_carries_on_is_seen(tier: str, how: str) -> None:
         )
 
 
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_truncate_cascade_empties_the_tables_that_point_at_it(tier: str) -> None:
+    """TRUNCATE ... CASCADE (raw SQL) empties every table whose foreign keys point at the
+    one named, of any on_delete, and on along their own."""
+    tenant, shelf = TenantFactory(), Shelf.objects.create(name="s")
+    acc = AccountFactory(tenant=tenant)
+    book = Book.objects.create(shelf=shelf, title="b")
+    mark = Bookmark.objects.create(book=book)
+    rows = [(Account, acc.pk), (Book, book.pk), (Bookmark, mark.pk), (Tenant, tenant.pk)]
+    for model, pk in rows:
+        model.objects.get_cached(pk=pk)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"TRUNCATE {Tenant._meta.db_table}, {Shelf._meta.db_table} RESTART IDENTITY CASCADE"
+        )
+    for model, pk in rows:
+        at(tier)
+        assert_same(
+            lambda m=model, p=pk: m.objects.get_cached(pk=p),
+            lambda m=model, p=pk: m.objects.get(pk=p),
+            f"{model.__name__} pk={pk} after TRUNCATE ... CASCADE",
+        )
+
+
 class StartedFlows(tiered_cache.CachedManager):
     """Flows whose start has come: a filter the database evaluates against its clock."""
 

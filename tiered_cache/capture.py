@@ -85,6 +85,9 @@ _tables: dict[str, list[TableRole]] | None = None
 # itself: foreign keys with a database-level on_delete (Django 6.1's DB_CASCADE,
 # DB_SET_NULL, DB_SET_DEFAULT), which no statement of Django's shows.
 _deleting: dict[str, list[str]] = {}
+# db_table -> labels of the groups a TRUNCATE ... CASCADE of it empties as well: every
+# table a foreign key of any kind points from, and on along such keys.
+_truncating: dict[str, list[str]] = {}
 
 
 def table_roles() -> dict[str, list[TableRole]]:
@@ -125,23 +128,29 @@ def table_roles() -> dict[str, list[TableRole]]:
                     )
     _tables = {t: list(roles.values()) for t, roles in out.items()}
     _deleting.clear()
-    _deleting.update(_database_on_delete(_tables))
+    _deleting.update(_carried_on(_tables, truncate=False))
+    _truncating.clear()
+    _truncating.update(_carried_on(_tables, truncate=True))
     return _tables
 
 
-def _database_on_delete(tables: dict[str, list[TableRole]]) -> dict[str, list[str]]:
-    """For each table, the groups a DELETE from it changes through database-level
-    on_delete: the rows of the tables whose foreign keys point at it (SET NULL, SET
-    DEFAULT), and, where those delete in turn (CASCADE), the tables pointing at them.
-    Which rows is known to the database only: the whole group is flushed."""
+def _carried_on(tables: dict[str, list[TableRole]], truncate: bool) -> dict[str, list[str]]:
+    """For each table, the groups a DELETE from it (truncate: a TRUNCATE ... CASCADE)
+    changes in the database itself. A DELETE: through database-level on_delete, the rows
+    of the tables whose foreign keys point at it (SET NULL, SET DEFAULT), and, where those
+    delete in turn (CASCADE), the tables pointing at them. A TRUNCATE ... CASCADE: every
+    table any foreign key points from, and on. Which rows is known to the database only:
+    the whole group is flushed."""
     edges: dict[str, list[tuple[str, bool]]] = {}
     for model in apps.get_models(include_auto_created=True):
         for f in model._meta.local_fields:
+            if f.remote_field is None or not getattr(f, "db_constraint", True):
+                continue  # no foreign key in the database: it acts on nothing
             on_delete = getattr(f.remote_field, "on_delete", None)
-            if not hasattr(on_delete, "on_delete_sql"):  # Django's Python-side on_delete
-                continue
-            target = f.remote_field.model._meta.db_table  # type: ignore[union-attr]
-            cascades = getattr(on_delete, "operation", "") == "CASCADE"
+            if not truncate and not hasattr(on_delete, "on_delete_sql"):
+                continue  # Django's Python-side on_delete: its statements are seen
+            target = f.remote_field.model._meta.db_table
+            cascades = truncate or getattr(on_delete, "operation", "") == "CASCADE"
             edges.setdefault(target, []).append((model._meta.db_table, cascades))
     out: dict[str, list[str]] = {}
     for table in edges:
@@ -150,7 +159,7 @@ def _database_on_delete(tables: dict[str, list[TableRole]]) -> dict[str, list[st
         while todo:
             for child, cascades in edges.get(todo.pop(), ()):
                 for role in tables.get(child, ()):
-                    if not role.touch:
+                    if truncate or not role.touch:
                         labels.setdefault(role.label, None)
                 if cascades and child not in seen:
                     seen.add(child)
@@ -207,7 +216,15 @@ def _classify(
             return []
         if word[0].lower() == "with" and not _WRITE_WORD.search(sql):
             return []
-        return _flush_named(sql, tables)
+        flushed = _flush_named(sql, tables)
+        if word[0].lower() == "truncate" and "cascade" in sql.lower():
+            done = {e.label for e in flushed}
+            for name in {_name(g) for g in _ANY_IDENT.findall(sql)}:
+                for label in _truncating.get(name) or _truncating.get(name.lower()) or ():
+                    if label not in done:
+                        done.add(label)
+                        flushed.append(Effect(label, FLUSH))
+        return flushed
     groups = m.groups()
     schema, name = _name(groups[1:5]), _name(groups[5:])
     roles = tables.get(name) or tables.get(name.lower())
