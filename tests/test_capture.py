@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.db import models
 
 from tiered_cache.capture import FLUSH, INSERT, ROWS, classify
 
@@ -191,3 +192,37 @@ def test_a_composed_statement_is_read(db: Any) -> None:
     assert [(e.label, e.kind) for e in classify(text, [1, 2], False)] == [(ACC, ROWS)]
     with connection.cursor() as cursor:
         cursor.execute(q, [9, 12345])  # runs like plain Django
+
+
+def test_only_after_the_verb_names_the_table() -> None:
+    """PostgreSQL's UPDATE ONLY t / DELETE FROM ONLY t: t is the table, not "ONLY"."""
+    sql = 'DELETE FROM ONLY "testapp_account" WHERE "testapp_account"."id" IN (%s)'
+    assert [(e.label, e.kind, e.rids) for e in classify(sql, [1], False)] == [
+        (ACC, ROWS, ("2.i1",))
+    ]
+    sql = 'UPDATE ONLY "testapp_account" SET "balance" = %s'
+    assert [(e.label, e.kind) for e in classify(sql, [1], False)] == [(ACC, FLUSH)]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        'DELETE FROM "testapp_shelf" WHERE "testapp_shelf"."id" IN (%s)',
+        'DELETE FROM ONLY "testapp_shelf" WHERE "testapp_shelf"."id" IN (%s)',
+        'DELETE FROM public."testapp_shelf" WHERE "testapp_shelf"."id" IN (%s)',
+        'WITH gone AS (DELETE FROM "testapp_shelf" WHERE "id" = %s RETURNING "id") '
+        "SELECT count(*) FROM gone",
+        "DELETE `testapp_shelf` FROM `testapp_shelf` JOIN `testapp_book` ON 1 = %s",
+    ],
+)
+def test_a_delete_the_database_carries_on_flushes_what_it_changes(sql: str) -> None:
+    """Deleting a shelf deletes its books and their bookmarks and empties its loans in the
+    database itself (Django 6.1's DB_CASCADE, DB_SET_NULL): those models are flushed,
+    whatever form the DELETE takes. Before 6.1 these are Django's own on_delete, whose
+    statements are seen one by one: a shelf's DELETE alone changes nothing cached."""
+    got = {e.label for e in classify(sql, [1], False) if e.kind == FLUSH}
+    carried = {"testapp.book", "testapp.bookmark", "testapp.loan"}
+    if hasattr(models, "DB_CASCADE"):
+        assert carried <= got
+    else:
+        assert not (carried - {"testapp.book"}) & got  # a JOIN names the book table itself

@@ -278,6 +278,26 @@ def test_a_managers_fetch_mode_reaches_cached_instances(tier: str) -> None:
 
 
 @pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("many", [False, True], ids=["get_cached", "get_many_cached"])
+def test_a_related_managers_rows_take_its_instances_fetch_mode(tier: str, many: bool) -> None:
+    """Django 6.1's related manager gives its rows the fetch mode of the instance it hangs
+    from, over its own manager's (on older versions there is none to give)."""
+    acc = AccountFactory()
+    tenants = Tenant.objects.all()
+    if hasattr(models, "FETCH_RAISE"):
+        tenants = tenants.fetch_mode(models.FETCH_RAISE)
+    tenant = tenants.get(pk=acc.tenant_id)
+    for manager in (tenant.accounts, tenant.accounts(manager="raising")):
+        expected = manager.get(pk=acc.pk)
+        for _ in range(2):  # a miss, then from the tier under test
+            at(tier)
+            got = (
+                manager.get_many_cached([acc.pk])[acc.pk] if many else manager.get_cached(pk=acc.pk)
+            )
+            assert _fetch_mode(got) == _fetch_mode(expected)
+
+
+@pytest.mark.parametrize("tier", TIERS)
 def test_get_many_cached_links_its_rows_as_peers_as_in_bulk_does(tier: str) -> None:
     """Under FETCH_PEERS (Django 6.1+) the rows of one in_bulk() fetch a relation for all of
     them with one query; the rows of one get_many_cached() the same."""
@@ -771,6 +791,8 @@ def test_a_filter_on_the_databases_clock_is_answered_as_the_orm_does_when_it_lap
     assert "the database computes" in reason
     for qs, cacheable in (
         (Flow.objects.filter(started_at__lte=RawSQL("now()", [])), False),
+        (Flow.objects.extra(where=["started_at <= now()"]), False),
+        (Flow.objects.extra(tables=["testapp_tenant"]), False),
         (Flow.objects.filter(current_step=F("current_step")), True),  # the row's own columns
         (Flow.objects.filter(Exact(Lower("tenant_id"), "t")), True),  # of a column
         (Flow.objects.filter(tenant_id=Lower(Value("T"))), False),  # constants alone

@@ -119,3 +119,30 @@ def test_inside_a_transaction_on_the_primary_a_replica_miss_is_answered_but_not_
         assert Flow.objects.get_cached(pk=flow.pk).current_step == 1
     redis_tier.wait_for_fills()
     assert ct.l1_count() == 0
+
+
+class ReplicaFlows(tiered_cache.CachedManager):
+    """A manager whose queryset reads the replica itself (using()), with no router."""
+
+    def get_queryset(self) -> Any:
+        return super().get_queryset().using("replica")
+
+
+def test_a_manager_whose_queryset_reads_the_replica_misses_from_the_primary(
+    pg_replica: Any,
+) -> None:
+    manager = ReplicaFlows()
+    manager.model, manager.name = Flow, "on_replica"  # bound as contribute_to_class would
+    flows = [FlowFactory(current_step=1) for _ in range(2)]
+    pg_replica.wait_replayed()
+    assert manager.get_cached(pk=flows[0].pk).current_step == 1
+    for f in flows:
+        Flow.objects.filter(pk=f.pk).update(current_step=2)  # the primary
+    assert _step("replica", flows[0].pk) == 1, "the replica did not lag: the test tests nothing"
+    tiered_cache.clear_local()
+    with CaptureQueriesContext(connections["replica"]) as on_replica:
+        one = manager.get_cached(pk=flows[0].pk)
+        many = manager.get_many_cached([f.pk for f in flows])
+    assert (one.current_step, one._state.db) == (2, "replica")
+    assert sorted((o.current_step, o._state.db) for o in many.values()) == [(2, "replica")] * 2
+    assert not [q for q in on_replica.captured_queries if "testapp_flow" in q["sql"]]

@@ -36,6 +36,7 @@ ROWS, FLUSH, INSERT = "rows", "flush", "insert"
 _IDENT = r'(?:"((?:[^"]|"")+)"|`([^`]+)`|\[([^\]]+)\]|([A-Za-z_][\w$]*))'
 _HEAD = re.compile(
     r"\s*(update|delete\s+from|insert\s+(?:ignore\s+)?(?:or\s+\w+\s+)?into|replace\s+into)\s+"
+    + r"(?:only\s+)?"  # PostgreSQL's UPDATE ONLY t, DELETE FROM ONLY t
     + r"(?:"
     + _IDENT
     + r"\s*\.\s*)?"
@@ -92,7 +93,7 @@ _truncating: dict[str, list[str]] = {}
 
 def table_roles() -> dict[str, list[TableRole]]:
     """db_table -> roles, for every table a cached model's rows are stored in."""
-    global _tables
+    global _tables, _deleting, _truncating
     if _tables is not None:
         return _tables
     if not apps.ready:
@@ -126,12 +127,12 @@ def table_roles() -> dict[str, list[TableRole]]:
                     out.setdefault(through._meta.db_table, {}).setdefault(
                         label, TableRole(label, pk.column, pk, by_row=False, touch=True)
                     )
-    _tables = {t: list(roles.values()) for t, roles in out.items()}
-    _deleting.clear()
-    _deleting.update(_carried_on(_tables, truncate=False))
-    _truncating.clear()
-    _truncating.update(_carried_on(_tables, truncate=True))
-    return _tables
+    tables = {t: list(roles.values()) for t, roles in out.items()}
+    # _tables last: a thread that finds it set finds the maps built from it too.
+    _deleting = _carried_on(tables, truncate=False)
+    _truncating = _carried_on(tables, truncate=True)
+    _tables = tables
+    return tables
 
 
 def _carried_on(tables: dict[str, list[TableRole]], truncate: bool) -> dict[str, list[str]]:
@@ -217,10 +218,14 @@ def _classify(
         if word[0].lower() == "with" and not _WRITE_WORD.search(sql):
             return []
         flushed = _flush_named(sql, tables)
-        if word[0].lower() == "truncate" and "cascade" in sql.lower():
+        if word[0].lower() == "truncate":
+            carried = _truncating if "cascade" in sql.lower() else {}
+        else:  # a DELETE we do not parse (in a WITH, MySQL's multi-table form) may be one
+            carried = _deleting if re.search(r"\bdelete\b", sql, re.IGNORECASE) else {}
+        if carried:
             done = {e.label for e in flushed}
             for name in {_name(g) for g in _ANY_IDENT.findall(sql)}:
-                for label in _truncating.get(name) or _truncating.get(name.lower()) or ():
+                for label in carried.get(name) or carried.get(name.lower()) or ():
                     if label not in done:
                         done.add(label)
                         flushed.append(Effect(label, FLUSH))

@@ -240,10 +240,15 @@ def _related_get(manager: Any, lookup: dict[str, Any]) -> Any:
 def _known_related(manager: Any, objs: Iterable[Any]) -> None:
     """As the ORM's related manager does (its queryset's known related objects): the rows
     it returns hold the manager's own instance as their related object, that very instance
-    and not a copy read again, which also saves a query."""
+    and not a copy read again, which also saves a query. On Django 6.1 they also take the
+    instance's fetch mode, which the related manager's queryset takes over its own."""
+    objs = list(objs)
     name = manager.field.name
     for obj in objs:
         setattr(obj, name, manager.instance)
+    mode = getattr(manager.instance._state, "fetch_mode", None)
+    if mode is not None:
+        reads.fetch_as(mode, objs)
 
 
 def _related_get_many(manager: Any, pks: list[Any]) -> dict[Any, Any]:

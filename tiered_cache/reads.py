@@ -497,7 +497,7 @@ def _load(
     if signals.cache_miss.receivers:
         signals.cache_miss.send(sender=mc.model, key=key)
     try:
-        obj = (source or manager).get_queryset().get(**lk.orm_kwargs(values))
+        obj = _miss_queryset(manager, source).get(**lk.orm_kwargs(values))
     except mc.model.DoesNotExist:  # type: ignore[attr-defined]  # as in _does_not_exist()
         value, obj = NEGATIVE, None
     else:
@@ -627,6 +627,15 @@ def _miss_source(manager: Any, db: str) -> Any:
     if connections[primary].in_atomic_block:
         return False
     return manager.db_manager(primary)
+
+
+def _miss_queryset(manager: Any, source: Any) -> Any:
+    """What a miss reads: the manager's queryset, or, from _miss_source()'s manager on the
+    primary, that one's pinned there: a get_queryset() that calls using() itself would
+    take it back to the lagging replica."""
+    if not source:
+        return manager.get_queryset()
+    return source.get_queryset().using(source._db)
 
 
 def settle(
@@ -784,7 +793,7 @@ def _get_many_scoped(
     mc.counters.misses += len(missing)
     if recording.active:
         recording.missed(trusted, False, source, len(missing))
-    objs = (source or manager).get_queryset().in_bulk([pk for _, pk, _, _ in missing])
+    objs = _miss_queryset(manager, source).in_bulk([pk for _, pk, _, _ in missing])
     fills = []
     for i, pk, key, lease in missing:
         obj = objs.get(pk)

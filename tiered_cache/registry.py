@@ -17,7 +17,7 @@ from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, models, router
 from django.db.models.expressions import Col, Func, RawSQL
 from django.db.models.manager import BaseManager
-from django.db.models.sql.where import WhereNode
+from django.db.models.sql.where import ExtraWhere, WhereNode
 
 from .conf import conf
 from .counters import Counters
@@ -517,7 +517,7 @@ def _scope_reason(model: type[models.Model], qs: Any) -> str | None:
     tables = {t.table_name for a, t in query.alias_map.items() if query.alias_refcount.get(a)}
     own = {m._meta.db_table for m in [concrete_of(model), *model._meta.get_parent_list()]}
     sql = str(query) if query.where else ""
-    if tables - own or " SELECT " in sql.upper():
+    if tables - own or query.extra_tables or " SELECT " in sql.upper():
         return "its queryset reads other tables"
     return None
 
@@ -530,8 +530,8 @@ def _reads_the_clock(where: Any) -> bool:
     stack: list[Any] = [where]
     while stack:
         node = stack.pop()
-        if isinstance(node, RawSQL):
-            return True
+        if isinstance(node, RawSQL | ExtraWhere):
+            return True  # SQL we do not read: it may name the clock
         children = getattr(node, "children", None)
         if isinstance(node, WhereNode) and children is not None:
             stack.extend(children)
