@@ -540,12 +540,12 @@ class Bench:
             return total / n / NS
 
         # A miss also stores the row in L2, off the caller's path but in its process: the
-        # same, and the row's values pickled and SET by a second thread, as a fill is.
+        # same, and the row encoded as L2 holds it and SET by a second thread, as a fill is.
         def floor_miss_fill(n: int) -> float:
             from tiered_cache.tiers.remote import redis_tier
 
             client = redis_tier.client
-            attnames = [f.attname for f in User._meta.concrete_fields]
+            codec = model_cache(User.objects).codec
             seq = [next(self.cold_fill) for _ in range(n)]
             sets: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
 
@@ -560,22 +560,23 @@ class Bench:
                 t = now()
                 client.get(f"tc-bench-floor:{pk}")
                 obj = User.objects.get(pk=pk)
-                values = tuple([obj.__dict__[a] for a in attnames])
-                sets.put((f"tc-bench-floor:{pk}", pickle.dumps(values)))
+                values = codec.values(obj)
+                assert values is not None
+                sets.put((f"tc-bench-floor:{pk}", codec.encode(codec.freeze(values))))
                 total += now() - t
             sets.put(None)
             thread.join()
             return total / n / NS
 
         # What any authenticated read of a stored row must do after its round trip: check
-        # the MAC, unpickle, build the caller's instance (thaw: from_db without __init__).
+        # the MAC, decode the row, build the caller's instance (thaw: from_db without __init__).
         def open_rows(mc: Any, keys: list[str], raws: list[bytes]) -> None:
-            from tiered_cache.serialization import loads_verified, open_signed
+            from tiered_cache.serialization import open_signed
 
-            thaw = mc.codec.thaw
+            thaw, decode = mc.codec.thaw, mc.codec.decode
             for key, raw in zip(keys, raws, strict=True):
                 _, body = open_signed(key, raw, RowHeader)
-                thaw(loads_verified(body), "default")
+                thaw(decode(body), "default")
 
         # get_many_cached from L2: one MGET of the 100 stored payloads, then each opened.
         def floor_many(n: int) -> float:
@@ -724,7 +725,7 @@ class Bench:
             Case("l2_pk", "get_cached(pk) L2 hit", l2(pk_get, hot), p_hot, (User, "l2_hits", 1)),
             Case("redis_get", "  Redis GET of the same payload (redis-py)", redis_get, p_hot),
             Case("floor_script", "  floor: the read script alone", floor_script, p_hot),
-            Case("floor_l2", "  floor: that GET, then MAC, unpickle, instance", floor_l2, p_hot),
+            Case("floor_l2", "  floor: that GET, then MAC, decode, instance", floor_l2, p_hot),
             Case("orm_cold", "ORM get(pk) of a row never read", orm_cold),
             Case("floor_miss", "  floor: a Redis GET, then that ORM get", floor_miss),
             Case(
@@ -774,7 +775,7 @@ class Bench:
             Case("in_bulk", "ORM in_bulk(100 pks)", in_bulk),
             Case(
                 "floor_many",
-                "  floor: one MGET of the 100, then MAC, unpickle, instance",
+                "  floor: one MGET of the 100, then MAC, decode, instance",
                 floor_many,
                 p_many,
             ),

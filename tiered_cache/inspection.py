@@ -559,7 +559,7 @@ def _l2_state(mc: ModelCache, g: Group, key: str, db: str) -> TierState:
         mac = str(exc)
     else:
         try:
-            payload = loads_verified(body)
+            payload = mc.codec.decode(body) if kind == ROW else loads_verified(body)
         except CorruptPayload as exc:
             mac = f"valid, but {exc}"
     t.data["mac"] = mac

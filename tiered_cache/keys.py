@@ -79,10 +79,10 @@ __all__ = [
     "value_field",
 ]
 
-# Bumped whenever the payload layout changes, so old payloads are never decoded. 2: the
-# MAC is keyed BLAKE2b (was HMAC-SHA256); old entries are left to expire, not logged as
-# corrupt by every reader during a rolling deploy.
-FORMAT_VERSION = "2"
+# Bumped whenever the payload layout changes, so old payloads are never decoded: old
+# entries are left to expire, not logged as corrupt by every reader during a rolling
+# deploy. 2: the MAC is keyed BLAKE2b (was HMAC-SHA256). 3: rows are marshalled values.
+FORMAT_VERSION = "3"
 
 # Keys longer than this are hashed; Redis keys are binary-safe but long keys cost memory.
 _MAX_PLAIN = 200

@@ -89,6 +89,7 @@ class Fill:
     __slots__ = (
         "g",
         "label",
+        "codec",
         "key",
         "lease",
         "gen",
@@ -104,7 +105,7 @@ class Fill:
     def __init__(
         self,
         g: Group,
-        label: str,
+        mc: ModelCache,
         key: str,
         lease: str,
         gen: Any,
@@ -116,9 +117,10 @@ class Fill:
     ) -> None:
         """row_seen: the row's version when the read began, if it named the row (see
         keys.fill_call); None: the fill is guarded by the model's write count."""
-        self.g, self.label, self.key, self.lease = g, label, key, lease
+        self.g, self.key, self.lease = g, key, lease
+        self.label, self.codec = mc.label, mc.codec
         self.gen, self.writes = _raw(gen), _raw(writes)
-        # Pickled by call(), on the filler thread: the caller has its row already.
+        # Encoded by call(), on the filler thread: the caller has its row already.
         self.body: Any = value
         self.row_seen: bytes | None = None
         if value is NEGATIVE:
@@ -136,7 +138,7 @@ class Fill:
     def call(self, version: bytes) -> ScriptCall:
         now = time.time()
         header = row_header(self.kind, self.gen, self.rid, version, int(now + self.ttl) + 1)
-        body = dumps(self.body)
+        body = dumps(None) if self.kind == NO_ROW else self.codec.encode(self.body)
         return fill_call(
             self.g,
             self.label,
@@ -420,11 +422,12 @@ def decode(mc: ModelCache, key: str, raw: bytes) -> tuple[Any, str, int]:
             return _EXPIRED, "", 0
     except ValueError:
         raise CorruptPayload("malformed expiry") from None
-    payload = loads_verified(body)
     if kind == NO_ROW:
+        payload = loads_verified(body)
         if payload is not None:
             raise CorruptPayload("negative entry with a row")
         return NEGATIVE, "", weigh_payload(0, 0)
+    payload = mc.codec.decode(body)
     if kind != ROW or not mc.codec.is_frozen(payload):
         raise CorruptPayload("row of the wrong shape")
     return payload, header.rid.decode(), weigh_payload(len(body), mc.codec.count)
@@ -519,7 +522,7 @@ def _load(
             [
                 Fill(
                     g,
-                    mc.label,
+                    mc,
                     key,
                     lease_token,
                     gen,
@@ -817,7 +820,7 @@ def _get_many_scoped(
             fills.append(
                 Fill(
                     g,
-                    mc.label,
+                    mc,
                     key,
                     lease,
                     gen,
@@ -945,7 +948,7 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
                 fills.append(
                     Fill(
                         g,
-                        mc.label,
+                        mc,
                         key,
                         "",
                         head.gen,

@@ -472,3 +472,41 @@ class Loan(models.Model):
 
     def __str__(self) -> str:
         return self.who
+
+
+# -- every stored field type -------------------------------------------------------------
+
+
+class Specimen(models.Model):
+    """One field of each kind Django stores, every one nullable: what L2 holds of a row is
+    encoded per field type (tiered_cache.serialization), and each must come back as the
+    ORM gives it."""
+
+    small = models.SmallIntegerField(null=True)
+    big = models.BigIntegerField(null=True)
+    positive = models.PositiveIntegerField(null=True)
+    positive_small = models.PositiveSmallIntegerField(null=True)
+    positive_big = models.PositiveBigIntegerField(null=True)
+    ratio = models.FloatField(null=True)
+    amount = models.DecimalField(max_digits=20, decimal_places=6, null=True)
+    day = models.DateField(null=True)
+    moment = models.DateTimeField(null=True)
+    clock = models.TimeField(null=True)
+    span = models.DurationField(null=True)
+    token = models.UUIDField(null=True)
+    address = models.GenericIPAddressField(null=True)
+    flag = models.BooleanField(null=True)
+    slug = models.SlugField(null=True)  # noqa: DJ001 (None and "" both stored)
+    url = models.URLField(null=True)  # noqa: DJ001
+    text = models.TextField(null=True)  # noqa: DJ001
+    blob = models.BinaryField(null=True)
+    data = models.JSONField(null=True)
+    document = models.ForeignKey(
+        Document, on_delete=models.SET_NULL, null=True, related_name="specimens"
+    )
+    code = models.ForeignKey(Code, on_delete=models.SET_NULL, null=True, related_name="specimens")
+
+    objects = CachedManager()
+
+    def __str__(self) -> str:
+        return f"specimen {self.pk}"
