@@ -300,6 +300,27 @@ def test_every_field_type_comes_back_from_l2_as_the_orm_gives_it(values: dict[st
             assert got.tzinfo is want.tzinfo, field.attname
 
 
+def _user_fields() -> tuple[str, ...]:
+    mc = first_model_cache(User)
+    assert mc is not None
+    return mc.codec.imm_names
+
+
+def test_a_decoded_row_holds_its_pk_as_the_orm_does() -> None:
+    """The frozen row's pk (what L1 indexes, samples and shows) is the value, not the form
+    it travels in: a UUID, not its bytes."""
+    document = Document.objects.create(title="d")
+    for model, pk in ((Document, document.pk), (Specimen, Specimen.objects.create().pk)):
+        mc = first_model_cache(model)
+        assert mc is not None
+        frozen = mc.codec.freeze(mc.codec.values(model.objects.get(pk=pk)))
+        body = mc.codec.encode(frozen)
+        assert body[:1] == b"M"
+        back = mc.codec.decode(body)
+        assert back == frozen
+        assert type(back[2]) is type(pk) and back[2] == pk
+
+
 class Tagged(str):
     """A str of a class of its own: marshal refuses it, pickle keeps its class."""
 
@@ -365,6 +386,8 @@ def test_values_of_any_type_survive_the_l2_body(changes: dict[str, Any], marshal
         b"M" + marshal.dumps(((1, 2), ())),  # too few values
         b"M\xff",  # not marshal's
         b"M" + marshal.dumps("x"),  # not a row
+        b"M" + marshal.dumps((("x",) * len(_user_fields()), 5)),  # mutable values not a tuple
+        b"M" + marshal.dumps((("x",) * len(_user_fields()), (5,))),  # nor pickles
     ],
 )
 def test_an_authentic_body_of_another_layout_is_a_miss(body: bytes, caplog: Any) -> None:

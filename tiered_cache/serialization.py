@@ -158,6 +158,10 @@ _PLAIN_FIELDS: frozenset[type[models.Field[Any, Any]]] = frozenset(
 )
 _PLAIN_TYPES = (int, str, bool, float)
 
+# A naive datetime's or time's state carries this one byte more than a UTC one's.
+_NAIVE = b"n"
+_UTC_STATE_SIZE = {datetime.datetime: 10, datetime.time: 6}
+
 
 class _NotMarshallable(Exception):
     """A value of a type the marshalled form does not hold: the row is pickled instead."""
@@ -165,45 +169,31 @@ class _NotMarshallable(Exception):
 
 def _state(value: datetime.date | datetime.time) -> bytes:
     """The bytes a datetime, date or time pickles itself as (with protocol 4, which keeps
-    the fold), for values that are naive or in UTC; naive ones get one more byte."""
+    the fold), for values that are naive or in UTC."""
     state = value.__reduce_ex__(4)[1][0]
     assert isinstance(state, bytes)
     tz = getattr(value, "tzinfo", None)
     if tz is None:
-        return state if type(value) is datetime.date else state + b"n"
+        return state if type(value) is datetime.date else state + _NAIVE
     if tz is not datetime.UTC:
         raise _NotMarshallable
     return state
 
 
-def _plain(value: Any) -> Any:
-    if value is None or type(value) in _PLAIN_TYPES:
-        return value
-    raise _NotMarshallable
+def _naive_or_utc(kind: type) -> Any:
+    utc_size = _UTC_STATE_SIZE[kind]
 
-
-def _typed(kind: type, convert: Any) -> Any:
-    def encode(value: Any) -> Any:
-        if value is None:
-            return None
-        if type(value) is not kind:  # a subclass may carry more than its value
-            raise _NotMarshallable
-        return convert(value)
-
-    return encode
-
-
-def _naive_or_utc(kind: type, utc_size: int) -> Any:
     def build(state: bytes) -> Any:
         if len(state) == utc_size:
             return kind(state, datetime.UTC)
-        return kind(state[:-1])
+        return kind(state[:utc_size])
 
     return build
 
 
 def _uuid(raw: bytes) -> uuid.UUID:
-    # What UUID(bytes=raw) does, without the argument checks of its __init__.
+    # What UUID(bytes=raw) does, without the argument checks of its __init__ (a UUID read
+    # from the database is SafeUUID.unknown too).
     u = object.__new__(uuid.UUID)
     object.__setattr__(u, "int", int.from_bytes(raw))
     object.__setattr__(u, "is_safe", uuid.SafeUUID.unknown)
@@ -212,9 +202,9 @@ def _uuid(raw: bytes) -> uuid.UUID:
 
 # Field class -> (the one value type it holds, its marshallable form, and back).
 _TYPED: dict[type[models.Field[Any, Any]], tuple[type, Any, Any]] = {
-    models.DateTimeField: (datetime.datetime, _state, _naive_or_utc(datetime.datetime, 10)),
+    models.DateTimeField: (datetime.datetime, _state, _naive_or_utc(datetime.datetime)),
     models.DateField: (datetime.date, _state, datetime.date),
-    models.TimeField: (datetime.time, _state, _naive_or_utc(datetime.time, 6)),
+    models.TimeField: (datetime.time, _state, _naive_or_utc(datetime.time)),
     models.DecimalField: (decimal.Decimal, str, decimal.Decimal),
     models.UUIDField: (uuid.UUID, lambda v: v.bytes, _uuid),
     models.DurationField: (
@@ -225,46 +215,58 @@ _TYPED: dict[type[models.Field[Any, Any]], tuple[type, Any, Any]] = {
 }
 
 
-_IMMUTABLE_FIELDS = _PLAIN_FIELDS | frozenset(_TYPED)
+def _plain(value: Any) -> Any:
+    if value is None or type(value) in _PLAIN_TYPES:
+        return value
+    raise _NotMarshallable
 
 
-def _immutable(f: models.Field[Any, Any]) -> bool:
-    return type(value_field(f)) in _IMMUTABLE_FIELDS  # a foreign key holds its target's
+def _typed(kind: type, to_form: Any) -> Any:
+    def encode(value: Any) -> Any:
+        if value is None:
+            return None
+        if type(value) is not kind:  # a subclass may carry more than its value
+            raise _NotMarshallable
+        return to_form(value)
+
+    return encode
 
 
-def _encoder(field: models.Field[Any, Any]) -> Any:
-    """value -> what marshal writes for it, raising _NotMarshallable for anything else."""
+def _field_codec(field: models.Field[Any, Any]) -> tuple[Any, Any] | None:
+    """(value -> what marshal writes, raising _NotMarshallable for any other value; that
+    form -> the value, or None where the form is the value), for a field whose values are
+    immutable; None for any other field, whose values L1 holds pickled."""
     cls = type(value_field(field))  # a foreign key holds its target's
     if cls in _PLAIN_FIELDS:
-        return _plain
-    kind, convert, _ = _TYPED[cls]
-    return _typed(kind, convert)
+        return _plain, None
+    typed = _TYPED.get(cls)
+    if typed is None:
+        return None
+    kind, to_form, from_form = typed
+    return _typed(kind, to_form), from_form
 
 
-def _decoder(field: models.Field[Any, Any]) -> Any:
-    """What turns the marshalled form back into the value; None: it is the value."""
-    typed = _TYPED.get(type(value_field(field)))
-    return None if typed is None else typed[2]
-
-
-def _body_reader(converters: Sequence[Any], pk_at: int) -> Any:
+def _body_reader(decoders: Sequence[Any], pk_at: int, n_mut: int) -> Any:
     """A function from a marshalled body to a frozen row, written out per model: a tuple
-    display with the conversions inline costs a fraction of a loop over the fields."""
+    display with the conversions inline costs a fraction of a loop over the fields. It
+    raises on any body of another shape (the caller makes that CorruptPayload)."""
     namespace: dict[str, Any] = {"loads": marshal.loads}
     items = []
-    for i, convert in enumerate(converters):
-        if convert is None:
+    for i, from_form in enumerate(decoders):
+        if from_form is None:
             items.append(f"v[{i}]")
         else:
-            namespace[f"c{i}"] = convert
+            namespace[f"c{i}"] = from_form
             items.append(f"None if v[{i}] is None else c{i}(v[{i}])")
-    display = "v" if len(namespace) == 1 else "(" + "".join(f"{x}, " for x in items) + ")"
+    row = "v" if all(d is None for d in decoders) else "(" + "".join(f"{x}, " for x in items) + ")"
     source = (
-        "def read(body, count):\n"
+        "def read(body):\n"
         "    v, mut = loads(body[1:])\n"
-        "    if len(v) != count:\n"
+        f"    if (type(v) is not tuple or len(v) != {len(decoders)} or type(mut) is not tuple\n"
+        f"            or len(mut) != {n_mut} or not all(type(b) is bytes for b in mut)):\n"
         "        raise ValueError('a row of another shape')\n"
-        f"    return ({display}, mut, v[{pk_at}])\n"
+        f"    row = {row}\n"
+        f"    return (row, mut, row[{pk_at}])\n"
     )
     exec(source, namespace)
     return namespace["read"]
@@ -290,21 +292,23 @@ class RowCodec:
         self.attnames = [f.attname for f in self.fields]
         self.pk_index = self.attnames.index(model._meta.pk.attname)
         self.count = len(self.attnames)
-        self.mutable = tuple(i for i, f in enumerate(self.fields) if not _immutable(f))
+        codecs = [_field_codec(f) for f in self.fields]
+        self.mutable = tuple(i for i, c in enumerate(codecs) if c is None)
         self.imm_names = tuple(a for i, a in enumerate(self.attnames) if i not in self.mutable)
         self.mut_names = tuple(a for i, a in enumerate(self.attnames) if i in self.mutable)
         self._build = _dict_builder(self.imm_names)
-        imm_fields = [f for i, f in enumerate(self.fields) if i not in self.mutable]
+        imm = [c for c in codecs if c is not None]
         pk_name = model._meta.pk.attname
-        # A primary key of a mutable kind (a custom field) keeps its rows pickled: the
-        # frozen row's pk is the value itself, which the marshalled body does not hold.
+        # The L2 body (encode/decode). A primary key of a mutable kind (a custom field)
+        # keeps its rows pickled: the frozen row's pk is the value itself, which the
+        # marshalled body does not hold.
         self._encoders: list[Any] | None = None
+        self._read_body: Any = None
         if pk_name in self.imm_names:
-            self._encoders = [_encoder(f) for f in imm_fields]
+            self._encoders = [encode for encode, _ in imm]
             self._read_body = _body_reader(
-                [_decoder(f) for f in imm_fields], self.imm_names.index(pk_name)
+                [decode for _, decode in imm], self.imm_names.index(pk_name), len(self.mut_names)
             )
-        model = self.model
         # Building an instance without __init__ is only equivalent to from_db() when the
         # model keeps Django's own __init__ and from_db and nothing listens to its init
         # signals; otherwise (field trackers, ImageField dimensions...) from_db() it is.
@@ -347,22 +351,18 @@ class RowCodec:
             try:
                 values = tuple([encode(v) for encode, v in zip(encoders, imm, strict=True)])
                 return _MARSHALLED + marshal.dumps((values, mut), _MARSHAL_VERSION)
-            except (_NotMarshallable, ValueError):
+            except _NotMarshallable:
                 pass  # a value of a type of its own: pickled, as any value can be
         return dumps(frozen)
 
     def decode(self, body: bytes) -> Any:
         """A frozen row from a verified body; CorruptPayload if it is not one."""
-        if body[:1] != _MARSHALLED or self._encoders is None:
+        if body[:1] != _MARSHALLED or self._read_body is None:
             return loads_verified(body)
         try:
-            return self._read_body(body, len(self.imm_names))
+            return self._read_body(body)
         except Exception as exc:  # authentic but undecodable: a bug or a changed layout
             raise CorruptPayload(f"authentic row failed to decode: {exc!r}") from exc
-
-    @staticmethod
-    def pk_of(frozen: tuple[Any, ...]) -> Any:
-        return frozen[2]
 
     def is_frozen(self, payload: Any) -> bool:
         """The shape freeze() produces. Only our own authenticated payloads get here, under
@@ -372,6 +372,7 @@ class RowCodec:
             and len(payload) == 3
             and type(payload[0]) is tuple
             and len(payload[0]) == len(self.imm_names)
+            and type(payload[1]) is tuple
             and len(payload[1]) == len(self.mut_names)
         )
 

@@ -53,7 +53,7 @@ def weigh(value: Any) -> int:
 
 def weigh_payload(size: int, values: int) -> int:
     """An entry's weight from the size of its L2 payload, as weigh() finds it without
-    asking every value for its size (a third of an L2 hit's own work): a pickled value is
+    asking every value for its size (a third of an L2 hit's own work): an encoded value is
     its data and a few bytes, the object also a header of about 40 bytes."""
     return _ENTRY_OVERHEAD + size + 40 * values
 
