@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from django.apps import apps
 from django.db import models
@@ -80,6 +80,8 @@ class TableRole:
     by_row: bool
     touch: bool = False
 
+
+_T = TypeVar("_T")
 
 _tables: dict[str, list[TableRole]] | None = None
 # db_table -> labels of the groups whose rows a DELETE from it changes in the database
@@ -225,28 +227,27 @@ def _classify(
         if carried:
             done = {e.label for e in flushed}
             for name in {_name(g) for g in _ANY_IDENT.findall(sql)}:
-                for label in carried.get(name) or carried.get(name.lower()) or ():
+                for label in _of_table(carried, name):
                     if label not in done:
                         done.add(label)
                         flushed.append(Effect(label, FLUSH))
         return flushed
     groups = m.groups()
     schema, name = _name(groups[1:5]), _name(groups[5:])
-    roles = tables.get(name) or tables.get(name.lower())
-    if schema and not roles:  # a db_table with a schema in it: 'billing"."invoice'
-        roles = tables.get(f'{schema}"."{name}') or tables.get(f"{schema}.{name}")
     verb = m.group(1).lower()
-    if _deleting and verb.startswith("delete"):
-        also = _deleting.get(name) or _deleting.get(name.lower()) or []
-        if schema and not also:
-            also = _deleting.get(f'{schema}"."{name}') or _deleting.get(f"{schema}.{name}") or []
-        if also:
-            return [Effect(label, FLUSH) for label in also] + _classify_roles(
-                sql, params, many, verb, roles or []
-            )
-    if not roles:
-        return []
-    return _classify_roles(sql, params, many, verb, roles)
+    also = _of_table(_deleting, name, schema) if verb.startswith("delete") else []
+    return [Effect(label, FLUSH) for label in also] + _classify_roles(
+        sql, params, many, verb, _of_table(tables, name, schema)
+    )
+
+
+def _of_table(by_table: dict[str, list[_T]], name: str, schema: str = "") -> list[_T]:
+    """The entry of a table SQL names: as written or folded to lower case (an unquoted
+    name), or with its schema for a db_table that has one in it ('billing"."invoice')."""
+    found = by_table.get(name) or by_table.get(name.lower())
+    if schema and not found:
+        found = by_table.get(f'{schema}"."{name}') or by_table.get(f"{schema}.{name}")
+    return found or []
 
 
 def _classify_roles(
@@ -287,7 +288,7 @@ def _flush_named(sql: str, tables: dict[str, list[TableRole]]) -> list[Effect]:
     names = {_name(g) for g in _ANY_IDENT.findall(sql)}
     out: dict[str, Effect] = {}
     for name in names:
-        for role in tables.get(name) or tables.get(name.lower()) or ():
+        for role in _of_table(tables, name):
             if role.label not in out or not role.touch:
                 out[role.label] = Effect(role.label, INSERT if role.touch else FLUSH)
     return list(out.values())

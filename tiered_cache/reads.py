@@ -427,9 +427,9 @@ def decode(mc: ModelCache, key: str, raw: bytes) -> tuple[Any, str, int]:
         if payload is not None:
             raise CorruptPayload("negative entry with a row")
         return NEGATIVE, "", weigh_payload(0, 0)
+    if kind != ROW:
+        raise CorruptPayload("an entry of no known kind")
     payload = mc.codec.decode(body)
-    if kind != ROW or not mc.codec.is_frozen(payload):
-        raise CorruptPayload("row of the wrong shape")
     return payload, header.rid.decode(), weigh_payload(len(body), mc.codec.count)
 
 

@@ -358,8 +358,11 @@ class RowCodec:
     def decode(self, body: bytes) -> Any:
         """A frozen row from a verified body; CorruptPayload if it is not one."""
         if body[:1] != _MARSHALLED or self._read_body is None:
-            return loads_verified(body)
-        try:
+            row = loads_verified(body)
+            if not self.is_frozen(row):
+                raise CorruptPayload("row of the wrong shape")
+            return row
+        try:  # the reader checks the shape itself
             return self._read_body(body)
         except Exception as exc:  # authentic but undecodable: a bug or a changed layout
             raise CorruptPayload(f"authentic row failed to decode: {exc!r}") from exc
