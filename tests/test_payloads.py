@@ -10,6 +10,7 @@ import os
 import pickle
 import uuid
 import zoneinfo
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -60,10 +61,19 @@ def no_pwn() -> Any:
     assert not PWNED.exists(), "a payload from Redis was unpickled unverified"
 
 
-def assert_miss_read_from_db(user: User, caplog: Any) -> None:
+@pytest.fixture(params=["get_cached", "get_many_cached"])
+def read(request: Any) -> Callable[[Any], User]:
+    """A read of one user by pk: get_cached, or get_many_cached, which checks and opens
+    the entries of its MGET on a path of its own."""
+    if request.param == "get_cached":
+        return lambda pk: User.objects.get_cached(pk=pk)
+    return lambda pk: User.objects.get_many_cached([pk])[pk]
+
+
+def assert_miss_read_from_db(user: User, caplog: Any, read: Callable[[Any], User]) -> None:
     before = counters(User)
     with caplog.at_level(logging.WARNING, logger="tiered_cache"):
-        got = User.objects.get_cached(pk=user.pk)
+        got = read(user.pk)
     assert got.first_name == "real"
     after = counters(User)
     assert after["corrupt"] == before["corrupt"] + 1
@@ -71,22 +81,24 @@ def assert_miss_read_from_db(user: User, caplog: Any) -> None:
     assert "bad L2 payload" in caplog.text
 
 
-def test_flipped_byte_is_a_miss(caplog: Any) -> None:
+def test_flipped_byte_is_a_miss(caplog: Any, read: Callable[[Any], User]) -> None:
     user, key, value = cached_user()
     tampered = value[:-1] + bytes([value[-1] ^ 1])
     redis_tier.client.set(key, tampered)
-    assert_miss_read_from_db(user, caplog)
+    assert_miss_read_from_db(user, caplog, read)
 
 
-def test_code_running_pickle_is_never_loaded(caplog: Any) -> None:
+def test_code_running_pickle_is_never_loaded(caplog: Any, read: Callable[[Any], User]) -> None:
     user, key, value = cached_user()
     evil = pickle.dumps(Exploit())
     redis_tier.client.set(key, replace_body(value, b"\0" * 32 + evil))
-    assert_miss_read_from_db(user, caplog)
+    assert_miss_read_from_db(user, caplog, read)
     assert not PWNED.exists()
 
 
-def test_payload_signed_with_another_secret_is_a_miss(caplog: Any) -> None:
+def test_payload_signed_with_another_secret_is_a_miss(
+    caplog: Any, read: Callable[[Any], User]
+) -> None:
     import hashlib
 
     from tiered_cache.keys import RowHeader
@@ -106,10 +118,12 @@ def test_payload_signed_with_another_secret_is_a_miss(caplog: Any) -> None:
     other = hashlib.sha256(b"tiered_cache.payload:someone else's secret").digest()
     foreign = signed_with(other)
     redis_tier.client.set(key, replace_body(value, foreign))
-    assert_miss_read_from_db(user, caplog)
+    assert_miss_read_from_db(user, caplog, read)
 
 
-def test_valid_payload_moved_to_another_key_is_a_miss(caplog: Any) -> None:
+def test_valid_payload_moved_to_another_key_is_a_miss(
+    caplog: Any, read: Callable[[Any], User]
+) -> None:
     user, key, value = cached_user()
     other = UserFactory(first_name="other")
     User.objects.get_cached(pk=other.pk)
@@ -118,21 +132,21 @@ def test_valid_payload_moved_to_another_key_is_a_miss(caplog: Any) -> None:
     other_value = redis_tier.client.get(other_key)
     # Keep this key's valid header, carry the other key's authentic body over.
     redis_tier.client.set(key, replace_body(value, other_value.split(b"|", 4)[4]))
-    assert_miss_read_from_db(user, caplog)
+    assert_miss_read_from_db(user, caplog, read)
 
 
 @pytest.mark.parametrize("junk", [b"", b"P|", b"P|x|y|z|", b"\x00\xff" * 10])
-def test_truncated_or_junk_values_are_misses(junk: bytes) -> None:
+def test_truncated_or_junk_values_are_misses(junk: bytes, read: Callable[[Any], User]) -> None:
     user, key, _ = cached_user()
     redis_tier.client.set(key, junk)
-    assert User.objects.get_cached(pk=user.pk).first_name == "real"
+    assert read(user.pk).first_name == "real"
 
 
-def test_key_of_another_redis_type_is_a_miss() -> None:
+def test_key_of_another_redis_type_is_a_miss(read: Callable[[Any], User]) -> None:
     user, key, _ = cached_user()
     redis_tier.client.delete(key)
     redis_tier.client.hset(key, "field", "value")
-    assert User.objects.get_cached(pk=user.pk).first_name == "real"
+    assert read(user.pk).first_name == "real"
     # The junk was replaced by a real entry.
     tiered_cache.clear_local()
     User.objects.get_cached(pk=user.pk)
@@ -189,7 +203,9 @@ def test_key_encoding_is_injective() -> None:
     assert len(enc((long,))) < 100
 
 
-def test_old_body_under_the_current_header_is_a_miss(caplog: Any) -> None:
+def test_old_body_under_the_current_header_is_a_miss(
+    caplog: Any, read: Callable[[Any], User]
+) -> None:
     """A replay: the authentic payload of an earlier version of the row, put back under the
     header (generation, row version) the current entry was stored with."""
     user, key, old = cached_user()
@@ -202,12 +218,14 @@ def test_old_body_under_the_current_header_is_a_miss(caplog: Any) -> None:
     redis_tier.client.set(key, header + old.split(b"|", 5)[5])
     tiered_cache.clear_local()
     with caplog.at_level(logging.WARNING, logger="tiered_cache"):
-        assert User.objects.get_cached(pk=user.pk).first_name == "newer"
+        assert read(user.pk).first_name == "newer"
     assert counters(User)["corrupt"] == 1
     assert "MAC does not match" in caplog.text
 
 
-def test_entry_put_back_after_its_expiry_is_not_served(settings: Any) -> None:
+def test_entry_put_back_after_its_expiry_is_not_served(
+    settings: Any, read: Callable[[Any], User]
+) -> None:
     """The expiry is inside the MAC: restoring an old entry (and its row version) with a
     fresh Redis TTL does not make it servable past the TIMEOUT it was stored for."""
     import time
@@ -231,7 +249,7 @@ def test_entry_put_back_after_its_expiry_is_not_served(settings: Any) -> None:
         redis_tier.client.set(key, saved[0])
         redis_tier.client.set(row_key, saved[1])
         tiered_cache.clear_local()
-        assert User.objects.get_cached(pk=user.pk).first_name == "later"
+        assert read(user.pk).first_name == "later"
     finally:
         reset_registry()
 
@@ -390,7 +408,9 @@ def test_values_of_any_type_survive_the_l2_body(changes: dict[str, Any], marshal
         b"M" + marshal.dumps((("x",) * len(_user_fields()), (5,))),  # nor pickles
     ],
 )
-def test_an_authentic_body_of_another_layout_is_a_miss(body: bytes, caplog: Any) -> None:
+def test_an_authentic_body_of_another_layout_is_a_miss(
+    body: bytes, caplog: Any, read: Callable[[Any], User]
+) -> None:
     """Marshal only ever reads our own signed bytes, but a body it cannot read as a row (a
     bug, a layout changed without the schema) is refused as corrupt, never served."""
     from tiered_cache.serialization import sign
@@ -398,4 +418,4 @@ def test_an_authentic_body_of_another_layout_is_a_miss(body: bytes, caplog: Any)
     user, key, value = cached_user()
     head = b"|".join(value.split(b"|", 5)[:5]) + b"|"
     redis_tier.client.set(key, sign(key.decode(), head, body))
-    assert_miss_read_from_db(user, caplog)
+    assert_miss_read_from_db(user, caplog, read)

@@ -30,18 +30,19 @@ from .keys import (
     RowHeader,
     ScriptCall,
     Shard,
+    ValidEntry,
     fill_call,
     lease_key,
-    lookup_keys,
     peek_many_call,
     read_call,
     read_many_call,
     release_call,
     row_header,
+    split_header,
     valid_entries,
 )
 from .registry import Lookup, ModelCache, plain_managers, plain_model_cache
-from .serialization import CorruptPayload, dumps, loads_verified, open_signed, sign
+from .serialization import CorruptPayload, dumps, loads_verified, sign, verified_body
 from .tiers.local import NEGATIVE, local_tier, weigh_payload
 from .tiers.remote import Unavailable, fresh_token, redis_tier
 from .transactions import bypass, nothing_to_bypass
@@ -410,15 +411,29 @@ def _read_call(g: Group, key: str, lease: str, rid: str = "") -> ScriptCall:
 _EXPIRED = object()
 
 
+_ROW_FIELDS = len(RowHeader._fields)
+
+
 def decode(mc: ModelCache, key: str, raw: bytes) -> tuple[Any, str, int]:
     """A verified L2 value: (frozen row or NEGATIVE, its row id, its weight in L1), with
     _EXPIRED for the value past the expiry its MAC covers (an old entry put back with a
     fresh Redis TTL); CorruptPayload otherwise. The row id and the weight come from the
     header and the payload's size: nothing is recomputed from the values."""
-    header, body = open_signed(key, raw, RowHeader)
-    kind = header.kind
+    split = split_header(raw, _ROW_FIELDS)
+    if split is None:
+        raise CorruptPayload("malformed header")
+    return decode_split(mc, key, raw, split[0], split[1], time.time())
+
+
+def decode_split(
+    mc: ModelCache, key: str, raw: bytes, fields: list[bytes], rest: bytes, now: float
+) -> tuple[Any, str, int]:
+    """decode() of a value whose header is split already (split_header's parts), at
+    time.time() `now`."""
+    body = verified_body(key, raw, rest)
+    kind, _, rid, _, expires = fields
     try:
-        if int(header.expires) < time.time():
+        if int(expires) < now:
             return _EXPIRED, "", 0
     except ValueError:
         raise CorruptPayload("malformed expiry") from None
@@ -430,7 +445,7 @@ def decode(mc: ModelCache, key: str, raw: bytes) -> tuple[Any, str, int]:
     if kind != ROW:
         raise CorruptPayload("an entry of no known kind")
     payload = mc.codec.decode(body)
-    return payload, header.rid.decode(), weigh_payload(len(body), mc.codec.count)
+    return payload, rid.decode(), weigh_payload(len(body), mc.codec.count)
 
 
 def _corrupt(mc: ModelCache, key: str, exc: Exception) -> None:
@@ -544,23 +559,40 @@ def _load(
 
 def _l2_value(mc: ModelCache, key: str, raw: bytes) -> tuple[Any, str, int] | None:
     """decode() counted and signalled; None for a bad or expired payload (a miss)."""
+    entry = _l2_entry(mc, key, raw, 0.0)
+    if entry is not None:
+        _served_l2(mc, ((key, entry[0]),))
+    return entry
+
+
+def _l2_entry(
+    mc: ModelCache, key: str, raw: bytes | ValidEntry, now: float
+) -> tuple[Any, str, int] | None:
+    """decode() of a value as READ gave it, or of one valid_entries() split at time.time()
+    `now`; None for a bad payload (logged and deleted) or an expired one."""
     try:
-        entry = decode(mc, key, raw)
+        if isinstance(raw, tuple):  # a ValidEntry
+            entry = decode_split(mc, key, raw[0], raw[1], raw[2], now)
+        else:
+            entry = decode(mc, key, raw)
     except CorruptPayload as exc:
         _corrupt(mc, key, exc)
         return None
-    value = entry[0]
-    if value is _EXPIRED:
-        return None
-    if value is NEGATIVE:
-        mc.counters.negative_hits += 1
-    else:
-        mc.counters.l2_hits += 1
-        hot.touch(mc.label, value[2])
-    if recording.active:
-        recording.served_l2(value is NEGATIVE)
-    _signal_hit(mc, "l2", key)
-    return entry
+    return None if entry[0] is _EXPIRED else entry
+
+
+def _served_l2(mc: ModelCache, served: Iterable[tuple[str, Any]]) -> None:
+    """Count, sample and signal the entries (key, frozen row or NEGATIVE) served from L2."""
+    counters, touch, label = mc.counters, hot.touch, mc.label
+    for key, value in served:
+        if value is NEGATIVE:
+            counters.negative_hits += 1
+        else:
+            counters.l2_hits += 1
+            touch(label, value[2])
+        if recording.active:
+            recording.served_l2(value is NEGATIVE)
+        _signal_hit(mc, "l2", key)
 
 
 def _wait_for_fill(
@@ -756,13 +788,12 @@ def _get_many_scoped(
         return found
 
     token = local_tier.token(g.id)
-    keys = lookup_keys(g, mc.schema, prefix, _alias_part(db, scope), todo)
+    keys, rids = mc.pk_keys(g, _alias_part(db, scope), todo)
     source = _miss_source(manager, db)
     leases = [""] * len(todo)
     results: list[Any] = []
     # Per key, the generation and write counter of its shard, which its fill must find.
     heads: list[tuple[Any, Any, Any]] = [(None, None, None)] * len(keys)
-    rids = [mc.row_id_of(pk) for pk in todo]
     if trusted:
         try:
             results, heads, leases = _read_many(g, keys, rids, source is not False)
@@ -776,19 +807,26 @@ def _get_many_scoped(
     # What L1 takes, stored under one hold of its lock: (key, row id, value, timeout,
     # weight or None).
     keep: list[tuple[Any, str, Any, float, int | None]] = []
+    served: list[tuple[str, Any]] = []
+    thaw, wall = mc.codec.thaw, time.time()
+    row_l1, negative_l1 = _l1_timeout(mc, None), _l1_timeout(mc, NEGATIVE)
     for i, pk in enumerate(todo):
         r = results[i] if results else NO_LEASE
-        if isinstance(r, bytes):
-            entry = _l2_value(mc, keys[i], r)
-            if entry is None:
-                missing.append((i, pk, keys[i], ""))
-                continue
-            value, rid, weight = entry
-            keep.append(((prefix, db, scope, pk), rid, value, _l1_timeout(mc, value), weight))
-            if value is not NEGATIVE:
-                found[pk] = mc.codec.thaw(value, db)
-        else:
+        if isinstance(r, int):  # LEASE, BUSY or NO_LEASE
             missing.append((i, pk, keys[i], leases[i] if r == LEASE else ""))
+            continue
+        entry = _l2_entry(mc, keys[i], r, wall)
+        if entry is None:
+            missing.append((i, pk, keys[i], ""))
+            continue
+        value, rid, weight = entry
+        served.append((keys[i], value))
+        if value is NEGATIVE:
+            keep.append(((prefix, db, scope, pk), rid, value, negative_l1, weight))
+        else:
+            keep.append(((prefix, db, scope, pk), rid, value, row_l1, weight))
+            found[pk] = thaw(value, db)
+    _served_l2(mc, served)
     if not missing:
         local_tier.set_many(g.id, token, keep)
         return found
@@ -844,6 +882,8 @@ def _get_many_scoped(
 
 
 def _by_shard(g: Group, keys: list[str]) -> dict[str, list[int]]:
+    if len(g.shards) == 1:
+        return {g.shards[0].tag: list(range(len(keys)))}
     by_shard: dict[str, list[int]] = {}
     for i, key in enumerate(keys):
         by_shard.setdefault(g.shard_of(key).tag, []).append(i)

@@ -27,8 +27,10 @@ from .keys import (
     Group,
     group,
     lookup_key,
+    lookup_keys,
     pk_row_id,
     row_id,
+    row_id_of_encoding,
     schema_fingerprint,
     value_field,
 )
@@ -378,6 +380,17 @@ class ModelCache:
         if type(pk) is self._pk_plain:
             return row_id(pk)
         return pk_row_id(self.model._meta.pk, pk)
+
+    def pk_keys(self, g: Group, alias_part: str, pks: list[Any]) -> tuple[list[str], list[str]]:
+        """The L2 keys of the pk lookup's values `pks` (as its prep gives them) read through
+        `alias_part`, and their rows' ids: each pk encoded once for both."""
+        keys, encoded = lookup_keys(g, self.schema, self.pk_lookup.key_prefix, alias_part, pks)
+        plain = self._pk_plain
+        rids = [
+            row_id_of_encoding(e) if type(pk) is plain else self.row_id_of(pk)
+            for pk, e in zip(pks, encoded, strict=True)
+        ]
+        return keys, rids
 
     def scope(self, manager: Any) -> str | None:
         """The part of a key that stands for the manager's own filter: "" for a manager that

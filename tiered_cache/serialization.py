@@ -74,14 +74,19 @@ def open_signed(key: str, raw: bytes, header: type[H]) -> tuple[H, bytes]:
     split = split_header(raw, len(header._fields))
     if split is None:
         raise CorruptPayload("malformed header")
-    fields, rest = split
+    return header(*split[0]), verified_body(key, raw, split[1])
+
+
+def verified_body(key: str, raw: bytes, rest: bytes) -> bytes:
+    """The body of `raw` if its MAC holds; `rest`: what follows its header (split_header's
+    second part), for a caller that has split it already."""
     if len(rest) < MAC_SIZE:
         raise CorruptPayload("truncated payload")
     head = raw[: len(raw) - len(rest)]
     mac, body = rest[:MAC_SIZE], rest[MAC_SIZE:]
     if not hmac.compare_digest(mac, _mac(key.encode() + b"\0" + head + body)):
         raise CorruptPayload("payload MAC does not match")
-    return header(*fields), body
+    return body
 
 
 def _utc() -> datetime.timezone:
