@@ -311,6 +311,10 @@ def test_every_field_type_comes_back_from_l2_as_the_orm_gives_it(values: dict[st
     cached = Specimen.objects.get_cached(pk=row.pk)
     assert counters(Specimen)["l2_hits"] == before + 1
     orm = Specimen.objects.get(pk=row.pk)
+    # The instance's attributes are the ORM's, in its order (vars(), model_to_dict-style
+    # code and reprs of __dict__ see the same), and so is its state.
+    assert list(vars(cached)) == list(vars(orm))
+    assert (cached._state.db, cached._state.adding) == (orm._state.db, orm._state.adding)
     for field in Specimen._meta.concrete_fields:
         got, want = getattr(cached, field.attname), getattr(orm, field.attname)
         assert (type(got), got) == (type(want), want), field.attname

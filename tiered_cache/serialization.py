@@ -12,7 +12,7 @@ import logging
 import marshal
 import pickle
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from django.conf import settings
@@ -277,15 +277,38 @@ def _body_reader(decoders: Sequence[Any], pk_at: int, n_mut: int) -> Any:
     return namespace["read"]
 
 
-def _dict_builder(names: tuple[str, ...]) -> Any:
-    """A function returning an instance __dict__ from a tuple of values: a dict display
-    with constant keys is the fastest way CPython builds one (as namedtuple and
-    dataclasses generate code for the same reason). The names are attnames of model
-    fields, so they are valid identifiers; repr() quotes them anyway."""
-    items = ", ".join(f"{name!r}: v[{i}]" for i, name in enumerate(names))
-    namespace: dict[str, Any] = {}
-    exec(f"def build(v, state):\n    return {{'_state': state, {items}}}\n", namespace)
-    return namespace["build"]
+def _instance_builder(
+    model: type[models.Model], attnames: list[str], mutable: tuple[int, ...]
+) -> Callable[[tuple[Any, ...], tuple[bytes, ...], str], models.Model]:
+    """A function building an instance from a frozen row's values (immutable ones, pickles
+    of the mutable ones) as from_db() would, without running __init__: its __dict__ is a
+    dict display with constant keys, in field order, the fastest way CPython builds one
+    (as namedtuple and dataclasses generate code for the same reason). The names are
+    attnames of model fields, so they are valid identifiers; repr() quotes them anyway."""
+    items = []
+    for i, name in enumerate(attnames):
+        if i in mutable:
+            items.append(f"{name!r}: loads(mut[{mutable.index(i)}])")
+        else:
+            items.append(f"{name!r}: imm[{i - sum(1 for m in mutable if m < i)}]")
+    namespace: dict[str, Any] = {
+        "cls": model,
+        "new": model.__new__,
+        "ModelState": ModelState,
+        "loads": pickle.loads,
+    }
+    exec(
+        "def build(imm, mut, db):\n"
+        "    state = ModelState()\n"
+        "    state.adding = False\n"
+        "    state.db = db\n"
+        "    obj = new(cls)\n"
+        f"    obj.__dict__ = {{'_state': state, {', '.join(items)}}}\n"
+        "    return obj\n",
+        namespace,
+    )
+    build: Callable[[tuple[Any, ...], tuple[bytes, ...], str], models.Model] = namespace["build"]
+    return build
 
 
 class RowCodec:
@@ -301,7 +324,7 @@ class RowCodec:
         self.mutable = tuple(i for i, c in enumerate(codecs) if c is None)
         self.imm_names = tuple(a for i, a in enumerate(self.attnames) if i not in self.mutable)
         self.mut_names = tuple(a for i, a in enumerate(self.attnames) if i in self.mutable)
-        self._build = _dict_builder(self.imm_names)
+        self._build = _instance_builder(model, self.attnames, self.mutable)
         imm = [c for c in codecs if c is not None]
         pk_name = model._meta.pk.attname
         # The L2 body (encode/decode). A primary key of a mutable kind (a custom field)
@@ -397,14 +420,7 @@ class RowCodec:
         if self._plain and (
             not (pre_init.receivers or post_init.receivers) or self._no_init_receivers()
         ):
-            new = self.model.__new__(self.model)
-            state = ModelState()
-            state.adding = False
-            state.db = db
-            d = new.__dict__ = self._build(imm, state)
-            for attname, blob in zip(self.mut_names, mut, strict=False):
-                d[attname] = pickle.loads(blob)
-            return new
+            return self._build(imm, mut, db)
         by_name = dict(zip(self.imm_names, imm, strict=False))
         for attname, blob in zip(self.mut_names, mut, strict=False):
             by_name[attname] = pickle.loads(blob)
