@@ -673,10 +673,10 @@ ValidEntry = tuple[bytes, list[bytes], bytes]
 
 
 def valid_entries(reply: Sequence[Any], rids: Sequence[str]) -> list[ValidEntry | None]:
-    """Per key of peek_many_call, its value if valid as row_header.lua's valid() judges it
-    (the same generation, and the row's version or, for "no such row", the write count it
-    was stored under), else None: a miss to ask READ_MANY about, which also makes missing
-    counters and clears junk (a junk counter here matches no entry)."""
+    """Per key of peek_many_call, its value split (a ValidEntry) if valid as row_header.lua's
+    valid() judges it (the same generation, and the row's version or, for "no such row",
+    the write count it was stored under), else None: a miss to ask READ_MANY about, which
+    also makes missing counters and clears junk (a junk counter here matches no entry)."""
     gen, writes = reply[0], reply[1]
     n = len(rids)
     out: list[ValidEntry | None] = [None] * n

@@ -559,20 +559,22 @@ def _load(
 
 def _l2_value(mc: ModelCache, key: str, raw: bytes) -> tuple[Any, str, int] | None:
     """decode() counted and signalled; None for a bad or expired payload (a miss)."""
-    entry = _l2_entry(mc, key, raw, 0.0)
+    entry = _l2_entry(mc, key, raw)
     if entry is not None:
         _served_l2(mc, ((key, entry[0]),))
     return entry
 
 
 def _l2_entry(
-    mc: ModelCache, key: str, raw: bytes | ValidEntry, now: float
+    mc: ModelCache, key: str, raw: bytes | ValidEntry, now: float | None = None
 ) -> tuple[Any, str, int] | None:
-    """decode() of a value as READ gave it, or of one valid_entries() split at time.time()
-    `now`; None for a bad payload (logged and deleted) or an expired one."""
+    """decode() of a value as READ gave it, or of one valid_entries() split, at time.time()
+    `now` (read here if None); None for a bad payload (logged and deleted) or an expired
+    one."""
     try:
         if isinstance(raw, tuple):  # a ValidEntry
-            entry = decode_split(mc, key, raw[0], raw[1], raw[2], now)
+            when = time.time() if now is None else now
+            entry = decode_split(mc, key, raw[0], raw[1], raw[2], when)
         else:
             entry = decode(mc, key, raw)
     except CorruptPayload as exc:
@@ -808,25 +810,26 @@ def _get_many_scoped(
     # weight or None).
     keep: list[tuple[Any, str, Any, float, int | None]] = []
     served: list[tuple[str, Any]] = []
-    thaw, wall = mc.codec.thaw, time.time()
+    wall = time.time()
     row_l1, negative_l1 = _l1_timeout(mc, None), _l1_timeout(mc, NEGATIVE)
     for i, pk in enumerate(todo):
         r = results[i] if results else NO_LEASE
-        if isinstance(r, int):  # LEASE, BUSY or NO_LEASE
-            missing.append((i, pk, keys[i], leases[i] if r == LEASE else ""))
-            continue
-        entry = _l2_entry(mc, keys[i], r, wall)
+        # An entry (bytes from READ_MANY, a ValidEntry from the MGET), else LEASE, BUSY or
+        # NO_LEASE; anything else is a miss too.
+        entry = _l2_entry(mc, keys[i], r, wall) if isinstance(r, bytes | tuple) else None
         if entry is None:
-            missing.append((i, pk, keys[i], ""))
+            missing.append((i, pk, keys[i], leases[i] if r == LEASE else ""))
             continue
         value, rid, weight = entry
         served.append((keys[i], value))
-        if value is NEGATIVE:
-            keep.append(((prefix, db, scope, pk), rid, value, negative_l1, weight))
-        else:
-            keep.append(((prefix, db, scope, pk), rid, value, row_l1, weight))
-            found[pk] = thaw(value, db)
+        timeout = negative_l1 if value is NEGATIVE else row_l1
+        keep.append(((prefix, db, scope, pk), rid, value, timeout, weight))
+    # Counted and signalled before any instance is built, as get_cached does.
     _served_l2(mc, served)
+    thaw = mc.codec.thaw
+    for l1key, _, value, _, _ in keep:
+        if value is not NEGATIVE:
+            found[l1key[3]] = thaw(value, db)
     if not missing:
         local_tier.set_many(g.id, token, keep)
         return found
