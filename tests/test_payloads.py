@@ -423,3 +423,58 @@ def test_an_authentic_body_of_another_layout_is_a_miss(
     head = b"|".join(value.split(b"|", 5)[:5]) + b"|"
     redis_tier.client.set(key, sign(key.decode(), head, body))
     assert_miss_read_from_db(user, caplog, read)
+
+
+class _Remembering:
+    """A field descriptor that does more than store: it remembers the value each instance
+    was given first (as change-tracking libraries do), which Model.__init__ runs on load."""
+
+    def __init__(self, field: Any) -> None:
+        self.field = field
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        if instance is None:
+            return self
+        return instance.__dict__[self.field.attname]
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        instance.__dict__.setdefault("_loaded", {})[self.field.attname] = value
+        instance.__dict__[self.field.attname] = value
+
+
+@isolate_apps("tests.testapp")
+def test_an_instance_from_the_tiers_runs_what_init_runs_for_a_field_descriptor() -> None:
+    """A thaw writes the values into a new instance's __dict__ only where the field's
+    descriptor would do no more (Django's own: foreign keys, files); for any other setter
+    the instance is built by from_db(), as the ORM builds it."""
+    from django.db import models
+
+    from tiered_cache.serialization import RowCodec
+
+    class RememberingField(models.CharField):  # type: ignore[type-arg]
+        descriptor_class = _Remembering
+
+    class Tracked(models.Model):
+        name = RememberingField(max_length=10)
+        owner = models.ForeignKey(User, on_delete=models.CASCADE)
+        upload = models.FileField()
+
+        class Meta:
+            app_label = "testapp"
+            managed = False
+
+    class Untracked(models.Model):
+        owner = models.ForeignKey(User, on_delete=models.CASCADE)
+        upload = models.FileField()
+
+        class Meta:
+            app_label = "testapp"
+            managed = False
+
+    for model, row in ((Tracked, (1, "ann", 7, "a.txt")), (Untracked, (1, 7, "a.txt"))):
+        codec = RowCodec(model)
+        orm = model.from_db("default", codec.attnames, list(row))
+        thawed = codec.thaw(codec.freeze(codec.values(orm)), "default")
+        assert vars(thawed).keys() == vars(orm).keys(), model.__name__
+        assert getattr(thawed, "_loaded", None) == getattr(orm, "_loaded", None)
+        assert [getattr(thawed, a) for a in codec.attnames] == list(row)

@@ -7,6 +7,7 @@ import datetime
 import decimal
 import hashlib
 import hmac
+import inspect
 import io
 import logging
 import marshal
@@ -18,6 +19,8 @@ from typing import Any, TypeVar
 from django.conf import settings
 from django.db import models
 from django.db.models.base import ModelState
+from django.db.models.fields.files import FileDescriptor, ImageFileDescriptor
+from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttribute
 from django.db.models.signals import post_init, pre_init
 from django.dispatch.dispatcher import NO_RECEIVERS
 
@@ -311,6 +314,22 @@ def _instance_builder(
     return build
 
 
+# Django's field descriptors whose __set__, on an instance Model.__init__ is building, only
+# puts the value in __dict__ under the field's attname, as a thaw does: a foreign key's
+# also drops a cached related object (a new instance has none), an image's also updates
+# its dimensions when the field held a file before (it held none).
+_STORING_SETTERS = frozenset(
+    vars(cls)["__set__"]
+    for cls in (ForeignKeyDeferredAttribute, FileDescriptor, ImageFileDescriptor)
+)
+
+
+def _init_only_stores(model: type[models.Model], attname: str) -> bool:
+    """Whether Model.__init__ setting this field does no more than store its value."""
+    setter = getattr(type(inspect.getattr_static(model, attname, None)), "__set__", None)
+    return setter is None or setter in _STORING_SETTERS
+
+
 class RowCodec:
     """Turns a model row into a tuple of values and back into a fresh instance."""
 
@@ -344,6 +363,8 @@ class RowCodec:
             model.__init__ is models.Model.__init__
             # A bound classmethod has __func__; its declared (Callable) type does not say so.
             and model.from_db.__func__ is models.Model.from_db.__func__  # type: ignore[attr-defined]
+            # __init__ sets each field through its descriptor, where a thaw writes __dict__.
+            and all(_init_only_stores(model, a) for a in self.attnames)
         )
 
     def values(self, obj: models.Model) -> tuple[Any, ...] | None:
