@@ -478,3 +478,29 @@ def test_an_instance_from_the_tiers_runs_what_init_runs_for_a_field_descriptor()
         assert vars(thawed).keys() == vars(orm).keys(), model.__name__
         assert getattr(thawed, "_loaded", None) == getattr(orm, "_loaded", None)
         assert [getattr(thawed, a) for a in codec.attnames] == list(row)
+
+
+@isolate_apps("tests.testapp")
+def test_an_instance_from_the_tiers_runs_a_models_own_setattr() -> None:
+    """Model.__init__ sets every field with setattr(): a model that overrides __setattr__
+    (to track what changed, say) sees each value on a load, and so on a read from the tiers."""
+    from django.db import models
+
+    from tiered_cache.serialization import RowCodec
+
+    class Watched(models.Model):
+        name = models.CharField(max_length=10)
+
+        class Meta:
+            app_label = "testapp"
+            managed = False
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            self.__dict__.setdefault("_set", []).append(name)
+            super().__setattr__(name, value)
+
+    codec = RowCodec(Watched)
+    orm = Watched.from_db("default", codec.attnames, [1, "ann"])
+    thawed = codec.thaw(codec.freeze(codec.values(orm)), "default")
+    assert thawed.__dict__.get("_set") == orm.__dict__["_set"]
+    assert (thawed.pk, thawed.name) == (1, "ann")

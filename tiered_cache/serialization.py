@@ -363,7 +363,9 @@ class RowCodec:
             model.__init__ is models.Model.__init__
             # A bound classmethod has __func__; its declared (Callable) type does not say so.
             and model.from_db.__func__ is models.Model.from_db.__func__  # type: ignore[attr-defined]
-            # __init__ sets each field through its descriptor, where a thaw writes __dict__.
+            # __init__ sets each field with setattr(), through its descriptor, where a thaw
+            # writes __dict__.
+            and model.__setattr__ is models.Model.__setattr__
             and all(_init_only_stores(model, a) for a in self.attnames)
         )
 
