@@ -687,15 +687,15 @@ def valid_entries(reply: Sequence[Any], rids: Sequence[str]) -> list[ValidEntry 
         v = reply[2 + i]
         if not isinstance(v, bytes):
             continue
-        parts = v.split(b"|", fields)
-        if len(parts) != fields + 1 or parts[1] != gen:
+        head = split_header(v, fields)
+        if head is None or head[0][1] != gen:
             continue
-        kind, ver = parts[0], parts[3]
+        kind, _, rid, ver, _ = head[0]
         if kind == ROW:
-            if parts[2] == rids[i].encode() and reply[2 + n + i] == ver:
-                out[i] = (v, parts[:fields], parts[fields])
+            if rid == rids[i].encode() and reply[2 + n + i] == ver:
+                out[i] = (v, *head)
         elif kind == NO_ROW and ver == writes:
-            out[i] = (v, parts[:fields], parts[fields])
+            out[i] = (v, *head)
     return out
 
 

@@ -811,7 +811,7 @@ def _get_many_scoped(
     keep: list[tuple[Any, str, Any, float, int | None]] = []
     served: list[tuple[str, Any]] = []
     wall = time.time()
-    row_l1, negative_l1 = _l1_timeout(mc, None), _l1_timeout(mc, NEGATIVE)
+    row_l1, negative_l1 = mc.l1_timeout, _l1_timeout(mc, NEGATIVE)
     for i, pk in enumerate(todo):
         r = results[i] if results else NO_LEASE
         # An entry (bytes from READ_MANY, a ValidEntry from the MGET), else LEASE, BUSY or

@@ -288,12 +288,14 @@ def _instance_builder(
     dict display with constant keys, in field order, the fastest way CPython builds one
     (as namedtuple and dataclasses generate code for the same reason). The names are
     attnames of model fields, so they are valid identifiers; repr() quotes them anyway."""
-    items = []
+    items, n_imm, n_mut = [], 0, 0
     for i, name in enumerate(attnames):
         if i in mutable:
-            items.append(f"{name!r}: loads(mut[{mutable.index(i)}])")
+            items.append(f"{name!r}: loads(mut[{n_mut}])")
+            n_mut += 1
         else:
-            items.append(f"{name!r}: imm[{i - sum(1 for m in mutable if m < i)}]")
+            items.append(f"{name!r}: imm[{n_imm}]")
+            n_imm += 1
     namespace: dict[str, Any] = {
         "cls": model,
         "new": model.__new__,
