@@ -73,6 +73,21 @@ def test_reads_make_no_redis_call_and_one_push_carries_them(
     assert reporting.publish_stats() == {"counters": {}, "hot": {}}
 
 
+def test_a_get_many_samples_its_rows_as_one_read_each_would() -> None:
+    """get_many_cached samples the rows it served from L2 with one touch_many() call: the
+    same rows, counted the same, as touch() of each in turn, wherever the tick stands."""
+    from tiered_cache.counters import HotRows
+
+    for tick in range(2 * HotRows.SAMPLE_EVERY):
+        for n in (0, 1, 15, 16, 17, 100):
+            one, many = HotRows(), HotRows()
+            one.tick = many.tick = tick
+            for pk in range(n):
+                one.touch("m", pk)
+            many.touch_many("m", list(range(n)))
+            assert (many.tick, many.counts) == (one.tick, one.counts), (tick, n)
+
+
 def test_a_push_that_fails_is_retried_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     user = UserFactory()
     hot.take()

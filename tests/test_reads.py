@@ -495,6 +495,30 @@ def test_the_short_way_to_a_row_id_names_the_row_as_writes_do() -> None:
     assert shortcuts == {int, str}  # the test app has both kinds of plain pk
 
 
+def test_the_keys_of_many_pks_are_those_each_pk_has_read_alone() -> None:
+    """ModelCache.pk_keys() (get_many_cached) builds all its keys and row ids at once, and
+    writes integer pks out by hand (keys.int_encodings): each must be the key a read of
+    that one pk uses and the id a write names, for every cached model, every kind of pk
+    value, and ints of every size (a long one's encoding is hashed)."""
+    samples: list[Any] = [7, 0, -3, 2**40, -(2**63), 10**187, -(10**188), 10**250, "7"]
+    samples += ["a|b%c", "", uuid.uuid4(), True]
+    for model in registry.cached_models():
+        for mc in registry.model_caches(model):
+            lk, g = mc.pk_lookup, mc.home
+            values = []
+            for value in samples:
+                try:
+                    values.append(lk.preps[0](value))
+                except Exception:  # not a value of this pk (the ORM would raise too)
+                    continue
+            ints = [v for v in values if type(v) is int]
+            # Mixed, then ints of a plain size (the written-out form), then all ints.
+            for batch in (values, [v for v in ints if abs(v) < 10**100], ints):
+                keys, rids = mc.pk_keys(g, g.alias, batch)
+                assert keys == [lk.key(g, mc.schema, g.alias, (v,)) for v in batch], model
+                assert rids == [mc.row_id_of(v) for v in batch], model
+
+
 def _leases(model: Any) -> list[bytes]:
     redis_tier.wait_for_fills()
     mc = model_cache(model.objects)

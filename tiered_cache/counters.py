@@ -53,6 +53,14 @@ class HotRows:
         if not self.tick % self.SAMPLE_EVERY:
             self.sample(label, pk)
 
+    def touch_many(self, label: str, pks: list[Any]) -> None:
+        """touch() of each pk in turn, without a call per pk (get_many_cached)."""
+        every = self.SAMPLE_EVERY
+        first = -(self.tick + 1) % every  # the index of the first pk touch() would sample
+        self.tick += len(pks)
+        for pk in pks[first::every]:
+            self.sample(label, pk)
+
     def sample(self, label: str, pk: Any) -> None:
         """Count one read of the row, standing for SAMPLE_EVERY reads."""
         per_model = self.counts.setdefault(label, {})

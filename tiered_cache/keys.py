@@ -64,6 +64,7 @@ __all__ = [
     "lease_key",
     "lock_key",
     "lookup_key",
+    "int_encodings",
     "lookup_keys",
     "ops_key",
     "parse_message",
@@ -372,12 +373,19 @@ def lookup_key(g: Group, schema: str, key_prefix: str, alias_part: str, values: 
 
 
 def lookup_keys(
-    g: Group, schema: str, key_prefix: str, alias_part: str, pks: list[Any]
+    g: Group,
+    schema: str,
+    key_prefix: str,
+    alias_part: str,
+    pks: list[Any],
+    encoded: list[str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """lookup_key() of each one-value lookup (get_many_cached's pks), the shared part once,
-    and each value's encode_values((pk,)), which row_id_of_encoding() takes."""
+    and each value's encode_values((pk,)), which row_id_of_encoding() takes (`encoded`:
+    those, when the caller has them already)."""
     mid = f":{schema}:{key_prefix}{alias_part}:"
-    encoded = [encode_values((pk,)) for pk in pks]
+    if encoded is None:
+        encoded = [encode_values((pk,)) for pk in pks]
     if len(g.shards) == 1:
         start = g.shards[0].tag + mid
         return [start + e for e in encoded], encoded
@@ -387,6 +395,20 @@ def lookup_keys(
         suffix = mid + e
         keys.append(shard_for(suffix).tag + suffix)
     return keys, encoded
+
+
+# An int below this in size has a plain encode_value() ("i" and its digits, fewer than
+# _MAX_PLAIN - 8 characters), which encode_values() does not hash.
+_PLAIN_INT = 10 ** (_MAX_PLAIN - 12)
+
+
+def int_encodings(pks: list[Any]) -> list[str] | None:
+    """encode_values((pk,)) of each pk, when all are ints of a plain size; None otherwise.
+    Written out for get_many_cached's usual integer pks: two calls per pk fewer. Digits need
+    no escaping, so each encoding is its row's id as well (row_id_of_encoding)."""
+    if not pks or not all(type(pk) is int for pk in pks) or max(map(abs, pks)) >= _PLAIN_INT:
+        return None
+    return [f"{len(s) + 1}.i{s}" for s in map(str, pks)]
 
 
 def lease_key(key: str) -> str:

@@ -561,7 +561,7 @@ def _l2_value(mc: ModelCache, key: str, raw: bytes) -> tuple[Any, str, int] | No
     """decode() counted and signalled; None for a bad or expired payload (a miss)."""
     entry = _l2_entry(mc, key, raw)
     if entry is not None:
-        _served_l2(mc, ((key, entry[0]),))
+        _served_l2(mc, [(key, entry[0])])
     return entry
 
 
@@ -583,18 +583,18 @@ def _l2_entry(
     return None if entry[0] is _EXPIRED else entry
 
 
-def _served_l2(mc: ModelCache, served: Iterable[tuple[str, Any]]) -> None:
+def _served_l2(mc: ModelCache, served: list[tuple[str, Any]]) -> None:
     """Count, sample and signal the entries (key, frozen row or NEGATIVE) served from L2."""
-    counters, touch, label = mc.counters, hot.touch, mc.label
-    for key, value in served:
-        if value is NEGATIVE:
-            counters.negative_hits += 1
-        else:
-            counters.l2_hits += 1
-            touch(label, value[2])
-        if recording.active:
+    rows = [value[2] for _, value in served if value is not NEGATIVE]
+    mc.counters.l2_hits += len(rows)
+    mc.counters.negative_hits += len(served) - len(rows)
+    hot.touch_many(mc.label, rows)
+    if recording.active:
+        for _, value in served:
             recording.served_l2(value is NEGATIVE)
-        _signal_hit(mc, "l2", key)
+    if signals.cache_hit.receivers:
+        for key, _ in served:
+            signals.cache_hit.send(sender=mc.model, tier="l2", key=key)
 
 
 def _wait_for_fill(
@@ -751,6 +751,10 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     return found
 
 
+# A tuple, not `bytes | tuple`: that expression would build a union per row.
+_ENTRY_TYPES = (bytes, tuple)
+
+
 def _get_many_scoped(
     manager: Any, mc: ModelCache, g: Group, wanted: list[Any], db: str, scope: str
 ) -> dict[Any, Any]:
@@ -816,7 +820,7 @@ def _get_many_scoped(
         r = results[i] if results else NO_LEASE
         # An entry (bytes from READ_MANY, a ValidEntry from the MGET), else LEASE, BUSY or
         # NO_LEASE; anything else is a miss too.
-        entry = _l2_entry(mc, keys[i], r, wall) if isinstance(r, bytes | tuple) else None
+        entry = _l2_entry(mc, keys[i], r, wall) if isinstance(r, _ENTRY_TYPES) else None
         if entry is None:
             missing.append((i, pk, keys[i], leases[i] if r == LEASE else ""))
             continue
@@ -893,6 +897,11 @@ def _by_shard(g: Group, keys: list[str]) -> dict[str, list[int]]:
     return by_shard
 
 
+def _pick(items: list[str], idx: list[int]) -> list[str]:
+    """The items at the (increasing) positions idx: all of them, in order, with one shard."""
+    return items if len(idx) == len(items) else [items[i] for i in idx]
+
+
 def _read_many(
     g: Group, keys: list[str], rids: list[str], lease: bool
 ) -> tuple[list[Any], list[tuple[Any, Any, Any]], list[str]]:
@@ -909,11 +918,11 @@ def _read_many(
     results: list[Any] = [None] * len(keys)
     heads: list[tuple[Any, Any, Any]] = [(None, None, None)] * len(keys)
     leases = [""] * len(keys)
-    peeks = [peek_many_call(s, [keys[i] for i in idx], [rids[i] for i in idx]) for s, idx in shards]
+    peeks = [peek_many_call(s, _pick(keys, idx), _pick(rids, idx)) for s, idx in shards]
     rest: list[tuple[Shard, list[int]]] = []
     for (s, idx), reply in zip(shards, redis_tier.scripts(peeks), strict=True):
         invalid = []
-        for i, value in zip(idx, valid_entries(reply, [rids[i] for i in idx]), strict=True):
+        for i, value in zip(idx, valid_entries(reply, _pick(rids, idx)), strict=True):
             if value is None:
                 invalid.append(i)
             else:

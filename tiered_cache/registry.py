@@ -26,6 +26,7 @@ from .groups import concrete_of, root_label
 from .keys import (
     Group,
     group,
+    int_encodings,
     lookup_key,
     lookup_keys,
     pk_row_id,
@@ -384,7 +385,12 @@ class ModelCache:
     def pk_keys(self, g: Group, alias_part: str, pks: list[Any]) -> tuple[list[str], list[str]]:
         """The L2 keys of the pk lookup's values `pks` (as its prep gives them) read through
         `alias_part`, and their rows' ids: each pk encoded once for both."""
-        keys, encoded = lookup_keys(g, self.schema, self.pk_lookup.key_prefix, alias_part, pks)
+        ints = int_encodings(pks) if self._pk_plain is int else None
+        keys, encoded = lookup_keys(
+            g, self.schema, self.pk_lookup.key_prefix, alias_part, pks, ints
+        )
+        if ints is not None:
+            return keys, ints
         plain = self._pk_plain
         rids = [
             row_id_of_encoding(e) if type(pk) is plain else self.row_id_of(pk)
