@@ -107,14 +107,17 @@ FULL = Plan(
 QUICK = Plan(rounds=3, scale=0.1, user_pool=300, memory_sizes=(10_000,), latency_samples=30)
 
 
-def configure_django(db_name: str, settings_module: str = "benchmarks.bench_settings") -> str:
-    """Point Django at the bench settings; returns the Redis key prefix of this run."""
+def configure_django(
+    db_name: str, settings_module: str = "benchmarks.bench_settings", prefix: str | None = None
+) -> str:
+    """Point Django at the bench settings; returns the Redis key prefix of this run (a new
+    one unless `prefix` is given)."""
     if "bench" not in db_name:
         raise SystemExit(
             f"refusing to use database {db_name!r}: its name must contain 'bench' "
             "(the bench drops and recreates it)"
         )
-    prefix = f"tc-bench-{os.getpid()}-{secrets.token_hex(3)}"
+    prefix = prefix or f"tc-bench-{os.getpid()}-{secrets.token_hex(3)}"
     os.environ["TC_BENCH_DB"] = db_name
     os.environ["TC_TEST_KEY_PREFIX"] = prefix
     os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
@@ -122,6 +125,18 @@ def configure_django(db_name: str, settings_module: str = "benchmarks.bench_sett
 
     django.setup()
     return prefix
+
+
+def open_rows(mc: Any, keys: list[str], raws: list[bytes]) -> None:
+    """What any authenticated read of a stored row must do after its round trip: check the
+    MAC, decode the row, build the caller's instance (thaw: from_db without __init__)."""
+    from tiered_cache.keys import RowHeader
+    from tiered_cache.serialization import open_signed
+
+    thaw, decode = mc.codec.thaw, mc.codec.decode
+    for key, raw in zip(keys, raws, strict=True):
+        _, body = open_signed(key, raw, RowHeader)
+        thaw(decode(body), "default")
 
 
 def _maintenance_connection() -> Any:
@@ -357,7 +372,7 @@ class Bench:
         import tiered_cache
         from tiered_cache.breaker import breaker
         from tiered_cache.conf import conf
-        from tiered_cache.keys import RowHeader, read_call
+        from tiered_cache.keys import read_call
         from tiered_cache.registry import model_cache
         from tiered_cache.tiers.remote import fresh_token, redis_tier
 
@@ -567,16 +582,6 @@ class Bench:
             sets.put(None)
             thread.join()
             return total / n / NS
-
-        # What any authenticated read of a stored row must do after its round trip: check
-        # the MAC, decode the row, build the caller's instance (thaw: from_db without __init__).
-        def open_rows(mc: Any, keys: list[str], raws: list[bytes]) -> None:
-            from tiered_cache.serialization import open_signed
-
-            thaw, decode = mc.codec.thaw, mc.codec.decode
-            for key, raw in zip(keys, raws, strict=True):
-                _, body = open_signed(key, raw, RowHeader)
-                thaw(decode(body), "default")
 
         # get_many_cached from L2: one MGET of the 100 stored payloads, then each opened.
         def floor_many(n: int) -> float:

@@ -21,7 +21,6 @@ go to the database.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -44,15 +43,6 @@ CASES = {
 }
 
 
-def _configure() -> None:
-    os.environ["TC_BENCH_DB"] = DB
-    os.environ["TC_TEST_KEY_PREFIX"] = PREFIX
-    os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.bench_settings"
-    import django
-
-    django.setup()
-
-
 def _calls(case: str) -> Callable[[], Any]:
     """The function one call of `case` runs, its rows in L2 already (see _warm)."""
     from django.conf import settings
@@ -62,17 +52,16 @@ def _calls(case: str) -> Callable[[], Any]:
     settings.TIERED_CACHE = {**settings.TIERED_CACHE, "BUS_TRUST_WINDOW": 60.0}
     conf.forget()
 
+    from benchmarks.bench import open_rows
     from demo_project.demo.models import User
-    from tiered_cache.keys import RowHeader
     from tiered_cache.registry import model_cache
-    from tiered_cache.serialization import open_signed
     from tiered_cache.tiers.local import local_tier
     from tiered_cache.tiers.remote import redis_tier
 
     mc = model_cache(User.objects)
     pks = _pks()
     keys = [mc.key(mc.pk_lookup, (pk,)) for pk in pks]
-    thaw, decode, client = mc.codec.thaw, mc.codec.decode, redis_tier.client
+    client = redis_tier.client
     rows = [mc.codec.values(u) for u in User.objects.filter(pk__in=pks)]
     names = mc.codec.attnames
 
@@ -81,9 +70,7 @@ def _calls(case: str) -> Callable[[], Any]:
         User.objects.get_many_cached(pks)
 
     def floor_many() -> None:
-        for key, raw in zip(keys, client.mget(keys), strict=True):
-            _, body = open_signed(key, raw, RowHeader)
-            thaw(decode(body), "default")
+        open_rows(mc, keys, client.mget(keys))
 
     def many_l1() -> None:
         User.objects.get_many_cached(pks)
@@ -181,15 +168,15 @@ def main() -> None:
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    _configure()
+    from benchmarks import bench
+
+    bench.configure_django(DB, prefix=PREFIX)
     if args.warm:
         _warm()
         return
     if args.child:
         _child(args.child[0], int(args.child[1]))
         return
-
-    from benchmarks import bench
 
     cases = args.cases.split(",")
     unknown = set(cases) - set(CASES)

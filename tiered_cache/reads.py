@@ -594,7 +594,7 @@ def _served_l2(mc: ModelCache, served: list[tuple[str, Any]]) -> None:
             recording.served_l2(value is NEGATIVE)
     if signals.cache_hit.receivers:
         for key, _ in served:
-            signals.cache_hit.send(sender=mc.model, tier="l2", key=key)
+            _signal_hit(mc, "l2", key)
 
 
 def _wait_for_fill(
