@@ -88,9 +88,9 @@ test-django52: venv services
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The coherence, resilience, lost-state, read, write, derived, operations, command,
-# inspection and trend tests again with the cache on a Sentinel setup (1 master, 1 replica,
-# 3 sentinels) and on a Redis Cluster (3 masters, 3 replicas), each started by the run on
-# spare ports (tests/topologies.py).
+# inspection, trend and connection tests again with the cache on a Sentinel setup (1
+# master, 1 replica, 3 sentinels) and on a Redis Cluster (3 masters, 3 replicas), each
+# started by the run on spare ports (tests/topologies.py).
 # The faults are injected into the topology (every node paused, killed, restarted empty,
 # its addresses refusing, junk, FLUSHALL); tests marked single_server inject faults only one
 # private redis-server has (a fake server on its address, NOAUTH, OOM, its memory settings).
@@ -98,7 +98,7 @@ test-django52: venv services
 # which the main run has.
 TOPOLOGY_TESTS := tests/test_coherence.py tests/test_resilience.py tests/test_lost_state.py \
   tests/test_reads.py tests/test_writes.py tests/test_derived.py tests/test_ops.py \
-  tests/test_commands.py tests/test_inspection.py tests/test_trends.py
+  tests/test_commands.py tests/test_inspection.py tests/test_trends.py tests/test_connections.py
 test-topologies: venv services
 	TC_TOPOLOGY=sentinel $(BIN)/pytest -m "not single_server" $(TOPOLOGY_TESTS)
 	TC_TOPOLOGY=cluster $(BIN)/pytest -m "not single_server" $(TOPOLOGY_TESTS)

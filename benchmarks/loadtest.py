@@ -19,6 +19,11 @@ runs:
    worker pushes to Redis each second).
 2. ASGI: the floor again (async-floor/...) and the cached endpoints as async views
    (async/..., aget_cached) under uvicorn.
+   Then Django's own floor under ASGI, taken apart: the ASGI floor without Django's thread
+   per request (benchmarks/loadtest_asgi.py), and with the demo run without middleware
+   (benchmarks/loadtest_settings.py) the floor under both servers and the cached views
+   under both, so that get_cached and aget_cached are compared with nothing of Django's
+   synchronous middleware between them.
 3. Redis killed at peak, three times (OUTAGE_STALE_SECONDS 0, the default; 5; and 3600,
    the largest allowed, which stands for the floor of any design that serves from L1
    during an outage: everything a process read since it started): the cached
@@ -62,7 +67,7 @@ import time
 import traceback
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -362,9 +367,14 @@ class Server:
     """One gunicorn or uvicorn serving the demo, in a process group of its own: stopped
     with SIGTERM (workers finish, push their counters) and, failing that, SIGKILL."""
 
-    def __init__(self, kind: str, port: int, env: dict[str, str], workdir: Path) -> None:
+    def __init__(
+        self, kind: str, port: int, env: dict[str, str], workdir: Path, app: str | None = None
+    ) -> None:
         self.kind = kind
         self.port = port
+        self.app = app or (
+            "demo_project.wsgi" if kind == "gunicorn" else "demo_project.asgi:application"
+        )
         self.env = {**os.environ, **env}
         self.log_path = workdir / f"{kind}-{port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -375,13 +385,13 @@ class Server:
             return [
                 *(sys.executable, "-m", "gunicorn", *addr),
                 *("--workers", "4", "--threads", "4", "--graceful-timeout", "5"),
-                *("--log-level", "warning", "demo_project.wsgi"),
+                *("--log-level", "warning", self.app),
             ]
         return [
             *(sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(self.port)),
             *("--workers", "4", "--loop", "uvloop", "--http", "httptools", "--lifespan", "off"),
             *("--no-access-log", "--log-level", "warning", "--timeout-graceful-shutdown", "5"),
-            "demo_project.asgi:application",
+            self.app,
         ]
 
     def start(self, probe: str, timeout: float = 60.0) -> None:
@@ -436,9 +446,9 @@ class Server:
 
 @contextmanager
 def serving(
-    kind: str, port: int, env: dict[str, str], workdir: Path, probe: str
+    kind: str, port: int, env: dict[str, str], workdir: Path, probe: str, app: str | None = None
 ) -> Iterator[Server]:
-    server = Server(kind, port, env, workdir)
+    server = Server(kind, port, env, workdir, app)
     _live.append(server)
     try:
         server.start(probe)
@@ -621,15 +631,19 @@ class LoadTest:
         redis_tier.wait_for_fills()
         return n
 
-    def _serve(self, kind: str, **extra: str) -> Any:
-        return serving(kind, self.port, {**self.env, **extra}, self.workdir, self.probe)
+    def _serve(self, kind: str, app: str | None = None, **extra: str) -> Any:
+        return serving(kind, self.port, {**self.env, **extra}, self.workdir, self.probe, app)
 
-    def measured(self, label: str, kind: str, prefix: str) -> tuple[Run, dict[str, Any]]:
+    def measured(
+        self, label: str, kind: str, prefix: str, app: str | None = None, bare: bool = False
+    ) -> tuple[Run, dict[str, Any]]:
         """A warmed-up server under wrk for plan.duration; for cached views also how the
-        run's reads were served, from the counters the workers push each second."""
+        run's reads were served, from the counters the workers push each second. app: the
+        server's application instead of the demo's; bare: the demo without middleware."""
         cached = prefix in CACHED_PREFIXES
         self._fresh_redis(warm=cached)
-        with self._serve(kind) as server:
+        extra = {"DJANGO_SETTINGS_MODULE": "benchmarks.loadtest_settings"} if bare else {}
+        with self._serve(kind, app, **extra) as server:
             self._wrk(f"{label} warm-up", prefix, self.plan.warmup, server)
             before = self._counters() if cached else {}
             run = self._wrk(label, prefix, self.plan.duration, server)
@@ -753,20 +767,34 @@ RUNS = [
     ("asgi", "ASGI aget_cached (uvicorn 4)", "uvicorn", "async/", "asgi_floor"),
 ]
 
+# Django's own floor under ASGI, taken apart (after the first table): key, label, server,
+# URL prefix, application (None: the demo's), and whether the demo runs without middleware
+# (benchmarks/loadtest_settings.py). Compared with the first table's WSGI floor.
+ONE_THREAD_APP = "benchmarks.loadtest_asgi:application"
+DJANGO_RUNS = [
+    (
+        "asgi_floor_one_thread",
+        "ASGI floor, no thread per request",
+        "uvicorn",
+        "async-floor/",
+        ONE_THREAD_APP,
+        False,
+    ),
+    ("floor_bare", "WSGI floor, no middleware", "gunicorn", "floor/", None, True),
+    ("asgi_floor_bare", "ASGI floor, no middleware", "uvicorn", "async-floor/", None, True),
+    ("cached_bare", "WSGI get_cached, no middleware", "gunicorn", "", None, True),
+    ("asgi_bare", "ASGI aget_cached, no middleware", "uvicorn", "async/", None, True),
+]
 
-def render_runs(runs: dict[str, Run]) -> str:
-    head = [
-        "run",
-        "req/s",
-        "of floor",
-        "p50 ms",
-        "p99 ms",
-        "failed",
-        "db xact/s",
-        "cores: srv/pg/redis/wrk/other",
-    ]
+
+def render_runs(
+    runs: dict[str, Run], rows: Sequence[tuple[str, str, str | None]], of: str = "of floor"
+) -> str:
+    """rows: (key, label, the key of the run it is a share of, or None)."""
+    head = ["run", "req/s", of, "p50 ms", "p99 ms", "failed", "db xact/s"]
+    head.append("cores: srv/pg/redis/wrk/other")
     body = []
-    for key, label, _, _, floor in RUNS:
+    for key, label, floor in rows:
         r = runs[key]
         body.append(
             [
@@ -858,7 +886,7 @@ def report(
         f"{plan.users:,} users and {plan.flows:,} flows."
     )
     plain, cached, asgi = runs["plain"], runs["cached"], runs["asgi"]
-    print(render_runs(runs))
+    print(render_runs(runs, [(key, label, floor) for key, label, _, _, floor in RUNS]))
     print(
         f"Mix: {MIX['user']} % user by pk, {MIX['email']} % user by email, {MIX['flow']} % "
         f"flow, {MIX['model']} % provider model, {MIX['global']} % global model by name, "
@@ -879,6 +907,19 @@ def report(
         f"get_cached serves {cached.rps / runs['floor'].rps:.0%} of the floor's req/s under "
         f"WSGI, aget_cached {asgi.rps / runs['asgi_floor'].rps:.0%} under ASGI; the ASGI "
         f"floor is {runs['asgi_floor'].rps / runs['floor'].rps:.0%} of the WSGI floor."
+    )
+    print(
+        "Django's own floor under ASGI, taken apart (gunicorn 4x4 and uvicorn 4 as above): "
+        "without its thread per request (benchmarks/loadtest_asgi.py), and the demo without "
+        "middleware (benchmarks/loadtest_settings.py) under both servers:"
+    )
+    rows = [(key, label, "floor") for key, label, *_ in DJANGO_RUNS]
+    print(render_runs(runs, rows, of="of WSGI floor"))
+    print(
+        f"Without middleware, aget_cached serves "
+        f"{runs['asgi_bare'].rps / runs['cached_bare'].rps:.2f}x the req/s of get_cached, "
+        f"and the ASGI floor is {runs['asgi_floor_bare'].rps / runs['floor_bare'].rps:.0%} "
+        "of the WSGI floor."
     )
     print(
         "Redis SIGKILLed at peak (WSGI get_cached; Redis restarted empty on its port after "
@@ -1014,6 +1055,9 @@ def main(argv: list[str] | None = None) -> int:
             runs[key], split = test.measured(key, kind, prefix)
             if split:
                 tiers[key], counters[key] = tier_rows(split), split
+        for key, label, kind, prefix, app, bare in DJANGO_RUNS:
+            log(f"{label}: {plan.warmup:g} s warm-up, {plan.duration:g} s")
+            runs[key], _ = test.measured(key, kind, prefix, app, bare)
         outages: dict[str, list[Run]] = {}
         stale_hits: dict[str, int] = {}
         for stale in OUTAGE_STALE:

@@ -108,14 +108,50 @@ class _Tokens:
 fresh_token = _Tokens()
 
 
+class _Held:
+    """The connections one thread holds (RedisTier._conn), by server name ("" on one
+    server). When the thread ends, its thread-local storage lets go of this object and the
+    connections go back to the tier's idle lists, for the next thread that needs one:
+    under ASGI, Django runs each request's synchronous code in a thread of its own (a
+    ThreadSensitiveContext per request), and each such thread would otherwise open, set up
+    and drop a connection of its own for its first L2 read."""
+
+    __slots__ = ("client", "conns", "idle", "pid")
+
+    def __init__(self, client: Any, idle: dict[str, list[Any]]) -> None:
+        self.client = client
+        self.pid = os.getpid()
+        self.conns: dict[str, Any] = {}
+        self.idle = idle  # the tier's, for this client: reset() starts another
+
+    def __del__(self) -> None:
+        conns, self.conns = self.conns, {}
+        try:
+            if self.pid != os.getpid():
+                return  # a forked child's copy: the sockets are the parent's
+            for name, conn in conns.items():
+                if getattr(conn, "_sock", None) is None:
+                    continue
+                if conn._tc_unread:
+                    # Replies sent for but not read (the thread stopped mid-exchange): no
+                    # other thread may read them as its own.
+                    conn.disconnect()
+                    continue
+                self.idle.setdefault(name, []).append(conn)
+        except Exception:  # at interpreter exit, or a socket error: they close with GC
+            pass
+
+
 class RedisTier:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._client: Any = None
         self._pid = 0
         # Each thread keeps one connection for the scripts of the read and write paths:
-        # taking one from the pool and giving it back costs a third of a round trip.
+        # taking one from the pool and giving it back costs a third of a round trip. The
+        # connections of threads that ended wait in _idle, by server name (see _Held).
         self._local = threading.local()
+        self._idle: dict[str, list[Any]] = {}
         self._fills: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._filler = ProcessThread("tiered_cache-filler", self._fill_loop, self._new_queue)
         # The seconds each successful script round trip took (metrics).
@@ -277,7 +313,14 @@ class RedisTier:
             self._client = None
             self._primaries = None
             self._replicated = None
+            idle, self._idle = self._idle, {}
         self._local = threading.local()
+        for conns in idle.values():
+            for conn in conns:
+                try:
+                    conn.disconnect()
+                except Exception:
+                    pass
 
     def settings_changed(self) -> None:
         """CACHES changed (override_settings in tests): find out again whether Redis
@@ -291,31 +334,40 @@ class RedisTier:
         self._client = None
         self._primaries = None
         self._local = threading.local()
+        self._idle = {}
         self.latency.after_fork()
 
     def _conn(self, node: Any = None) -> Any:
-        """This thread's connection to the server, or on a cluster to one node."""
+        """This thread's connection to the server, or on a cluster to one node: the one it
+        holds, else one a thread that ended gave back, else a new one."""
         local = self._local
-        conns = getattr(local, "conns", None)
-        if conns is None or local.pid != os.getpid() or local.client is not self._client:
-            local.client = self.client
-            local.pid = os.getpid()
-            conns = local.conns = {}
+        held: _Held | None = getattr(local, "held", None)
+        if held is None or held.pid != os.getpid() or held.client is not self._client:
+            client = self.client
+            held = local.held = _Held(client, self._idle)
+        conns = held.conns
         name = "" if node is None else node.name
         conn = conns.get(name)
         if conn is None:
-            pool = (local.client if node is None else node.redis_connection).connection_pool
-            conn = conns[name] = pool.make_connection()
-        elif getattr(conn, "_sock", None) is not None:
+            try:
+                conn = held.idle[name].pop()
+            except (KeyError, IndexError):
+                pool = (held.client if node is None else node.redis_connection).connection_pool
+                conn = pool.make_connection()
+                conn._tc_unread = False  # set by _send_packed, cleared by _read
+            conns[name] = conn
+        if getattr(conn, "_sock", None) is not None:
             # A held connection the server closed (restart, CLIENT KILL, idle timeout)
             # would fail the next call and count against the breaker: check, as redis-py's
-            # pool does on every checkout, and reconnect on the next send instead.
+            # pool does on every checkout, and reconnect on the next send instead. So is
+            # one with replies nobody read (an exchange that stopped half way).
             try:
-                dead = conn.can_read()
+                dead = conn._tc_unread or conn.can_read()
             except (redis.RedisError, OSError):
                 dead = True
             if dead:
                 conn.disconnect()
+                conn._tc_unread = False
         if getattr(conn, "_sock", None) is None:
             # Connect here, not on the first send: redis-py 8 connects a sending connection
             # through the base class's _connect(), which a Sentinel-managed connection does
@@ -324,12 +376,15 @@ class RedisTier:
         return conn
 
     def _drop_conn(self) -> None:
-        for conn in (getattr(self._local, "conns", None) or {}).values():
+        held: _Held | None = getattr(self._local, "held", None)
+        if held is None:
+            return
+        conns, held.conns = held.conns, {}
+        for conn in conns.values():
             try:
                 conn.disconnect()
             except Exception:
                 pass
-        self._local.conns = None
 
     def scripts(
         self,
@@ -506,6 +561,7 @@ class RedisTier:
 
     @staticmethod
     def _send_packed(conn: Any, commands: list[tuple[Any, ...]]) -> None:
+        conn._tc_unread = True  # until _read() has every reply (see _conn, _Held)
         if _pack is not None:  # hiredis packs in C; redis-py's own packer is Python
             conn.send_packed_command([b"".join([_pack(c) for c in commands])], check_health=False)
         elif len(commands) == 1:
@@ -521,6 +577,7 @@ class RedisTier:
                 out.append(conn.read_response())
             except ResponseError as exc:  # the reply was read whole: the stream stays in step
                 out.append(exc)
+        conn._tc_unread = False
         return out
 
     def _exchange(
