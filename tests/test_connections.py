@@ -110,3 +110,27 @@ def test_reset_closes_the_connections_given_back() -> None:
     assert all(getattr(c, "_sock", None) is None for c in given_back)
     name, used = in_thread(lambda: l2_read(user.pk))
     assert name == "held" and not any(c is old for c in used for old in given_back)
+
+
+def test_reset_leaves_a_running_thread_its_connection() -> None:
+    """reset() (settings changed, in tests) drops every thread's holdings at once; a thread
+    still running may be mid-exchange, so its connection is not closed under it."""
+    user = stored_user()
+    read, finish = threading.Event(), threading.Event()
+    got: dict[str, Any] = {}
+
+    def reader() -> None:
+        got["name"], got["conns"] = l2_read(user.pk)
+        read.set()
+        finish.wait(10)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        assert read.wait(10)
+        redis_tier.reset()
+        assert got["name"] == "held" and got["conns"]
+        assert all(getattr(c, "_sock", None) is not None for c in got["conns"])
+    finally:
+        finish.set()
+        t.join()

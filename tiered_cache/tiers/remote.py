@@ -116,19 +116,23 @@ class _Held:
     ThreadSensitiveContext per request), and each such thread would otherwise open, set up
     and drop a connection of its own for its first L2 read."""
 
-    __slots__ = ("client", "conns", "idle", "pid")
+    __slots__ = ("client", "conns", "idle", "owner", "pid")
 
     def __init__(self, client: Any, idle: dict[str, list[Any]]) -> None:
         self.client = client
         self.pid = os.getpid()
+        self.owner = threading.get_ident()
         self.conns: dict[str, Any] = {}
         self.idle = idle  # the tier's, for this client: reset() starts another
 
     def __del__(self) -> None:
-        conns, self.conns = self.conns, {}
         try:
-            if self.pid != os.getpid():
-                return  # a forked child's copy: the sockets are the parent's
+            if self.pid != os.getpid() or threading.get_ident() != self.owner:
+                # A forked child's copy (the sockets are the parent's), or the whole local
+                # storage dropped by reset() in another thread while the owner may still
+                # be in an exchange: left to the owner, then to the garbage collector.
+                return
+            conns, self.conns = self.conns, {}
             for name, conn in conns.items():
                 if getattr(conn, "_sock", None) is None:
                     continue
