@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 
+from tests.cache_fixtures import counters
 from tests.testapp.factories import UserFactory
 from tests.testapp.models import User
 from tiered_cache import clear_local
@@ -113,8 +114,9 @@ def test_reset_closes_the_connections_given_back() -> None:
 
 
 def test_reset_leaves_a_running_thread_its_connection() -> None:
-    """reset() (settings changed, in tests) drops every thread's holdings at once; a thread
-    still running may be mid-exchange, so its connection is not closed under it."""
+    """reset() (settings changed, in tests) drops every thread's holdings at once, from
+    its own thread; another thread still running may be mid-exchange, so reset() neither
+    closes its connection nor gives it to the idle list it then closes."""
     user = stored_user()
     read, finish = threading.Event(), threading.Event()
     got: dict[str, Any] = {}
@@ -134,3 +136,38 @@ def test_reset_leaves_a_running_thread_its_connection() -> None:
     finally:
         finish.set()
         t.join()
+
+
+def test_holdings_dropped_while_their_thread_runs_are_not_handed_on() -> None:
+    """The thread-local storage can let go of a thread's holdings while the thread still
+    runs and holds a connection it is about to use (reset() swapping it in the middle of
+    that thread's _conn()): only a thread's end gives connections back."""
+    user = stored_user()
+    still_used: list[Any] = []
+
+    def drop_own_holdings() -> None:
+        l2_read(user.pk)
+        still_used.extend(held())
+        redis_tier._local = threading.local()  # the old storage freed in this thread
+
+    in_thread(drop_own_holdings)
+    name, used = in_thread(lambda: l2_read(user.pk))
+    assert name == "held" and still_used
+    assert not any(c is old for c in used for old in still_used)
+
+
+def test_unread_replies_on_a_thread_s_own_connection_are_not_read_as_its_next_reply() -> None:
+    user = stored_user()
+
+    def read_after_unread() -> tuple[str, bool]:
+        l2_read(user.pk)
+        (conn,) = held()[:1]
+        sock = conn._sock
+        redis_tier._send_packed(conn, [("PING",)])  # its reply is never read
+        before = counters(User)["l2_hits"]
+        name, again = l2_read(user.pk)
+        assert counters(User)["l2_hits"] == before + 1  # served from L2, not the database
+        return name, again[0] is conn and again[0]._sock is not sock
+
+    name, reconnected = in_thread(read_after_unread)
+    assert name == "held" and reconnected

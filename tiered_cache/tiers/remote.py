@@ -7,6 +7,7 @@ import logging
 import os
 import queue
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -108,6 +109,11 @@ class _Tokens:
 fresh_token = _Tokens()
 
 
+# Connections given back by threads that ended, kept per server for the next threads; past
+# that many, closed (a burst of requests in flight leaves no more open than this).
+IDLE_MAX = 32
+
+
 class _Held:
     """The connections one thread holds (RedisTier._conn), by server name ("" on one
     server). When the thread ends, its thread-local storage lets go of this object and the
@@ -116,32 +122,41 @@ class _Held:
     ThreadSensitiveContext per request), and each such thread would otherwise open, set up
     and drop a connection of its own for its first L2 read."""
 
-    __slots__ = ("client", "conns", "idle", "owner", "pid")
+    __slots__ = ("client", "conns", "owner", "pid", "tier")
 
-    def __init__(self, client: Any, idle: dict[str, list[Any]]) -> None:
+    def __init__(self, tier: RedisTier, client: Any) -> None:
+        self.tier = tier
         self.client = client
         self.pid = os.getpid()
         self.owner = threading.get_ident()
         self.conns: dict[str, Any] = {}
-        self.idle = idle  # the tier's, for this client: reset() starts another
 
     def __del__(self) -> None:
         try:
-            if self.pid != os.getpid() or threading.get_ident() != self.owner:
-                # A forked child's copy (the sockets are the parent's), or the whole local
-                # storage dropped by reset() in another thread while the owner may still
-                # be in an exchange: left to the owner, then to the garbage collector.
+            # Only as the owner thread ends, when no Python frame is below this one. Freed
+            # any other way (a forked child's copy; reset() dropping every thread's storage,
+            # from another thread or from inside the owner's own _conn()), the owner may
+            # still be in an exchange: its connections are left to it, then to the GC.
+            if (
+                self.pid != os.getpid()
+                or threading.get_ident() != self.owner
+                or sys._getframe().f_back is not None
+            ):
                 return
+            tier = self.tier
+            idle = tier._idle
+            current = self.client is tier._client  # not a client reset() forgot
             conns, self.conns = self.conns, {}
             for name, conn in conns.items():
                 if getattr(conn, "_sock", None) is None:
                     continue
-                if conn._tc_unread:
-                    # Replies sent for but not read (the thread stopped mid-exchange): no
-                    # other thread may read them as its own.
+                kept = idle.setdefault(name, [])
+                # Replies sent for and never read (the thread stopped mid-exchange) must
+                # not be read by another thread as its own: such a connection is closed.
+                if current and not conn._tc_unread and len(kept) < IDLE_MAX:
+                    kept.append(conn)
+                else:
                     conn.disconnect()
-                    continue
-                self.idle.setdefault(name, []).append(conn)
         except Exception:  # at interpreter exit, or a socket error: they close with GC
             pass
 
@@ -319,8 +334,8 @@ class RedisTier:
             self._replicated = None
             idle, self._idle = self._idle, {}
         self._local = threading.local()
-        for conns in idle.values():
-            for conn in conns:
+        for conns in list(idle.values()):
+            for conn in list(conns):
                 try:
                     conn.disconnect()
                 except Exception:
@@ -347,18 +362,16 @@ class RedisTier:
         local = self._local
         held: _Held | None = getattr(local, "held", None)
         if held is None or held.pid != os.getpid() or held.client is not self._client:
-            client = self.client
-            held = local.held = _Held(client, self._idle)
+            held = local.held = _Held(self, self.client)
         conns = held.conns
         name = "" if node is None else node.name
         conn = conns.get(name)
         if conn is None:
             try:
-                conn = held.idle[name].pop()
+                conn = self._idle[name].pop()
             except (KeyError, IndexError):
                 pool = (held.client if node is None else node.redis_connection).connection_pool
                 conn = pool.make_connection()
-                conn._tc_unread = False  # set by _send_packed, cleared by _read
             conns[name] = conn
         if getattr(conn, "_sock", None) is not None:
             # A held connection the server closed (restart, CLIENT KILL, idle timeout)
@@ -371,12 +384,12 @@ class RedisTier:
                 dead = True
             if dead:
                 conn.disconnect()
-                conn._tc_unread = False
         if getattr(conn, "_sock", None) is None:
             # Connect here, not on the first send: redis-py 8 connects a sending connection
             # through the base class's _connect(), which a Sentinel-managed connection does
             # not override (it would dial the service name as a host).
             conn.connect()
+            conn._tc_unread = False  # set by _send_packed() until _read() has every reply
         return conn
 
     def _drop_conn(self) -> None:
