@@ -199,6 +199,7 @@ class RedisServer:
         _wait(self._pings, 10, "redis-server did not heal")
         if self.client().config_get("maxmemory").get("maxmemory") not in ("0", None):
             self.free_memory()
+        self.accept_writes()
 
     def fill_with_junk(self, prefix: str, extra_keys: int = 2000) -> int:
         return fill_with_junk(self.client(), prefix, extra_keys)
@@ -218,6 +219,15 @@ class RedisServer:
         except redis.ResponseError as exc:
             assert "OOM" in str(exc) or "maxmemory" in str(exc), exc
         return n
+
+    def refuse_writes(self) -> None:
+        """Every command that writes fails with NOREPLICAS (min-replicas-to-write 1, and no
+        replica), while reads, PING and PUBLISH are answered: a Redis that answers but
+        cannot take an invalidation, as with a failed save or maxmemory."""
+        self.client().config_set("min-replicas-to-write", 1)
+
+    def accept_writes(self) -> None:
+        self.client().config_set("min-replicas-to-write", 0)
 
     def free_memory(self) -> None:
         c = self.client()

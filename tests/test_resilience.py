@@ -466,6 +466,11 @@ FAULTS: dict[str, tuple[Callable[[RedisServer], None], Callable[[RedisServer], N
         lambda s: s.free_memory(),
         "maxmemory reached with noeviction: commands that write fail with OOM",
     ),
+    "refusing-writes": (
+        lambda s: s.refuse_writes(),
+        lambda s: s.accept_writes(),
+        "every write refused (NOREPLICAS); reads, PING and PUBLISH answered",
+    ),
 }
 
 
@@ -476,6 +481,7 @@ _FAULT_MARKS = {
     "answering-errors": pytest.mark.single_server,
     "requirepass": pytest.mark.single_server,
     "out-of-memory": pytest.mark.single_server,
+    "refusing-writes": pytest.mark.single_server,
 }
 
 
@@ -589,6 +595,8 @@ def test_reads_and_writes_during_a_fault(own_redis: RedisEnv, fault: str) -> Non
         b'{"o": "x"}',
         b'{"o": "x", "g": 1, "r": []}',
         b'{"o": "x", "k": 5, "m": "fn:x"}',
+        b'{"o": "x", "u": 2}',
+        b'{"o": "x", "u": 1, "g": "g", "r": [], "f": 0}',
         b"\xff not json",
     ],
 )

@@ -26,7 +26,7 @@ from django.db import connection
 
 from .conf import conf
 from .invalidation import apply_message, drain_outbox, origin
-from .keys import channel, parse_message
+from .keys import Undelivered, channel, parse_message
 from .threads import ProcessThread
 from .tiers.local import local_tier
 from .tiers.remote import Unavailable, redis_tier
@@ -309,7 +309,9 @@ class Bus:
         """A write of this process could not reach Redis; its invalidation is in the outbox.
         L2 still holds the old row, and other processes' L1 too, and they may not lose
         trust at all (only this process's breaker may be open): stop trusting the tiers
-        here until the listener has delivered the outbox, and make sure a listener runs."""
+        here until the listener has delivered the outbox, and make sure a listener runs.
+        Also when another process says so on the bus (keys.Undelivered: Redis refused
+        its write but still answers, so nothing else would end our trust)."""
         self._drain_due = True
         self.trusted_until = 0.0
         self._wake.set()
@@ -525,7 +527,11 @@ class Bus:
             logger.warning(
                 "tiered_cache: ignoring a bus message that is not ours: %r", bytes(data)[:200]
             )
-        elif message.origin != own:
+        elif message.origin == own:
+            pass
+        elif isinstance(message, Undelivered):
+            self.undelivered()
+        else:
             apply_message(message)
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from django.db import models
+from redis.exceptions import ResponseError
 
 from . import outbox, recording, signals
 from .conf import conf
@@ -19,6 +20,7 @@ from .keys import (
     Group,
     RowsMessage,
     ScriptCall,
+    Undelivered,
     bump_call,
     cluster_mode,
     derived_drop_call,
@@ -112,12 +114,14 @@ class Batch:
             # was not sent reaches the other processes only through the outbox, later
             # (a failure here costs this write at most a connect and a read timeout).
             self.send(force=True)
-        except Unavailable:
+        except Unavailable as exc:
             outbox.record(self.rows, self.flush, self.fn_keys)
             # Even with nothing written (a pending flush covers it), this process must
             # not trust the tiers until the drain.
             for hook in undelivered_hooks:
                 hook()
+            if isinstance(exc.__cause__, ResponseError):
+                self.announce_undelivered()
         else:
             outbox.outage.delivered()
         finally:
@@ -162,12 +166,7 @@ class Batch:
                 after.append(drop.encode())
         version_ttl_ms = int((conf.TIMEOUT + 60) * 1000)
         inside = publish_in_script()
-        for gid, rids in self.rows.items():
-            flush = gid in self.flush
-            ordered = sorted(rids)
-            if len(ordered) > conf.BULK_INVALIDATION_LIMIT:
-                ordered, flush = [], True
-            message = RowsMessage(origin.id, gid, tuple(ordered), flush)
+        for gid, ordered, message in self._row_messages():
             calls.extend(
                 invalidate_calls(
                     self.groups[gid], ordered, message, fresh_token(), version_ttl_ms, fresh_token()
@@ -176,6 +175,33 @@ class Batch:
             if not inside:
                 after.append(message.encode())
         return calls, after
+
+    def _row_messages(self) -> Iterator[tuple[str, list[str], RowsMessage]]:
+        """Each written group's rows, in order (none past BULK_INVALIDATION_LIMIT: the
+        group is flushed), and its bus message."""
+        for gid, rids in self.rows.items():
+            flush = gid in self.flush
+            ordered = sorted(rids)
+            if len(ordered) > conf.BULK_INVALIDATION_LIMIT:
+                ordered, flush = [], True
+            yield gid, ordered, RowsMessage(origin.id, gid, tuple(ordered), flush)
+
+    def announce_undelivered(self) -> None:
+        """Redis answered but refused the scripts (out of memory, too few replicas to
+        write, a failed save...): L2 keeps the old rows and the bus message, sent by the
+        script or after it, may not have gone out, while the other processes' heartbeats
+        are still answered and keep their L1 trusted. A PUBLISH still goes through: first
+        tell every process to stop trusting the tiers until the outbox is delivered, then
+        drop the rows from their L1 as the scripts would have."""
+        messages = [Undelivered(origin.id).encode()]
+        messages += [m.encode() for _, _, m in self._row_messages()]
+        messages += [DerivedDrop(origin.id, k, f).encode() for k, f in self.fn_keys.items()]
+        try:
+            redis_tier.publish(messages)
+        except Unavailable as exc:
+            # Unreachable by now: the other processes' heartbeats go unanswered and their
+            # trust lapses on its own. Refused: they learn only from the outbox.
+            logger.warning("tiered_cache: could not announce undelivered invalidations: %s", exc)
 
     def send(self, force: bool) -> None:
         """Run the batch's scripts and publish its messages: Unavailable if Redis did not

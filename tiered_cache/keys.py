@@ -47,6 +47,7 @@ __all__ = [
     "Script",
     "ScriptCall",
     "Shard",
+    "Undelivered",
     "ValidEntry",
     "base_prefix",
     "channel",
@@ -542,7 +543,20 @@ class DerivedDrop:
         return json.dumps({"o": self.origin, "k": self.key, "m": self.fn_label})
 
 
-def parse_message(data: bytes) -> RowsMessage | DerivedDrop | None:
+@dataclasses.dataclass(frozen=True)
+class Undelivered:
+    """A process's invalidation is in the outbox although Redis answered: Redis refused
+    its scripts (out of memory, too few replicas to write, a failed save...), so L2 still
+    holds the old rows, and no bus message went out with them. Every process stops
+    trusting the tiers until the outbox is delivered, as the writer's own does."""
+
+    origin: str
+
+    def encode(self) -> str:
+        return json.dumps({"o": self.origin, "u": 1})
+
+
+def parse_message(data: bytes) -> RowsMessage | DerivedDrop | Undelivered | None:
     """A bus message, or None for anything else (valid JSON of another shape must not kill
     the listener: it would clear every L1)."""
     try:
@@ -551,6 +565,8 @@ def parse_message(data: bytes) -> RowsMessage | DerivedDrop | None:
         return None
     if not isinstance(msg, dict) or not isinstance(msg.get("o"), str):
         return None
+    if "u" in msg:
+        return Undelivered(msg["o"]) if msg["u"] == 1 and len(msg) == 2 else None
     if "k" in msg:
         if isinstance(msg["k"], str) and isinstance(msg.get("m"), str):
             return DerivedDrop(msg["o"], msg["k"], msg["m"])

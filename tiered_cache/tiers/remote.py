@@ -439,6 +439,22 @@ class RedisTier:
         self.latency.observe(time.perf_counter() - t0)
         return out
 
+    def publish(self, messages: Sequence[str]) -> None:
+        """Send bus messages alone, outside the breaker (a writer whose scripts Redis
+        refused tells the other processes so): Unavailable if Redis did not take them."""
+        try:
+            if self.cluster:
+                client: Any = self.client
+                conn = self._conn(client.get_node_from_key(channel()))
+                commands = [("SPUBLISH", channel(), m) for m in messages]
+            else:
+                conn = self._conn()
+                commands = [("PUBLISH", channel(), m) for m in messages]
+            self._exchange(conn, commands, raise_errors=True)
+        except REDIS_ERRORS as exc:
+            self._drop_conn()
+            raise Unavailable(str(exc)) from exc
+
     def _refresh(self) -> None:
         """The slot map changed under us (a failover, a resharding): read it again, or let
         the next call find out."""
