@@ -223,7 +223,7 @@ class RedisServer:
     def refuse_writes(self) -> None:
         """Every command that writes fails with NOREPLICAS (min-replicas-to-write 1, and no
         replica), while reads, PING and PUBLISH are answered: a Redis that answers but
-        cannot take an invalidation, as with a failed save or maxmemory."""
+        cannot take an invalidation, as at maxmemory with noeviction."""
         self.client().config_set("min-replicas-to-write", 1)
 
     def accept_writes(self) -> None:

@@ -261,6 +261,8 @@ class Bus:
         now = time.monotonic()
         if not self.connected or now < self._quarantine or now - self._last_sent > limit:
             return
+        if self._drain_due and now < self._retry_at:
+            return  # the outbox cannot be delivered before then: no trust to wait for
         deadline = self._last_sent + limit
         with self._granted:
             self._granted.wait_for(

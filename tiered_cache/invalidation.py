@@ -115,12 +115,17 @@ class Batch:
             # (a failure here costs this write at most a connect and a read timeout).
             self.send(force=True)
         except Unavailable as exc:
-            outbox.record(self.rows, self.flush, self.fn_keys)
+            # Redis answered with an error: the other processes still trust their tiers
+            # and are told so below, and will trust again once the outbox is delivered, so
+            # it must hold this write even where a pending flush of ours already covers it
+            # (another process may have delivered and removed that flush meanwhile).
+            answered = isinstance(exc.__cause__, ResponseError)
+            outbox.record(self.rows, self.flush, self.fn_keys, again=answered)
             # Even with nothing written (a pending flush covers it), this process must
             # not trust the tiers until the drain.
             for hook in undelivered_hooks:
                 hook()
-            if isinstance(exc.__cause__, ResponseError):
+            if answered:
                 self.announce_undelivered()
         else:
             outbox.outage.delivered()
@@ -188,7 +193,7 @@ class Batch:
 
     def announce_undelivered(self) -> None:
         """Redis answered but refused the scripts (out of memory, too few replicas to
-        write, a failed save...): L2 keeps the old rows and the bus message, sent by the
+        write...): L2 keeps the old rows and the bus message, sent by the
         script or after it, may not have gone out, while the other processes' heartbeats
         are still answered and keep their L1 trusted. A PUBLISH still goes through: first
         tell every process to stop trusting the tiers until the outbox is delivered, then

@@ -546,7 +546,7 @@ class DerivedDrop:
 @dataclasses.dataclass(frozen=True)
 class Undelivered:
     """A process's invalidation is in the outbox although Redis answered: Redis refused
-    its scripts (out of memory, too few replicas to write, a failed save...), so L2 still
+    its scripts (out of memory, too few replicas to write...), so L2 still
     holds the old rows, and no bus message went out with them. Every process stops
     trusting the tiers until the outbox is delivered, as the writer's own does."""
 
@@ -566,7 +566,8 @@ def parse_message(data: bytes) -> RowsMessage | DerivedDrop | Undelivered | None
     if not isinstance(msg, dict) or not isinstance(msg.get("o"), str):
         return None
     if "u" in msg:
-        return Undelivered(msg["o"]) if msg["u"] == 1 and len(msg) == 2 else None
+        u = msg["u"]
+        return Undelivered(msg["o"]) if type(u) is int and u == 1 and len(msg) == 2 else None
     if "k" in msg:
         if isinstance(msg["k"], str) and isinstance(msg.get("m"), str):
             return DerivedDrop(msg["o"], msg["k"], msg["m"])

@@ -62,15 +62,20 @@ class Outage:
 outage = Outage()
 
 
-def record(rows: dict[str, set[str]], flush: set[str], derived: dict[str, str]) -> bool:
+def record(
+    rows: dict[str, set[str]], flush: set[str], derived: dict[str, str], again: bool = False
+) -> bool:
     """Keep a batch's invalidations (group id -> row ids, flushed group ids, derived key ->
     function label) in the outbox, committed at once. Past OUTBOX_LIMIT rows in one outage
     a group is recorded as flushed instead of row by row. False if nothing was written
-    (the database refused, or a pending flush covers every row)."""
+    (the database refused, or a pending flush covers every row). again: a group this
+    process already recorded as flushed gets a flush entry again, not nothing."""
     entries = []
     with outage.lock:
         for gid, rids in rows.items():
             if gid in outage.flushed:
+                if again:
+                    entries.append(PendingInvalidation(model_label=gid, rows=[], flush=True))
                 continue  # a pending flush of the group covers these rows
             whole = gid in flush or outage.rows + len(rids) > conf.OUTBOX_LIMIT
             if whole:
