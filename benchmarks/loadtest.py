@@ -791,8 +791,16 @@ def render_runs(
     runs: dict[str, Run], rows: Sequence[tuple[str, str, str | None]], of: str = "of floor"
 ) -> str:
     """rows: (key, label, the key of the run it is a share of, or None)."""
-    head = ["run", "req/s", of, "p50 ms", "p99 ms", "failed", "db xact/s"]
-    head.append("cores: srv/pg/redis/wrk/other")
+    head = [
+        "run",
+        "req/s",
+        of,
+        "p50 ms",
+        "p99 ms",
+        "failed",
+        "db xact/s",
+        "cores: srv/pg/redis/wrk/other",
+    ]
     body = []
     for key, label, floor in rows:
         r = runs[key]

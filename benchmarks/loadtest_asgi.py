@@ -1,5 +1,5 @@
 """The demo's ASGI application without Django's thread per request, for the load test's row
-that measures what that thread costs (benchmarks/loadtest.py). Not a deployment advice.
+that measures what that thread costs (benchmarks/loadtest.py); not deployment advice.
 
 Django's ASGIHandler runs each request inside asgiref's ThreadSensitiveContext, so the
 request's synchronous parts (every MiddlewareMixin hook, the request_started and

@@ -529,12 +529,11 @@ class Bus:
             logger.warning(
                 "tiered_cache: ignoring a bus message that is not ours: %r", bytes(data)[:200]
             )
-        elif message.origin == own:
-            pass
-        elif isinstance(message, Undelivered):
-            self.undelivered()
-        else:
-            apply_message(message)
+        elif message.origin != own:
+            if isinstance(message, Undelivered):
+                self.undelivered()
+            else:
+                apply_message(message)
 
 
 bus = Bus()

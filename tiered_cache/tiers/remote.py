@@ -443,17 +443,21 @@ class RedisTier:
         """Send bus messages alone, outside the breaker (a writer whose scripts Redis
         refused tells the other processes so): Unavailable if Redis did not take them."""
         try:
-            if self.cluster:
-                client: Any = self.client
-                conn = self._conn(client.get_node_from_key(channel()))
-                commands = [("SPUBLISH", channel(), m) for m in messages]
-            else:
-                conn = self._conn()
-                commands = [("PUBLISH", channel(), m) for m in messages]
-            self._exchange(conn, commands, raise_errors=True)
+            self._publish(messages)
         except REDIS_ERRORS as exc:
             self._drop_conn()
             raise Unavailable(str(exc)) from exc
+
+    def _publish(self, messages: Sequence[str]) -> None:
+        """The messages on the bus channel: SPUBLISH on the channel's node of a cluster."""
+        if self.cluster:
+            client: Any = self.client
+            conn = self._conn(client.get_node_from_key(channel()))
+            self._exchange(conn, [("SPUBLISH", channel(), m) for m in messages], raise_errors=True)
+        else:
+            self._exchange(
+                self._conn(), [("PUBLISH", channel(), m) for m in messages], raise_errors=True
+            )
 
     def _refresh(self) -> None:
         """The slot map changed under us (a failover, a resharding): read it again, or let
@@ -506,11 +510,7 @@ class RedisTier:
             try:
                 if failure is not None:
                     self._drop_conn()  # replies of the failed round may still be unread
-                client: Any = self.client
-                conn = self._conn(client.get_node_from_key(channel()))
-                self._exchange(
-                    conn, [("SPUBLISH", channel(), m) for m in publish], raise_errors=True
-                )
+                self._publish(publish)
             except REDIS_ERRORS as exc:
                 failure = failure or exc
         if failure is not None:
