@@ -365,6 +365,49 @@ def test_a_process_whose_bus_started_hands_the_gil_over_within_gil_switch_interv
         assert other.call("sys.getswitchinterval") <= conf.GIL_SWITCH_INTERVAL
 
 
+@contextmanager
+def busy_with_listener_held(method: str) -> Iterator[tuple[Flow, Worker, threading.Event]]:
+    """A busy process: a request thread reads one row from L1 back to back (each hit renews
+    trust and polls the bus), and the listener thread is held on entering Bus.<method>
+    until the block ends. Yields a row of step 1 in L1, another process, and an event set
+    once the listener is held."""
+    from tiered_cache.bus import bus
+
+    flow, busy_row = FlowFactory(current_step=1), FlowFactory()
+    assert bus.wait_trusted(5)
+    for pk in (flow.pk, busy_row.pk):
+        Flow.objects.get_cached(pk=pk)
+    redis_tier.wait_for_fills()
+    gate, held, stop = threading.Event(), threading.Event(), threading.Event()
+    real = getattr(bus, method)
+    listener = next(t for t in threading.enumerate() if t.name == "tiered_cache-bus")
+
+    def held_call(*args: Any) -> Any:
+        if threading.current_thread() is listener:
+            held.set()
+            gate.wait(10)
+        return real(*args)
+
+    def busy() -> None:
+        while not stop.is_set():
+            Flow.objects.get_cached(pk=busy_row.pk)
+            time.sleep(0.0005)
+
+    with worker() as other:
+        other.call(ct.__name__ + ".wait_trusted")
+        reader = threading.Thread(target=busy, daemon=True)
+        reader.start()
+        setattr(bus, method, held_call)
+        try:
+            yield flow, other, held
+            assert not gate.is_set()
+        finally:
+            stop.set()
+            delattr(bus, method)
+            gate.set()
+            reader.join(5)
+
+
 def test_a_reading_thread_applies_a_drop_while_the_listener_cannot_run() -> None:
     """A busy process's readers hold the CPU and its listener waits to be scheduled: an L1
     hit applies what waits on the subscription (Bus.poll), messages and the heartbeat
@@ -374,47 +417,38 @@ def test_a_reading_thread_applies_a_drop_while_the_listener_cannot_run() -> None
     from tests.cache_fixtures import counters
     from tiered_cache.bus import bus
 
-    flow, busy_row = FlowFactory(current_step=1), FlowFactory()
+    with busy_with_listener_held("_next") as (flow, other, held):
+        assert held.wait(5), "the listener did not come back to wait for the socket"
+        before, stats = bus.messages, counters(Flow)
+        assert other.call(T + "write_one", flow.pk, "save") == 2
+        assert wait_for(lambda: bus.messages > before, 2), "no reader applied the message"
+        assert Flow.objects.get_cached(pk=flow.pk).current_step == 2
+        # Heartbeat answers read by the reading threads kept trust all along: the busy
+        # row never left L1, and the new row is served from L1 again.
+        time.sleep(3 * conf.BUS_TRUST_WINDOW)
+        assert Flow.objects.get_cached(pk=flow.pk).current_step == 2
+        after = counters(Flow)
+        assert after["misses"] - stats["misses"] == 1, (stats, after)
+        assert bus.trusted()
+
+
+def test_no_reader_vouches_for_a_message_the_listener_has_not_applied() -> None:
+    """The listener takes a message off the subscription and applies it under the read lock
+    that reader threads poll() with: a reader that read the heartbeat answers behind it and
+    renewed trust with them would serve the old row from L1 for as long as the listener
+    waited to apply it (a busy process keeps it off the CPU). Here the listener is held
+    inside the message of another process's write: trust lapses meanwhile and the read goes
+    to the database (the old code served the old row from L1, renewed by the busy thread)."""
+    from tiered_cache.bus import bus
+
+    with busy_with_listener_held("_handle") as (flow, other, held):
+        assert other.call(T + "write_one", flow.pk, "save") == 2
+        assert held.wait(5), "the listener never took the write's message"
+        time.sleep(3 * conf.BUS_TRUST_WINDOW)  # heartbeats answered behind the message
+        assert not bus.trusted(), "trust was renewed past a message not yet applied"
+        assert Flow.objects.get_cached(pk=flow.pk).current_step == 2
     assert bus.wait_trusted(5)
-    for pk in (flow.pk, busy_row.pk):
-        Flow.objects.get_cached(pk=pk)
-    redis_tier.wait_for_fills()
-    gate, held, stop = threading.Event(), threading.Event(), threading.Event()
-    real_next = bus._next
-
-    def held_next(pubsub: Any, wait: float) -> Any:
-        held.set()
-        gate.wait(10)
-        return real_next(pubsub, wait)
-
-    def busy() -> None:  # a request thread of a busy process: L1 hits, back to back
-        while not stop.is_set():
-            Flow.objects.get_cached(pk=busy_row.pk)
-            time.sleep(0.0005)
-
-    with worker() as other:
-        other.call(ct.__name__ + ".wait_trusted")
-        reader = threading.Thread(target=busy, daemon=True)
-        reader.start()
-        bus._next = held_next  # type: ignore[method-assign]
-        try:
-            assert held.wait(5), "the listener did not come back to wait for the socket"
-            before, stats = bus.messages, counters(Flow)
-            assert other.call(T + "write_one", flow.pk, "save") == 2
-            assert wait_for(lambda: bus.messages > before, 2), "no reader applied the message"
-            assert Flow.objects.get_cached(pk=flow.pk).current_step == 2
-            # Heartbeat answers read by the reading threads kept trust all along: the busy
-            # row never left L1, and the new row is served from L1 again.
-            time.sleep(3 * conf.BUS_TRUST_WINDOW)
-            assert Flow.objects.get_cached(pk=flow.pk).current_step == 2
-            after = counters(Flow)
-            assert after["misses"] - stats["misses"] == 1, (stats, after)
-            assert not gate.is_set() and bus.trusted()
-        finally:
-            stop.set()
-            del bus._next
-            gate.set()
-            reader.join(5)
+    assert Flow.objects.get_cached(pk=flow.pk).current_step == 2
 
 
 def test_the_bus_works_with_its_socket_past_descriptor_1024() -> None:

@@ -187,6 +187,9 @@ class Bus:
         try:
             if pubsub is not self._pubsub:
                 return
+            # Anything still waiting for the listener came off the socket first: what
+            # follows it waits too, so that the listener applies it all in order.
+            handed = bool(self._handed)
             own = origin.id
             # timeout=0: nothing but what the socket holds already (redis-py checks it
             # without blocking); one reply per call, so until it returns None.
@@ -217,14 +220,10 @@ class Bus:
             pass
 
     def _next(self, pubsub: Any, wait: float) -> dict[str, Any] | None:
-        """The listener's next message, or None after `wait` seconds without one (or for a
-        partial one). It waits for the socket, or for what a reader thread handed over,
-        without the read lock, so that reader threads can poll() meanwhile."""
-        handed = self._handed
-        if handed:
-            return handed.popleft()
-        with self._read_lock:
-            msg: dict[str, Any] | None = pubsub.get_message(timeout=0)
+        """The listener's next message, handled, or None after `wait` seconds without one
+        (or for a partial one). It waits for the socket, or for what a reader thread handed
+        over, without the read lock, so that reader threads can poll() meanwhile."""
+        msg = self._take(pubsub)
         if msg is not None:
             return msg
         # Nothing complete is buffered now (get_message drains the parser first), so the
@@ -242,10 +241,27 @@ class Bus:
             self._wake_r.recv(4096)
         except BlockingIOError:
             pass
-        if handed:
-            return handed.popleft()
+        return self._take(pubsub)
+
+    def _take(self, pubsub: Any) -> dict[str, Any] | None:
+        """Take the next message and handle it, both under the read lock: a reader thread's
+        poll() must not apply a later message before it, nor a heartbeat answer that vouches
+        for it (trust, and OUTAGE_STALE_SECONDS's vouched_at, would then cover a drop not
+        yet made). What a reader handed over came off the socket before anything there."""
         with self._read_lock:
-            msg = pubsub.get_message(timeout=0)
+            msg: dict[str, Any] | None
+            msg = self._handed.popleft() if self._handed else pubsub.get_message(timeout=0)
+            if msg is None or self._broken or self._stop.is_set():
+                return msg  # the listener stops or starts over: nothing to apply
+            kind = msg["type"]
+            if kind == "sunsubscribe":
+                # The channel's slot moved to another node (a resharding, a failover).
+                raise ConnectionError("the bus channel moved to another node")
+            if kind in ("message", "smessage"):
+                self.messages += 1
+                self._handle(msg["data"], origin.id)
+            elif kind == "pong":
+                self._pong(msg["data"], time.monotonic(), inline=False)
         return msg
 
     def _connection_lost(self, conn: Any = None) -> None:
@@ -447,16 +463,6 @@ class Bus:
                     raise TimeoutError("no heartbeat answer")
                 if self._drain_due:
                     self.ping()
-                continue
-            kind = msg["type"]
-            if kind == "sunsubscribe":
-                # The channel's slot moved to another node (a resharding, a failover).
-                raise ConnectionError("the bus channel moved to another node")
-            if kind in ("message", "smessage"):
-                self.messages += 1
-                self._handle(msg["data"], origin.id)
-            elif kind == "pong":
-                self._pong(msg["data"], now, inline=False)
 
     def _pong(self, data: bytes, now: float, inline: bool) -> bool:
         """A heartbeat answered: every message published before it has been applied, so
