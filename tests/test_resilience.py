@@ -12,7 +12,8 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -315,6 +316,45 @@ def test_overflowed_outbox_still_covers_writes_after_another_process_drained_it(
     seen = wait_for(lambda: b.call(T + "read", flows[2].pk)[0] == 2, 3)
     report("overflowed outbox drained by another process", other_process_saw_write=seen)
     assert seen, "the write made after another process drained the flush was lost"
+
+
+@contextmanager
+def outbox_refused() -> Iterator[None]:
+    """The database refuses every new outbox row (a constraint no row meets), as one that
+    fails right after the write's commit would."""
+    table = connection.ops.quote_name(PendingInvalidation._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {table} ADD CONSTRAINT tc_refused CHECK (false) NOT VALID")
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {table} DROP CONSTRAINT tc_refused")
+
+
+def test_a_write_the_outbox_refused_is_delivered_by_its_process(
+    own_redis: RedisEnv, settings: Any
+) -> None:
+    """Redis did not take a write's invalidation and the database refused its outbox row:
+    the writing process owes it in memory and delivers it (its groups flushed) before it
+    trusts the tiers again, so the other processes drop the old row."""
+    flow = FlowFactory(current_step=1)
+    b = own_redis.worker("b")
+    assert b.call(T + "warm", [flow.pk]) == 1  # in b's L1 and in L2
+    # Only this process is cut off from Redis: its cache points at a closed port.
+    settings.CACHES = {
+        "default": {**settings.CACHES["default"], "LOCATION": f"redis://127.0.0.1:{free_port()}/0"}
+    }
+    ct.reset_core()
+    with outbox_refused():
+        assert ct.write_one(flow.pk, "save") == 2
+    assert outbox() == 0
+    settings.CACHES = {"default": {**settings.CACHES["default"], "LOCATION": own_redis.server.url}}
+    ct.reset_core()
+    assert ct.wait_trusted()
+    seen = wait_for(lambda: b.call(T + "read", flow.pk)[0] == 2, 3)
+    report("outbox refused by the database", other_process_saw_write=seen)
+    assert seen, "the write whose outbox row the database refused was lost"
 
 
 def test_breaker_state_is_visible_in_stats(own_redis: RedisEnv) -> None:

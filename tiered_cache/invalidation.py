@@ -250,20 +250,24 @@ def drain_outbox(limit: int = 1000, force: bool = False) -> int:
     """Apply invalidations that earlier failed to reach Redis: every entry of the outbox,
     `limit` at a time, and a flush of each group this process stopped recording row by
     row (OUTBOX_LIMIT), since rows it skipped may not be covered by a flush entry another
-    process drained already. Raises Unavailable if Redis still cannot take them (they
-    stay in the outbox). force: past an open breaker (see RedisTier.scripts)."""
-    flushed = outbox.outage.take_flushed()
+    process drained already, or could not record at all (the database refused: the
+    groups flushed, the derived keys dropped). Raises Unavailable if Redis still cannot
+    take them (they stay in the outbox, or owed). force: past an open breaker (see
+    RedisTier.scripts)."""
+    flushed, derived = outbox.outage.take_owed()
     total = 0
     try:
         while True:
             pending = outbox.pending(limit)
-            if not pending and not flushed:
+            if not pending and not flushed and not derived:
                 break
             batch = Batch()
             for gid in flushed:
                 g = group_by_id(gid)
                 if g is not None:
                     batch.add_flush(g)
+            for key, fn_label in derived.items():
+                batch.add_fn_key(fn_label, key)
             for p in pending:
                 if p.kind == PendingInvalidation.DERIVED:
                     for key in p.rows:
@@ -278,13 +282,13 @@ def drain_outbox(limit: int = 1000, force: bool = False) -> int:
             if batch:
                 batch.send(force)
                 apply_locally(batch.rows, batch.flush, batch.fn_keys)
-            flushed = set()
+            flushed, derived = set(), {}
             outbox.remove(pending)
             total += len(pending)
             if len(pending) < limit:
                 break
     except BaseException:  # Redis or the database failed: what was not applied is owed
-        outbox.outage.owe(flushed)
+        outbox.outage.owe(flushed, derived)
         raise
     if total:
         logger.warning("tiered_cache: applied %d outbox invalidations", total)

@@ -21,37 +21,44 @@ logger = logging.getLogger("tiered_cache")
 
 class Outage:
     """What this process put in the outbox during the current outage: how many rows, and
-    the groups it recorded as flushed instead (past OUTBOX_LIMIT rows, or a flush)."""
+    the groups it recorded as flushed instead (past OUTBOX_LIMIT rows, or a flush). What
+    the database refused to record is owed here too, in this process's memory: its groups
+    as flushed, its derived keys as they are."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.rows = 0
         self.flushed: set[str] = set()
+        # Derived-result key -> function label, for drops the database refused to record.
+        self.derived: dict[str, str] = {}
         self.warned = False
         os.register_at_fork(after_in_child=self.after_fork)
 
     def reset(self) -> None:
         self.rows = 0
         self.flushed = set()
+        self.derived = {}
         self.warned = False
 
-    def take_flushed(self) -> set[str]:
-        """The groups owed a flush, and the outage forgotten (a drain begins)."""
+    def take_owed(self) -> tuple[set[str], dict[str, str]]:
+        """The groups owed a flush and the derived keys owed a drop, and the outage
+        forgotten (a drain begins)."""
         with self.lock:
-            flushed = self.flushed
+            owed = self.flushed, self.derived
             self.reset()
-        return flushed
+        return owed
 
-    def owe(self, flushed: set[str]) -> None:
-        """A drain failed: these groups are still owed a flush."""
+    def owe(self, flushed: set[str], derived: dict[str, str]) -> None:
+        """A drain failed: these groups are still owed a flush, these keys a drop."""
         with self.lock:
             self.flushed |= flushed
+            self.derived.update(derived)
 
     def delivered(self) -> None:
         """An invalidation reached Redis: the outage is over, unless a drain still owes
-        some group a flush."""
+        some group a flush (or a derived key a drop)."""
         with self.lock:
-            if not self.flushed:
+            if not self.flushed and not self.derived:
                 self.reset()
 
     def after_fork(self) -> None:
@@ -69,7 +76,9 @@ def record(
     function label) in the outbox, committed at once. Past OUTBOX_LIMIT rows in one outage
     a group is recorded as flushed instead of row by row. False if nothing was written
     (the database refused, or a pending flush covers every row). again: a group this
-    process already recorded as flushed gets a flush entry again, not nothing."""
+    process already recorded as flushed gets a flush entry again, not nothing. If the
+    database refuses, this process owes the batch in memory (Outage), and its next drain
+    delivers it (as flushes of the groups: a few sets outlive any outage)."""
     entries = []
     with outage.lock:
         for gid, rids in rows.items():
@@ -94,7 +103,14 @@ def record(
     try:
         _write(entries)
     except DatabaseError:
-        logger.exception("tiered_cache: could not record invalidations in the outbox")
+        # The write is committed and Redis did not take its invalidation: this process's
+        # memory is all that is left to hold it (until its own drain, or its end).
+        outage.owe(set(rows), derived)
+        logger.exception(
+            "tiered_cache: could not record invalidations in the outbox; this process "
+            "flushes the models %s from Redis when it reaches Redis again",
+            sorted(rows),
+        )
         return False
     if not outage.warned:
         outage.warned = True
