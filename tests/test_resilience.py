@@ -289,35 +289,6 @@ def test_an_outbox_longer_than_one_drain_batch_is_applied_whole_before_trust(
     assert left == 0
 
 
-def test_overflowed_outbox_still_covers_writes_after_another_process_drained_it(
-    own_redis: RedisEnv, settings: Any
-) -> None:
-    """Past OUTBOX_LIMIT a model is recorded as flushed and its further rows are not
-    written. If another process drains that flush while this one still cannot reach
-    Redis, the rows this one writes next must not be lost."""
-    flows = [FlowFactory(current_step=1) for _ in range(3)]
-    b = own_redis.worker("b")
-    # Only this process is cut off from Redis: its cache points at a closed port.
-    settings.TIERED_CACHE = {**settings.TIERED_CACHE, "OUTBOX_LIMIT": 1}
-    settings.CACHES = {
-        "default": {**settings.CACHES["default"], "LOCATION": f"redis://127.0.0.1:{free_port()}/0"}
-    }
-    ct.reset_core()
-    ct.write_one(flows[0].pk, "save")  # one row: recorded
-    ct.write_one(flows[1].pk, "save")  # over the limit: the model recorded as flushed
-    assert outbox() == 2
-    assert b.call(T + "drain") == 2  # another process applies both
-    assert b.call(T + "warm", [flows[2].pk]) == 1  # ...and caches the third row again
-    ct.write_one(flows[2].pk, "save")  # this process still cannot reach Redis
-    # This process reaches Redis again.
-    settings.CACHES = {"default": {**settings.CACHES["default"], "LOCATION": own_redis.server.url}}
-    ct.reset_core()
-    assert ct.wait_trusted()
-    seen = wait_for(lambda: b.call(T + "read", flows[2].pk)[0] == 2, 3)
-    report("overflowed outbox drained by another process", other_process_saw_write=seen)
-    assert seen, "the write made after another process drained the flush was lost"
-
-
 @contextmanager
 def outbox_refused() -> Iterator[None]:
     """The database refuses every new outbox row (a constraint no row meets), as one that
@@ -332,6 +303,45 @@ def outbox_refused() -> Iterator[None]:
             cursor.execute(f"ALTER TABLE {table} DROP CONSTRAINT tc_refused")
 
 
+@contextmanager
+def cut_off(settings: Any, own_redis: RedisEnv) -> Iterator[None]:
+    """Only this process is cut off from Redis (its cache points at a closed port) until
+    the block ends; then it points at the private server again."""
+    settings.CACHES = {
+        "default": {**settings.CACHES["default"], "LOCATION": f"redis://127.0.0.1:{free_port()}/0"}
+    }
+    ct.reset_core()
+    try:
+        yield
+    finally:
+        settings.CACHES = {
+            "default": {**settings.CACHES["default"], "LOCATION": own_redis.server.url}
+        }
+        ct.reset_core()
+
+
+def test_overflowed_outbox_still_covers_writes_after_another_process_drained_it(
+    own_redis: RedisEnv, settings: Any
+) -> None:
+    """Past OUTBOX_LIMIT a model is recorded as flushed and its further rows are not
+    written. If another process drains that flush while this one still cannot reach
+    Redis, the rows this one writes next must not be lost."""
+    flows = [FlowFactory(current_step=1) for _ in range(3)]
+    b = own_redis.worker("b")
+    settings.TIERED_CACHE = {**settings.TIERED_CACHE, "OUTBOX_LIMIT": 1}
+    with cut_off(settings, own_redis):
+        ct.write_one(flows[0].pk, "save")  # one row: recorded
+        ct.write_one(flows[1].pk, "save")  # over the limit: the model recorded as flushed
+        assert outbox() == 2
+        assert b.call(T + "drain") == 2  # another process applies both
+        assert b.call(T + "warm", [flows[2].pk]) == 1  # ...and caches the third row again
+        ct.write_one(flows[2].pk, "save")  # this process still cannot reach Redis
+    assert ct.wait_trusted()
+    seen = wait_for(lambda: b.call(T + "read", flows[2].pk)[0] == 2, 3)
+    report("overflowed outbox drained by another process", other_process_saw_write=seen)
+    assert seen, "the write made after another process drained the flush was lost"
+
+
 def test_a_write_the_outbox_refused_is_delivered_by_its_process(
     own_redis: RedisEnv, settings: Any
 ) -> None:
@@ -341,20 +351,34 @@ def test_a_write_the_outbox_refused_is_delivered_by_its_process(
     flow = FlowFactory(current_step=1)
     b = own_redis.worker("b")
     assert b.call(T + "warm", [flow.pk]) == 1  # in b's L1 and in L2
-    # Only this process is cut off from Redis: its cache points at a closed port.
-    settings.CACHES = {
-        "default": {**settings.CACHES["default"], "LOCATION": f"redis://127.0.0.1:{free_port()}/0"}
-    }
-    ct.reset_core()
-    with outbox_refused():
+    with cut_off(settings, own_redis), outbox_refused():
         assert ct.write_one(flow.pk, "save") == 2
     assert outbox() == 0
-    settings.CACHES = {"default": {**settings.CACHES["default"], "LOCATION": own_redis.server.url}}
-    ct.reset_core()
     assert ct.wait_trusted()
     seen = wait_for(lambda: b.call(T + "read", flow.pk)[0] == 2, 3)
     report("outbox refused by the database", other_process_saw_write=seen)
     assert seen, "the write whose outbox row the database refused was lost"
+
+
+def test_a_write_the_outbox_refused_goes_in_with_the_next_recorded_one(
+    own_redis: RedisEnv, settings: Any
+) -> None:
+    """What the database refused is written with this process's next outbox rows (a flush
+    of its model), and the model's later writes are recorded as ever: another process's
+    drain delivers both, while the writer is still cut off (or gone)."""
+    refused, later = FlowFactory(current_step=1), FlowFactory(current_step=1)
+    b = own_redis.worker("b")
+    assert b.call(T + "warm", [refused.pk, later.pk]) == 2
+    with cut_off(settings, own_redis):
+        with outbox_refused():
+            ct.write_one(refused.pk, "save")
+        ct.write_one(later.pk, "save")
+        kept = sorted((p.flush, len(p.rows)) for p in PendingInvalidation.objects.all())
+        assert kept == [(False, 1), (True, 0)], kept  # the later row, the refused one's flush
+        assert b.call(T + "drain") == 2
+        rows = [b.call(T + "read", pk)[0] for pk in (refused.pk, later.pk)]
+    report("outbox refused, then written with the next write", other_process_read=rows)
+    assert rows == [2, 2]
 
 
 def test_breaker_state_is_visible_in_stats(own_redis: RedisEnv) -> None:

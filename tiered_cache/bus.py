@@ -187,8 +187,9 @@ class Bus:
         try:
             if pubsub is not self._pubsub:
                 return
-            # Anything still waiting for the listener came off the socket first: what
-            # follows it waits too, so that the listener applies it all in order.
+            # Anything still waiting for the listener came off the socket first: the
+            # heartbeat answers and subscription changes after it wait too, in order
+            # (messages are applied at once: a drop made early is harmless).
             handed = bool(self._handed)
             own = origin.id
             # timeout=0: nothing but what the socket holds already (redis-py checks it
@@ -220,9 +221,10 @@ class Bus:
             pass
 
     def _next(self, pubsub: Any, wait: float) -> dict[str, Any] | None:
-        """The listener's next message, handled, or None after `wait` seconds without one
-        (or for a partial one). It waits for the socket, or for what a reader thread handed
-        over, without the read lock, so that reader threads can poll() meanwhile."""
+        """The listener's next message, handled (unless the listener stops or starts over),
+        or None after `wait` seconds without one (or for a partial one). It waits for the
+        socket, or for what a reader thread handed over, without the read lock, so that
+        reader threads can poll() meanwhile."""
         msg = self._take(pubsub)
         if msg is not None:
             return msg
@@ -439,7 +441,8 @@ class Bus:
         with self._sent_lock:
             self._sent = {}
         self.renew_at = 0.0
-        self._handed.clear()  # the last subscription's
+        with self._read_lock:  # a reader may still be polling the last subscription
+            self._handed.clear()
         self._pubsub = pubsub
         self.connected = True
         self.ping()  # whoever started the listener wants trust now

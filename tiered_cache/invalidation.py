@@ -254,15 +254,15 @@ def drain_outbox(limit: int = 1000, force: bool = False) -> int:
     groups flushed, the derived keys dropped). Raises Unavailable if Redis still cannot
     take them (they stay in the outbox, or owed). force: past an open breaker (see
     RedisTier.scripts)."""
-    flushed, derived = outbox.outage.take_owed()
+    flushed, unrecorded, derived = outbox.outage.take_owed()
     total = 0
     try:
         while True:
             pending = outbox.pending(limit)
-            if not pending and not flushed and not derived:
+            if not pending and not flushed and not unrecorded and not derived:
                 break
             batch = Batch()
-            for gid in flushed:
+            for gid in flushed | unrecorded:
                 g = group_by_id(gid)
                 if g is not None:
                     batch.add_flush(g)
@@ -282,13 +282,13 @@ def drain_outbox(limit: int = 1000, force: bool = False) -> int:
             if batch:
                 batch.send(force)
                 apply_locally(batch.rows, batch.flush, batch.fn_keys)
-            flushed, derived = set(), {}
+            flushed, unrecorded, derived = set(), set(), {}
             outbox.remove(pending)
             total += len(pending)
             if len(pending) < limit:
                 break
     except BaseException:  # Redis or the database failed: what was not applied is owed
-        outbox.outage.owe(flushed, derived)
+        outbox.outage.owe(flushed, unrecorded, derived)
         raise
     if total:
         logger.warning("tiered_cache: applied %d outbox invalidations", total)

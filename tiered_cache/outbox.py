@@ -21,44 +21,54 @@ logger = logging.getLogger("tiered_cache")
 
 class Outage:
     """What this process put in the outbox during the current outage: how many rows, and
-    the groups it recorded as flushed instead (past OUTBOX_LIMIT rows, or a flush). What
-    the database refused to record is owed here too, in this process's memory: its groups
-    as flushed, its derived keys as they are."""
+    the groups it recorded as flushed instead (past OUTBOX_LIMIT rows, or a flush). And
+    what the database refused to record, owed in this process's memory until it is in the
+    table or delivered: its groups (flushed then) and its derived keys."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.rows = 0
         self.flushed: set[str] = set()
-        # Derived-result key -> function label, for drops the database refused to record.
-        self.derived: dict[str, str] = {}
+        self.unrecorded: set[str] = set()
+        # Derived-result key -> function label.
+        self.unrecorded_derived: dict[str, str] = {}
         self.warned = False
         os.register_at_fork(after_in_child=self.after_fork)
 
     def reset(self) -> None:
         self.rows = 0
         self.flushed = set()
-        self.derived = {}
+        self.unrecorded = set()
+        self.unrecorded_derived = {}
         self.warned = False
 
-    def take_owed(self) -> tuple[set[str], dict[str, str]]:
-        """The groups owed a flush and the derived keys owed a drop, and the outage
-        forgotten (a drain begins)."""
+    def take_owed(self) -> tuple[set[str], set[str], dict[str, str]]:
+        """What a drain delivers beyond the table (the groups recorded as flushed, the
+        groups and derived keys the database refused), and the outage forgotten."""
         with self.lock:
-            owed = self.flushed, self.derived
+            owed = self.flushed, self.unrecorded, self.unrecorded_derived
             self.reset()
         return owed
 
-    def owe(self, flushed: set[str], derived: dict[str, str]) -> None:
-        """A drain failed: these groups are still owed a flush, these keys a drop."""
+    def owe(self, flushed: set[str], unrecorded: set[str], derived: dict[str, str]) -> None:
+        """A drain failed: these are still owed (as take_owed() gave them)."""
         with self.lock:
             self.flushed |= flushed
-            self.derived.update(derived)
+            self.unrecorded |= unrecorded
+            self.unrecorded_derived.update(derived)
+
+    def recorded(self, groups: set[str], derived: dict[str, str]) -> None:
+        """What the database refused earlier is in the table now."""
+        with self.lock:
+            self.unrecorded -= groups
+            for key in derived:
+                self.unrecorded_derived.pop(key, None)
 
     def delivered(self) -> None:
         """An invalidation reached Redis: the outage is over, unless a drain still owes
-        some group a flush (or a derived key a drop)."""
+        something."""
         with self.lock:
-            if not self.flushed and not self.derived:
+            if not (self.flushed or self.unrecorded or self.unrecorded_derived):
                 self.reset()
 
     def after_fork(self) -> None:
@@ -76,9 +86,10 @@ def record(
     function label) in the outbox, committed at once. Past OUTBOX_LIMIT rows in one outage
     a group is recorded as flushed instead of row by row. False if nothing was written
     (the database refused, or a pending flush covers every row). again: a group this
-    process already recorded as flushed gets a flush entry again, not nothing. If the
-    database refuses, this process owes the batch in memory (Outage), and its next drain
-    delivers it (as flushes of the groups: a few sets outlive any outage)."""
+    process already recorded as flushed gets a flush entry again, not nothing.
+    If the database refuses, the batch is owed in this process's memory: its next drain
+    delivers it (its groups flushed), and its next recorded batch takes it into the
+    table (as flush entries), where every process's drain finds it."""
     entries = []
     with outage.lock:
         for gid, rids in rows.items():
@@ -92,26 +103,29 @@ def record(
                 rids = set()
             outage.rows += len(rids) or 1
             entries.append(PendingInvalidation(model_label=gid, rows=sorted(rids), flush=whole))
-        for key, fn_label in derived.items():
-            entries.append(
-                PendingInvalidation(
-                    kind=PendingInvalidation.DERIVED, model_label=fn_label, rows=[key]
-                )
-            )
+        earlier, earlier_derived = set(outage.unrecorded), dict(outage.unrecorded_derived)
+    entries += [PendingInvalidation(model_label=gid, rows=[], flush=True) for gid in earlier]
+    entries += [
+        PendingInvalidation(kind=PendingInvalidation.DERIVED, model_label=fn_label, rows=[key])
+        for key, fn_label in (derived | earlier_derived).items()
+    ]
     if not entries:
         return False
     try:
         _write(entries)
     except DatabaseError:
         # The write is committed and Redis did not take its invalidation: this process's
-        # memory is all that is left to hold it (until its own drain, or its end).
-        outage.owe(set(rows), derived)
+        # memory is all that holds it now (until the table takes it, or its drain).
+        with outage.lock:
+            outage.unrecorded |= set(rows)
+            outage.unrecorded_derived.update(derived)
         logger.exception(
             "tiered_cache: could not record invalidations in the outbox; this process "
-            "flushes the models %s from Redis when it reaches Redis again",
+            "flushes the groups %s from Redis when it reaches Redis again",
             sorted(rows),
         )
         return False
+    outage.recorded(earlier, earlier_derived)
     if not outage.warned:
         outage.warned = True
         logger.warning(
