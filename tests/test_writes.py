@@ -298,6 +298,42 @@ def test_raw_sql_through_djangos_connection_is_seen() -> None:
     assert User.objects.get_cached(email=user.email).first_name == "raw"
 
 
+@pytest.mark.parametrize(
+    "form",
+    [
+        "/* tag */ UPDATE {t} SET first_name = 'raw' WHERE id = {pk}",
+        "-- a line\n-- and another\nUPDATE {t} SET first_name = 'raw' WHERE id = {pk}",
+        "/*+ 100%% a hint */ UPDATE {t} SET first_name = 'raw' WHERE id = {pk}",
+        "/* nested /* comment */ here */ UPDATE {t} SET first_name = 'raw' WHERE id = {pk}",
+        "SELECT 1; UPDATE {t} SET first_name = 'raw' WHERE id = {pk}",
+        "EXPLAIN ANALYZE UPDATE {t} SET first_name = 'raw' WHERE id = {pk}",
+        "EXPLAIN (ANALYSE, FORMAT JSON) UPDATE {t} SET first_name = 'raw' WHERE id = {pk}",
+    ],
+    ids=[
+        "comment",
+        "line-comments",
+        "percent-in-comment",
+        "nested",
+        "after-select",
+        "explain",
+        "explain-options",
+    ],
+)
+def test_raw_sql_that_does_not_start_with_its_write_is_seen(form: str) -> None:
+    """A write behind a comment (a tag or a hint some libraries prepend), after another
+    statement, or run by EXPLAIN ANALYZE is a write all the same."""
+    user = UserFactory(first_name="old")
+    warm(user)
+    sql = form.format(t=User._meta.db_table, pk="%s")
+    with connection.cursor() as cursor:
+        if sql.startswith("SELECT 1;"):  # several statements: psycopg takes them without params
+            cursor.execute(sql.replace("%s", str(int(user.pk))))
+        else:
+            cursor.execute(sql, [user.pk])
+    assert User.objects.get_cached(pk=user.pk).first_name == "raw"
+    assert User.objects.get_cached(email=user.email).first_name == "raw"
+
+
 def test_writes_outside_django_need_invalidate() -> None:
     user = UserFactory(first_name="old")
     warm(user)

@@ -58,9 +58,14 @@ _OTHER_WRITES = (
     "copy",
     "alter",
     "drop",
+    "explain",
 )
 _WRITE_WORD = re.compile(r"\b(update|delete|insert|merge|truncate)\b", re.IGNORECASE)
-_FIRST = frozenset("udirtwmcaUDIRTWMCA \t\n(")
+# The first characters of a statement that may write: its first word's, whitespace, a
+# parenthesis, or a comment's (a write may follow one). Anything else (SELECT, SET,
+# SAVEPOINT...) is one statement that does not write, unless more follow a semicolon.
+_FIRST = frozenset("udirtwmcaeUDIRTWMCAE \t\n\r(/-")
+_COMMENTS = re.compile(r"(?:\s+|--[^\n]*|/\*.*?\*/)+", re.DOTALL)
 
 
 # -- which tables belong to which groups ------------------------------------------------
@@ -195,7 +200,7 @@ def _name(groups: Sequence[str | None]) -> str:
 def classify(sql: str, params: Any, many: bool) -> list[Effect]:
     """The effects of one statement on cached groups (empty for everything else). Never
     raises: a statement it cannot read drops every cached table it names."""
-    if not sql or sql[0] not in _FIRST:
+    if not sql or (sql[0] not in _FIRST and ";" not in sql):
         return []
     tables = table_roles()
     if not tables:
@@ -204,6 +209,17 @@ def classify(sql: str, params: Any, many: bool) -> list[Effect]:
         body = sql.strip().rstrip(";")
         if ";" in body:  # several statements: read none of them, drop all they name
             return _flush_named(sql, tables)
+        if body[:2] in ("--", "/*"):  # a comment before the statement: a hint, a tag
+            skipped = _COMMENTS.match(body)
+            if skipped is None or "%" in skipped.group():
+                return _flush_named(sql, tables)  # a placeholder in it: params not read
+            rest = body[skipped.end() :]
+            effects = _classify(rest, params, many, tables)
+            if effects or not _WRITE_WORD.search(rest):
+                return effects
+            # Not read (PostgreSQL nests comments): unless a SELECT, drop all it names.
+            word = rest.split(None, 1)[:1]
+            return [] if word and word[0].lower() == "select" else _flush_named(sql, tables)
         return _classify(sql, params, many, tables)
     except Exception:
         return _flush_named(sql, tables)
@@ -219,6 +235,10 @@ def _classify(
             return []
         if word[0].lower() == "with" and not _WRITE_WORD.search(sql):
             return []
+        if word[0].lower() == "explain" and not (
+            re.search(r"\banaly[sz]e\b", sql, re.IGNORECASE) and _WRITE_WORD.search(sql)
+        ):
+            return []  # runs the statement only with ANALYZE
         flushed = _flush_named(sql, tables)
         if word[0].lower() == "truncate":
             carried = _truncating if "cascade" in sql.lower() else {}
