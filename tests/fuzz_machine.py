@@ -76,6 +76,8 @@ DOC_IDS = [uuid.UUID(int=i) for i in range(1, 5)]
 NAMES = ["a", "b", "c"]
 # Badge codes: None is a value many rows may hold (NULL is unique to nothing).
 BADGE_CODES = ["b0", "b1", None]
+# Where a raw UPDATE sits in its statement (op_raw_sql_seen).
+RAW_SQL_FORMS = ["plain", "comment", "explain", "after_select"]
 
 tenant_names = st.sampled_from(TENANT_NAMES)
 emails = st.sampled_from(EMAILS)
@@ -917,6 +919,20 @@ class CacheMachine(RuleBasedStateMachine):
             )
         Account.objects.invalidate(pk)
 
+    def op_raw_sql_seen(self, pk: int, balance: int, form: str) -> None:
+        """Raw SQL through Django's cursor and no invalidate(): the statement is seen,
+        also where its write does not start it."""
+        sql = f"UPDATE {Account._meta.db_table} SET balance = %s WHERE id = %s"
+        params: list[Any] | None = [balance, pk]
+        if form == "comment":
+            sql = "/* fuzz */ -- a tag\n" + sql
+        elif form == "explain":
+            sql = "EXPLAIN ANALYZE " + sql
+        elif form == "after_select":  # several statements: psycopg takes them without params
+            sql, params = "SELECT 1; " + sql % (int(balance), int(pk)), None
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+
     def op_flush(self, model_name: str) -> None:
         model = {m.__name__: m for m in PK_MODELS}[model_name]
         model.objects.flush_cache()
@@ -996,6 +1012,7 @@ class CacheMachine(RuleBasedStateMachine):
                 it,
             ),
             st.tuples(st.just("raw_sql"), a, balances),
+            st.tuples(st.just("raw_sql_seen"), a, balances, st.sampled_from(RAW_SQL_FORMS)),
             st.tuples(
                 st.just("badge_code"),
                 st.sampled_from(pks_of(Badge) or [0]),
@@ -1261,6 +1278,11 @@ class CacheMachine(RuleBasedStateMachine):
     def raw_sql_then_invalidate(self, pk: int, balance: int) -> None:
         self.step("raw_sql_then_invalidate")
         self.apply(("raw_sql", pk, balance))
+
+    @rule(pk=accounts, balance=balances, form=st.sampled_from(RAW_SQL_FORMS))
+    def raw_sql_seen(self, pk: int, balance: int, form: str) -> None:
+        self.step(f"raw_sql_seen_{form}")
+        self.apply(("raw_sql_seen", pk, balance, form))
 
     @rule(model=st.sampled_from(["Account", "Tenant", "Place", "Item", "Code"]))
     def flush_cache(self, model: str) -> None:
