@@ -77,7 +77,7 @@ NAMES = ["a", "b", "c"]
 # Badge codes: None is a value many rows may hold (NULL is unique to nothing).
 BADGE_CODES = ["b0", "b1", None]
 # Where a raw UPDATE sits in its statement (op_raw_sql_seen).
-RAW_SQL_FORMS = ["plain", "comment", "explain", "after_select"]
+RAW_SQL_FORMS = ["plain", "comment", "explain", "after_select", "from_tenant"]
 
 tenant_names = st.sampled_from(TENANT_NAMES)
 emails = st.sampled_from(EMAILS)
@@ -930,6 +930,13 @@ class CacheMachine(RuleBasedStateMachine):
             sql = "EXPLAIN ANALYZE " + sql
         elif form == "after_select":  # several statements: psycopg takes them without params
             sql, params = "SELECT 1; " + sql % (int(balance), int(pk)), None
+        elif form == "from_tenant":  # every account of the row's tenant, through the tenant
+            a, t = Account._meta.db_table, Tenant._meta.db_table
+            sql = (
+                f"UPDATE {a} SET balance = %s FROM {t} WHERE {t}.id = {a}.tenant_id AND {t}.id = %s"
+            )
+            tenant = Account._base_manager.filter(pk=pk).values_list("tenant_id", flat=True)
+            params = [balance, tenant.first() or 0]
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
 

@@ -12,7 +12,7 @@ from django.db import connection, transaction
 import tiered_cache
 from tests.cache_fixtures import counters, in_thread, l2_keys, write_outside_django
 from tests.testapp.factories import FlowFactory, UserFactory
-from tests.testapp.models import Flow, User
+from tests.testapp.models import Flow, Tenant, User
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -332,6 +332,34 @@ def test_raw_sql_that_does_not_start_with_its_write_is_seen(form: str) -> None:
             cursor.execute(sql, [user.pk])
     assert User.objects.get_cached(pk=user.pk).first_name == "raw"
     assert User.objects.get_cached(email=user.email).first_name == "raw"
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "UPDATE {users} SET first_name = 'raw' FROM {tenants} WHERE {tenants}.id = %s",
+        "UPDATE {users} AS u SET first_name = 'raw' FROM {tenants} t WHERE t.id = %s",
+        "DELETE FROM {users} USING {tenants} WHERE {tenants}.id = %s",
+    ],
+    ids=["update-from", "update-from-aliased", "delete-using"],
+)
+def test_raw_sql_that_names_another_table_is_not_read_as_its_rows(form: str) -> None:
+    """PostgreSQL's UPDATE ... FROM and DELETE ... USING choose the target's rows through
+    another table: `other.id = %s` there names no row of the target (it was read as one)."""
+    user = UserFactory(first_name="old")
+    tenant = Tenant.objects.create(name="t-raw")
+    while tenant.pk == user.pk:  # the misreading would drop the right row by chance
+        tenant = Tenant.objects.create(name=f"t-raw-{tenant.pk}")
+    warm(user)
+    sql = form.format(users=User._meta.db_table, tenants=Tenant._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [tenant.pk])
+    if form.startswith("DELETE"):
+        with pytest.raises(User.DoesNotExist):
+            User.objects.get_cached(pk=user.pk)
+    else:
+        assert User.objects.get_cached(pk=user.pk).first_name == "raw"
+        assert User.objects.get_cached(email=user.email).first_name == "raw"
 
 
 def test_writes_outside_django_need_invalidate() -> None:

@@ -257,8 +257,28 @@ def _classify(
     verb = m.group(1).lower()
     also = _of_table(_deleting, name, schema) if verb.startswith("delete") else []
     return [Effect(label, FLUSH) for label in also] + _classify_roles(
-        sql, params, many, verb, _of_table(tables, name, schema)
+        sql, params, many, verb, _of_table(tables, name, schema), _alone(verb, sql[m.end() :])
     )
+
+
+# What may follow the target of an UPDATE or DELETE that names no other table: an alias,
+# then SET (an UPDATE) or WHERE (a DELETE), or nothing.
+_ALIAS = r"\s*(?:(?:as\s+)?" + _IDENT + r"\s+)??"
+_UPDATE_ALONE = re.compile(_ALIAS + r"set\b", re.IGNORECASE)
+_DELETE_ALONE = re.compile(_ALIAS + r"(?:where\b|returning\b|$)", re.IGNORECASE)
+
+
+def _alone(verb: str, rest: str) -> bool:
+    """Whether an UPDATE or DELETE writes rows of its target table chosen by that table's
+    own columns only: no FROM, USING, JOIN or second table (PostgreSQL's UPDATE ... FROM,
+    DELETE ... USING, MySQL's multi-table forms), where a qualified `id = %s` in the WHERE
+    clause may be another table's."""
+    if verb.startswith("update"):
+        m = _UPDATE_ALONE.match(rest)
+        return m is not None and re.search(r"\bfrom\b", rest, re.IGNORECASE) is None
+    if verb.startswith("delete"):
+        return _DELETE_ALONE.match(rest.rstrip().rstrip(";")) is not None
+    return True
 
 
 def _of_table(by_table: dict[str, list[_T]], name: str, schema: str = "") -> list[_T]:
@@ -271,9 +291,10 @@ def _of_table(by_table: dict[str, list[_T]], name: str, schema: str = "") -> lis
 
 
 def _classify_roles(
-    sql: str, params: Any, many: bool, verb: str, roles: list[TableRole]
+    sql: str, params: Any, many: bool, verb: str, roles: list[TableRole], alone: bool = True
 ) -> list[Effect]:
-    """The effects of a write statement (`verb`) on the groups whose rows its table holds."""
+    """The effects of a write statement (`verb`) on the groups whose rows its table holds
+    (alone: it names no other table, see _alone)."""
     touched = [Effect(r.label, INSERT) for r in roles if r.touch]
     roles = [r for r in roles if not r.touch]
     if not roles:
@@ -291,7 +312,7 @@ def _classify_roles(
         return [Effect(r.label, FLUSH) for r in roles]
     out = []
     for role in roles:
-        pks = _pk_bound(sql, params, many, role) if role.by_row else None
+        pks = _pk_bound(sql, params, many, role) if role.by_row and alone else None
         if pks is None or len(pks) > conf.BULK_INVALIDATION_LIMIT:
             out.append(Effect(role.label, FLUSH))
             continue
