@@ -381,6 +381,32 @@ def test_a_write_the_outbox_refused_goes_in_with_the_next_recorded_one(
     assert rows == [2, 2]
 
 
+@pytest.mark.single_server  # refusing writes is a fault of one server (as in the matrix)
+def test_writes_redis_refuses_keep_their_connections(own_redis: RedisEnv) -> None:
+    """Redis refusing writes (NOREPLICAS here, OOM alike) answered whole: the stream stays
+    in step, so neither the refused scripts, nor their announcement, nor the listener's
+    retried drains open a new connection each to a server in trouble (as they did)."""
+    server = own_redis.server
+    flow = FlowFactory(current_step=1)
+    assert ct.wait_trusted()
+    ct.write_one(flow.pk, "save")  # this thread's connection is made
+    stats = server.client()
+    received = lambda: int(stats.info("stats")["total_connections_received"])  # noqa: E731
+    server.refuse_writes()
+    try:
+        before = received()
+        for _ in range(5):
+            ct.write_one(flow.pk, "save")
+        time.sleep(1.0)  # the listener retries its drain meanwhile (backing off)
+        opened = received() - before
+    finally:
+        server.accept_writes()
+    assert wait_for(bus.trusted, 10)
+    report("refused writes: connections opened", writes=5, opened=opened)
+    # At most one: the listener's own, for its first drain (the code before: 9).
+    assert opened <= 1, f"{opened} connections opened for 5 refused writes"
+
+
 def test_breaker_state_is_visible_in_stats(own_redis: RedisEnv) -> None:
     server = own_redis.server
     flow = FlowFactory(current_step=1)

@@ -23,6 +23,7 @@ from redis.exceptions import (
     ClusterDownError,
     MovedError,
     NoScriptError,
+    ReadOnlyError,
     RedisClusterException,
     ResponseError,
     TryAgainError,
@@ -392,6 +393,17 @@ class RedisTier:
             conn._tc_unread = False  # set by _send_packed() until _read() has every reply
         return conn
 
+    def _drop_conn_after(self, exc: BaseException) -> None:
+        """After a failed exchange: drop this thread's connections, unless the server they
+        reach answered with an error of its own state (out of memory, NOREPLICAS...).
+        _read() reads such a reply whole and every reply after it, so the stream is in
+        step, and a Redis refusing writes is spared a new connection per write. They are
+        dropped when they may reach the wrong server: a replica that was the master
+        (READONLY: reconnecting follows Sentinel or the DNS name), a cluster's redirects.
+        (A connection left with replies unread is never used again: _conn() checks.)"""
+        if not isinstance(exc, ResponseError) or isinstance(exc, (ReadOnlyError, *_MOVED)):
+            self._drop_conn()
+
     def _drop_conn(self) -> None:
         held: _Held | None = getattr(self._local, "held", None)
         if held is None:
@@ -428,7 +440,7 @@ class RedisTier:
             breaker.success()  # Redis answered: its map changed, it did not fail
             raise
         except REDIS_ERRORS as exc:
-            self._drop_conn()
+            self._drop_conn_after(exc)
             if isinstance(exc, _MOVED) and self.cluster:
                 self._refresh()
             breaker.failure(exc)
@@ -445,7 +457,7 @@ class RedisTier:
         try:
             self._publish(messages)
         except REDIS_ERRORS as exc:
-            self._drop_conn()
+            self._drop_conn_after(exc)
             raise Unavailable(str(exc)) from exc
 
     def _publish(self, messages: Sequence[str]) -> None:
@@ -509,7 +521,7 @@ class RedisTier:
             # answered have run).
             try:
                 if failure is not None:
-                    self._drop_conn()  # replies of the failed round may still be unread
+                    self._drop_conn_after(failure)  # replies may still be unread
                 self._publish(publish)
             except REDIS_ERRORS as exc:
                 failure = failure or exc
