@@ -403,8 +403,10 @@ def test_writes_redis_refuses_keep_their_connections(own_redis: RedisEnv) -> Non
         server.accept_writes()
     assert wait_for(bus.trusted, 10)
     report("refused writes: connections opened", writes=5, opened=opened)
-    # At most one: the listener's own, for its first drain (the code before: 9).
-    assert opened <= 1, f"{opened} connections opened for 5 refused writes"
+    # Never one per write (the code before: 9). At most two: the listener's own, for its
+    # first drain, and the statistics publisher's, whose periodic push may fall in the
+    # window (its connection was closed by an earlier test's reset; alone: 1).
+    assert opened <= 2, f"{opened} connections opened for 5 refused writes"
 
 
 def test_breaker_state_is_visible_in_stats(own_redis: RedisEnv) -> None:
