@@ -265,6 +265,7 @@ def _classify(
 # then SET (an UPDATE) or WHERE (a DELETE), or nothing.
 _ALIAS = r"\s*(?:(?:as\s+)?" + _IDENT + r"\s+)??"
 _UPDATE_ALONE = re.compile(_ALIAS + r"set\b", re.IGNORECASE)
+_FROM = re.compile(r"\bfrom\b", re.IGNORECASE)
 _DELETE_ALONE = re.compile(_ALIAS + r"(?:where\b|returning\b|$)", re.IGNORECASE)
 
 
@@ -275,7 +276,7 @@ def _alone(verb: str, rest: str) -> bool:
     clause may be another table's."""
     if verb.startswith("update"):
         m = _UPDATE_ALONE.match(rest)
-        return m is not None and re.search(r"\bfrom\b", rest, re.IGNORECASE) is None
+        return m is not None and _FROM.search(rest) is None
     if verb.startswith("delete"):
         return _DELETE_ALONE.match(rest.rstrip().rstrip(";")) is not None
     return True

@@ -51,7 +51,8 @@ class Outage:
         return owed
 
     def owe(self, flushed: set[str], unrecorded: set[str], derived: dict[str, str]) -> None:
-        """A drain failed: these are still owed (as take_owed() gave them)."""
+        """A drain failed (these are still owed, as take_owed() gave them), or the
+        database refused to record a batch (its groups and derived keys)."""
         with self.lock:
             self.flushed |= flushed
             self.unrecorded |= unrecorded
@@ -116,9 +117,7 @@ def record(
     except DatabaseError:
         # The write is committed and Redis did not take its invalidation: this process's
         # memory is all that holds it now (until the table takes it, or its drain).
-        with outage.lock:
-            outage.unrecorded |= set(rows)
-            outage.unrecorded_derived.update(derived)
+        outage.owe(set(), set(rows), derived)
         logger.exception(
             "tiered_cache: could not record invalidations in the outbox; this process "
             "flushes the groups %s from Redis when it reaches Redis again",

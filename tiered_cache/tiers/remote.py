@@ -462,14 +462,13 @@ class RedisTier:
 
     def _publish(self, messages: Sequence[str]) -> None:
         """The messages on the bus channel: SPUBLISH on the channel's node of a cluster."""
-        if self.cluster:
-            client: Any = self.client
-            conn = self._conn(client.get_node_from_key(channel()))
-            self._exchange(conn, [("SPUBLISH", channel(), m) for m in messages], raise_errors=True)
-        else:
-            self._exchange(
-                self._conn(), [("PUBLISH", channel(), m) for m in messages], raise_errors=True
-            )
+        client: Any = self.client
+        node, verb = (
+            (client.get_node_from_key(channel()), "SPUBLISH") if self.cluster else (None, "PUBLISH")
+        )
+        self._exchange(
+            self._conn(node), [(verb, channel(), m) for m in messages], raise_errors=True
+        )
 
     def _refresh(self) -> None:
         """The slot map changed under us (a failover, a resharding): read it again, or let
