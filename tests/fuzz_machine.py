@@ -77,7 +77,16 @@ NAMES = ["a", "b", "c"]
 # Badge codes: None is a value many rows may hold (NULL is unique to nothing).
 BADGE_CODES = ["b0", "b1", None]
 # Where a raw UPDATE sits in its statement (op_raw_sql_seen).
-RAW_SQL_FORMS = ["plain", "comment", "explain", "after_select", "from_tenant"]
+RAW_SQL_FORMS = [
+    "plain",
+    "comment",
+    "explain",
+    "after_select",
+    "from_tenant",
+    "unspaced",
+    "or_on_a_line",
+    "upsert_on_lines",
+]
 
 tenant_names = st.sampled_from(TENANT_NAMES)
 emails = st.sampled_from(EMAILS)
@@ -937,6 +946,22 @@ class CacheMachine(RuleBasedStateMachine):
             )
             tenant = Account._base_manager.filter(pk=pk).values_list("tenant_id", flat=True)
             params = [balance, tenant.first() or 0]
+        elif form == "unspaced":  # no space around quoted names
+            sql = f'UPDATE"{Account._meta.db_table}"SET balance = %s WHERE"id"=%s'
+        elif form == "or_on_a_line":  # every account of the row's tenant: the OR widens
+            tenant = Account._base_manager.filter(pk=pk).values_list("tenant_id", flat=True)
+            sql = (
+                f"UPDATE {Account._meta.db_table} SET balance = %s\n"
+                "WHERE tenant_id = %s\nOR FALSE AND id = %s"
+            )
+            params = [balance, tenant.first() or 0, pk]
+        elif form == "upsert_on_lines":  # an INSERT whose ON CONFLICT updates the row
+            a = Account._meta.db_table
+            sql = (
+                f"INSERT INTO {a} (id, tenant_id, email, balance, data, tags)\n"
+                f"SELECT id, tenant_id, email, %s, data, tags FROM {a} WHERE id = %s\n"
+                "ON CONFLICT (id) DO UPDATE SET balance = EXCLUDED.balance"
+            )
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
 

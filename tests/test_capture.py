@@ -135,6 +135,87 @@ ACC = "testapp.account"
             ["abc"],
             [(ACC, FLUSH, ())],
         ),
+        # words are read whatever spaces them, and only outside literals and quoted names
+        (
+            'UPDATE"testapp_account"SET"balance"=%s WHERE"testapp_account"."id"=%s',
+            [1, 5],
+            [(ACC, ROWS, ("2.i5",))],
+        ),
+        ('TRUNCATE"testapp_account"', None, [(ACC, FLUSH, ())]),
+        ('INSERT INTO"testapp_account"("email") VALUES (%s)', ["a"], [(ACC, INSERT, ())]),
+        (
+            "update testapp_account set balance = %s\nwhere\nid = %s;\n",
+            [1, 5],
+            [(ACC, ROWS, ("2.i5",))],
+        ),
+        (
+            "update testapp_account set email = %s where email <> ') or (' and id = %s",
+            ["a", 5],
+            [(ACC, ROWS, ("2.i5",))],
+        ),
+        (
+            "update testapp_account set balance = %s where balance between %s and %s and id = %s",
+            [1, 0, 9, 5],
+            [(ACC, ROWS, ("2.i5",))],
+        ),
+        (
+            "update testapp_account set balance = %s where ((id in (%s, %s)) and (balance = %s))",
+            [1, 5, 6, 0],
+            [(ACC, ROWS, ("2.i5", "2.i6"))],
+        ),
+        (
+            "update testapp_account set balance = %s where balance = %s\nor id = %s",
+            [1, 0, 5],
+            [(ACC, FLUSH, ())],
+        ),
+        (
+            "update testapp_account set balance = %s where balance = %s xor id = %s",
+            [1, 0, 5],
+            [(ACC, FLUSH, ())],
+        ),
+        (
+            "update testapp_account set balance = %s where not (balance = %s and id = %s)",
+            [1, 0, 5],
+            [(ACC, FLUSH, ())],
+        ),
+        (
+            "update testapp_account set balance = %s where id = %s /* or true */",
+            [1, 5],
+            [(ACC, FLUSH, ())],
+        ),
+        (
+            "update testapp_account set email = $$it's$$ where id = %s",
+            [5],
+            [(ACC, FLUSH, ())],
+        ),
+        (
+            'INSERT INTO "testapp_account" ("email")\nVALUES (%s)\nON CONFLICT DO NOTHING\n',
+            ["a"],
+            [(ACC, INSERT, ())],
+        ),
+        (
+            'INSERT INTO "testapp_account" ("email")\nVALUES (%s)\nON CONFLICT ("email")\n'
+            'DO UPDATE SET "email" = EXCLUDED."email"',
+            ["a"],
+            [(ACC, FLUSH, ())],
+        ),
+        (
+            'INSERT INTO "testapp_account" ("email") VALUES (%s) ON/**/DUPLICATE KEY UPDATE'
+            ' "email" = %s',
+            ["a", "a"],
+            [(ACC, FLUSH, ())],
+        ),
+        # SQLite's INSERT OR REPLACE replaces existing rows; INSERT OR IGNORE does not
+        (
+            'INSERT OR REPLACE INTO "testapp_account" ("email") VALUES (%s)',
+            ["a"],
+            [(ACC, FLUSH, ())],
+        ),
+        (
+            'INSERT OR IGNORE INTO "testapp_account" ("email") VALUES (%s)',
+            ["a"],
+            [(ACC, INSERT, ())],
+        ),
         # reads and tables that are not cached
         ("SELECT 1", None, []),
         ('UPDATE "tiered_cache_pendinginvalidation" SET "flush" = %s', [True], []),

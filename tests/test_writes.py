@@ -362,6 +362,77 @@ def test_raw_sql_that_names_another_table_is_not_read_as_its_rows(form: str) -> 
         assert User.objects.get_cached(email=user.email).first_name == "raw"
 
 
+@pytest.mark.parametrize(
+    "form",
+    [
+        'UPDATE"{t}"SET first_name = \'raw\' WHERE"id"=%s AND last_name <> %s',
+        "UPDATE {t} SET first_name = 'raw' WHERE last_name = %s\nOR FALSE AND id = %s",
+        "UPDATE {t} SET first_name = 'raw' WHERE last_name = %s\tOR FALSE AND id = %s",
+        "UPDATE {t} SET first_name = 'raw' WHERE last_name = %s OR(FALSE) AND id = %s",
+        "UPDATE {t} SET first_name = 'raw' WHERE last_name = %s OR/**/FALSE AND id = %s",
+        "UPDATE {t} SET first_name = 'raw' WHERE coalesce(last_name = %s AND id = %s AND TRUE,"
+        " TRUE) = FALSE",
+        "UPDATE {t} SET first_name = 'raw' WHERE CASE WHEN last_name = %s AND id = %s AND TRUE"
+        " THEN FALSE ELSE TRUE END",
+    ],
+    ids=["unspaced", "or-on-a-line", "or-after-tab", "or-paren", "or-comment", "nested", "case"],
+)
+def test_raw_sql_is_read_whatever_its_spacing(form: str) -> None:
+    """A write is read by its words, not by the spaces around them: a verb that touches a
+    quoted name, an OR after a line break, a tab, a parenthesis or a comment, and an
+    `id = %s` inside a function call or a CASE (it bounds no row there)."""
+    a = UserFactory(first_name="old", last_name="a")
+    b = UserFactory(first_name="old", last_name="b")
+    warm(a)
+    warm(b)
+    sql = form.format(t=User._meta.db_table)
+    params = [a.pk, "x"] if form.startswith('UPDATE"') else ["a", b.pk]
+    if "coalesce" in form or "CASE" in form:
+        params = ["b", b.pk]  # every user but b
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+    for user in (a, b):
+        expected = User._base_manager.get(pk=user.pk).first_name
+        assert User.objects.get_cached(pk=user.pk).first_name == expected, user.last_name
+        assert User.objects.get_cached(email=user.email).first_name == expected
+    assert User._base_manager.get(pk=a.pk).first_name == "raw"  # the statement wrote a
+
+
+@pytest.mark.parametrize("tier", ["l1", "l2"])
+def test_a_raw_upsert_on_lines_of_its_own_is_read(tier: str) -> None:
+    """ON CONFLICT ... DO UPDATE at the start of a line, as triple-quoted SQL puts it."""
+    tenant = Tenant.objects.create(name="old")
+    Tenant.objects.get_cached(pk=tenant.pk)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+INSERT INTO {Tenant._meta.db_table} (id, name)
+VALUES (%s, %s)
+ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name
+""",
+            [tenant.pk, "upserted"],
+        )
+    if tier == "l2":
+        tiered_cache.clear_local()
+    assert Tenant.objects.get_cached(pk=tenant.pk).name == "upserted"
+
+
+def test_an_unspaced_raw_update_in_a_rolled_back_block_reaches_no_tier() -> None:
+    """A write the statement watcher missed would leave the block's reads free to fill the
+    tiers with its uncommitted row (guarantee 3)."""
+    user = UserFactory(first_name="old")
+    with pytest.raises(RuntimeError), transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f'UPDATE"{User._meta.db_table}"SET first_name = %s WHERE"id"=%s',
+                ["uncommitted", user.pk],
+            )
+        assert User.objects.get_cached(pk=user.pk).first_name == "uncommitted"
+        raise RuntimeError
+    tiered_cache.clear_local()
+    assert User.objects.get_cached(pk=user.pk).first_name == "old"
+
+
 def test_writes_outside_django_need_invalidate() -> None:
     user = UserFactory(first_name="old")
     warm(user)

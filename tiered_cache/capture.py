@@ -16,7 +16,9 @@ make us drop more than needed, never less.
 
 from __future__ import annotations
 
+import functools
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,9 +36,14 @@ __all__ = ["FLUSH", "INSERT", "ROWS", "Effect", "TableRole", "classify", "forget
 ROWS, FLUSH, INSERT = "rows", "flush", "insert"
 
 _IDENT = r'(?:"((?:[^"]|"")+)"|`([^`]+)`|\[([^\]]+)\]|([A-Za-z_][\w$]*))'
+# A keyword ends at whitespace, or where a quoted name starts (`UPDATE"t"SET` is valid SQL).
+_GAP = r"(?:\s+|(?=[\"`\[]))"
 _HEAD = re.compile(
-    r"\s*(update|delete\s+from|insert\s+(?:ignore\s+)?(?:or\s+\w+\s+)?into|replace\s+into)\s+"
-    + r"(?:only\s+)?"  # PostgreSQL's UPDATE ONLY t, DELETE FROM ONLY t
+    r"\s*(update|delete\s+from|insert\s+(?:ignore\s+)?(?:or\s+\w+\s+)?into|replace\s+into)"
+    + _GAP
+    + r"(?:only"  # PostgreSQL's UPDATE ONLY t, DELETE FROM ONLY t
+    + _GAP
+    + r")?"
     + r"(?:"
     + _IDENT
     + r"\s*\.\s*)?"
@@ -65,6 +72,8 @@ _WRITE_WORD = re.compile(r"\b(update|delete|insert|merge|truncate)\b", re.IGNORE
 # parenthesis, or a comment's (a write may follow one). Anything else (SELECT, SET,
 # SAVEPOINT...) is one statement that does not write, unless more follow a semicolon.
 _FIRST = frozenset("udirtwmcaeUDIRTWMCAE \t\n\r(/-")
+# A statement's first word, wherever it ends (`TRUNCATE"t"`).
+_FIRST_WORD = re.compile(r"[\s(]*([A-Za-z]+)")
 _COMMENTS = re.compile(r"(?:\s+|--[^\n]*|/\*.*?\*/)+", re.DOTALL)
 
 
@@ -230,17 +239,18 @@ def _classify(
 ) -> list[Effect]:
     m = _HEAD.match(sql)
     if m is None:
-        word = sql.lstrip(" \t\n(").split(None, 1)[:1]
-        if not word or word[0].lower() not in _OTHER_WRITES:
+        first = _FIRST_WORD.match(sql)
+        word = first.group(1).lower() if first else ""
+        if word not in _OTHER_WRITES:
             return []
-        if word[0].lower() == "with" and not _WRITE_WORD.search(sql):
+        if word == "with" and not _WRITE_WORD.search(sql):
             return []
-        if word[0].lower() == "explain" and not (
+        if word == "explain" and not (
             re.search(r"\banaly[sz]e\b", sql, re.IGNORECASE) and _WRITE_WORD.search(sql)
         ):
             return []  # runs the statement only with ANALYZE
         flushed = _flush_named(sql, tables)
-        if word[0].lower() == "truncate":
+        if word == "truncate":
             carried = _truncating if "cascade" in sql.lower() else {}
         else:  # a DELETE we do not parse (in a WITH, MySQL's multi-table form) may be one
             carried = _deleting if re.search(r"\bdelete\b", sql, re.IGNORECASE) else {}
@@ -256,8 +266,13 @@ def _classify(
     schema, name = _name(groups[1:5]), _name(groups[5:])
     verb = m.group(1).lower()
     also = _of_table(_deleting, name, schema) if verb.startswith("delete") else []
+    roles = _of_table(tables, name, schema)
+    if roles and ("--" in sql or "/*" in sql):
+        # A comment inside the statement (`ON /* x */ CONFLICT`, `OR -- ...`) hides words
+        # the reading below looks for: drop every model it names.
+        return _flush_named(sql, tables) + [Effect(label, FLUSH) for label in also]
     return [Effect(label, FLUSH) for label in also] + _classify_roles(
-        sql, params, many, verb, _of_table(tables, name, schema), _alone(verb, sql[m.end() :])
+        sql, params, many, verb, roles, _alone(verb, sql[m.end() :])
     )
 
 
@@ -291,6 +306,10 @@ def _of_table(by_table: dict[str, list[_T]], name: str, schema: str = "") -> lis
     return found or []
 
 
+_UPSERT = re.compile(r"\bdo\s+update\b|\bon\s+duplicate\s+key\b", re.IGNORECASE)
+_REPLACING = re.compile(r"\bor\s+(?!ignore\b)")
+
+
 def _classify_roles(
     sql: str, params: Any, many: bool, verb: str, roles: list[TableRole], alone: bool = True
 ) -> list[Effect]:
@@ -301,12 +320,11 @@ def _classify_roles(
     if not roles:
         return touched
     if verb.startswith("insert"):
-        low = sql.lower()
         # ON CONFLICT DO NOTHING and INSERT IGNORE (ignore_conflicts) change no existing
-        # row; an upsert does.
-        upsert = (" on conflict" in low and not low.rstrip("; ").endswith("do nothing")) or (
-            " on duplicate key" in low
-        )
+        # row; an upsert (ON CONFLICT ... DO UPDATE, ON DUPLICATE KEY UPDATE, SQLite's
+        # INSERT OR REPLACE) does. Found anywhere, whatever spaces them: a literal that
+        # reads like one only drops more.
+        upsert = _UPSERT.search(sql) is not None or _REPLACING.search(verb) is not None
         kind = FLUSH if upsert else INSERT
         return [Effect(r.label, kind) for r in roles]
     if verb.startswith("replace"):
@@ -345,24 +363,100 @@ def _pk_bound(sql: str, params: Any, many: bool, role: TableRole) -> list[Any] |
     conjunction with `pk = %s` or `pk IN (%s, ...)` at its top level; None otherwise."""
     if many or not isinstance(params, (list, tuple)):
         return None
-    low = sql.lower()
-    if "select" in low:  # a subquery could hold the WHERE we find
+    # Backslash escapes and dollar quotes are literals _TOKENS does not read (comments
+    # were refused before).
+    if _placeholders(sql) != len(params) or "\\" in sql or "$" in sql:
         return None
-    at = low.rfind(" where ")
-    if at < 0:
+    # The words and parentheses that shape the WHERE clause, outside literals and quoted
+    # names, with their depth in parentheses.
+    tokens: list[tuple[str, int, int, int]] = []
+    depth, where = 0, -1
+    # Lower case, the same length (str.lower() may lengthen a non-ASCII name).
+    low = sql.lower() if sql.isascii() else sql.translate(_ASCII_LOWER)
+    for m in _TOKENS.finditer(low):
+        word = m[0]
+        first = word[0]
+        if first in "'\"`":
+            continue
+        if first == ")":
+            depth -= 1
+            if depth < 0:
+                return None
+        elif word == "select":  # a subquery could hold the WHERE we find
+            return None
+        elif word == "where" and depth == 0:
+            where = len(tokens)
+        tokens.append((word, m.start(), m.end(), depth))
+        if first == "(":
+            depth += 1
+    if depth or where < 0:
         return None
-    if _placeholders(sql) != len(params):
+    start, end = tokens[where][2], len(sql)
+    clause = tokens[where + 1 :]
+    for i, (word, s, _, d) in enumerate(clause):
+        if word == "returning" and d == 0:  # refreshed fields: GeneratedField, db_default
+            clause, end = clause[:i], s
+            break
+    while end > start and sql[end - 1] in " \t\r\n;":
+        end -= 1
+    # OR (||, XOR) or a CASE may widen what a conjunct bounds; NOT cannot, as a bound's
+    # conjunct is all of `pk = %s` (NOT around a group puts it below the top level).
+    if any(word in _WIDENS for word, *_ in clause):
         return None
-    start = at + 7
-    end = low.find(" returning ", start)  # refreshed fields (GeneratedField, db_default)
-    where = sql[start : end if end >= 0 else len(sql)].rstrip().rstrip(";").rstrip()
-    if where.startswith("(") and where.endswith(")") and _wrapped(where):
-        where, start = where[1:-1], start + 1
-    wl = where.lower()
-    if " or " in wl or "not " in wl or ")or" in wl or ")and" in wl:
-        return None
-    col = re.escape(role.pk_column)
-    pattern = re.compile(
+    pattern = _pk_pattern(role.pk_column)
+    for s, e in _conjuncts(sql, clause, start, end, 0):
+        if pattern.fullmatch(sql, s, e) is not None:
+            offset = _placeholders(sql[:s])
+            return list(params[offset : offset + _placeholders(sql[s:e])])
+    return None
+
+
+# The first character is looked ahead for: most of a statement is skipped without trying
+# each alternative. Doubled quotes inside a literal or a name read as two of them.
+_TOKENS = re.compile(
+    r"""(?=['"`()|&wraoxcs])(?:'[^']*'|"[^"]*"|`[^`]*`|[()]|\|\||&&"""
+    r"|\b(?:where|returning|and|x?or|case|select)\b)"
+)
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+_WIDENS = frozenset(("or", "xor", "case", "||", "&&"))
+
+
+def _conjuncts(
+    sql: str, tokens: list[tuple[str, int, int, int]], start: int, end: int, depth: int
+) -> list[tuple[int, int]]:
+    """The spans of sql[start:end]'s conjuncts at `depth`: split at each AND there, and
+    into a conjunct that is all one parenthesised group (Django wraps a WHERE of several
+    conditions)."""
+    spans, at = [], start
+    for word, s, e, d in tokens:
+        if word == "and" and d == depth:
+            spans.append((at, s))
+            at = e
+    spans.append((at, end))
+    out = []
+    for s, e in spans:
+        inside = [t for t in tokens if s <= t[1] and t[2] <= e]
+        text = sql[s:e].strip()
+        if (
+            inside
+            and inside[0][0] == "("
+            and inside[-1][0] == ")"
+            and text.startswith("(")
+            and text.endswith(")")
+            and not any(t[3] == depth for t in inside[1:-1])
+        ):
+            out.extend(_conjuncts(sql, inside[1:-1], inside[0][2], inside[-1][1], depth + 1))
+        else:
+            out.append((s, e))
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _pk_pattern(column: str) -> re.Pattern[str]:
+    """`[schema.][table.]pk = %s` or `... IN (%s, ...)`, spaced or not, the pk column quoted
+    or not."""
+    col = re.escape(column)
+    return re.compile(
         r"\s*(?:"
         + _IDENT
         + r'\s*\.\s*){0,2}(?:"'
@@ -376,29 +470,7 @@ def _pk_bound(sql: str, params: Any, many: bool, role: TableRole) -> list[Any] |
         + r")\s*(?:=\s*%s|in\s*\(\s*%s(?:\s*,\s*%s)*\s*\))\s*",
         re.IGNORECASE,
     )
-    pos = start
-    for conjunct in re.split(r"(?i)\band\b", where):
-        m = pattern.fullmatch(conjunct)
-        if m is not None:
-            offset = _placeholders(sql[:pos])
-            n = _placeholders(conjunct)
-            return list(params[offset : offset + n])
-        pos += len(conjunct) + 3
-    return None
 
 
 def _placeholders(text: str) -> int:
     return text.count("%s") - text.count("%%s")
-
-
-def _wrapped(text: str) -> bool:
-    """Whether the outer parentheses of text enclose all of it."""
-    depth = 0
-    for i, c in enumerate(text):
-        if c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-            if depth == 0 and i != len(text) - 1:
-                return False
-    return depth == 0
