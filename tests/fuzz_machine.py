@@ -403,9 +403,21 @@ class CacheMachine(RuleBasedStateMachine):
                             lambda t=tpk, e=email: self.mgr(Account).get(tenant=t, email=e),
                         )
                     )
+                # An instance built from a str pk, as a view builds one from its URL.
+                built = Tenant(pk=str(tpk))
+                out.append(
+                    Probe(
+                        f"Account.get_cached(tenant=Tenant(pk={str(tpk)!r}), email={EMAILS[0]!r})",
+                        lambda t=built: self.mgr(Account).get_cached(tenant=t, email=EMAILS[0]),
+                        lambda t=built: self.mgr(Account).get(tenant=t, email=EMAILS[0]),
+                    )
+                )
             # Reverse foreign key: every account through every tenant.
             tenants = list(self.orm(Tenant).order_by("pk"))
             acc_pks = self.candidates(Account)
+            # The same relation through instances built from a str pk (the ORM prepares the
+            # pk for its filter; the rows keep their own foreign key).
+            tenants += [Tenant(pk=str(t.pk)) for t in tenants[:2]]
             for tenant in tenants:
                 for pk in acc_pks:
                     out.append(

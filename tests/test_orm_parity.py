@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
@@ -1650,3 +1652,226 @@ def test_a_lookup_by_none_answers_as_the_orm_however_many_rows_hold_null() -> No
     assert Badge.objects.get_cached(code="gold") == coded
     assert Badge.objects.get_cached(code="gold") == coded
     assert counters.bypassed == bypassed + 3
+
+
+# -- lookup values: what the ORM compares, keyed injectively --------------------------------
+
+
+def _two_apps_status() -> tuple[type[models.TextChoices], type[models.TextChoices]]:
+    """Two apps' `Order.Status` choices: the same qualified name and member name, other
+    values (a member's repr names its class and member, not its value)."""
+
+    class Order:
+        class Status(models.TextChoices):
+            ACTIVE = "t1", "Active"
+
+    first = Order.Status
+
+    class Order:  # type: ignore[no-redef]
+        class Status(models.TextChoices):
+            ACTIVE = "t2", "Active"
+
+    return first, Order.Status
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_lookup_values_that_differ_only_past_what_a_repr_or_28_digits_show_read_their_own_rows(
+    tier: str,
+) -> None:
+    """Keys are injective (guarantee 5) for every value a lookup takes: decimals wider than
+    the default context's 28 digits, bytes given as a memoryview (whose repr is its
+    address, reused once it is freed) or a bytearray, and choices members (whose repr is
+    `Class.NAME`)."""
+    from tests.testapp.models import Ledger
+
+    wide = [Decimal("12345678901.123456789012345678"), Decimal("12345678901.123456789012345680")]
+    digests = [b"\x01" * 8, b"\x02" * 8]
+    rows = [Ledger.objects.create(amount=a, digest=d) for a, d in zip(wide, digests, strict=True)]
+    for row_ in rows:  # warm under every lookup, then read each as another process would
+        Ledger.objects.get_cached(amount=row_.amount)
+        Ledger.objects.get_cached(digest=memoryview(bytes(row_.digest)))
+    for value in [*wide, Decimal("12345678901.1234567890123456780")]:
+        at(tier)
+        assert_same(
+            lambda v=value: Ledger.objects.get_cached(amount=v),
+            lambda v=value: Ledger.objects.get(amount=v),
+            f"Ledger amount={value}",
+        )
+    for raw in digests:
+        for given in (memoryview(raw), bytearray(raw), raw):
+            at(tier)
+            assert_same(
+                lambda g=given: Ledger.objects.get_cached(digest=g),
+                lambda g=given: Ledger.objects.get(digest=g),
+                f"Ledger digest={given!r}",
+            )
+    first, second = _two_apps_status()
+    assert repr(first.ACTIVE) == repr(second.ACTIVE)
+    Flow.objects.create(tenant_id="t1", session_id="s")
+    Flow.objects.create(tenant_id="t2", session_id="s")
+    Flow.objects.get_cached(tenant_id=first.ACTIVE, session_id="s")
+    for member in (second.ACTIVE, first.ACTIVE, "t2"):
+        at(tier)
+        assert_same(
+            lambda m=member: Flow.objects.get_cached(tenant_id=m, session_id="s"),
+            lambda m=member: Flow.objects.get(tenant_id=m, session_id="s"),
+            f"Flow tenant_id={member!r} ({member})",
+        )
+
+
+def test_values_the_tiers_do_not_key_are_answered_by_the_database() -> None:
+    """A JSON value (unhashable, no injective key) and an expression (the ORM resolves it)
+    read the database, as .get() would, where they raised TypeError."""
+    from tests.testapp.models import Ledger
+
+    ledger = Ledger.objects.create(amount=Decimal(1), doc={"n": 1})
+    tenant = TenantFactory()
+    counters = registry.model_cache(Ledger.objects).counters
+    bypassed = counters.bypassed
+    for cached, orm, what in [
+        (
+            lambda: Ledger.objects.get_cached(doc={"n": 1}),
+            lambda: Ledger.objects.get(doc={"n": 1}),
+            "doc={'n': 1}",
+        ),
+        (
+            lambda: Ledger.objects.get_cached(digest=bytearray(b"none")),
+            lambda: Ledger.objects.get(digest=bytearray(b"none")),
+            "digest=bytearray (no such row)",
+        ),
+        (
+            lambda: Tenant.objects.get_cached(pk=Value(tenant.pk)),
+            lambda: Tenant.objects.get(pk=Value(tenant.pk)),
+            "pk=Value(pk)",
+        ),
+        (
+            lambda: Tenant.objects.get_many_cached([Value(tenant.pk)]),
+            lambda: Tenant.objects.in_bulk([Value(tenant.pk)]),
+            "get_many_cached([Value(pk)])",
+        ),
+    ]:
+        assert_same(cached, orm, what)
+    assert Ledger.objects.get_cached(doc={"n": 1}) == ledger
+    assert counters.bypassed > bypassed
+
+
+def _instance_lookups() -> list[tuple[str, Callable[[], Any], Callable[[], Any]]]:
+    """(what, get_cached, the ORM's get) of a model instance given as a lookup value."""
+    from tests.testapp.models import Provider
+
+    tenant, provider = TenantFactory(), Provider.objects.create(name="p-inst", display_name="P")
+    assert str(provider) == provider.name  # what a CharField makes of the instance
+    italian = ItalianRestaurantFactory()
+    place, restaurant = Place.objects.get(pk=italian.pk), Restaurant.objects.get(pk=italian.pk)
+    account = AccountFactory(tenant=tenant)
+    cases = [
+        # a field that is no relation: its get_prep_value takes the instance (a CharField:
+        # its str(), here the provider's name) or refuses it (a number: TypeError)
+        ("Provider name=<Provider>", Provider.objects, {"name": provider}),
+        ("Tenant pk=<Tenant>", Tenant.objects, {"pk": tenant}),
+        ("Tenant pk=<Provider>", Tenant.objects, {"pk": provider}),
+        ("Place pk=<ItalianRestaurant>", Place.objects, {"pk": italian}),
+        # a relation: its model's instance, an ancestor's or a descendant's
+        ("ItalianRestaurant pk=<Place>", ItalianRestaurant.objects, {"pk": place}),
+        ("ItalianRestaurant pk=<Restaurant>", ItalianRestaurant.objects, {"pk": restaurant}),
+        ("Restaurant pk=<ItalianRestaurant>", Restaurant.objects, {"pk": italian}),
+        ("Restaurant pk=<Tenant>", Restaurant.objects, {"pk": tenant}),
+        (
+            "Account tenant=<Tenant>, email",
+            Account.objects,
+            {"tenant": tenant, "email": account.email},
+        ),
+        (
+            "Account tenant=<Account>, email",
+            Account.objects,
+            {"tenant": account, "email": account.email},
+        ),
+    ]
+    out: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = []
+    for what, manager, lookup in cases:
+        out.append(
+            (
+                what,
+                lambda m=manager, lk=lookup: m.get_cached(**lk),
+                lambda m=manager, lk=lookup: m.get(**lk),
+            )
+        )
+        if list(lookup) == ["pk"]:
+            out.append(
+                (
+                    f"{what} in get_many_cached",
+                    lambda m=manager, lk=lookup: m.get_many_cached([lk["pk"]]),
+                    lambda m=manager, lk=lookup: m.in_bulk([lk["pk"]]),
+                )
+            )
+    return out
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_model_instance_as_a_lookup_value_is_taken_as_the_orm_takes_it(tier: str) -> None:
+    """The ORM's checks and conversions of an instance: only a relation takes one (of its
+    model, an ancestor or a descendant), any other field converts or refuses it."""
+    for what, cached, orm in _instance_lookups():
+        for _ in range(2):  # the second read from the tier the first filled
+            at(tier)
+            assert_same(cached, orm, what)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_multi_table_childs_pk_answers_to_every_ancestors_pk_name(tier: str) -> None:
+    """`Restaurant.objects.get(id=...)` names Place's id, which is the child's pk too."""
+    italian = ItalianRestaurantFactory()
+    for model, names in [
+        (Restaurant, ["pk", "id", "place_ptr", "place_ptr_id"]),
+        (ItalianRestaurant, ["pk", "id", "place_ptr_id", "restaurant_ptr", "restaurant_ptr_id"]),
+    ]:
+        for name in names:
+            for value in (italian.pk, str(italian.pk), 10**9):
+                at(tier)
+                assert_same(
+                    lambda m=model, n=name, v=value: m.objects.get_cached(**{n: v}),
+                    lambda m=model, n=name, v=value: m.objects.get(**{n: v}),
+                    f"{model.__name__} {name}={value!r}",
+                )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_related_manager_of_an_instance_built_with_a_str_pk_filters_as_the_orm_does(
+    tier: str,
+) -> None:
+    """`Tenant(pk="3").accounts`, as a view builds it from a URL to save a query: the ORM
+    filters by the pk as its field prepares it; the row keeps its own value of the key."""
+    tenant = TenantFactory()
+    account = AccountFactory(tenant=tenant)
+    document = DocumentFactory()
+    from tests.testapp.models import Specimen
+
+    specimen = Specimen.objects.create(document=document)
+    by_str = Tenant(pk=str(tenant.pk), name=tenant.name)
+    doc_by_str = Document(pk=str(document.pk).upper(), title=document.title)
+    for what, cached, orm in [
+        (
+            "Tenant(pk=str).accounts",
+            lambda: by_str.accounts.get_cached(pk=account.pk),
+            lambda: by_str.accounts.get(pk=account.pk),
+        ),
+        (
+            "Tenant(pk=str).accounts, many",
+            lambda: by_str.accounts.get_many_cached([account.pk]),
+            lambda: by_str.accounts.in_bulk([account.pk]),
+        ),
+        (
+            "Tenant(pk='abc').accounts",
+            lambda: Tenant(pk="abc").accounts.get_cached(pk=account.pk),
+            lambda: Tenant(pk="abc").accounts.get(pk=account.pk),
+        ),
+        (
+            "Document(pk=UPPER).specimens",
+            lambda: doc_by_str.specimens.get_cached(pk=specimen.pk),
+            lambda: doc_by_str.specimens.get(pk=specimen.pk),
+        ),
+    ]:
+        at(tier)
+        got = assert_same(cached, orm, what)
+        assert got[0] != "raises" or "abc" in what, got
+    assert async_to_sync(by_str.accounts.aget_cached)(pk=account.pk) == account

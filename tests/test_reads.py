@@ -120,8 +120,14 @@ def test_the_one_function_l1_hit_leaves_every_other_case_to_the_general_read() -
     # Values the ORM converts, or takes from an instance: the same row, through get().
     assert reads.hit(objects, {"pk": str(mine.pk)}) is None
     assert objects.get_cached(pk=str(mine.pk)) == mine
+    by_instance = {"tenant": mine.tenant, "email": mine.email}
+    assert objects.get_cached(**by_instance) == mine
+    assert reads.hit(objects, by_instance) is None
+    assert objects.get_cached(**by_instance) == mine
+    # An instance for a pk that is no relation: refused as Account.objects.get(pk=mine) is.
     assert reads.hit(objects, {"pk": mine}) is None
-    assert objects.get_cached(pk=mine) == mine
+    with pytest.raises(TypeError, match="expected a number"):
+        objects.get_cached(pk=mine)
     # A transaction that wrote the model reads its own write.
     with transaction.atomic():
         Account.objects.filter(pk=mine.pk).update(balance=7)

@@ -52,6 +52,7 @@ __all__ = [
     "base_prefix",
     "channel",
     "derived_header",
+    "KEY_TYPES",
     "encode_value",
     "encode_values",
     "fn_gen_key",
@@ -61,6 +62,8 @@ __all__ = [
     "group",
     "group_by_id",
     "int_encodings",
+    "keyable",
+    "keyable_values",
     "invalidate_calls",
     "publish_in_script",
     "lease_key",
@@ -110,7 +113,9 @@ def encode_value(value: Any) -> str:
     if t is uuid.UUID:
         return f"u{value.hex}"
     if t is decimal.Decimal:
-        return "d" + str(value.normalize())
+        # Normalized in a context that rounds nothing: the default one keeps 28 digits,
+        # and two wider values would share a form.
+        return "d" + str(value.normalize(_EXACT) if value.is_finite() else value)
     if t is datetime.datetime:
         return f"t{value.isoformat()}"
     if t is datetime.date:
@@ -119,9 +124,59 @@ def encode_value(value: Any) -> str:
         return "f" + repr(value)
     if t is bytes:
         return f"x{value.hex()}"
+    k = keyable(value)
+    if k is not value:  # a subclass of one of the types above, or a buffer: what it holds
+        return encode_value(k)
     if isinstance(value, models.Model):  # pragma: no cover - normalized away before
         raise TypeError("model instances are normalized to their pk before keying")
     return "r" + type(value).__qualname__ + ":" + repr(value)
+
+
+_EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
+
+# The types of the values the tiers key a lookup by: encode_value() gives each an injective
+# form, and they are hashable (L1's keys). A lookup with a value of any other type (a JSON
+# value, an expression, a type of a library's own) reads the database, which answers it.
+KEY_TYPES = frozenset(
+    {
+        int,
+        str,
+        bool,
+        type(None),
+        float,
+        bytes,
+        uuid.UUID,
+        decimal.Decimal,
+        datetime.datetime,
+        datetime.date,
+        datetime.time,
+        datetime.timedelta,
+    }
+)
+
+
+def keyable(value: Any) -> Any:
+    """value as the one of KEY_TYPES the database compares it as, when it is a subclass of
+    str, int or float (a TextChoices member: its text) or a bytes-like buffer (a
+    memoryview, a bytearray: its bytes); anything else unchanged."""
+    if type(value) in KEY_TYPES:
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__index__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    return value
+
+
+def keyable_values(values: Iterable[Any]) -> bool:
+    """Whether every value is of KEY_TYPES."""
+    return KEY_TYPES.issuperset(map(type, values))
 
 
 def encode_values(values: Iterable[Any]) -> str:

@@ -12,7 +12,7 @@ from django.db.models.query import QuerySet
 from . import reads, recording
 from .groups import database_of, read_group
 from .invalidation import flush_batch, rows_batch
-from .keys import Group
+from .keys import Group, keyable, keyable_values
 from .registry import CachedManagerBase, LookupSpec, model_cache
 from .transactions import open_writes, queue, snapshot_aliases
 
@@ -117,7 +117,7 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
         # An L1 hit stays on the event loop (no I/O, no thread hop) only while no
         # transaction of this process holds writes: the caller's transaction lives on the
         # thread sync_to_async hops to, where reads.get() checks it.
-        if open_writes() == 0 and lk.unique:
+        if open_writes() == 0 and lk.unique and keyable_values(values):
             scope, mode, picked = mc.read_scope(self)
             db = picked or self.db
             if scope is not None and db not in snapshot_aliases():
@@ -205,8 +205,26 @@ def _base_of(manager: Any) -> Any:
 
 
 def _related_value(manager: Any) -> tuple[Any, ...] | None:
+    """The value the manager's rows hold in their foreign key, as the ORM's filter
+    prepares it from the instance (an instance built with pk="3" filters by 3); None
+    when the instance holds no value there (the ORM's queryset is then empty)."""
     value = manager.field.get_foreign_related_value(manager.instance)
-    return None if any(v is None for v in value) else value
+    if any(v is None for v in value):
+        return None
+    return _prepared(manager, value)
+
+
+def _related_of(manager: Any, obj: Any) -> tuple[Any, ...]:
+    """The value a row holds in the manager's foreign key, as _related_value() gives it."""
+    return _prepared(manager, manager.field.get_local_related_value(obj))
+
+
+def _prepared(manager: Any, value: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A value of the manager's foreign key as the ORM's filter prepares it."""
+    return tuple(
+        keyable(f.get_prep_value(v))
+        for f, v in zip(manager.field.foreign_related_fields, value, strict=True)
+    )
 
 
 def _unchecked(read: Any, arg: Any) -> Any:
@@ -229,7 +247,7 @@ def _related_get(manager: Any, lookup: dict[str, Any]) -> Any:
         return manager.get(**lookup)
     want = _related_value(manager)
     obj = base.get_cached(**lookup)
-    if want is None or manager.field.get_local_related_value(obj) != want:
+    if want is None or _related_of(manager, obj) != want:
         raise manager.model.DoesNotExist(
             f"{manager.model._meta.object_name} matching query does not exist."
         )
@@ -241,11 +259,16 @@ def _known_related(manager: Any, objs: Iterable[Any]) -> None:
     """As the ORM's related manager does (its queryset's known related objects): the rows
     it returns hold the manager's own instance as their related object, that very instance
     and not a copy read again, which also saves a query. On Django 6.1 they also take the
-    instance's fetch mode, which the related manager's queryset takes over its own."""
+    instance's fetch mode, which the related manager's queryset takes over its own.
+    Only to a row whose foreign key holds what the instance holds, compared as they are
+    (the ORM looks the row's value up in a dict keyed by the instance's): an instance
+    built with pk="3" is not given to rows holding 3, which keep their own value."""
     objs = list(objs)
     name = manager.field.name
+    held = manager.field.get_foreign_related_value(manager.instance)
     for obj in objs:
-        setattr(obj, name, manager.instance)
+        if manager.field.get_local_related_value(obj) == held:
+            setattr(obj, name, manager.instance)
     mode = getattr(manager.instance._state, "fetch_mode", None)
     if mode is not None:
         reads.fetch_as(mode, objs)
@@ -266,8 +289,6 @@ def _related_get_many(manager: Any, pks: list[Any]) -> dict[Any, Any]:
     if want is None:
         return {}
     found = base.get_many_cached(pks)
-    rows = {
-        pk: obj for pk, obj in found.items() if manager.field.get_local_related_value(obj) == want
-    }
+    rows = {pk: obj for pk, obj in found.items() if _related_of(manager, obj) == want}
     _known_related(manager, rows.values())
     return rows

@@ -32,6 +32,7 @@ from .keys import (
     Shard,
     ValidEntry,
     fill_call,
+    keyable_values,
     lease_key,
     peek_many_call,
     read_call,
@@ -181,10 +182,13 @@ def _raw(v: Any) -> bytes:
 
 def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> Any:
     manager, db, g, why, scope, mode = settle(manager, mc, lk)
-    if why is None and None in values:
-        # SQL's NULL equals no other: get(field=None) matches every row with NULL there, so
-        # no lookup is unique by it (a nullable unique field may hold many).
-        why = "a value is None, and NULL makes no lookup unique"
+    if why is None:
+        if None in values:
+            # SQL's NULL equals no other: get(field=None) matches every row with NULL
+            # there, so no lookup is unique by it (a nullable unique field may hold many).
+            why = "a value is None, and NULL makes no lookup unique"
+        elif not keyable_values(values):
+            why = "a value of a type the tiers do not key (a JSON value, an expression)"
     if why is not None:
         mc.counters.bypassed += 1
         if recording.active:
@@ -732,12 +736,14 @@ def get_many(manager: Any, mc: ModelCache, pks: list[Any]) -> dict[Any, Any]:
     seen: set[Any] = set()
     for pk in pks:
         if hasattr(pk, "_meta"):
-            pk = lk.normalize({"pk": pk}, mc.aliases)[0]
+            pk = lk.normalize({"pk": pk}, mc.aliases, mc.named)[0]
         v = prep(pk)
         if v not in seen:
             seen.add(v)
             wanted.append(v)
     manager, db, g, why, scope, mode = settle(manager, mc, lk)
+    if why is None and not keyable_values(wanted):
+        why = "a value of a type the tiers do not key (an expression)"
     if why is not None:
         mc.counters.bypassed += len(wanted)
         if recording.active:

@@ -16,7 +16,9 @@ from django.apps import apps
 from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, models, router
 from django.db.models.expressions import Col, Func, RawSQL
+from django.db.models.fields.related_lookups import get_normalized_value
 from django.db.models.manager import BaseManager
+from django.db.models.query_utils import check_rel_lookup_compatibility
 from django.db.models.sql.where import ExtraWhere, WhereNode
 
 from .conf import conf
@@ -27,6 +29,7 @@ from .keys import (
     Group,
     group,
     int_encodings,
+    keyable,
     lookup_key,
     lookup_keys,
     pk_row_id,
@@ -100,13 +103,17 @@ class Lookup:
     # no such type, or the lookup is not unique.
     plain_types: tuple[type, ...] | None = None
 
-    def normalize(self, kwargs: dict[str, Any], aliases: dict[str, str]) -> tuple[Any, ...]:
-        by_name = {aliases[k]: v for k, v in kwargs.items()}
+    def normalize(
+        self, kwargs: dict[str, Any], aliases: dict[str, str], named: dict[str, Any]
+    ) -> tuple[Any, ...]:
+        """The values of kwargs (keyed by any accepted name) in this lookup's field order,
+        as the ORM prepares them; `named`: the field each keyword names."""
+        by_name = {aliases[k]: (k, v) for k, v in kwargs.items()}
         out = []
-        for name, f, prep in zip(self.names, self.fields, self.preps, strict=False):
-            value = by_name[name]
+        for name, prep in zip(self.names, self.preps, strict=False):
+            keyword, value = by_name[name]
             if isinstance(value, models.Model):
-                value = _instance_value(f, name, value, self.model)
+                value = _instance_value(named[keyword], value)
             out.append(prep(value))
         return tuple(out)
 
@@ -118,22 +125,28 @@ class Lookup:
         return dict(zip(self.orm_names, values, strict=False))
 
 
-def _instance_value(f: models.Field[Any, Any], name: str, value: models.Model, model: type) -> Any:
-    if value.pk is None:
-        # What the ORM raises for an unsaved instance in a filter (it would otherwise
-        # match the rows whose foreign key is NULL).
-        raise ValueError("Model instances passed to related filters must be saved.")
-    # django-stubs: a relation's related_model may be "self" (resolved by now), and
-    # target_field is RelatedField's, not Field's.
-    if f.is_relation and isinstance(value, f.related_model):  # type: ignore[arg-type]
-        # The to_field's value, as the ORM takes it.
-        return getattr(value, f.target_field.attname)  # type: ignore[attr-defined]
-    if f.primary_key and isinstance(value, model):
-        return value.pk
-    raise ValueError(
-        f'Cannot query "{value}": Must be "{getattr(f.related_model, "__name__", model.__name__)}" '
-        f"instance."
-    )
+def _instance_value(f: models.Field[Any, Any], value: models.Model) -> Any:
+    """A model instance given as the value of an exact lookup on f, as the ORM takes it,
+    with its checks and errors: for a relation, the instance's value of the related field
+    (an ancestor's or descendant's instance too, as Query.check_related_objects() allows);
+    for any other field the instance itself, which the field's get_prep_value() converts
+    (a CharField: its str()) or refuses (a number: TypeError), as the ORM's does."""
+    if not f.is_relation:
+        return value
+    # django-stubs: a relation's related_model may be "self" (resolved by now).
+    opts = f.related_model._meta  # type: ignore[union-attr]
+    if not check_rel_lookup_compatibility(value._meta.model, opts, f):  # type: ignore[arg-type]
+        raise ValueError(f'Cannot query "{value}": Must be "{opts.object_name}" instance.')
+    return get_normalized_value(value, _Side(f))[0]
+
+
+class _Side:
+    """The left-hand side get_normalized_value() reads: the field a lookup compares."""
+
+    __slots__ = ("output_field",)
+
+    def __init__(self, f: models.Field[Any, Any]) -> None:
+        self.output_field = f
 
 
 # Fields whose get_prep_value returns a value of this exact type unchanged: the hot path
@@ -166,15 +179,23 @@ def _plain_types(fields: tuple[models.Field[Any, Any], ...]) -> tuple[type, ...]
 
 
 def _prep_for(f: models.Field[Any, Any]) -> Callable[[Any], Any]:
-    """The conversion the ORM applies to an exact lookup's value, errors included."""
+    """The conversion the ORM applies to an exact lookup's value, errors included, to the
+    type the tiers key it by (keys.keyable). An expression (F(), Value(), a queryset) is
+    left for the ORM to resolve: get() reads the database for it (keys.KEY_TYPES)."""
     target = _target(f)
     prep = target.get_prep_value
+
+    def slow(value: Any) -> Any:
+        if hasattr(value, "resolve_expression"):
+            return value
+        return keyable(prep(value))
+
     same = _PASS_THROUGH.get(type(target))
     if same is None:
-        return prep
+        return slow
 
     def fast(value: Any) -> Any:
-        return value if type(value) is same else prep(value)
+        return value if type(value) is same else slow(value)
 
     return fast
 
@@ -227,8 +248,14 @@ class ModelCache:
                 declared.append(names)
         self.declared = declared
 
-        # Every kwarg name a caller may use, mapped to the declared field name.
-        self.aliases: dict[str, str] = {"pk": "pk", opts.pk.name: "pk", opts.pk.attname: "pk"}
+        # Every kwarg name a caller may use, mapped to the declared field name, and to the
+        # field it names (which decides how a model instance given for it is taken).
+        pk_names = self._pk_names()
+        self.aliases: dict[str, str] = dict.fromkeys(pk_names, "pk")
+        self.named: dict[str, models.Field[Any, Any]] = {
+            n: opts.pk if n == "pk" else opts.get_field(n)  # type: ignore[misc]
+            for n in pk_names
+        }
         self.lookups: dict[frozenset[str], Lookup] = {}
         self.single: dict[str, Lookup] = {}
         # reads.hit()'s view of `single`: per kwarg name of a unique one-field lookup whose
@@ -253,11 +280,13 @@ class ModelCache:
             )
             alias_sets = []
             for n, f in zip(names, fields, strict=False):
-                accepted = {n} if n == "pk" else {n, f.name, f.attname}
-                for a in accepted:
-                    self.aliases[a] = n
                 if n == "pk":
-                    accepted = {"pk", opts.pk.name, opts.pk.attname}
+                    accepted = pk_names
+                else:
+                    accepted = {n, f.name, f.attname}
+                    for a in accepted:
+                        self.aliases[a] = n
+                        self.named[a] = f
                 alias_sets.append(sorted(accepted))
             for combo in itertools.product(*alias_sets):
                 self.lookups[frozenset(combo)] = lk
@@ -277,6 +306,17 @@ class ModelCache:
             tuple[str, ...], tuple[Lookup, tuple[int, ...], Callable[[Any], Any] | None]
         ] = {}
         self.counters = Counters()
+
+    def _pk_names(self) -> set[str]:
+        """The keywords that name the primary key: pk, its name and attname, and on a
+        multi-table child those of each ancestor's pk it is linked to (a Restaurant's
+        `id` is its Place's, equal to its own pk: `Restaurant.objects.get(id=...)`)."""
+        f: Any = self.model._meta.pk
+        names = {"pk", f.name, f.attname}
+        while f.is_relation and f.remote_field.parent_link:
+            f = f.target_field
+            names |= {f.name, f.attname}
+        return names
 
     def _declared_name(self, name: str) -> str:
         """One name per field whichever way it was declared: "pk" for the primary key,
@@ -319,7 +359,7 @@ class ModelCache:
             lk = self.single.get(name)
             if lk is not None:
                 if isinstance(value, models.Model):
-                    value = _instance_value(lk.fields[0], name, value, self.model)
+                    value = _instance_value(self.named[name], value)
                 return lk, (lk.preps[0](value),)
         else:
             # Callers use the same keyword order every time: remember, per order, which
@@ -333,12 +373,12 @@ class ModelCache:
                 for i, prep in zip(order, lk.preps, strict=False):
                     value = given[i]
                     if isinstance(value, models.Model):
-                        value = _instance_value(lk.fields[len(out)], names[i], value, self.model)
+                        value = _instance_value(self.named[names[i]], value)
                     out.append(prep(value))
                 return lk, tuple(out)
             lk = self.lookups.get(frozenset(kwargs))
             if lk is not None and len(kwargs) == len(lk.names):
-                values = lk.normalize(kwargs, self.aliases)
+                values = lk.normalize(kwargs, self.aliases, self.named)
                 canonical = [self.aliases[n] for n in names]
                 order = tuple(canonical.index(n) for n in lk.names)
                 in_order = order == tuple(range(len(order)))

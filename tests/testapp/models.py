@@ -510,3 +510,21 @@ class Specimen(models.Model):
 
     def __str__(self) -> str:
         return f"specimen {self.pk}"
+
+
+# -- lookup values of the types keys are hardest to make injective for ----------------------
+
+
+class Ledger(models.Model):
+    """Unique lookups on a decimal wider than Python's default 28 digits, bytes (given as
+    bytes, memoryview or bytearray) and a JSON value (which the tiers do not key: such a
+    read goes to the database)."""
+
+    amount = models.DecimalField(max_digits=40, decimal_places=18, unique=True)
+    digest = models.BinaryField(unique=True, null=True)
+    doc = models.JSONField(unique=True, null=True)
+
+    objects = CachedManager(lookups=["amount", "digest", "doc"])
+
+    def __str__(self) -> str:
+        return f"ledger {self.amount}"
