@@ -11,6 +11,8 @@ from django.db import models
 from tiered_cache.capture import FLUSH, INSERT, ROWS, classify
 
 ACC = "testapp.account"
+ROWS5 = (ACC, ROWS, ("2.i5",))
+FLUSHED = (ACC, FLUSH, ())
 
 
 @pytest.mark.parametrize(
@@ -216,6 +218,42 @@ ACC = "testapp.account"
             ["a"],
             [(ACC, INSERT, ())],
         ),
+        # MySQL's and SQLite's forms a review found read wrongly (no such database here)
+        ("UPDATE IGNORE testapp_account SET balance = %s WHERE id = %s", [1, 5], [ROWS5]),
+        ("UPDATE LOW_PRIORITY testapp_account SET balance = %s WHERE id = %s", [1, 5], [ROWS5]),
+        ("UPDATE OR IGNORE testapp_account SET balance = %s WHERE id = %s", [1, 5], [ROWS5]),
+        ("UPDATE OR REPLACE testapp_account SET email = %s WHERE id = %s", ["a", 5], [FLUSHED]),
+        ("# a tag\nUPDATE testapp_account SET balance = %s WHERE id = %s", [1, 5], [ROWS5]),
+        (
+            "UPDATE testapp_account SET balance=%s WHERE id = %s AND 1 # it's\nOR 1 = 1 # '",
+            [1, 5],
+            [FLUSHED],
+        ),
+        ("\fUPDATE testapp_account SET balance = %s WHERE id = %s", [1, 5], [ROWS5]),
+        ("LOAD DATA INFILE 'f' REPLACE INTO TABLE testapp_account", None, [FLUSHED]),
+        (
+            "UPDATE testapp_account AS [a'b] SET balance = [a'b].balance WHERE id = %s AND "
+            "[a'b].balance = 1 OR [a'b].id > 0",
+            [5],
+            [FLUSHED],
+        ),
+        (
+            "UPDATE testapp_account returning SET balance = 1 WHERE id = %s AND "
+            "returning.balance = 0 OR 1",
+            [5],
+            [FLUSHED],
+        ),
+        (
+            "UPDATE testapp_account SET balance = %s WHERE id = %s AND balance = 1OR 1",
+            [1, 5],
+            [FLUSHED],
+        ),
+        (
+            "UPDATE testapp_account SET balance = 1 WHERE balance NOT BETWEEN 5 AND id = %s",
+            [False],
+            [FLUSHED],
+        ),
+        ('UPDATE "testapp_account" SET "balance" = %s WHERE "ID" = %s', [1, 5], [FLUSHED]),
         # reads and tables that are not cached
         ("SELECT 1", None, []),
         ('UPDATE "tiered_cache_pendinginvalidation" SET "flush" = %s', [True], []),

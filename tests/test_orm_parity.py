@@ -1725,7 +1725,15 @@ def test_values_the_tiers_do_not_key_are_answered_by_the_database() -> None:
     from tests.testapp.models import Ledger
 
     ledger = Ledger.objects.create(amount=Decimal(1), doc={"n": 1})
+    Ledger.objects.create(amount=Decimal(2), doc=True)
+    Ledger.objects.create(amount=Decimal(3), doc=1)  # another jsonb value than true
     tenant = TenantFactory()
+    for scalar in (True, 1, True, 1.0):  # each read after the other's (L1 keys: True == 1)
+        assert_same(
+            lambda v=scalar: Ledger.objects.get_cached(doc=v),
+            lambda v=scalar: Ledger.objects.get(doc=v),
+            f"doc={scalar!r}",
+        )
     counters = registry.model_cache(Ledger.objects).counters
     bypassed = counters.bypassed
     for cached, orm, what in [

@@ -398,6 +398,42 @@ def test_raw_sql_is_read_whatever_its_spacing(form: str) -> None:
     assert User._base_manager.get(pk=a.pk).first_name == "raw"  # the statement wrote a
 
 
+# Forms a review found read wrongly: the target taken for another word, a keyword that
+# touches its neighbour, an AND that closes a BETWEEN, bytes for text.
+OTHER_FORMS = {
+    "between": ("UPDATE {t} SET first_name = 'raw' WHERE id BETWEEN 0 AND id = %s", [True]),
+    "placeholder-or": (
+        "UPDATE {t} SET first_name = 'raw' WHERE id = %s AND last_name = %sOR TRUE",
+        ["b", "zz"],
+    ),
+    "only-parenthesised": ("UPDATE ONLY ({t}) SET first_name = 'raw'", None),
+    "only-comment": ("UPDATE ONLY/**/{t} SET first_name = 'raw'", None),
+    "schema-comment": ("UPDATE public/**/.{t} SET first_name = 'raw'", None),
+    "catalog": ("UPDATE {db}.public.{t} SET first_name = 'raw'", None),
+    "bytes": ("UPDATE {t} SET first_name = 'raw'", None),
+}
+
+
+@pytest.mark.parametrize("form", list(OTHER_FORMS))
+def test_raw_sql_whose_words_touch_or_hide_is_read(form: str) -> None:
+    a = UserFactory(first_name="old", last_name="a")
+    b = UserFactory(first_name="old", last_name="b")
+    warm(a)
+    warm(b)
+    text, params = OTHER_FORMS[form]
+    sql: str | bytes = text.format(t=User._meta.db_table, db=connection.settings_dict["NAME"])
+    if params == ["b", "zz"]:
+        params = [b.pk, "zz"]
+    if form == "bytes":
+        sql = str(sql).encode()
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+    for user in (a, b):
+        expected = User._base_manager.get(pk=user.pk).first_name
+        assert expected == "raw"
+        assert User.objects.get_cached(pk=user.pk).first_name == expected, user.last_name
+
+
 @pytest.mark.parametrize("tier", ["l1", "l2"])
 def test_a_raw_upsert_on_lines_of_its_own_is_read(tier: str) -> None:
     """ON CONFLICT ... DO UPDATE at the start of a line, as triple-quoted SQL puts it."""

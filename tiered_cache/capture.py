@@ -38,15 +38,26 @@ ROWS, FLUSH, INSERT = "rows", "flush", "insert"
 _IDENT = r'(?:"((?:[^"]|"")+)"|`([^`]+)`|\[([^\]]+)\]|([A-Za-z_][\w$]*))'
 # A keyword ends at whitespace, or where a quoted name starts (`UPDATE"t"SET` is valid SQL).
 _GAP = r"(?:\s+|(?=[\"`\[]))"
+# The verb with the modifiers MySQL and SQLite allow before the target (UPDATE IGNORE,
+# UPDATE OR REPLACE, DELETE LOW_PRIORITY QUICK FROM, INSERT DELAYED IGNORE INTO...).
+_MODS = r"(?:\s+(?:or\s+\w+|low_priority|high_priority|delayed|quick|ignore))*"
 _HEAD = re.compile(
-    r"\s*(update|delete\s+from|insert\s+(?:ignore\s+)?(?:or\s+\w+\s+)?into|replace\s+into)"
+    r"\s*(update"
+    + _MODS
+    + r"|delete"
+    + _MODS
+    + r"\s+from|insert"
+    + _MODS
+    + r"\s+into|replace"
+    + _MODS
+    + r"\s+into)"
     + _GAP
     + r"(?:only"  # PostgreSQL's UPDATE ONLY t, DELETE FROM ONLY t
     + _GAP
     + r")?"
-    + r"(?:"
+    + r"(?:"  # a schema, after a database (MySQL) or a catalog (PostgreSQL) maybe
     + _IDENT
-    + r"\s*\.\s*)?"
+    + r"\s*\.\s*){0,2}"
     + _IDENT,
     re.IGNORECASE,
 )
@@ -66,15 +77,21 @@ _OTHER_WRITES = (
     "alter",
     "drop",
     "explain",
+    "load",  # MySQL's LOAD DATA ... REPLACE INTO TABLE t
 )
 _WRITE_WORD = re.compile(r"\b(update|delete|insert|merge|truncate)\b", re.IGNORECASE)
 # The first characters of a statement that may write: its first word's, whitespace, a
 # parenthesis, or a comment's (a write may follow one). Anything else (SELECT, SET,
 # SAVEPOINT...) is one statement that does not write, unless more follow a semicolon.
-_FIRST = frozenset("udirtwmcaeUDIRTWMCAE \t\n\r(/-")
+_FIRST = frozenset("udirtwmcaelUDIRTWMCAEL \t\n\r\f\v(/-#")
 # A statement's first word, wherever it ends (`TRUNCATE"t"`).
 _FIRST_WORD = re.compile(r"[\s(]*([A-Za-z]+)")
-_COMMENTS = re.compile(r"(?:\s+|--[^\n]*|/\*.*?\*/)+", re.DOTALL)
+# MySQL's `#` comments too (in PostgreSQL `#` is an operator, which a statement Django
+# writes never holds: a statement with one is read as commented, dropping more).
+_COMMENTS = re.compile(r"(?:\s+|--[^\n]*|#[^\n]*|/\*.*?\*/)+", re.DOTALL)
+# A cached table named anywhere in a statement: checked when the target _HEAD read is not
+# one (`UPDATE ONLY (t)`, `UPDATE OR IGNORE t`, a three-part name: another word read as
+# the table), before dropping what the statement names.
 
 
 # -- which tables belong to which groups ------------------------------------------------
@@ -209,16 +226,19 @@ def _name(groups: Sequence[str | None]) -> str:
 def classify(sql: str, params: Any, many: bool) -> list[Effect]:
     """The effects of one statement on cached groups (empty for everything else). Never
     raises: a statement it cannot read drops every cached table it names."""
-    if not sql or (sql[0] not in _FIRST and ";" not in sql):
-        return []
-    tables = table_roles()
-    if not tables:
+    try:
+        if not sql or (sql[0] not in _FIRST and ";" not in sql):
+            return []
+        tables = table_roles()
+        if not tables:
+            return []
+    except Exception:  # not text (a caller of ours passing bytes): nothing we can read
         return []
     try:
         body = sql.strip().rstrip(";")
         if ";" in body:  # several statements: read none of them, drop all they name
             return _flush_named(sql, tables)
-        if body[:2] in ("--", "/*"):  # a comment before the statement: a hint, a tag
+        if body[:2] in ("--", "/*") or body[:1] == "#":  # a comment first: a hint, a tag
             skipped = _COMMENTS.match(body)
             if skipped is None or "%" in skipped.group():
                 return _flush_named(sql, tables)  # a placeholder in it: params not read
@@ -267,11 +287,19 @@ def _classify(
     verb = m.group(1).lower()
     also = _of_table(_deleting, name, schema) if verb.startswith("delete") else []
     roles = _of_table(tables, name, schema)
-    if roles and ("--" in sql or "/*" in sql):
+    if not roles:
+        # Not a cached table; unless another word was read as the table (a comment in the
+        # way, `ONLY (t)`, a form we do not know), which then drops what the statement names.
+        if _names_cached(sql, tables) and (
+            "--" in sql or "/*" in sql or "#" in sql or not _continues(verb, sql[m.end() :])
+        ):
+            return _flush_named(sql, tables) + _flushed(also)
+        return _flushed(also)
+    if "--" in sql or "/*" in sql or "#" in sql:
         # A comment inside the statement (`ON /* x */ CONFLICT`, `OR -- ...`) hides words
         # the reading below looks for: drop every model it names.
-        return _flush_named(sql, tables) + [Effect(label, FLUSH) for label in also]
-    return [Effect(label, FLUSH) for label in also] + _classify_roles(
+        return _flush_named(sql, tables) + _flushed(also)
+    return _flushed(also) + _classify_roles(
         sql, params, many, verb, roles, _alone(verb, sql[m.end() :])
     )
 
@@ -282,6 +310,43 @@ _ALIAS = r"\s*(?:(?:as\s+)?" + _IDENT + r"\s+)??"
 _UPDATE_ALONE = re.compile(_ALIAS + r"set\b", re.IGNORECASE)
 _FROM = re.compile(r"\bfrom\b", re.IGNORECASE)
 _DELETE_ALONE = re.compile(_ALIAS + r"(?:where\b|returning\b|$)", re.IGNORECASE)
+
+
+def _flushed(labels: list[str]) -> list[Effect]:
+    return [Effect(label, FLUSH) for label in labels]
+
+
+_cached_names: tuple[dict[str, list[TableRole]], re.Pattern[str]] | None = None
+
+
+def _names_cached(sql: str, tables: dict[str, list[TableRole]]) -> bool:
+    """Whether a cached table's name appears anywhere in sql (a quick test: _flush_named
+    then reads which)."""
+    global _cached_names
+    if _cached_names is None or _cached_names[0] is not tables:
+        names = sorted({n.split('"."')[-1].split(".")[-1] for n in tables}, key=len)
+        alternatives = "|".join(re.escape(n) for n in reversed(names)) or "(?!)"
+        _cached_names = (tables, re.compile(alternatives, re.IGNORECASE))
+    return _cached_names[1].search(sql) is not None
+
+
+# What follows an INSERT's target: its columns, its rows, or MySQL's SET form.
+_INSERT_NEXT = re.compile(
+    r"\s*(?:\(|values\b|select\b|default\b|set\b|with\b|partition\b|as\b|on\b|$)",
+    re.IGNORECASE,
+)
+_UPDATE_NEXT = re.compile(_ALIAS + r"(?:set\b|inner\b|left\b|join\b|,)", re.IGNORECASE)
+_DELETE_NEXT = re.compile(_ALIAS + r"(?:where\b|using\b|returning\b|$)", re.IGNORECASE)
+
+
+def _continues(verb: str, rest: str) -> bool:
+    """Whether what follows the target _HEAD read is what follows a table's name in that
+    statement: then the name was the table's."""
+    if verb.startswith("update"):
+        return _UPDATE_NEXT.match(rest) is not None
+    if verb.startswith("delete"):
+        return _DELETE_NEXT.match(rest.rstrip().rstrip(";")) is not None
+    return _INSERT_NEXT.match(rest) is not None
 
 
 def _alone(verb: str, rest: str) -> bool:
@@ -327,7 +392,9 @@ def _classify_roles(
         upsert = _UPSERT.search(sql) is not None or _REPLACING.search(verb) is not None
         kind = FLUSH if upsert else INSERT
         return [Effect(r.label, kind) for r in roles]
-    if verb.startswith("replace"):
+    if verb.startswith("replace") or _REPLACING.search(verb) is not None:
+        # REPLACE INTO, and SQLite's UPDATE OR REPLACE, which deletes the rows its new
+        # values conflict with
         return [Effect(r.label, FLUSH) for r in roles]
     out = []
     for role in roles:
@@ -376,7 +443,7 @@ def _pk_bound(sql: str, params: Any, many: bool, role: TableRole) -> list[Any] |
     for m in _TOKENS.finditer(low):
         word = m[0]
         first = word[0]
-        if first in "'\"`":
+        if first in "'\"`[":
             continue
         if first == ")":
             depth -= 1
@@ -393,16 +460,17 @@ def _pk_bound(sql: str, params: Any, many: bool, role: TableRole) -> list[Any] |
         return None
     start, end = tokens[where][2], len(sql)
     clause = tokens[where + 1 :]
+    # OR (||, XOR) or a CASE may widen what a conjunct bounds; NOT cannot, as a bound's
+    # conjunct is all of `pk = %s` (NOT around a group puts it below the top level).
+    # Looked for up to the end, past a RETURNING too (MySQL does not reserve the word).
+    if any(word in _WIDENS for word, *_ in clause):
+        return None
     for i, (word, s, _, d) in enumerate(clause):
         if word == "returning" and d == 0:  # refreshed fields: GeneratedField, db_default
             clause, end = clause[:i], s
             break
     while end > start and sql[end - 1] in " \t\r\n;":
         end -= 1
-    # OR (||, XOR) or a CASE may widen what a conjunct bounds; NOT cannot, as a bound's
-    # conjunct is all of `pk = %s` (NOT around a group puts it below the top level).
-    if any(word in _WIDENS for word, *_ in clause):
-        return None
     pattern = _pk_pattern(role.pk_column)
     for s, e in _conjuncts(sql, clause, start, end, 0):
         if pattern.fullmatch(sql, s, e) is not None:
@@ -414,8 +482,10 @@ def _pk_bound(sql: str, params: Any, many: bool, role: TableRole) -> list[Any] |
 # The first character is looked ahead for: most of a statement is skipped without trying
 # each alternative. Doubled quotes inside a literal or a name read as two of them.
 _TOKENS = re.compile(
-    r"""(?=['"`()|&wraoxcs])(?:'[^']*'|"[^"]*"|`[^`]*`|[()]|\|\||&&"""
-    r"|\b(?:where|returning|and|x?or|case|select)\b)"
+    r"""(?=['"`\[()|&wraoxcsb])(?:'[^']*'|"[^"]*"|`[^`]*`|\[[^\]]*\]|[()]|\|\||&&"""
+    # a keyword may touch a placeholder (`= %sOR TRUE` is valid once psycopg fills it in)
+    # or a number (`= 1OR TRUE`, before PostgreSQL 15)
+    r"|(?:(?<=%s)|(?<![a-z_$]))(?:where|returning|and|x?or|case|select|between)\b)"
 )
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _WIDENS = frozenset(("or", "xor", "case", "||", "&&"))
@@ -428,10 +498,18 @@ def _conjuncts(
     into a conjunct that is all one parenthesised group (Django wraps a WHERE of several
     conditions)."""
     spans, at = [], start
+    between = False  # the next AND at this depth closes a BETWEEN: not a conjunction
     for word, s, e, d in tokens:
-        if word == "and" and d == depth:
-            spans.append((at, s))
-            at = e
+        if d != depth:
+            continue
+        if word == "between":
+            between = True
+        elif word == "and":
+            if between:
+                between = False
+            else:
+                spans.append((at, s))
+                at = e
     spans.append((at, end))
     out = []
     for s, e in spans:
@@ -459,9 +537,10 @@ def _pk_pattern(column: str) -> re.Pattern[str]:
     return re.compile(
         r"\s*(?:"
         + _IDENT
-        + r'\s*\.\s*){0,2}(?:"'
+        # A quoted name in its own case (PostgreSQL's "ID" is another column than "id").
+        + r'\s*\.\s*){0,2}(?:(?-i:"'
         + col
-        + r'"|`'
+        + r'")|`'
         + col
         + r"`|\["
         + col

@@ -117,7 +117,7 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
         # An L1 hit stays on the event loop (no I/O, no thread hop) only while no
         # transaction of this process holds writes: the caller's transaction lives on the
         # thread sync_to_async hops to, where reads.get() checks it.
-        if open_writes() == 0 and lk.unique and keyable_values(values):
+        if open_writes() == 0 and lk.unique and lk.keyed and keyable_values(values):
             scope, mode, picked = mc.read_scope(self)
             db = picked or self.db
             if scope is not None and db not in snapshot_aliases():

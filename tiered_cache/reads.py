@@ -187,7 +187,7 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
             # SQL's NULL equals no other: get(field=None) matches every row with NULL
             # there, so no lookup is unique by it (a nullable unique field may hold many).
             why = "a value is None, and NULL makes no lookup unique"
-        elif not keyable_values(values):
+        elif not lk.keyed or not keyable_values(values):
             why = "a value of a type the tiers do not key (a JSON value, an expression)"
     if why is not None:
         mc.counters.bypassed += 1

@@ -102,6 +102,10 @@ class Lookup:
     # _PASS_THROUGH): reads.hit() takes such values without a call. None when a field has
     # no such type, or the lookup is not unique.
     plain_types: tuple[type, ...] | None = None
+    # False when a field holds JSON: its values keep their own type (true and 1 are other
+    # jsonb values, equal in an L1 key) and compare by jsonb's rules, which keys do not
+    # follow. Such a read goes to the database.
+    keyed: bool = True
 
     def normalize(
         self, kwargs: dict[str, Any], aliases: dict[str, str], named: dict[str, Any]
@@ -277,6 +281,7 @@ class ModelCache:
                 model=model,
                 unique=unique,
                 plain_types=_plain_types(fields) if unique else None,
+                keyed=not any(isinstance(_target(f), models.JSONField) for f in fields),
             )
             alias_sets = []
             for n, f in zip(names, fields, strict=False):

@@ -200,9 +200,12 @@ def batch_of(alias: str, effects: Iterable[Effect]) -> Batch:
 
 
 def sql_text(sql: Any, conn: Any) -> str:
-    """The statement as text; psycopg's sql.Composed objects are rendered for reading."""
+    """The statement as text; psycopg's sql.Composed objects are rendered for reading, and
+    bytes decoded (their str() is "b'UPDATE ...'", which reads as no statement at all)."""
     if isinstance(sql, str):
         return sql
+    if isinstance(sql, (bytes, bytearray, memoryview)):
+        return bytes(sql).decode("utf-8", "replace")
     try:
         return str(sql.as_string(conn.connection))
     except Exception:
