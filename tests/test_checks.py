@@ -267,3 +267,24 @@ def test_e015_gil_switch_interval_out_of_range(settings: Any, interval: Any) -> 
 def test_gil_switch_interval_none_or_in_range_pass(settings: Any, interval: Any) -> None:
     settings.TIERED_CACHE = {"GIL_SWITCH_INTERVAL": interval}
     assert check_settings() == []
+
+
+@isolate_apps("tests.testapp")
+def test_e017_a_managers_timeouts_are_positive() -> None:
+    """A timeout under a millisecond made every fill `SET ... PX 0`, an error reply that
+    counts towards the breaker."""
+
+    class Timed(models.Model):
+        zero = CachedManager(timeout=0)
+        negative = CachedManager(negative_timeout=-1)
+        text = CachedManager(l1_timeout="60")
+        fine = CachedManager(timeout=0.5, l1_timeout=1, negative_timeout=None)
+
+        class Meta:
+            app_label = "testapp"
+
+    for name in ("zero", "negative", "text"):
+        msgs = check_manager(getattr(Timed, name))
+        assert ids(msgs) == ["tiered_cache.E017"], name
+        assert "positive number of seconds" in msgs[0].msg
+    assert check_manager(Timed.fine) == []

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
+import enum
 import threading
 import time
+import zoneinfo
+from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.db import transaction
 
 import tiered_cache
 from tests.cache_fixtures import write_outside_django
@@ -18,7 +25,7 @@ from tests.testapp.factories import (
     ProviderModelFactory,
     UserFactory,
 )
-from tests.testapp.models import Flow, GlobalModel, ProviderModel, User
+from tests.testapp.models import Flow, GlobalModel, Label, ProviderModel, Tenant, User
 from tiered_cache import UncacheableArguments, cached
 from tiered_cache.keys import fn_tag
 from tiered_cache.tiers import redis_tier
@@ -225,3 +232,146 @@ def test_a_write_in_a_process_that_never_imported_the_function_drops_its_results
     assert wait_for(lambda: step_of(flow.pk) == 2, 2)
     tiered_cache.clear_local()
     assert step_of(flow.pk) == 2
+
+
+# -- what a review found (each failed before) -----------------------------------------------
+
+
+@cached(depends_on=[Label])
+def label_pk(name: str) -> int:
+    calls.append(name)
+    return Label.objects.get_or_create(name=name)[0].pk
+
+
+def test_a_function_that_writes_its_dependency_in_a_rolled_back_block_stores_nothing() -> None:
+    """Its write is the caller's transaction's: the result holds an uncommitted row, which
+    must reach no tier (guarantee 3)."""
+    with pytest.raises(RuntimeError), transaction.atomic():
+        label_pk("ghost")
+        raise RuntimeError
+    tiered_cache.clear_local()
+    pk = label_pk("ghost")
+    assert Label.objects.filter(pk=pk).exists()
+    assert calls == ["ghost", "ghost"]
+
+
+def test_a_closure_or_lambda_made_twice_needs_a_name_of_its_own() -> None:
+    def make(factor: int, name: str | None = None) -> Any:
+        @cached(depends_on=[User], name=name)
+        def scaled(x: int) -> int:
+            return x * factor
+
+        return scaled
+
+    double = make(2)
+    try:
+        with pytest.raises(ImproperlyConfigured, match="defined twice"):
+            make(3)
+        triple = make(3, name="triple")
+        try:
+            assert (double(5), triple(5)) == (10, 15)
+        finally:
+            triple.unregister()
+    finally:
+        double.unregister()
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_a_write_on_another_database_drops_results() -> None:
+    @cached(depends_on=[Tenant])
+    def tenant_names(using: str) -> list[str]:
+        return sorted(Tenant.objects.using(using).values_list("name", flat=True))
+
+    try:
+        Tenant.objects.using("other").create(name="o1")
+        assert tenant_names("other") == ["o1"]
+        Tenant.objects.using("other").create(name="o2")
+        assert tenant_names("other") == ["o1", "o2"]
+        tiered_cache.clear_local()
+        assert tenant_names("other") == ["o1", "o2"]
+    finally:
+        tenant_names.unregister()
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_arguments_that_differ_only_in_what_a_key_left_out_get_their_own_results() -> None:
+    """An instance's database, a decimal's exponent, an enum's module, a datetime's zone: the
+    function sees each apart, so its results must be kept apart."""
+    Tenant.objects.create(pk=1, name="default-row")
+    Tenant.objects.using("other").create(pk=1, name="other-row")
+    first = enum.Enum("Status", {"OPEN": "open"}, module="app_one")
+    second = enum.Enum("Status", {"OPEN": "open"}, module="app_two")
+    paris = datetime.datetime(2026, 1, 1, 12, tzinfo=zoneinfo.ZoneInfo("Europe/Paris"))
+    fixed = datetime.datetime(2026, 1, 1, 12, tzinfo=datetime.timezone(timedelta(hours=1)))
+
+    @cached(depends_on=[Tenant])
+    def describe(value: Any) -> str:
+        if isinstance(value, Tenant):
+            return value.name
+        if isinstance(value, enum.Enum):
+            return type(value).__module__
+        if isinstance(value, datetime.datetime):
+            return str(value.tzname())
+        if isinstance(value, int):  # too long for str() (4,300 digits at most)
+            return str(value % 10)
+        return str(value)
+
+    try:
+        pairs = [
+            (Tenant.objects.get(pk=1), Tenant.objects.using("other").get(pk=1)),
+            (Decimal("1"), Decimal("1.00")),
+            (first.OPEN, second.OPEN),
+            (paris, fixed),
+            (10**5000, 10**5000 + 1),
+        ]
+        for a, b in pairs:
+            for value in (a, b, a, b):
+                assert describe(value) == describe.fn(value), value
+    finally:
+        describe.unregister()
+
+
+def test_a_timeout_of_zero_keeps_nothing_and_costs_redis_nothing(monkeypatch: Any) -> None:
+    """It was sent as `SET ... PX 0`, an error Redis answers, which counted towards the
+    breaker: a few threads calling it opened the breaker for every read of the process."""
+    from tiered_cache.breaker import breaker
+
+    failures: list[Any] = []
+    counted = breaker.failure
+    monkeypatch.setattr(breaker, "failure", lambda *a: failures.append(a) or counted(*a))
+
+    @cached(depends_on=[User], negative_timeout=0)
+    def nobody(domain: str) -> None:
+        calls.append(domain)
+        return None
+
+    try:
+        for _ in range(10):
+            assert nobody("z.test") is None
+        assert calls == ["z.test"] * 10
+        assert failures == []
+    finally:
+        nobody.unregister()
+
+
+def test_a_result_that_cannot_be_stored_is_returned(caplog: Any) -> None:
+    @cached(depends_on=[User])
+    def numbers(n: int) -> Any:
+        return (i for i in range(n))
+
+    try:
+        assert list(numbers(3)) == [0, 1, 2]
+        assert "cannot be stored" in caplog.text
+    finally:
+        numbers.unregister()
+
+
+class Greeter:
+    @cached(depends_on=[User])
+    def greet(self, name: str) -> str:  # a model instance's method is keyed by its row
+        return f"hello {name}"
+
+
+def test_a_method_is_bound_as_a_functions_would_be() -> None:
+    with pytest.raises(UncacheableArguments, match="argument 'self'"):
+        Greeter().greet("ann")  # an instance with no key: said clearly, not a missing arg

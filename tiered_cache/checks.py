@@ -288,6 +288,20 @@ def check_manager(mgr: Any) -> list[CheckMessage]:
                 id="tiered_cache.E008",
             )
         ]
+    for attr in ("cache_timeout", "cache_l1_timeout", "cache_negative_timeout"):
+        value = getattr(mgr, attr, None)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+        ):
+            errors.append(
+                Error(
+                    f"{label}.{mgr.name}: {attr.removeprefix('cache_')}={value!r} must be a "
+                    "positive number of seconds, or None for the setting's.",
+                    hint="Redis refuses an entry that expires in 0 ms: every fill would fail.",
+                    obj=model,
+                    id="tiered_cache.E017",
+                )
+            )
     reason = uncacheable_reason(mgr)
     if reason is not None:
         errors.append(

@@ -9,7 +9,9 @@ import enum
 import functools
 import hashlib
 import inspect
+import logging
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -17,13 +19,13 @@ from typing import Any, NamedTuple
 from asgiref.sync import markcoroutinefunction, sync_to_async
 from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DEFAULT_DB_ALIAS, models, router
+from django.db import DEFAULT_DB_ALIAS, connections, models, router
 
 from . import recording
 from .bus import bus
 from .conf import conf
 from .exceptions import UncacheableArguments
-from .groups import group_of
+from .groups import database_of, group_of
 from .invalidation import Batch, local_hooks
 from .keys import (
     DerivedHeader,
@@ -48,6 +50,8 @@ _API = "cached function"
 
 # group id -> labels of the cached functions (known to this process) that depend on it
 _dependents: dict[str, set[str]] = {}
+logger = logging.getLogger("tiered_cache")
+
 _functions: dict[str, CachedFunction] = {}
 
 
@@ -92,15 +96,29 @@ local_hooks.append(_on_groups_written)
 def _stable(value: Any, where: str) -> str:
     """A text form that is equal exactly when the arguments are equal, or TypeError."""
     if isinstance(value, enum.Enum):
-        return "E" + type(value).__qualname__ + ":" + _stable(value.value, where)
+        # The class's module too: two apps' `Status` share a qualname, not their members.
+        cls = type(value)
+        parts = [cls.__module__, cls.__qualname__, value.name, _stable(value.value, where)]
+        return "E" + encode_values(parts)
     if type(value) in _PLAIN:
         if type(value) in (datetime.time, datetime.timedelta):
             return "r" + type(value).__qualname__ + ":" + repr(value)
+        if type(value) is decimal.Decimal:
+            # As written: the function sees Decimal("1.00") and Decimal("1") apart (a
+            # lookup's decimals are keyed by value, as the database compares them).
+            return "d=" + str(value)
+        if type(value) is datetime.datetime and value.tzinfo is not None:
+            # Its zone too: Europe/Paris and a fixed +01:00 print one isoformat() and
+            # answer tzname(), DST and arithmetic apart.
+            return "T" + encode_values([value.isoformat(), _zone(value)])
         return encode_value(value)
     if isinstance(value, models.Model):
         if value.pk is None:
             raise UncacheableArguments(f"{where}: an unsaved {type(value).__name__} has no key")
-        return "M" + value._meta.label_lower + ":" + encode_value(value.pk)
+        # The database it was read from too: the same pk is another row in another one.
+        return "M" + encode_values(
+            [value._meta.label_lower, value._state.db or "", encode_value(value.pk)]
+        )
     if isinstance(value, (tuple, list)):
         tag = "T" if isinstance(value, tuple) else "L"
         return tag + encode_values([_stable(v, where) for v in value])
@@ -116,6 +134,16 @@ def _stable(value: Any, where: str) -> str:
     )
 
 
+def _zone(value: datetime.datetime) -> str:
+    """A text that tells an aware datetime's zone apart from other zones: its repr, unless
+    that is an object's address (a tzinfo class of its own without a repr)."""
+    text = repr(value.tzinfo)
+    if " at 0x" in text:
+        tz = type(value.tzinfo)
+        text = f"{tz.__module__}.{tz.__qualname__}:{value.tzname()}:{value.utcoffset()}"
+    return text
+
+
 class CachedFunction:
     """The wrapper @cached returns. Call it like the function; `.invalidate(*args)` drops
     one result everywhere; `.acall(*args)` awaits a sync function's result."""
@@ -127,10 +155,12 @@ class CachedFunction:
         timeout: float | None,
         negative_timeout: float | None,
         l1_timeout: float | None,
+        name: str | None = None,
     ):
         functools.update_wrapper(self, fn)
         self.fn = fn
-        self.qualname = f"{fn.__module__}.{fn.__qualname__}"
+        # Its name is its identity in every process (its key prefix, its L1 label).
+        self.qualname = f"{fn.__module__}.{name or fn.__qualname__}"
         self.label = "fn:" + self.qualname
         self.is_async = inspect.iscoroutinefunction(fn)
         if self.is_async:  # so async_to_sync() and Django's view machinery see a coroutine
@@ -148,6 +178,15 @@ class CachedFunction:
         self._negative_timeout = negative_timeout
         self._l1_timeout = l1_timeout
         self._prefix: str | None = None
+        known = _functions.get(self.label)
+        if known is not None and name is None and _made_at_run_time(fn):
+            # Two closures of one factory, two lambdas of one scope: their results would
+            # share entries, here and in every process.
+            raise ImproperlyConfigured(
+                f"@cached: {self.qualname} is defined twice (a closure or a lambda made "
+                "again); its results would share one cache. Give each a name of its own "
+                '(@cached(depends_on=[...], name="...")), or define it once.'
+            )
         _functions[self.label] = self
 
     # -- keys ----------------------------------------------------------------------
@@ -171,10 +210,15 @@ class CachedFunction:
                 )
             groups = []
             for model in self.dep_models():
-                alias = router.db_for_write(model) if router.routers else DEFAULT_DB_ALIAS
-                g = group_of(model, alias)
-                _dependents.setdefault(g.id, set()).add(self.label)
-                groups.append(g)
+                # Every database's: a write on any of them changes what the function may
+                # read there (`using()` inside it). The write alias's first (invalidate()).
+                first = router.db_for_write(model) if router.routers else DEFAULT_DB_ALIAS
+                aliases = dict.fromkeys(database_of(a) for a in [first, *connections])
+                for alias in aliases:
+                    g = group_of(model, alias)
+                    _dependents.setdefault(g.id, set()).add(self.label)
+                    if g not in groups:
+                        groups.append(g)
             self._dep_groups = groups
         return groups
 
@@ -280,15 +324,23 @@ class CachedFunction:
         return False, None, _FillState(token, res)
 
     def _store(self, key: str, result: Any, state: _FillState | None) -> None:
-        if state is None:
+        if state is None or self._dirty():
+            # Dirty now: the function wrote a dependency in the caller's transaction,
+            # whose rows must not reach a tier (guarantee 3).
             return
-        body = dumps(result)
+        ttl = self._ttl(result)
+        if ttl <= 0:  # 0 keeps nothing, as Django's cache timeouts
+            return
+        try:
+            body = dumps(result)
+        except Exception as exc:  # a generator, a lock: returned, not kept
+            logger.warning("%s: its result %r cannot be stored: %s", self.qualname, result, exc)
+            return
         seen = state.seen
         if seen is not None:
-            ttl = self._ttl(result)
             header = derived_header(seen.gen, seen.counters, int(time.time() + ttl) + 1)
             call = derived_fill_call(
-                key, self._counters(), seen, sign(key, header, body), int(ttl * 1000)
+                key, self._counters(), seen, sign(key, header, body), max(1, int(ttl * 1000))
             )
             try:
                 ok = redis_tier.scripts([call])[0]
@@ -350,6 +402,13 @@ class CachedFunction:
                 return result
         return await sync_to_async(self._call)(args, kwargs)
 
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        """A method: bound as a function's would be, the instance its first argument (a
+        model instance is keyed by its row; any other raises UncacheableArguments)."""
+        if instance is None:
+            return self
+        return types.MethodType(self, instance)
+
     def unregister(self) -> None:
         """Forget this function (one defined inside a test): system checks and the
         invalidation of its dependencies no longer know it."""
@@ -368,20 +427,28 @@ class CachedFunction:
         queue(batch, groups[0].alias if groups else DEFAULT_DB_ALIAS)
 
 
+def _made_at_run_time(fn: Callable[..., Any]) -> bool:
+    """A closure or a lambda: made again each time its definition runs."""
+    return "<locals>" in fn.__qualname__ or "<lambda>" in fn.__qualname__
+
+
 def cached(
     depends_on: Iterable[type[models.Model] | str],
     timeout: float | None = None,
     negative_timeout: float | None = None,
     l1_timeout: float | None = None,
+    name: str | None = None,
 ) -> Callable[[Callable[..., Any]], CachedFunction]:
     """Cache a function of several models' rows:
 
         @cached(depends_on=[Provider, Model, GlobalModel], timeout=600)
         def resolve_global_model(name): ...
 
-    None results are kept for negative_timeout."""
+    None results are kept for negative_timeout; a timeout of 0 keeps nothing. A function
+    is known in every process by its module and qualified name: a closure or a lambda
+    made more than once needs a `name` of its own."""
 
     def wrap(fn: Callable[..., Any]) -> CachedFunction:
-        return CachedFunction(fn, depends_on, timeout, negative_timeout, l1_timeout)
+        return CachedFunction(fn, depends_on, timeout, negative_timeout, l1_timeout, name)
 
     return wrap

@@ -103,7 +103,10 @@ def encode_value(value: Any) -> str:
     # f-strings where `value` is Any: the result is a str whatever mypy knows of `value`.
     t = type(value)
     if t is int:
-        return "i" + str(value)
+        try:
+            return "i" + str(value)
+        except ValueError:  # more digits than str() converts (sys.set_int_max_str_digits)
+            return "I" + hex(value)
     if t is str:
         return f"s{value}"
     if value is None:

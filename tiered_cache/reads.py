@@ -151,7 +151,7 @@ class Fill:
             self.writes,
             self.kind,
             sign(self.key, header, body),
-            int(self.ttl * 1000),
+            max(1, int(self.ttl * 1000)),  # under 1 ms: PX 0 is an error reply
             version,
             int((conf.TIMEOUT + 60) * 1000),
             int((now + self.ttl) * 1000),
