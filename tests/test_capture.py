@@ -254,6 +254,12 @@ FLUSHED = (ACC, FLUSH, ())
             [FLUSHED],
         ),
         ('UPDATE "testapp_account" SET "balance" = %s WHERE "ID" = %s', [1, 5], [FLUSHED]),
+        # a PostgreSQL subscript holding a quote: brackets are not read as names
+        (
+            "UPDATE testapp_account SET balance = 1 WHERE data[']'] = '1' OR 'a' = 'a' AND id = %s",
+            [5],
+            [FLUSHED],
+        ),
         # reads and tables that are not cached
         ("SELECT 1", None, []),
         ('UPDATE "tiered_cache_pendinginvalidation" SET "flush" = %s', [True], []),

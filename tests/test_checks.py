@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 from django.db import models
 from django.test.utils import isolate_apps
 
-from tiered_cache import CachedManager
+from tiered_cache import CachedManager, CachedManagerMixin
 from tiered_cache.checks import check_lookups, check_manager, check_settings
 
 
@@ -278,13 +279,44 @@ def test_e017_a_managers_timeouts_are_positive() -> None:
         zero = CachedManager(timeout=0)
         negative = CachedManager(negative_timeout=-1)
         text = CachedManager(l1_timeout="60")
-        fine = CachedManager(timeout=0.5, l1_timeout=1, negative_timeout=None)
+        endless = CachedManager(timeout=float("inf"))
+        fine = CachedManager(timeout=0.5, l1_timeout=0, negative_timeout=None)
 
         class Meta:
             app_label = "testapp"
 
-    for name in ("zero", "negative", "text"):
+    for name in ("zero", "negative", "text", "endless"):
         msgs = check_manager(getattr(Timed, name))
         assert ids(msgs) == ["tiered_cache.E017"], name
-        assert "positive number of seconds" in msgs[0].msg
+        assert "finite number of seconds" in msgs[0].msg
     assert check_manager(Timed.fine) == []
+
+
+@isolate_apps("tests.testapp")
+def test_e005_lookups_given_as_a_string_name_the_mistake() -> None:
+    """`lookups="email"` was read as the lookups e, m, a, i, l: one error per letter."""
+    with pytest.raises(ImproperlyConfigured, match=r"did you mean lookups=\['code'\]"):
+        CachedManager(lookups="code")
+
+    class Mixed(CachedManagerMixin, models.Manager):  # type: ignore[type-arg]
+        cache_lookups = "code"
+
+    class Coded(models.Model):
+        code = models.CharField(max_length=10, unique=True)
+        objects = Mixed()
+
+        class Meta:
+            app_label = "testapp"
+
+    msgs = check_manager(Coded.objects)
+    assert ids(msgs) == ["tiered_cache.E005"]
+    assert "is a string" in msgs[0].msg and "['code']" in msgs[0].msg
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_e003_timeouts_are_finite(settings: Any, value: float) -> None:
+    """An infinite TIMEOUT passed the check, then every save() raised OverflowError."""
+    settings.TIERED_CACHE = {"TIMEOUT": value, "LEASE_TIMEOUT": value}
+    msgs = check_settings()
+    assert ids(msgs) == ["tiered_cache.E003", "tiered_cache.E003"]
+    assert "positive finite number" in msgs[0].msg

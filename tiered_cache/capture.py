@@ -290,9 +290,9 @@ def _classify(
     if not roles:
         # Not a cached table; unless another word was read as the table (a comment in the
         # way, `ONLY (t)`, a form we do not know), which then drops what the statement names.
-        if _names_cached(sql, tables) and (
+        if (
             "--" in sql or "/*" in sql or "#" in sql or not _continues(verb, sql[m.end() :])
-        ):
+        ) and _names_cached(sql, tables):
             return _flush_named(sql, tables) + _flushed(also)
         return _flushed(also)
     if "--" in sql or "/*" in sql or "#" in sql:
@@ -326,7 +326,8 @@ def _names_cached(sql: str, tables: dict[str, list[TableRole]]) -> bool:
     if _cached_names is None or _cached_names[0] is not tables:
         names = sorted({n.split('"."')[-1].split(".")[-1] for n in tables}, key=len)
         alternatives = "|".join(re.escape(n) for n in reversed(names)) or "(?!)"
-        _cached_names = (tables, re.compile(alternatives, re.IGNORECASE))
+        pattern = r"(?<![\w$])(?:" + alternatives + r")(?![\w$])"
+        _cached_names = (tables, re.compile(pattern, re.IGNORECASE))
     return _cached_names[1].search(sql) is not None
 
 
@@ -430,9 +431,10 @@ def _pk_bound(sql: str, params: Any, many: bool, role: TableRole) -> list[Any] |
     conjunction with `pk = %s` or `pk IN (%s, ...)` at its top level; None otherwise."""
     if many or not isinstance(params, (list, tuple)):
         return None
-    # Backslash escapes and dollar quotes are literals _TOKENS does not read (comments
-    # were refused before).
-    if _placeholders(sql) != len(params) or "\\" in sql or "$" in sql:
+    # Backslash escapes, dollar quotes and brackets (SQLite's [names], PostgreSQL's
+    # subscripts, either may hold a quote) are what _TOKENS does not read (comments were
+    # refused before).
+    if _placeholders(sql) != len(params) or "\\" in sql or "$" in sql or "[" in sql:
         return None
     # The words and parentheses that shape the WHERE clause, outside literals and quoted
     # names, with their depth in parentheses.
@@ -443,7 +445,7 @@ def _pk_bound(sql: str, params: Any, many: bool, role: TableRole) -> list[Any] |
     for m in _TOKENS.finditer(low):
         word = m[0]
         first = word[0]
-        if first in "'\"`[":
+        if first in "'\"`":
             continue
         if first == ")":
             depth -= 1
@@ -482,7 +484,7 @@ def _pk_bound(sql: str, params: Any, many: bool, role: TableRole) -> list[Any] |
 # The first character is looked ahead for: most of a statement is skipped without trying
 # each alternative. Doubled quotes inside a literal or a name read as two of them.
 _TOKENS = re.compile(
-    r"""(?=['"`\[()|&wraoxcsb])(?:'[^']*'|"[^"]*"|`[^`]*`|\[[^\]]*\]|[()]|\|\||&&"""
+    r"""(?=['"`()|&wraoxcsb])(?:'[^']*'|"[^"]*"|`[^`]*`|[()]|\|\||&&"""
     # a keyword may touch a placeholder (`= %sOR TRUE` is valid once psycopg fills it in)
     # or a number (`= 1OR TRUE`, before PostgreSQL 15)
     r"|(?:(?<=%s)|(?<![a-z_$]))(?:where|returning|and|x?or|case|select|between)\b)"

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlparse
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
-from django.core.exceptions import FieldDoesNotExist
+from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 from django.utils.module_loading import import_string
 from django_redis.client.sentinel import SentinelClient, replace_query
 from django_redis.pool import SentinelConnectionFactory
@@ -77,10 +77,14 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
         errors.extend(_pool_sharing(alias, caches))
     for name in _POSITIVE:
         value = raw.get(name, DEFAULTS[name])
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not 0 < float(value) < float("inf")  # NaN fails this too
+        ):
             errors.append(
                 Error(
-                    f"TIERED_CACHE[{name!r}] must be a positive number, not {value!r}.",
+                    f"TIERED_CACHE[{name!r}] must be a positive finite number, not {value!r}.",
                     id="tiered_cache.E003",
                 )
             )
@@ -288,16 +292,25 @@ def check_manager(mgr: Any) -> list[CheckMessage]:
                 id="tiered_cache.E008",
             )
         ]
-    for attr in ("cache_timeout", "cache_l1_timeout", "cache_negative_timeout"):
+    # L1's may be 0 (no L1 for it); the others reach Redis, which refuses an entry that
+    # expires in under a millisecond, and an infinite one.
+    for attr, least in (
+        ("cache_timeout", 0.001),
+        ("cache_l1_timeout", 0),
+        ("cache_negative_timeout", 0.001),
+    ):
         value = getattr(mgr, attr, None)
         if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not least <= value < 10**9
         ):
             errors.append(
                 Error(
                     f"{label}.{mgr.name}: {attr.removeprefix('cache_')}={value!r} must be a "
-                    "positive number of seconds, or None for the setting's.",
-                    hint="Redis refuses an entry that expires in 0 ms: every fill would fail.",
+                    f"finite number of seconds from {least} up, or None for the setting's.",
+                    hint="Redis refuses an entry that expires in under 1 ms or never: every "
+                    "fill would fail.",
                     obj=model,
                     id="tiered_cache.E017",
                 )
@@ -315,7 +328,11 @@ def check_manager(mgr: Any) -> list[CheckMessage]:
             )
         )
     uniques = unique_sets(model)
-    for spec in mgr.get_cache_lookups():
+    try:
+        specs = mgr.get_cache_lookups()
+    except ImproperlyConfigured as exc:
+        return [*errors, Error(f"{label}.{mgr.name}: {exc}", obj=model, id="tiered_cache.E005")]
+    for spec in specs:
         names = (spec,) if isinstance(spec, str) else tuple(spec)
         fields = []
         for name in names:

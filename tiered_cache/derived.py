@@ -11,7 +11,6 @@ import hashlib
 import inspect
 import logging
 import time
-import types
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -115,10 +114,10 @@ def _stable(value: Any, where: str) -> str:
     if isinstance(value, models.Model):
         if value.pk is None:
             raise UncacheableArguments(f"{where}: an unsaved {type(value).__name__} has no key")
-        # The database it was read from too: the same pk is another row in another one.
-        return "M" + encode_values(
-            [value._meta.label_lower, value._state.db or "", encode_value(value.pk)]
-        )
+        # Its database too: the same pk is another row in another one. The database, not
+        # the alias (a replica's alias reads the rows its primary's writes).
+        db = database_of(value._state.db or DEFAULT_DB_ALIAS)
+        return "M" + encode_values([value._meta.label_lower, db, encode_value(value.pk)])
     if isinstance(value, (tuple, list)):
         tag = "T" if isinstance(value, tuple) else "L"
         return tag + encode_values([_stable(v, where) for v in value])
@@ -179,7 +178,7 @@ class CachedFunction:
         self._l1_timeout = l1_timeout
         self._prefix: str | None = None
         known = _functions.get(self.label)
-        if known is not None and name is None and _made_at_run_time(fn):
+        if known is not None and name is None and not _same_function(known.fn, fn):
             # Two closures of one factory, two lambdas of one scope: their results would
             # share entries, here and in every process.
             raise ImproperlyConfigured(
@@ -402,13 +401,6 @@ class CachedFunction:
                 return result
         return await sync_to_async(self._call)(args, kwargs)
 
-    def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        """A method: bound as a function's would be, the instance its first argument (a
-        model instance is keyed by its row; any other raises UncacheableArguments)."""
-        if instance is None:
-            return self
-        return types.MethodType(self, instance)
-
     def unregister(self) -> None:
         """Forget this function (one defined inside a test): system checks and the
         invalidation of its dependencies no longer know it."""
@@ -427,9 +419,23 @@ class CachedFunction:
         queue(batch, groups[0].alias if groups else DEFAULT_DB_ALIAS)
 
 
-def _made_at_run_time(fn: Callable[..., Any]) -> bool:
-    """A closure or a lambda: made again each time its definition runs."""
-    return "<locals>" in fn.__qualname__ or "<lambda>" in fn.__qualname__
+def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    """Whether b, defined under a's name, computes what a does: the same code with the
+    same captured values (a module reloaded, a closure made again from the same values),
+    so that sharing results is right. Two lambdas of one module, or one factory's
+    closures over other values, are not."""
+    if "<locals>" not in b.__qualname__ and "<lambda>" not in b.__qualname__:
+        return True  # a module's function defined again (a reload): it replaces the old
+    if getattr(a, "__code__", None) != getattr(b, "__code__", None):
+        return False
+    cells_a, cells_b = getattr(a, "__closure__", None) or (), getattr(b, "__closure__", None) or ()
+    try:
+        return len(cells_a) == len(cells_b) and all(
+            x.cell_contents is y.cell_contents or x.cell_contents == y.cell_contents
+            for x, y in zip(cells_a, cells_b, strict=True)
+        )
+    except Exception:  # an empty cell, a comparison that raises
+        return False
 
 
 def cached(

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 from asgiref.sync import sync_to_async
+from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, models, router
 from django.db.models.query import QuerySet
 
@@ -169,6 +170,11 @@ class CachedManager(CachedManagerMixin[_M], models.Manager[_M]):
         negative_timeout: float | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(lookups, str):  # "email" would be read as the lookups e, m, a, i, l
+            raise ImproperlyConfigured(
+                f"CachedManager(lookups={lookups!r}): lookups is a list of field names or "
+                f"tuples of them; did you mean lookups=[{lookups!r}]?"
+            )
         self.cache_lookups = list(lookups)
         self.cache_timeout = timeout
         self.cache_l1_timeout = l1_timeout

@@ -78,6 +78,11 @@ class CachedManagerBase:
     cache_negative_timeout: float | None = None
 
     def get_cache_lookups(self) -> list[LookupSpec]:
+        if isinstance(self.cache_lookups, str):  # "email" would be read as e, m, a, i, l
+            raise ImproperlyConfigured(
+                f"cache_lookups = {self.cache_lookups!r} is a string; declare a list of field "
+                f"names or tuples of them, e.g. [{self.cache_lookups!r}]."
+            )
         return list(self.cache_lookups)
 
 
@@ -243,6 +248,11 @@ class ModelCache:
 
         uniques = unique_sets(model)
         declared: list[tuple[str, ...]] = [("pk",)]
+        if isinstance(lookups, str):  # a mixin's cache_lookups = "email"
+            raise ImproperlyConfigured(
+                f"{self.label}: cache lookups {lookups!r} is a string; declare a list of field "
+                f"names or tuples of them, e.g. [{lookups!r}]."
+            )
         for spec in lookups:
             names = (spec,) if isinstance(spec, str) else tuple(spec)
             if not names:
