@@ -89,9 +89,6 @@ _FIRST_WORD = re.compile(r"[\s(]*([A-Za-z]+)")
 # MySQL's `#` comments too (in PostgreSQL `#` is an operator, which a statement Django
 # writes never holds: a statement with one is read as commented, dropping more).
 _COMMENTS = re.compile(r"(?:\s+|--[^\n]*|#[^\n]*|/\*.*?\*/)+", re.DOTALL)
-# A cached table named anywhere in a statement: checked when the target _HEAD read is not
-# one (`UPDATE ONLY (t)`, `UPDATE OR IGNORE t`, a three-part name: another word read as
-# the table), before dropping what the statement names.
 
 
 # -- which tables belong to which groups ------------------------------------------------
@@ -287,17 +284,16 @@ def _classify(
     verb = m.group(1).lower()
     also = _of_table(_deleting, name, schema) if verb.startswith("delete") else []
     roles = _of_table(tables, name, schema)
+    # A comment inside the statement (`ON /* x */ CONFLICT`, `OR -- ...`, `ONLY/**/t`)
+    # hides words the reading below looks for.
+    commented = "--" in sql or "/*" in sql or "#" in sql
     if not roles:
         # Not a cached table; unless another word was read as the table (a comment in the
         # way, `ONLY (t)`, a form we do not know), which then drops what the statement names.
-        if (
-            "--" in sql or "/*" in sql or "#" in sql or not _continues(verb, sql[m.end() :])
-        ) and _names_cached(sql, tables):
+        if (commented or not _continues(verb, sql[m.end() :])) and _names_cached(sql, tables):
             return _flush_named(sql, tables) + _flushed(also)
         return _flushed(also)
-    if "--" in sql or "/*" in sql or "#" in sql:
-        # A comment inside the statement (`ON /* x */ CONFLICT`, `OR -- ...`) hides words
-        # the reading below looks for: drop every model it names.
+    if commented:  # drop every model it names
         return _flush_named(sql, tables) + _flushed(also)
     return _flushed(also) + _classify_roles(
         sql, params, many, verb, roles, _alone(verb, sql[m.end() :])
@@ -320,8 +316,9 @@ _cached_names: tuple[dict[str, list[TableRole]], re.Pattern[str]] | None = None
 
 
 def _names_cached(sql: str, tables: dict[str, list[TableRole]]) -> bool:
-    """Whether a cached table's name appears anywhere in sql (a quick test: _flush_named
-    then reads which)."""
+    """Whether a cached table's name appears anywhere in sql, as a whole name: checked when
+    the target _HEAD read is not one (`UPDATE ONLY (t)`, a three-part name), before
+    _flush_named reads which."""
     global _cached_names
     if _cached_names is None or _cached_names[0] is not tables:
         names = sorted({n.split('"."')[-1].split(".")[-1] for n in tables}, key=len)

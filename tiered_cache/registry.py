@@ -248,11 +248,6 @@ class ModelCache:
 
         uniques = unique_sets(model)
         declared: list[tuple[str, ...]] = [("pk",)]
-        if isinstance(lookups, str):  # a mixin's cache_lookups = "email"
-            raise ImproperlyConfigured(
-                f"{self.label}: cache lookups {lookups!r} is a string; declare a list of field "
-                f"names or tuples of them, e.g. [{lookups!r}]."
-            )
         for spec in lookups:
             names = (spec,) if isinstance(spec, str) else tuple(spec)
             if not names:
