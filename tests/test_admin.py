@@ -458,6 +458,32 @@ def test_mixin_on_an_uncached_model_fails_the_check() -> None:
     assert [e.id for e in errors] == ["tiered_cache.E100"]
     assert "testapp.PlainFlow has no cached manager" in errors[0].msg
 
+    # With the checks skipped, "Flush all" says so instead of a 500.
+    from django.contrib.messages.storage.cookie import CookieStorage
+    from django.test import RequestFactory
+
+    request = RequestFactory().post("/admin/testapp/plainflow/")
+    request._messages = CookieStorage(request)  # type: ignore[attr-defined]
+    Broken(PlainFlow, admin.site).flush_all_from_cache(request, PlainFlow.objects.none())
+    assert [str(m) for m in request._messages] == [  # type: ignore[attr-defined]
+        "testapp.PlainFlow is not cached (it has no CachedManager)"
+    ]
+
+
+def test_mixin_after_model_admin_is_refused_at_class_creation() -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    # After ModelAdmin, the mixin's check() would never run: a flush would fail instead.
+    with pytest.raises(ImproperlyConfigured, match=r"Late: put CacheAdminMixin before ModelAdmin"):
+
+        class Late(admin.ModelAdmin, CacheAdminMixin):
+            pass
+
+    with pytest.raises(ImproperlyConfigured, match="before ModelAdmin"):
+
+        class AfterASubclass(PlainFlowAdmin, CacheAdminMixin):
+            pass
+
 
 def test_mixin_keeps_an_admins_own_actions() -> None:
     class WithOwn(CacheAdminMixin, admin.ModelAdmin):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import models
 from django.test.utils import isolate_apps
+from django_redis.cache import RedisCache
 
 from tiered_cache import CachedManager, CachedManagerMixin
 from tiered_cache.checks import check_lookups, check_manager, check_settings
@@ -128,6 +130,51 @@ def test_e003_non_positive_numbers(settings: Any, name: str, value: Any) -> None
     assert name in msgs[0].msg
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "L1_MAX_ENTRIES",
+        "L1_MAX_BYTES",
+        "BREAKER_FAILURE_THRESHOLD",
+        "BREAKER_SUCCESS_THRESHOLD",
+        "BULK_INVALIDATION_LIMIT",
+        "OUTBOX_LIMIT",
+    ],
+)
+def test_e003_counts_are_whole_numbers(settings: Any, name: str) -> None:
+    """A count of 2.5 passed as a positive number; no entry, byte or failure is a fraction."""
+    settings.TIERED_CACHE = {name: 2.5}
+    msgs = check_settings()
+    assert ids(msgs) == ["tiered_cache.E003"]
+    assert f"TIERED_CACHE['{name}'] must be a positive whole number, not 2.5" in msgs[0].msg
+    settings.TIERED_CACHE = {name: 7}
+    assert check_settings() == []
+
+
+@pytest.mark.parametrize("alias", [["default"], None, 3])
+def test_e001_alias_not_a_name(settings: Any, alias: Any) -> None:
+    """A list crashed the check (unhashable) instead of naming the setting."""
+    settings.TIERED_CACHE = {"CACHE_ALIAS": alias}
+    msgs = check_settings()
+    assert ids(msgs) == ["tiered_cache.E001"]
+    assert f"must be the name of a CACHES entry, not {alias!r}" in msgs[0].msg
+
+
+class OwnRedisCache(RedisCache):
+    """A project's own cache class on django-redis's."""
+
+
+def test_e002_accepts_a_subclass_of_django_redis(settings: Any) -> None:
+    """A project's own subclass of django-redis's cache (for metrics, say) is django-redis."""
+    settings.CACHES = {
+        **settings.CACHES,
+        "own": {**settings.CACHES[settings.TIERED_CACHE.get("CACHE_ALIAS", "default")]},
+    }
+    settings.CACHES["own"]["BACKEND"] = "tests.test_checks.OwnRedisCache"
+    settings.TIERED_CACHE = {**settings.TIERED_CACHE, "CACHE_ALIAS": "own"}
+    assert "tiered_cache.E002" not in ids(check_settings())
+
+
 def test_e004_not_a_dict(settings: Any) -> None:
     settings.TIERED_CACHE = ["KEY_PREFIX"]
     assert ids(check_settings()) == ["tiered_cache.E004"]
@@ -240,6 +287,9 @@ def test_e007_lookup_on_a_reverse_relation() -> None:
             app_label = "testapp"
 
     assert ids(check_manager(Parent.objects)) == ["tiered_cache.E007"]
+    # A process that skipped the checks gets the same error, not an AttributeError.
+    with pytest.raises(ImproperlyConfigured, match="'child' must name a concrete field"):
+        Parent.objects.get_cached(child=1)
 
 
 @pytest.mark.parametrize("seconds", [-1, "5", True, 3601, None])
@@ -292,14 +342,29 @@ def test_e017_a_managers_timeouts_are_positive() -> None:
     assert check_manager(Timed.fine) == []
 
 
+@pytest.mark.parametrize(
+    ("lookups", "named"),
+    [
+        # "email" was read as the lookups e, m, a, i, l: one error per letter.
+        (
+            "code",
+            "lookups='code' is a string; declare a list of field names or tuples of them; "
+            "did you mean lookups=['code']?",
+        ),
+        ([1], "1 is not a field name or a tuple of field names"),
+        (["code", ()], "() is not a field name"),
+        ([("code", 2)], "('code', 2) is not a field name"),
+        (5, "lookups=5: declare a list of field names"),
+    ],
+)
 @isolate_apps("tests.testapp")
-def test_e005_lookups_given_as_a_string_name_the_mistake() -> None:
-    """`lookups="email"` was read as the lookups e, m, a, i, l: one error per letter."""
-    with pytest.raises(ImproperlyConfigured, match=r"did you mean lookups=\['code'\]"):
-        CachedManager(lookups="code")
+def test_e005_lookups_of_other_types_name_the_one(lookups: Any, named: str) -> None:
+    """lookups=[1] crashed the checks with a TypeError about tuple(); a string was split."""
+    with pytest.raises(ImproperlyConfigured, match=re.escape(named)):
+        CachedManager(lookups=lookups)
 
     class Mixed(CachedManagerMixin, models.Manager):  # type: ignore[type-arg]
-        cache_lookups = "code"
+        cache_lookups = lookups
 
     class Coded(models.Model):
         code = models.CharField(max_length=10, unique=True)
@@ -310,7 +375,7 @@ def test_e005_lookups_given_as_a_string_name_the_mistake() -> None:
 
     msgs = check_manager(Coded.objects)
     assert ids(msgs) == ["tiered_cache.E005"]
-    assert "is a string" in msgs[0].msg and "['code']" in msgs[0].msg
+    assert named.replace("lookups=", "cache_lookups=") in msgs[0].msg
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])

@@ -496,6 +496,19 @@ def test_lookup_words_from_one_string() -> None:
     assert inspection.parse_lookup(["email="]) == {"email": ""}
     with pytest.raises(inspection.CannotInspect, match="no lookup given"):
         inspection.parse_lookup("  ")
+    with pytest.raises(inspection.CannotInspect, match="malformed lookup .*No closing quotation"):
+        inspection.parse_lookup("session_id='a b")
+
+
+def test_a_binary_lookup_is_typed_as_hex() -> None:
+    from tests.testapp.models import Ledger
+
+    row = Ledger.objects.create(amount=1, digest=bytes.fromhex("00ff10"))
+    Ledger.objects.get_cached(digest=row.digest)
+    report = inspection.inspect_entry("testapp.Ledger", "digest=00ff10")
+    assert report.served and report.served_from == "L1" and report.l1.pk == row.pk
+    with pytest.raises(inspection.CannotInspect, match="digest is binary: give its value as hex"):
+        inspection.inspect_entry("testapp.Ledger", "digest=zz")
 
 
 # -- the dashboard's form ---------------------------------------------------------------

@@ -114,3 +114,52 @@ def test_an_instance_as_a_to_field_foreign_key_value_uses_that_field() -> None:
     lk, values = model_cache(Membership.objects).resolve({"tenant": tenant})
     assert values == ("acme",)  # the to_field's value, as .get(tenant=tenant) filters by
     assert lk.orm_kwargs(values) == {"tenant_id": "acme"}
+
+
+# -- wrong input ------------------------------------------------------------------------
+
+
+def test_invalidate_takes_a_row_of_its_model_or_a_pk() -> None:
+    from tests.cache_fixtures import write_outside_django
+    from tests.testapp.models import Place, ProxyAccount, Restaurant
+
+    account = AccountFactory(balance=1)
+    proxy = ProxyAccount.objects.get(pk=account.pk)
+    restaurant = Restaurant.objects.create(name="old")
+    for manager, obj, table in (
+        (Account.objects, proxy, "testapp_account"),
+        (ProxyAccount.objects, account, "testapp_account"),
+        (Place.objects, restaurant, "testapp_place"),
+        (Restaurant.objects, Place.objects.get(pk=restaurant.pk), "testapp_place"),
+    ):
+        manager.get_cached(pk=obj.pk)
+        column = "balance" if table == "testapp_account" else "name"
+        write_outside_django(f"UPDATE {table} SET {column} = %s WHERE id = %s", ["7", obj.pk])
+        manager.invalidate(obj)  # a proxy's or a parent's instance names the same row
+        assert str(getattr(manager.get_cached(pk=obj.pk), column)) == "7", manager
+
+    label = "testapp.Account"
+    wrong = [
+        (
+            TenantFactory(),
+            TypeError,
+            f"{label}: invalidate\\(\\) takes a {label} or its pk, not a testapp.Tenant instance",
+        ),
+        (Account(email="new@a.test"), ValueError, "unsaved instance"),
+        (None, TypeError, "not None"),
+        ("abc", ValueError, r"invalidate\('abc'\): not a pk: .*value must be an integer"),
+    ]
+    for given, error, message in wrong:
+        with pytest.raises(error, match=message):
+            Account.objects.invalidate(given)
+
+
+def test_an_unknown_database_is_the_orms_error() -> None:
+    from django.utils.connection import ConnectionDoesNotExist
+
+    for read in (
+        Account.objects.db_manager("nope").get,
+        Account.objects.db_manager("nope").get_cached,
+    ):
+        with pytest.raises(ConnectionDoesNotExist, match="The connection 'nope' doesn't exist"):
+            read(email="a@a.test")

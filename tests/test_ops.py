@@ -232,6 +232,22 @@ def test_resolve_models() -> None:
         registry.UnknownModel, match=r"cached models: .*testapp\.User, testapp\.Provider"
     ):
         registry.resolve_models(["testapp.PlainFlow"])
+    # A model class where a label belongs (task arguments are JSON): said, not a TypeError.
+    with pytest.raises(
+        registry.UnknownModel, match=r"is not a model label; .* e\.g\. 'demo\.User'"
+    ):
+        registry.resolve_models([User])  # type: ignore[list-item]
+    from tiered_cache import tasks
+
+    with pytest.raises(registry.UnknownModel, match="is not a model label"):
+        tasks.warmup(User)  # type: ignore[arg-type]
+
+
+def test_flush_of_a_model_without_a_cached_manager_names_it() -> None:
+    from tests.testapp.models import PlainFlow
+
+    with pytest.raises(registry.UnknownModel, match=r"testapp\.PlainFlow is not cached"):
+        maintenance.flush([PlainFlow])
 
 
 def test_flush_inside_atomic_waits_for_the_commit() -> None:

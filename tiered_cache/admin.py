@@ -14,7 +14,7 @@ from typing import Any
 from django.contrib import admin, messages
 from django.contrib.auth import get_permission_codename
 from django.core import checks
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import ImproperlyConfigured, PermissionDenied
 from django.db import models
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -63,6 +63,14 @@ class CacheAdminMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if admin.ModelAdmin in mro and mro.index(admin.ModelAdmin) < mro.index(CacheAdminMixin):
+            # ModelAdmin's check() would hide the mixin's (a model without a cached manager
+            # would pass the checks and fail at its first flush).
+            raise ImproperlyConfigured(
+                f"{cls.__qualname__}: put CacheAdminMixin before ModelAdmin in its bases, "
+                f"e.g. class {cls.__name__}(CacheAdminMixin, admin.ModelAdmin)."
+            )
         # The actions the admin would have without the mixin: its own, or inherited.
         for klass in cls.__mro__:
             if klass is not CacheAdminMixin and "actions" in klass.__dict__:
@@ -93,7 +101,11 @@ class CacheAdminMixin:
 
     @admin.action(permissions=["change"], description="Flush all %(verbose_name)s cache entries")
     def flush_all_from_cache(self, request: HttpRequest, queryset: Any) -> None:
-        (label,) = maintenance.flush([self.model])
+        try:
+            (label,) = maintenance.flush([self.model])
+        except UnknownModel as exc:  # no cached manager, and the check (E100) was skipped
+            self.message_user(request, str(exc), messages.ERROR)  # type: ignore[attr-defined]
+            return
         self.message_user(  # type: ignore[attr-defined]  # the ModelAdmin mixed into has it
             request,
             f"Flushed all {self.model._meta.verbose_name} cache entries ({label}, every "

@@ -10,6 +10,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
 from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 from django.utils.module_loading import import_string
+from django_redis.cache import RedisCache
 from django_redis.client.sentinel import SentinelClient, replace_query
 from django_redis.pool import SentinelConnectionFactory
 
@@ -19,23 +20,28 @@ from .registry import cached_managers, is_composite_pk, uncacheable_reason, uniq
 
 __all__ = ["check_lookups", "check_manager", "check_settings"]
 
-_POSITIVE = (
+# Counts and sizes: a fraction of an entry or a byte means nothing, and would pass every
+# comparison the code makes with it.
+_WHOLE = (
     "L1_MAX_ENTRIES",
     "L1_MAX_BYTES",
+    "BREAKER_FAILURE_THRESHOLD",
+    "BREAKER_SUCCESS_THRESHOLD",
+    "BULK_INVALIDATION_LIMIT",
+    "OUTBOX_LIMIT",
+)
+_POSITIVE = (
+    *_WHOLE,
     "L1_TIMEOUT",
     "TIMEOUT",
     "NEGATIVE_TIMEOUT",
     "SOCKET_TIMEOUT",
     "SOCKET_CONNECT_TIMEOUT",
-    "BREAKER_FAILURE_THRESHOLD",
     "BREAKER_RECOVERY_TIME",
-    "BREAKER_SUCCESS_THRESHOLD",
     "LEASE_TIMEOUT",
     "LEASE_WAIT",
     "BUS_HEARTBEAT",
     "BUS_TRUST_WINDOW",
-    "BULK_INVALIDATION_LIMIT",
-    "OUTBOX_LIMIT",
     "STATS_FLUSH_INTERVAL",
     "REPLICA_ACK_TIMEOUT",
 )
@@ -56,7 +62,15 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
         )
     alias = conf.CACHE_ALIAS
     caches = getattr(settings, "CACHES", {})
-    if alias not in caches:
+    if not isinstance(alias, str):
+        errors.append(
+            Error(
+                f"TIERED_CACHE['CACHE_ALIAS'] must be the name of a CACHES entry, not {alias!r}.",
+                hint="Name a django-redis cache from CACHES.",
+                id="tiered_cache.E001",
+            )
+        )
+    elif alias not in caches:
         errors.append(
             Error(
                 f"TIERED_CACHE['CACHE_ALIAS'] is {alias!r}, which is not in CACHES.",
@@ -64,7 +78,9 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                 id="tiered_cache.E001",
             )
         )
-    elif not str(caches[alias].get("BACKEND", "")).startswith("django_redis."):
+    elif not str(caches[alias].get("BACKEND", "")).startswith("django_redis.") and not _subclass(
+        caches[alias].get("BACKEND"), RedisCache
+    ):  # a project's own subclass of django-redis's cache is django-redis too
         errors.append(
             Error(
                 f"CACHES[{alias!r}] uses {caches[alias].get('BACKEND')!r}; tiered_cache needs "
@@ -85,6 +101,13 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
             errors.append(
                 Error(
                     f"TIERED_CACHE[{name!r}] must be a positive finite number, not {value!r}.",
+                    id="tiered_cache.E003",
+                )
+            )
+        elif name in _WHOLE and not isinstance(value, numbers.Integral):
+            errors.append(
+                Error(
+                    f"TIERED_CACHE[{name!r}] must be a positive whole number, not {value!r}.",
                     id="tiered_cache.E003",
                 )
             )

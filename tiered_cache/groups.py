@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import connections, models
+from django.utils.connection import ConnectionDoesNotExist
 
 from .keys import Group, group
 
@@ -80,7 +81,10 @@ def database_of(alias: str) -> str:
     are left out on purpose: merging two databases that only share a name costs extra
     drops of equal pks (keys still carry the alias read), never a missed one."""
     settings_dicts = connections.settings
-    ident = _ident(settings_dicts[alias])
+    try:
+        ident = _ident(settings_dicts[alias])
+    except KeyError:  # db_manager("typo"): the ORM's own error, not a bare KeyError
+        raise ConnectionDoesNotExist(f"The connection '{alias}' doesn't exist.") from None
     hit = _canonical.get(alias)
     if hit is not None and hit[0] == ident:
         return hit[1]

@@ -232,7 +232,10 @@ def parse_lookup(parts: Iterable[str] | str) -> dict[str, str]:
     """`field=value` words (a string is split as a shell would: quote values with
     spaces) as a dict; CannotInspect names a word that is not one, or a field given
     twice."""
-    words = shlex.split(parts) if isinstance(parts, str) else list(parts)
+    try:
+        words = shlex.split(parts) if isinstance(parts, str) else list(parts)
+    except ValueError as exc:  # an unclosed quote
+        raise CannotInspect(f"malformed lookup {parts!r}: {exc}") from None
     out: dict[str, str] = {}
     for word in words:
         name, eq, value = word.partition("=")
@@ -284,6 +287,21 @@ def _resolve(mc: ModelCache, lookup: Mapping[str, Any]) -> tuple[Any, tuple[Any,
     raise CannotInspect(f"{mc.label}: malformed value in {given}: {problem}") from None
 
 
+def _binary_from_hex(mc: ModelCache, lookup: Mapping[str, Any]) -> dict[str, Any]:
+    """Words typed for a binary field, as hex (the database would refuse the text)."""
+    out = dict(lookup)
+    for name, value in lookup.items():
+        f = mc.named.get(name)
+        if isinstance(f, models.BinaryField) and isinstance(value, str):
+            try:
+                out[name] = bytes.fromhex(value)
+            except ValueError:
+                raise CannotInspect(
+                    f"{mc.label}: {name} is binary: give its value as hex, e.g. {name}=00ff"
+                ) from None
+    return out
+
+
 # -- the inspection ------------------------------------------------------------------
 
 
@@ -299,11 +317,11 @@ def inspect_entry(
     Unavailable (Redis being away is part of the answer)."""
     if isinstance(model, str):
         (model,) = resolve_models([model])
-    if not isinstance(lookup, Mapping):
-        lookup = parse_lookup(lookup)
     mgr = _manager(model, manager, using)
     mc = model_cache(mgr)
-    lk, values = _resolve(mc, lookup)
+    # Typed words are text; a mapping holds the caller's own values, bytes included.
+    given = lookup if isinstance(lookup, Mapping) else _binary_from_hex(mc, parse_lookup(lookup))
+    lk, values = _resolve(mc, given)
     mgr, db, g, _, scope, _ = settle(mgr, mc, lk)
     # As reads.get() builds them: L1 by lookup, database, manager filter and values; L2
     # with the database and the filter in the key (reads._alias_part).

@@ -19,7 +19,14 @@ from django.db import models, router
 from . import reads
 from .invalidation import rows_batch
 from .keys import Group, clean_call, lock_key, ops_key, release_call
-from .registry import ModelCache, cached_managers, cached_models, model_cache, model_caches
+from .registry import (
+    ModelCache,
+    UnknownModel,
+    cached_managers,
+    cached_models,
+    model_cache,
+    model_caches,
+)
 from .reporting import HOT_TTL, process_name, process_ttl
 from .tiers.local import local_tier
 from .tiers.remote import Unavailable, fresh_token, redis_tier
@@ -70,7 +77,10 @@ def flush(selected: Sequence[type[models.Model]] | None = None) -> list[str]:
     Inside atomic() it happens when the outermost block commits, like any invalidation."""
     done = []
     for model in _models_or_all(selected):
-        cached_managers(model)[0].flush_cache()
+        managers = cached_managers(model)
+        if not managers:
+            raise UnknownModel(f"{model._meta.label} is not cached (it has no CachedManager)")
+        managers[0].flush_cache()
         done.append(model._meta.label)
     return done
 

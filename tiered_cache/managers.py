@@ -6,15 +6,15 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 from asgiref.sync import sync_to_async
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ValidationError
 from django.db import DEFAULT_DB_ALIAS, models, router
 from django.db.models.query import QuerySet
 
 from . import reads, recording
 from .groups import database_of, read_group
 from .invalidation import flush_batch, rows_batch
-from .keys import Group, keyable, keyable_values
-from .registry import CachedManagerBase, LookupSpec, model_cache
+from .keys import Group, keyable, keyable_values, pk_row_id
+from .registry import CachedManagerBase, LookupSpec, checked_lookups, model_cache
 from .transactions import open_writes, queue, snapshot_aliases
 
 _M = TypeVar("_M", bound=models.Model)
@@ -143,8 +143,35 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
     # -- invalidation ------------------------------------------------------------
     def invalidate(self, obj_or_pk: Any) -> None:
         """Drop every cached key of one row in every process (at commit inside atomic())."""
-        pk = obj_or_pk.pk if isinstance(obj_or_pk, models.Model) else obj_or_pk
-        queue(rows_batch(self.model, [pk], self._write_db()), self._write_db())
+        queue(rows_batch(self.model, [self._pk_of(obj_or_pk)], self._write_db()), self._write_db())
+
+    def _pk_of(self, obj_or_pk: Any) -> Any:
+        """The pk invalidate() was given, checked: dropping nothing for another model's
+        instance, an unsaved one or a malformed pk would hide the caller's mistake."""
+        label = self.model._meta.label
+        if isinstance(obj_or_pk, models.Model):
+            # A proxy's or a multi-table relative's instance names a row of the same pk.
+            theirs, ours = obj_or_pk._meta.concrete_model, self.model._meta.concrete_model
+            assert theirs is not None and ours is not None  # set on every non-abstract model
+            if not (issubclass(theirs, ours) or issubclass(ours, theirs)):
+                raise TypeError(
+                    f"{label}: invalidate() takes a {label} or its pk, not a "
+                    f"{obj_or_pk._meta.label} instance."
+                )
+            if obj_or_pk.pk is None:
+                raise ValueError(f"{label}: invalidate() was given an unsaved instance (no pk).")
+            return obj_or_pk.pk
+        if obj_or_pk is None:
+            raise TypeError(f"{label}: invalidate() takes a {label} or its pk, not None.")
+        try:
+            pk_row_id(self.model._meta.pk, obj_or_pk)
+        except ValidationError as exc:
+            raise ValueError(
+                f"{label}: invalidate({obj_or_pk!r}): not a pk: {' '.join(exc.messages)}"
+            ) from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{label}: invalidate({obj_or_pk!r}): not a pk: {exc}") from None
+        return obj_or_pk
 
     async def ainvalidate(self, obj_or_pk: Any) -> None:
         await sync_to_async(self.invalidate)(obj_or_pk)
@@ -170,12 +197,7 @@ class CachedManager(CachedManagerMixin[_M], models.Manager[_M]):
         negative_timeout: float | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(lookups, str):  # "email" would be read as the lookups e, m, a, i, l
-            raise ImproperlyConfigured(
-                f"CachedManager(lookups={lookups!r}): lookups is a list of field names or "
-                f"tuples of them; did you mean lookups=[{lookups!r}]?"
-            )
-        self.cache_lookups = list(lookups)
+        self.cache_lookups = checked_lookups(lookups, "lookups")
         self.cache_timeout = timeout
         self.cache_l1_timeout = l1_timeout
         self.cache_negative_timeout = negative_timeout

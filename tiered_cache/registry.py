@@ -52,6 +52,7 @@ __all__ = [
     "UnknownModel",
     "cached_managers",
     "cached_models",
+    "checked_lookups",
     "declared_lookups",
     "fetch_mode_of",
     "first_model_cache",
@@ -78,12 +79,36 @@ class CachedManagerBase:
     cache_negative_timeout: float | None = None
 
     def get_cache_lookups(self) -> list[LookupSpec]:
-        if isinstance(self.cache_lookups, str):  # "email" would be read as e, m, a, i, l
+        return checked_lookups(self.cache_lookups, "cache_lookups")
+
+
+def checked_lookups(value: Any, name: str) -> list[LookupSpec]:
+    """A manager's declared lookups, checked: a list of field names or of tuples of them.
+    Anything else is refused here, naming it, rather than failing later in a check or a
+    read with an error about something else."""
+    if isinstance(value, str):  # "email" would be read as the lookups e, m, a, i, l
+        raise ImproperlyConfigured(
+            f"{name}={value!r} is a string; declare a list of field names or tuples of them; "
+            f"did you mean {name}=[{value!r}]?"
+        )
+    try:
+        specs = list(value)
+    except TypeError:
+        raise ImproperlyConfigured(
+            f"{name}={value!r}: declare a list of field names or tuples of them, e.g. "
+            "['email', ('tenant', 'session_id')]."
+        ) from None
+    for spec in specs:
+        names = (spec,) if isinstance(spec, str) else spec
+        if (
+            not isinstance(names, (tuple, list))
+            or not names
+            or not all(isinstance(n, str) and n for n in names)
+        ):
             raise ImproperlyConfigured(
-                f"cache_lookups = {self.cache_lookups!r} is a string; declare a list of field "
-                f"names or tuples of them, e.g. [{self.cache_lookups!r}]."
+                f"{name}: {spec!r} is not a field name or a tuple of field names."
             )
-        return list(self.cache_lookups)
+    return specs
 
 
 class UnknownModel(ValueError):
@@ -339,12 +364,18 @@ class ModelCache:
         if name == "pk":
             return self.model._meta.pk
         try:
-            # A relation object or a generic foreign key is refused by check E007.
-            return self.model._meta.get_field(name)  # type: ignore[return-value]
+            f = self.model._meta.get_field(name)
         except FieldDoesNotExist:
             raise ImproperlyConfigured(
                 f"{self.label}: cache lookup names unknown field {name!r}"
             ) from None
+        # Check E007 says so at startup; this is for a process that skipped the checks.
+        if not f.concrete or f.many_to_many or f.one_to_many:
+            raise ImproperlyConfigured(
+                f"{self.label}: cache lookup {name!r} must name a concrete field, not a "
+                "reverse or many-to-many relation"
+            )
+        return f  # type: ignore[return-value]
 
     # -- timeouts, read live so override_settings applies ----------------------
     @property
@@ -698,6 +729,11 @@ def resolve_models(labels: Iterable[str]) -> list[type[models.Model]]:
     """Cached models for "app_label.ModelName" labels (model name case-insensitive)."""
     out: list[type[models.Model]] = []
     for label in labels:
+        if not isinstance(label, str):  # a model class: task arguments must be JSON
+            raise UnknownModel(
+                f"{label!r} is not a model label; name models as app_label.ModelName, "
+                "e.g. 'demo.User' (a model's is Model._meta.label)"
+            )
         try:
             model = apps.get_model(label)
         except ValueError:
