@@ -70,6 +70,8 @@ B = [("10.0.0.2", 26379)]
     [
         # One service URL, other sentinels: one alias would reach the other's master.
         (_sentinel_cache(B), True),
+        # The same through a project's own subclass of django-redis's cache.
+        ({**_sentinel_cache(B), "BACKEND": "tests.test_checks.OwnRedisCache"}, True),
         # The same sentinels however written: one pool, one server, as it should be.
         (_sentinel_cache([["10.0.0.3", "26379"], ["10.0.0.1", 26379]]), False),
         # Another service name, or another database: pools of their own.
@@ -147,8 +149,9 @@ def test_e003_counts_are_whole_numbers(settings: Any, name: str) -> None:
     msgs = check_settings()
     assert ids(msgs) == ["tiered_cache.E003"]
     assert f"TIERED_CACHE['{name}'] must be a positive whole number, not 2.5" in msgs[0].msg
-    settings.TIERED_CACHE = {name: 7}
-    assert check_settings() == []
+    for whole in (7, 1e4):  # a whole number written as a float is one
+        settings.TIERED_CACHE = {name: whole}
+        assert check_settings() == []
 
 
 @pytest.mark.parametrize("alias", [["default"], None, 3])

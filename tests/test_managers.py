@@ -163,3 +163,73 @@ def test_an_unknown_database_is_the_orms_error() -> None:
     ):
         with pytest.raises(ConnectionDoesNotExist, match="The connection 'nope' doesn't exist"):
             read(email="a@a.test")
+
+
+@isolate_apps("tests.testapp")
+def test_invalidate_of_a_relative_with_a_pk_of_its_own_drops_the_row_it_names() -> None:
+    """A child whose pk is its own (the parent link another field) holds its parent's row
+    under the parent's pk; a OneToOne primary key takes the related instance, as
+    filter(pk=instance) does."""
+    from django.db import connection
+
+    from tests.cache_fixtures import write_outside_django
+
+    class Person(models.Model):
+        name = models.CharField(max_length=20)
+        objects = CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    class Profile(models.Model):
+        person = models.OneToOneField(Person, on_delete=models.CASCADE, primary_key=True)
+        bio = models.CharField(max_length=20)
+        objects = CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    class Base(models.Model):
+        name = models.CharField(max_length=20)
+        objects = CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    class Sub(Base):
+        own = models.AutoField(primary_key=True)
+        base = models.OneToOneField(Base, on_delete=models.CASCADE, parent_link=True)
+        objects = CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    made = [Person, Profile, Base, Sub]
+    with connection.schema_editor() as editor:
+        for model in made:
+            editor.create_model(model)
+    try:
+        Base.objects.bulk_create([Base(name="other") for _ in range(3)])
+        sub = Sub.objects.create(name="old")
+        assert sub.own != sub.base_id  # the two pks differ
+        Base.objects.get_cached(pk=sub.base_id)
+        write_outside_django("UPDATE testapp_base SET name = 'new' WHERE id = %s", [sub.base_id])
+        Base.objects.invalidate(sub)
+        assert Base.objects.get_cached(pk=sub.base_id).name == "new"
+        with pytest.raises(TypeError, match="not a testapp.Base instance"):
+            Sub.objects.invalidate(Base.objects.get(pk=sub.base_id))  # its pk is not Sub's
+
+        person = Person.objects.create(name="p")
+        Profile.objects.create(person=person, bio="old")
+        Profile.objects.get_cached(pk=person.pk)
+        write_outside_django(
+            "UPDATE testapp_profile SET bio = 'new' WHERE person_id = %s", [person.pk]
+        )
+        Profile.objects.invalidate(person)
+        assert Profile.objects.get_cached(pk=person.pk).bio == "new"
+        with pytest.raises(TypeError, match="not a testapp.Sub instance"):
+            Profile.objects.invalidate(sub)
+    finally:
+        with connection.schema_editor() as editor:
+            for model in reversed(made):
+                editor.delete_model(model)

@@ -246,8 +246,11 @@ def test_resolve_models() -> None:
 def test_flush_of_a_model_without_a_cached_manager_names_it() -> None:
     from tests.testapp.models import PlainFlow
 
+    user = UserFactory()
+    read(User.objects, pk=user.pk)
     with pytest.raises(registry.UnknownModel, match=r"testapp\.PlainFlow is not cached"):
-        maintenance.flush([PlainFlow])
+        maintenance.flush([User, PlainFlow])
+    assert len(l2_keys(User)) == 1  # refused before any was flushed
 
 
 def test_flush_inside_atomic_waits_for_the_commit() -> None:

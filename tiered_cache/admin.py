@@ -67,9 +67,10 @@ class CacheAdminMixin:
         if admin.ModelAdmin in mro and mro.index(admin.ModelAdmin) < mro.index(CacheAdminMixin):
             # ModelAdmin's check() would hide the mixin's (a model without a cached manager
             # would pass the checks and fail at its first flush).
+            others = ", ".join(b.__name__ for b in cls.__bases__ if b is not CacheAdminMixin)
             raise ImproperlyConfigured(
                 f"{cls.__qualname__}: put CacheAdminMixin before ModelAdmin in its bases, "
-                f"e.g. class {cls.__name__}(CacheAdminMixin, admin.ModelAdmin)."
+                f"e.g. class {cls.__name__}(CacheAdminMixin, {others})."
             )
         # The actions the admin would have without the mixin: its own, or inherited.
         for klass in cls.__mro__:

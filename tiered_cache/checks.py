@@ -104,7 +104,9 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                     id="tiered_cache.E003",
                 )
             )
-        elif name in _WHOLE and not isinstance(value, numbers.Integral):
+        elif name in _WHOLE and not (
+            isinstance(value, numbers.Integral) or float(value).is_integer()
+        ):  # 1e4 is a whole number written as a float
             errors.append(
                 Error(
                     f"TIERED_CACHE[{name!r}] must be a positive whole number, not {value!r}.",
@@ -258,7 +260,10 @@ def _pool_sharing(alias: str, caches: dict[str, Any]) -> list[CheckMessage]:
     for other, entry in caches.items():
         if other == alias or not isinstance(entry, dict):
             continue
-        if not str(entry.get("BACKEND", "")).startswith("django_redis."):
+        backend = entry.get("BACKEND")
+        if not str(backend or "").startswith("django_redis.") and not _subclass(
+            backend, RedisCache
+        ):
             continue
         shared = sorted(urls & _pool_urls(entry))
         theirs = _sentinels(entry)

@@ -75,14 +75,13 @@ def _models_or_all(selected: Sequence[type[models.Model]] | None) -> list[type[m
 def flush(selected: Sequence[type[models.Model]] | None = None) -> list[str]:
     """Drop every entry of these models (all cached models when None) in every process.
     Inside atomic() it happens when the outermost block commits, like any invalidation."""
-    done = []
-    for model in _models_or_all(selected):
-        managers = cached_managers(model)
-        if not managers:
+    managers = [(model, cached_managers(model)) for model in _models_or_all(selected)]
+    for model, of_model in managers:  # all refused before any is flushed
+        if not of_model:
             raise UnknownModel(f"{model._meta.label} is not cached (it has no CachedManager)")
-        managers[0].flush_cache()
-        done.append(model._meta.label)
-    return done
+    for _, of_model in managers:
+        of_model[0].flush_cache()
+    return [model._meta.label for model, _ in managers]
 
 
 def invalidate_rows(model: type[models.Model], pks: Iterable[Any]) -> int:

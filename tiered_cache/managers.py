@@ -14,7 +14,7 @@ from . import reads, recording
 from .groups import database_of, read_group
 from .invalidation import flush_batch, rows_batch
 from .keys import Group, keyable, keyable_values, pk_row_id
-from .registry import CachedManagerBase, LookupSpec, checked_lookups, model_cache
+from .registry import CachedManagerBase, LookupSpec, checked_lookups, instance_value, model_cache
 from .transactions import open_writes, queue, snapshot_aliases
 
 _M = TypeVar("_M", bound=models.Model)
@@ -146,25 +146,38 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
         queue(rows_batch(self.model, [self._pk_of(obj_or_pk)], self._write_db()), self._write_db())
 
     def _pk_of(self, obj_or_pk: Any) -> Any:
-        """The pk invalidate() was given, checked: dropping nothing for another model's
-        instance, an unsaved one or a malformed pk would hide the caller's mistake."""
+        """The pk invalidate() was given, checked: dropping nothing, or another row, for
+        another model's instance, an unsaved one or a malformed pk would hide the caller's
+        mistake."""
         label = self.model._meta.label
+        pk_field = self.model._meta.pk
+        assert pk_field is not None  # every concrete model has one
         if isinstance(obj_or_pk, models.Model):
-            # A proxy's or a multi-table relative's instance names a row of the same pk.
-            theirs, ours = obj_or_pk._meta.concrete_model, self.model._meta.concrete_model
-            assert theirs is not None and ours is not None  # set on every non-abstract model
-            if not (issubclass(theirs, ours) or issubclass(ours, theirs)):
-                raise TypeError(
-                    f"{label}: invalidate() takes a {label} or its pk, not a "
-                    f"{obj_or_pk._meta.label} instance."
-                )
-            if obj_or_pk.pk is None:
+            ours = self.model._meta.concrete_model
+            assert ours is not None  # set on every non-abstract model
+            if isinstance(obj_or_pk, ours):
+                # Ours, a proxy's or a descendant's: its value of our pk (a child with a pk
+                # of its own still holds its parent's row under the parent's).
+                value = getattr(obj_or_pk, pk_field.attname)
+            else:
+                # A pk that is a relation (a parent link, a OneToOne to another model) takes
+                # what filter(pk=instance) would, with the ORM's check of the instance's model.
+                try:
+                    if not pk_field.is_relation:
+                        raise ValueError
+                    value = instance_value(pk_field, obj_or_pk)
+                except ValueError:
+                    raise TypeError(
+                        f"{label}: invalidate() takes a {label} or its pk, not a "
+                        f"{obj_or_pk._meta.label} instance."
+                    ) from None
+            if value is None:
                 raise ValueError(f"{label}: invalidate() was given an unsaved instance (no pk).")
-            return obj_or_pk.pk
+            return value
         if obj_or_pk is None:
             raise TypeError(f"{label}: invalidate() takes a {label} or its pk, not None.")
         try:
-            pk_row_id(self.model._meta.pk, obj_or_pk)
+            pk_row_id(pk_field, obj_or_pk)
         except ValidationError as exc:
             raise ValueError(
                 f"{label}: invalidate({obj_or_pk!r}): not a pk: {' '.join(exc.messages)}"

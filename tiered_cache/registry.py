@@ -56,6 +56,7 @@ __all__ = [
     "declared_lookups",
     "fetch_mode_of",
     "first_model_cache",
+    "instance_value",
     "is_composite_pk",
     "model_cache",
     "model_caches",
@@ -147,7 +148,7 @@ class Lookup:
         for name, prep in zip(self.names, self.preps, strict=False):
             keyword, value = by_name[name]
             if isinstance(value, models.Model):
-                value = _instance_value(named[keyword], value)
+                value = instance_value(named[keyword], value)
             out.append(prep(value))
         return tuple(out)
 
@@ -159,7 +160,7 @@ class Lookup:
         return dict(zip(self.orm_names, values, strict=False))
 
 
-def _instance_value(f: models.Field[Any, Any], value: models.Model) -> Any:
+def instance_value(f: models.Field[Any, Any], value: models.Model) -> Any:
     """A model instance given as the value of an exact lookup on f, as the ORM takes it,
     with its checks and errors: for a relation, the instance's value of the related field
     (an ancestor's or descendant's instance too, as Query.check_related_objects() allows);
@@ -400,7 +401,7 @@ class ModelCache:
             lk = self.single.get(name)
             if lk is not None:
                 if isinstance(value, models.Model):
-                    value = _instance_value(self.named[name], value)
+                    value = instance_value(self.named[name], value)
                 return lk, (lk.preps[0](value),)
         else:
             # Callers use the same keyword order every time: remember, per order, which
@@ -414,7 +415,7 @@ class ModelCache:
                 for i, prep in zip(order, lk.preps, strict=False):
                     value = given[i]
                     if isinstance(value, models.Model):
-                        value = _instance_value(self.named[names[i]], value)
+                        value = instance_value(self.named[names[i]], value)
                     out.append(prep(value))
                 return lk, tuple(out)
             lk = self.lookups.get(frozenset(kwargs))
