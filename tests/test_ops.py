@@ -176,6 +176,70 @@ def test_warmup_uses_the_managers_hook(monkeypatch: pytest.MonkeyPatch) -> None:
     assert maintenance.warmup(User, limit=0)["stored"] == 0
 
 
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_warmup_stores_the_hooks_rows_as_the_manager_reads_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hook only picks rows: one that reads another database, or past the manager's own
+    filter, must not put rows in the tiers that .get() on the manager does not give."""
+    from tests.testapp.factories import AccountFactory
+    from tests.testapp.models import Account
+
+    poor, rich = AccountFactory(balance=1), AccountFactory(balance=500)
+    monkeypatch.setattr(
+        Account.rich, "warmup_queryset", lambda: Account._base_manager.all(), raising=False
+    )
+    here = UserFactory(first_name="here")
+    User.objects.db_manager("other").create(pk=here.pk, username="x", email="x@o.test")
+    only_there = User.objects.db_manager("other").create(username="y", email="y@o.test")
+    monkeypatch.setattr(
+        User.objects,
+        "warmup_queryset",
+        lambda: User._base_manager.using("other").all(),
+        raising=False,
+    )
+    for limit in (None, 10):
+        for model in (Account, User):
+            maintenance.warmup(model, limit=limit)
+        tiered_cache.clear_local()  # served from what warmup stored in L2
+        for manager, pk in (
+            (Account.rich, poor.pk),
+            (Account.rich, rich.pk),
+            (User.objects, here.pk),
+            (User.objects, only_there.pk),
+        ):
+            try:
+                expected: Any = manager.get(pk=pk).__dict__.get("first_name", pk)
+            except manager.model.DoesNotExist:
+                expected = "DoesNotExist"
+            try:
+                got: Any = manager.get_cached(pk=pk).__dict__.get("first_name", pk)
+            except manager.model.DoesNotExist:
+                got = "DoesNotExist"
+            assert got == expected, (manager.name, pk, limit)
+        assert User.objects.get_cached(pk=here.pk).first_name == "here"
+
+
+def test_warmup_hook_returning_something_else_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.testapp.models import Tenant
+
+    for wrong, named in (
+        (lambda: list(User.objects.all()), "not list"),
+        (lambda: Tenant.objects.all(), "not .*QuerySet of testapp.Tenant"),
+    ):
+        monkeypatch.setattr(User.objects, "warmup_queryset", wrong, raising=False)
+        with pytest.raises(
+            TypeError,
+            match=f"objects.warmup_queryset\\(\\) must return a QuerySet of testapp.User, {named}",
+        ):
+            maintenance.warmup(User)
+
+
+def test_a_warmup_limit_past_any_table_means_all() -> None:
+    users = UserFactory.create_batch(2)
+    assert maintenance.warmup(User, limit=10**30)["stored"] == len(users)
+
+
 def test_warmup_set_is_hot_rows_then_recent_ones() -> None:
     forget_hot_rows()
     a, b, c, d = UserFactory.create_batch(4)

@@ -184,6 +184,54 @@ def test_related_manager_get_cached_applies_the_relation_filter(tier: str) -> No
     )
 
 
+@isolate_apps("tests.testapp")
+def test_related_manager_by_a_lookup_that_finds_other_instances_rows() -> None:
+    """A lookup unique only with the relation (a code per club: warning W001), or unique
+    but given NULL, finds other clubs' rows through the model's manager: the relation's own
+    filter must pick this club's, as .get() on the related manager does."""
+
+    class Club(models.Model):
+        objects = tiered_cache.CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    class Seat(models.Model):
+        club = models.ForeignKey(Club, on_delete=models.CASCADE, related_name="seats")
+        code = models.CharField(max_length=20)
+        badge = models.CharField(max_length=20, null=True, unique=True)  # noqa: DJ001
+        objects = tiered_cache.CachedManager(lookups=["code", "badge"])
+
+        class Meta:
+            app_label = "testapp"
+            constraints = [models.UniqueConstraint(fields=["club", "code"], name="seat_code")]
+
+    with connection.schema_editor() as editor:
+        editor.create_model(Club)
+        editor.create_model(Seat)
+    try:
+        one, two, empty = Club.objects.create(), Club.objects.create(), Club.objects.create()
+        Seat.objects.create(club=one, code="x")
+        Seat.objects.create(club=two, code="x")
+        Seat.objects.create(club=one, code="y", badge="b")
+        for club in (one, two, empty):
+            for lookup in ({"code": "x"}, {"badge": None}, {"badge": "b"}, {"code": "y"}):
+                for read in ("get_cached", "aget_cached"):
+                    assert_same(
+                        lambda c=club, lk=lookup, r=read: (
+                            async_to_sync(c.seats.aget_cached)(**lk)
+                            if r == "aget_cached"
+                            else c.seats.get_cached(**lk)
+                        ),
+                        lambda c=club, lk=lookup: c.seats.get(**lk),
+                        f"club {club.pk}.seats.{read}({lookup})",
+                    )
+    finally:
+        with connection.schema_editor() as editor:
+            editor.delete_model(Seat)
+            editor.delete_model(Club)
+
+
 @pytest.mark.parametrize("tier", TIERS)
 def test_scoped_miss_is_not_remembered_as_missing_for_the_unscoped_manager(tier: str) -> None:
     tenant_a, tenant_b = TenantFactory(), TenantFactory()

@@ -129,10 +129,22 @@ def warmup_set(manager: Any, limit: int | None) -> tuple[Any, dict[str, Any]]:
     hook = getattr(manager, "warmup_queryset", None)
     if callable(hook):
         qs = hook()
-        if limit is None:
-            return qs, {"source": "warmup_queryset"}
-        pks = list(qs.values_list("pk", flat=True)[: max(limit, 0)])
-        return manager.get_queryset().filter(pk__in=pks), {"source": "warmup_queryset"}
+        if not isinstance(qs, models.QuerySet) or qs.model._meta.concrete_model is not (
+            model._meta.concrete_model
+        ):
+            raise TypeError(
+                f"{model._meta.label}: {manager.name}.warmup_queryset() must return a "
+                f"QuerySet of {model._meta.label}, not {type(qs).__qualname__}"
+                + (f" of {qs.model._meta.label}" if isinstance(qs, models.QuerySet) else "")
+            )
+        # The hook picks the rows; they are stored as the manager reads them (its filter,
+        # its database, every field), or a read would be served what .get() does not give.
+        picked: Any = qs.values_list("pk", flat=True)
+        if limit is not None:
+            picked = picked[: max(limit, 0)]
+        if qs.db != manager.db:  # no subquery across databases: their pks, ours rows
+            picked = list(picked)
+        return manager.get_queryset().filter(pk__in=picked), {"source": "warmup_queryset"}
     limit = DEFAULT_WARMUP_LIMIT if limit is None else max(limit, 0)
     base = manager.get_queryset()
     # Twice the limit: some hot rows may have been deleted since they were sampled.
@@ -154,6 +166,9 @@ def warmup_set(manager: Any, limit: int | None) -> tuple[Any, dict[str, Any]]:
     }
 
 
+_ALL_ROWS = 2**61
+
+
 def warmup_limit(limit: Any) -> int | None:
     """A limit from a task argument, a command line or a form: None or a whole number
     >= 0 ("3" is 3); anything else is refused with a message naming the limit."""
@@ -167,7 +182,9 @@ def warmup_limit(limit: Any) -> int | None:
         raise ValueError(f"warmup limit must be a whole number >= 0, not {limit!r}") from None
     if n < 0:
         raise ValueError(f"warmup limit must be a whole number >= 0, not {limit!r}")
-    return n
+    # Past any table's size it means "all", and must still fit the database's and Redis's
+    # 64-bit ranges (a hot-row sample is asked for twice the limit).
+    return min(n, _ALL_ROWS)
 
 
 def warmup(model: type[models.Model], limit: int | None = None) -> dict[str, Any]:

@@ -268,23 +268,31 @@ def _prepared(manager: Any, value: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
-def _unchecked(read: Any, arg: Any) -> Any:
+_UNCHECKED = "a relation the cached row cannot check (many-to-many, generic)"
+
+
+def _unchecked(read: Any, arg: Any, why: str = _UNCHECKED) -> Any:
     """A related manager's read that goes to the database, as the panel records it."""
-    recording.served(
-        recording.BYPASSED, "a relation the cached row cannot check (many-to-many, generic)"
-    )
+    recording.served(recording.BYPASSED, why)
     return read(**arg) if isinstance(arg, dict) else read(arg)
 
 
 def _related_get(manager: Any, lookup: dict[str, Any]) -> Any:
     base = _base_of(manager)
-    if base is None or not _is_reverse_fk(manager):
+    if base is not None:
+        lk, values = model_cache(base).resolve(lookup)  # an undeclared lookup is refused
+    # The base manager's read answers for the relation only when it finds at most one row:
+    # a lookup that is not unique, or unique but by NULL (which matches many), may find
+    # another instance's rows, and only the relation's own filter finds this one's.
+    if base is None or not _is_reverse_fk(manager) or not lk.unique or None in values:
+        why = _UNCHECKED
         if base is not None:
-            model_cache(base).resolve(lookup)  # an undeclared lookup is still refused
             model_cache(base).counters.bypassed += 1
+            if _is_reverse_fk(manager):
+                why = "a lookup that may match other instances' rows (not unique, or by NULL)"
         if recording.active:
             label = manager.model._meta.label_lower
-            return recording.read("get_cached", label, lookup, _unchecked, manager.get, lookup)
+            return recording.read("get_cached", label, lookup, _unchecked, manager.get, lookup, why)
         return manager.get(**lookup)
     want = _related_value(manager)
     obj = base.get_cached(**lookup)
