@@ -388,3 +388,42 @@ def test_e003_timeouts_are_finite(settings: Any, value: float) -> None:
     msgs = check_settings()
     assert ids(msgs) == ["tiered_cache.E003", "tiered_cache.E003"]
     assert "positive finite number" in msgs[0].msg
+
+
+@pytest.mark.parametrize(
+    ("lookup", "twice"),
+    [(("code", "code"), "code"), (("pk", "id"), "pk"), (("group", "group_id"), "group")],
+)
+@isolate_apps("tests.testapp")
+def test_e005_a_lookup_that_names_one_field_twice(lookup: tuple[str, ...], twice: str) -> None:
+    """No call can give both keywords of ("pk", "id"): the lookup could never be used."""
+    from tiered_cache.registry import model_cache
+
+    class Group(models.Model):
+        class Meta:
+            app_label = "testapp"
+
+    class Coded(models.Model):
+        group = models.ForeignKey(Group, on_delete=models.CASCADE)
+        code = models.CharField(max_length=10, unique=True)
+        objects = CachedManager(lookups=[lookup])
+
+        class Meta:
+            app_label = "testapp"
+
+    msgs = check_manager(Coded.objects)
+    assert ids(msgs) == ["tiered_cache.E005"]
+    assert f"cache lookup {lookup!r} names field {twice!r} twice" in msgs[0].msg
+    with pytest.raises(ImproperlyConfigured, match=f"names field '{twice}' twice"):
+        model_cache(Coded.objects)  # where the checks did not run
+
+
+@pytest.mark.parametrize("name", ["TIMEOUT", "NEGATIVE_TIMEOUT", "L1_TIMEOUT", "LEASE_TIMEOUT"])
+def test_e003_expiries_redis_can_store(settings: Any, name: str) -> None:
+    """TIMEOUT=1e17 passed as finite, and every fill then failed: no L2 at all, silently."""
+    settings.TIERED_CACHE = {name: 1e17}
+    msgs = check_settings()
+    assert ids(msgs) == ["tiered_cache.E003"]
+    assert f"TIERED_CACHE['{name}'] must be under 10**9 seconds" in msgs[0].msg
+    settings.TIERED_CACHE = {name: 10**9 - 1}
+    assert check_settings() == []

@@ -27,6 +27,7 @@ from tests.testapp.factories import (
 )
 from tests.testapp.models import Flow, GlobalModel, Label, ProviderModel, Tenant, User
 from tiered_cache import UncacheableArguments, cached
+from tiered_cache.bus import bus
 from tiered_cache.keys import fn_tag
 from tiered_cache.tiers import redis_tier
 
@@ -55,6 +56,9 @@ def first_user(domain: str) -> User | None:
 @pytest.fixture(autouse=True)
 def reset_calls() -> None:
     calls.clear()
+    # The first test of a process starts the bus: until it is trusted a result is computed
+    # again (correctly), which these tests would count as a miss.
+    bus.wait_trusted(5)
 
 
 def test_result_is_cached_in_both_tiers() -> None:
@@ -324,6 +328,7 @@ def test_arguments_that_differ_only_in_what_a_key_left_out_get_their_own_results
             (first.OPEN, second.OPEN),
             (paris, fixed),
             (10**5000, 10**5000 + 1),
+            ({1, 2}, frozenset({1, 2})),
         ]
         for a, b in pairs:
             for value in (a, b, a, b):
@@ -365,3 +370,54 @@ def test_a_result_that_cannot_be_stored_is_returned(caplog: Any) -> None:
         assert "cannot be stored" in caplog.text
     finally:
         numbers.unregister()
+
+
+def test_wrong_arguments_are_refused_where_the_function_is_decorated() -> None:
+    """They failed at the first call (after the function ran, for a timeout), or crashed
+    the system checks, with errors about something else."""
+    from django.core import checks
+
+    from tests.testapp.models import BaseFlow
+
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"depends_on": "testapp.Tenant"}, r"is a string; did you mean depends_on=\['testapp"),
+        ({"depends_on": None}, r"depends_on=None: give a list of models"),
+        ({"depends_on": Tenant}, r"depends_on=<class .*Tenant'>: give a list of models"),
+        ({"depends_on": []}, r"needs depends_on=\[Model, ...\]"),
+        ({"depends_on": [1]}, r"depends_on holds 1, which is not a model or an 'app_label"),
+        ({"depends_on": ["Tenant"]}, r"holds 'Tenant', which is not a model"),
+        ({"depends_on": [Tenant.objects]}, r"holds <tiered_cache.*CachedManager"),
+        ({"depends_on": [BaseFlow]}, r"holds BaseFlow, an abstract model"),
+        ({"depends_on": [Tenant], "timeout": "10"}, r"timeout='10' must be a finite number"),
+        ({"depends_on": [Tenant], "negative_timeout": -1}, r"negative_timeout=-1 must be"),
+        ({"depends_on": [Tenant], "l1_timeout": float("inf")}, r"l1_timeout=inf must be"),
+        ({"depends_on": [Tenant], "timeout": float("nan")}, r"timeout=nan must be"),
+        ({"depends_on": [Tenant], "timeout": True}, r"timeout=True must be"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(TypeError, match=message):
+
+            @cached(**kwargs)
+            def f(x: int) -> int:
+                return x
+
+    with pytest.raises(TypeError, match=r"@cached needs its arguments: @cached\(depends_on="):
+
+        @cached  # type: ignore[arg-type]
+        def g(x: int) -> int:
+            return x
+
+    # A label of no installed model: one clear error from the checks, which ran through.
+    @cached(depends_on=["testapp.Nope"])
+    def h(x: int) -> int:
+        return x
+
+    try:
+        errors = [e for e in checks.run_checks() if e.id == "tiered_cache.E009"]
+        assert [e.msg for e in errors] == [
+            "@cached function tests.test_derived.test_wrong_arguments_are_refused_where_the_"
+            "function_is_decorated.<locals>.h: depends_on names a model that is not installed "
+            "(App 'testapp' doesn't have a 'nope' model.)"
+        ]
+    finally:
+        h.unregister()

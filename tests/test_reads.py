@@ -275,6 +275,19 @@ def test_undeclared_lookup_names_the_declared_ones() -> None:
         Flow.objects.get_cached(tenant_id="t1")
     with pytest.raises(UndeclaredLookup):
         User.objects.get_cached(pk=1, email="a@b.c")
+    assert "Declare it in the manager's lookups" in str(exc.value)
+    # A name the model has no field for cannot be declared: the error says so instead.
+    with pytest.raises(UndeclaredLookup, match=r"\(nope\) .* testapp.user has no field 'nope'\.$"):
+        User.objects.get_cached(nope=1)
+
+
+def test_get_many_cached_of_none_is_refused() -> None:
+    """in_bulk(None) reads the whole table; get_many_cached(None) says what it takes."""
+    from asgiref.sync import async_to_sync
+
+    for read in (User.objects.get_many_cached, async_to_sync(User.objects.aget_many_cached)):
+        with pytest.raises(TypeError, match=r"testapp.User: a?get_many_cached\(\) takes an "):
+            read(None)
 
 
 def test_missing_row_is_remembered_and_a_create_ends_it() -> None:

@@ -16,7 +16,13 @@ from django_redis.pool import SentinelConnectionFactory
 
 from .conf import DEFAULTS, conf
 from .derived import cached_functions
-from .registry import cached_managers, is_composite_pk, uncacheable_reason, unique_sets
+from .registry import (
+    cached_managers,
+    is_composite_pk,
+    repeated,
+    uncacheable_reason,
+    unique_sets,
+)
 
 __all__ = ["check_lookups", "check_manager", "check_settings"]
 
@@ -30,6 +36,9 @@ _WHOLE = (
     "BULK_INVALIDATION_LIMIT",
     "OUTBOX_LIMIT",
 )
+# Timeouts an entry's expiry is made of (in Redis, or next to it in L1), bounded as a
+# manager's are (E017).
+_EXPIRIES = ("TIMEOUT", "NEGATIVE_TIMEOUT", "L1_TIMEOUT", "LEASE_TIMEOUT")
 _POSITIVE = (
     *_WHOLE,
     "L1_TIMEOUT",
@@ -101,6 +110,16 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
             errors.append(
                 Error(
                     f"TIERED_CACHE[{name!r}] must be a positive finite number, not {value!r}.",
+                    id="tiered_cache.E003",
+                )
+            )
+        elif name in _EXPIRIES and value >= 10**9:
+            errors.append(
+                Error(
+                    f"TIERED_CACHE[{name!r}] must be under 10**9 seconds (31 years), not "
+                    f"{value!r}.",
+                    hint="Redis refuses an expiry past its 64-bit milliseconds: every entry "
+                    "would fail to store, and reads would all go to the database.",
                     id="tiered_cache.E003",
                 )
             )
@@ -291,7 +310,15 @@ def check_lookups(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
         try:
             missing = fn.unwatched()
         except LookupError as exc:
-            missing = [str(exc)]
+            errors.append(
+                Error(
+                    f"@cached function {fn.qualname}: depends_on names a model that is not "
+                    f"installed ({exc})",
+                    hint="Name installed, concrete models, as app_label.ModelName.",
+                    id="tiered_cache.E009",
+                )
+            )
+            continue
         if missing:
             errors.append(
                 Error(
@@ -378,6 +405,18 @@ def check_manager(mgr: Any) -> list[CheckMessage]:
                     )
                 )
         if len(fields) != len(names):
+            continue
+        twice = repeated(["pk" if f is model._meta.pk else f.name for f in fields])
+        if twice is not None:
+            errors.append(
+                Error(
+                    f"{label}.{mgr.name}: cache lookup {names!r} names field {twice!r} twice.",
+                    hint="Name each field of a lookup once (a foreign key by its name or "
+                    "its attname, the primary key as pk or by its name).",
+                    obj=model,
+                    id="tiered_cache.E005",
+                )
+            )
             continue
         if any(not f.concrete or f.many_to_many or f.one_to_many for f in fields):
             errors.append(

@@ -122,7 +122,9 @@ def _stable(value: Any, where: str) -> str:
         tag = "T" if isinstance(value, tuple) else "L"
         return tag + encode_values([_stable(v, where) for v in value])
     if isinstance(value, (set, frozenset)):
-        return "S" + encode_values(sorted(_stable(v, where) for v in value))
+        # Apart, as lists and tuples are: the function may tell them apart.
+        tag = "F" if isinstance(value, frozenset) else "S"
+        return tag + encode_values(sorted(_stable(v, where) for v in value))
     if isinstance(value, dict):
         items = sorted((_stable(k, where), _stable(v, where)) for k, v in value.items())
         return "D" + encode_values([p for kv in items for p in kv])
@@ -141,6 +143,39 @@ def _zone(value: datetime.datetime) -> str:
         tz = type(value.tzinfo)
         text = f"{tz.__module__}.{tz.__qualname__}:{value.tzname()}:{value.utcoffset()}"
     return text
+
+
+def _checked_deps(depends_on: Any, where: str) -> list[type[models.Model] | str]:
+    """depends_on as a list of concrete models and "app_label.ModelName" labels, or a
+    TypeError naming what else it holds (labels are looked up by the checks, E009, once
+    the apps are loaded)."""
+    if isinstance(depends_on, str):
+        raise TypeError(
+            f"{where}: depends_on={depends_on!r} is a string; did you mean "
+            f"depends_on=[{depends_on!r}]?"
+        )
+    try:
+        deps = list(depends_on)
+    except TypeError:
+        raise TypeError(
+            f"{where}: depends_on={depends_on!r}: give a list of models or "
+            "'app_label.ModelName' labels"
+        ) from None
+    if not deps:
+        raise TypeError(f"{where} needs depends_on=[Model, ...]")
+    for dep in deps:
+        if isinstance(dep, type) and issubclass(dep, models.Model):
+            if dep._meta.abstract:
+                raise TypeError(
+                    f"{where}: depends_on holds {dep.__name__}, an abstract model, which "
+                    "has no rows to write; name the models that inherit from it"
+                )
+        elif not (isinstance(dep, str) and dep.count(".") == 1 and all(dep.split("."))):
+            raise TypeError(
+                f"{where}: depends_on holds {dep!r}, which is not a model or an "
+                "'app_label.ModelName' label"
+            )
+    return deps
 
 
 class CachedFunction:
@@ -165,14 +200,28 @@ class CachedFunction:
         if self.is_async:  # so async_to_sync() and Django's view machinery see a coroutine
             markcoroutinefunction(self)
         self.signature = inspect.signature(fn)
-        self._deps = list(depends_on)
-        if not self._deps:
-            raise TypeError(f"@cached on {self.qualname} needs depends_on=[Model, ...]")
+        self._deps = _checked_deps(depends_on, f"@cached on {self.qualname}")
         self.dep_labels = sorted(
             d._meta.label_lower if isinstance(d, type) else str(d).lower() for d in self._deps
         )
         # (alias, group) of each dependency, resolved on first use (models load later).
         self._dep_groups: list[Group] | None = None
+        for arg, value in (
+            ("timeout", timeout),
+            ("negative_timeout", negative_timeout),
+            ("l1_timeout", l1_timeout),
+        ):
+            # Checked here, not after the function has run: a fill that fails to store
+            # would lose its result, and Redis refuses an entry that never expires.
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value < 10**9  # NaN fails this too
+            ):
+                raise TypeError(
+                    f"@cached on {self.qualname}: {arg}={value!r} must be a finite number of "
+                    "seconds from 0 up (0 keeps nothing), or None for the setting's"
+                )
         self._timeout = timeout
         self._negative_timeout = negative_timeout
         self._l1_timeout = l1_timeout
@@ -453,6 +502,13 @@ def cached(
     None results are kept for negative_timeout; a timeout of 0 keeps nothing. A function
     is known in every process by its module and qualified name: a closure or a lambda
     made more than once needs a `name` of its own."""
+
+    if callable(depends_on) and not isinstance(depends_on, type):
+        # @cached without its arguments: the function came as depends_on.
+        raise TypeError(
+            f"@cached needs its arguments: @cached(depends_on=[Model, ...]) above "
+            f"{getattr(depends_on, '__qualname__', depends_on)!s}"
+        )
 
     def wrap(fn: Callable[..., Any]) -> CachedFunction:
         return CachedFunction(fn, depends_on, timeout, negative_timeout, l1_timeout, name)

@@ -8,13 +8,26 @@ from collections.abc import Iterable
 class UndeclaredLookup(ValueError):
     """get_cached() was called with fields that are not a declared lookup."""
 
-    def __init__(self, model_label: str, given: Iterable[str], declared: Iterable[tuple[str, ...]]):
+    def __init__(
+        self,
+        model_label: str,
+        given: Iterable[str],
+        declared: Iterable[tuple[str, ...]],
+        unknown: Iterable[str] = (),
+    ):
         self.given = tuple(sorted(given))
         self.declared = tuple(declared)
         names = ", ".join("(" + ", ".join(d) + ")" for d in self.declared)
+        # A name the model has no field for cannot be declared: say that instead.
+        missing = ", ".join(repr(n) for n in sorted(unknown))
+        advice = (
+            f"{model_label} has no field {missing}"
+            if missing
+            else "Declare it in the manager's lookups"
+        )
         super().__init__(
             f"{model_label}: ({', '.join(self.given)}) is not a declared cache lookup; "
-            f"declared lookups are {names}. Declare it in the manager's lookups."
+            f"declared lookups are {names}. {advice}."
         )
 
 

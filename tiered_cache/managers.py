@@ -92,6 +92,8 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
 
     def get_many_cached(self, pks: Iterable[Any]) -> dict[Any, _M]:
         """{pk: instance} for the rows that exist: one L2 round trip, one query for misses."""
+        if pks is None:  # in_bulk(None) reads every row, which no cache should
+            raise _no_pks(self, "get_many_cached")
         if getattr(self, "core_filters", None) is not None:
             return _related_get_many(self, list(pks))
         if recording.active:
@@ -131,6 +133,8 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
         return obj
 
     async def aget_many_cached(self, pks: Iterable[Any]) -> dict[Any, _M]:
+        if pks is None:
+            raise _no_pks(self, "aget_many_cached")
         pks = list(pks)
         if recording.active and getattr(self, "core_filters", None) is None:
             mc = model_cache(self)
@@ -275,6 +279,13 @@ def _unchecked(read: Any, arg: Any, why: str = _UNCHECKED) -> Any:
     """A related manager's read that goes to the database, as the panel records it."""
     recording.served(recording.BYPASSED, why)
     return read(**arg) if isinstance(arg, dict) else read(arg)
+
+
+def _no_pks(manager: Any, api: str) -> TypeError:
+    return TypeError(
+        f"{manager.model._meta.label}: {api}() takes an iterable of pks, not None "
+        "(in_bulk(None) would read every row; read them with the ORM)"
+    )
 
 
 def _related_get(manager: Any, lookup: dict[str, Any]) -> Any:

@@ -58,6 +58,7 @@ __all__ = [
     "first_model_cache",
     "instance_value",
     "is_composite_pk",
+    "repeated",
     "model_cache",
     "model_caches",
     "model_caches_of_group",
@@ -81,6 +82,11 @@ class CachedManagerBase:
 
     def get_cache_lookups(self) -> list[LookupSpec]:
         return checked_lookups(self.cache_lookups, "cache_lookups")
+
+
+def repeated(names: Sequence[str]) -> str | None:
+    """The first name given more than once, if any."""
+    return next((n for i, n in enumerate(names) if n in names[:i]), None)
 
 
 def checked_lookups(value: Any, name: str) -> list[LookupSpec]:
@@ -279,6 +285,11 @@ class ModelCache:
             if not names:
                 raise ImproperlyConfigured(f"{self.label}: an empty cache lookup was declared")
             names = tuple(self._declared_name(n) for n in names)
+            twice = repeated(names)
+            if twice is not None:  # ("pk", "id"): no call could give both keywords
+                raise ImproperlyConfigured(
+                    f"{self.label}: cache lookup {spec!r} names field {twice!r} twice"
+                )
             if names not in declared:
                 declared.append(names)
         self.declared = declared
@@ -426,7 +437,18 @@ class ModelCache:
                 in_order = order == tuple(range(len(order)))
                 self._orders[names] = (lk, order, None if in_order else itemgetter(*order))
                 return lk, values
-        raise UndeclaredLookup(self.label, kwargs, self.declared)
+        raise UndeclaredLookup(self.label, kwargs, self.declared, self._unknown(kwargs))
+
+    def _unknown(self, names: Iterable[str]) -> list[str]:
+        """The names given that are no field of the model (pk aside)."""
+        unknown = []
+        for name in names:
+            if name != "pk":
+                try:
+                    self.model._meta.get_field(name)
+                except FieldDoesNotExist:
+                    unknown.append(name)
+        return unknown
 
     def plain_many(self, kwargs: dict[str, Any]) -> tuple[Lookup, tuple[Any, ...]] | None:
         """resolve()'s answer for several fields in an order resolve() has seen before,
