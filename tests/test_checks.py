@@ -418,6 +418,22 @@ def test_e005_a_lookup_that_names_one_field_twice(lookup: tuple[str, ...], twice
         model_cache(Coded.objects)  # where the checks did not run
 
 
+@isolate_apps("tests.testapp")
+def test_e005_a_childs_pk_named_by_its_parents_name_too() -> None:
+    """A multi-table child's `id` is its parent's pk, the child's pk too."""
+    from tests.testapp.models import Place
+
+    class Stall(Place):
+        objects = CachedManager(lookups=[("pk", "id")])
+
+        class Meta:
+            app_label = "testapp"
+
+    msgs = check_manager(Stall.objects)
+    assert ids(msgs) == ["tiered_cache.E005"]
+    assert "names field 'pk' twice" in msgs[0].msg
+
+
 @pytest.mark.parametrize("name", ["TIMEOUT", "NEGATIVE_TIMEOUT", "L1_TIMEOUT", "LEASE_TIMEOUT"])
 def test_e003_expiries_redis_can_store(settings: Any, name: str) -> None:
     """TIMEOUT=1e17 passed as finite, and every fill then failed: no L2 at all, silently."""

@@ -388,11 +388,12 @@ def test_wrong_arguments_are_refused_where_the_function_is_decorated() -> None:
         ({"depends_on": ["Tenant"]}, r"holds 'Tenant', which is not a model"),
         ({"depends_on": [Tenant.objects]}, r"holds <tiered_cache.*CachedManager"),
         ({"depends_on": [BaseFlow]}, r"holds BaseFlow, an abstract model"),
-        ({"depends_on": [Tenant], "timeout": "10"}, r"timeout='10' must be a finite number"),
+        ({"depends_on": [Tenant], "timeout": "10"}, r"timeout='10' must be a number of seconds"),
         ({"depends_on": [Tenant], "negative_timeout": -1}, r"negative_timeout=-1 must be"),
         ({"depends_on": [Tenant], "l1_timeout": float("inf")}, r"l1_timeout=inf must be"),
         ({"depends_on": [Tenant], "timeout": float("nan")}, r"timeout=nan must be"),
         ({"depends_on": [Tenant], "timeout": True}, r"timeout=True must be"),
+        ({"depends_on": [Tenant], "l1_timeout": 10**9}, r"=1000000000 must be .* to under 10\*\*9"),
     ]
     for kwargs, message in cases:
         with pytest.raises(TypeError, match=message):
@@ -400,6 +401,14 @@ def test_wrong_arguments_are_refused_where_the_function_is_decorated() -> None:
             @cached(**kwargs)
             def f(x: int) -> int:
                 return x
+
+    from fractions import Fraction
+
+    @cached(depends_on=[Tenant], timeout=Fraction(1, 2), l1_timeout=0)
+    def fine(x: int) -> int:
+        return x
+
+    fine.unregister()
 
     with pytest.raises(TypeError, match=r"@cached needs its arguments: @cached\(depends_on="):
 

@@ -235,6 +235,41 @@ def test_warmup_hook_returning_something_else_names_it(monkeypatch: pytest.Monke
             maintenance.warmup(User)
 
 
+def test_a_warmup_hook_runs_once_however_many_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sample (or a ranking) read again per page would drift past its limit."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    User.objects.bulk_create(
+        User(username=f"u{i}", email=f"u{i}@x.test", first_name="vip") for i in range(600)
+    )
+    monkeypatch.setattr(
+        User.objects,
+        "warmup_queryset",
+        lambda: User._base_manager.filter(first_name="vip").order_by("?"),
+        raising=False,
+    )
+    with CaptureQueriesContext(connection) as queries:
+        assert maintenance.warmup(User, limit=550)["stored"] == 550
+    assert sum("RANDOM()" in q["sql"] for q in queries.captured_queries) == 1
+
+
+def test_a_warmup_hook_may_name_multi_table_relatives(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.testapp.models import Place, Restaurant
+
+    Place.objects.create(name="plain")
+    restaurant = Restaurant.objects.create(name="r")
+    monkeypatch.setattr(
+        Place.objects, "warmup_queryset", lambda: Restaurant.objects.all(), raising=False
+    )
+    monkeypatch.setattr(
+        Restaurant.objects, "warmup_queryset", lambda: Place.objects.all(), raising=False
+    )
+    for model in (Place, Restaurant):
+        assert maintenance.warmup(model)["stored"] == 1, model
+        assert [pk_of_key(k) for k in l2_keys(model)] == [restaurant.pk]
+
+
 def test_a_warmup_limit_past_any_table_means_all() -> None:
     users = UserFactory.create_batch(2)
     assert maintenance.warmup(User, limit=10**30)["stored"] == len(users)
@@ -248,10 +283,10 @@ def test_warmup_set_is_hot_rows_then_recent_ones() -> None:
         {str(a.pk): 5, str(b.pk): 9, "junk": 99, str(d.pk + 100): 50},
     )
 
-    qs, how = maintenance.warmup_set(User.objects, 3)
+    pks, how = maintenance.warmup_set(User.objects, 3)
 
     assert how == {"source": "hot+recent", "hot": 2, "recent": 1}
-    assert set(qs.values_list("pk", flat=True)) == {a.pk, b.pk, d.pk}
+    assert set(pks) == {a.pk, b.pk, d.pk}
     # "junk" is no pk, skipped; a deleted row's pk is returned but never warmed.
     assert maintenance.hottest_pks(User, 4) == [d.pk + 100, b.pk, a.pk]
 

@@ -277,8 +277,12 @@ def test_undeclared_lookup_names_the_declared_ones() -> None:
         User.objects.get_cached(pk=1, email="a@b.c")
     assert "Declare it in the manager's lookups" in str(exc.value)
     # A name the model has no field for cannot be declared: the error says so instead.
-    with pytest.raises(UndeclaredLookup, match=r"\(nope\) .* testapp.user has no field 'nope'\.$"):
+    with pytest.raises(UndeclaredLookup, match=r"\(nope\) .* testapp.User has no field 'nope'\.$"):
         User.objects.get_cached(nope=1)
+    with pytest.raises(UndeclaredLookup, match=r"takes field=value, not lookup expressions"):
+        User.objects.get_cached(email__iexact="a@b.c")
+    with pytest.raises(UndeclaredLookup, match=r"'groups' is a reverse or many-to-many relation"):
+        User.objects.get_cached(groups=1)
 
 
 def test_get_many_cached_of_none_is_refused() -> None:

@@ -19,6 +19,7 @@ from .derived import cached_functions
 from .registry import (
     cached_managers,
     is_composite_pk,
+    pk_names,
     repeated,
     uncacheable_reason,
     unique_sets,
@@ -118,8 +119,9 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                 Error(
                     f"TIERED_CACHE[{name!r}] must be under 10**9 seconds (31 years), not "
                     f"{value!r}.",
-                    hint="Redis refuses an expiry past its 64-bit milliseconds: every entry "
-                    "would fail to store, and reads would all go to the database.",
+                    hint="Redis refuses an expiry past its 64-bit milliseconds (every fill "
+                    "would fail, and reads would all go to the database); L1's is bounded "
+                    "alike.",
                     id="tiered_cache.E003",
                 )
             )
@@ -406,7 +408,13 @@ def check_manager(mgr: Any) -> list[CheckMessage]:
                 )
         if len(fields) != len(names):
             continue
-        twice = repeated(["pk" if f is model._meta.pk else f.name for f in fields])
+        pks = pk_names(model)
+        twice = repeated(
+            [
+                "pk" if f is model._meta.pk or n in pks else f.name
+                for n, f in zip(names, fields, strict=True)
+            ]
+        )
         if twice is not None:
             errors.append(
                 Error(

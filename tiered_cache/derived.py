@@ -10,6 +10,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import numbers
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -215,12 +216,12 @@ class CachedFunction:
             # would lose its result, and Redis refuses an entry that never expires.
             if value is not None and (
                 isinstance(value, bool)
-                or not isinstance(value, (int, float))
+                or not isinstance(value, numbers.Real)
                 or not 0 <= value < 10**9  # NaN fails this too
             ):
                 raise TypeError(
-                    f"@cached on {self.qualname}: {arg}={value!r} must be a finite number of "
-                    "seconds from 0 up (0 keeps nothing), or None for the setting's"
+                    f"@cached on {self.qualname}: {arg}={value!r} must be a number of seconds "
+                    "from 0 (which keeps nothing) to under 10**9, or None for the setting's"
                 )
         self._timeout = timeout
         self._negative_timeout = negative_timeout

@@ -13,18 +13,13 @@ class UndeclaredLookup(ValueError):
         model_label: str,
         given: Iterable[str],
         declared: Iterable[tuple[str, ...]],
-        unknown: Iterable[str] = (),
+        why_not: str | None = None,
     ):
         self.given = tuple(sorted(given))
         self.declared = tuple(declared)
         names = ", ".join("(" + ", ".join(d) + ")" for d in self.declared)
-        # A name the model has no field for cannot be declared: say that instead.
-        missing = ", ".join(repr(n) for n in sorted(unknown))
-        advice = (
-            f"{model_label} has no field {missing}"
-            if missing
-            else "Declare it in the manager's lookups"
-        )
+        # Keywords that no declaration could make a lookup get the reason instead.
+        advice = why_not or "Declare it in the manager's lookups"
         super().__init__(
             f"{model_label}: ({', '.join(self.given)}) is not a declared cache lookup; "
             f"declared lookups are {names}. {advice}."

@@ -17,6 +17,7 @@ from django.core.exceptions import ValidationError
 from django.db import models, router
 
 from . import reads
+from .groups import primary_parent
 from .invalidation import rows_batch
 from .keys import Group, clean_call, lock_key, ops_key, release_call
 from .registry import (
@@ -122,29 +123,19 @@ def _recent_order(model: type[models.Model]) -> list[str]:
     return ["-pk"]
 
 
-def warmup_set(manager: Any, limit: int | None) -> tuple[Any, dict[str, Any]]:
-    """The queryset to warm and how it was chosen. A manager's ``warmup_queryset()`` wins;
-    otherwise the hottest rows, then the most recent ones, up to the limit."""
+def warmup_set(manager: Any, limit: int | None) -> tuple[list[Any], dict[str, Any]]:
+    """The pks to warm and how they were chosen. A manager's ``warmup_queryset()`` wins;
+    otherwise the hottest rows, then the most recent ones, up to the limit. The rows are
+    read through the manager (its filter, its database, every field): the hook only
+    picks them, or a read would be served what .get() does not give."""
     model = manager.model
     hook = getattr(manager, "warmup_queryset", None)
     if callable(hook):
-        qs = hook()
-        if not isinstance(qs, models.QuerySet) or qs.model._meta.concrete_model is not (
-            model._meta.concrete_model
-        ):
-            raise TypeError(
-                f"{model._meta.label}: {manager.name}.warmup_queryset() must return a "
-                f"QuerySet of {model._meta.label}, not {type(qs).__qualname__}"
-                + (f" of {qs.model._meta.label}" if isinstance(qs, models.QuerySet) else "")
-            )
-        # The hook picks the rows; they are stored as the manager reads them (its filter,
-        # its database, every field), or a read would be served what .get() does not give.
-        picked: Any = qs.values_list("pk", flat=True)
+        # Run once: a sample or a ranking read again per page would drift, and cost more.
+        picked = _hook_pks(manager, hook())
         if limit is not None:
             picked = picked[: max(limit, 0)]
-        if qs.db != manager.db:  # no subquery across databases: their pks, ours rows
-            picked = list(picked)
-        return manager.get_queryset().filter(pk__in=picked), {"source": "warmup_queryset"}
+        return list(picked), {"source": "warmup_queryset"}
     limit = DEFAULT_WARMUP_LIMIT if limit is None else max(limit, 0)
     base = manager.get_queryset()
     # Twice the limit: some hot rows may have been deleted since they were sampled.
@@ -159,7 +150,7 @@ def warmup_set(manager: Any, limit: int | None) -> tuple[Any, dict[str, Any]]:
             .order_by(*_recent_order(model))
             .values_list("pk", flat=True)[:remaining]
         )
-    return base.filter(pk__in=chosen + recent), {
+    return chosen + recent, {
         "source": "hot+recent",
         "hot": len(chosen),
         "recent": len(recent),
@@ -167,6 +158,28 @@ def warmup_set(manager: Any, limit: int | None) -> tuple[Any, dict[str, Any]]:
 
 
 _ALL_ROWS = 2**61
+
+
+def _hook_pks(manager: Any, qs: Any) -> Any:
+    """The pks of the manager's model that a warmup_queryset() names: a queryset of the
+    model, of a proxy or a multi-table descendant (its value of the model's pk), or of an
+    ancestor whose pk the model's is."""
+    model = manager.model
+    ours = model._meta.concrete_model
+    if isinstance(qs, models.QuerySet):
+        theirs = qs.model._meta.concrete_model
+        if issubclass(theirs, ours):
+            return qs.values_list(ours._meta.pk.name, flat=True)
+        parent = primary_parent(ours)
+        while parent is not None:
+            if parent is theirs:
+                return qs.values_list("pk", flat=True)
+            parent = primary_parent(parent)
+    raise TypeError(
+        f"{model._meta.label}: {manager.name}.warmup_queryset() must return a QuerySet of "
+        f"{model._meta.label}, not {type(qs).__qualname__}"
+        + (f" of {qs.model._meta.label}" if isinstance(qs, models.QuerySet) else "")
+    )
 
 
 def warmup_limit(limit: Any) -> int | None:
@@ -194,10 +207,12 @@ def warmup(model: type[models.Model], limit: int | None = None) -> dict[str, Any
     started = time.time()
     result: dict[str, Any] = {"model": model._meta.label, "stored": 0, "refused": 0}
     for manager in cached_managers(model):
-        qs, how = warmup_set(manager, limit)
-        counts = reads.warm(manager, model_cache(manager), qs)
-        result["stored"] += counts["stored"]
-        result["refused"] += counts["refused"]
+        pks, how = warmup_set(manager, limit)
+        base, mc = manager.get_queryset(), model_cache(manager)
+        for start in range(0, len(pks), BATCH_SIZE):  # each page's pks in its own query
+            counts = reads.warm(manager, mc, base.filter(pk__in=pks[start : start + BATCH_SIZE]))
+            result["stored"] += counts["stored"]
+            result["refused"] += counts["refused"]
         for k, v in how.items():
             result[k] = result[k] + v if isinstance(v, int) and k in result else v
     result["seconds"] = round(time.time() - started, 3)

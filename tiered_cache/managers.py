@@ -291,14 +291,15 @@ def _no_pks(manager: Any, api: str) -> TypeError:
 def _related_get(manager: Any, lookup: dict[str, Any]) -> Any:
     base = _base_of(manager)
     if base is not None:
-        lk, values = model_cache(base).resolve(lookup)  # an undeclared lookup is refused
+        mc = model_cache(base)
+        lk, values = mc.resolve(lookup)  # an undeclared lookup is refused
     # The base manager's read answers for the relation only when it finds at most one row:
     # a lookup that is not unique, or unique but by NULL (which matches many), may find
     # another instance's rows, and only the relation's own filter finds this one's.
     if base is None or not _is_reverse_fk(manager) or not lk.unique or None in values:
         why = _UNCHECKED
         if base is not None:
-            model_cache(base).counters.bypassed += 1
+            mc.counters.bypassed += 1
             if _is_reverse_fk(manager):
                 why = "a lookup that may match other instances' rows (not unique, or by NULL)"
         if recording.active:
@@ -306,7 +307,8 @@ def _related_get(manager: Any, lookup: dict[str, Any]) -> Any:
             return recording.read("get_cached", label, lookup, _unchecked, manager.get, lookup, why)
         return manager.get(**lookup)
     want = _related_value(manager)
-    obj = base.get_cached(**lookup)
+    # Resolved above: the base's read past its hit path (a db_manager() copy has none).
+    obj = base.get_cached(**lookup) if recording.active else reads.get(base, mc, lk, values)
     if want is None or _related_of(manager, obj) != want:
         raise manager.model.DoesNotExist(
             f"{manager.model._meta.object_name} matching query does not exist."

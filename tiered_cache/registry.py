@@ -62,6 +62,7 @@ __all__ = [
     "model_cache",
     "model_caches",
     "model_caches_of_group",
+    "pk_names",
     "reset_registry",
     "resolve_models",
     "uncacheable_reason",
@@ -82,6 +83,18 @@ class CachedManagerBase:
 
     def get_cache_lookups(self) -> list[LookupSpec]:
         return checked_lookups(self.cache_lookups, "cache_lookups")
+
+
+def pk_names(model: type[models.Model]) -> set[str]:
+    """The keywords that name the primary key: pk, its name and attname, and on a
+    multi-table child those of each ancestor's pk it is linked to (a Restaurant's
+    `id` is its Place's, equal to its own pk: `Restaurant.objects.get(id=...)`)."""
+    f: Any = model._meta.pk
+    names = {"pk", f.name, f.attname}
+    while f.is_relation and f.remote_field.parent_link:
+        f = f.target_field
+        names |= {f.name, f.attname}
+    return names
 
 
 def repeated(names: Sequence[str]) -> str | None:
@@ -355,22 +368,14 @@ class ModelCache:
         self.counters = Counters()
 
     def _pk_names(self) -> set[str]:
-        """The keywords that name the primary key: pk, its name and attname, and on a
-        multi-table child those of each ancestor's pk it is linked to (a Restaurant's
-        `id` is its Place's, equal to its own pk: `Restaurant.objects.get(id=...)`)."""
-        f: Any = self.model._meta.pk
-        names = {"pk", f.name, f.attname}
-        while f.is_relation and f.remote_field.parent_link:
-            f = f.target_field
-            names |= {f.name, f.attname}
-        return names
+        return pk_names(self.model)
 
     def _declared_name(self, name: str) -> str:
         """One name per field whichever way it was declared: "pk" for the primary key,
         else the field's name (a foreign key declared by its attname too), so that no
         keyword maps to two names when lookups spell a field differently."""
         f = self._field(name)
-        return "pk" if f is self.model._meta.pk else f.name
+        return "pk" if f is self.model._meta.pk or name in pk_names(self.model) else f.name
 
     def _field(self, name: str) -> models.Field[Any, Any]:
         if name == "pk":
@@ -437,18 +442,23 @@ class ModelCache:
                 in_order = order == tuple(range(len(order)))
                 self._orders[names] = (lk, order, None if in_order else itemgetter(*order))
                 return lk, values
-        raise UndeclaredLookup(self.label, kwargs, self.declared, self._unknown(kwargs))
+        raise UndeclaredLookup(self.label, kwargs, self.declared, self._why_not(kwargs))
 
-    def _unknown(self, names: Iterable[str]) -> list[str]:
-        """The names given that are no field of the model (pk aside)."""
-        unknown = []
-        for name in names:
-            if name != "pk":
-                try:
-                    self.model._meta.get_field(name)
-                except FieldDoesNotExist:
-                    unknown.append(name)
-        return unknown
+    def _why_not(self, names: Iterable[str]) -> str | None:
+        """Why no lookup could be declared for these keywords, when none could: a
+        lookup expression, a name that is no field, or a relation that is no column."""
+        for name in sorted(names):
+            if "__" in name:
+                return f"get_cached() takes field=value, not lookup expressions ({name!r})"
+            if name == "pk":
+                continue
+            try:
+                f = self.model._meta.get_field(name)
+            except FieldDoesNotExist:
+                return f"{self.model._meta.label} has no field {name!r}"
+            if not f.concrete or f.many_to_many or f.one_to_many:
+                return f"{name!r} is a reverse or many-to-many relation, not a column"
+        return None
 
     def plain_many(self, kwargs: dict[str, Any]) -> tuple[Lookup, tuple[Any, ...]] | None:
         """resolve()'s answer for several fields in an order resolve() has seen before,
