@@ -10,6 +10,7 @@ first, as another process would read it).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1513,6 +1514,115 @@ def test_repeatable_read_transaction_reads_its_snapshot_and_leaves_no_trace(tier
             )
     elsewhere = in_thread(lambda: Tenant.objects.get_cached(pk=t.pk).name)
     assert elsewhere == "new", f"another thread read {elsewhere!r} after the block, not 'new'"
+
+
+# Snapshot isolation and transactions asked for in SQL rather than in settings or atomic():
+# (the statements opening the block, the statements closing it).
+SQL_TRANSACTIONS = {
+    "set transaction in atomic": (["SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"], []),
+    "begin isolation level": (["BEGIN ISOLATION LEVEL SERIALIZABLE"], ["COMMIT"]),
+    "start transaction then set": (
+        ["START TRANSACTION", "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"],
+        ["END"],
+    ),
+    "session characteristics": (
+        ["SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ", "BEGIN"],
+        ["COMMIT", "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED"],
+    ),
+    "session default": (
+        ["SET default_transaction_isolation = 'serializable'", "BEGIN"],
+        ["COMMIT", "RESET default_transaction_isolation"],
+    ),
+}
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("how", list(SQL_TRANSACTIONS))
+def test_snapshot_isolation_asked_for_in_sql_reads_its_snapshot_and_leaves_no_trace(
+    tier: str, how: str
+) -> None:
+    """The alias's settings say READ COMMITTED; a statement says otherwise."""
+    opening, closing = SQL_TRANSACTIONS[how]
+    t = TenantFactory(name="old")
+    Tenant.objects.get_cached(pk=t.pk)
+
+    def rename() -> None:
+        Tenant.objects.filter(pk=t.pk).update(name="new")
+
+    with transaction.atomic() if not closing else contextlib.nullcontext():
+        with connection.cursor() as cursor:
+            for statement in opening:
+                cursor.execute(statement)
+        try:
+            assert Tenant.objects.get(pk=t.pk).name == "old"  # the snapshot is taken here
+            result = in_thread(rename)
+            assert not isinstance(result, Exception), f"the other thread failed: {result!r}"
+            at(tier)
+            expected = assert_same(
+                lambda: Tenant.objects.get_cached(pk=t.pk),
+                lambda: Tenant.objects.get(pk=t.pk),
+                f"inside the block ({how}), after another connection committed a rename",
+            )
+            assert expected[1][2]["name"] == "old"
+        finally:
+            with connection.cursor() as cursor:
+                for statement in closing:
+                    cursor.execute(statement)
+    at(tier)
+    assert_same(
+        lambda: Tenant.objects.get_cached(pk=t.pk),
+        lambda: Tenant.objects.get(pk=t.pk),
+        f"after the block ({how})",
+    )
+    assert in_thread(lambda: Tenant.objects.get_cached(pk=t.pk).name) == "new"
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("end", ["COMMIT", "ROLLBACK"])
+def test_a_transaction_begun_in_sql_invalidates_at_its_commit(tier: str, end: str) -> None:
+    """BEGIN through a cursor in autocommit: Django does not know of the transaction, whose
+    writes are still uncommitted (a read must not store them) until its COMMIT (when a row
+    another connection stored meanwhile must be dropped)."""
+    t = TenantFactory(name="old")
+    Tenant.objects.get_cached(pk=t.pk)
+    with connection.cursor() as cursor:
+        cursor.execute("BEGIN")
+        try:
+            Tenant.objects.filter(pk=t.pk).update(name="new")
+            at(tier)
+            assert_same(
+                lambda: Tenant.objects.get_cached(pk=t.pk),
+                lambda: Tenant.objects.get(pk=t.pk),
+                "inside the SQL transaction, after its update",
+            )
+            # Another connection stores the committed row meanwhile.
+            tiered_cache.clear_local()
+            assert in_thread(lambda: Tenant.objects.get_cached(pk=t.pk).name) == "old"
+        finally:
+            cursor.execute(end)
+    at(tier)
+    expected = assert_same(
+        lambda: Tenant.objects.get_cached(pk=t.pk),
+        lambda: Tenant.objects.get(pk=t.pk),
+        f"after the SQL transaction's {end}",
+    )
+    assert expected[1][2]["name"] == ("new" if end == "COMMIT" else "old")
+
+
+def test_an_alias_whose_session_default_is_a_snapshot_level_is_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tiered_cache.transactions import forget_databases, snapshot_aliases
+
+    db = settings.DATABASES["default"]
+    for alias, level in (("rr", "repeatable\\ read"), ("rc", "read\\ committed")):
+        options = {"options": f"-c default_transaction_isolation={level}"}
+        monkeypatch.setitem(settings.DATABASES, alias, {**db, "OPTIONS": options})
+    forget_databases()
+    try:
+        assert "rr" in snapshot_aliases() and "rc" not in snapshot_aliases()
+    finally:
+        forget_databases()
 
 
 # -- 19. composite primary keys ----------------------------------------------------------------

@@ -43,7 +43,13 @@ from .registry import cached_managers
 from .serialization import CorruptPayload, dumps, loads_verified, open_signed, sign
 from .tiers.local import local_tier
 from .tiers.remote import Unavailable, fresh_token, redis_tier
-from .transactions import bypass_any, open_writes, queue, snapshot_aliases
+from .transactions import (
+    bypass_any,
+    open_writes,
+    queue,
+    snapshot_aliases,
+    snapshot_statements,
+)
 
 # What the debug-toolbar panel calls a call of a cached function.
 _API = "cached function"
@@ -417,7 +423,7 @@ class CachedFunction:
         """Whether an async caller may use L1 on the event loop: only while no transaction
         of this process holds writes and no alias reads from a snapshot. The transaction an
         async caller runs in lives on the thread sync_to_async hops to, not on the loop."""
-        return open_writes() == 0 and not snapshot_aliases()
+        return open_writes() == 0 and not snapshot_aliases() and snapshot_statements() == 0
 
     async def _acall(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         key = self.key(*args, **kwargs)

@@ -15,7 +15,7 @@ from .groups import database_of, read_group
 from .invalidation import flush_batch, rows_batch
 from .keys import Group, keyable, keyable_values, pk_row_id
 from .registry import CachedManagerBase, LookupSpec, checked_lookups, instance_value, model_cache
-from .transactions import open_writes, queue, snapshot_aliases
+from .transactions import open_writes, queue, snapshot_aliases, snapshot_statements
 
 _M = TypeVar("_M", bound=models.Model)
 
@@ -120,7 +120,13 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
         # An L1 hit stays on the event loop (no I/O, no thread hop) only while no
         # transaction of this process holds writes: the caller's transaction lives on the
         # thread sync_to_async hops to, where reads.get() checks it.
-        if open_writes() == 0 and lk.unique and lk.keyed and keyable_values(values):
+        if (
+            open_writes() == 0
+            and snapshot_statements() == 0
+            and lk.unique
+            and lk.keyed
+            and keyable_values(values)
+        ):
             scope, mode, picked = mc.read_scope(self)
             db = picked or self.db
             if scope is not None and db not in snapshot_aliases():

@@ -1,17 +1,19 @@
 """When a write's invalidation runs, and which reads must skip the tiers.
 
 In autocommit a statement's invalidation runs as soon as it returns. Inside a transaction
-(atomic(), or autocommit turned off) it runs right after the COMMIT, before every on_commit
+(atomic(), autocommit turned off, or a BEGIN statement) it runs right after the COMMIT, before every on_commit
 callback (a callback that reads must see the new row; one that raises must not cancel the
 invalidation). A rollback drops it. Until then, reads of what the transaction wrote go to
 the database, and so do all reads inside a transaction whose snapshot may predate other
-commits (REPEATABLE READ, SERIALIZABLE, SQLite): the cache holds the latest committed rows,
-which such a transaction must not see.
+commits (REPEATABLE READ, SERIALIZABLE, SQLite; set in the alias's OPTIONS or by a
+statement): the cache holds the latest committed rows, which such a transaction must not
+see.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import weakref
 from collections.abc import Iterable
@@ -33,6 +35,7 @@ __all__ = [
     "open_writes",
     "queue",
     "snapshot_aliases",
+    "snapshot_statements",
     "sql_text",
 ]
 
@@ -42,12 +45,18 @@ class _Connection:
     invalidations, the batches whose signals wait for autocommit, and whether its
     commit() and rollback() are wrapped."""
 
-    __slots__ = ("hooked", "owed", "pending")
+    __slots__ = ("hooked", "owed", "pending", "raw", "snapshot", "snapshot_session")
 
     def __init__(self) -> None:
         self.pending: Pending | None = None
         self.owed: list[Batch] = []
         self.hooked = False
+        # A transaction opened by a BEGIN statement in autocommit, which Django does not
+        # know of; whether the open transaction, or every one of the session, reads from
+        # a snapshot because a statement said so (SET TRANSACTION ISOLATION LEVEL...).
+        self.raw = False
+        self.snapshot = False
+        self.snapshot_session = False
 
 
 # Kept beside the connection, not on it: Django's object carries no attribute of ours.
@@ -69,6 +78,8 @@ class _ThreadState(threading.local):
     # threading.local raises AttributeError (caught by getattr(), about 0.3 µs, on every
     # read of such a thread).
     dirty: dict[int, Pending] | None = None
+    # Ids of this thread's connections that a statement set to read from snapshots.
+    snapshots: set[int] | None = None
 
 
 _local = _ThreadState()
@@ -93,6 +104,9 @@ class _OpenCount:
 
 
 _open = _OpenCount()
+# Connections of the whole process that a statement set to read from snapshots: the async
+# fast path, on another thread than theirs, serves L1 only at 0.
+_snapshotting = _OpenCount()
 
 
 class Pending:
@@ -137,7 +151,14 @@ def open_writes() -> int:
 
 
 def in_transaction(conn: Any) -> bool:
-    return bool(conn.in_atomic_block or (conn.connection is not None and not conn.autocommit))
+    if conn.in_atomic_block:
+        return True
+    if conn.connection is None:
+        return False
+    if not conn.autocommit:
+        return True
+    state = _connections.get(conn)
+    return state is not None and state.raw
 
 
 def current(conn: Any) -> Pending | None:
@@ -178,12 +199,90 @@ def watch(execute: Any, sql: Any, params: Any, many: bool, context: dict[str, An
     when the statement raises: the server may have applied it (a lost reply), and an
     extra invalidation is harmless where a missing one is not."""
     conn = context["connection"]
-    effects = classify(sql_text(sql, conn), params, many)
+    text = sql_text(sql, conn)
+    effects = classify(text, params, many)
+    control = _CONTROL.match(text)
     try:
         return execute(sql, params, many, context)
     finally:
         if effects:
             record(conn, batch_of(conn.alias, effects))
+        if control is not None:
+            _controlled(conn, control)
+
+
+# Transaction control written as SQL, which Django's own commit() and rollback() never
+# see: BEGIN and its ends, and the isolation level set for a transaction or a session.
+_CONTROL = re.compile(
+    r"\s*(?:(?P<begin>begin|start\s+transaction)\b"
+    r"|(?P<commit>commit|end)\b(?!\s+prepared)"
+    r"|(?P<rollback>rollback|abort)\b(?!\s+(?:to|prepared)\b)"
+    r"|(?P<tx>set\s+transaction)\b"
+    r"|(?P<session>set\s+(?:session\s+)?(?:characteristics\s+as\s+transaction|"
+    r"default_transaction_isolation))\b"
+    r"|(?P<reset>reset\s+(?:all|default_transaction_isolation)|discard\s+all)\b)"
+    r"(?P<rest>.*)",
+    re.IGNORECASE | re.DOTALL,
+)
+_SNAPSHOT_LEVEL = re.compile(r"(repeatable\s+read|serializable)", re.IGNORECASE)
+_ANY_LEVEL = re.compile(r"(isolation\s+level|default_transaction_isolation|\bto\b|=)", re.I)
+
+
+def _controlled(conn: Any, control: re.Match[str]) -> None:
+    """After a transaction-control statement ran: a BEGIN in autocommit opens a
+    transaction whose writes wait for its COMMIT, a COMMIT applies them (a COMMIT that
+    in fact rolled back costs only an extra drop), a ROLLBACK drops them; an isolation
+    level of REPEATABLE READ or SERIALIZABLE makes reads skip the tiers, as the
+    OPTIONS["isolation_level"] of the alias does."""
+    state = _state(conn)
+    kind = next(k for k in ("begin", "commit", "rollback", "tx", "session", "reset") if control[k])
+    rest = control["rest"]
+    snapshot = _SNAPSHOT_LEVEL.search(rest) is not None
+    if kind == "begin":
+        if conn.autocommit and not conn.in_atomic_block:
+            state.raw = True
+        _set_snapshot(conn, state, tx=snapshot)
+    elif kind in ("commit", "rollback"):
+        chained = re.search(r"\band\s+chain\b", rest, re.IGNORECASE) is not None
+        if state.pending is not None:
+            state.pending.finish(apply=kind == "commit")
+        if conn.autocommit and not conn.in_atomic_block:
+            owed, state.owed = state.owed, []
+            for batch in owed:
+                batch.send_signals()
+        state.raw = state.raw and chained
+        if not chained:
+            _set_snapshot(conn, state, tx=False)
+    elif kind == "tx":
+        if _ANY_LEVEL.search(rest):
+            _set_snapshot(conn, state, tx=snapshot)
+    elif kind == "session":
+        _set_snapshot(conn, state, session=snapshot)
+    else:
+        _set_snapshot(conn, state, session=False)
+
+
+def _set_snapshot(
+    conn: Any, state: _Connection, tx: bool | None = None, session: bool | None = None
+) -> None:
+    before = state.snapshot or state.snapshot_session
+    if tx is not None:
+        state.snapshot = tx
+    if session is not None:
+        state.snapshot_session = session
+    after = state.snapshot or state.snapshot_session
+    if before != after:
+        _snapshotting.add(1 if after else -1)
+        flagged = _local.__dict__.setdefault("snapshots", set())
+        if after:
+            flagged.add(id(conn))
+        else:
+            flagged.discard(id(conn))
+
+
+def snapshot_statements() -> int:
+    """Connections of the process that statements set to read from snapshots."""
+    return _snapshotting.n
 
 
 def batch_of(alias: str, effects: Iterable[Effect]) -> Batch:
@@ -229,6 +328,9 @@ def install(connection: Any, **kwargs: Any) -> None:
     if watch not in connection.execute_wrappers:
         connection.execute_wrappers.insert(0, watch)
     state = _state(connection)
+    # A new session: nothing a statement set on the last one holds.
+    state.raw = False
+    _set_snapshot(connection, state, tx=False, session=False)
     if state.hooked:
         return
     state.hooked = True
@@ -241,6 +343,7 @@ def install(connection: Any, **kwargs: Any) -> None:
         finally:
             if state.pending is not None:
                 state.pending.finish(apply=True)
+            _set_snapshot(connection, state, tx=False)
 
     def rollback_and_forget() -> None:
         try:
@@ -248,6 +351,7 @@ def install(connection: Any, **kwargs: Any) -> None:
         finally:
             if state.pending is not None:
                 state.pending.finish(apply=False)
+            _set_snapshot(connection, state, tx=False)
 
     def signals_then_hooks() -> None:
         owed, state.owed = state.owed, []
@@ -287,8 +391,20 @@ def snapshot_aliases() -> frozenset[str]:
         out = set()
         for alias, db in settings.DATABASES.items():
             engine = str(db.get("ENGINE", ""))
-            level = (db.get("OPTIONS") or {}).get("isolation_level")
-            if "sqlite" in engine or (level is not None and _is_snapshot_level(level, engine)):
+            options = db.get("OPTIONS") or {}
+            level = options.get("isolation_level")
+            # libpq's options may set the session's default ("-c default_transaction_
+            # isolation=repeatable\\ read"), which is every transaction's level.
+            default = re.search(
+                r"default_transaction_isolation\s*=\s*'?(repeatable(?:\\?\s+|_)read|serializable)",
+                str(options.get("options", "")),
+                re.IGNORECASE,
+            )
+            if (
+                "sqlite" in engine
+                or (level is not None and _is_snapshot_level(level, engine))
+                or default is not None
+            ):
                 out.add(alias)
         _snapshot.append(frozenset(out))
     return _snapshot[0]
@@ -317,7 +433,7 @@ def nothing_to_bypass(read_alias: str) -> bool:
     at any group: no open transaction of this thread wrote, and the alias does not read
     from snapshots (reads.hit())."""
     snapshot = _snapshot[0] if _snapshot else snapshot_aliases()  # no call once known
-    return not _local.dirty and read_alias not in snapshot
+    return not _local.dirty and not _local.snapshots and read_alias not in snapshot
 
 
 def bypass(read_alias: str, group_alias: str, gid: str) -> str | None:
@@ -325,9 +441,18 @@ def bypass(read_alias: str, group_alias: str, gid: str) -> str | None:
     dirty = _local.dirty
     if dirty and _written(dirty, [gid]):
         return "written in this transaction"
-    if read_alias in snapshot_aliases() and in_transaction(connections[read_alias]):
-        return "snapshot isolation"
+    if _local.snapshots or read_alias in snapshot_aliases():
+        conn = connections[read_alias]
+        if _reads_snapshots(conn, read_alias) and in_transaction(conn):
+            return "snapshot isolation"
     return None
+
+
+def _reads_snapshots(conn: Any, alias: str) -> bool:
+    if alias in snapshot_aliases():
+        return True
+    state = _connections.get(conn)
+    return state is not None and (state.snapshot or state.snapshot_session)
 
 
 def bypass_any(gids: list[tuple[str, str]]) -> str | None:
@@ -335,8 +460,11 @@ def bypass_any(gids: list[tuple[str, str]]) -> str | None:
     dirty = _local.dirty
     if dirty and _written(dirty, [gid for _, gid in gids]):
         return "written in this transaction"
-    for alias in snapshot_aliases():
+    aliases = list(snapshot_aliases())
+    if _local.snapshots:
+        aliases += [c.alias for c in connections.all(initialized_only=True)]
+    for alias in aliases:
         conn = connections[alias]
-        if in_transaction(conn):
+        if _reads_snapshots(conn, alias) and in_transaction(conn):
             return "snapshot isolation"
     return None
