@@ -1,13 +1,13 @@
 """When a write's invalidation runs, and which reads must skip the tiers.
 
 In autocommit a statement's invalidation runs as soon as it returns. Inside a transaction
-(atomic(), autocommit turned off, or a BEGIN statement) it runs right after the COMMIT, before every on_commit
-callback (a callback that reads must see the new row; one that raises must not cancel the
-invalidation). A rollback drops it. Until then, reads of what the transaction wrote go to
-the database, and so do all reads inside a transaction whose snapshot may predate other
-commits (REPEATABLE READ, SERIALIZABLE, SQLite; set in the alias's OPTIONS or by a
-statement): the cache holds the latest committed rows, which such a transaction must not
-see.
+(atomic(), autocommit turned off, or a BEGIN statement) it runs right after the COMMIT,
+before every on_commit callback (a callback that reads must see the new row; one that
+raises must not cancel the invalidation). A rollback drops it. Until then, reads of what
+the transaction wrote go to the database, and so do all reads inside a transaction whose
+snapshot may predate other commits (REPEATABLE READ, SERIALIZABLE, SQLite; set in the
+alias's OPTIONS or by a statement): the cache holds the latest committed rows, which such
+a transaction must not see.
 """
 
 from __future__ import annotations
