@@ -1328,6 +1328,36 @@ class CacheMachine(RuleBasedStateMachine):
         self.step(f"raw_sql_seen_{form}")
         self.apply(("raw_sql_seen", pk, balance, form))
 
+    @rule(
+        pk=accounts,
+        balance=balances,
+        form=st.sampled_from(RAW_SQL_FORMS),
+        end=st.sampled_from(["COMMIT", "END", "ROLLBACK", "ABORT"]),
+        level=st.sampled_from(
+            ["", " ISOLATION LEVEL REPEATABLE READ", " ISOLATION LEVEL SERIALIZABLE"]
+        ),
+        thread_probe=st.booleans(),
+    )
+    def sql_transaction(
+        self, pk: int, balance: int, form: str, end: str, level: str, thread_probe: bool
+    ) -> None:
+        """BEGIN ... COMMIT or ROLLBACK run as SQL in autocommit, a transaction Django does
+        not know of: nothing uncommitted reaches a tier, and its end applies or drops its
+        invalidations. Only writes that open no atomic() of Django's inside it (psycopg
+        refuses to leave autocommit inside a transaction it did not open)."""
+        self.step(f"sql_transaction_{end.lower()}{'_snapshot' if level else ''}")
+        with connection.cursor() as cursor:
+            cursor.execute("BEGIN" + level)
+            try:
+                self.apply(("account_save", pk, "balance", balance))
+                self.apply(("raw_sql_seen", pk, balance + 1, form))
+                self.check("inside a transaction begun in SQL", l2=False)
+                if thread_probe:
+                    self.check_in_thread("another thread, while the SQL transaction is open")
+            finally:
+                cursor.execute(end)
+        self.check(f"after the SQL transaction's {end}")
+
     @rule(model=st.sampled_from(["Account", "Tenant", "Place", "Item", "Code"]))
     def flush_cache(self, model: str) -> None:
         self.step("flush_cache")

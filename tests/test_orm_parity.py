@@ -1533,6 +1533,23 @@ SQL_TRANSACTIONS = {
         ["SET default_transaction_isolation = 'serializable'", "BEGIN"],
         ["COMMIT", "RESET default_transaction_isolation"],
     ),
+    "transaction_isolation in sql transaction": (
+        ["/* tag */ BEGIN", "SET transaction_isolation = 'serializable'"],
+        ["COMMIT"],
+    ),
+    "set local after a comment": (
+        ["-- a comment\nSET LOCAL transaction_isolation TO 'repeatable read'"],
+        [],
+    ),
+    # The session's level stays REPEATABLE READ: the SET that would change it rolled back.
+    "session set rolled back": (
+        [
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+            "BEGIN; SET default_transaction_isolation = 'read committed'; ROLLBACK",
+            "BEGIN",
+        ],
+        ["COMMIT", "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED"],
+    ),
 }
 
 
@@ -1578,15 +1595,18 @@ def test_snapshot_isolation_asked_for_in_sql_reads_its_snapshot_and_leaves_no_tr
 
 
 @pytest.mark.parametrize("tier", TIERS)
-@pytest.mark.parametrize("end", ["COMMIT", "ROLLBACK"])
-def test_a_transaction_begun_in_sql_invalidates_at_its_commit(tier: str, end: str) -> None:
+@pytest.mark.parametrize("begin", ["BEGIN", "/* tag */ begin", "-- c\nSTART TRANSACTION"])
+@pytest.mark.parametrize("end", ["COMMIT", "ROLLBACK", "SELECT 1; COMMIT"])
+def test_a_transaction_begun_in_sql_invalidates_at_its_commit(
+    tier: str, begin: str, end: str
+) -> None:
     """BEGIN through a cursor in autocommit: Django does not know of the transaction, whose
     writes are still uncommitted (a read must not store them) until its COMMIT (when a row
     another connection stored meanwhile must be dropped)."""
     t = TenantFactory(name="old")
     Tenant.objects.get_cached(pk=t.pk)
     with connection.cursor() as cursor:
-        cursor.execute("BEGIN")
+        cursor.execute(begin)
         try:
             Tenant.objects.filter(pk=t.pk).update(name="new")
             at(tier)
@@ -1606,7 +1626,46 @@ def test_a_transaction_begun_in_sql_invalidates_at_its_commit(tier: str, end: st
         lambda: Tenant.objects.get(pk=t.pk),
         f"after the SQL transaction's {end}",
     )
-    assert expected[1][2]["name"] == ("new" if end == "COMMIT" else "old")
+    assert expected[1][2]["name"] == ("old" if end == "ROLLBACK" else "new")
+
+
+def test_sql_transaction_control_in_other_forms() -> None:
+    """What ends, or seems to begin, a transaction in SQL is what the server says it is."""
+    from django.db import DatabaseError
+
+    t = TenantFactory(name="old")
+
+    def served_elsewhere() -> str:
+        return str(in_thread(lambda: Tenant.objects.get_cached(pk=t.pk).name))
+
+    def rename(name: str) -> None:
+        Tenant.objects.filter(pk=t.pk).update(name=name)
+
+    with connection.cursor() as cursor:
+        # A BEGIN that fails, or one Django's own commit() ends, leaves autocommit: a
+        # write after it is dropped at once, not held for a COMMIT that never comes.
+        with pytest.raises(DatabaseError):
+            cursor.execute("BEGIN ISOLATION LEVEL BOGUS")
+        assert served_elsewhere() == "old"
+        rename("a")
+        assert served_elsewhere() == "a"
+        cursor.execute("BEGIN")
+        transaction.commit()
+        rename("b")
+        assert served_elsewhere() == "b"
+        # The write and its COMMIT in one execute.
+        cursor.execute("BEGIN")
+        cursor.execute(f"UPDATE testapp_tenant SET name = 'c' WHERE id = {t.pk}; COMMIT")
+        assert served_elsewhere() == "c"
+        # Rolling back to a savepoint (in a spelling Django does not use) ends nothing.
+        cursor.execute("BEGIN")
+        rename("d")
+        cursor.execute("SAVEPOINT s")
+        cursor.execute("ROLLBACK TRANSACTION TO s")
+        tiered_cache.clear_local()
+        assert served_elsewhere() == "c"  # stored by another connection meanwhile
+        cursor.execute("COMMIT")
+    assert served_elsewhere() == "d"
 
 
 def test_an_alias_whose_session_default_is_a_snapshot_level_is_one(
@@ -1615,12 +1674,15 @@ def test_an_alias_whose_session_default_is_a_snapshot_level_is_one(
     from tiered_cache.transactions import forget_databases, snapshot_aliases
 
     db = settings.DATABASES["default"]
-    for alias, level in (("rr", "repeatable\\ read"), ("rc", "read\\ committed")):
-        options = {"options": f"-c default_transaction_isolation={level}"}
-        monkeypatch.setitem(settings.DATABASES, alias, {**db, "OPTIONS": options})
+    for alias, given in (
+        ("rr", "-c default_transaction_isolation=repeatable\\ read"),
+        ("ser", "--default-transaction-isolation=serializable"),
+        ("rc", "-c default_transaction_isolation=read\\ committed"),
+    ):
+        monkeypatch.setitem(settings.DATABASES, alias, {**db, "OPTIONS": {"options": given}})
     forget_databases()
     try:
-        assert "rr" in snapshot_aliases() and "rc" not in snapshot_aliases()
+        assert {"rr", "ser"} <= snapshot_aliases() and "rc" not in snapshot_aliases()
     finally:
         forget_databases()
 

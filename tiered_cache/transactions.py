@@ -45,18 +45,19 @@ class _Connection:
     invalidations, the batches whose signals wait for autocommit, and whether its
     commit() and rollback() are wrapped."""
 
-    __slots__ = ("hooked", "owed", "pending", "raw", "snapshot", "snapshot_session")
+    __slots__ = ("hooked", "level", "owed", "pending", "raw", "touched")
 
     def __init__(self) -> None:
         self.pending: Pending | None = None
         self.owed: list[Batch] = []
         self.hooked = False
-        # A transaction opened by a BEGIN statement in autocommit, which Django does not
-        # know of; whether the open transaction, or every one of the session, reads from
-        # a snapshot because a statement said so (SET TRANSACTION ISOLATION LEVEL...).
+        # A transaction the server holds open in autocommit (a BEGIN run as SQL), which
+        # Django does not know of.
         self.raw = False
-        self.snapshot = False
-        self.snapshot_session = False
+        # A statement of this session named an isolation level: its transactions' level
+        # is asked of the server (SHOW), once per transaction (`level`, None until asked).
+        self.touched = False
+        self.level: bool | None = None
 
 
 # Kept beside the connection, not on it: Django's object carries no attribute of ours.
@@ -78,7 +79,7 @@ class _ThreadState(threading.local):
     # threading.local raises AttributeError (caught by getattr(), about 0.3 µs, on every
     # read of such a thread).
     dirty: dict[int, Pending] | None = None
-    # Ids of this thread's connections that a statement set to read from snapshots.
+    # Ids of this thread's connections whose isolation a statement may have changed.
     snapshots: set[int] | None = None
 
 
@@ -104,7 +105,7 @@ class _OpenCount:
 
 
 _open = _OpenCount()
-# Connections of the whole process that a statement set to read from snapshots: the async
+# Connections of the whole process whose isolation a statement may have changed: the async
 # fast path, on another thread than theirs, serves L1 only at 0.
 _snapshotting = _OpenCount()
 
@@ -197,91 +198,93 @@ def queue(batch: Batch, using: str) -> None:
 def watch(execute: Any, sql: Any, params: Any, many: bool, context: dict[str, Any]) -> Any:
     """The execute wrapper installed on every connection. The effects are recorded even
     when the statement raises: the server may have applied it (a lost reply), and an
-    extra invalidation is harmless where a missing one is not."""
+    extra invalidation is harmless where a missing one is not.
+
+    Transaction control written as SQL (BEGIN, COMMIT, SET TRANSACTION ISOLATION LEVEL,
+    in any form or company) never reaches Django's commit() and rollback(): whether a
+    transaction is open is asked of the driver after each statement in autocommit (the
+    server reports it with every reply), and a statement that names an isolation level
+    makes the level of this session's transactions one to ask the server."""
     conn = context["connection"]
     text = sql_text(sql, conn)
     effects = classify(text, params, many)
-    control = _CONTROL.match(text)
+    touches = _ISOLATION.search(text) is not None
     try:
         return execute(sql, params, many, context)
     finally:
+        state = _state(conn) if touches or effects else _connections.get(conn)
+        was_raw = state is not None and state.raw
+        if conn.autocommit and not conn.in_atomic_block:
+            open_now = _server_in_transaction(conn)
+            if open_now and state is None:
+                state = _state(conn)
+            if state is not None and open_now is not None:
+                state.raw = open_now
         if effects:
             record(conn, batch_of(conn.alias, effects))
-        if control is not None:
-            _controlled(conn, control)
+        if was_raw and state is not None:
+            if not state.raw:
+                _raw_ended(conn, state)
+            elif state.pending is not None and _ENDS.search(text):
+                # It may have committed and begun again ("COMMIT; BEGIN"): what it wrote
+                # so far is dropped now too (again at its end: twice costs nothing).
+                early = Batch()
+                early.merge(state.pending.batch)
+                early.apply()
+        if touches and state is not None:
+            _touch(conn, state)
 
 
-# Transaction control written as SQL, which Django's own commit() and rollback() never
-# see: BEGIN and its ends, and the isolation level set for a transaction or a session.
-_CONTROL = re.compile(
-    r"\s*(?:(?P<begin>begin|start\s+transaction)\b"
-    r"|(?P<commit>commit|end)\b(?!\s+prepared)"
-    r"|(?P<rollback>rollback|abort)\b(?!\s+(?:to|prepared)\b)"
-    r"|(?P<tx>set\s+transaction)\b"
-    r"|(?P<session>set\s+(?:session\s+)?(?:characteristics\s+as\s+transaction|"
-    r"default_transaction_isolation))\b"
-    r"|(?P<reset>reset\s+(?:all|default_transaction_isolation)|discard\s+all)\b)"
-    r"(?P<rest>.*)",
-    re.IGNORECASE | re.DOTALL,
-)
-_SNAPSHOT_LEVEL = re.compile(r"(repeatable\s+read|serializable)", re.IGNORECASE)
-_ANY_LEVEL = re.compile(r"(isolation\s+level|default_transaction_isolation|\bto\b|=)", re.I)
+# A statement that may set an isolation level (SET TRANSACTION, BEGIN ISOLATION LEVEL,
+# transaction_isolation, default_transaction_isolation, SET SESSION CHARACTERISTICS) or
+# reset the session's (RESET ALL, DISCARD ALL); a false match costs one SHOW.
+_ISOLATION = re.compile(r"isolation|\breset\s+all\b|\bdiscard\s+all\b", re.IGNORECASE)
+# A statement that may end a transaction among others.
+_ENDS = re.compile(r"\b(?:commit|end|rollback|abort|prepare)\b", re.IGNORECASE)
 
 
-def _controlled(conn: Any, control: re.Match[str]) -> None:
-    """After a transaction-control statement ran: a BEGIN in autocommit opens a
-    transaction whose writes wait for its COMMIT, a COMMIT applies them (a COMMIT that
-    in fact rolled back costs only an extra drop), a ROLLBACK drops them; an isolation
-    level of REPEATABLE READ or SERIALIZABLE makes reads skip the tiers, as the
-    OPTIONS["isolation_level"] of the alias does."""
-    state = _state(conn)
-    kind = next(k for k in ("begin", "commit", "rollback", "tx", "session", "reset") if control[k])
-    rest = control["rest"]
-    snapshot = _SNAPSHOT_LEVEL.search(rest) is not None
-    if kind == "begin":
-        if conn.autocommit and not conn.in_atomic_block:
-            state.raw = True
-        _set_snapshot(conn, state, tx=snapshot)
-    elif kind in ("commit", "rollback"):
-        chained = re.search(r"\band\s+chain\b", rest, re.IGNORECASE) is not None
-        if state.pending is not None:
-            state.pending.finish(apply=kind == "commit")
-        if conn.autocommit and not conn.in_atomic_block:
-            owed, state.owed = state.owed, []
-            for batch in owed:
-                batch.send_signals()
-        state.raw = state.raw and chained
-        if not chained:
-            _set_snapshot(conn, state, tx=False)
-    elif kind == "tx":
-        if _ANY_LEVEL.search(rest):
-            _set_snapshot(conn, state, tx=snapshot)
-    elif kind == "session":
-        _set_snapshot(conn, state, session=snapshot)
-    else:
-        _set_snapshot(conn, state, session=False)
+def _server_in_transaction(conn: Any) -> bool | None:
+    """Whether the server holds a transaction open on this connection (psycopg's
+    transaction status, known without a round trip), None when the driver does not say."""
+    try:
+        status = conn.connection.info.transaction_status
+    except AttributeError:
+        return None
+    return int(status) in (2, 3)  # INTRANS, INERROR (psycopg.pq.TransactionStatus)
 
 
-def _set_snapshot(
-    conn: Any, state: _Connection, tx: bool | None = None, session: bool | None = None
-) -> None:
-    before = state.snapshot or state.snapshot_session
-    if tx is not None:
-        state.snapshot = tx
-    if session is not None:
-        state.snapshot_session = session
-    after = state.snapshot or state.snapshot_session
-    if before != after:
-        _snapshotting.add(1 if after else -1)
-        flagged = _local.__dict__.setdefault("snapshots", set())
-        if after:
-            flagged.add(id(conn))
-        else:
+def _raw_ended(conn: Any, state: _Connection) -> None:
+    """A transaction begun as SQL ended: its invalidations run now (after a ROLLBACK too,
+    where they only drop entries that were right), then the signals they owe."""
+    if state.pending is not None:
+        state.pending.finish(apply=True)
+    owed, state.owed = state.owed, []
+    for batch in owed:
+        batch.send_signals()
+    state.level = None
+
+
+def _touch(conn: Any, state: _Connection) -> None:
+    state.level = None
+    if not state.touched:
+        state.touched = True
+        _snapshotting.add(1)
+        _local.__dict__.setdefault("snapshots", set()).add(id(conn))
+
+
+def _untouch(conn: Any, state: _Connection) -> None:
+    """A new session: nothing a statement set on the last one holds."""
+    state.level = None
+    if state.touched:
+        state.touched = False
+        _snapshotting.add(-1)
+        flagged = _local.snapshots
+        if flagged:
             flagged.discard(id(conn))
 
 
 def snapshot_statements() -> int:
-    """Connections of the process that statements set to read from snapshots."""
+    """Connections of the process whose isolation a statement may have changed."""
     return _snapshotting.n
 
 
@@ -328,9 +331,8 @@ def install(connection: Any, **kwargs: Any) -> None:
     if watch not in connection.execute_wrappers:
         connection.execute_wrappers.insert(0, watch)
     state = _state(connection)
-    # A new session: nothing a statement set on the last one holds.
     state.raw = False
-    _set_snapshot(connection, state, tx=False, session=False)
+    _untouch(connection, state)
     if state.hooked:
         return
     state.hooked = True
@@ -343,7 +345,7 @@ def install(connection: Any, **kwargs: Any) -> None:
         finally:
             if state.pending is not None:
                 state.pending.finish(apply=True)
-            _set_snapshot(connection, state, tx=False)
+            state.raw, state.level = False, None
 
     def rollback_and_forget() -> None:
         try:
@@ -351,7 +353,7 @@ def install(connection: Any, **kwargs: Any) -> None:
         finally:
             if state.pending is not None:
                 state.pending.finish(apply=False)
-            _set_snapshot(connection, state, tx=False)
+            state.raw, state.level = False, None
 
     def signals_then_hooks() -> None:
         owed, state.owed = state.owed, []
@@ -367,6 +369,14 @@ def install(connection: Any, **kwargs: Any) -> None:
 # -- reads ------------------------------------------------------------------------------
 
 _snapshot: list[frozenset[str]] = []
+
+
+# libpq's options (or PGOPTIONS) setting the session's default level, in either spelling:
+# "-c default_transaction_isolation=repeatable\ read", "--default-transaction-isolation=...".
+_SNAPSHOT_DEFAULT = re.compile(
+    r"default[_-]transaction[_-]isolation\s*=\s*'?(?:repeatable(?:\\?\s+|[_-])read|serializable)",
+    re.IGNORECASE,
+)
 
 
 def _is_snapshot_level(level: Any, engine: str) -> bool:
@@ -395,10 +405,8 @@ def snapshot_aliases() -> frozenset[str]:
             level = options.get("isolation_level")
             # libpq's options may set the session's default ("-c default_transaction_
             # isolation=repeatable\\ read"), which is every transaction's level.
-            default = re.search(
-                r"default_transaction_isolation\s*=\s*'?(repeatable(?:\\?\s+|_)read|serializable)",
-                str(options.get("options", "")),
-                re.IGNORECASE,
+            default = _SNAPSHOT_DEFAULT.search(
+                str(options.get("options", "")) + " " + os.environ.get("PGOPTIONS", "")
             )
             if (
                 "sqlite" in engine
@@ -443,16 +451,27 @@ def bypass(read_alias: str, group_alias: str, gid: str) -> str | None:
         return "written in this transaction"
     if _local.snapshots or read_alias in snapshot_aliases():
         conn = connections[read_alias]
-        if _reads_snapshots(conn, read_alias) and in_transaction(conn):
+        if in_transaction(conn) and _reads_snapshots(conn, read_alias):
             return "snapshot isolation"
     return None
 
 
 def _reads_snapshots(conn: Any, alias: str) -> bool:
+    """Whether the open transaction on conn reads from a snapshot: the alias's settings
+    say so, or, after a statement named a level, the server does (asked once per
+    transaction, and only once it ran a statement: until then no snapshot is taken)."""
     if alias in snapshot_aliases():
         return True
     state = _connections.get(conn)
-    return state is not None and (state.snapshot or state.snapshot_session)
+    if state is None or not state.touched:
+        return False
+    if state.level is None:
+        if not _server_in_transaction(conn):
+            return False
+        # On the driver's connection: through Django's, our own wrapper would see it.
+        row = conn.connection.execute("SHOW transaction_isolation").fetchone()
+        state.level = _is_snapshot_level(str(row[0]), "")
+    return state.level
 
 
 def bypass_any(gids: list[tuple[str, str]]) -> str | None:
@@ -465,6 +484,6 @@ def bypass_any(gids: list[tuple[str, str]]) -> str | None:
         aliases += [c.alias for c in connections.all(initialized_only=True)]
     for alias in aliases:
         conn = connections[alias]
-        if _reads_snapshots(conn, alias) and in_transaction(conn):
+        if in_transaction(conn) and _reads_snapshots(conn, alias):
             return "snapshot isolation"
     return None
