@@ -1627,6 +1627,7 @@ def test_a_transaction_begun_in_sql_invalidates_at_its_commit(
         f"after the SQL transaction's {end}",
     )
     assert expected[1][2]["name"] == ("old" if end == "ROLLBACK" else "new")
+    assert in_thread(lambda: Tenant.objects.get_cached(pk=t.pk).name) == expected[1][2]["name"]
 
 
 def test_sql_transaction_control_in_other_forms() -> None:
@@ -1665,7 +1666,46 @@ def test_sql_transaction_control_in_other_forms() -> None:
         tiered_cache.clear_local()
         assert served_elsewhere() == "c"  # stored by another connection meanwhile
         cursor.execute("COMMIT")
-    assert served_elsewhere() == "d"
+        assert served_elsewhere() == "d"
+        # A commit and a new transaction in one execute: the write before it is committed.
+        cursor.execute(
+            f"BEGIN; UPDATE testapp_tenant SET name = 'e' WHERE id = {t.pk}; COMMIT; BEGIN"
+        )
+        try:
+            assert served_elsewhere() == "e"
+        finally:
+            cursor.execute("ROLLBACK")
+    # A COMMIT written as SQL while Django holds autocommit off: the write is committed,
+    # whatever Django does next.
+    transaction.set_autocommit(False)
+    try:
+        rename("f")
+        with connection.cursor() as cursor:
+            cursor.execute("COMMIT")
+        assert served_elsewhere() == "f"
+        transaction.rollback()
+    finally:
+        transaction.set_autocommit(True)
+    assert served_elsewhere() == "f"
+
+
+def test_a_read_in_an_aborted_transaction_raises_as_the_orms_does() -> None:
+    """After a statement named an isolation level, the level is asked of the server; in a
+    transaction an error aborted, the read raises Django's error, as .get() does."""
+    from django.db import DatabaseError
+
+    t = TenantFactory(name="old")
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            with pytest.raises(DatabaseError):
+                cursor.execute("SELECT 1/0")
+        assert_same(
+            lambda: Tenant.objects.get_cached(pk=t.pk),
+            lambda: Tenant.objects.get(pk=t.pk),
+            "in a transaction an error aborted",
+        )
+        transaction.set_rollback(True)
 
 
 def test_an_alias_whose_session_default_is_a_snapshot_level_is_one(

@@ -56,7 +56,8 @@ class _Connection:
         self.raw = False
         # A statement of this session named an isolation level: its transactions' level
         # is asked of the server (SHOW), once per transaction (`level`, None until asked).
-        self.touched = False
+        # Held as the finalizer that uncounts it if the connection goes with its thread.
+        self.touched: weakref.finalize[Any, Any] | None = None
         self.level: bool | None = None
 
 
@@ -208,7 +209,12 @@ def watch(execute: Any, sql: Any, params: Any, many: bool, context: dict[str, An
     conn = context["connection"]
     text = sql_text(sql, conn)
     effects = classify(text, params, many)
-    touches = _ISOLATION.search(text) is not None
+    # Read once, lowered: a statement's head says what it does; a long one (a bulk
+    # INSERT's values) is not searched whole.
+    head = text[:_HEAD_CHARS].lower()
+    touches = "isolation" in head or (
+        ("reset" in head or "discard" in head) and _RESETS.search(head) is not None
+    )
     try:
         return execute(sql, params, many, context)
     finally:
@@ -222,35 +228,45 @@ def watch(execute: Any, sql: Any, params: Any, many: bool, context: dict[str, An
                 state.raw = open_now
         if effects:
             record(conn, batch_of(conn.alias, effects))
-        if was_raw and state is not None:
-            if not state.raw:
+        if state is not None:
+            if was_raw and not state.raw:
                 _raw_ended(conn, state)
-            elif state.pending is not None and _ENDS.search(text):
-                # It may have committed and begun again ("COMMIT; BEGIN"): what it wrote
-                # so far is dropped now too (again at its end: twice costs nothing).
-                early = Batch()
-                early.merge(state.pending.batch)
-                early.apply()
-        if touches and state is not None:
-            _touch(conn, state)
+            elif _ENDS.search(head) is not None:
+                # It may have ended a transaction and begun another ("COMMIT; BEGIN"), or
+                # committed inside one Django still holds open: what is held so far is
+                # dropped now too (again when it ends: twice costs nothing), and the
+                # next transaction's level is asked again.
+                state.level = None
+                if state.pending is not None:
+                    early = Batch()
+                    early.merge(state.pending.batch)
+                    early.apply(notify=False)  # the signals are sent once, at its end
+            if touches:
+                _touch(conn, state)
 
 
-# A statement that may set an isolation level (SET TRANSACTION, BEGIN ISOLATION LEVEL,
-# transaction_isolation, default_transaction_isolation, SET SESSION CHARACTERISTICS) or
-# reset the session's (RESET ALL, DISCARD ALL); a false match costs one SHOW.
-_ISOLATION = re.compile(r"isolation|\breset\s+all\b|\bdiscard\s+all\b", re.IGNORECASE)
-# A statement that may end a transaction among others.
-_ENDS = re.compile(r"\b(?:commit|end|rollback|abort|prepare)\b", re.IGNORECASE)
+_HEAD_CHARS = 4096
+# RESET ALL and DISCARD ALL put the session's level back to its default.
+_RESETS = re.compile(r"\b(?:reset|discard)\s+all\b")
+# A statement that may end a transaction, alone or among others (in a lowered head): its
+# first word, after comments, is one that ends one (not ROLLBACK TO a savepoint).
+_ENDS = re.compile(
+    r"(?:^|;)(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*"
+    r"(?:commit|end|abort|prepare\s+transaction|rollback(?!\s+(?:work\s+|transaction\s+)?to\b))\b",
+    re.DOTALL,
+)
 
 
 def _server_in_transaction(conn: Any) -> bool | None:
     """Whether the server holds a transaction open on this connection (psycopg's
     transaction status, known without a round trip), None when the driver does not say."""
     try:
-        status = conn.connection.info.transaction_status
+        status = conn.connection.pgconn.transaction_status
     except AttributeError:
         return None
-    return int(status) in (2, 3)  # INTRANS, INERROR (psycopg.pq.TransactionStatus)
+    # psycopg.pq.TransactionStatus: IDLE 0, ACTIVE 1 (a command or pipeline under way:
+    # not known), INTRANS 2, INERROR 3, UNKNOWN 4 (the connection is lost).
+    return None if status == 1 else status in (2, 3)
 
 
 def _raw_ended(conn: Any, state: _Connection) -> None:
@@ -266,8 +282,9 @@ def _raw_ended(conn: Any, state: _Connection) -> None:
 
 def _touch(conn: Any, state: _Connection) -> None:
     state.level = None
-    if not state.touched:
-        state.touched = True
+    if state.touched is None:
+        # Counted until a new session, or until the connection goes with its thread.
+        state.touched = weakref.finalize(conn, _snapshotting.add, -1)
         _snapshotting.add(1)
         _local.__dict__.setdefault("snapshots", set()).add(id(conn))
 
@@ -275,8 +292,9 @@ def _touch(conn: Any, state: _Connection) -> None:
 def _untouch(conn: Any, state: _Connection) -> None:
     """A new session: nothing a statement set on the last one holds."""
     state.level = None
-    if state.touched:
-        state.touched = False
+    if state.touched is not None:
+        state.touched.detach()
+        state.touched = None
         _snapshotting.add(-1)
         flagged = _local.snapshots
         if flagged:
@@ -463,13 +481,18 @@ def _reads_snapshots(conn: Any, alias: str) -> bool:
     if alias in snapshot_aliases():
         return True
     state = _connections.get(conn)
-    if state is None or not state.touched:
+    if state is None or state.touched is None:
         return False
     if state.level is None:
-        if not _server_in_transaction(conn):
-            return False
-        # On the driver's connection: through Django's, our own wrapper would see it.
-        row = conn.connection.execute("SHOW transaction_isolation").fetchone()
+        if conn.connection is None or conn.connection.pgconn.transaction_status != 2:
+            # Not begun (no snapshot taken yet), or aborted: a read of the database then
+            # raises as the ORM's does, which a SHOW here would only raise differently.
+            return conn.connection is not None and conn.connection.pgconn.transaction_status == 3
+        try:
+            # On the driver's connection: through Django's, our own wrapper would see it.
+            row = conn.connection.execute("SHOW transaction_isolation").fetchone()
+        except Exception:  # the database's answer: not ours to raise from a read
+            return True
         state.level = _is_snapshot_level(str(row[0]), "")
     return state.level
 
