@@ -230,7 +230,13 @@ def test_l2_memory_is_a_bounded_sample_scaled_to_the_entries() -> None:
     sizes = dashboard.l2_sizes([User])["testapp.user"]
 
     assert sizes["entries"] == 40
-    assert sizes["sampled"] == dashboard.MEMORY_SAMPLE
+    # The sample is spread over the model's indexes, one per shard: on a cluster a shard
+    # holding fewer entries than its share of the sample measures fewer.
+    shards = len(first_model_cache(User).home.shards)  # type: ignore[union-attr]
+    if shards == 1:
+        assert sizes["sampled"] == dashboard.MEMORY_SAMPLE
+    else:
+        assert 0 < sizes["sampled"] <= dashboard.MEMORY_SAMPLE
     # Entries differ by a few bytes only: the estimate is close to their sum, plus indexes.
     assert 0.9 * exact <= sizes["bytes"] <= 1.1 * exact + 20_000
     assert dashboard.l2_sizes([Flow])["testapp.flow"] == {"entries": 0, "bytes": 0, "sampled": 0}
