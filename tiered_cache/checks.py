@@ -18,6 +18,7 @@ from .conf import DEFAULTS, conf
 from .derived import cached_functions
 from .registry import (
     cached_managers,
+    is_column,
     is_composite_pk,
     pk_names,
     repeated,
@@ -426,7 +427,7 @@ def check_manager(mgr: Any) -> list[CheckMessage]:
                 )
             )
             continue
-        if any(not f.concrete or f.many_to_many or f.one_to_many for f in fields):
+        if not all(is_column(f) for f in fields):
             errors.append(
                 Error(
                     f"{label}.{mgr.name}: cache lookup {names!r} must name concrete fields.",

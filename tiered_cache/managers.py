@@ -302,11 +302,12 @@ def _related_get(manager: Any, lookup: dict[str, Any]) -> Any:
     # The base manager's read answers for the relation only when it finds at most one row:
     # a lookup that is not unique, or unique but by NULL (which matches many), may find
     # another instance's rows, and only the relation's own filter finds this one's.
-    if base is None or not _is_reverse_fk(manager) or not lk.unique or None in values:
+    reverse_fk = base is not None and _is_reverse_fk(manager)
+    if not reverse_fk or not lk.unique or None in values:
         why = _UNCHECKED
         if base is not None:
             mc.counters.bypassed += 1
-            if _is_reverse_fk(manager):
+            if reverse_fk:
                 why = "a lookup that may match other instances' rows (not unique, or by NULL)"
         if recording.active:
             label = manager.model._meta.label_lower

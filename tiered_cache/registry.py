@@ -57,6 +57,7 @@ __all__ = [
     "fetch_mode_of",
     "first_model_cache",
     "instance_value",
+    "is_column",
     "is_composite_pk",
     "repeated",
     "model_cache",
@@ -95,6 +96,12 @@ def pk_names(model: type[models.Model]) -> set[str]:
         f = f.target_field
         names |= {f.name, f.attname}
     return names
+
+
+def is_column(f: Any) -> bool:
+    """Whether a field is a column of the model's table (not a reverse or many-to-many
+    relation, nor a generic foreign key): what a cache lookup may name."""
+    return bool(f.concrete and not f.many_to_many and not f.one_to_many)
 
 
 def repeated(names: Sequence[str]) -> str | None:
@@ -387,7 +394,7 @@ class ModelCache:
                 f"{self.label}: cache lookup names unknown field {name!r}"
             ) from None
         # Check E007 says so at startup; this is for a process that skipped the checks.
-        if not f.concrete or f.many_to_many or f.one_to_many:
+        if not is_column(f):
             raise ImproperlyConfigured(
                 f"{self.label}: cache lookup {name!r} must name a concrete field, not a "
                 "reverse or many-to-many relation"
@@ -456,7 +463,7 @@ class ModelCache:
                 f = self.model._meta.get_field(name)
             except FieldDoesNotExist:
                 return f"{self.model._meta.label} has no field {name!r}"
-            if not f.concrete or f.many_to_many or f.one_to_many:
+            if not is_column(f):
                 return f"{name!r} is a reverse or many-to-many relation, not a column"
         return None
 
