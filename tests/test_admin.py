@@ -4,6 +4,7 @@ test client, with permissions and CSRF. These tests commit, so invalidations app
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import pytest
@@ -204,6 +205,17 @@ def test_dashboard_shows_every_cached_model(su_client: Client) -> None:
     # (Not `"cdn" not in page`: a random CSRF token may hold those three letters.)
     assert not re.search(r'\bsrc="(?:[a-z]+:)?//', page, re.IGNORECASE)
     assert not re.search(r'<link[^>]+href="(?:[a-z]+:)?//', page, re.IGNORECASE)
+
+
+def test_dashboard_of_a_process_that_read_nothing_for_a_while_shows_its_bus_live(
+    su_client: Client,
+) -> None:
+    # Trust lapses BUS_TRUST_WINDOW after the last read; the page asks for a heartbeat
+    # itself rather than call a working bus late (a slow page load used to show that).
+    read(User.objects, pk=UserFactory().pk)
+    time.sleep(conf.BUS_TRUST_WINDOW + conf.BUS_HEARTBEAT)
+    page = su_client.get(DASHBOARD).content.decode()
+    assert '<strong id="tc-bus">live</strong>' in page
 
 
 @pytest.mark.celery(broker_url=None)

@@ -120,6 +120,16 @@ class Bus:
             return "down"
         return "connected, heartbeat late" if self._sent else "connected, idle"
 
+    def current_state(self) -> str:
+        """The state a page shows. Trust lapses BUS_TRUST_WINDOW after the last read, so a
+        listening process that served nothing for a moment asks for a heartbeat first and
+        waits for it up to SOCKET_TIMEOUT: a working bus reads "live", as it would on the
+        process's next read."""
+        if self.listening() and time.monotonic() >= self.trusted_until:
+            self.ping()
+            self._await_heartbeat(conf.SOCKET_TIMEOUT)
+        return self.state()
+
     def ensure_started(self, wait: float | None = None) -> None:
         """Start the listener on first use (the first caller waits briefly for it); later,
         when trust has lapsed, ask for a heartbeat and wait a round trip for it."""
@@ -272,10 +282,10 @@ class Bus:
         self._broken = True
         self.trusted_until = 0.0
 
-    def _await_heartbeat(self) -> None:
+    def _await_heartbeat(self, limit: float = _RENEW_WAIT) -> None:
         """Wait for the heartbeat just asked for, a bounded time: never while the listener
         is down or quarantined, nor for a heartbeat Redis has left unanswered that long."""
-        limit = min(_RENEW_WAIT, conf.SOCKET_TIMEOUT)
+        limit = min(limit, conf.SOCKET_TIMEOUT)
         now = time.monotonic()
         if not self.connected or now < self._quarantine or now - self._last_sent > limit:
             return
