@@ -47,6 +47,7 @@ from tests.testapp.factories import (
     LabelFactory,
     NoteFactory,
     OwnerFactory,
+    ProviderModelFactory,
     TenantFactory,
 )
 from tests.testapp.models import (
@@ -65,6 +66,7 @@ from tests.testapp.models import (
     Loan,
     Note,
     Place,
+    ProviderModel,
     ProxyAccount,
     Restaurant,
     Shelf,
@@ -74,6 +76,7 @@ from tests.testapp.models import (
 )
 from tests.testapp.models import User as ProjectUser  # the project's AUTH_USER_MODEL
 from tiered_cache import registry
+from tiered_cache.exceptions import UndeclaredLookup
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -2101,6 +2104,67 @@ def test_a_multi_table_childs_pk_answers_to_every_ancestors_pk_name(tier: str) -
                     lambda m=model, n=name, v=value: m.objects.get(**{n: v}),
                     f"{model.__name__} {name}={value!r}",
                 )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_lookup_spelled_as_get_also_takes_it_answers_as_get(tier: str) -> None:
+    """`pk__exact=`, `email__exact=` and a relation's `tenant__pk=` or `tenant__id=` are
+    the plain lookups to .get(); a value given through the related field is prepared as
+    that field's (an instance there is its error). Other lookups stay refused."""
+    from tests.testapp.models import Specimen
+
+    tenant = TenantFactory()
+    account = AccountFactory(tenant=tenant)
+    italian = ItalianRestaurantFactory()
+    specimen = Specimen.objects.create(code=Code.objects.create(code="c-1", description="d"))
+    offer = ProviderModelFactory()
+    other = TenantFactory()
+    cases: list[tuple[Any, dict[str, Any]]] = [
+        (Account.objects, {"pk__exact": account.pk}),
+        (Account.objects, {"pk__exact": str(account.pk)}),
+        (Account.objects, {"id__exact": account.pk}),
+        (Account.objects, {"email__exact": account.email}),
+        (Account.objects, {"email__exact": "nobody@example.com"}),
+        (Account.objects, {"tenant__pk": tenant.pk, "email": account.email}),
+        (Account.objects, {"tenant__id": tenant.pk, "email__exact": account.email}),
+        (Account.objects, {"email": account.email, "tenant__id__exact": str(tenant.pk)}),
+        (Account.objects, {"tenant_id__exact": tenant.pk, "email": account.email}),
+        (Account.objects, {"tenant__exact": tenant, "email": account.email}),
+        (Account.objects, {"tenant__pk": other.pk, "email": account.email}),
+        (Account.objects, {"tenant__pk": tenant, "email": account.email}),
+        (Account.objects, {"tenant__id": "x", "email": account.email}),
+        (tenant.accounts, {"pk__exact": account.pk}),
+        (other.accounts, {"pk__exact": account.pk}),
+        (Restaurant.objects, {"place_ptr__id": italian.pk}),
+        (ItalianRestaurant.objects, {"restaurant_ptr__pk__exact": italian.pk}),
+        (
+            ProviderModel.objects,
+            {"provider__pk": offer.provider_id, "global_model": offer.global_model},
+        ),
+        (
+            ProviderModel.objects,
+            {"global_model__id__exact": offer.global_model_id, "provider__id": offer.provider_id},
+        ),
+        (Specimen.objects, {"pk__exact": specimen.pk}),
+    ]
+    for manager, lookup in cases:
+        for _ in range(2):  # the second read from the tier the first filled
+            at(tier)
+            assert_same(
+                lambda m=manager, lk=lookup: m.get_cached(**lk),
+                lambda m=manager, lk=lookup: m.get(**lk),
+                f"{lookup}",
+            )
+    for refused, why in [
+        ({"email__iexact": account.email}, "not other lookup expressions ('email__iexact')"),
+        ({"tenant__name": "x", "email": "e"}, "not other lookup expressions ('tenant__name')"),
+        ({"pk": account.pk, "pk__exact": account.pk}, "'pk' and 'pk__exact' name one field"),
+        ({"tenant": 1, "tenant__pk": 1, "email": "e"}, "'tenant' and 'tenant__pk' name one field"),
+        ({"tenant_id": 1, "tenant": 1, "email": "e"}, "'tenant' and 'tenant_id' name one field"),
+    ]:
+        with pytest.raises(UndeclaredLookup) as exc:
+            Account.objects.get_cached(**refused)
+        assert why in str(exc.value)
 
 
 @pytest.mark.parametrize("tier", TIERS)

@@ -279,7 +279,9 @@ def test_undeclared_lookup_names_the_declared_ones() -> None:
     # A name the model has no field for cannot be declared: the error says so instead.
     with pytest.raises(UndeclaredLookup, match=r"\(nope\) .* testapp.User has no field 'nope'\.$"):
         User.objects.get_cached(nope=1)
-    with pytest.raises(UndeclaredLookup, match=r"takes field=value, not lookup expressions"):
+    with pytest.raises(
+        UndeclaredLookup, match=r"\), not other lookup expressions \(.email__iexact.\)"
+    ):
         User.objects.get_cached(email__iexact="a@b.c")
     with pytest.raises(UndeclaredLookup, match=r"'groups' is a reverse or many-to-many relation"):
         User.objects.get_cached(groups=1)

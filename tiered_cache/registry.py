@@ -449,22 +449,82 @@ class ModelCache:
                 in_order = order == tuple(range(len(order)))
                 self._orders[names] = (lk, order, None if in_order else itemgetter(*order))
                 return lk, values
+        plain = self._plainly_spelled(kwargs)
+        if plain is not None:
+            try:
+                return self.resolve(plain)
+            except UndeclaredLookup:
+                pass  # named as the caller spelled it, below
         raise UndeclaredLookup(self.label, kwargs, self.declared, self._why_not(kwargs))
+
+    def _plainly_spelled(self, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """kwargs as `field=value`, where .get() takes them as that (see _plain_name).
+        None when none is so spelled, or when two keywords name one field (the ORM would
+        AND them; such a read is refused)."""
+        out: dict[str, Any] = {}
+        for name, value in kwargs.items():
+            plain = self._plain_name(name)
+            if plain is None or plain[0] in out:
+                return None
+            field_name, through = plain
+            if through is not None and isinstance(value, models.Model):
+                # The ORM prepares the value as the field pointed at: an instance there is
+                # that field's error (or a CharField's str()), not its pk.
+                value = through.get_prep_value(value)
+            out[field_name] = value
+        return None if list(out) == list(kwargs) else out
+
+    def _plain_name(self, name: str) -> tuple[str, models.Field[Any, Any] | None] | None:
+        """The field a keyword names where .get() reads it as `field=value`: `name`,
+        `name__exact`, and a forward relation's `rel__<the field it points at>`
+        (`tenant__pk`, `tenant__id`), which the ORM reads from the relation's own column;
+        with the field pointed at in that last case. None for any other expression."""
+        parts = name.split("__")
+        if len(parts) > 1 and parts[-1] == "exact":
+            parts.pop()
+        if len(parts) == 1:
+            return parts[0], None
+        if len(parts) != 2:
+            return None
+        try:
+            f = self.model._meta.get_field(parts[0])
+        except FieldDoesNotExist:
+            return None
+        if not (f.concrete and (f.many_to_one or f.one_to_one)):
+            return None
+        target: models.Field[Any, Any] = f.target_field  # type: ignore[union-attr]
+        if parts[1] in (target.name, target.attname) or (
+            parts[1] == "pk" and target is target.model._meta.pk
+        ):
+            return parts[0], target
+        return None
 
     def _why_not(self, names: Iterable[str]) -> str | None:
         """Why no lookup could be declared for these keywords, when none could: a
-        lookup expression, a name that is no field, or a relation that is no column."""
+        lookup expression, a name that is no field, a relation that is no column, or
+        two keywords for one field."""
+        seen: dict[str, str] = {}
         for name in sorted(names):
-            if "__" in name:
-                return f"get_cached() takes field=value, not lookup expressions ({name!r})"
-            if name == "pk":
-                continue
-            try:
-                f = self.model._meta.get_field(name)
-            except FieldDoesNotExist:
-                return f"{self.model._meta.label} has no field {name!r}"
-            if not is_column(f):
-                return f"{name!r} is a reverse or many-to-many relation, not a column"
+            plain = self._plain_name(name)
+            if plain is None:
+                return (
+                    "get_cached() takes field=value (or field__exact=value), not other "
+                    f"lookup expressions ({name!r})"
+                )
+            field_name = plain[0]
+            if field_name == "pk":
+                one = "pk"
+            else:
+                try:
+                    f = self.model._meta.get_field(field_name)
+                except FieldDoesNotExist:
+                    return f"{self.model._meta.label} has no field {field_name!r}"
+                if not is_column(f):
+                    return f"{field_name!r} is a reverse or many-to-many relation, not a column"
+                one = self._declared_name(field_name)
+            if one in seen:
+                return f"{seen[one]!r} and {name!r} name one field"
+            seen[one] = name
         return None
 
     def plain_many(self, kwargs: dict[str, Any]) -> tuple[Lookup, tuple[Any, ...]] | None:
