@@ -1794,6 +1794,138 @@ def test_warmup_task_takes_a_numeric_string_limit() -> None:
     assert result["stored"] <= 3, f"warmup(limit='3') stored {result['stored']} rows"
 
 
+# -- 21. a manager's filter, as the database runs it -----------------------------------------
+
+
+def _loaded(obj: Any) -> tuple[Any, Any]:
+    """What an instance came with besides its row: related objects and prefetched sets."""
+    if not isinstance(obj, models.Model):
+        return obj, None
+    return sorted(obj._state.fields_cache), sorted(getattr(obj, "_prefetched_objects_cache", {}))
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@isolate_apps("tests.testapp")
+def test_a_managers_filter_that_str_does_not_show_whole_keeps_its_scopes_apart(tier: str) -> None:
+    """A filter on a JSON key chosen at run time, and on an hour in the active time zone:
+    str(where) shows neither the key's name nor the zone, the SQL does. One scope's row
+    (or its absence) is never served to another."""
+    import contextvars
+    from datetime import UTC, datetime
+
+    key = contextvars.ContextVar("key", default="a")
+
+    class ByKey(tiered_cache.CachedManager):
+        def get_queryset(self) -> Any:
+            return super().get_queryset().filter(**{f"grants__{key.get()}": True})
+
+    class Morning(tiered_cache.CachedManager):
+        def get_queryset(self) -> Any:
+            return super().get_queryset().filter(at__hour__lt=12)
+
+    class Grant(models.Model):
+        grants = models.JSONField(default=dict)
+        at = models.DateTimeField()
+        objects = tiered_cache.CachedManager()
+        visible = ByKey()
+        morning = Morning()
+
+        class Meta:
+            app_label = "testapp"
+
+    with connection.schema_editor() as editor:
+        editor.create_model(Grant)
+    try:
+        g = Grant.objects.create(grants={"a": True}, at=datetime(2024, 1, 1, 10, 30, tzinfo=UTC))
+        for first, then in [("a", "b"), ("b", "a")]:
+            tiered_cache.clear_local()
+            key.set(first)
+            outcome(lambda: Grant.visible.get_cached(pk=g.pk))
+            key.set(then)
+            at(tier)
+            assert_same(
+                lambda: Grant.visible.get_cached(pk=g.pk),
+                lambda: Grant.visible.get(pk=g.pk),
+                f"by key {then!r} after a read by key {first!r}",
+            )
+        for first, then in [("UTC", "Asia/Tokyo"), ("Asia/Tokyo", "UTC")]:
+            tiered_cache.clear_local()
+            with timezone.override(first):
+                outcome(lambda: Grant.morning.get_cached(pk=g.pk))
+            at(tier)
+            with timezone.override(then):
+                assert_same(
+                    lambda: Grant.morning.get_cached(pk=g.pk),
+                    lambda: Grant.morning.get(pk=g.pk),
+                    f"at__hour__lt=12 under {then} after a read under {first}",
+                )
+    finally:
+        with connection.schema_editor() as editor:
+            editor.delete_model(Grant)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@isolate_apps("tests.testapp")
+def test_a_manager_that_selects_or_prefetches_related_rows_reads_as_the_orm_does(
+    tier: str,
+) -> None:
+    """Its instances come with their related objects, and select_related()'s inner join
+    drops a row whose related row is gone (no constraint): such reads are the database's."""
+
+    class Org(models.Model):
+        objects = tiered_cache.CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    class Joined(tiered_cache.CachedManager):
+        def get_queryset(self) -> Any:
+            return super().get_queryset().select_related("org", "loose")
+
+    class Prefetched(tiered_cache.CachedManager):
+        def get_queryset(self) -> Any:
+            return super().get_queryset().prefetch_related("org__members")
+
+    class Member(models.Model):
+        org = models.ForeignKey(Org, on_delete=models.CASCADE, related_name="members")
+        loose = models.ForeignKey(
+            Org, on_delete=models.DO_NOTHING, db_constraint=False, related_name="+"
+        )
+        objects = tiered_cache.CachedManager()
+        joined = Joined()
+        prefetched = Prefetched()
+
+        class Meta:
+            app_label = "testapp"
+
+    with connection.schema_editor() as editor:
+        editor.create_model(Org)
+        editor.create_model(Member)
+    try:
+        org, gone = Org.objects.create(), Org.objects.create()
+        member = Member.objects.create(org=org, loose=gone)
+        for manager in (Member.joined, Member.prefetched):
+            for _ in range(2):
+                at(tier)
+                assert_same(
+                    lambda m=manager: _loaded(m.get_cached(pk=member.pk)),
+                    lambda m=manager: _loaded(m.get(pk=member.pk)),
+                    f"Member.{manager.name}",
+                )
+        Member.joined.get_cached(pk=member.pk)
+        Org.objects.filter(pk=gone.pk).delete()
+        at(tier)
+        assert_same(
+            lambda: Member.joined.get_cached(pk=member.pk),
+            lambda: Member.joined.get(pk=member.pk),
+            "Member.joined once the row its inner join needs is gone",
+        )
+    finally:
+        with connection.schema_editor() as editor:
+            editor.delete_model(Member)
+            editor.delete_model(Org)
+
+
 # -- odd primary keys ------------------------------------------------------------------------------
 
 

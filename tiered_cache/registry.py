@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -13,7 +14,12 @@ from operator import itemgetter
 from typing import Any
 
 from django.apps import apps
-from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
+from django.core.exceptions import (
+    EmptyResultSet,
+    FieldDoesNotExist,
+    FullResultSet,
+    ImproperlyConfigured,
+)
 from django.db import DEFAULT_DB_ALIAS, models, router
 from django.db.models.expressions import Col, Func, RawSQL
 from django.db.models.fields.related_lookups import get_normalized_value
@@ -593,9 +599,9 @@ class ModelCache:
         if not self.custom_queryset:
             return "", None, None
         qs = manager.get_queryset()
-        if _scope_reason(manager.model, qs) is not None:
+        reason, scope = _scope_of(manager.model, qs)
+        if reason is not None:
             return None, None, None
-        scope = hashlib.sha1(str(qs.query.where).encode()).hexdigest()[:12]
         return scope, fetch_mode_of(qs), qs._db
 
 
@@ -675,7 +681,7 @@ def _overrides(manager: Any, attribute: str) -> bool:
 def uncacheable_reason(manager: Any) -> str | None:
     """Why get_cached() on this manager can never be cached (system check W003), or None."""
     try:
-        return _scope_reason(manager.model, manager.get_queryset())
+        return _scope_of(manager.model, manager.get_queryset())[0]
     except Exception:  # an unusual queryset: be safe
         return "its queryset could not be inspected"
 
@@ -691,10 +697,10 @@ def _scope_reason(model: type[models.Model], qs: Any) -> str | None:
     that writes to those tables change; one that annotates, aggregates, slices or selects
     only some columns returns rows the cache does not hold."""
     query = qs.query
-    if fetch_mode_of(qs) is not None and (query.select_related or qs._prefetch_related_lookups):
-        # The ORM's instances come with those objects; a cached one holds its row only, and
-        # under this mode would raise (FETCH_RAISE) or fetch where the ORM's do not.
-        return "its queryset selects related objects under a fetch mode other than FETCH_ONE"
+    if query.select_related or qs._prefetch_related_lookups:
+        # The ORM's instances come with those objects (and select_related()'s inner join
+        # drops a row whose related row is gone); a cached one holds its row only.
+        return "its queryset selects or prefetches related objects"
     if (
         query.annotations
         or query.extra
@@ -716,10 +722,42 @@ def _scope_reason(model: type[models.Model], qs: Any) -> str | None:
     # Aliases Django trimmed (a filter on a foreign key column) are left with no refs.
     tables = {t.table_name for a, t in query.alias_map.items() if query.alias_refcount.get(a)}
     own = {m._meta.db_table for m in [concrete_of(model), *model._meta.get_parent_list()]}
-    sql = str(query) if query.where else ""
-    if tables - own or query.extra_tables or " SELECT " in sql.upper():
+    if tables - own or query.extra_tables:
         return "its queryset reads other tables"
     return None
+
+
+_SUBQUERY = re.compile(r"\bSELECT\b", re.IGNORECASE)
+
+
+def _scope_of(model: type[models.Model], qs: Any) -> tuple[str | None, str]:
+    """(Why reads through this queryset skip the tiers, or None; the key part of its
+    filter). The key is a digest of the filter's SQL and parameters as compiled now, for
+    the database the read goes to: they hold all that decides which rows match, where
+    str(where) leaves out a JSON key's name, a collation, and the time zone that a date
+    transform converts to (the active one, taken when the SQL is made)."""
+    reason = _scope_reason(model, qs)
+    query = qs.query
+    if reason is not None or not query.where:
+        return reason, ""
+    try:
+        sql, params = query.get_compiler(qs.db).compile(query.where)
+    except EmptyResultSet:
+        return "its queryset matches no row", ""  # the database says DoesNotExist at once
+    except FullResultSet:
+        return None, ""
+    if _SUBQUERY.search(sql):
+        return "its queryset reads other tables", ""
+    text = "\0".join([sql, *map(_param_text, params)])
+    return None, hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _param_text(param: Any) -> str:
+    """A filter parameter as text that tells values apart: its repr (a value whose repr
+    shows its address gives scopes that are never shared, not one scope for two), but a
+    JSON value's whole content (psycopg's Json wrappers cut their repr at 40 characters)."""
+    inner = getattr(param, "obj", param) if type(param).__name__ in ("Json", "Jsonb") else param
+    return f"{type(param).__name__}:{inner!r}"
 
 
 def _reads_the_clock(where: Any) -> bool:
