@@ -445,6 +445,80 @@ def test_many_to_many_related_manager_get_cached_follows_add_and_remove(tier: st
     check("after item.tags.add()")
 
 
+@pytest.mark.parametrize("tier", TIERS)
+@isolate_apps("tests.testapp")
+def test_a_related_manager_is_its_managers_class_built_with_no_arguments(tier: str) -> None:
+    """Django builds a related manager on the class of the default manager (or the one
+    named in `club.wallets(manager=...)`) and calls it with no arguments: a filter set by a
+    model manager's arguments is not its filter, and of two managers of one class the
+    lookups are those of the one that declares the lookup read."""
+
+    class Club(models.Model):
+        objects = tiered_cache.CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    class AtLeast(tiered_cache.CachedManager):
+        def __init__(self, minimum: int = 0, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.minimum = minimum
+
+        def get_queryset(self) -> Any:
+            return super().get_queryset().filter(balance__gte=self.minimum)
+
+    class Wallet(models.Model):
+        club = models.ForeignKey(Club, on_delete=models.CASCADE, related_name="wallets")
+        balance = models.IntegerField()
+        code = models.CharField(max_length=20, unique=True)
+        objects = AtLeast(minimum=100)
+        by_code = AtLeast(minimum=100, lookups=["code"])
+
+        class Meta:
+            app_label = "testapp"
+
+    with connection.schema_editor() as editor:
+        editor.create_model(Club)
+        editor.create_model(Wallet)
+    try:
+        club = Club.objects.create()
+        poor = Wallet.objects.create(club=club, balance=5, code="k")
+        for what, cached, orm in [
+            (
+                "club.wallets.get_cached(pk=)",
+                lambda: club.wallets.get_cached(pk=poor.pk),
+                lambda: club.wallets.get(pk=poor.pk),
+            ),
+            (
+                "club.wallets.aget_cached(pk=)",
+                lambda: async_to_sync(club.wallets.aget_cached)(pk=poor.pk),
+                lambda: club.wallets.get(pk=poor.pk),
+            ),
+            (
+                "club.wallets.get_many_cached()",
+                lambda: club.wallets.get_many_cached([poor.pk]),
+                lambda: club.wallets.in_bulk([poor.pk]),
+            ),
+            (
+                "club.wallets(manager='by_code').get_cached(code=)",
+                lambda: club.wallets(manager="by_code").get_cached(code="k"),
+                lambda: club.wallets(manager="by_code").get(code="k"),
+            ),
+            (
+                "Wallet.by_code.get_cached(code=)",
+                lambda: Wallet.by_code.get_cached(code="k"),
+                lambda: Wallet.by_code.get(code="k"),
+            ),
+        ]:
+            for _ in range(2):  # the second read from the tier the first filled
+                at(tier)
+                assert_same(cached, orm, what)
+    finally:
+        with connection.schema_editor() as editor:
+            editor.delete_model(Wallet)
+            editor.delete_model(Club)
+
+
 # -- 2. proxies --------------------------------------------------------------------------
 
 PROXY_WRITES = ["account_save", "account_queryset_update", "proxy_save", "proxy_queryset_update"]

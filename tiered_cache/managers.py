@@ -11,6 +11,7 @@ from django.db import DEFAULT_DB_ALIAS, models, router
 from django.db.models.query import QuerySet
 
 from . import reads, recording
+from .exceptions import UndeclaredLookup
 from .groups import database_of, read_group
 from .invalidation import flush_batch, rows_batch
 from .keys import Group, keyable, keyable_values, pk_row_id
@@ -242,17 +243,42 @@ def _is_reverse_fk(manager: Any) -> bool:
     )
 
 
-def _base_of(manager: Any) -> Any:
-    """The model's manager this related manager was built on (Django subclasses that
-    manager's class: the default one, or the one named in `tenant.accounts(manager=...)`)."""
+def _base_of(manager: Any, lookup: dict[str, Any] | None = None) -> Any:
+    """The related manager seen as the model's manager it was built on: Django subclasses
+    the class of the default manager, or of the one named in `tenant.accounts(manager=...)`,
+    and builds it with no arguments. So its reads take that class's get_queryset() with the
+    related manager's own state (not a model manager's: `objects = Ranked(minimum=100)` is
+    `Ranked()` here), and their keys and lookups are those of the model's manager of that
+    class that declares `lookup` (two managers of one class may declare different ones)."""
     built_on = type(manager).__mro__[1]
-    candidates = [manager.model._default_manager, *manager.model._meta.managers]
-    base = next((m for m in candidates if type(m) is built_on), None)
-    if not isinstance(base, CachedManagerMixin):
+    if not issubclass(built_on, CachedManagerMixin):
         return None
+    candidates = [
+        m
+        for m in [manager.model._default_manager, *manager.model._meta.managers]
+        if type(m) is built_on
+    ]
+    if not candidates:
+        return None
+    named = candidates[0]
+    if lookup is not None:
+        for m in candidates:
+            try:
+                model_cache(m).resolve(lookup)
+            except UndeclaredLookup:
+                continue
+            named = m
+            break
+    model_cache(named)  # built from the model's manager, which holds the declarations
+    base = built_on.__new__(built_on)
+    base.__dict__.update(
+        (k, v) for k, v in vars(manager).items() if k not in ("instance", "field", "core_filters")
+    )
+    base.name = named.name
     # A related manager reads from its instance's database (Django's routing hint); it
     # keeps the instance as an attribute, not in _hints.
-    return base.db_manager(manager._db, hints={**manager._hints, "instance": manager.instance})
+    base._hints = {**manager._hints, "instance": manager.instance}
+    return base
 
 
 def _related_value(manager: Any) -> tuple[Any, ...] | None:
@@ -295,7 +321,7 @@ def _no_pks(manager: Any, api: str) -> TypeError:
 
 
 def _related_get(manager: Any, lookup: dict[str, Any]) -> Any:
-    base = _base_of(manager)
+    base = _base_of(manager, lookup)
     if base is not None:
         mc = model_cache(base)
         lk, values = mc.resolve(lookup)  # an undeclared lookup is refused
