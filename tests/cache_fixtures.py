@@ -97,13 +97,13 @@ def close_stray_connections(django_db_setup: Any, django_db_blocker: Any) -> Ite
             )
 
 
-def write_outside_django(sql: str, params: list[Any]) -> None:
-    """Run a write on a connection Django does not own (another application, psql): the
-    one kind of write tiered_cache cannot see."""
+def write_outside_django(sql: str, params: list[Any], alias: str = "default") -> None:
+    """Run a write to `alias`'s database on a connection Django does not own (another
+    application, psql): the one kind of write tiered_cache cannot see."""
     import psycopg
-    from django.db import connection
+    from django.db import connections
 
-    s = connection.settings_dict
+    s = connections[alias].settings_dict
     with psycopg.connect(
         host=s.get("HOST") or "127.0.0.1",
         port=s.get("PORT") or 5432,

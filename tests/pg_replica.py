@@ -18,6 +18,11 @@ replication).
 
 `stop()` (also run at exit) stops the server, drops its slot and removes its directory.
 A run killed before that leaves them behind: the next `start()` removes what dead runs left.
+
+`PgServer` is the same machinery for a server of its own: a new cluster made by initdb (its
+own system identifier), not in recovery, which shares nothing with the local server but its
+major version and client-visible settings (a shard whose databases may have the local
+server's names).
 """
 
 from __future__ import annotations
@@ -91,6 +96,9 @@ def _tail(path: Path, lines: int = 30) -> str:
 class PgReplica:
     """A hot standby of the local PostgreSQL server, applying commits `apply_delay` late."""
 
+    # What start() needs besides pg_ctl, in the bindir of the local server's major version.
+    _maker = "pg_basebackup"
+
     def __init__(
         self,
         workdir: Path,
@@ -108,7 +116,8 @@ class PgReplica:
         self.server_dir: Path | None = None
         self.bindir: Path | None = None
         self.running = False
-        self.timings: dict[str, float] = {}  # seconds: base_backup, start (both from start())
+        # Seconds from start(): pg_basebackup (or initdb), start.
+        self.timings: dict[str, float] = {}
         self._replica_conn: psycopg.Connection[Any] | None = None
         # Run the binaries as the server user only when root (PostgreSQL refuses root).
         self._switch_user = os.geteuid() == 0 and SERVER_USER != "root"
@@ -181,20 +190,21 @@ class PgReplica:
                 candidates.append(Path(found).resolve().parent)
         for bindir in candidates:
             pg_ctl = bindir / "pg_ctl"
-            if not (pg_ctl.exists() and (bindir / "pg_basebackup").exists()):
+            if not (pg_ctl.exists() and (bindir / self._maker).exists()):
                 continue
             out = subprocess.run([str(pg_ctl), "--version"], capture_output=True, text=True)
             m = re.search(r"\) (\d+)", out.stdout)
             if m and int(m.group(1)) == major:
                 return bindir
         raise RuntimeError(
-            f"No PostgreSQL {major} server binaries (pg_ctl, pg_basebackup) in "
+            f"No PostgreSQL {major} server binaries (pg_ctl, {self._maker}) in "
             f"{', '.join(str(c) for c in candidates)}"
         )
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
-        """Base backup, configure, start; return once the replica answers in recovery."""
+        """Base backup, configure, start; return once the replica answers in recovery
+        (PgServer: initdb, configure, start; return once it answers out of recovery)."""
         if self.running:
             return
         started = time.monotonic()
@@ -235,19 +245,22 @@ class PgReplica:
                         f"The {SERVER_USER} user cannot reach {self.server_dir}: "
                         f"point TMPDIR at a directory every user can traverse"
                     )
-            self._base_backup()
-            self.timings["base_backup"] = time.monotonic() - started
+            self._make_datadir()
+            self.timings[self._maker] = time.monotonic() - started
             for attempt in range(3):
                 self.port = free_port()
                 self._configure(copied)
                 if self._start_server(last_attempt=attempt == 2):
                     break
-            self._wait_in_recovery(timeout=60)
+            self._wait_ready(timeout=60)
         except BaseException:
             self.stop()
             raise
         self.timings["start"] = time.monotonic() - started
         self.running = True
+
+    def _make_datadir(self) -> None:
+        self._base_backup()
 
     def _base_backup(self) -> None:
         self.slot = f"{_SLOT_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
@@ -299,11 +312,7 @@ class PgReplica:
                 "port": str(self.port),
                 "listen_addresses": "'127.0.0.1'",
                 "unix_socket_directories": _quote(self.server_dir),
-                "hot_standby": "on",
-                "recovery_min_apply_delay": _quote(self.apply_delay),
-                "hot_standby_feedback": "off",
-                "wal_retrieve_retry_interval": "'200ms'",
-                "cluster_name": _quote(f"tc_replica_{self.port}"),
+                **self._role_settings(),
                 "shared_buffers": "'32MB'",
                 "fsync": "off",  # a throwaway copy, stopped with -m immediate
                 "logging_collector": "off",
@@ -319,13 +328,26 @@ class PgReplica:
         files["postgresql.auto.conf"] = "".join(
             line + "\n"
             for line in auto.read_text().splitlines()
-            if line.startswith(("#", "primary_conninfo", "primary_slot_name"))
+            if line.startswith(("#", *self._kept_auto_settings))
         )
         for name, text in files.items():
             (self.datadir / name).write_text(text)
             if self._switch_user:
                 user = pwd.getpwnam(SERVER_USER)
                 os.chown(self.datadir / name, user.pw_uid, user.pw_gid)
+
+    # What pg_basebackup -R wrote to postgresql.auto.conf that the replica keeps.
+    _kept_auto_settings: tuple[str, ...] = ("primary_conninfo", "primary_slot_name")
+
+    def _role_settings(self) -> dict[str, str]:
+        """postgresql.conf settings of a lagging hot standby."""
+        return {
+            "hot_standby": "on",
+            "recovery_min_apply_delay": _quote(self.apply_delay),
+            "hot_standby_feedback": "off",
+            "wal_retrieve_retry_interval": "'200ms'",
+            "cluster_name": _quote(f"tc_replica_{self.port}"),
+        }
 
     def _start_server(self, last_attempt: bool) -> bool:
         """pg_ctl start; False when the port was taken meanwhile (and it may be retried)."""
@@ -352,26 +374,31 @@ class PgReplica:
         except (OSError, ValueError):
             return None
 
-    def _wait_in_recovery(self, timeout: float) -> None:
+    # What pg_is_in_recovery() answers once the server is ready: a standby is in recovery.
+    _in_recovery = True
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Wait until the server accepts connections, in recovery or not as it should."""
         deadline = time.monotonic() + timeout
         last: object = None
         while time.monotonic() < deadline:
             pid = self._postmaster_pid()
             if pid is None or not _pid_alive(pid):
                 raise RuntimeError(
-                    f"The replica on port {self.port} exited while starting\n"
+                    f"The server on port {self.port} exited while starting\n"
                     f"--- {self.logfile} ---\n{_tail(self.logfile)}"
                 )
             try:
                 with self._connect_replica() as conn:
                     last = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
-                if last is True:
+                if last is self._in_recovery:
                     return
             except psycopg.Error as exc:
                 last = exc
             time.sleep(0.1)
+        state = "in recovery" if self._in_recovery else "out of recovery"
         raise TimeoutError(
-            f"The replica on port {self.port} did not accept connections in recovery within "
+            f"The server on port {self.port} did not accept connections {state} within "
             f"{timeout:g}s (last: {last!r})\n--- {self.logfile} ---\n{_tail(self.logfile)}"
         )
 
@@ -463,12 +490,14 @@ class PgReplica:
                     self._drop_slot(slot, timeout=10)
 
     # -- Django ----------------------------------------------------------------------
-    def settings(self, primary: dict[str, Any], mirror: str = "default") -> dict[str, Any]:
+    def settings(self, primary: dict[str, Any], mirror: str | None = "default") -> dict[str, Any]:
         """A DATABASES entry for the replica: the primary's, on this server's port.
 
         TEST MIRROR tells Django's test cases the alias is the `mirror` database seen
         through another connection: they never flush it nor load fixtures into it (a hot
-        standby refuses every write), yet it can be listed in `databases`.
+        standby refuses every write), yet it can be listed in `databases`. A server of its
+        own (PgServer) takes mirror=None: a database of its own, flushed after each test
+        like any other.
         """
         entry = dict(primary)
         entry["HOST"] = "127.0.0.1"
@@ -538,3 +567,58 @@ class PgReplica:
             f"The replica on port {self.port} did not replay the primary's WAL up to {target} "
             f"within {timeout:g}s (replayed: {replayed}; apply delay {self.apply_delay})"
         )
+
+
+class PgServer(PgReplica):
+    """A PostgreSQL server of its own on a spare port: a new cluster (initdb, so its own
+    system identifier), never in recovery, with the local server's major version and
+    client-visible settings. Nothing of the local server's is in it: create its databases
+    and tables yourself (`create_database()`). Started, stopped and swept as PgReplica."""
+
+    _maker = "initdb"
+    _kept_auto_settings = ()
+    _in_recovery = False
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        primary_host: str = "127.0.0.1",
+        primary_port: int = 5432,
+        primary_user: str = "postgres",
+    ) -> None:
+        # `primary` is the local server, whose version and settings are copied; the new
+        # cluster's superuser is named as its user, and admits everyone from 127.0.0.1.
+        super().__init__(
+            workdir,
+            apply_delay="0",
+            primary_host=primary_host,
+            primary_port=primary_port,
+            primary_user=primary_user,
+        )
+
+    def _make_datadir(self) -> None:
+        self._run(
+            [
+                self._bin("initdb"),
+                "-D",
+                str(self.datadir),
+                "-U",
+                self.primary["user"],
+                "--auth=trust",
+                "--no-sync",  # a throwaway cluster
+                "--encoding=UTF8",  # not the C locale's SQL_ASCII
+                "--no-locale",
+            ],
+            timeout=180,
+        )
+
+    def _role_settings(self) -> dict[str, str]:
+        return {"cluster_name": _quote(f"tc_server_{self.port}")}
+
+    def create_database(self, name: str) -> None:
+        """An empty database `name` on this server."""
+        from psycopg import sql
+
+        with self._connect_replica() as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

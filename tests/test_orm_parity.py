@@ -2000,6 +2000,144 @@ def test_a_manager_that_selects_or_prefetches_related_rows_reads_as_the_orm_does
             editor.delete_model(Org)
 
 
+# -- 22. keys the database compares otherwise than Python ------------------------------------
+
+
+@contextmanager
+def installed(*made: type[models.Model]) -> Iterator[None]:
+    """Tables for models made in a test, and the models known to the write capture (which
+    maps tables from the app registry) as an installed model's are."""
+    from django.apps import apps
+
+    from tiered_cache import capture
+
+    with connection.schema_editor() as editor:
+        for m in made:
+            editor.create_model(m)
+    for m in made:
+        apps.all_models[m._meta.app_label][m._meta.model_name] = m
+    apps.clear_cache()
+    capture.forget()
+    try:
+        for m in made:
+            _cold(m)
+        yield
+    finally:
+        with connection.schema_editor() as editor:  # seen: what the tables held is dropped
+            for m in reversed(made):
+                editor.delete_model(m)
+        for m in made:
+            apps.all_models[m._meta.app_label].pop(m._meta.model_name, None)
+        apps.clear_cache()
+        capture.forget()
+
+
+class _PaddedChar(models.CharField):
+    def db_type(self, connection: Any) -> str:
+        return f"char({self.max_length})"
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@isolate_apps("tests.testapp")
+def test_keys_the_database_finds_equal_in_other_spellings_read_as_the_orm(tier: str) -> None:
+    """A pk and a to_field under a collation that ignores case, a datetime pk, a char(n) pk:
+    a write may name a row by another spelling of its key ("BOB", another zone, no padding),
+    and a row's foreign key may spell the key it points at otherwise. The database finds
+    them equal; the cache must drop the row, and find the row the relation's."""
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE COLLATION IF NOT EXISTS tc_ci (provider = icu, locale = 'und-u-ks-level2', "
+            "deterministic = false)"
+        )
+
+    class Handle(models.Model):
+        name = models.CharField(max_length=20, primary_key=True, db_collation="tc_ci")
+        code = models.CharField(max_length=20, unique=True, db_collation="tc_ci")
+        note = models.CharField(max_length=20, default="")
+        objects = tiered_cache.CachedManager(lookups=["code"])
+
+        class Meta:
+            app_label = "testapp"
+
+    class Post(models.Model):
+        handle = models.ForeignKey(Handle, on_delete=models.CASCADE, related_name="posts")
+        by_code = models.ForeignKey(
+            Handle, to_field="code", on_delete=models.CASCADE, related_name="posts_by_code"
+        )
+        slug = models.CharField(max_length=20, unique=True)
+        objects = tiered_cache.CachedManager(lookups=["slug"])
+
+        class Meta:
+            app_label = "testapp"
+
+    class Slot(models.Model):
+        at = models.DateTimeField(primary_key=True)
+        note = models.CharField(max_length=20, default="")
+        objects = tiered_cache.CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    class Fixed(models.Model):
+        code = _PaddedChar(max_length=6, primary_key=True)
+        note = models.CharField(max_length=20, default="")
+        objects = tiered_cache.CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    with installed(Handle, Post, Slot, Fixed):
+        handle = Handle.objects.create(name="bob", code="c1", note="old")
+        post = Post.objects.create(handle_id="BOB", by_code_id="C1", slug="s1")
+        noon = datetime(2024, 1, 1, 10, 0, tzinfo=UTC)
+        Slot.objects.create(at=noon, note="old")
+        Fixed.objects.create(code="ab", note="old")
+        padded = Fixed.objects.get().pk
+        built = Handle(name="BoB", code="c1")
+        reads = [
+            (Handle.objects, {"pk": "bob"}),
+            (Handle.objects, {"code": "c1"}),
+            (Handle.objects, {"code": "C1"}),
+            (Slot.objects, {"pk": noon}),
+            (Fixed.objects, {"pk": padded}),
+            (Fixed.objects, {"pk": "ab"}),
+            *[(h.posts, {"slug": "s1"}) for h in (handle, built)],
+            *[(h.posts, {"pk": post.pk}) for h in (handle, built)],
+            *[(h.posts_by_code, {"slug": "s1"}) for h in (handle, built)],
+        ]
+
+        def same(when: str) -> None:
+            for manager, lookup in reads:
+                at(tier)
+                assert_same(
+                    lambda m=manager, lk=lookup: m.get_cached(**lk),
+                    lambda m=manager, lk=lookup: m.get(**lk),
+                    f"{manager.model.__name__} {lookup} {when}",
+                )
+            for manager, pks in [(Handle.objects, ["bob"]), (handle.posts, [post.pk])]:
+                at(tier)
+                assert_same(
+                    lambda m=manager, p=pks: m.get_many_cached(p),
+                    lambda m=manager, p=pks: m.in_bulk(p),
+                    f"{manager.model.__name__} many {pks} {when}",
+                )
+
+        same("before")
+        Handle.objects.filter(pk="BOB").update(note="new")
+        Slot.objects.filter(pk=noon.astimezone(ZoneInfo("Europe/Paris"))).update(note="new")
+        Fixed.objects.filter(pk="ab").update(note="new")
+        same("after updates that spell the keys otherwise")
+        Handle(name="BOB", code="c1", note="newer").save()
+        Handle.objects.bulk_update([Handle(name="BOB", code="c1", note="newest")], ["note"])
+        Handle.objects.invalidate("BOB")
+        same("after a save and a bulk_update by another spelling")
+        Handle.objects.filter(pk="BOB").delete()
+        same("after a delete by another spelling")
+
+
 # -- odd primary keys ------------------------------------------------------------------------------
 
 
@@ -2413,3 +2551,175 @@ def test_a_related_manager_of_an_instance_built_with_a_str_pk_filters_as_the_orm
         got = assert_same(cached, orm, what)
         assert got[0] != "raises" or "abc" in what, got
     assert async_to_sync(by_str.accounts.aget_cached)(pk=account.pk) == account
+
+
+# -- what the tiers store: the row as the database returned it --------------------------------
+
+
+def _cold(model: type[models.Model]) -> None:
+    """Nothing of the model in either tier (pending fills landed first, then flushed)."""
+    at("l2")
+    model._default_manager.flush_cache()  # type: ignore[attr-defined]
+    at("l2")
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("hook", ["from_db", "post_init", "init", "descriptor"])
+@isolate_apps("tests.testapp")
+def test_load_hooks_that_change_values_run_once_on_a_row_from_the_tiers(
+    tier: str, hook: str
+) -> None:
+    """A model whose from_db(), __init__, post_init receiver or field descriptor changes
+    the values it is given (decrypts a token, counts loads in a JSON value in place, keeps
+    the value first given for change tracking): the ORM runs it once per load, on the
+    database's values. The tiers store those values, not the changed ones, so a read from
+    them runs it once too: get_cached, get_many_cached and warmup's fills alike."""
+    from django.db.models.query_utils import DeferredAttribute
+    from django.db.models.signals import post_init
+
+    from tiered_cache import maintenance
+
+    def loaded(inst: Any) -> None:
+        inst.token = f"dec({inst.token})"
+        inst.doc["loads"] = inst.doc.get("loads", 0) + 1
+
+    class Wrapping(DeferredAttribute):
+        def __set__(self, inst: Any, value: Any) -> None:
+            inst.__dict__.setdefault("given", value)
+            inst.__dict__[self.field.attname] = None if value is None else f"dec({value})"
+
+    class WrappedField(models.CharField):  # type: ignore[type-arg]
+        descriptor_class = Wrapping
+
+    class Hooked(models.Model):
+        token = (
+            WrappedField(max_length=100)
+            if hook == "descriptor"
+            else models.CharField(max_length=100)
+        )
+        doc = models.JSONField(default=dict)
+        objects = tiered_cache.CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+        if hook == "from_db":
+
+            @classmethod
+            def from_db(cls, db: Any, field_names: Any, values: Any) -> Any:
+                inst = super().from_db(db, field_names, values)
+                loaded(inst)
+                return inst
+
+        if hook == "init":
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                if args:  # as from_db() builds it
+                    loaded(self)
+
+    def receiver(sender: Any, instance: Any, **kwargs: Any) -> None:
+        if instance.pk is not None:  # as from_db() builds it (create() gives no pk)
+            loaded(instance)
+
+    if hook == "post_init":
+        post_init.connect(receiver, sender=Hooked, weak=False)
+
+    def seen(obj: Any) -> tuple[Any, ...]:
+        return (row(obj), obj.__dict__.get("given"))
+
+    try:
+        with installed(Hooked):
+            first = Hooked.objects.create(token="raw", doc={"a": 1})
+            second = Hooked.objects.create(token="raw", doc={"a": 2})
+            # The rows as stored, whatever creating them ran.
+            Hooked.objects.update(token="raw")
+            pks = [first.pk, second.pk]
+            reads = [
+                (
+                    "get_cached",
+                    lambda: seen(Hooked.objects.get_cached(pk=first.pk)),
+                    lambda: seen(Hooked.objects.get(pk=first.pk)),
+                ),
+                (
+                    "get_many_cached",
+                    lambda: {k: seen(v) for k, v in Hooked.objects.get_many_cached(pks).items()},
+                    lambda: {k: seen(v) for k, v in Hooked.objects.in_bulk(pks).items()},
+                ),
+            ]
+            for what, cached, orm in reads:
+                _cold(Hooked)
+                got = assert_same(cached, orm, f"{hook}: {what}, a miss")
+                assert "dec(raw)" in repr(got), got  # the hook ran
+                for again in range(2):
+                    at(tier)
+                    assert_same(cached, orm, f"{hook}: {what} from {tier} ({again})")
+                at(tier)
+                assert_same(reads[0][1], reads[0][2], f"{hook}: get_cached after {what}")
+            _cold(Hooked)
+            assert maintenance.warmup(Hooked)["stored"] == 2
+            for what, cached, orm in reads:
+                at(tier)
+                assert_same(cached, orm, f"{hook}: {what} after warmup, from {tier}")
+    finally:
+        post_init.disconnect(receiver, sender=Hooked)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@isolate_apps("tests.testapp")
+def test_get_many_cached_keys_rows_by_their_pk_as_in_bulk_does(tier: str) -> None:
+    """in_bulk() keys each row by its pk as read, which a case-insensitive collation lets
+    differ from the value asked for ("BOB" reads the row "bob", and "bob" and "BOB" one
+    row). get_many_cached() answers the same keys from a miss and from either tier, and
+    what its miss stores answers get_cached() as .get() answers."""
+    collation = "tc_parity_ci"
+    with connection.cursor() as c:
+        c.execute(
+            f"CREATE COLLATION IF NOT EXISTS {collation}"
+            " (provider = icu, locale = 'und-u-ks-level2', deterministic = false)"
+        )
+
+    class Handle(models.Model):
+        name = models.CharField(max_length=20, primary_key=True, db_collation=collation)
+        objects = tiered_cache.CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    def many(read: Callable[[list[str]], dict[Any, Any]], pks: list[str]) -> dict[Any, Any]:
+        return {k: row(v) for k, v in read(pks).items()}
+
+    try:
+        with installed(Handle):
+            Handle.objects.create(name="bob")
+            Handle.objects.create(name="Ann")
+            for pks in (["BOB"], ["bob", "BOB"], ["BOB", "ann", "nobody"], ["Bob", "bob"]):
+                _cold(Handle)
+                for when in ("a miss", f"from {tier}", f"from {tier} again"):
+                    if when != "a miss":
+                        at(tier)
+                    assert_same(
+                        lambda p=pks: many(Handle.objects.get_many_cached, p),
+                        lambda p=pks: many(Handle.objects.in_bulk, p),
+                        f"get_many_cached({pks}), {when}",
+                    )
+                for pk in pks:
+                    at(tier)
+                    assert_same(
+                        lambda p=pk: Handle.objects.get_cached(pk=p),
+                        lambda p=pk: Handle.objects.get(pk=p),
+                        f"get_cached(pk={pk!r}) after get_many_cached({pks})",
+                    )
+            # Entries stored by get_cached() under each spelling.
+            _cold(Handle)
+            for pk in ("bob", "BOB", "ANN"):
+                Handle.objects.get_cached(pk=pk)
+            at(tier)
+            assert_same(
+                lambda: many(Handle.objects.get_many_cached, ["bob", "BOB", "ANN"]),
+                lambda: many(Handle.objects.in_bulk, ["bob", "BOB", "ANN"]),
+                f"get_many_cached of get_cached's entries, from {tier}",
+            )
+    finally:
+        with connection.cursor() as c:
+            c.execute(f"DROP COLLATION IF EXISTS {collation}")

@@ -3,7 +3,8 @@ invalidation is never lost, and our hooks never change what Django does around a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -12,12 +13,13 @@ from asgiref.sync import async_to_sync
 from django.db import OperationalError, connection, connections, transaction
 
 import tiered_cache
-from tests.cache_fixtures import in_thread
+from tests.cache_fixtures import in_thread, l2_keys
 from tests.testapp.factories import AccountFactory, TenantFactory
-from tests.testapp.models import Account
+from tests.testapp.models import Account, Tenant
 from tiered_cache import maintenance
 from tiered_cache.signals import cache_invalidated
 from tiered_cache.tiers import redis_tier
+from tiered_cache.transactions import open_writes
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -159,3 +161,191 @@ def test_aliases_of_one_database_share_invalidation(monkeypatch: Any) -> None:
     monkeypatch.setitem(connections.settings, "elsewhere", {**default, "NAME": "another_db"})
     assert database_of("replica") == "default"
     assert database_of("elsewhere") == "elsewhere"
+
+
+# -- transactions the driver ends: psycopg's commit(), rollback() and transaction() --------
+
+
+def served(pk: int) -> tuple[int, int]:
+    """The balance another thread reads (this process's L1), then the one L2 serves."""
+    other = in_thread(lambda: int(Account.objects.get_cached(pk=pk).balance))
+    return other, committed(pk)
+
+
+@contextmanager
+def autocommit_off() -> Iterator[None]:
+    """set_autocommit(False) for the block, then True again (after a rollback if the block
+    raised: a failed assertion must not leave the connection in a transaction)."""
+    transaction.set_autocommit(False)
+    try:
+        yield
+    except BaseException:
+        transaction.rollback()
+        raise
+    finally:
+        transaction.set_autocommit(True)
+
+
+def test_a_driver_transaction_block_invalidates_at_its_exit() -> None:
+    """psycopg's own transaction() on Django's connection in autocommit: the driver sends
+    BEGIN and COMMIT itself; the UPDATE between them runs through Django's cursor."""
+    acc = AccountFactory(balance=1)
+    Account.objects.get_cached(pk=acc.pk)
+    before = open_writes()
+    seen: list[Any] = []
+
+    def receiver(sender: Any, **kwargs: Any) -> None:
+        seen.append(sender)
+
+    cache_invalidated.connect(receiver)
+    try:
+        connection.ensure_connection()
+        with connection.connection.transaction():
+            Account.objects.filter(pk=acc.pk).update(balance=2)
+        # Committed, and no statement has run on this connection since.
+        assert len(seen) == 1  # its signal too: Django is in autocommit
+        assert served(acc.pk) == (2, 2)
+    finally:
+        cache_invalidated.disconnect(receiver)
+    assert Account.objects.get_cached(pk=acc.pk).balance == 2
+    assert open_writes() == before
+
+
+def test_a_driver_transaction_block_in_a_thread_whose_connection_is_then_closed() -> None:
+    """The same at the end of a request: the worker's connection is closed right after."""
+    acc = AccountFactory(balance=1)
+    Account.objects.get_cached(pk=acc.pk)
+
+    def worker() -> None:
+        from django.db import connection as conn
+
+        conn.ensure_connection()
+        with conn.connection.transaction():
+            Account.objects.filter(pk=acc.pk).update(balance=2)
+
+    assert in_thread(worker) is None  # and in_thread closes its connections
+    assert Account.objects.get(pk=acc.pk).balance == 2
+    assert Account.objects.get_cached(pk=acc.pk).balance == 2
+    assert served(acc.pk) == (2, 2)
+
+
+def test_the_drivers_commit_with_autocommit_off_invalidates() -> None:
+    acc = AccountFactory(balance=1)
+    Account.objects.get_cached(pk=acc.pk)
+    with autocommit_off():
+        Account.objects.filter(pk=acc.pk).update(balance=2)
+        connection.connection.commit()
+        assert served(acc.pk) == (2, 2)  # while Django still holds autocommit off
+    assert Account.objects.get_cached(pk=acc.pk).balance == 2
+    assert served(acc.pk) == (2, 2)
+
+
+def test_a_commit_the_driver_sent_unseen_is_noticed_before_the_next_statement() -> None:
+    """A COMMIT run on psycopg's connection directly (no wrapper of ours sees it) while
+    Django holds autocommit off: the next statement through Django finds the server
+    holding no transaction, and what was held runs first."""
+    acc = AccountFactory(balance=1)
+    Account.objects.get_cached(pk=acc.pk)
+    with autocommit_off():
+        Account.objects.filter(pk=acc.pk).update(balance=2)
+        connection.connection.execute("COMMIT")
+        Tenant.objects.count()
+        assert served(acc.pk) == (2, 2)
+        transaction.rollback()  # Django's: nothing of it is left to drop
+    assert served(acc.pk) == (2, 2)
+
+
+def test_an_invalidate_queued_before_a_blocks_first_statement_waits_for_its_commit() -> None:
+    """invalidate() in atomic() before any statement: the server holds no transaction yet,
+    which is not a transaction the driver ended. The write it is for (here one Django
+    does not see) is invalidated at the commit, after a reader refilled the old row."""
+    acc = AccountFactory(balance=1)
+    Account.objects.get_cached(pk=acc.pk)
+    with transaction.atomic():
+        Account.objects.invalidate(acc.pk)
+        Tenant.objects.count()  # the first statement: BEGIN
+        assert in_thread(lambda: Account.objects.get_cached(pk=acc.pk).balance) == 1
+        connection.connection.execute(
+            'UPDATE "testapp_account" SET "balance" = 2 WHERE "id" = %s', [acc.pk]
+        )
+    assert served(acc.pk) == (2, 2)
+
+
+def test_djangos_rollback_still_drops_what_was_held() -> None:
+    """Django's rollback() calls the driver's: what the transaction held is dropped, not
+    applied (the row cached before stays in L1 and L2), with atomic() and without."""
+    acc = AccountFactory(balance=1)
+    Account.objects.get_cached(pk=acc.pk)
+    hits = tiered_cache.stats()[Account._meta.label_lower]["l1_hits"]
+
+    before = open_writes()
+    rolled_back(lambda: Account.objects.filter(pk=acc.pk).update(balance=2))
+    with autocommit_off():
+        Account.objects.filter(pk=acc.pk).update(balance=3)
+        transaction.rollback()
+
+    assert Account.objects.get_cached(pk=acc.pk).balance == 1
+    assert tiered_cache.stats()[Account._meta.label_lower]["l1_hits"] == hits + 1
+    assert l2_keys(Account) != []  # not dropped either
+    assert open_writes() == before
+
+
+def test_a_driver_rollback_leaves_correct_reads_and_the_cache_in_use() -> None:
+    acc = AccountFactory(balance=1)
+    Account.objects.get_cached(pk=acc.pk)
+    before = open_writes()
+    with pytest.raises(RuntimeError):
+        with connection.connection.transaction():
+            Account.objects.filter(pk=acc.pk).update(balance=2)
+            raise RuntimeError("rolled back by psycopg")
+    assert open_writes() == before  # nothing held any more
+    assert Account.objects.get_cached(pk=acc.pk).balance == 1
+    assert served(acc.pk) == (1, 1)
+
+    with autocommit_off():
+        Account.objects.filter(pk=acc.pk).update(balance=3)
+        connection.connection.rollback()
+        assert open_writes() == before
+        assert Account.objects.get_cached(pk=acc.pk).balance == 1
+        assert served(acc.pk) == (1, 1)
+        Account.objects.filter(pk=acc.pk).update(balance=4)  # a new transaction
+        assert in_thread(lambda: Account.objects.get_cached(pk=acc.pk).balance) == 1
+        transaction.commit()
+    assert served(acc.pk) == (4, 4)
+
+
+def test_closing_a_connection_mid_sql_transaction_gives_back_its_count() -> None:
+    """A BEGIN run as SQL, a write, and the request ends (close()): what was held runs (it
+    rolled back, so that only drops right entries) and open_writes() is given back."""
+    acc = AccountFactory(balance=1)
+    Account.objects.get_cached(pk=acc.pk)
+    before = open_writes()
+
+    def worker() -> int:
+        from django.db import connection as conn
+
+        with conn.cursor() as cursor:
+            cursor.execute("BEGIN")
+        Account.objects.filter(pk=acc.pk).update(balance=2)
+        return open_writes()
+
+    assert in_thread(worker) == before + 1
+    assert open_writes() == before
+    assert served(acc.pk) == (1, 1)
+
+
+def test_a_transaction_that_ended_unseen_is_applied_when_next_looked_at() -> None:
+    """The driver committed unseen, then the connection was closed inside the atomic block
+    (Django sends no ROLLBACK then): the next read finds what was held on a connection
+    holding no transaction, and applies it, since that transaction may have committed."""
+    acc = AccountFactory(balance=1)
+    Account.objects.get_cached(pk=acc.pk)
+    before = open_writes()
+    with transaction.atomic():
+        Account.objects.filter(pk=acc.pk).update(balance=2)
+        connection.connection.execute("COMMIT")
+        connection.close()
+    assert connection.connection is None
+    assert Account.objects.get_cached(pk=acc.pk).balance == 2
+    assert open_writes() == before
+    assert served(acc.pk) == (2, 2)

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from django.apps import apps
-from django.db import models
+from django.db import connections, models
 
 from .conf import conf
 from .groups import concrete_of, primary_parent, root_label
-from .keys import pk_row_id
+from .keys import equal_as_in_python, pk_row_id
 from .registry import cached_models
 
 __all__ = ["FLUSH", "INSERT", "ROWS", "Effect", "TableRole", "classify", "forget", "table_roles"]
@@ -129,6 +129,9 @@ def table_roles() -> dict[str, list[TableRole]]:
     if not apps.ready:
         return {}
     out: dict[str, dict[str, TableRole]] = {}
+    # The roles serve every database: text keys compare as Python's only if on all of them.
+    vendors = {connections[alias].vendor for alias in connections.settings}
+    vendor = vendors.pop() if len(vendors) == 1 else "several"
     for model in cached_models():
         label = root_label(model)
         primary = set()
@@ -139,7 +142,10 @@ def table_roles() -> dict[str, list[TableRole]]:
         concrete = concrete_of(model)
         for m in [concrete, *concrete._meta.get_parent_list()]:
             pk = m._meta.pk
-            role = TableRole(label, pk.column, pk, by_row=m in primary)
+            # A pk the database compares otherwise than Python (a collation that ignores
+            # case): a write may name the row by another spelling, so it drops the group.
+            by_row = m in primary and equal_as_in_python(pk, vendor)
+            role = TableRole(label, pk.column, pk, by_row=by_row)
             have = out.setdefault(m._meta.db_table, {}).get(label)
             if have is None or (have.by_row and not role.by_row):
                 out[m._meta.db_table][label] = role

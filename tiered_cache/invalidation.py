@@ -9,12 +9,12 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from django.db import models
+from django.db import connections, models
 from redis.exceptions import ResponseError
 
 from . import outbox, recording, signals
 from .conf import conf
-from .groups import group_of
+from .groups import root_label, write_groups
 from .keys import (
     DerivedDrop,
     Group,
@@ -24,6 +24,7 @@ from .keys import (
     bump_call,
     cluster_mode,
     derived_drop_call,
+    equal_as_in_python,
     group_by_id,
     invalidate_calls,
     pk_row_id,
@@ -299,14 +300,22 @@ def drain_outbox(limit: int = 1000, force: bool = False) -> int:
 
 
 def rows_batch(model: type[models.Model], pks: Iterable[Any], alias: str) -> Batch:
-    """Rows of a model written through the database `alias`."""
+    """Rows of a model written through the database `alias`, in every group that may
+    cache them (groups.write_groups)."""
     batch = Batch()
     pk = model._meta.pk
-    batch.add_rows(group_of(model, alias), [pk_row_id(pk, p) for p in pks if p is not None])
+    if not equal_as_in_python(pk, connections[alias].vendor):
+        # `pks` may spell a row's key otherwise than the row does ("BOB" for "bob").
+        return flush_batch(model, alias)
+    rids = [pk_row_id(pk, p) for p in pks if p is not None]
+    for g in write_groups(root_label(model), alias):
+        batch.add_rows(g, rids)
     return batch
 
 
 def flush_batch(model: type[models.Model], alias: str) -> Batch:
+    """Every row of a model written through the database `alias` (groups.write_groups)."""
     batch = Batch()
-    batch.add_flush(group_of(model, alias))
+    for g in write_groups(root_label(model), alias):
+        batch.add_flush(g)
     return batch

@@ -54,7 +54,9 @@ __all__ = [
     "derived_header",
     "KEY_TYPES",
     "encode_value",
+    "INTEGER_FIELDS",
     "encode_values",
+    "equal_as_in_python",
     "fn_gen_key",
     "fn_tag",
     "forget",
@@ -214,6 +216,46 @@ def value_field(f: Any) -> Any:
     while f.is_relation:
         f = f.target_field
     return f
+
+
+# Value fields that the database compares as Python compares the values the ORM prepares
+# for them. Text only without a collation of its own (one may ignore case or accents), on
+# PostgreSQL (whose database collations are deterministic: equal strings are equal bytes,
+# and varchar keeps trailing spaces) and SQLite (BINARY). Not a datetime (another zone's
+# spelling of one instant) nor a custom field (char(n) pads).
+INTEGER_FIELDS: frozenset[type[models.Field[Any, Any]]] = frozenset(
+    {
+        models.AutoField,
+        models.BigAutoField,
+        models.SmallAutoField,
+        models.IntegerField,
+        models.BigIntegerField,
+        models.SmallIntegerField,
+        models.PositiveIntegerField,
+        models.PositiveBigIntegerField,
+        models.PositiveSmallIntegerField,
+    }
+)
+_EXACT_FIELDS = INTEGER_FIELDS | {models.UUIDField}
+_EXACT_TEXT = frozenset(
+    {models.CharField, models.TextField, models.SlugField, models.EmailField, models.URLField}
+)
+
+
+def equal_as_in_python(f: Any, vendor: str) -> bool:
+    """Whether the database (of `vendor`) finds two values of field f (or of the field at
+    the end of its relation) equal exactly when their row ids are: a write that names a row
+    by another spelling of its key ("BOB" for "bob" under a collation that ignores case)
+    then drops that row's entries, and a row whose key is another spelling of the one a
+    relation holds is not this relation's."""
+    f = value_field(f)
+    if type(f) in _EXACT_FIELDS:
+        return True
+    return (
+        type(f) in _EXACT_TEXT
+        and getattr(f, "db_collation", None) is None
+        and vendor in ("postgresql", "sqlite")
+    )
 
 
 def pk_row_id(pk_field: Any, value: Any) -> str:

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import ValidationError
-from django.db import DEFAULT_DB_ALIAS, models, router
+from django.db import DEFAULT_DB_ALIAS, connections, models, router
 from django.db.models.query import QuerySet
 
 from . import reads, recording
 from .exceptions import UndeclaredLookup
 from .groups import database_of, read_group
 from .invalidation import flush_batch, rows_batch
-from .keys import Group, keyable, keyable_values, pk_row_id
+from .keys import Group, equal_as_in_python, keyable, keyable_values, pk_row_id
 from .registry import CachedManagerBase, LookupSpec, checked_lookups, instance_value, model_cache
 from .transactions import open_writes, queue, snapshot_aliases, snapshot_statements
 
@@ -281,6 +281,14 @@ def _base_of(manager: Any, lookup: dict[str, Any] | None = None) -> Any:
     return base
 
 
+def _checkable(manager: Any) -> bool:
+    """Whether the relation can be checked on a cached row in Python: not when the database
+    compares its key otherwise ("BOB" is "bob" under a collation that ignores case, and
+    Django gives the foreign key the collation of the field it points at)."""
+    vendor = connections[manager.db].vendor
+    return all(equal_as_in_python(f, vendor) for f in manager.field.foreign_related_fields)
+
+
 def _related_value(manager: Any) -> tuple[Any, ...] | None:
     """The value the manager's rows hold in their foreign key, as the ORM's filter
     prepares it from the instance (an instance built with pk="3" filters by 3); None
@@ -328,7 +336,7 @@ def _related_get(manager: Any, lookup: dict[str, Any]) -> Any:
     # The base manager's read answers for the relation only when it finds at most one row:
     # a lookup that is not unique, or unique but by NULL (which matches many), may find
     # another instance's rows, and only the relation's own filter finds this one's.
-    reverse_fk = base is not None and _is_reverse_fk(manager)
+    reverse_fk = base is not None and _is_reverse_fk(manager) and _checkable(manager)
     if not reverse_fk or not lk.unique or None in values:
         why = _UNCHECKED
         if base is not None:
@@ -371,7 +379,7 @@ def _known_related(manager: Any, objs: Iterable[Any]) -> None:
 
 def _related_get_many(manager: Any, pks: list[Any]) -> dict[Any, Any]:
     base = _base_of(manager)
-    if base is None or not _is_reverse_fk(manager):
+    if base is None or not _is_reverse_fk(manager) or not _checkable(manager):
         in_bulk = manager.get_queryset().in_bulk
         rows: dict[Any, Any]
         if recording.active:

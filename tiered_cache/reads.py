@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Hashable, Iterable
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from django.core.exceptions import ObjectDoesNotExist
-from django.db import DEFAULT_DB_ALIAS, connections, router
+from django.db import DEFAULT_DB_ALIAS, connections, models, router
+from django.db.models.query import ModelIterable
 
 from . import recording, signals
 from .bus import bus
@@ -31,6 +33,7 @@ from .keys import (
     ScriptCall,
     Shard,
     ValidEntry,
+    equal_as_in_python,
     fill_call,
     keyable_values,
     lease_key,
@@ -518,17 +521,18 @@ def _load(
         recording.missed(trusted, code == BUSY, source)
     if signals.cache_miss.receivers:
         signals.cache_miss.send(sender=mc.model, key=key)
+    kwargs = lk.orm_kwargs(values)
     try:
-        obj = _miss_queryset(manager, source).get(**lk.orm_kwargs(values))
+        obj, noted = _read(mc, _miss_queryset(manager, source), source, lambda qs: qs.get(**kwargs))
     except mc.model.DoesNotExist:  # type: ignore[attr-defined]  # as in _does_not_exist()
         value, obj = NEGATIVE, None
     else:
-        row = mc.codec.values(obj)
-        if row is None or source is False:
+        frozen = None if source is False else _frozen(mc, obj, noted)
+        if frozen is None:
             if code == LEASE:
                 redis_tier.fill_later([Release(key, lease_token)])
             return UNCACHEABLE, obj
-        value = mc.codec.freeze(row)
+        value = frozen
         if source is not None:
             obj = None  # read from the primary: the caller gets it as read through `db`
     if source is False:
@@ -679,6 +683,92 @@ def _miss_queryset(manager: Any, source: Any) -> Any:
     return source.get_queryset().using(source._db)
 
 
+# What a miss reading through _Noted notes, in this context: the model's codec, and the
+# rows from_db() was given, frozen, by id() of the instance built from each (with the
+# instance, which keeps that id its own).
+_noting: contextvars.ContextVar[tuple[Any, dict[int, tuple[Any, Any]]] | None] = (
+    contextvars.ContextVar("tiered_cache_noting", default=None)
+)
+
+_T = TypeVar("_T")
+
+
+class _Noted(ModelIterable):  # type: ignore[type-arg]  # generic in django-stubs only
+    """Django's ModelIterable, which also notes, for each instance it yields, the values
+    from_db() was given, frozen before from_db() runs (a hook may change a JSON value in
+    place). The instances are the ORM's own in every other way (select_related,
+    annotations, known related objects, fetch modes): ModelIterable builds them, from
+    rows its compiler's results_iter() hands it, which are watched on the way. The
+    compiler is the one the query makes; it is reached through the query (an attribute
+    of this one read's own clone, removed once the rows are read)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        noting = _noting.get()
+        if noting is None:
+            yield from super().__iter__()
+            return
+        codec, noted = noting
+        query = self.queryset.query
+        last: list[Any] = [None]
+
+        def get_compiler(*args: Any, **kwargs: Any) -> Any:
+            compiler = type(query).get_compiler(query, *args, **kwargs)
+            results_iter = compiler.results_iter
+
+            def watched(*a: Any, **kw: Any) -> Iterator[Any]:
+                # What ModelIterable hands from_db(): the row's slice of the model's own
+                # fields, by these names. Other names (fields deferred): nothing stored.
+                fields = compiler.klass_info["select_fields"]
+                start, end = fields[0], fields[-1] + 1
+                names = [f[0].target.attname for f in compiler.select[start:end]]
+                whole = names == codec.attnames
+                for row in results_iter(*a, **kw):
+                    last[0] = codec.freeze(row[start:end]) if whole else None
+                    yield row
+
+            compiler.results_iter = watched
+            return compiler
+
+        query.get_compiler = get_compiler  # type: ignore[method-assign]  # this read's own
+        try:
+            for obj in super().__iter__():
+                noted[id(obj)] = (obj, last[0])
+                yield obj
+        finally:
+            del query.get_compiler
+
+
+def _read(
+    mc: ModelCache, qs: Any, source: Any, read: Callable[[Any], _T]
+) -> tuple[_T, dict[int, tuple[Any, Any]] | None]:
+    """read(qs)'s answer, with what _frozen() needs to tell the rows it read as from_db()
+    was given them: None when the instances hold them (RowCodec.holds_as_loaded(), most
+    models), else what _Noted noted of them (nothing from a queryset with an iterable of
+    its own: those rows are not stored). `source` False: nothing is stored anyway."""
+    if source is False or mc.codec.holds_as_loaded():
+        return read(qs), None
+    noted: dict[int, tuple[Any, Any]] = {}
+    if qs._iterable_class is not ModelIterable:
+        return read(qs), noted
+    qs = qs.all()  # a clone: get_queryset() may hand out a queryset it keeps
+    qs._iterable_class = _Noted
+    token = _noting.set((mc.codec, noted))
+    try:
+        return read(qs), noted
+    finally:
+        _noting.reset(token)
+
+
+def _frozen(mc: ModelCache, obj: models.Model, noted: dict[int, tuple[Any, Any]] | None) -> Any:
+    """The frozen row of an instance _read() read, as from_db() was given it; None when it
+    is not to be stored (fields deferred, nothing noted)."""
+    if noted is None:
+        row = mc.codec.values(obj)
+        return None if row is None else mc.codec.freeze(row)
+    seen = noted.get(id(obj))
+    return seen[1] if seen is not None and seen[0] is obj else None
+
+
 def settle(
     manager: Any, mc: ModelCache, lk: Lookup
 ) -> tuple[Any, str, Group, str | None, str | None, Any]:
@@ -784,14 +874,20 @@ def _get_many_scoped(
             mc.counters.stale_hits += len(got) - got.count(None)
         todo = []
         thaw = mc.codec.thaw
+        # Keyed as in_bulk() keys rows, by their pk as read, not by the value asked for
+        # (under a case-insensitive collation "BOB" reads the row "bob").
+        as_frozen = mc.codec.pk_as_frozen()
         negatives = 0
         for pk, v in zip(wanted, got, strict=True):
             if v is None:
                 todo.append(pk)
             elif v is NEGATIVE:
                 negatives += 1
+            elif as_frozen:
+                found[v[2]] = thaw(v, db)
             else:
-                found[pk] = thaw(v, db)
+                obj = thaw(v, db)
+                found[obj.pk] = obj
         mc.counters.negative_hits += negatives
         mc.counters.l1_hits += len(wanted) - len(todo) - negatives
         if recording.active:
@@ -837,9 +933,11 @@ def _get_many_scoped(
     # Counted and signalled before any instance is built, as get_cached does.
     _served_l2(mc, served)
     thaw = mc.codec.thaw
-    for l1key, _, value, _, _ in keep:
+    as_frozen = mc.codec.pk_as_frozen()
+    for _, _, value, _, _ in keep:
         if value is not NEGATIVE:
-            found[l1key[3]] = thaw(value, db)
+            obj = thaw(value, db)
+            found[value[2] if as_frozen else obj.pk] = obj
     if not missing:
         local_tier.set_many(g.id, token, keep)
         return found
@@ -847,24 +945,41 @@ def _get_many_scoped(
     mc.counters.misses += len(missing)
     if recording.active:
         recording.missed(trusted, False, source, len(missing))
-    objs = _miss_queryset(manager, source).in_bulk([pk for _, pk, _, _ in missing])
+    objs, noted = _read(
+        mc,
+        _miss_queryset(manager, source),
+        source,
+        lambda qs: qs.in_bulk([pk for _, pk, _, _ in missing]),
+    )
+    # in_bulk()'s rows under its keys; each one's frozen row, None if not to be stored.
+    frozen: dict[int, Any] = {}
+    for as_read, obj in objs.items():
+        value = None if source is False else _frozen(mc, obj, noted)
+        frozen[id(obj)] = value
+        # From the primary: as read through `db`.
+        found[as_read] = obj if source is None or value is None else mc.codec.thaw(value, db)
+    exact: bool | None = None
     fills = []
     for i, pk, key, lease in missing:
         obj = objs.get(pk)
         if obj is None:
             if source is False:
                 continue
-            value = NEGATIVE
-        else:
-            found[pk] = obj
-            row = mc.codec.values(obj)
-            if row is None or source is False:
+            if exact is None:
+                exact = equal_as_in_python(mc.model._meta.pk, connections[db].vendor)
+            if not exact:
+                # It may be another spelling of a row read under its own (a collation
+                # that ignores case): no row of its own is known, and no absence.
                 if lease:
                     redis_tier.fill_later([Release(key, lease)])
                 continue
-            value = mc.codec.freeze(row)
-            if source is not None:  # read from the primary: as read through `db`
-                found[pk] = mc.codec.thaw(value, db)
+            value = NEGATIVE
+        else:
+            value = frozen[id(obj)]
+            if value is None:
+                if lease:
+                    redis_tier.fill_later([Release(key, lease)])
+                continue
         if lease:
             gen, writes, row_seen = heads[i]
             rid = _row_of(mc, value)
@@ -993,14 +1108,13 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
         )
         if last_pk is not None:
             page = page.filter(pk__gt=last_pk)
-        rows = list(page[:batch_size])
+        rows, noted = _read(mc, page[:batch_size], None, list)
         if not rows:
             break
         fills = []
         for obj in rows:
-            row = mc.codec.values(obj)
-            if row is not None:
-                value = mc.codec.freeze(row)
+            value = _frozen(mc, obj, noted)
+            if value is not None:
                 key = lk.key(g, mc.schema, _alias_part(db, scope), (value[2],))
                 head = heads[g.shard_of(key).tag]
                 fills.append(

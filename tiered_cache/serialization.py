@@ -24,7 +24,7 @@ from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttrib
 from django.db.models.signals import post_init, pre_init
 from django.dispatch.dispatcher import NO_RECEIVERS
 
-from .keys import DerivedHeader, RowHeader, split_header, value_field
+from .keys import INTEGER_FIELDS, DerivedHeader, RowHeader, split_header, value_field
 
 logger = logging.getLogger("tiered_cache")
 
@@ -152,17 +152,8 @@ _MARSHAL_VERSION = 4  # readable by every Python 3 since 3.4
 # of L1 like JSON, arrays and custom fields, and a caller's mutation never reaches the cache.
 # These hold ints, strs, bools or floats, which marshal writes as they are; _TYPED below,
 # the other immutable ones.
-_PLAIN_FIELDS: frozenset[type[models.Field[Any, Any]]] = frozenset(
+_PLAIN_FIELDS: frozenset[type[models.Field[Any, Any]]] = INTEGER_FIELDS | frozenset(
     {
-        models.AutoField,
-        models.BigAutoField,
-        models.SmallAutoField,
-        models.IntegerField,
-        models.BigIntegerField,
-        models.SmallIntegerField,
-        models.PositiveIntegerField,
-        models.PositiveBigIntegerField,
-        models.PositiveSmallIntegerField,
         models.CharField,
         models.TextField,
         models.EmailField,
@@ -381,7 +372,8 @@ class RowCodec:
         )
 
     def values(self, obj: models.Model) -> tuple[Any, ...] | None:
-        """The row as loaded; None when fields are deferred (such rows are not cached)."""
+        """The values an instance holds, in field order; None when fields are deferred
+        (such rows are not cached). The row as loaded only if holds_as_loaded()."""
         d = obj.__dict__
         try:
             return tuple([d[a] for a in self.attnames])
@@ -447,6 +439,23 @@ class RowCodec:
             if signal.receivers and signal.sender_receivers_cache.get(cls) is not NO_RECEIVERS:
                 return False
         return True
+
+    def holds_as_loaded(self) -> bool:
+        """Whether an instance the ORM loads now holds in its __dict__ the very values
+        from_db() was given, as thaw() builds one without from_db(): nothing of the model
+        (from_db(), __init__, __setattr__, a field's descriptor, an init signal's receiver)
+        runs on them. What the tiers store is what from_db() was given: of any other
+        model, a miss notes it as it reads (reads._Noted), since a thaw hands it to the
+        same hooks again."""
+        return self._plain and (
+            not (pre_init.receivers or post_init.receivers) or self._no_init_receivers()
+        )
+
+    def pk_as_frozen(self) -> bool:
+        """Whether the pk of an instance thaw() builds now is its frozen row's (frozen[2]):
+        built as holds_as_loaded() says, with an immutable pk. get_many_cached() then keys
+        its rows by that, as in_bulk() keys them by their pk, without asking each one."""
+        return self.pk_index not in self.mutable and self.holds_as_loaded()
 
     def thaw(self, frozen: tuple[Any, ...], db: str) -> models.Model:
         imm, mut, _ = frozen

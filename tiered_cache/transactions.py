@@ -3,11 +3,15 @@
 In autocommit a statement's invalidation runs as soon as it returns. Inside a transaction
 (atomic(), autocommit turned off, or a BEGIN statement) it runs right after the COMMIT,
 before every on_commit callback (a callback that reads must see the new row; one that
-raises must not cancel the invalidation). A rollback drops it. Until then, reads of what
-the transaction wrote go to the database, and so do all reads inside a transaction whose
-snapshot may predate other commits (REPEATABLE READ, SERIALIZABLE, SQLite; set in the
-alias's OPTIONS or by a statement): the cache holds the latest committed rows, which such
-a transaction must not see.
+raises must not cancel the invalidation). Django's rollback() drops it. A transaction that
+ends another way (psycopg's own commit(), rollback() or transaction() block on Django's
+connection, a COMMIT the driver sent unseen, a connection closed or lost) may have
+committed: its invalidation runs as soon as the end is noticed (right after the driver's
+call, before the connection's next statement, at close(), or at the next read that looks
+at it). Until then, reads of what the transaction wrote go to the database, and so do all
+reads inside a transaction whose snapshot may predate other commits (REPEATABLE READ,
+SERIALIZABLE, SQLite; set in the alias's OPTIONS or by a statement): the cache holds the
+latest committed rows, which such a transaction must not see.
 """
 
 from __future__ import annotations
@@ -23,9 +27,8 @@ from django.conf import settings
 from django.db import connections
 
 from .capture import FLUSH, Effect, classify
-from .groups import database_of
+from .groups import write_groups
 from .invalidation import Batch
-from .keys import group
 
 __all__ = [
     "bypass",
@@ -43,14 +46,17 @@ __all__ = [
 class _Connection:
     """What we track of one DatabaseWrapper: its open transaction's pending
     invalidations, the batches whose signals wait for autocommit, and whether its
-    commit() and rollback() are wrapped."""
+    commit(), rollback() and close() are wrapped."""
 
-    __slots__ = ("hooked", "level", "owed", "pending", "raw", "touched")
+    __slots__ = ("ending", "hooked", "level", "owed", "pending", "raw", "touched")
 
     def __init__(self) -> None:
         self.pending: Pending | None = None
         self.owed: list[Batch] = []
         self.hooked = False
+        # Django's commit() or rollback() is running: the driver's, which it calls, is
+        # left to it (its rollback drops what is held, its commit keeps its order).
+        self.ending = False
         # A transaction the server holds open in autocommit (a BEGIN run as SQL), which
         # Django does not know of.
         self.raw = False
@@ -115,7 +121,7 @@ class Pending:
     """The invalidations of one transaction on one connection, applied right after its
     COMMIT and dropped by its ROLLBACK."""
 
-    __slots__ = ("batch", "conn_ref", "done", "key", "state")
+    __slots__ = ("batch", "conn_ref", "done", "key", "ran", "state")
 
     def __init__(self, conn: Any, state: _Connection) -> None:
         # Weak: the connection's entry in _connections must not keep it alive.
@@ -124,6 +130,10 @@ class Pending:
         self.state = state
         self.batch = Batch()
         self.done = False
+        # A statement of the transaction ran (not only an invalidate() queued before its
+        # first one): the server has held it open since, so a server that reports no
+        # transaction before the next statement means that it ended.
+        self.ran = False
         _open.add(1)
         _local.__dict__.setdefault("dirty", {})[self.key] = self
 
@@ -165,20 +175,21 @@ def in_transaction(conn: Any) -> bool:
 
 def current(conn: Any) -> Pending | None:
     """The connection's pending invalidations while its transaction is open. One left over
-    from a transaction that ended without a commit() we saw (the connection was closed or
-    lost mid-transaction) is dropped: that transaction rolled back."""
+    from a transaction that ended without a commit() or rollback() we saw (the connection
+    was closed or lost mid-transaction, or the driver ended it) is applied now: that
+    transaction may have committed, and an extra invalidation only drops right entries."""
     state = _connections.get(conn)
-    pending = state.pending if state is not None else None
-    if pending is None or pending.done:
+    if state is None or state.pending is None or state.pending.done:
         return None
     if in_transaction(conn):
-        return pending
-    pending.finish(apply=False)
+        return state.pending
+    _ended(conn, state)
     return None
 
 
-def record(conn: Any, batch: Batch) -> None:
-    """Apply now in autocommit; otherwise right after the transaction's COMMIT."""
+def record(conn: Any, batch: Batch, statement: bool = False) -> None:
+    """Apply now in autocommit; otherwise right after the transaction's COMMIT.
+    `statement`: the batch is a statement's, which ran in the transaction."""
     if not batch:
         return
     if not in_transaction(conn):
@@ -189,6 +200,8 @@ def record(conn: Any, batch: Batch) -> None:
         state = _state(conn)
         pending = state.pending = Pending(conn, state)
     pending.batch.merge(batch)
+    if statement:
+        pending.ran = True
 
 
 def queue(batch: Batch, using: str) -> None:
@@ -205,8 +218,17 @@ def watch(execute: Any, sql: Any, params: Any, many: bool, context: dict[str, An
     in any form or company) never reaches Django's commit() and rollback(): whether a
     transaction is open is asked of the driver after each statement in autocommit (the
     server reports it with every reply), and a statement that names an isolation level
-    makes the level of this session's transactions one to ask the server."""
+    makes the level of this session's transactions one to ask the server.
+
+    A transaction Django holds open that the driver ended unseen (a COMMIT sent by psycopg
+    itself) is noticed before the next statement: with writes held, the server's
+    transaction status (no round trip) is read first."""
     conn = context["connection"]
+    state = _connections.get(conn)
+    if state is not None and state.pending is not None:
+        pending = state.pending
+        if pending.ran and not pending.done and _server_in_transaction(conn) is False:
+            _ended(conn, state)
     text = sql_text(sql, conn)
     effects = classify(text, params, many)
     # Read once, lowered: a statement's head says what it does; a long one (a bulk
@@ -218,7 +240,8 @@ def watch(execute: Any, sql: Any, params: Any, many: bool, context: dict[str, An
     try:
         return execute(sql, params, many, context)
     finally:
-        state = _state(conn) if touches or effects else _connections.get(conn)
+        if state is None and (touches or effects):
+            state = _state(conn)
         was_raw = state is not None and state.raw
         if conn.autocommit and not conn.in_atomic_block:
             open_now = _server_in_transaction(conn)
@@ -227,7 +250,7 @@ def watch(execute: Any, sql: Any, params: Any, many: bool, context: dict[str, An
             if state is not None and open_now is not None:
                 state.raw = open_now
         if effects:
-            record(conn, batch_of(conn.alias, effects))
+            record(conn, batch_of(conn.alias, effects), statement=True)
         if state is not None:
             if was_raw and not state.raw:
                 _raw_ended(conn, state)
@@ -280,6 +303,113 @@ def _raw_ended(conn: Any, state: _Connection) -> None:
     state.level = None
 
 
+def _ended(conn: Any, state: _Connection) -> None:
+    """The transaction holding the pending invalidations ended without a commit() or
+    rollback() of Django's (the driver ended it, or the connection was closed or lost):
+    they run now, since it may have committed. Their signals wait while Django holds a
+    transaction open (autocommit off, or an atomic block), and are sent now otherwise."""
+    if conn.in_atomic_block or (not conn.autocommit and conn.connection is not None):
+        if state.pending is not None:
+            state.pending.finish(apply=True)
+        state.level = None
+    else:
+        state.raw = False
+        _raw_ended(conn, state)
+
+
+def _driver_ended(raw: Any) -> None:
+    """After the driver's own commit(), rollback() or transaction() block on a connection
+    of Django's: if the server holds no transaction open any more, what was held for the
+    one that ended runs now (the driver's rollback too: an extra invalidation is
+    harmless). Left to Django's commit() and rollback() when they are the caller."""
+    owner = _drivers.get(raw)
+    conn = owner() if owner is not None else None
+    if conn is None or conn.connection is not raw:
+        return
+    if getattr(conn, "_thread_ident", threading.get_ident()) != threading.get_ident():
+        return  # not its thread's call (a pool resetting it): left to its next statement
+    state = _connections.get(conn)
+    if state is None or state.ending or (state.pending is None and not state.raw):
+        return
+    if _server_in_transaction(conn) is False:
+        _ended(conn, state)
+
+
+class _DriverTransaction:
+    """psycopg's transaction() context manager, checked at its exit."""
+
+    __slots__ = ("_cm", "_raw")
+
+    def __init__(self, cm: Any, raw: Any) -> None:
+        self._cm = cm
+        self._raw = raw
+
+    def __enter__(self) -> Any:
+        return self._cm.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return self._cm.__exit__(*exc)
+        finally:
+            _driver_ended(self._raw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cm, name)
+
+
+# The driver's connections whose commit(), rollback() and transaction() are wrapped, each
+# to the DatabaseWrapper that holds it now (a pooled one passes from one to another).
+_drivers: weakref.WeakKeyDictionary[Any, weakref.ref[Any]] = weakref.WeakKeyDictionary()
+
+
+def _wrap_driver(connection: Any) -> None:
+    """Wrap the commit(), rollback() and transaction() of psycopg's connection under
+    Django's: called on it directly (connection.connection.commit(), or a
+    `with connection.connection.transaction():` block), they end a transaction that no
+    statement through Django's cursor ends."""
+    raw = connection.connection
+    if raw is None or getattr(raw, "pgconn", None) is None:
+        return  # only psycopg 3 tells whether a transaction is open
+    try:
+        known = raw in _drivers
+        _drivers[raw] = weakref.ref(connection)
+    except TypeError:
+        return
+    if known:
+        return
+    # The class's functions, called on a weak reference: bound methods kept on the
+    # connection would keep it alive in a cycle past its last use.
+    cls, ref = type(raw), weakref.ref(raw)
+    driver_commit, driver_rollback, driver_transaction = (
+        cls.commit,
+        cls.rollback,
+        cls.transaction,
+    )
+
+    def commit() -> None:
+        r = ref()
+        try:
+            driver_commit(r)
+        finally:
+            _driver_ended(r)
+
+    def rollback() -> None:
+        r = ref()
+        try:
+            driver_rollback(r)
+        finally:
+            _driver_ended(r)
+
+    def transaction(*args: Any, **kwargs: Any) -> _DriverTransaction:
+        r = ref()
+        return _DriverTransaction(driver_transaction(r, *args, **kwargs), r)
+
+    try:
+        raw.commit, raw.rollback, raw.transaction = commit, rollback, transaction
+    except (AttributeError, TypeError):  # a driver class that takes no attribute
+        _drivers.pop(raw, None)
+
+
 def _touch(conn: Any, state: _Connection) -> None:
     state.level = None
     if state.touched is None:
@@ -307,15 +437,15 @@ def snapshot_statements() -> int:
 
 
 def batch_of(alias: str, effects: Iterable[Effect]) -> Batch:
-    """The batch for a statement's effects on the connection `alias`."""
+    """The batch for a statement's effects on the connection `alias`, in every group that
+    may cache the rows (groups.write_groups)."""
     batch = Batch()
-    alias = database_of(alias)
     for e in effects:
-        g = group(alias, e.label)
-        if e.kind == FLUSH:
-            batch.add_flush(g)
-        else:
-            batch.add_rows(g, e.rids)
+        for g in write_groups(e.label, alias):
+            if e.kind == FLUSH:
+                batch.add_flush(g)
+            else:
+                batch.add_rows(g, e.rids)
     return batch
 
 
@@ -345,33 +475,54 @@ def install(connection: Any, **kwargs: Any) -> None:
     project's tests. So this connection's own commit() and rollback() are wrapped: the
     invalidation runs right after COMMIT, before Django runs any callback, and also under
     set_autocommit(False), where Django runs no hook at commit() at all. A commit() that
-    raises may still have committed (a lost reply): its invalidation runs anyway."""
+    raises may still have committed (a lost reply): its invalidation runs anyway.
+
+    So are the driver's commit(), rollback() and transaction() (a transaction they end
+    has its invalidations run, rollback or not; left alone while Django's own commit() or
+    rollback() calls them), and Django's close() (request_finished calls it): what a
+    transaction that close() ended held runs then, rather than wait for a read of this
+    connection that may never come (the thread may be gone, and open_writes() with it)."""
     if watch not in connection.execute_wrappers:
         connection.execute_wrappers.insert(0, watch)
     state = _state(connection)
     state.raw = False
     _untouch(connection, state)
+    _wrap_driver(connection)
     if state.hooked:
         return
     state.hooked = True
-    commit, rollback = connection.commit, connection.rollback
+    commit, rollback, close = connection.commit, connection.rollback, connection.close
     run_hooks = connection.run_and_clear_commit_hooks
 
     def commit_then_invalidate() -> None:
+        state.ending = True
         try:
             commit()
         finally:
+            state.ending = False
             if state.pending is not None:
                 state.pending.finish(apply=True)
             state.raw, state.level = False, None
 
     def rollback_and_forget() -> None:
+        state.ending = True
         try:
             rollback()
         finally:
+            state.ending = False
             if state.pending is not None:
                 state.pending.finish(apply=False)
             state.raw, state.level = False, None
+
+    def close_then_invalidate() -> None:
+        try:
+            close()
+        finally:
+            # Closed (outside an atomic block, which keeps the connection and what it
+            # holds until it exits): the transaction is over, however it ended.
+            if connection.connection is None and (state.pending is not None or state.raw):
+                state.raw = False
+                _raw_ended(connection, state)
 
     def signals_then_hooks() -> None:
         owed, state.owed = state.owed, []
@@ -381,6 +532,7 @@ def install(connection: Any, **kwargs: Any) -> None:
 
     connection.commit = commit_then_invalidate
     connection.rollback = rollback_and_forget
+    connection.close = close_then_invalidate
     connection.run_and_clear_commit_hooks = signals_then_hooks
 
 
@@ -445,8 +597,9 @@ def _written(dirty: dict[int, Pending], gids: list[str]) -> bool:
     """Whether an open transaction of this thread (on any connection) wrote these groups."""
     for pending in list(dirty.values()):
         conn = pending.conn_ref()
-        if conn is None:  # closed and gone mid-transaction: it rolled back
-            pending.finish(apply=False)
+        if conn is None:  # gone mid-transaction, unseen: it may have committed
+            pending.finish(apply=True)
+            _raw_ended(None, pending.state)  # its signals
             continue
         live = current(conn)
         if live is not None and any(gid in live.batch.rows for gid in gids):
