@@ -1358,6 +1358,49 @@ class CacheMachine(RuleBasedStateMachine):
                 cursor.execute(end)
         self.check(f"after the SQL transaction's {end}")
 
+    @rule(
+        pk=accounts,
+        balance=balances,
+        how=st.sampled_from(["block", "block_rollback", "commit", "rollback", "commit_sql"]),
+        thread_probe=st.booleans(),
+    )
+    def driver_transaction(self, pk: int, balance: int, how: str, thread_probe: bool) -> None:
+        """A transaction psycopg ends itself on Django's connection, which Django does not
+        see end: its transaction() block (committed, or rolled back), or, with Django's
+        autocommit off, its commit(), rollback() or a COMMIT run on the raw connection."""
+        import psycopg
+
+        self.step(f"driver_transaction_{how}")
+        connection.ensure_connection()
+        raw = connection.connection
+        if how.startswith("block"):
+            with raw.transaction():
+                self.apply(("account_save", pk, "balance", balance))
+                self.check("inside psycopg's transaction() block", l2=False)
+                if thread_probe:
+                    self.check_in_thread("another thread, while the driver's block is open")
+                if how == "block_rollback":
+                    raise psycopg.Rollback()
+        else:
+            transaction.set_autocommit(False)
+            try:
+                self.apply(("account_save", pk, "balance", balance))
+                if thread_probe:
+                    self.check_in_thread("another thread, before the driver's end")
+                if how == "commit":
+                    raw.commit()
+                elif how == "rollback":
+                    raw.rollback()
+                else:
+                    raw.execute("COMMIT")
+                # A COMMIT run on the raw connection is seen at this connection's next
+                # statement (README, Write paths): not yet by another thread here.
+                if thread_probe and how != "commit_sql":
+                    self.check_in_thread(f"another thread, after the driver's {how}")
+            finally:
+                transaction.set_autocommit(True)
+        self.check(f"after the driver's {how}")
+
     @rule(model=st.sampled_from(["Account", "Tenant", "Place", "Item", "Code"]))
     def flush_cache(self, model: str) -> None:
         self.step("flush_cache")

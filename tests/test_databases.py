@@ -164,8 +164,8 @@ def test_each_server_is_asked_once_per_process(pg_shard: Any) -> None:
 def test_a_server_that_cannot_be_asked_is_asked_again(
     pg_shard: Any, aliases: Callable[..., Any]
 ) -> None:
-    """Down, or in an aborted transaction: not remembered; the alias reads itself, and
-    the ORM's read raises its own error."""
+    """Down, or in an aborted transaction: not remembered; the alias reads itself (storing
+    nothing: it may be a lagging replica), and the ORM's read raises its own error."""
     down = {**connections["default"].settings_dict, "HOST": "127.0.0.1", "PORT": free_port()}
     with aliases(down=down):
         manager = Tenant.objects.db_manager("down")

@@ -19,6 +19,7 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 import pytest
 from asgiref.sync import async_to_sync
 from django.conf import settings
@@ -32,6 +33,7 @@ from django.db.models.lookups import Exact
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext, isolate_apps
 from django.utils import timezone
+from psycopg.adapt import Dumper
 
 import tiered_cache
 from tests.cache_fixtures import in_thread
@@ -1938,6 +1940,71 @@ def test_a_managers_filter_that_str_does_not_show_whole_keeps_its_scopes_apart(t
             editor.delete_model(Grant)
 
 
+class _Adapted:
+    """A value as a custom field may hand the driver (as PostGIS's adapters are): its repr
+    shows its address, which the next such object may take."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+
+class _AdaptedDumper(Dumper):
+    oid = psycopg.adapters.types["text"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return str(obj.value).encode()
+
+
+psycopg.adapters.register_dumper(_Adapted, _AdaptedDumper)
+
+
+class _AdaptedField(models.CharField):
+    def get_db_prep_value(self, value: Any, connection: Any, prepared: bool = False) -> Any:
+        value = super().get_db_prep_value(value, connection, prepared)
+        return None if value is None else _Adapted(value)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@isolate_apps("tests.testapp")
+def test_a_managers_filter_by_a_value_that_cannot_be_keyed_reads_the_database(tier: str) -> None:
+    """A parameter whose repr shows no value (an adapter object) cannot tell two scopes
+    apart: such a manager's reads go to the database."""
+    wanted = {"code": "a"}
+
+    class ByCode(tiered_cache.CachedManager):
+        def get_queryset(self) -> Any:
+            return super().get_queryset().filter(code=wanted["code"])
+
+    class Coded(models.Model):
+        code = _AdaptedField(max_length=10)
+        name = models.CharField(max_length=10, unique=True)
+        objects = ByCode(lookups=["name"])
+
+        class Meta:
+            app_label = "testapp"
+
+    with connection.schema_editor() as editor:
+        editor.create_model(Coded)
+    try:
+        Coded.objects.create(code="a", name="n1")
+        Coded.objects.create(code="b", name="n2")
+        for _ in range(3):
+            for code in ("a", "b"):
+                wanted["code"] = code
+                for name in ("n1", "n2"):
+                    at(tier)
+                    assert_same(
+                        lambda n=name: Coded.objects.get_cached(name=n),
+                        lambda n=name: Coded.objects.get(name=n),
+                        f"code {code!r}, name {name!r}",
+                    )
+    finally:
+        with connection.schema_editor() as editor:
+            editor.delete_model(Coded)
+
+
 @pytest.mark.parametrize("tier", TIERS)
 @isolate_apps("tests.testapp")
 def test_a_manager_that_selects_or_prefetches_related_rows_reads_as_the_orm_does(
@@ -2136,6 +2203,30 @@ def test_keys_the_database_finds_equal_in_other_spellings_read_as_the_orm(tier: 
         same("after a save and a bulk_update by another spelling")
         Handle.objects.filter(pk="BOB").delete()
         same("after a delete by another spelling")
+
+
+def test_a_key_field_that_converts_as_its_base_counts_as_it() -> None:
+    """A write to a row drops that row only, not its whole model, when the database compares
+    its key as Python does; a subclass that changes nothing of that counts as its base."""
+    from tiered_cache.keys import equal_as_in_python
+
+    class Id(models.BigAutoField):
+        pass
+
+    class Slug(models.CharField):
+        pass
+
+    class Hashed(models.CharField):
+        def get_prep_value(self, value: Any) -> Any:
+            return super().get_prep_value(value).upper()
+
+    assert equal_as_in_python(Id(primary_key=True), "postgresql")
+    assert equal_as_in_python(Slug(max_length=5), "postgresql")
+    assert not equal_as_in_python(Slug(max_length=5), "mysql")
+    assert not equal_as_in_python(Slug(max_length=5, db_collation="tc_ci"), "postgresql")
+    assert not equal_as_in_python(Hashed(max_length=5), "postgresql")
+    assert not equal_as_in_python(_PaddedChar(max_length=5), "postgresql")
+    assert not equal_as_in_python(models.DateTimeField(), "postgresql")
 
 
 # -- odd primary keys ------------------------------------------------------------------------------
@@ -2481,6 +2572,8 @@ def test_a_lookup_spelled_as_get_also_takes_it_answers_as_get(tier: str) -> None
         (other.accounts, {"pk__exact": account.pk}),
         (Restaurant.objects, {"place_ptr__id": italian.pk}),
         (ItalianRestaurant.objects, {"restaurant_ptr__pk__exact": italian.pk}),
+        (ItalianRestaurant.objects, {"restaurant_ptr__pk": Restaurant.objects.get(pk=italian.pk)}),
+        (ItalianRestaurant.objects, {"restaurant_ptr__place_ptr": italian.pk}),
         (
             ProviderModel.objects,
             {"provider__pk": offer.provider_id, "global_model": offer.global_model},

@@ -349,3 +349,21 @@ def test_a_transaction_that_ended_unseen_is_applied_when_next_looked_at() -> Non
     assert Account.objects.get_cached(pk=acc.pk).balance == 2
     assert open_writes() == before
     assert served(acc.pk) == (2, 2)
+
+
+@pytest.mark.parametrize("call", ["commit", "rollback"])
+def test_a_commit_or_rollback_django_refuses_inside_atomic_leaves_what_the_block_holds(
+    call: str,
+) -> None:
+    """transaction.commit() or rollback() inside atomic() raise and reach no database: the
+    block goes on, and its invalidations run at its own commit, not before nor never."""
+    acc = AccountFactory(balance=500)
+    Account.objects.get_cached(pk=acc.pk)
+    with transaction.atomic():
+        Account.objects.filter(pk=acc.pk).update(balance=7)
+        with pytest.raises(transaction.TransactionManagementError):
+            getattr(transaction, call)()
+        # Still open: another thread reads the committed row, and may cache it.
+        redis_tier.wait_for_fills()
+        assert in_thread(lambda: Account.objects.get_cached(pk=acc.pk).balance) == 500
+    assert served(acc.pk) == (7, 7)

@@ -130,7 +130,12 @@ def table_roles() -> dict[str, list[TableRole]]:
         return {}
     out: dict[str, dict[str, TableRole]] = {}
     # The roles serve every database: text keys compare as Python's only if on all of them.
-    vendors = {connections[alias].vendor for alias in connections.settings}
+    vendors = set()
+    for alias in connections.settings:
+        try:
+            vendors.add(connections[alias].vendor)
+        except Exception:  # a backend this process cannot load: not one to count on
+            vendors.add("unknown")
     vendor = vendors.pop() if len(vendors) == 1 else "several"
     for model in cached_models():
         label = root_label(model)

@@ -165,14 +165,15 @@ def replica_of(alias: str) -> str | None:
     shard, or the same server by another host name) reads itself, and so does a standby
     whose primary is no alias. Each server is asked once per process, through the first
     alias that needs it (one query), and only when the database has an alias on another
-    server; an alias whose servers could not all be asked (down, an aborted transaction)
-    reads itself and is decided again on its next miss. A replica promoted later is seen
-    as a primary by processes started after that (or after forget())."""
+    server. When a server that decides it could not be asked (down, an aborted
+    transaction), the answer is `alias` itself: the miss reads it and stores nothing (it
+    may be a lagging replica), and it is decided again at the next miss. A replica promoted
+    later is seen as a primary by processes started after that (or after forget())."""
     hit = _replicas.get(alias)
     if hit is None:
         source = _source_of(alias)
-        if source is None:  # a server could not be asked: not remembered
-            return None
+        if source is None:  # not remembered
+            return alias
         hit = _replicas[alias] = (source,)
     return hit[0] or None
 

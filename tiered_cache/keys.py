@@ -247,15 +247,43 @@ def equal_as_in_python(f: Any, vendor: str) -> bool:
     the end of its relation) equal exactly when their row ids are: a write that names a row
     by another spelling of its key ("BOB" for "bob" under a collation that ignores case)
     then drops that row's entries, and a row whose key is another spelling of the one a
-    relation holds is not this relation's."""
+    relation holds is not this relation's. A subclass of such a field counts as it when it
+    converts and stores values as it does (`class Id(BigAutoField): pass`)."""
     f = value_field(f)
-    if type(f) in _EXACT_FIELDS:
+    base = _exact_base(type(f))
+    if base is None:
+        return False
+    if base in _EXACT_FIELDS:
         return True
-    return (
-        type(f) in _EXACT_TEXT
-        and getattr(f, "db_collation", None) is None
-        and vendor in ("postgresql", "sqlite")
-    )
+    return getattr(f, "db_collation", None) is None and vendor in ("postgresql", "sqlite")
+
+
+# What a field does to the values it is given and the column it stores them in.
+_CONVERSIONS = (
+    "to_python",
+    "get_prep_value",
+    "get_db_prep_value",
+    "get_db_prep_save",
+    "from_db_value",
+    "db_type",
+    "cast_db_type",
+)
+_exact_bases: dict[type, type | None] = {}
+
+
+def _exact_base(cls: type) -> type | None:
+    """The exact field class that `cls` is, or behaves as; None if none."""
+    try:
+        return _exact_bases[cls]
+    except KeyError:
+        pass
+    base = next((b for b in cls.__mro__ if b in _EXACT_FIELDS or b in _EXACT_TEXT), None)
+    if base is not None and any(
+        getattr(cls, name, None) is not getattr(base, name, None) for name in _CONVERSIONS
+    ):
+        base = None
+    _exact_bases[cls] = base
+    return base
 
 
 def pk_row_id(pk_field: Any, value: Any) -> str:

@@ -665,11 +665,11 @@ def _miss_source(manager: Any, db: str) -> Any:
     """Where a miss reads its row: None for `manager` itself; the manager on the primary
     when `db` is a replica that may lag (groups.replica_of); False to read `manager` and
     cache nothing, when the primary's connection is inside the caller's transaction
-    (reading there would join it)."""
+    (reading there would join it), or when whether `db` lags could not be known."""
     primary = replica_of(db)
     if primary is None:
         return None
-    if connections[primary].in_atomic_block:
+    if primary == db or connections[primary].in_atomic_block:
         return False
     return manager.db_manager(primary)
 
@@ -1095,14 +1095,17 @@ def warm(manager: Any, mc: ModelCache, queryset: Any, batch_size: int = 500) -> 
     if why is not None:  # e.g. inside a transaction that wrote the model: nothing to store
         return {"stored": 0, "refused": 0}
     assert scope is not None  # as in get()
+    # Rows come from the primary when `db` may lag (as misses do, see _miss_source), and
+    # none when that could not be known.
+    primary = replica_of(db)
+    if primary == db:
+        return {"stored": 0, "refused": 0}
     last_pk = None
     while True:
         # An empty read per shard makes sure its generation exists and tells its counters.
         lease_ms, fresh = int(conf.LEASE_TIMEOUT * 1000), fresh_token()
         replies = redis_tier.scripts([read_many_call(s, [], [], lease_ms, fresh) for s in g.shards])
         heads = {s.tag: ReadMany.of(r) for s, r in zip(g.shards, replies, strict=True)}
-        # Rows come from the primary when `db` may lag (as misses do, see _miss_source).
-        primary = replica_of(db)
         page = (
             queryset.order_by("pk") if primary is None else queryset.using(primary).order_by("pk")
         )

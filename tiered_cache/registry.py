@@ -3,11 +3,15 @@ values are normalized, its timeouts and its counters (one ModelCache per manager
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import hashlib
+import ipaddress
 import itertools
 import os
 import re
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -473,9 +477,10 @@ class ModelCache:
             if plain is None or plain[0] in out:
                 return None
             field_name, through = plain
-            if through is not None and isinstance(value, models.Model):
+            if through is not None and not through.is_relation and isinstance(value, models.Model):
                 # The ORM prepares the value as the field pointed at: an instance there is
-                # that field's error (or a CharField's str()), not its pk.
+                # that field's error (or a CharField's str()), not its pk; unless that field
+                # is a relation itself (a multi-table child's parent link), which takes one.
                 value = through.get_prep_value(value)
             out[field_name] = value
         return None if list(out) == list(kwargs) else out
@@ -748,16 +753,58 @@ def _scope_of(model: type[models.Model], qs: Any) -> tuple[str | None, str]:
         return None, ""
     if _SUBQUERY.search(sql):
         return "its queryset reads other tables", ""
-    text = "\0".join([sql, *map(_param_text, params)])
+    texts = [_param_text(p) for p in params]
+    if None in texts:
+        return "its queryset filters by a value that cannot be keyed", ""
+    text = "\0".join([sql, *texts])  # type: ignore[list-item]  # no None left
     return None, hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def _param_text(param: Any) -> str:
-    """A filter parameter as text that tells values apart: its repr (a value whose repr
-    shows its address gives scopes that are never shared, not one scope for two), but a
-    JSON value's whole content (psycopg's Json wrappers cut their repr at 40 characters)."""
-    inner = getattr(param, "obj", param) if type(param).__name__ in ("Json", "Jsonb") else param
-    return f"{type(param).__name__}:{inner!r}"
+# Parameter types whose repr() shows the whole value, so that two values give two texts.
+_SHOWN = (
+    type(None),
+    bool,
+    int,
+    float,
+    str,
+    bytes,
+    decimal.Decimal,
+    uuid.UUID,
+    datetime.date,
+    datetime.time,
+    datetime.timedelta,
+    ipaddress.IPv4Address,
+    ipaddress.IPv6Address,
+    ipaddress.IPv4Network,
+    ipaddress.IPv6Network,
+)
+
+
+def _param_text(param: Any) -> str | None:
+    """A filter parameter as text that tells values apart, None when none can be made: a
+    value's repr(), a JSON value's whole content (psycopg's Json wrappers cut their repr at
+    40 characters), lists and tuples of those. Any other object's repr() may show its
+    address, which CPython hands to the next object as soon as this one goes: two values
+    would give one text."""
+    if type(param).__name__ in ("Json", "Jsonb"):
+        param = getattr(param, "obj", object())
+        return None if not _json_shown(param) else f"json:{param!r}"
+    if isinstance(param, list | tuple):
+        texts = [_param_text(p) for p in param]
+        if None in texts:
+            return None
+        return f"{type(param).__name__}[" + "\x1f".join(t for t in texts if t) + "]"
+    if isinstance(param, _SHOWN):
+        return f"{type(param).__name__}:{param!r}"
+    return None
+
+
+def _json_shown(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _json_shown(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_json_shown(v) for v in value)
+    return isinstance(value, type(None) | bool | int | float | str | decimal.Decimal)
 
 
 def _reads_the_clock(where: Any) -> bool:

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
-from django.db import connections
+from django.db import DatabaseError, connections
 
 from .capture import FLUSH, Effect, classify
 from .groups import write_groups
@@ -462,6 +462,19 @@ def sql_text(sql: Any, conn: Any) -> str:
         return str(sql)
 
 
+def _refused(conn: Any) -> bool:
+    """Whether Django refused a commit() or rollback() before it reached the database:
+    inside atomic() (TransactionManagementError), or from a thread that does not own the
+    connection. The transaction goes on, and so does what it holds."""
+    if conn.in_atomic_block:
+        return True
+    try:
+        conn.validate_thread_sharing()
+    except DatabaseError:
+        return True
+    return False
+
+
 def install(connection: Any, **kwargs: Any) -> None:
     """connection_created receiver: watch this connection's statements and transactions.
 
@@ -500,9 +513,10 @@ def install(connection: Any, **kwargs: Any) -> None:
             commit()
         finally:
             state.ending = False
-            if state.pending is not None:
-                state.pending.finish(apply=True)
-            state.raw, state.level = False, None
+            if not _refused(connection):
+                if state.pending is not None:
+                    state.pending.finish(apply=True)
+                state.raw, state.level = False, None
 
     def rollback_and_forget() -> None:
         state.ending = True
@@ -510,9 +524,10 @@ def install(connection: Any, **kwargs: Any) -> None:
             rollback()
         finally:
             state.ending = False
-            if state.pending is not None:
-                state.pending.finish(apply=False)
-            state.raw, state.level = False, None
+            if not _refused(connection):
+                if state.pending is not None:
+                    state.pending.finish(apply=False)
+                state.raw, state.level = False, None
 
     def close_then_invalidate() -> None:
         try:
