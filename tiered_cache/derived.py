@@ -12,7 +12,6 @@ import inspect
 import logging
 import numbers
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -28,6 +27,7 @@ from .exceptions import UncacheableArguments
 from .groups import database_of, group_of
 from .invalidation import Batch, local_hooks
 from .keys import (
+    KEY_TYPES,
     DerivedHeader,
     DerivedRead,
     Group,
@@ -74,20 +74,7 @@ class _FillState(NamedTuple):
     seen: DerivedRead | None
 
 
-_PLAIN = (
-    type(None),
-    bool,
-    int,
-    float,
-    str,
-    bytes,
-    decimal.Decimal,
-    uuid.UUID,
-    datetime.datetime,
-    datetime.date,
-    datetime.time,
-    datetime.timedelta,
-)
+_PLAIN = KEY_TYPES
 
 
 def _on_groups_written(gids: set[str]) -> None:

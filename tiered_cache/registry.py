@@ -3,7 +3,6 @@ values are normalized, its timeouts and its counters (one ModelCache per manager
 
 from __future__ import annotations
 
-import datetime
 import decimal
 import hashlib
 import ipaddress
@@ -11,7 +10,6 @@ import itertools
 import os
 import re
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -36,6 +34,7 @@ from .counters import Counters
 from .exceptions import UndeclaredLookup
 from .groups import concrete_of, root_label
 from .keys import (
+    KEY_TYPES,
     Group,
     group,
     int_encodings,
@@ -762,17 +761,7 @@ def _scope_of(model: type[models.Model], qs: Any) -> tuple[str | None, str]:
 
 # Parameter types whose repr() shows the whole value, so that two values give two texts.
 _SHOWN = (
-    type(None),
-    bool,
-    int,
-    float,
-    str,
-    bytes,
-    decimal.Decimal,
-    uuid.UUID,
-    datetime.date,
-    datetime.time,
-    datetime.timedelta,
+    *KEY_TYPES,
     ipaddress.IPv4Address,
     ipaddress.IPv6Address,
     ipaddress.IPv4Network,
