@@ -1397,7 +1397,12 @@ class CacheMachine(RuleBasedStateMachine):
                 # statement (README, Write paths): not yet by another thread here.
                 if thread_probe and how != "commit_sql":
                     self.check_in_thread(f"another thread, after the driver's {how}")
+                # The probe's queries in this thread began the next transaction, which must
+                # end before autocommit comes back (as in plain Django).
+                transaction.commit()
             finally:
+                if raw.info.transaction_status != 0:  # a failed step: leave no transaction
+                    transaction.rollback()
                 transaction.set_autocommit(True)
         self.check(f"after the driver's {how}")
 
