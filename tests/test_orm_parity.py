@@ -479,10 +479,7 @@ def test_a_related_manager_is_its_managers_class_built_with_no_arguments(tier: s
         class Meta:
             app_label = "testapp"
 
-    with connection.schema_editor() as editor:
-        editor.create_model(Club)
-        editor.create_model(Wallet)
-    try:
+    with installed(Club, Wallet):
         club = Club.objects.create()
         poor = Wallet.objects.create(club=club, balance=5, code="k")
         for what, cached, orm in [
@@ -515,10 +512,6 @@ def test_a_related_manager_is_its_managers_class_built_with_no_arguments(tier: s
             for _ in range(2):  # the second read from the tier the first filled
                 at(tier)
                 assert_same(cached, orm, what)
-    finally:
-        with connection.schema_editor() as editor:
-            editor.delete_model(Wallet)
-            editor.delete_model(Club)
 
 
 # -- 2. proxies --------------------------------------------------------------------------
@@ -1909,9 +1902,7 @@ def test_a_managers_filter_that_str_does_not_show_whole_keeps_its_scopes_apart(t
         class Meta:
             app_label = "testapp"
 
-    with connection.schema_editor() as editor:
-        editor.create_model(Grant)
-    try:
+    with installed(Grant):
         g = Grant.objects.create(grants={"a": True}, at=datetime(2024, 1, 1, 10, 30, tzinfo=UTC))
         for first, then in [("a", "b"), ("b", "a")]:
             tiered_cache.clear_local()
@@ -1935,9 +1926,6 @@ def test_a_managers_filter_that_str_does_not_show_whole_keeps_its_scopes_apart(t
                     lambda: Grant.morning.get(pk=g.pk),
                     f"at__hour__lt=12 under {then} after a read under {first}",
                 )
-    finally:
-        with connection.schema_editor() as editor:
-            editor.delete_model(Grant)
 
 
 class _Adapted:
@@ -1985,9 +1973,7 @@ def test_a_managers_filter_by_a_value_that_cannot_be_keyed_reads_the_database(ti
         class Meta:
             app_label = "testapp"
 
-    with connection.schema_editor() as editor:
-        editor.create_model(Coded)
-    try:
+    with installed(Coded):
         Coded.objects.create(code="a", name="n1")
         Coded.objects.create(code="b", name="n2")
         for _ in range(3):
@@ -2000,9 +1986,6 @@ def test_a_managers_filter_by_a_value_that_cannot_be_keyed_reads_the_database(ti
                         lambda n=name: Coded.objects.get(name=n),
                         f"code {code!r}, name {name!r}",
                     )
-    finally:
-        with connection.schema_editor() as editor:
-            editor.delete_model(Coded)
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -2039,10 +2022,7 @@ def test_a_manager_that_selects_or_prefetches_related_rows_reads_as_the_orm_does
         class Meta:
             app_label = "testapp"
 
-    with connection.schema_editor() as editor:
-        editor.create_model(Org)
-        editor.create_model(Member)
-    try:
+    with installed(Org, Member):
         org, gone = Org.objects.create(), Org.objects.create()
         member = Member.objects.create(org=org, loose=gone)
         for manager in (Member.joined, Member.prefetched):
@@ -2061,10 +2041,6 @@ def test_a_manager_that_selects_or_prefetches_related_rows_reads_as_the_orm_does
             lambda: Member.joined.get(pk=member.pk),
             "Member.joined once the row its inner join needs is gone",
         )
-    finally:
-        with connection.schema_editor() as editor:
-            editor.delete_model(Member)
-            editor.delete_model(Org)
 
 
 # -- 22. keys the database compares otherwise than Python ------------------------------------

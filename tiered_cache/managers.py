@@ -261,7 +261,7 @@ def _base_of(manager: Any, lookup: dict[str, Any] | None = None) -> Any:
     if not candidates:
         return None
     named = candidates[0]
-    if lookup is not None:
+    if lookup is not None and len(candidates) > 1:  # one candidate: _related_get resolves
         for m in candidates:
             try:
                 model_cache(m).resolve(lookup)

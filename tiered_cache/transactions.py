@@ -507,27 +507,23 @@ def install(connection: Any, **kwargs: Any) -> None:
     commit, rollback, close = connection.commit, connection.rollback, connection.close
     run_hooks = connection.run_and_clear_commit_hooks
 
-    def commit_then_invalidate() -> None:
-        state.ending = True
-        try:
-            commit()
-        finally:
-            state.ending = False
-            if not _refused(connection):
-                if state.pending is not None:
-                    state.pending.finish(apply=True)
-                state.raw, state.level = False, None
+    def ending(end: Any, apply: bool) -> Any:
+        """Django's commit() (apply) or rollback() (drop), then what the transaction held."""
 
-    def rollback_and_forget() -> None:
-        state.ending = True
-        try:
-            rollback()
-        finally:
-            state.ending = False
-            if not _refused(connection):
-                if state.pending is not None:
-                    state.pending.finish(apply=False)
-                state.raw, state.level = False, None
+        def wrapped() -> None:
+            state.ending = True
+            try:
+                end()
+            finally:
+                state.ending = False
+                if not _refused(connection):
+                    if state.pending is not None:
+                        state.pending.finish(apply=apply)
+                    state.raw, state.level = False, None
+
+        return wrapped
+
+    commit_then_invalidate, rollback_and_forget = ending(commit, True), ending(rollback, False)
 
     def close_then_invalidate() -> None:
         try:
