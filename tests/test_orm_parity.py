@@ -2734,6 +2734,193 @@ def test_load_hooks_that_change_values_run_once_on_a_row_from_the_tiers(
         post_init.disconnect(receiver, sender=Hooked)
 
 
+class _Handle:
+    """A value of a from_db_value() that pickle cannot copy (it holds a lock)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lock = threading.Lock()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Handle) and other.name == self.name
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@isolate_apps("tests.testapp")
+def test_values_pickle_refuses_are_served_as_the_orm_gives_them(tier: str) -> None:
+    """A memoryview (what BinaryField gives under psycopg2, or a from_db_value() of one's
+    own) is stored and served as a memoryview; a value no copy can be made of is read
+    from the database on every read, as the ORM reads it. Neither raises."""
+
+    class ViewField(models.BinaryField):
+        def from_db_value(self, value: Any, expression: Any, conn: Any) -> Any:
+            return None if value is None else memoryview(value)
+
+    class HandleField(models.CharField):  # type: ignore[type-arg]
+        def from_db_value(self, value: Any, expression: Any, conn: Any) -> Any:
+            return None if value is None else _Handle(value)
+
+        def get_prep_value(self, value: Any) -> Any:
+            return value.name if isinstance(value, _Handle) else value
+
+    class Blob(models.Model):
+        data = ViewField(null=True)
+        objects = tiered_cache.CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    class Held(models.Model):
+        handle = HandleField(max_length=20)
+        objects = tiered_cache.CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    with installed(Blob, Held):
+        blob = Blob.objects.create(data=b"abc")
+        held = Held.objects.create(handle="h1")
+        for model, pk in ((Blob, blob.pk), (Held, held.pk)):
+            reads = [
+                (
+                    lambda m=model, p=pk: m.objects.get_cached(pk=p),
+                    lambda m=model, p=pk: m.objects.get(pk=p),
+                ),
+                (
+                    lambda m=model, p=pk: {
+                        k: row(v) for k, v in m.objects.get_many_cached([p]).items()
+                    },
+                    lambda m=model, p=pk: {k: row(v) for k, v in m.objects.in_bulk([p]).items()},
+                ),
+            ]
+            for cached, orm in reads:
+                _cold(model)
+                assert_same(cached, orm, f"{model.__name__}, a miss")
+                for again in range(2):
+                    at(tier)
+                    assert_same(cached, orm, f"{model.__name__} from {tier} ({again})")
+        at(tier)
+        with CaptureQueriesContext(connection) as ctx:
+            served = Blob.objects.get_cached(pk=blob.pk)
+        assert type(served.data) is memoryview and bytes(served.data) == b"abc"
+        assert len(ctx.captured_queries) == 0, "a memoryview row is cached"
+        at(tier)
+        with CaptureQueriesContext(connection) as ctx:
+            assert Held.objects.get_cached(pk=held.pk).handle == _Handle("h1")
+        assert len(ctx.captured_queries) == 1, "a row no copy can be made of is the database's"
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@isolate_apps("tests.testapp")
+def test_a_manager_whose_queryset_builds_its_own_instances_reads_as_the_orm_does(
+    tier: str,
+) -> None:
+    """A queryset whose _iterable_class builds the instances (another class per row, as
+    django-polymorphic's does, or attributes of its own): a cached instance would be built
+    from its row alone, so such reads are the database's (and system check W003 says so)."""
+    from django.db.models.query import ModelIterable
+
+    from tiered_cache.registry import uncacheable_reason
+
+    class Tagging(ModelIterable):  # type: ignore[type-arg]
+        def __iter__(self) -> Iterator[Any]:
+            for obj in super().__iter__():
+                obj.loaded_through = "tagging"
+                yield obj
+
+    class TaggingManager(tiered_cache.CachedManager):
+        def get_queryset(self) -> Any:
+            qs = super().get_queryset()
+            qs._iterable_class = Tagging
+            return qs
+
+    class Tagged(models.Model):
+        name = models.CharField(max_length=10)
+        objects = TaggingManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    with installed(Tagged):
+        obj = Tagged.objects.create(name="a")
+        assert uncacheable_reason(Tagged.objects) == (
+            "its queryset builds instances with an iterable of its own (_iterable_class)"
+        )
+        for _ in range(2):
+            at(tier)
+            assert_same(
+                lambda: getattr(Tagged.objects.get_cached(pk=obj.pk), "loaded_through", None),
+                lambda: getattr(Tagged.objects.get(pk=obj.pk), "loaded_through", None),
+                "Tagged.objects",
+            )
+            at(tier)
+            assert_same(
+                lambda: [
+                    getattr(o, "loaded_through", None)
+                    for o in Tagged.objects.get_many_cached([obj.pk]).values()
+                ],
+                lambda: [
+                    getattr(o, "loaded_through", None)
+                    for o in Tagged.objects.in_bulk([obj.pk]).values()
+                ],
+                "Tagged.objects, many",
+            )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@isolate_apps("tests.testapp")
+def test_a_model_whose_new_picks_the_class_reads_as_the_orm_does(tier: str) -> None:
+    """Model.__new__ of its own, given the row's values by from_db(), picks a proxy class
+    by a column (a hand-written polymorphism): a row from the tiers is built through
+    from_db() as well."""
+    classes: dict[str, type[models.Model]] = {}
+
+    class Animal(models.Model):
+        kind = models.CharField(max_length=10)
+        objects = tiered_cache.CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            if len(args) > 1 and args[1] in classes:
+                cls = classes[args[1]]
+            return super().__new__(cls)
+
+    class Dog(Animal):
+        objects = tiered_cache.CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+            proxy = True
+
+    classes["dog"] = Dog
+    with installed(Animal):
+        dog = Animal.objects.create(kind="dog")
+        cat = Animal.objects.create(kind="cat")
+        reads = [
+            (
+                lambda: row(Animal.objects.get_cached(pk=dog.pk)),
+                lambda: row(Animal.objects.get(pk=dog.pk)),
+            ),
+            (
+                lambda: {
+                    k: row(v) for k, v in Animal.objects.get_many_cached([dog.pk, cat.pk]).items()
+                },
+                lambda: {k: row(v) for k, v in Animal.objects.in_bulk([dog.pk, cat.pk]).items()},
+            ),
+        ]
+        for cached, orm in reads:
+            _cold(Animal)
+            got = assert_same(cached, orm, "a miss")
+            assert "Dog" in repr(got), got
+            for again in range(2):
+                at(tier)
+                assert_same(cached, orm, f"from {tier} ({again})")
+
+
 @pytest.mark.parametrize("tier", TIERS)
 @isolate_apps("tests.testapp")
 def test_get_many_cached_keys_rows_by_their_pk_as_in_bulk_does(tier: str) -> None:

@@ -723,7 +723,7 @@ class _Noted(ModelIterable):  # type: ignore[type-arg]  # generic in django-stub
                 names = [f[0].target.attname for f in compiler.select[start:end]]
                 whole = names == codec.attnames
                 for row in results_iter(*a, **kw):
-                    last[0] = codec.freeze(row[start:end]) if whole else None
+                    last[0] = codec.freeze_or_none(row[start:end]) if whole else None
                     yield row
 
             compiler.results_iter = watched
@@ -764,7 +764,7 @@ def _frozen(mc: ModelCache, obj: models.Model, noted: dict[int, tuple[Any, Any]]
     is not to be stored (fields deferred, nothing noted)."""
     if noted is None:
         row = mc.codec.values(obj)
-        return None if row is None else mc.codec.freeze(row)
+        return None if row is None else mc.codec.freeze_or_none(row)
     seen = noted.get(id(obj))
     return seen[1] if seen is not None and seen[0] is obj else None
 

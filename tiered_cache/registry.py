@@ -26,6 +26,7 @@ from django.db import DEFAULT_DB_ALIAS, models, router
 from django.db.models.expressions import Col, Func, RawSQL
 from django.db.models.fields.related_lookups import get_normalized_value
 from django.db.models.manager import BaseManager
+from django.db.models.query import ModelIterable
 from django.db.models.query_utils import check_rel_lookup_compatibility
 from django.db.models.sql.where import ExtraWhere, WhereNode
 
@@ -705,6 +706,10 @@ def _scope_reason(model: type[models.Model], qs: Any) -> str | None:
         # The ORM's instances come with those objects (and select_related()'s inner join
         # drops a row whose related row is gone); a cached one holds its row only.
         return "its queryset selects or prefetches related objects"
+    if qs._iterable_class is not ModelIterable:
+        # Its own iterable builds the instances (another class, attributes of its own,
+        # as django-polymorphic's does); a cached instance is built from its row alone.
+        return "its queryset builds instances with an iterable of its own (_iterable_class)"
     if (
         query.annotations
         or query.extra

@@ -113,8 +113,16 @@ def _reduce_timezone(tz: datetime.timezone) -> Any:
     return tz.__reduce__()
 
 
+def _reduce_memoryview(view: memoryview) -> Any:
+    # pickle refuses a memoryview (Django's Model.__getstate__ turns them into bytes for
+    # the same reason); a field whose from_db_value() gives one gets one back, read-only,
+    # as a view of the bytes it was read from.
+    return (memoryview, (view.tobytes(),))
+
+
 _dispatch = copyreg.dispatch_table.copy()
 _dispatch[datetime.timezone] = _reduce_timezone
+_dispatch[memoryview] = _reduce_memoryview
 
 
 def dumps(value: Any) -> bytes:
@@ -368,8 +376,12 @@ class RowCodec:
             # __init__ sets each field with setattr(), through its descriptor, where a thaw
             # writes __dict__.
             and model.__setattr__ is models.Model.__setattr__
+            # A __new__ of its own may pick the class by the values (or set attributes),
+            # which from_db() passes it and a thaw does not.
+            and model.__new__ is models.Model.__new__
             and all(_init_only_stores(model, a) for a in self.attnames)
         )
+        self._unfreezable_logged = False
 
     def values(self, obj: models.Model) -> tuple[Any, ...] | None:
         """The values an instance holds, in field order; None when fields are deferred
@@ -396,6 +408,23 @@ class RowCodec:
             else:
                 imm.append(value)
         return (tuple(imm), tuple(mut), values[self.pk_index])
+
+    def freeze_or_none(self, values: Sequence[Any]) -> tuple[Any, ...] | None:
+        """freeze(), or None for a row with a value pickle cannot copy (an object of a
+        from_db_value() that holds a lock, a socket...): such rows are read from the
+        database, as the ORM reads them, and not stored."""
+        try:
+            return self.freeze(values)
+        except Exception as exc:  # pickle raises TypeError, PicklingError, AttributeError...
+            if not self._unfreezable_logged:
+                self._unfreezable_logged = True
+                logger.warning(
+                    "tiered_cache: rows of %s are read from the database, not cached: "
+                    "a value cannot be copied (%s)",
+                    self.model._meta.label,
+                    exc,
+                )
+            return None
 
     def encode(self, frozen: tuple[Any, ...]) -> bytes:
         """The L2 body of a frozen row (see _MARSHALLED)."""
