@@ -2331,6 +2331,49 @@ def test_a_lookup_by_none_answers_as_the_orm_however_many_rows_hold_null() -> No
 # -- lookup values: what the ORM compares, keyed injectively --------------------------------
 
 
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize(("first", "then"), [(1, True), (1, 1.0), ("True", True), (True, "1")])
+@isolate_apps("tests.testapp")
+def test_a_generated_fields_values_are_prepared_as_its_output_field_prepares_them(
+    tier: str, first: Any, then: Any
+) -> None:
+    """The ORM reads a GeneratedField's column as its output field and prepares a lookup's
+    value with it (code=True is 'True', code=1.0 is '1.0'): values Python finds equal are
+    other rows, and neither a row nor the absence of one is served for another's value."""
+
+    class Generated(models.Model):
+        raw = models.CharField(max_length=20)
+        code = models.GeneratedField(
+            expression=F("raw"),
+            output_field=models.CharField(max_length=20),
+            db_persist=True,
+            unique=True,
+        )
+        objects = tiered_cache.CachedManager(lookups=["code"])
+
+        class Meta:
+            app_label = "testapp"
+
+    with installed(Generated):
+        for raw in ("1", "True", "1.0"):
+            Generated.objects.create(raw=raw)
+        for value in (first, then, first, "nothing", first):
+            at(tier)
+            assert_same(
+                lambda v=value: Generated.objects.get_cached(code=v),
+                lambda v=value: Generated.objects.get(code=v),
+                f"code={value!r} after code={first!r}",
+            )
+        Generated.objects.filter(raw="True").delete()
+        for value in (True, "True", 1):
+            at(tier)
+            assert_same(
+                lambda v=value: Generated.objects.get_cached(code=v),
+                lambda v=value: Generated.objects.get(code=v),
+                f"code={value!r} once 'True' is gone",
+            )
+
+
 def _two_apps_status() -> tuple[type[models.TextChoices], type[models.TextChoices]]:
     """Two apps' `Order.Status` choices: the same qualified name and member name, other
     values (a member's repr names its class and member, not its value)."""

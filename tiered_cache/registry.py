@@ -240,8 +240,13 @@ _PASS_THROUGH: dict[type[models.Field[Any, Any]], type] = {
 
 
 def _target(f: models.Field[Any, Any]) -> models.Field[Any, Any]:
-    """The field whose values an exact lookup on f compares (a relation's to_field)."""
-    return f.target_field if f.is_relation else f  # type: ignore[attr-defined]  # as above
+    """The field whose values an exact lookup on f compares (a relation's to_field; a
+    GeneratedField's output field, which the ORM prepares the value with: its column is
+    read as one)."""
+    target = f.target_field if f.is_relation else f  # type: ignore[attr-defined]  # as above
+    if isinstance(target, models.GeneratedField) and target.output_field is not None:
+        return target.output_field
+    return target
 
 
 def _plain_types(fields: tuple[models.Field[Any, Any], ...]) -> tuple[type, ...] | None:
