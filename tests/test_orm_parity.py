@@ -2331,6 +2331,154 @@ def test_a_lookup_by_none_answers_as_the_orm_however_many_rows_hold_null() -> No
 # -- lookup values: what the ORM compares, keyed injectively --------------------------------
 
 
+def _check_lookups(model: Any, name: str, values: list[Any], tier: str) -> None:
+    for value in values:
+        at(tier)
+        assert_same(
+            lambda v=value: model.objects.get_cached(**{name: v}),
+            lambda v=value: model.objects.get(**{name: v}),
+            f"{model.__name__}.{name}={value!r}",
+        )
+
+
+class _SentAsText(models.Field):  # type: ignore[type-arg]
+    """A field that leaves a value as given until it goes to the database, as text: the
+    exact lookup sends get_db_prep_value(prepared=True), so 1, True and 1.0 are '1',
+    'True' and '1.0'."""
+
+    def db_type(self, connection: Any) -> str:
+        return "text"
+
+    def get_db_prep_value(self, value: Any, connection: Any, prepared: bool = False) -> Any:
+        return None if value is None else str(value)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@isolate_apps("tests.testapp")
+def test_values_python_finds_equal_and_the_database_does_not_are_other_entries(
+    tier: str,
+) -> None:
+    """L1's keys compare by Python's equality: a datetime and its fold (one wall time, two
+    instants), aware times of one instant in two zones (timetz compares the zone too), and
+    1, True and 1.0 of a field that sends each as it is, are other rows to the database,
+    and each reads its own row or absence in either order."""
+    from datetime import UTC, datetime, time
+    from datetime import timezone as dt_timezone
+    from zoneinfo import ZoneInfo
+
+    new_york = ZoneInfo("America/New_York")
+
+    class Stamp(models.Model):
+        at = models.DateTimeField(unique=True)
+        t = models.TimeField(unique=True, null=True)
+        code = _SentAsText(unique=True, null=True)
+        objects = tiered_cache.CachedManager(lookups=["at", "t", "code"])
+
+        class Meta:
+            app_label = "testapp"
+
+    first = datetime(2024, 11, 3, 1, 30, tzinfo=new_york)  # EDT, -04:00
+    second = first.replace(fold=1)  # EST, -05:00
+    utc = time(1, 0, tzinfo=UTC)
+    plus_one = time(2, 0, tzinfo=dt_timezone(timedelta(hours=1)))
+    assert first == second and utc == plus_one  # to Python
+    with installed(Stamp):
+        Stamp.objects.create(at=first, t=time(1, 0), code="1")
+        Stamp.objects.create(at=first + timedelta(days=1), code="1.0")
+        _check_lookups(Stamp, "at", [first, second, first, second], tier)
+        _check_lookups(Stamp, "t", [utc, plus_one, utc, plus_one], tier)
+        for order in ([1, True, 1.0], [True, 1, 1.0], [1.0, 1, True]):
+            Stamp.objects.flush_cache()
+            _check_lookups(Stamp, "code", order + order, tier)
+        pks = list(Stamp.objects.values_list("pk", flat=True))
+        at(tier)
+        assert_same(
+            lambda: sorted(Stamp.objects.get_many_cached(pks)),
+            lambda: sorted(Stamp.objects.in_bulk(pks)),
+            "get_many_cached after them",
+        )
+
+
+class _Lowered(str):
+    """A str whose psycopg dumper sends it lowercased: the database compares 'a' for
+    _Lowered("A")."""
+
+
+class _LoweredDumper(Dumper):
+    oid = psycopg.adapters.types["text"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return str.lower(obj).encode()
+
+
+psycopg.adapters.register_dumper(_Lowered, _LoweredDumper)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@isolate_apps("tests.testapp")
+def test_a_value_whose_class_the_driver_adapts_otherwise_is_the_databases(tier: str) -> None:
+    """A str subclass with a dumper of its own is sent as something else than its text:
+    a lookup by it reads the database, and a write whose pk is one drops its model (the
+    row it names is not known)."""
+
+    class Named(models.Model):
+        name = models.CharField(max_length=20, primary_key=True)
+        note = models.CharField(max_length=20, default="")
+        objects = tiered_cache.CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    with installed(Named):
+        Named.objects.create(name="a")
+        Named.objects.create(name="A")
+        _check_lookups(Named, "pk", ["A", _Lowered("A"), "A", _Lowered("A")], tier)
+        _check_lookups(Named, "pk", ["a", "A"], tier)  # both rows in the tiers
+        Named.objects.filter(pk=_Lowered("A")).update(note="written")  # row 'a'
+        assert Named.objects.get(pk="a").note == "written"
+        _check_lookups(Named, "pk", ["a", "A"], tier)
+
+
+class _UpperExact(Exact):
+    """An exact lookup that ignores case, registered by a project on its own field."""
+
+    def as_sql(self, compiler: Any, connection: Any) -> Any:
+        lhs, lhs_params = self.process_lhs(compiler, connection)
+        rhs, rhs_params = self.process_rhs(compiler, connection)
+        return f"UPPER({lhs}) = UPPER({rhs})", [*lhs_params, *rhs_params]
+
+
+class _CaselessChar(models.CharField):  # type: ignore[type-arg]
+    pass
+
+
+_CaselessChar.register_lookup(_UpperExact)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@isolate_apps("tests.testapp")
+def test_a_lookup_through_an_exact_lookup_of_the_projects_is_the_databases(tier: str) -> None:
+    """An exact lookup registered by the project may match several rows of a unique
+    column ('a' and 'A' without case): such a lookup is not unique, its reads are the
+    database's, and system check W001 says why."""
+    from tiered_cache.checks import check_manager
+
+    class Handle(models.Model):
+        name = _CaselessChar(max_length=20, unique=True)
+        objects = tiered_cache.CachedManager(lookups=["name"])
+
+        class Meta:
+            app_label = "testapp"
+
+    with installed(Handle):
+        Handle.objects.create(name="a")
+        _check_lookups(Handle, "name", ["a", "A"], tier)
+        Handle.objects.create(name="A")
+        _check_lookups(Handle, "name", ["a", "A"], tier)
+        warnings = [w for w in check_manager(Handle.objects) if w.id == "tiered_cache.W001"]
+        assert len(warnings) == 1 and "registered by the project" in warnings[0].msg
+
+
 @pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize(("first", "then"), [(1, True), (1, 1.0), ("True", True), (True, "1")])
 @isolate_apps("tests.testapp")

@@ -28,7 +28,7 @@ from django.db import connections, models
 
 from .conf import conf
 from .groups import concrete_of, primary_parent, root_label
-from .keys import equal_as_in_python, pk_row_id
+from .keys import adapted_otherwise, equal_as_in_python, pk_row_id
 from .registry import cached_models
 
 __all__ = ["FLUSH", "INSERT", "ROWS", "Effect", "TableRole", "classify", "forget", "table_roles"]
@@ -431,6 +431,8 @@ def _flush_named(sql: str, tables: dict[str, list[TableRole]]) -> list[Effect]:
 
 
 def _rid(role: TableRole, value: Any) -> str:
+    if adapted_otherwise(value):  # the row it names is not known here: the model drops
+        raise TypeError(f"a pk of {type(value).__qualname__} may be sent as another value")
     return pk_row_id(role.pk_field, value)
 
 

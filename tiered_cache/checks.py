@@ -18,6 +18,7 @@ from .conf import DEFAULTS, conf
 from .derived import cached_functions
 from .registry import (
     cached_managers,
+    djangos_exact,
     is_column,
     is_composite_pk,
     pk_names,
@@ -444,6 +445,16 @@ def check_manager(mgr: Any) -> list[CheckMessage]:
                     "reads the database for it (a cached row would hide a second match, "
                     "where .get() raises MultipleObjectsReturned).",
                     hint="Add unique=True or a UniqueConstraint over these fields.",
+                    obj=model,
+                    id="tiered_cache.W001",
+                )
+            )
+        elif not all(djangos_exact(f) for f in fields):
+            errors.append(
+                Warning(
+                    f"{label}.{mgr.name}: cache lookup {names!r} compares with an exact "
+                    "lookup registered by the project, which may match several rows of a "
+                    "unique column, so get_cached() reads the database for it.",
                     obj=model,
                     id="tiered_cache.W001",
                 )

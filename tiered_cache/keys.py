@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from django.conf import settings
 from django.core.cache import caches
 from django.db import models
+from django.utils.safestring import SafeData
 from redis.crc import key_slot
 
 from .cluster import is_cluster_client
@@ -64,8 +65,11 @@ __all__ = [
     "group",
     "group_by_id",
     "int_encodings",
+    "adapted_otherwise",
     "keyable",
     "keyable_values",
+    "l1_value",
+    "l1_values",
     "invalidate_calls",
     "publish_in_script",
     "lease_key",
@@ -160,6 +164,17 @@ KEY_TYPES = frozenset(
 )
 
 
+def adapted_otherwise(value: Any) -> bool:
+    """Whether the database may be sent `value` otherwise than keyable() keys it: a
+    subclass of str, int or float other than an enum member (Django's choices) or
+    Django's safe string. psycopg picks a value's dumper by its class, and such a class
+    may have one of its own (one that lowercases, say). A lookup by such a value reads
+    the database, and a write bounded by one drops its model."""
+    if type(value) in KEY_TYPES:
+        return False
+    return isinstance(value, (str, int, float)) and not isinstance(value, (enum.Enum, SafeData))
+
+
 def keyable(value: Any) -> Any:
     """value as the one of KEY_TYPES the database compares it as, when it is a subclass of
     str, int or float (a TextChoices member: its text) or a bytes-like buffer (a
@@ -177,6 +192,25 @@ def keyable(value: Any) -> Any:
     if isinstance(value, float):
         return float.__float__(value)
     return value
+
+
+def l1_value(value: Any) -> Any:
+    """A value as L1's keys hold it: a str or an int as it is, any other value by its
+    encode_value() form, in a 1-tuple (which no str or int equals). Python finds values
+    equal that the database tells apart (1, True and 1.0 for a field that sends each as
+    it is; a datetime and its fold; aware times of one instant in two zones), and an L1
+    key compares by Python's equality; encode_value() tells them apart, as L2's keys do."""
+    t = type(value)
+    return value if t is str or t is int else (encode_value(value),)
+
+
+def l1_values(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """l1_value() of each value; `values` itself when they are all str and int."""
+    for v in values:
+        t = type(v)
+        if t is not str and t is not int:
+            return tuple([l1_value(v) for v in values])
+    return values
 
 
 def keyable_values(values: Iterable[Any]) -> bool:

@@ -14,7 +14,7 @@ from . import reads, recording
 from .exceptions import UndeclaredLookup
 from .groups import database_of, read_group
 from .invalidation import flush_batch, rows_batch
-from .keys import Group, equal_as_in_python, keyable, keyable_values, pk_row_id
+from .keys import Group, equal_as_in_python, keyable, keyable_values, l1_values, pk_row_id
 from .registry import CachedManagerBase, LookupSpec, checked_lookups, instance_value, model_cache
 from .transactions import open_writes, queue, snapshot_aliases, snapshot_statements
 
@@ -131,7 +131,9 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
             scope, mode, picked = mc.read_scope(self)
             db = picked or self.db
             if scope is not None and db not in snapshot_aliases():
-                found: _M | None = reads.peek_local(mc, (lk.key_prefix, db, scope, *values), db)
+                found: _M | None = reads.peek_local(
+                    mc, (lk.key_prefix, db, scope, *l1_values(values)), db
+                )
                 if found is not None:
                     if mode is not None:
                         reads.fetch_as(mode, [found])

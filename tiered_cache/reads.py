@@ -36,6 +36,8 @@ from .keys import (
     equal_as_in_python,
     fill_call,
     keyable_values,
+    l1_value,
+    l1_values,
     lease_key,
     peek_many_call,
     read_call,
@@ -210,7 +212,7 @@ def _get_scoped(
     """get() once it is settled that the tiers serve this read."""
     # L1 is keyed by the lookup, the database, the manager's filter and the values: no
     # string is built here.
-    l1key = (lk.key_prefix, db, scope, *values)
+    l1key = (lk.key_prefix, db, scope, *l1_values(values))
     found = peek_local(mc, l1key, db)
     if found is not None:
         return found
@@ -865,7 +867,7 @@ def _get_many_scoped(
     todo = wanted
     read_at = now = time.monotonic()
     if trusted or stale:
-        l1keys = [(prefix, db, scope, pk) for pk in wanted]
+        l1keys = [(prefix, db, scope, l1_value(pk)) for pk in wanted]
         if trusted:
             got = local_tier.get_many(l1keys, now)
         else:
@@ -929,7 +931,7 @@ def _get_many_scoped(
         value, rid, weight = entry
         served.append((keys[i], value))
         timeout = negative_l1 if value is NEGATIVE else row_l1
-        keep.append(((prefix, db, scope, pk), rid, value, timeout, weight))
+        keep.append(((prefix, db, scope, l1_value(pk)), rid, value, timeout, weight))
     # Counted and signalled before any instance is built, as get_cached does.
     _served_l2(mc, served)
     thaw = mc.codec.thaw
@@ -999,7 +1001,13 @@ def _get_many_scoped(
             )
         if trusted or stale:
             keep.append(
-                ((prefix, db, scope, pk), _row_of(mc, value), value, _l1_timeout(mc, value), None)
+                (
+                    (prefix, db, scope, l1_value(pk)),
+                    _row_of(mc, value),
+                    value,
+                    _l1_timeout(mc, value),
+                    None,
+                )
             )
     # Rows from L2 and from the database alike; those from the database while the bus was
     # down are served for OUTAGE_STALE_SECONDS from read_at at most.

@@ -37,6 +37,7 @@ from .groups import concrete_of, root_label
 from .keys import (
     KEY_TYPES,
     Group,
+    adapted_otherwise,
     group,
     int_encodings,
     keyable,
@@ -77,6 +78,7 @@ __all__ = [
     "reset_registry",
     "resolve_models",
     "uncacheable_reason",
+    "djangos_exact",
     "unique_sets",
 ]
 
@@ -264,7 +266,8 @@ def _prep_for(f: models.Field[Any, Any]) -> Callable[[Any], Any]:
     def slow(value: Any) -> Any:
         if hasattr(value, "resolve_expression"):
             return value
-        return keyable(prep(value))
+        prepared = prep(value)
+        return prepared if adapted_otherwise(prepared) else keyable(prepared)
 
     same = _PASS_THROUGH.get(type(target))
     if same is None:
@@ -348,7 +351,9 @@ class ModelCache:
             orm_names = tuple(
                 "pk" if n == "pk" else f.attname for n, f in zip(names, fields, strict=False)
             )
-            unique = names == ("pk",) or any(u <= {f.name for f in fields} for u in uniques)
+            unique = (
+                names == ("pk",) or any(u <= {f.name for f in fields} for u in uniques)
+            ) and all(djangos_exact(f) for f in fields)
             lk = Lookup(
                 names=names,
                 fields=fields,
@@ -835,6 +840,14 @@ def _has_column(expr: Any) -> bool:
         return True
     sources = getattr(expr, "get_source_expressions", None)
     return sources is not None and any(_has_column(e) for e in sources() if e is not None)
+
+
+def djangos_exact(f: models.Field[Any, Any]) -> bool:
+    """Whether get(f=value) compares with an exact lookup of Django's own. One a project
+    registers (f.register_lookup(), a case-insensitive exact, say) may match several rows
+    of a unique column, so a lookup through it is not unique."""
+    exact = f.get_lookup("exact")
+    return exact is not None and exact.__module__.startswith("django.")
 
 
 def unique_sets(model: type[models.Model]) -> list[set[str]]:
