@@ -29,7 +29,7 @@ from django.db import connection, connections, models, transaction
 from django.db.models import F, Q, Value
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Lower, Now
-from django.db.models.lookups import Exact
+from django.db.models.lookups import Exact, IExact
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext, isolate_apps
 from django.utils import timezone
@@ -2438,6 +2438,31 @@ def test_a_value_whose_class_the_driver_adapts_otherwise_is_the_databases(tier: 
         assert Named.objects.get(pk="a").note == "written"
         _check_lookups(Named, "pk", ["a", "A"], tier)
 
+    class Tag(models.Model):
+        named = models.ForeignKey(Named, models.CASCADE, related_name="tags")
+        objects = tiered_cache.CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    with installed(Named, Tag):
+        # An instance whose pk is the subclass: the related manager filters by 'a'.
+        parent = Named.objects.create(name=_Lowered("A"))
+        tag = Tag.objects.create(named=parent)
+        for _ in range(2):
+            at(tier)
+            assert_same(
+                lambda: parent.tags.get_cached(pk=tag.pk),
+                lambda: parent.tags.get(pk=tag.pk),
+                "parent.tags",
+            )
+            at(tier)
+            assert_same(
+                lambda: sorted(parent.tags.get_many_cached([tag.pk])),
+                lambda: sorted(parent.tags.in_bulk([tag.pk])),
+                "parent.tags, many",
+            )
+
 
 class _UpperExact(Exact):
     """An exact lookup that ignores case, registered by a project on its own field."""
@@ -2470,11 +2495,35 @@ def test_a_lookup_through_an_exact_lookup_of_the_projects_is_the_databases(tier:
         class Meta:
             app_label = "testapp"
 
-    with installed(Handle):
-        Handle.objects.create(name="a")
-        _check_lookups(Handle, "name", ["a", "A"], tier)
-        Handle.objects.create(name="A")
-        _check_lookups(Handle, "name", ["a", "A"], tier)
+    named_exact = models.CharField(max_length=20, unique=True)
+    named_exact.register_lookup(IExact, lookup_name="exact")  # Django's class, not equality
+    output = models.CharField(max_length=20)
+    output.register_lookup(_UpperExact)  # on the output field the ORM reads the column as
+
+    class Other(models.Model):
+        name = named_exact
+        objects = tiered_cache.CachedManager(lookups=["name"])
+
+        class Meta:
+            app_label = "testapp"
+
+    class Generated(models.Model):
+        raw = models.CharField(max_length=20)
+        name = models.GeneratedField(
+            expression=F("raw"), output_field=output, db_persist=True, unique=True
+        )
+        objects = tiered_cache.CachedManager(lookups=["name"])
+
+        class Meta:
+            app_label = "testapp"
+
+    with installed(Handle, Other, Generated):
+        for model in (Handle, Other, Generated):
+            field = "raw" if model is Generated else "name"
+            model.objects.create(**{field: "a"})
+            _check_lookups(model, "name", ["a", "A"], tier)
+            model.objects.create(**{field: "A"})
+            _check_lookups(model, "name", ["a", "A"], tier)
         warnings = [w for w in check_manager(Handle.objects) if w.id == "tiered_cache.W001"]
         assert len(warnings) == 1 and "registered by the project" in warnings[0].msg
 
@@ -3027,37 +3076,82 @@ def test_a_manager_whose_queryset_builds_its_own_instances_reads_as_the_orm_does
             qs._iterable_class = Tagging
             return qs
 
+    class MadeTagging(models.QuerySet):  # type: ignore[type-arg]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._iterable_class = Tagging
+
     class Tagged(models.Model):
         name = models.CharField(max_length=10)
         objects = TaggingManager()
+        made = tiered_cache.CachedManager.from_queryset(MadeTagging)()
 
         class Meta:
             app_label = "testapp"
 
+    def tags(objs: Any) -> list[Any]:
+        return [getattr(o, "loaded_through", None) for o in objs]
+
     with installed(Tagged):
         obj = Tagged.objects.create(name="a")
-        assert uncacheable_reason(Tagged.objects) == (
-            "its queryset builds instances with an iterable of its own (_iterable_class)"
-        )
-        for _ in range(2):
-            at(tier)
-            assert_same(
-                lambda: getattr(Tagged.objects.get_cached(pk=obj.pk), "loaded_through", None),
-                lambda: getattr(Tagged.objects.get(pk=obj.pk), "loaded_through", None),
-                "Tagged.objects",
-            )
-            at(tier)
-            assert_same(
-                lambda: [
-                    getattr(o, "loaded_through", None)
-                    for o in Tagged.objects.get_many_cached([obj.pk]).values()
-                ],
-                lambda: [
-                    getattr(o, "loaded_through", None)
-                    for o in Tagged.objects.in_bulk([obj.pk]).values()
-                ],
-                "Tagged.objects, many",
-            )
+        for manager in (Tagged.objects, Tagged.made):
+            assert uncacheable_reason(manager) == (
+                "its queryset builds instances with an iterable of its own (_iterable_class)"
+            ), manager.name
+            for _ in range(2):
+                at(tier)
+                assert_same(
+                    lambda m=manager: tags([m.get_cached(pk=obj.pk)]),
+                    lambda m=manager: tags([m.get(pk=obj.pk)]),
+                    f"Tagged.{manager.name}",
+                )
+                at(tier)
+                assert_same(
+                    lambda m=manager: tags(m.get_many_cached([obj.pk]).values()),
+                    lambda m=manager: tags(m.in_bulk([obj.pk]).values()),
+                    f"Tagged.{manager.name}, many",
+                )
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@isolate_apps("tests.testapp")
+def test_a_queryset_class_that_filters_as_it_is_made_is_read_as_the_orm_reads_it(
+    tier: str,
+) -> None:
+    """Manager.from_queryset(QS) where QS's __init__ filters by the current tenant (a
+    context variable): its reads are keyed by that filter as it is when they run, as
+    those of a manager overriding get_queryset() are, and one tenant's row is never
+    served to another."""
+    import contextvars
+
+    tenant = contextvars.ContextVar("tenant", default="a")
+
+    class OfTenant(models.QuerySet):  # type: ignore[type-arg]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.query.add_q(Q(owner=tenant.get()))
+
+    class Memo(models.Model):
+        owner = models.CharField(max_length=10)
+        objects = tiered_cache.CachedManager()
+        mine = tiered_cache.CachedManager.from_queryset(OfTenant)()
+
+        class Meta:
+            app_label = "testapp"
+
+    with installed(Memo):
+        memo = Memo.objects.create(owner="a")
+        for who in ("a", "b", "a", "b"):
+            token = tenant.set(who)
+            try:
+                at(tier)
+                assert_same(
+                    lambda: Memo.mine.get_cached(pk=memo.pk),
+                    lambda: Memo.mine.get(pk=memo.pk),
+                    f"Memo.mine as tenant {who}",
+                )
+            finally:
+                tenant.reset(token)
 
 
 @pytest.mark.parametrize("tier", TIERS)

@@ -14,7 +14,15 @@ from . import reads, recording
 from .exceptions import UndeclaredLookup
 from .groups import database_of, read_group
 from .invalidation import flush_batch, rows_batch
-from .keys import Group, equal_as_in_python, keyable, keyable_values, l1_values, pk_row_id
+from .keys import (
+    Group,
+    adapted_otherwise,
+    equal_as_in_python,
+    keyable,
+    keyable_values,
+    l1_values,
+    pk_row_id,
+)
 from .registry import CachedManagerBase, LookupSpec, checked_lookups, instance_value, model_cache
 from .transactions import open_writes, queue, snapshot_aliases, snapshot_statements
 
@@ -288,6 +296,8 @@ def _checkable(manager: Any) -> bool:
     compares its key otherwise ("BOB" is "bob" under a collation that ignores case, and
     Django gives the foreign key the collation of the field it points at)."""
     vendor = connections[manager.db].vendor
+    if any(map(adapted_otherwise, manager.field.get_foreign_related_value(manager.instance))):
+        return False  # the instance's key may reach the database as another value
     return all(equal_as_in_python(f, vendor) for f in manager.field.foreign_related_fields)
 
 

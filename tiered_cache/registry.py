@@ -25,8 +25,9 @@ from django.core.exceptions import (
 from django.db import DEFAULT_DB_ALIAS, models, router
 from django.db.models.expressions import Col, Func, RawSQL
 from django.db.models.fields.related_lookups import get_normalized_value
+from django.db.models.lookups import Exact
 from django.db.models.manager import BaseManager
-from django.db.models.query import ModelIterable
+from django.db.models.query import ModelIterable, QuerySet
 from django.db.models.query_utils import check_rel_lookup_compatibility
 from django.db.models.sql.where import ExtraWhere, WhereNode
 
@@ -652,7 +653,9 @@ def model_cache(manager: Any) -> ModelCache:
                     l1_timeout=manager.cache_l1_timeout,
                     negative_timeout=manager.cache_negative_timeout,
                 )
-                mc.custom_queryset = _overrides(manager, "get_queryset")
+                mc.custom_queryset = _overrides(manager, "get_queryset") or _made_otherwise(
+                    manager._queryset_class
+                )
                 mc.custom_db = any(
                     _overrides(manager, name) for name in ("db", "cache_group", "cache_group_alias")
                 )
@@ -690,6 +693,17 @@ def _overrides(manager: Any, attribute: str) -> bool:
     for klass in type(manager).__mro__:
         if attribute in vars(klass):
             return not (klass is BaseManager or klass.__module__.startswith("tiered_cache."))
+    return False
+
+
+def _made_otherwise(queryset_class: type) -> bool:
+    """Whether a manager's queryset class (Manager.from_queryset(QS)) makes its querysets
+    otherwise than Django's: an __init__ of its own (which may set a filter, a database, a
+    fetch mode, an iterable). Its manager's reads then build the queryset each time, as
+    those of a manager that overrides get_queryset() do."""
+    for klass in queryset_class.__mro__:
+        if "__init__" in vars(klass):
+            return not (klass is QuerySet or klass.__module__.startswith("tiered_cache."))
     return False
 
 
@@ -846,8 +860,17 @@ def djangos_exact(f: models.Field[Any, Any]) -> bool:
     """Whether get(f=value) compares with an exact lookup of Django's own. One a project
     registers (f.register_lookup(), a case-insensitive exact, say) may match several rows
     of a unique column, so a lookup through it is not unique."""
-    exact = f.get_lookup("exact")
-    return exact is not None and exact.__module__.startswith("django.")
+    # A GeneratedField's column is read as its output field, whose lookups the ORM takes.
+    exact = _target(f).get_lookup("exact") if isinstance(f, models.GeneratedField) else None
+    exact = exact or f.get_lookup("exact")
+    # Django's own subclasses of Exact (RelatedExact, JSONExact...) compare for equality;
+    # not every Django lookup named "exact" does (full-text search's).
+    return (
+        exact is not None
+        and issubclass(exact, Exact)
+        and exact.lookup_name == "exact"
+        and exact.__module__.startswith("django.")
+    )
 
 
 def unique_sets(model: type[models.Model]) -> list[set[str]]:
