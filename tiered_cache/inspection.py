@@ -29,7 +29,7 @@ from django.db import DatabaseError, models
 
 from .bus import bus
 from .exceptions import UndeclaredLookup
-from .keys import NO_ROW, ROW, Group, RowHeader, Shard, l1_values, lease_key, split_header
+from .keys import NO_ROW, ROW, Group, RowHeader, Shard, lease_key, split_header
 from .reads import decode, settle
 from .registry import ModelCache, cached_managers, model_cache, resolve_models
 from .serialization import CorruptPayload, loads_verified, open_signed
@@ -325,7 +325,7 @@ def inspect_entry(
     mgr, db, g, _, scope, _ = settle(mgr, mc, lk)
     # As reads.get() builds them: L1 by lookup, database, manager filter and values; L2
     # with the database and the filter in the key (reads._alias_part).
-    l1key = (lk.key_prefix, db, scope, *l1_values(values))
+    l1key = lk.l1_key(db, scope, values)
     alias_part = f"{db}~{scope}" if scope else db
     l2key = lk.key(g, mc.schema, alias_part, values) if scope is not None else None
 

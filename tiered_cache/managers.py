@@ -20,7 +20,6 @@ from .keys import (
     equal_as_in_python,
     keyable,
     keyable_values,
-    l1_values,
     pk_row_id,
 )
 from .registry import CachedManagerBase, LookupSpec, checked_lookups, instance_value, model_cache
@@ -139,9 +138,7 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
             scope, mode, picked = mc.read_scope(self)
             db = picked or self.db
             if scope is not None and db not in snapshot_aliases():
-                found: _M | None = reads.peek_local(
-                    mc, (lk.key_prefix, db, scope, *l1_values(values)), db
-                )
+                found: _M | None = reads.peek_local(mc, lk.l1_key(db, scope, values), db)
                 if found is not None:
                     if mode is not None:
                         reads.fetch_as(mode, [found])

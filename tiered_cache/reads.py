@@ -37,7 +37,6 @@ from .keys import (
     fill_call,
     keyable_values,
     l1_value,
-    l1_values,
     lease_key,
     peek_many_call,
     read_call,
@@ -212,7 +211,7 @@ def _get_scoped(
     """get() once it is settled that the tiers serve this read."""
     # L1 is keyed by the lookup, the database, the manager's filter and the values: no
     # string is built here.
-    l1key = (lk.key_prefix, db, scope, *l1_values(values))
+    l1key = lk.l1_key(db, scope, values)
     found = peek_local(mc, l1key, db)
     if found is not None:
         return found

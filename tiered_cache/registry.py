@@ -42,6 +42,7 @@ from .keys import (
     group,
     int_encodings,
     keyable,
+    l1_values,
     lookup_key,
     lookup_keys,
     pk_row_id,
@@ -194,6 +195,11 @@ class Lookup:
     def key(self, g: Group, schema: str, alias: str, values: tuple[Any, ...]) -> str:
         """The L2 key of these values read through `alias` (and the manager's filter)."""
         return lookup_key(g, schema, self.key_prefix, alias, values)
+
+    def l1_key(self, db: str, scope: str, values: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The L1 key of these values read through `db` and the manager's filter `scope`
+        (reads.hit() builds the same for values l1_values() keeps as they are)."""
+        return (self.key_prefix, db, scope, *l1_values(values))
 
     def orm_kwargs(self, values: tuple[Any, ...]) -> dict[str, Any]:
         return dict(zip(self.orm_names, values, strict=False))
@@ -653,8 +659,10 @@ def model_cache(manager: Any) -> ModelCache:
                     l1_timeout=manager.cache_l1_timeout,
                     negative_timeout=manager.cache_negative_timeout,
                 )
-                mc.custom_queryset = _overrides(manager, "get_queryset") or _made_otherwise(
-                    manager._queryset_class
+                # A queryset class with an __init__ of its own (from_queryset()) may set a
+                # filter, a database, a fetch mode or an iterable as a get_queryset() does.
+                mc.custom_queryset = _overrides(manager, "get_queryset") or _defines_own(
+                    manager._queryset_class, "__init__", QuerySet
                 )
                 mc.custom_db = any(
                     _overrides(manager, name) for name in ("db", "cache_group", "cache_group_alias")
@@ -690,20 +698,14 @@ def plain_model_cache(manager: Any) -> ModelCache | None:
 
 def _overrides(manager: Any, attribute: str) -> bool:
     """Whether the manager's class defines `attribute` itself, over Django's and ours."""
-    for klass in type(manager).__mro__:
+    return _defines_own(type(manager), attribute, BaseManager)
+
+
+def _defines_own(cls: type, attribute: str, django_base: type) -> bool:
+    """Whether cls defines `attribute` itself, over django_base's and ours."""
+    for klass in cls.__mro__:
         if attribute in vars(klass):
-            return not (klass is BaseManager or klass.__module__.startswith("tiered_cache."))
-    return False
-
-
-def _made_otherwise(queryset_class: type) -> bool:
-    """Whether a manager's queryset class (Manager.from_queryset(QS)) makes its querysets
-    otherwise than Django's: an __init__ of its own (which may set a filter, a database, a
-    fetch mode, an iterable). Its manager's reads then build the queryset each time, as
-    those of a manager that overrides get_queryset() do."""
-    for klass in queryset_class.__mro__:
-        if "__init__" in vars(klass):
-            return not (klass is QuerySet or klass.__module__.startswith("tiered_cache."))
+            return not (klass is django_base or klass.__module__.startswith("tiered_cache."))
     return False
 
 
@@ -861,8 +863,7 @@ def djangos_exact(f: models.Field[Any, Any]) -> bool:
     registers (f.register_lookup(), a case-insensitive exact, say) may match several rows
     of a unique column, so a lookup through it is not unique."""
     # A GeneratedField's column is read as its output field, whose lookups the ORM takes.
-    exact = _target(f).get_lookup("exact") if isinstance(f, models.GeneratedField) else None
-    exact = exact or f.get_lookup("exact")
+    exact = (_target(f) if isinstance(f, models.GeneratedField) else f).get_lookup("exact")
     # Django's own subclasses of Exact (RelatedExact, JSONExact...) compare for equality;
     # not every Django lookup named "exact" does (full-text search's).
     return (
