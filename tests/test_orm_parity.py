@@ -2464,6 +2464,32 @@ def test_a_value_whose_class_the_driver_adapts_otherwise_is_the_databases(tier: 
             )
 
 
+@pytest.mark.parametrize("tier", TIERS)
+@isolate_apps("tests.testapp")
+def test_invalidate_by_a_pk_the_driver_adapts_otherwise_drops_the_row_it_names(
+    tier: str,
+) -> None:
+    """invalidate() of a pk whose class psycopg sends as another value (_Lowered("A") is
+    'a'): the row it names is not known, so the model drops, as a write bounded by one
+    drops it."""
+
+    class Keyed(models.Model):
+        name = models.CharField(max_length=20, primary_key=True)
+        note = models.CharField(max_length=20, default="")
+        objects = tiered_cache.CachedManager()
+
+        class Meta:
+            app_label = "testapp"
+
+    with installed(Keyed):
+        Keyed.objects.create(name="a")
+        _check_lookups(Keyed, "pk", ["a"], tier)  # in the tiers
+        with connection.cursor() as c:  # a write outside what the cache watches
+            c.connection.execute("UPDATE testapp_keyed SET note = 'outside' WHERE name = 'a'")
+        Keyed.objects.invalidate(_Lowered("A"))
+        _check_lookups(Keyed, "pk", ["a"], tier)
+
+
 class _UpperExact(Exact):
     """An exact lookup that ignores case, registered by a project on its own field."""
 

@@ -161,7 +161,11 @@ class CachedManagerMixin(CachedManagerBase, Generic[_M]):
     # -- invalidation ------------------------------------------------------------
     def invalidate(self, obj_or_pk: Any) -> None:
         """Drop every cached key of one row in every process (at commit inside atomic())."""
-        queue(rows_batch(self.model, [self._pk_of(obj_or_pk)], self._write_db()), self._write_db())
+        pk = self._pk_of(obj_or_pk)
+        if adapted_otherwise(pk):  # the row it names is not known here, as in capture._rid
+            self.flush_cache()
+            return
+        queue(rows_batch(self.model, [pk], self._write_db()), self._write_db())
 
     def _pk_of(self, obj_or_pk: Any) -> Any:
         """The pk invalidate() was given, checked: dropping nothing, or another row, for
