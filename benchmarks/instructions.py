@@ -39,6 +39,8 @@ CASES = {
     "many_l1": ("get_many_cached(100) warm in L1", 10, 110),
     "floor_many_l1": ("  floor: Model.from_db of 100 rows", 10, 110),
     "l2_pk": ("100 get_cached(pk) L2 hits, L1 cleared before each", 2, 6),
+    "redis_get": ("  100 redis-py GETs of the same payloads", 2, 6),
+    "floor_l2": ("  floor: each GET, then MAC, decode, instance", 2, 6),
     "l1_pk": ("100 get_cached(pk) L1 hits", 20, 220),
 }
 
@@ -84,13 +86,20 @@ def _calls(case: str) -> Callable[[], Any]:
             local_tier.clear()
             User.objects.get_cached(pk=pk)
 
+    def redis_get() -> None:
+        for key in keys:
+            client.get(key)
+
+    def floor_l2() -> None:
+        for key in keys:
+            open_rows(mc, [key], [client.get(key)])
+
     def l1_pk() -> None:
         for pk in pks:
             User.objects.get_cached(pk=pk)
 
-    return {f.__name__: f for f in (many_l2, floor_many, many_l1, floor_many_l1, l2_pk, l1_pk)}[
-        case
-    ]
+    cases = (many_l2, floor_many, many_l1, floor_many_l1, l2_pk, redis_get, floor_l2, l1_pk)
+    return {f.__name__: f for f in cases}[case]
 
 
 def _pks() -> list[int]:
@@ -203,7 +212,8 @@ def main() -> None:
     finally:
         bench._delete_keys_quietly(PREFIX)
         bench.recreate_database(create=False)
-    for case, floor in (("many_l2", "floor_many"), ("many_l1", "floor_many_l1")):
+    pairs = (("many_l2", "floor_many"), ("many_l1", "floor_many_l1"), ("l2_pk", "floor_l2"))
+    for case, floor in pairs:
         if case in per_call and floor in per_call:
             print(f"{case} / {floor}: {per_call[case] / per_call[floor]:.3f}x")
 

@@ -14,6 +14,7 @@ from django_redis.cache import RedisCache
 
 from tiered_cache import CachedManager, CachedManagerMixin
 from tiered_cache.checks import check_lookups, check_manager, check_settings
+from tiered_cache.conf import DEFAULTS, Settings, conf
 
 
 def ids(messages: list[Any]) -> list[str]:
@@ -23,6 +24,17 @@ def ids(messages: list[Any]) -> list[str]:
 def test_defaults_pass() -> None:
     assert check_settings() == []
     assert check_lookups() == []
+
+
+def test_every_setting_is_a_typed_attribute_read_live(settings: Any) -> None:
+    # conf's values are plain attributes once read: each default is declared with its type,
+    # and override_settings reaches the next read.
+    assert set(Settings.__annotations__) == set(DEFAULTS)
+    assert conf.L1_TIMEOUT == DEFAULTS["L1_TIMEOUT"]
+    settings.TIERED_CACHE = {"L1_TIMEOUT": 7}
+    assert conf.L1_TIMEOUT == 7
+    with pytest.raises(AttributeError):
+        conf.L1_TIMOUT  # noqa: B018 - a misspelt name is not a setting
 
 
 def test_the_whole_check_framework_is_clean() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 from django.conf import settings
 
@@ -59,16 +59,41 @@ DEFAULTS: dict[str, Any] = {
 class Settings:
     """Typed view of settings.TIERED_CACHE with the defaults above. Values are read once and
     again after Django's setting_changed (override_settings in tests): the read path asks
-    for several on every call."""
+    for several on every call, so each is a plain attribute of this object once read (a
+    property cost the read path three Python calls a value)."""
 
-    def __init__(self) -> None:
-        self._values: dict[str, Any] | None = None
+    # The system checks (checks.py) hold each value to its type.
+    CACHE_ALIAS: str
+    L1_MAX_ENTRIES: int
+    L1_MAX_BYTES: int
+    L1_TIMEOUT: float
+    TIMEOUT: float
+    NEGATIVE_TIMEOUT: float
+    KEY_PREFIX: str
+    SOCKET_TIMEOUT: float
+    SOCKET_CONNECT_TIMEOUT: float
+    BREAKER_FAILURE_THRESHOLD: int
+    BREAKER_RECOVERY_TIME: float
+    BREAKER_SUCCESS_THRESHOLD: int
+    LEASE_TIMEOUT: float
+    LEASE_WAIT: float
+    BUS_HEARTBEAT: float
+    BUS_TRUST_WINDOW: float
+    GIL_SWITCH_INTERVAL: float | None
+    OUTAGE_STALE_SECONDS: float
+    REPLICA_ACKS: int | None
+    REPLICA_ACK_TIMEOUT: float
+    SHARDS: int | None
+    BULK_INVALIDATION_LIMIT: int
+    OUTBOX_LIMIT: int
+    STATS_FLUSH_INTERVAL: float
 
-    # The system checks (checks.py) hold each value to its type: the properties cast to it.
-    def _get(self, name: str) -> Any:
-        values = self._values
-        if values is None:
-            values = self._values = self.raw
+    def __getattr__(self, name: str) -> Any:
+        # Only for a value not read since the last forget(): every value is set at once.
+        if name not in DEFAULTS:
+            raise AttributeError(name)
+        values = self.raw
+        self.__dict__.update((k, values[k]) for k in DEFAULTS)
         return values[name]
 
     @property
@@ -78,103 +103,7 @@ class Settings:
 
     def forget(self, setting: str = "TIERED_CACHE", **kwargs: Any) -> None:
         if setting == "TIERED_CACHE":
-            self._values = None
-
-    @property
-    def CACHE_ALIAS(self) -> str:
-        return cast(str, self._get("CACHE_ALIAS"))
-
-    @property
-    def L1_MAX_ENTRIES(self) -> int:
-        return cast(int, self._get("L1_MAX_ENTRIES"))
-
-    @property
-    def L1_MAX_BYTES(self) -> int:
-        return cast(int, self._get("L1_MAX_BYTES"))
-
-    @property
-    def L1_TIMEOUT(self) -> float:
-        return cast(float, self._get("L1_TIMEOUT"))
-
-    @property
-    def TIMEOUT(self) -> float:
-        return cast(float, self._get("TIMEOUT"))
-
-    @property
-    def NEGATIVE_TIMEOUT(self) -> float:
-        return cast(float, self._get("NEGATIVE_TIMEOUT"))
-
-    @property
-    def KEY_PREFIX(self) -> str:
-        return cast(str, self._get("KEY_PREFIX"))
-
-    @property
-    def SOCKET_TIMEOUT(self) -> float:
-        return cast(float, self._get("SOCKET_TIMEOUT"))
-
-    @property
-    def SOCKET_CONNECT_TIMEOUT(self) -> float:
-        return cast(float, self._get("SOCKET_CONNECT_TIMEOUT"))
-
-    @property
-    def BREAKER_FAILURE_THRESHOLD(self) -> int:
-        return cast(int, self._get("BREAKER_FAILURE_THRESHOLD"))
-
-    @property
-    def BREAKER_RECOVERY_TIME(self) -> float:
-        return cast(float, self._get("BREAKER_RECOVERY_TIME"))
-
-    @property
-    def BREAKER_SUCCESS_THRESHOLD(self) -> int:
-        return cast(int, self._get("BREAKER_SUCCESS_THRESHOLD"))
-
-    @property
-    def LEASE_TIMEOUT(self) -> float:
-        return cast(float, self._get("LEASE_TIMEOUT"))
-
-    @property
-    def LEASE_WAIT(self) -> float:
-        return cast(float, self._get("LEASE_WAIT"))
-
-    @property
-    def BUS_HEARTBEAT(self) -> float:
-        return cast(float, self._get("BUS_HEARTBEAT"))
-
-    @property
-    def BUS_TRUST_WINDOW(self) -> float:
-        return cast(float, self._get("BUS_TRUST_WINDOW"))
-
-    @property
-    def GIL_SWITCH_INTERVAL(self) -> float | None:
-        return cast("float | None", self._get("GIL_SWITCH_INTERVAL"))
-
-    @property
-    def OUTAGE_STALE_SECONDS(self) -> float:
-        return cast(float, self._get("OUTAGE_STALE_SECONDS"))
-
-    @property
-    def REPLICA_ACKS(self) -> int | None:
-        return cast("int | None", self._get("REPLICA_ACKS"))
-
-    @property
-    def SHARDS(self) -> int | None:
-        return cast("int | None", self._get("SHARDS"))
-
-    @property
-    def REPLICA_ACK_TIMEOUT(self) -> float:
-        return cast(float, self._get("REPLICA_ACK_TIMEOUT"))
-
-    @property
-    def BULK_INVALIDATION_LIMIT(self) -> int:
-        return cast(int, self._get("BULK_INVALIDATION_LIMIT"))
-
-    @property
-    def OUTBOX_LIMIT(self) -> int:
-        return cast(int, self._get("OUTBOX_LIMIT"))
-
-    @property
-    def STATS_FLUSH_INTERVAL(self) -> float:
-        return cast(float, self._get("STATS_FLUSH_INTERVAL"))
+            self.__dict__.clear()
 
 
 conf = Settings()

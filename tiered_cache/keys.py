@@ -528,10 +528,13 @@ def group_by_id(gid: str) -> Group | None:
     return group(alias, label)
 
 
-def lookup_key(g: Group, schema: str, key_prefix: str, alias_part: str, values: Any) -> str:
+def lookup_key(
+    g: Group, schema: str, key_prefix: str, alias_part: str, values: Any, encoded: str = ""
+) -> str:
     """An entry's key: the hash tag of its shard, the model's schema, the model, manager
-    and lookup (key_prefix), the database read, and the values."""
-    suffix = f":{schema}:{key_prefix}{alias_part}:{encode_values(values)}"
+    and lookup (key_prefix), the database read, and the values (`encoded`: their
+    encode_values(), when the caller has it already)."""
+    suffix = f":{schema}:{key_prefix}{alias_part}:{encoded or encode_values(values)}"
     return g.shard_for(suffix).tag + suffix
 
 

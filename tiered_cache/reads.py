@@ -22,6 +22,7 @@ from .counters import hot
 from .groups import read_group, replica_of
 from .keys import (
     BUSY,
+    HIT,
     LEASE,
     NO_LEASE,
     NO_ROW,
@@ -478,33 +479,39 @@ def _load(
     lease: bool,
 ) -> tuple[Any, Any]:
     """(frozen row | NEGATIVE | UNCACHEABLE, instance read from the database or None)."""
-    key = lk.key(g, mc.schema, _alias_part(db, scope), values)
+    # A pk names its row: a miss learns the row's version, and the fill is refused only if
+    # that row is written meanwhile (other rows' writes refused every fill of the model).
+    if lk is mc.pk_lookup:
+        key, rid = mc.pk_key(g, _alias_part(db, scope), values[0])
+    else:
+        key, rid = lk.key(g, mc.schema, _alias_part(db, scope), values), ""
     read_at = time.monotonic()
     trusted = bus.trusted()
     source = _miss_source(manager, db)
     lease_token = fresh_token() if lease and source is not False else ""
     code: int = NO_LEASE
     gen = writes = row_seen = None
-    # A pk names its row: a miss learns the row's version, and the fill is refused only if
-    # that row is written meanwhile (other rows' writes refused every fill of the model).
-    rid = mc.row_id_of(values[0]) if lk is mc.pk_lookup else ""
     if trusted:
         try:
-            res = Read.of(redis_tier.scripts([_read_call(g, key, lease_token, rid)])[0])
-            code = res.code
+            reply = redis_tier.scripts([_read_call(g, key, lease_token, rid)])[0]
             if time.monotonic() >= bus.trusted_until:
                 # Trust ended while Redis answered (a failover another thread saw): the
                 # reply may come from a server that lacks invalidations.
                 raise Unavailable("trust ended during the read")
-            if res.value is not None:
-                entry = _l2_value(mc, key, res.value)
+            if reply[0] == HIT:
+                # The commonest reply of all, taken in place (Read.of, _keep_local): an L2
+                # hit's Python work runs after the wait for Redis, where each call costs
+                # several times its warm cost.
+                entry = _l2_value(mc, key, reply[1])
                 if entry is not None:
                     value, rid, weight = entry
-                    _keep_local(mc, g, l1key, value, token, rid=rid, weight=weight)
+                    local_tier.set_many(
+                        g.id, token, [(l1key, rid, value, _l1_timeout(mc, value), weight)]
+                    )
                     return value, None
-                code = NO_LEASE
             else:
-                gen, writes, row_seen = res.gen, res.writes, res.version
+                res = Read.of(reply)
+                code, gen, writes, row_seen = res.code, res.gen, res.writes, res.version
             if code == BUSY:
                 value, granted = _wait_for_fill(mc, g, key, lease_token, rid)
                 if value is not None:
@@ -567,10 +574,25 @@ def _load(
 
 
 def _l2_value(mc: ModelCache, key: str, raw: bytes) -> tuple[Any, str, int] | None:
-    """decode() counted and signalled; None for a bad or expired payload (a miss)."""
-    entry = _l2_entry(mc, key, raw)
-    if entry is not None:
-        _served_l2(mc, [(key, entry[0])])
+    """decode() counted and signalled as _served_l2() counts (written out for the one entry
+    of every L2 hit); None for a bad or expired payload (a miss)."""
+    try:
+        entry = decode(mc, key, raw)
+    except CorruptPayload as exc:
+        _corrupt(mc, key, exc)
+        return None
+    value = entry[0]
+    if value is _EXPIRED:
+        return None
+    if value is NEGATIVE:
+        mc.counters.negative_hits += 1
+    else:
+        mc.counters.l2_hits += 1
+        hot.touch(mc.label, value[2])
+    if recording.active:
+        recording.served_l2(value is NEGATIVE)
+    if signals.cache_hit.receivers:
+        _signal_hit(mc, "l2", key)
     return entry
 
 
@@ -640,22 +662,13 @@ def _counted(mc: ModelCache) -> Any:
 
 
 def _keep_local(
-    mc: ModelCache,
-    g: Group,
-    l1key: Hashable,
-    value: Any,
-    token: Any,
-    read_at: float = 0.0,
-    rid: str | None = None,
-    weight: int | None = None,
+    mc: ModelCache, g: Group, l1key: Hashable, value: Any, token: Any, read_at: float = 0.0
 ) -> None:
-    """Put a frozen row or NEGATIVE in L1; refused there if the group was written since
-    `token` was taken. `read_at`: for a row read while the bus was not trusted, when its
-    database read began (served from then on for OUTAGE_STALE_SECONDS at most). `rid` and
-    `weight` when the caller knows them (an L2 entry's header and size)."""
-    if rid is None:
-        rid = _row_of(mc, value)
-    local_tier.set(l1key, g.id, rid, value, _l1_timeout(mc, value), token, read_at, weight)
+    """Put a frozen row or NEGATIVE read from the database in L1; refused there if the
+    group was written since `token` was taken. `read_at`: for a row read while the bus was
+    not trusted, when its database read began (served from then on for
+    OUTAGE_STALE_SECONDS at most)."""
+    local_tier.set(l1key, g.id, _row_of(mc, value), value, _l1_timeout(mc, value), token, read_at)
 
 
 def _row_of(mc: ModelCache, value: Any) -> str:

@@ -39,6 +39,7 @@ from .keys import (
     KEY_TYPES,
     Group,
     adapted_otherwise,
+    encode_values,
     group,
     int_encodings,
     keyable,
@@ -590,6 +591,14 @@ class ModelCache:
         if type(pk) is self._pk_plain:
             return row_id(pk)
         return pk_row_id(self.model._meta.pk, pk)
+
+    def pk_key(self, g: Group, alias_part: str, pk: Any) -> tuple[str, str]:
+        """pk_keys() of one pk: its L2 key and its row's id, the pk encoded once for both."""
+        encoded = encode_values((pk,))
+        key = lookup_key(g, self.schema, self.pk_lookup.key_prefix, alias_part, (pk,), encoded)
+        if type(pk) is self._pk_plain:
+            return key, row_id_of_encoding(encoded)
+        return key, pk_row_id(self.model._meta.pk, pk)
 
     def pk_keys(self, g: Group, alias_part: str, pks: list[Any]) -> tuple[list[str], list[str]]:
         """The L2 keys of the pk lookup's values `pks` (as its prep gives them) read through

@@ -225,7 +225,8 @@ class LocalTier:
         with self._lock:
             if token[0] != self._clears or token[1] != self._epoch.get(label, 0):
                 return 0
-            dropped = self._dropped_since(label, token[2])
+            # No drop since the token (the usual case) without a call.
+            dropped = frozenset() if token[2] == self._seq else self._dropped_since(label, token[2])
             if dropped is None:
                 return 0
             writes = self._writes.get(label, 0)
