@@ -191,6 +191,41 @@ def test_related_manager_get_cached_applies_the_relation_filter(tier: str) -> No
 
 
 @isolate_apps("tests.testapp")
+@pytest.mark.parametrize("tier", ["l1", "l2"])
+def test_a_related_manager_of_a_prefetched_instance_reads_the_prefetchs_queryset(
+    tier: str,
+) -> None:
+    """A related manager of an instance that holds the relation prefetched reads through the
+    Prefetch's own queryset (Django's get_queryset() returns it): its filter applies, and
+    its only() leaves fields deferred."""
+    from django.db.models import Prefetch
+
+    tenant = TenantFactory()
+    rich = AccountFactory(tenant=tenant, balance=500)
+    poor = AccountFactory(tenant=tenant, balance=1)
+    Account.objects.get_many_cached([rich.pk, poor.pk])
+    filtered = Tenant.objects.prefetch_related(
+        Prefetch("accounts", queryset=Account.objects.filter(balance__gte=100))
+    ).get(pk=tenant.pk)
+    narrow = Tenant.objects.prefetch_related(
+        Prefetch("accounts", queryset=Account.objects.only("id", "tenant_id", "email"))
+    ).get(pk=tenant.pk)
+    at(tier)
+    for pk in (rich.pk, poor.pk):
+        assert_same(
+            lambda p=pk: filtered.accounts.get_cached(pk=p),
+            lambda p=pk: filtered.accounts.get(pk=p),
+            f"a filtered prefetch, pk={pk}",
+        )
+    assert_same(
+        lambda: sorted(filtered.accounts.get_many_cached([rich.pk, poor.pk])),
+        lambda: sorted(filtered.accounts.in_bulk([rich.pk, poor.pk])),
+        "a filtered prefetch, many",
+    )
+    cached = narrow.accounts.get_cached(pk=rich.pk)
+    assert cached.get_deferred_fields() == narrow.accounts.get(pk=rich.pk).get_deferred_fields()
+
+
 def test_related_manager_by_a_lookup_that_finds_other_instances_rows() -> None:
     """A lookup unique only with the relation (a code per club: warning W001), or unique
     but given NULL, finds other clubs' rows through the model's manager: the relation's own
@@ -1778,6 +1813,57 @@ def test_a_read_in_an_aborted_transaction_raises_as_the_orms_does() -> None:
             "in a transaction an error aborted",
         )
         transaction.set_rollback(True)
+
+
+@pytest.mark.parametrize("tier", ["l1", "l2"])
+@pytest.mark.parametrize(
+    "how", ["caught_error", "inner_atomic_error", "integrity_error", "set_rollback"]
+)
+def test_a_read_in_a_transaction_an_error_broke_raises_as_the_orms_does(
+    tier: str, how: str
+) -> None:
+    """Inside atomic(), once a caught database error aborted the transaction, or Django
+    marked it for rollback (an error through an inner block or a create(), or
+    set_rollback(True)), the ORM's read raises; so must get_cached() and get_many_cached(),
+    from either tier. (The common "catch IntegrityError and carry on" pattern.)"""
+    from django.db import DatabaseError, IntegrityError
+
+    from tests.testapp.models import Label
+
+    t = TenantFactory(name="old")
+    Label.objects.create(name="dup")
+    Tenant.objects.get_cached(pk=t.pk)
+    at(tier)
+    with transaction.atomic():
+        if how == "caught_error":
+            with pytest.raises(DatabaseError), connection.cursor() as cursor:
+                cursor.execute("SELECT 1/0")
+        elif how == "integrity_error":
+            with pytest.raises(IntegrityError):
+                Label.objects.create(name="dup")
+        elif how == "inner_atomic_error":
+            with pytest.raises(IntegrityError), transaction.atomic(savepoint=False):
+                Label.objects.create(name="dup")
+        else:
+            transaction.set_rollback(True)
+        assert_same(
+            lambda: Tenant.objects.get_cached(pk=t.pk),
+            lambda: Tenant.objects.get(pk=t.pk),
+            f"in a transaction broken by {how}",
+        )
+        assert_same(
+            lambda: Tenant.objects.get_many_cached([t.pk]),
+            lambda: Tenant.objects.in_bulk([t.pk]),
+            f"many in a transaction broken by {how}",
+        )
+        transaction.set_rollback(True)
+    # A savepoint rolled back to mends the transaction: the tiers serve again.
+    with transaction.atomic():
+        with pytest.raises(IntegrityError), transaction.atomic():
+            Label.objects.create(name="dup")
+        before = registry.model_cache(Tenant.objects).counters.as_dict()["bypassed"]
+        assert Tenant.objects.get_cached(pk=t.pk).name == "old"
+        assert registry.model_cache(Tenant.objects).counters.as_dict()["bypassed"] == before
 
 
 def test_an_alias_whose_session_default_is_a_snapshot_level_is_one(

@@ -295,7 +295,12 @@ def _base_of(manager: Any, lookup: dict[str, Any] | None = None) -> Any:
 def _checkable(manager: Any) -> bool:
     """Whether the relation can be checked on a cached row in Python: not when the database
     compares its key otherwise ("BOB" is "bob" under a collation that ignores case, and
-    Django gives the foreign key the collation of the field it points at)."""
+    Django gives the foreign key the collation of the field it points at), nor when the
+    instance holds the relation prefetched (the ORM's manager then reads through the
+    Prefetch's own queryset, whose filter or only() the cached row knows nothing of)."""
+    prefetched = getattr(manager.instance, "_prefetched_objects_cache", None)
+    if prefetched and manager.field.remote_field.cache_name in prefetched:
+        return False
     vendor = connections[manager.db].vendor
     if any(map(adapted_otherwise, manager.field.get_foreign_related_value(manager.instance))):
         return False  # the instance's key may reach the database as another value

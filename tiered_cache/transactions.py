@@ -88,6 +88,10 @@ class _ThreadState(threading.local):
     dirty: dict[int, Pending] | None = None
     # Ids of this thread's connections whose isolation a statement may have changed.
     snapshots: set[int] | None = None
+    # Ids of this thread's connections with a transaction open (Django's autocommit off, or
+    # a BEGIN run as SQL): one that an error or set_rollback() broke must be read through
+    # the database, which refuses the read as the ORM's own.
+    opened: set[int] | None = None
 
 
 _local = _ThreadState()
@@ -249,6 +253,7 @@ def watch(execute: Any, sql: Any, params: Any, many: bool, context: dict[str, An
                 state = _state(conn)
             if state is not None and open_now is not None:
                 state.raw = open_now
+                _opened(conn, open_now)
         if effects:
             record(conn, batch_of(conn.alias, effects), statement=True)
         if state is not None:
@@ -280,16 +285,33 @@ _ENDS = re.compile(
 )
 
 
-def _server_in_transaction(conn: Any) -> bool | None:
-    """Whether the server holds a transaction open on this connection (psycopg's
-    transaction status, known without a round trip), None when the driver does not say."""
+# psycopg.pq.TransactionStatus: IDLE 0, ACTIVE 1 (a command or pipeline under way: not
+# known), INTRANS 2, INERROR 3, UNKNOWN 4 (the connection is lost).
+_ACTIVE, _INERROR = 1, 3
+
+
+def _server_status(conn: Any) -> int | None:
+    """psycopg's transaction status of the connection (no round trip), None when the
+    driver does not say."""
     try:
-        status = conn.connection.pgconn.transaction_status
+        return int(conn.connection.pgconn.transaction_status)
     except AttributeError:
         return None
-    # psycopg.pq.TransactionStatus: IDLE 0, ACTIVE 1 (a command or pipeline under way:
-    # not known), INTRANS 2, INERROR 3, UNKNOWN 4 (the connection is lost).
-    return None if status == 1 else status in (2, 3)
+
+
+def _server_in_transaction(conn: Any) -> bool | None:
+    """Whether the server holds a transaction open on this connection, None when the
+    driver does not say."""
+    status = _server_status(conn)
+    return None if status is None or status == _ACTIVE else status in (2, _INERROR)
+
+
+def _opened(conn: Any, is_open: bool) -> None:
+    """Note whether this thread's connection has a transaction open (see _local.opened)."""
+    if is_open:
+        _local.__dict__.setdefault("opened", set()).add(id(conn))
+    elif _local.opened:
+        _local.opened.discard(id(conn))
 
 
 def _raw_ended(conn: Any, state: _Connection) -> None:
@@ -500,12 +522,22 @@ def install(connection: Any, **kwargs: Any) -> None:
     state = _state(connection)
     state.raw = False
     _untouch(connection, state)
+    _opened(connection, not connection.autocommit)  # AUTOCOMMIT: False in the settings
     _wrap_driver(connection)
     if state.hooked:
         return
     state.hooked = True
     commit, rollback, close = connection.commit, connection.rollback, connection.close
     run_hooks = connection.run_and_clear_commit_hooks
+    set_autocommit = connection.set_autocommit
+
+    def set_autocommit_noted(autocommit: bool, *args: Any, **kwargs: Any) -> None:
+        # atomic() turns autocommit off and on again: while it is off, reads of this
+        # thread check whether the transaction is broken (bypass()).
+        try:
+            set_autocommit(autocommit, *args, **kwargs)
+        finally:
+            _opened(connection, not connection.autocommit)
 
     def ending(end: Any, apply: bool) -> Any:
         """Django's commit() (apply) or rollback() (drop), then what the transaction held."""
@@ -544,6 +576,7 @@ def install(connection: Any, **kwargs: Any) -> None:
     connection.commit = commit_then_invalidate
     connection.rollback = rollback_and_forget
     connection.close = close_then_invalidate
+    connection.set_autocommit = set_autocommit_noted
     connection.run_and_clear_commit_hooks = signals_then_hooks
 
 
@@ -620,10 +653,13 @@ def _written(dirty: dict[int, Pending], gids: list[str]) -> bool:
 
 def nothing_to_bypass(read_alias: str) -> bool:
     """Whether bypass() is None for every read from read_alias now, known without looking
-    at any group: no open transaction of this thread wrote, and the alias does not read
-    from snapshots (reads.hit())."""
+    at any group: this thread has no transaction open, and the alias does not read from
+    snapshots (reads.hit())."""
     snapshot = _snapshot[0] if _snapshot else snapshot_aliases()  # no call once known
-    return not _local.dirty and not _local.snapshots and read_alias not in snapshot
+    local = _local
+    return (
+        not local.dirty and not local.snapshots and not local.opened and read_alias not in snapshot
+    )
 
 
 def bypass(read_alias: str, group_alias: str, gid: str) -> str | None:
@@ -631,11 +667,23 @@ def bypass(read_alias: str, group_alias: str, gid: str) -> str | None:
     dirty = _local.dirty
     if dirty and _written(dirty, [gid]):
         return "written in this transaction"
+    opened = _local.opened
+    if opened and id(conn := connections[read_alias]) in opened and _broken(conn):
+        return "its transaction is broken (an error, or set_rollback()): the database refuses"
     if _local.snapshots or read_alias in snapshot_aliases():
         conn = connections[read_alias]
         if in_transaction(conn) and _reads_snapshots(conn, read_alias):
             return "snapshot isolation"
     return None
+
+
+def _broken(conn: Any) -> bool:
+    """Whether the ORM's read on conn raises now: Django refuses queries in an atomic block
+    marked for rollback (validate_no_broken_transaction), PostgreSQL in an aborted
+    transaction (a statement failed and no savepoint was rolled back to)."""
+    if conn.in_atomic_block and conn.needs_rollback:
+        return True
+    return conn.connection is not None and _server_status(conn) == _INERROR
 
 
 def _reads_snapshots(conn: Any, alias: str) -> bool:
