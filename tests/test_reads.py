@@ -577,6 +577,33 @@ def test_a_lease_taken_for_a_row_the_cache_cannot_hold_is_given_back(
     assert counters(Flow)["misses"] == 2
 
 
+@pytest.mark.parametrize("where", ["manager", "queryset"])
+def test_a_manager_whose_get_is_the_projects_reads_through_it_and_says_why(where: str) -> None:
+    """.get() on a manager whose class, or queryset class, has a get() of its own runs that
+    code, which may filter by what no key holds (a soft delete, the current tenant): such
+    a manager's get_cached() is its get(), every time, and system check W003 says why."""
+
+    class Hiding(QuerySet):
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            return QuerySet.get(self.filter(balance__gte=0), *args, **kwargs)
+
+    class Getter(CachedManager):
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            return self.get_queryset().filter(balance__gte=0).get(*args, **kwargs)
+
+    manager = Getter() if where == "manager" else CachedManager.from_queryset(Hiding)()
+    manager.model, manager.name = Account, f"getter_{where}"  # as contribute_to_class would
+    hidden = AccountFactory(balance=-5)
+    shown = AccountFactory(balance=5)
+    for _ in range(2):
+        with pytest.raises(Account.DoesNotExist):
+            manager.get_cached(pk=hidden.pk)
+        assert manager.get_cached(pk=shown.pk).pk == shown.pk
+    assert model_cache(manager).counters.bypassed == 4
+    assert "get() is the project's own" in (registry.uncacheable_reason(manager) or "")
+    assert registry.uncacheable_reason(Account.objects) is None
+
+
 def test_a_manager_that_defers_fields_reads_the_database_and_says_why() -> None:
     """A row read with fields deferred is not a whole row: such a manager's reads go to the
     database, take no lease, and system check W003 names the reason."""

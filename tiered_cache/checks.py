@@ -378,10 +378,9 @@ def check_manager(mgr: Any) -> list[CheckMessage]:
     if reason is not None:
         errors.append(
             Warning(
-                f"{label}.{mgr.name}: {reason}, so get_cached() on it always reads the "
-                "database (writes to those tables could not drop its entries).",
+                f"{label}.{mgr.name}: {reason}, so get_cached() on it always reads the database.",
                 hint="Cache through a manager whose queryset filters only this model's "
-                "own columns.",
+                "own columns, and whose get() is Django's.",
                 obj=model,
                 id="tiered_cache.W003",
             )

@@ -198,7 +198,8 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
         mc.counters.bypassed += 1
         if recording.active:
             recording.served(recording.BYPASSED, why)
-        return manager.get_queryset().get(**lk.orm_kwargs(values))
+        # The manager's get(), as the caller's .get() (a project's own get() included).
+        return manager.get(**lk.orm_kwargs(values))
     assert scope is not None  # a queryset that is not cacheable has a reason (why)
     found = _get_scoped(manager, mc, g, lk, values, db, scope)
     if mode is not None:

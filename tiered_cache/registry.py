@@ -319,6 +319,9 @@ class ModelCache:
         # Whether the manager overrides get_queryset(): its filter is then part of the key,
         # read at every call (see scope()).
         self.custom_queryset = False
+        # Whether .get() through it runs the project's own get() (own_get()): every read
+        # then goes to the database through it.
+        self.own_get = False
         # Whether it overrides the db property, which then picks the database each read is
         # keyed by, or cache_group()/cache_group_alias(), which pick the group a read is
         # invalidated with (reads.hit() leaves such reads to get(), which asks them).
@@ -629,6 +632,8 @@ class ModelCache:
         database its queryset picks itself with using(), or None)."""
         if not self.custom_queryset:
             return "", None, None
+        if self.own_get:
+            return None, None, None
         qs = manager.get_queryset()
         reason, scope = _scope_of(manager.model, qs)
         if reason is not None:
@@ -670,8 +675,11 @@ def model_cache(manager: Any) -> ModelCache:
                 )
                 # A queryset class with an __init__ of its own (from_queryset()) may set a
                 # filter, a database, a fetch mode or an iterable as a get_queryset() does.
-                mc.custom_queryset = _overrides(manager, "get_queryset") or _defines_own(
-                    manager._queryset_class, "__init__", QuerySet
+                mc.own_get = own_get(manager)
+                mc.custom_queryset = (
+                    _overrides(manager, "get_queryset")
+                    or _defines_own(manager._queryset_class, "__init__", QuerySet)
+                    or mc.own_get
                 )
                 mc.custom_db = any(
                     _overrides(manager, name) for name in ("db", "cache_group", "cache_group_alias")
@@ -718,8 +726,21 @@ def _defines_own(cls: type, attribute: str, django_base: type) -> bool:
     return False
 
 
+def own_get(manager: Any) -> bool:
+    """Whether .get() on the manager runs a get() of the project's, the manager class's or
+    its queryset class's, which may filter by what the tiers cannot know (the current
+    tenant, a soft delete). Django's managers have a get() that only calls the queryset's
+    (made by from_queryset(), wrapping it)."""
+    method = getattr(type(manager), "get", None)
+    if method is not None and not hasattr(method, "__wrapped__"):
+        return not method.__module__.startswith("tiered_cache.")
+    return _defines_own(manager._queryset_class, "get", QuerySet)
+
+
 def uncacheable_reason(manager: Any) -> str | None:
     """Why get_cached() on this manager can never be cached (system check W003), or None."""
+    if own_get(manager):
+        return "its get() is the project's own (the manager's or its queryset's)"
     try:
         return _scope_of(manager.model, manager.get_queryset())[0]
     except Exception:  # an unusual queryset: be safe
