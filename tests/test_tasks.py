@@ -17,7 +17,7 @@ from tests.cache_fixtures import l2_keys, plant
 from tests.testapp.factories import UserFactory
 from tests.testapp.models import User
 from tiered_cache import maintenance, tasks
-from tiered_cache.conf import conf
+from tiered_cache.keys import lock_key
 from tiered_cache.registry import first_model_cache
 from tiered_cache.tiers import redis_tier
 
@@ -118,7 +118,7 @@ def test_overlapping_runs_do_not_both_work(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_lock_is_released_only_by_its_holder() -> None:
-    key = f"{conf.KEY_PREFIX}:lock:demo-lock"
+    key = lock_key("demo-lock")
     with maintenance.exclusive("demo-lock", 0.2) as acquired:
         assert acquired
         time.sleep(0.3)  # our lock expired ...
@@ -189,3 +189,22 @@ print("ok")
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
     )
     assert proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_projects_sharing_a_redis_keep_their_own_locks_and_records(settings: Any) -> None:
+    """Two projects on one Redis apart only by their cache VERSION (or KEY_PREFIX) share
+    no maintenance lock nor last-run record: one's cleanup never skips as 'locked' because
+    the other's runs."""
+    from django.test import override_settings
+
+    from tiered_cache.keys import ops_key
+
+    other = {"default": {**settings.CACHES["default"], "VERSION": 99}}
+    with override_settings(CACHES=other):
+        theirs = lock_key("cleanup"), ops_key()
+        with maintenance.exclusive("cleanup", 60) as held:
+            assert held
+            with override_settings(CACHES={"default": {**other["default"], "VERSION": 1}}):
+                ours = lock_key("cleanup"), ops_key()
+                assert tasks.cleanup_expired.run() != {"skipped": "locked"}
+    assert set(ours).isdisjoint(theirs)

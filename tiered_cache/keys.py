@@ -606,12 +606,13 @@ def channel() -> str:
 
 
 def ops_key() -> str:
-    """The last maintenance runs, and when hot-row samples last decayed."""
-    return conf.KEY_PREFIX + ":ops"
+    """The last maintenance runs, and when hot-row samples last decayed (the project's own:
+    under base_prefix(), as every key)."""
+    return base_prefix() + ":ops"
 
 
 def lock_key(name: str) -> str:
-    return f"{conf.KEY_PREFIX}:lock:{name}"
+    return f"{base_prefix()}:lock:{name}"
 
 
 def _after_fork() -> None:
