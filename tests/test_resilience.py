@@ -431,6 +431,52 @@ def test_breaker_state_is_visible_in_stats(own_redis: RedisEnv) -> None:
     assert tiered_cache.stats()[MODEL]["bus"] == "live"
 
 
+def test_a_probe_cut_short_by_the_caller_leaves_the_breaker_free_to_probe_again(
+    own_redis: RedisEnv,
+) -> None:
+    """A half-open probe that an exception of the caller's side ends (a Celery soft time
+    limit or any signal handler that raises, a gevent timeout) tells nothing of Redis: the
+    next call probes again, and the breaker closes once Redis answers. (It stayed
+    half-open with its probe taken for good, every later read refused L2.)"""
+    import signal
+
+    server = own_redis.server
+    flows = FlowFactory.create_batch(3)
+    server.hide()
+    try:
+        for _ in range(conf.BREAKER_FAILURE_THRESHOLD):
+            ct.write_one(flows[0].pk, "save")
+    finally:
+        server.unhide()
+    assert breaker.state == "open"
+    sleep_until(time.monotonic() + conf.BREAKER_RECOVERY_TIME)
+    assert wait_for(bus.trusted, 10)
+
+    class SoftTimeLimit(Exception):
+        pass
+
+    def cut_short(signum: int, frame: Any) -> None:
+        raise SoftTimeLimit
+
+    tiered_cache.clear_local()
+    previous = signal.signal(signal.SIGALRM, cut_short)
+    server.pause()  # the probe waits on its socket, and the signal ends the wait
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.02)
+        with pytest.raises(SoftTimeLimit):
+            Flow.objects.get_cached(pk=flows[1].pk)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        server.resume()
+    assert breaker.state == "half-open"
+    assert wait_for(bus.trusted, 10)
+    for f in flows:
+        tiered_cache.clear_local()
+        Flow.objects.get_cached(pk=f.pk)
+    assert breaker.state == "closed"
+
+
 @pytest.mark.parametrize(
     "junk",
     [b"P|", b"a|b", b"P|x|y|z|" + b"\0" * 100_000, "list"],

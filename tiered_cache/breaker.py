@@ -64,6 +64,14 @@ class CircuitBreaker:
                     self._failures = 0
                     logger.warning("tiered_cache: Redis answers again; circuit closed")
 
+    def abandon(self) -> None:
+        """A call ended by something other than Redis (the caller's own timeout, an
+        interrupt): it tells nothing of Redis, but a half-open probe it was must not keep
+        every later call from probing."""
+        if self._probing:
+            with self._lock:
+                self._probing = False
+
     def failure(self, exc: BaseException | None = None) -> None:
         with self._lock:
             self._probing = False

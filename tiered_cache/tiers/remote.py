@@ -445,6 +445,9 @@ class RedisTier:
                 self._refresh()
             breaker.failure(exc)
             raise Unavailable(str(exc)) from exc
+        except BaseException:
+            breaker.abandon()  # cut short by the caller's side, not by Redis
+            raise
         breaker.success()
         if acked < acks:  # Redis answered: not a failure for the breaker to count
             raise Unavailable(f"{acked} of {acks} replicas acknowledged the invalidation")
@@ -705,6 +708,9 @@ class RedisTier:
         except REDIS_ERRORS as exc:
             breaker.failure(exc)
             raise Unavailable(str(exc)) from exc
+        except BaseException:
+            breaker.abandon()
+            raise
         breaker.success()
         return result
 
