@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.test import override_settings
 from django.test.utils import isolate_apps
 
 import tiered_cache
@@ -191,6 +192,25 @@ def test_fingerprint_changes_with_the_fields() -> None:
 
     a, b = tc_keys.schema_fingerprint(Before), tc_keys.schema_fingerprint(After)
     assert a != b
+
+
+def test_a_release_that_reads_datetimes_otherwise_never_decodes_old_rows() -> None:
+    """USE_TZ (and TIME_ZONE, where naive values live) decide what the ORM makes of a stored
+    datetime: a process of a release that changed them keys its rows apart, and reads as
+    the ORM does (an old payload's aware UTC datetime was served as it was)."""
+    spec = Specimen.objects.create(moment=datetime.datetime(2024, 1, 1, 12, tzinfo=datetime.UTC))
+    Specimen.objects.get_cached(pk=spec.pk)
+    redis_tier.wait_for_fills()
+    for changed in ({"USE_TZ": False}, {"TIME_ZONE": "Asia/Tokyo", "USE_TZ": False}):
+        with override_settings(**changed):
+            reset_registry()  # a process of the new release
+            tiered_cache.clear_local()
+            try:
+                cached = Specimen.objects.get_cached(pk=spec.pk).moment
+                orm = Specimen.objects.get(pk=spec.pk).moment
+                assert (cached, cached.tzinfo) == (orm, orm.tzinfo), changed
+            finally:
+                reset_registry()
 
 
 def test_key_encoding_is_injective() -> None:
