@@ -214,3 +214,49 @@ def test_reads_and_writes_load_the_scripts_again_after_redis_lost_them(
     client.script_flush()
     tiered_cache.clear_local()
     assert ct.read(flow.pk)[0] == 2
+
+
+# A cached function whose computation a test holds between its L2 read and its fill.
+_source = {"v": 1}
+_hold: dict[str, threading.Event] = {}
+
+
+def _slow_source(k: str) -> int:
+    v = _source["v"]
+    if _hold:
+        _hold["read"].set()
+        _hold["go"].wait(10)
+    return v
+
+
+_held_fn = tiered_cache.cached(depends_on=[Flow], name="lost_state_held")(_slow_source)
+
+
+@pytest.mark.parametrize("how", LOSSES)
+def test_a_derived_result_computed_before_invalidate_is_never_stored_after_a_loss(
+    own_redis: RedisEnv, how: str
+) -> None:
+    """fn.invalidate() leaves a tombstone that refuses fills begun before it; with the
+    tombstone lost (evicted, FLUSHALL, a restart), such a fill is refused still: it must
+    find the marker its own read left (it stored the old result, served to every process
+    until TIMEOUT)."""
+    assert ct.wait_trusted(10)
+    _source["v"] = 1
+    _hold.update(read=threading.Event(), go=threading.Event())
+    first: list[int] = []
+    computing = threading.Thread(target=lambda: first.append(_held_fn("k")))
+    computing.start()
+    try:
+        assert _hold["read"].wait(10)
+        _source["v"] = 2
+        _held_fn.invalidate("k")
+        _lose(own_redis, how, lambda: [_held_fn.key("k")])
+    finally:
+        _hold["go"].set()
+        computing.join(10)
+        _hold.clear()
+    assert first == [1]  # the caller gets what it computed
+    redis_tier.wait_for_fills()
+    tiered_cache.clear_local()
+    assert ct.wait_trusted(10)
+    assert _held_fn("k") == 2

@@ -345,7 +345,13 @@ class CachedFunction:
         token = local_tier.token(self.label)
         try:
             res = DerivedRead.of(
-                redis_tier.scripts([derived_read_call(key, self._counters(), fresh_token())])[0]
+                redis_tier.scripts(
+                    [
+                        derived_read_call(
+                            key, self._counters(), fresh_token(), int(conf.TIMEOUT * 1000)
+                        )
+                    ]
+                )[0]
             )
         except Unavailable as exc:
             if recording.active:

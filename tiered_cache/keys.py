@@ -1035,8 +1035,9 @@ def derived_keys(key: str, counters: Sequence[str]) -> list[str]:
     return [fn_gen_key(), key, *counters]
 
 
-def derived_read_call(key: str, counters: Sequence[str], fresh: str) -> ScriptCall:
-    return ScriptCall(Script.DERIVED_READ, derived_keys(key, counters), [fresh])
+def derived_read_call(key: str, counters: Sequence[str], fresh: str, marker_ms: int) -> ScriptCall:
+    """marker_ms: how long the marker a read leaves for its fill lives (derived_read.lua)."""
+    return ScriptCall(Script.DERIVED_READ, derived_keys(key, counters), [fresh, marker_ms])
 
 
 class DerivedRead(NamedTuple):
