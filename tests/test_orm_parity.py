@@ -3099,6 +3099,33 @@ class _Handle:
     __hash__ = None  # type: ignore[assignment]
 
 
+@pytest.mark.parametrize("tier", ["l1", "l2"])
+def test_a_from_db_of_the_projects_gets_what_the_orm_passes_it(tier: str) -> None:
+    """Django 6.1 passes fetch_mode= to a from_db() that takes it (FETCH_ONE for a default
+    queryset): a cached read passes the same (it passed nothing)."""
+    with isolate_apps("tests.testapp"):
+
+        class Hooked(models.Model):
+            name = models.CharField(max_length=20)
+            objects = tiered_cache.CachedManager()
+
+            class Meta:
+                app_label = "testapp"
+
+            @classmethod
+            def from_db(cls, db: Any, field_names: Any, values: Any, **kwargs: Any) -> Any:
+                obj = super().from_db(db, field_names, values, **kwargs)
+                obj.loaded_with = kwargs  # type: ignore[attr-defined]
+                return obj
+
+        with installed(Hooked):
+            h = Hooked.objects.create(name="h")
+            Hooked.objects.get_cached(pk=h.pk)
+            at(tier)
+            cached = Hooked.objects.get_cached(pk=h.pk)
+            assert cached.loaded_with == Hooked.objects.get(pk=h.pk).loaded_with
+
+
 @pytest.mark.parametrize("tier", TIERS)
 @isolate_apps("tests.testapp")
 def test_values_pickle_refuses_are_served_as_the_orm_gives_them(tier: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copyreg
 import datetime
 import decimal
+import functools
 import hashlib
 import hmac
 import inspect
@@ -340,6 +341,25 @@ def _init_only_stores(model: type[models.Model], attname: str) -> bool:
     return setter is None or setter in _STORING_SETTERS
 
 
+def _from_db_as_the_orm_calls_it(model: type[models.Model]) -> Any:
+    """model.from_db as the ORM's iterable calls it for a queryset of the default fetch mode:
+    on Django 6.1+, with fetch_mode=FETCH_ONE where it takes that argument (a from_db() of
+    the project's may use it); another mode is given to the instance afterwards
+    (reads.fetch_as), as before 6.1."""
+    from_db = model.from_db
+    fetch_one = getattr(models, "FETCH_ONE", None)
+    if fetch_one is None:
+        return from_db
+    try:
+        params = inspect.signature(from_db).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: called as before 6.1
+        return from_db
+    if any(p.name == "fetch_mode" or p.kind is p.VAR_KEYWORD for p in params):
+        # django-stubs declares from_db() as Django 5.2's, without fetch_mode.
+        return functools.partial(from_db, fetch_mode=fetch_one)  # type: ignore[call-arg]
+    return from_db
+
+
 class RowCodec:
     """Turns a model row into a tuple of values and back into a fresh instance."""
 
@@ -382,6 +402,7 @@ class RowCodec:
             and all(_init_only_stores(model, a) for a in self.attnames)
         )
         self._unfreezable_logged = False
+        self._from_db = _from_db_as_the_orm_calls_it(model)
 
     def values(self, obj: models.Model) -> tuple[Any, ...] | None:
         """The values an instance holds, in field order; None when fields are deferred
@@ -497,4 +518,5 @@ class RowCodec:
         for attname, blob in zip(self.mut_names, mut, strict=False):
             by_name[attname] = pickle.loads(blob)
         # The field names, as the ORM passes them: an overridden from_db() may use them.
-        return self.model.from_db(db, self.attnames, [by_name[a] for a in self.attnames])
+        obj: models.Model = self._from_db(db, self.attnames, [by_name[a] for a in self.attnames])
+        return obj
