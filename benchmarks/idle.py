@@ -81,7 +81,13 @@ def measure_idle(processes: int = 64, seconds: float = 10.0) -> dict[str, Any]:
 
         def counts() -> tuple[int, float, int]:
             stats, cpu = client.info("stats"), client.info("cpu")
-            pings = client.info("commandstats").get("cmdstat_ping", {}).get("calls", 0)
+            # Heartbeats: PUBLISHes to the process's own channel (PINGs where CLIENT REPLY
+            # is refused); the reading process publishes nothing else.
+            calls = client.info("commandstats")
+            pings = sum(
+                calls.get(f"cmdstat_{c}", {}).get("calls", 0)
+                for c in ("ping", "publish", "spublish")
+            )
             return (
                 int(stats["total_commands_processed"]),
                 float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),

@@ -160,11 +160,18 @@ def read_all(rows: list[tuple[int, str, str]]) -> dict[str, Any]:
 
 
 def read_loop(
-    rows: list[tuple[int, str, str]], start: float, until: float, seed: int = 0, threads: int = 1
+    rows: list[tuple[int, str, str]],
+    start: float,
+    until: float,
+    seed: int = 0,
+    threads: int = 1,
+    past_l1: bool = False,
 ) -> dict[str, Any]:
     """Read random rows through the cache from `start` to `until` (time.monotonic(), which is
     one clock for every process of the machine). Each read is (start, end, pk, version);
-    errors are counted, never raised."""
+    errors are counted, never raised. past_l1: every read a get_many_cached() with L1
+    emptied first (L2's answers, by MGET: a read command, which a Redis pausing writes
+    still runs)."""
     out: dict[str, Any] = {"obs": [], "errors": [], "pid": os.getpid()}
     lock = threading.Lock()
 
@@ -180,6 +187,9 @@ def read_loop(
                 break
             pk, tenant, session = rng.choice(rows)
             how = rng.random()
+            if past_l1:
+                tiered_cache.clear_local()
+                how = 1.0
             try:
                 if how < 0.6:
                     got = Flow.objects.get_cached(pk=pk).current_step

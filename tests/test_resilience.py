@@ -431,6 +431,36 @@ def test_breaker_state_is_visible_in_stats(own_redis: RedisEnv) -> None:
     assert tiered_cache.stats()[MODEL]["bus"] == "live"
 
 
+@pytest.mark.parametrize("past_l1", [False, True], ids=["l1", "l2"])
+def test_a_redis_pausing_writes_ends_every_processs_trust_within_the_window(
+    own_redis: RedisEnv, past_l1: bool
+) -> None:
+    """CLIENT PAUSE WRITE (what FAILOVER does on the old master) holds EVALSHA and PUBLISH
+    but answers PING: a save's invalidation times out into the outbox, and no message
+    tells the others. Their heartbeats are PUBLISHes too, held as well: their trust lapses
+    within BUS_TRUST_WINDOW, and no read, from L1 or from L2 (get_many_cached's MGET is a
+    read, not paused), serves the old row past it. (Another process served it for the
+    whole pause and until the outbox was delivered.)"""
+    server = own_redis.server
+    flow = FlowFactory(current_step=1)
+    rows = [(flow.pk, flow.tenant_id, flow.session_id)]
+    reader = own_redis.worker("reader")
+    assert reader.call(T + "warm", [flow.pk]) == 1
+    start = time.monotonic() + 0.3
+    reader.send(T + "read_loop", rows, start, start + 2.5, 0, 1, past_l1)
+    sleep_until(start + 0.3)
+    server.client().execute_command("CLIENT", "PAUSE", 1500, "WRITE")  # ends by itself
+    began = time.monotonic()
+    version = ct.write_one(flow.pk, "save")  # its invalidation waits out the timeout
+    writes = [(flow.pk, version, began, time.monotonic())]
+    result = reader.result(30)
+    stale = ct.stale_reads(result["obs"], writes, {flow.pk: 1}, conf.BUS_TRUST_WINDOW + 0.05)
+    report("writes paused", reads=len(result["obs"]), stale=len(stale), errors=result["errors"])
+    assert wait_for(lambda: PendingInvalidation.objects.count() == 0, 15)
+    assert not result["errors"]
+    assert not stale, stale[:3]
+
+
 def test_a_probe_cut_short_by_the_caller_leaves_the_breaker_free_to_probe_again(
     own_redis: RedisEnv,
 ) -> None:

@@ -1,8 +1,13 @@
 """The invalidation bus: one listener thread per process drops L1 entries other processes
 invalidated, and decides whether this process may trust its tiers at all.
 
-Trust comes from heartbeats: a PING sent on the subscription and answered proves that every
-message published before it has arrived. Heartbeats are asked for by reads, not by a clock:
+Trust comes from heartbeats: a message this process publishes to itself (on a channel of its
+own, received on the subscription) proves that every message published before it has
+arrived, and that Redis runs PUBLISH, which writers' invalidations need: a Redis that pauses
+writes (CLIENT PAUSE WRITE, a FAILOVER) answers a PING but holds both, and trust lapses.
+They go out on a connection of their own that Redis sends no replies on (CLIENT REPLY OFF),
+so sending one never waits; where Redis refuses that, a PING on the subscription stands in
+(the ordering proof alone). Heartbeats are asked for by reads, not by a clock:
 a process that reads keeps its trust renewed with at most one PING per BUS_HEARTBEAT, and a
 process that does not read sends nothing (its first read after a pause waits one round
 trip for a heartbeat, or goes to the database if none comes)."""
@@ -26,7 +31,7 @@ from django.db import connection
 
 from .conf import conf
 from .invalidation import apply_message, drain_outbox, origin
-from .keys import Undelivered, channel, parse_message
+from .keys import Undelivered, channel, heartbeat_channel, parse_message
 from .threads import ProcessThread
 from .tiers.local import local_tier
 from .tiers.remote import Unavailable, redis_tier
@@ -73,6 +78,12 @@ class Bus:
         self.last_latency: float | None = None
         self._client: Any = None
         self._pubsub: Any = None
+        # The connection heartbeats are published on (CLIENT REPLY OFF), with the command
+        # that sends one and the channel they come back on; None: PINGs on the subscription.
+        self._beat: Any = None
+        self._beat_verb = "PUBLISH"
+        self._beat_channel = b""
+        self._beat_lock = threading.Lock()
         # Set when the subscription's connection was made anew behind the listener's back
         # (redis-py reconnects and resubscribes inside a failed call, a reader's PING
         # included): messages of the gap may be lost, so the listener starts over.
@@ -164,8 +175,15 @@ class Bus:
             tag = repr(now).encode()
             self._sent[tag] = now
             self._last_sent = now
+        beat = self._beat
         try:
-            pubsub.ping(tag)  # redis-py sends under the PubSub's own lock
+            if beat is None:
+                pubsub.ping(tag)  # redis-py sends under the PubSub's own lock
+            else:
+                with self._beat_lock:
+                    if beat._sock is None:  # closed: never reconnected here, replies on
+                        raise ConnectionError("the heartbeat connection is closed")
+                    beat.send_command(self._beat_verb, self._beat_channel, tag)
         except Exception:  # the listener sees the broken connection and starts over
             self._connection_lost()
 
@@ -205,7 +223,7 @@ class Bus:
             # timeout=0: nothing but what the socket holds already (redis-py checks it
             # without blocking); one reply per call, so until it returns None.
             while (msg := pubsub.get_message(timeout=0)) is not None:
-                kind = msg["type"]
+                kind = self._kind(msg)
                 if kind in ("message", "smessage"):
                     self.messages += 1
                     self._handle(msg["data"], own)
@@ -265,7 +283,7 @@ class Bus:
             msg = self._handed.popleft() if self._handed else pubsub.get_message(timeout=0)
             if msg is None or self._broken or self._stop.is_set():
                 return msg  # the listener stops or starts over: nothing to apply
-            kind = msg["type"]
+            kind = self._kind(msg)
             if kind == "sunsubscribe":
                 # The channel's slot moved to another node (a resharding, a failover).
                 raise ConnectionError("the bus channel moved to another node")
@@ -275,6 +293,13 @@ class Bus:
             elif kind == "pong":
                 self._pong(msg["data"], time.monotonic(), inline=False)
         return msg
+
+    def _kind(self, msg: dict[str, Any]) -> str:
+        """A message's type, "pong" for a heartbeat of ours (on our heartbeat channel)."""
+        kind: str = msg["type"]
+        if kind in ("message", "smessage") and msg["channel"] == self._beat_channel:
+            return "pong"
+        return kind
 
     def _connection_lost(self, conn: Any = None) -> None:
         """The subscription failed, or was reconnected outside the listener: trust ends
@@ -359,6 +384,8 @@ class Bus:
         self._backoff = 0.0
         self._broken = False
         self._pubsub = None
+        self._beat = None
+        self._beat_lock = threading.Lock()
         self._sent = {}
         self._sent_lock = threading.Lock()
         self._granted = threading.Condition()
@@ -406,6 +433,12 @@ class Bus:
         self.trusted_until = 0.0
         self.connected = False
         self._pubsub = None
+        beat, self._beat = self._beat, None
+        if beat is not None:
+            try:
+                beat.disconnect()
+            except Exception:
+                pass
         with self._sent_lock:
             self._sent = {}
         # Messages may have been missed: nothing in L1 can be vouched for. Under
@@ -430,13 +463,17 @@ class Bus:
         pool = redis_tier.bus_pool(socket_timeout=max(1.0, window * 4))
         self._client = client = redis.Redis(connection_pool=pool)
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        beats = heartbeat_channel(origin.id)
         if redis_tier.cluster:
-            pubsub.ssubscribe(channel())
+            pubsub.ssubscribe(channel(), beats)
         else:
-            pubsub.subscribe(channel())
+            pubsub.subscribe(channel(), beats)
         self._broken = False
         # Any later (re)connect of this connection is one the listener did not make.
         pubsub.connection.register_connect_callback(self._connection_lost)
+        self._beat_verb = "SPUBLISH" if redis_tier.cluster else "PUBLISH"
+        self._beat_channel = beats.encode()
+        self._beat = self._beat_connection(pool)
         # After a lost connection, a writer may still be failing against the Redis that
         # went away (up to a connect and a read timeout) before it records its
         # invalidation in the outbox: trust, and the drain that grants it, wait that out.
@@ -476,6 +513,34 @@ class Bus:
                     raise TimeoutError("no heartbeat answer")
                 if self._drain_due:
                     self.ping()
+
+    def _beat_connection(self, pool: Any) -> Any:
+        """A connection of the subscription's pool that Redis sends no replies on (CLIENT
+        REPLY OFF): heartbeats are sent on it from any thread without a wait. None where
+        Redis refuses CLIENT REPLY (a managed service may): PINGs on the subscription then.
+        OFF answers nothing and ON answers OK: an OFF taken leaves ON's OK the one reply."""
+        conn = pool.make_connection()
+        try:
+            conn.connect()
+            conn.send_command("CLIENT", "REPLY", "OFF")
+            conn.send_command("CLIENT", "REPLY", "ON")
+            if conn.read_response() not in (b"OK", "OK"):
+                raise redis.ResponseError("CLIENT REPLY OFF refused")
+            conn.send_command("CLIENT", "REPLY", "OFF")
+        except redis.ResponseError as exc:
+            conn.disconnect()
+            logger.warning(
+                "tiered_cache: Redis refuses CLIENT REPLY (%s); bus heartbeats are PINGs, "
+                "which a Redis pausing writes still answers",
+                exc,
+            )
+            return None
+        except Exception:
+            conn.disconnect()
+            raise
+        # A reconnect would turn replies on again, unread: the listener starts over.
+        conn.register_connect_callback(self._connection_lost)
+        return conn
 
     def _pong(self, data: bytes, now: float, inline: bool) -> bool:
         """A heartbeat answered: every message published before it has been applied, so

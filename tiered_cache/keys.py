@@ -607,6 +607,12 @@ def channel() -> str:
     return base_prefix() + ":bus"
 
 
+def heartbeat_channel(process: str) -> str:
+    """Where one process publishes its own heartbeats, to itself: in the bus channel's hash
+    slot (a cluster's sharded pub/sub delivers both on one connection, in order)."""
+    return "{" + channel() + "}:hb:" + process
+
+
 def ops_key() -> str:
     """The last maintenance runs, and when hot-row samples last decayed (the project's own:
     under base_prefix(), as every key)."""
