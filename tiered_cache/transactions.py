@@ -88,10 +88,11 @@ class _ThreadState(threading.local):
     dirty: dict[int, Pending] | None = None
     # Ids of this thread's connections whose isolation a statement may have changed.
     snapshots: set[int] | None = None
-    # Ids of this thread's connections with a transaction open (Django's autocommit off, or
-    # a BEGIN run as SQL): one that an error or set_rollback() broke must be read through
-    # the database, which refuses the read as the ORM's own.
-    opened: set[int] | None = None
+    # This thread's connections with a transaction open (Django's autocommit off, or a
+    # BEGIN run as SQL), by alias: one that an error or set_rollback() broke must be read
+    # through the database, which refuses the read as the ORM's own. Held here, not looked
+    # up (connections[alias] costs an L1 hit half as much again).
+    opened: dict[str, Any] | None = None
 
 
 _local = _ThreadState()
@@ -309,9 +310,9 @@ def _server_in_transaction(conn: Any) -> bool | None:
 def _opened(conn: Any, is_open: bool) -> None:
     """Note whether this thread's connection has a transaction open (see _local.opened)."""
     if is_open:
-        _local.__dict__.setdefault("opened", set()).add(id(conn))
-    elif _local.opened:
-        _local.opened.discard(id(conn))
+        _local.__dict__.setdefault("opened", {})[conn.alias] = conn
+    elif _local.opened and _local.opened.get(conn.alias) is conn:
+        del _local.opened[conn.alias]
 
 
 def _raw_ended(conn: Any, state: _Connection) -> None:
@@ -657,9 +658,10 @@ def nothing_to_bypass(read_alias: str) -> bool:
     snapshots (reads.hit())."""
     snapshot = _snapshot[0] if _snapshot else snapshot_aliases()  # no call once known
     local = _local
-    return (
-        not local.dirty and not local.snapshots and not local.opened and read_alias not in snapshot
-    )
+    if local.dirty or local.snapshots or read_alias in snapshot:
+        return False
+    opened = local.opened
+    return not opened or (conn := opened.get(read_alias)) is None or not _broken(conn)
 
 
 def bypass(read_alias: str, group_alias: str, gid: str) -> str | None:
@@ -668,7 +670,7 @@ def bypass(read_alias: str, group_alias: str, gid: str) -> str | None:
     if dirty and _written(dirty, [gid]):
         return "written in this transaction"
     opened = _local.opened
-    if opened and id(conn := connections[read_alias]) in opened and _broken(conn):
+    if opened and (conn := opened.get(read_alias)) is not None and _broken(conn):
         return "its transaction is broken (an error, or set_rollback()): the database refuses"
     if _local.snapshots or read_alias in snapshot_aliases():
         conn = connections[read_alias]
