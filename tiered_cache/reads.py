@@ -198,13 +198,29 @@ def get(manager: Any, mc: ModelCache, lk: Lookup, values: tuple[Any, ...]) -> An
         mc.counters.bypassed += 1
         if recording.active:
             recording.served(recording.BYPASSED, why)
-        # The manager's get(), as the caller's .get() (a project's own get() included).
-        return manager.get(**lk.orm_kwargs(values))
+        return _bypassed(manager, mc, lk.orm_kwargs(values))
     assert scope is not None  # a queryset that is not cacheable has a reason (why)
     found = _get_scoped(manager, mc, g, lk, values, db, scope)
     if mode is not None:
         fetch_as(mode, [found])
     return found
+
+
+# Set while a project's own get() runs for get_cached(): one that calls get_cached() itself
+# (for some lookups) reads the queryset then, as before it had a get() of its own.
+_in_own_get: contextvars.ContextVar[bool] = contextvars.ContextVar("tiered_cache_own_get")
+
+
+def _bypassed(manager: Any, mc: ModelCache, kwargs: dict[str, Any]) -> Any:
+    """A read that skips the tiers: what the caller's .get() answers, through a get() of
+    the project's too (registry.own_get)."""
+    if not mc.own_get or _in_own_get.get(False):
+        return manager.get_queryset().get(**kwargs)
+    reset = _in_own_get.set(True)
+    try:
+        return manager.get(**kwargs)
+    finally:
+        _in_own_get.reset(reset)
 
 
 def _get_scoped(

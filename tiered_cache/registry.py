@@ -732,9 +732,14 @@ def own_get(manager: Any) -> bool:
     tenant, a soft delete). Django's managers have a get() that only calls the queryset's
     (made by from_queryset(), wrapping it)."""
     method = getattr(type(manager), "get", None)
-    if method is not None and not hasattr(method, "__wrapped__"):
+    # Django's proxies share one code object (BaseManager._get_queryset_methods); a get()
+    # of the project's under a decorator of functools.wraps is not one of them.
+    if method is not None and getattr(method, "__code__", None) is not _PROXY_CODE:
         return not method.__module__.startswith("tiered_cache.")
     return _defines_own(manager._queryset_class, "get", QuerySet)
+
+
+_PROXY_CODE = models.Manager.get.__code__
 
 
 def uncacheable_reason(manager: Any) -> str | None:
