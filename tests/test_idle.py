@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.testapp.factories import FlowFactory
+from tests.testapp.models import Flow
 from tiered_cache.conf import conf
 from tiered_cache.reporting import publish_stats
 from tiered_cache.tiers.remote import redis_tier
@@ -86,3 +87,24 @@ def test_the_first_read_after_a_pause_waits_for_its_heartbeat(own_redis: Any) ->
     assert w.call(T + "read", flow.pk)[0] == flow.current_step
     stats = w.call(T + "stats")
     assert stats["l1_hits"] == 1 and stats["misses"] == 0, stats
+
+
+def test_a_heartbeat_after_redis_closed_an_idle_connection_keeps_the_bus(own_redis: Any) -> None:
+    """Redis's `timeout` closes idle clients, subscribers spared: the heartbeat connection of
+    a process that stopped reading is closed. Its next read connects it again and is
+    vouched for at once: no lost heartbeat, no listener started over (which clears L1)."""
+    from tiered_cache.bus import bus
+
+    flow = FlowFactory()
+    client = own_redis.server.client()
+    client.config_set("timeout", 1)
+    try:
+        assert bus.wait_trusted(10)
+        Flow.objects.get_cached(pk=flow.pk)
+        reconnects = bus.reconnects
+        time.sleep(2.5)  # Redis closes the idle heartbeat connection
+        bus.ensure_started()  # what a read does once trust lapsed: a heartbeat, a wait
+        assert bus.trusted(), "the first read after the idle spell is vouched for"
+        assert bus.reconnects == reconnects, "the listener did not start over"
+    finally:
+        client.config_set("timeout", 0)

@@ -54,6 +54,17 @@ _OUTBOX_MARGIN = 0.05
 _POLL_EVERY = 0.001
 
 
+def _closed(conn: Any) -> bool:
+    """Whether a connection that gets no replies was closed by Redis (or never opened):
+    anything readable on it is its end."""
+    if conn._sock is None:
+        return True
+    try:
+        return bool(conn.can_read(timeout=0))
+    except (redis.ConnectionError, OSError):
+        return True
+
+
 class Bus:
     def __init__(self) -> None:
         self._listener = ProcessThread("tiered_cache-bus", self._run, prepare=self._prepare)
@@ -181,8 +192,14 @@ class Bus:
                 pubsub.ping(tag)  # redis-py sends under the PubSub's own lock
             else:
                 with self._beat_lock:
-                    if beat._sock is None:  # closed: never reconnected here, replies on
-                        raise ConnectionError("the heartbeat connection is closed")
+                    if beat is not self._beat:  # the listener started over meanwhile
+                        return
+                    if _closed(beat):
+                        # Redis closed it (its `timeout` for idle clients, which spares
+                        # subscribers): a new one, replies off before anything is sent.
+                        beat.disconnect()
+                        beat.connect()
+                        beat.send_command("CLIENT", "REPLY", "OFF")
                     beat.send_command(self._beat_verb, self._beat_channel, tag)
         except Exception:  # the listener sees the broken connection and starts over
             self._connection_lost()
@@ -433,12 +450,13 @@ class Bus:
         self.trusted_until = 0.0
         self.connected = False
         self._pubsub = None
-        beat, self._beat = self._beat, None
-        if beat is not None:
-            try:
-                beat.disconnect()
-            except Exception:
-                pass
+        with self._beat_lock:  # not under a reader's send (ping())
+            beat, self._beat = self._beat, None
+            if beat is not None:
+                try:
+                    beat.disconnect()
+                except Exception:
+                    pass
         with self._sent_lock:
             self._sent = {}
         # Messages may have been missed: nothing in L1 can be vouched for. Under
@@ -520,6 +538,8 @@ class Bus:
         Redis refuses CLIENT REPLY (a managed service may): PINGs on the subscription then.
         OFF answers nothing and ON answers OK: an OFF taken leaves ON's OK the one reply."""
         conn = pool.make_connection()
+        # A reader thread may connect it again (ping()): never longer than a read may wait.
+        conn.socket_timeout = conf.SOCKET_TIMEOUT
         try:
             conn.connect()
             conn.send_command("CLIENT", "REPLY", "OFF")
@@ -538,8 +558,6 @@ class Bus:
         except Exception:
             conn.disconnect()
             raise
-        # A reconnect would turn replies on again, unread: the listener starts over.
-        conn.register_connect_callback(self._connection_lost)
         return conn
 
     def _pong(self, data: bytes, now: float, inline: bool) -> bool:
