@@ -126,7 +126,10 @@ class Batch:
             # not trust the tiers until the drain.
             for hook in undelivered_hooks:
                 hook()
-            if answered:
+            # On a cluster the bus channel's node may answer where another failed (paused
+            # writes in a CLUSTER FAILOVER, a node gone): the others' heartbeats go on there,
+            # and reads by MGET go on on the failed node, so tell them too.
+            if answered or cluster_mode():
                 self.announce_undelivered()
         else:
             outbox.outage.delivered()
@@ -194,7 +197,8 @@ class Batch:
 
     def announce_undelivered(self) -> None:
         """Redis answered but refused the scripts (out of memory, too few replicas to
-        write...): L2 keeps the old rows and the bus message, sent by the
+        write...), or on a cluster a node failed them: L2 keeps the old rows and the bus
+        message, sent by the
         script or after it, may not have gone out, while the other processes' heartbeats
         are still answered and keep their L1 trusted. A PUBLISH still goes through: first
         tell every process to stop trusting the tiers until the outbox is delivered, then
