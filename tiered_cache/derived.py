@@ -346,11 +346,7 @@ class CachedFunction:
         try:
             res = DerivedRead.of(
                 redis_tier.scripts(
-                    [
-                        derived_read_call(
-                            key, self._counters(), fresh_token(), int(conf.TIMEOUT * 1000)
-                        )
-                    ]
+                    [derived_read_call(key, self._counters(), fresh_token(), _marker_ms())]
                 )[0]
             )
         except Unavailable as exc:
@@ -514,3 +510,9 @@ def cached(
         return CachedFunction(fn, depends_on, timeout, negative_timeout, l1_timeout, name)
 
     return wrap
+
+
+def _marker_ms() -> int:
+    """How long the marker a derived read leaves for its fill lives: as long as an entry
+    (a slower computation's result is not kept), and never 0 ms, which Redis refuses."""
+    return max(1, int(conf.TIMEOUT * 1000))

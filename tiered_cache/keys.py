@@ -331,7 +331,8 @@ def schema_fingerprint(model: type[models.Model]) -> str:
     """Changes whenever the model's stored fields change, so a deploy never decodes old rows;
     and with the settings that decide how the ORM builds a row's values from the database's
     (a datetime read under USE_TZ is aware, in UTC; without it, naive in TIME_ZONE)."""
-    parts = [FORMAT_VERSION, model._meta.label_lower, f"tz/{settings.USE_TZ}/{settings.TIME_ZONE}"]
+    zone = "" if settings.USE_TZ else settings.TIME_ZONE  # aware values are UTC's whatever it is
+    parts = [FORMAT_VERSION, model._meta.label_lower, f"tz/{settings.USE_TZ}/{zone}"]
     for f in model._meta.concrete_fields:
         cls = type(f)
         parts.append(f"{f.attname}/{f.column}/{cls.__module__}.{cls.__qualname__}/{f.null}")
