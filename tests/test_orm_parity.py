@@ -190,7 +190,6 @@ def test_related_manager_get_cached_applies_the_relation_filter(tier: str) -> No
     )
 
 
-@isolate_apps("tests.testapp")
 @pytest.mark.parametrize("tier", ["l1", "l2"])
 def test_a_related_manager_of_a_prefetched_instance_reads_the_prefetchs_queryset(
     tier: str,
@@ -226,6 +225,7 @@ def test_a_related_manager_of_a_prefetched_instance_reads_the_prefetchs_queryset
     assert cached.get_deferred_fields() == narrow.accounts.get(pk=rich.pk).get_deferred_fields()
 
 
+@isolate_apps("tests.testapp")
 def test_related_manager_by_a_lookup_that_finds_other_instances_rows() -> None:
     """A lookup unique only with the relation (a code per club: warning W001), or unique
     but given NULL, finds other clubs' rows through the model's manager: the relation's own
