@@ -8,7 +8,7 @@ writes (CLIENT PAUSE WRITE, a FAILOVER) answers a PING but holds both, and trust
 They go out on a connection of their own that Redis sends no replies on (CLIENT REPLY OFF),
 so sending one never waits; where Redis refuses that, a PING on the subscription stands in
 (the ordering proof alone). Heartbeats are asked for by reads, not by a clock:
-a process that reads keeps its trust renewed with at most one PING per BUS_HEARTBEAT, and a
+a process that reads keeps its trust renewed with at most one heartbeat per BUS_HEARTBEAT, and a
 process that does not read sends nothing (its first read after a pause waits one round
 trip for a heartbeat, or goes to the database if none comes)."""
 
